@@ -1,0 +1,37 @@
+# Every target that needs Python depends on .venv/stamp, so `make demo` and `make test`
+# each work on a fresh clone by themselves.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# The test suite fakes 8 CPU devices; it never needs an accelerator.
+TEST_ENV := JAX_PLATFORMS=cpu
+
+.PHONY: setup test test-all demo bench lint clean
+
+setup: $(VENV)/stamp
+
+$(VENV)/stamp: setup.py
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch is pinned in the test extra: the pinned version is a CPU wheel; an unpinned
+	# torch would pull the CUDA build.
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+test: setup
+	$(TEST_ENV) $(BIN)/python -m pytest -q -m "not slow" -n 2 tests
+
+test-all: setup
+	$(TEST_ENV) $(BIN)/python -m pytest -q -n 2 tests
+
+demo: setup
+	$(BIN)/python -m align_jax.demo
+
+bench: setup
+	$(BIN)/python benchmarks/run.py
+
+lint: setup
+	$(BIN)/ruff check align_jax tests benchmarks
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,28 @@
+"""The logical axis vocabulary and the one-letter shape legend.
+
+Models, losses and the sampler name tensor dimensions only with the logical axes below;
+`align_jax.sharding` alone maps them onto mesh axes. Tensor variables carry a shape suffix
+built from the one-letter legend (``x_BTD``), and einsum strings use the same letters.
+
+Legend:
+  B  batch                      T  query length (tokens in this call)
+  S  key/value length           D  embed (model width)
+  N  query heads                K  key/value heads
+  H  head dim                   F  mlp hidden
+  V  vocab                      L  layers
+  P  pair (chosen, rejected)    C  constitutions
+  G  query heads per key/value head (N = K * G)
+"""
+
+BATCH = "batch"
+SEQ = "seq"
+KV_SEQ = "kv_seq"
+EMBED = "embed"
+HEADS = "heads"
+KV_HEADS = "kv_heads"
+HEAD_DIM = "head_dim"
+MLP = "mlp"
+VOCAB = "vocab"
+LAYERS = "layers"
+
+ALL = (BATCH, SEQ, KV_SEQ, EMBED, HEADS, KV_HEADS, HEAD_DIM, MLP, VOCAB, LAYERS)

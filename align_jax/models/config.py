@@ -1,0 +1,142 @@
+"""ModelConfig: the shape and numerics of one decoder-only transformer, and presets."""
+
+import dataclasses
+from typing import Literal
+
+Activation = Literal["silu", "gelu_tanh", "gelu"]
+Remat = Literal["none", "full", "dots", "dots_no_batch"]
+Attention = Literal["xla", "jax", "cudnn", "splash"]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RopeScaling:
+    """A RoPE frequency scaling that config.json may declare (`rope_scaling`/`rope_parameters`)."""
+
+    kind: Literal["linear", "llama3"]
+    factor: float
+    # llama3 only.
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position: int = 8192
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """A decoder-only transformer of the Llama, Mistral, Qwen2 or Gemma family.
+
+    Hashable, so it can be closed over by jitted functions. `family` names the Hugging Face
+    `model_type` used on export.
+    """
+
+    family: Literal["llama", "mistral", "qwen2", "gemma"] = "llama"
+    vocab_size: int
+    embed_dim: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    mlp_dim: int
+    activation: Activation = "silu"
+    norm_eps: float = 1e-6
+    # Gemma scales its RMSNorm by (1 + w) and stores w around 0.
+    norm_offset: float = 0.0
+    rope_theta: float = 10_000.0
+    rope_scaling: RopeScaling | None = None
+    qkv_bias: bool = False
+    out_bias: bool = False
+    mlp_bias: bool = False
+    tie_embeddings: bool = False
+    # Gemma multiplies the embeddings by sqrt(embed_dim).
+    scale_embeddings: bool = False
+    sliding_window: int | None = None
+    max_position: int = 8192
+    # None: head_dim ** -0.5.
+    query_scale: float | None = None
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    remat: Remat = "none"
+    attention: Attention = "xla"
+    bos_token_id: int | None = 1
+    eos_token_id: int | tuple[int, ...] | None = 2
+    pad_token_id: int | None = None
+    init_std: float = 0.02
+
+    def __post_init__(self):
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
+
+    @property
+    def queries_per_kv(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+    @property
+    def scale(self) -> float:
+        return self.query_scale if self.query_scale is not None else self.head_dim ** -0.5
+
+    @property
+    def num_params(self) -> int:
+        d, h = self.embed_dim, self.head_dim
+        attn = d * h * (2 * self.num_heads + 2 * self.num_kv_heads)
+        attn += (self.num_heads + 2 * self.num_kv_heads) * h * self.qkv_bias + d * self.out_bias
+        mlp = 3 * d * self.mlp_dim + (2 * self.mlp_dim + d) * self.mlp_bias
+        per_layer = attn + mlp + 2 * d
+        embed = self.vocab_size * d * (1 if self.tie_embeddings else 2)
+        return self.num_layers * per_layer + embed + d
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token (forward + backward): 6 x matmul params + attention."""
+        matmul_params = self.num_params - self.vocab_size * self.embed_dim * (
+            0 if self.tie_embeddings else 1)
+        attn = 12 * self.num_layers * self.num_heads * self.head_dim * seq_len
+        return 6 * matmul_params + attn
+
+
+def _llama3(**kw) -> ModelConfig:
+    base = dict(family="llama", vocab_size=128_256, head_dim=128, activation="silu",
+                norm_eps=1e-5, rope_theta=500_000.0, bos_token_id=128_000,
+                eos_token_id=128_001, max_position=131_072)
+    return ModelConfig(**{**base, **kw})
+
+
+PRESETS: dict[str, ModelConfig] = {
+    # Tiny configs for tests, the demo and notebooks.
+    "tiny": ModelConfig(vocab_size=512, embed_dim=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                        head_dim=16, mlp_dim=128, tie_embeddings=True, max_position=2048),
+    # ~20M parameters: the CPU benchmark config.
+    "small_20m": ModelConfig(vocab_size=8192, embed_dim=384, num_layers=8, num_heads=6,
+                             num_kv_heads=2, head_dim=64, mlp_dim=1024, tie_embeddings=True),
+    "llama3_1b": _llama3(embed_dim=2048, num_layers=16, num_heads=32, num_kv_heads=8, head_dim=64,
+                         mlp_dim=8192, tie_embeddings=True,
+                         rope_scaling=RopeScaling(kind="llama3", factor=32.0)),
+    "llama3_8b": _llama3(embed_dim=4096, num_layers=32, num_heads=32, num_kv_heads=8,
+                         mlp_dim=14_336, rope_scaling=RopeScaling(kind="llama3", factor=8.0)),
+    "llama3_70b": _llama3(embed_dim=8192, num_layers=80, num_heads=64, num_kv_heads=8,
+                          mlp_dim=28_672, rope_scaling=RopeScaling(kind="llama3", factor=8.0)),
+    "mistral_7b": ModelConfig(family="mistral", vocab_size=32_000, embed_dim=4096, num_layers=32,
+                              num_heads=32, num_kv_heads=8, head_dim=128, mlp_dim=14_336,
+                              norm_eps=1e-5, sliding_window=4096, max_position=32_768),
+    "qwen2_0_5b": ModelConfig(family="qwen2", vocab_size=151_936, embed_dim=896, num_layers=24,
+                              num_heads=14, num_kv_heads=2, head_dim=64, mlp_dim=4864,
+                              qkv_bias=True, tie_embeddings=True, rope_theta=1_000_000.0,
+                              max_position=32_768, bos_token_id=None, eos_token_id=151_643),
+    "qwen2_7b": ModelConfig(family="qwen2", vocab_size=152_064, embed_dim=3584, num_layers=28,
+                            num_heads=28, num_kv_heads=4, head_dim=128, mlp_dim=18_944,
+                            qkv_bias=True, rope_theta=1_000_000.0, max_position=32_768,
+                            bos_token_id=None, eos_token_id=151_643),
+    "gemma_2b": ModelConfig(family="gemma", vocab_size=256_000, embed_dim=2048, num_layers=18,
+                            num_heads=8, num_kv_heads=1, head_dim=256, mlp_dim=16_384,
+                            activation="gelu_tanh", norm_offset=1.0, tie_embeddings=True,
+                            scale_embeddings=True, bos_token_id=2, eos_token_id=1, pad_token_id=0),
+    "gemma_7b": ModelConfig(family="gemma", vocab_size=256_000, embed_dim=3072, num_layers=28,
+                            num_heads=16, num_kv_heads=16, head_dim=256, mlp_dim=24_576,
+                            activation="gelu_tanh", norm_offset=1.0, tie_embeddings=True,
+                            scale_embeddings=True, bos_token_id=2, eos_token_id=1, pad_token_id=0),
+}
+
+
+def get_config(name: str, **overrides) -> ModelConfig:
+    """A preset by name, with fields replaced by `overrides` (e.g. dtype='bfloat16')."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
+    return dataclasses.replace(PRESETS[name], **overrides)

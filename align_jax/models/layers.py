@@ -1,0 +1,209 @@
+"""Layers of the decoder: RMSNorm, RoPE, attention masks and kernels, the gated MLP."""
+
+import math
+from collections.abc import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from align_jax import axes, sharding
+from align_jax.models.config import ModelConfig
+
+# Finite, so a query with no visible key (a padding row) gives a uniform softmax, never NaN.
+_MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
+
+
+def _dtype(name: str) -> jnp.dtype:
+    return jnp.dtype(name)
+
+
+def param_with_axes(module: nn.Module, name: str, init: Callable, shape: tuple[int, ...],
+                    logical: tuple[str, ...], dtype: str) -> jax.Array:
+    return module.param(name, nn.with_logical_partitioning(init, logical), shape, _dtype(dtype))
+
+
+class RMSNorm(nn.Module):
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BTD: jax.Array) -> jax.Array:
+        cfg = self.config
+        init = nn.initializers.zeros if cfg.norm_offset else nn.initializers.ones
+        scale_D = param_with_axes(self, "scale", init, (x_BTD.shape[-1],), (axes.EMBED,),
+                                  cfg.param_dtype)
+        x32 = x_BTD.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + cfg.norm_eps)
+        return (y * (cfg.norm_offset + scale_D.astype(jnp.float32))).astype(cfg.dtype)
+
+
+def rope_inv_freq(config: ModelConfig) -> np.ndarray:
+    """Inverse frequencies [H/2] in float32, with the config's scaling applied."""
+    h = config.head_dim
+    exponent = np.arange(0, h, 2, dtype=np.int64).astype(np.float32) / np.float32(h)
+    inv = (1.0 / (np.float32(config.rope_theta) ** exponent)).astype(np.float32)
+    s = config.rope_scaling
+    if s is None:
+        return inv
+    if s.kind == "linear":
+        return (inv / np.float32(s.factor)).astype(np.float32)
+    if s.kind == "llama3":
+        low_wavelen = s.original_max_position / s.low_freq_factor
+        high_wavelen = s.original_max_position / s.high_freq_factor
+        wavelen = 2 * math.pi / inv
+        scaled = np.where(wavelen > low_wavelen, inv / s.factor, inv)
+        smooth = (s.original_max_position / wavelen - s.low_freq_factor) / (
+            s.high_freq_factor - s.low_freq_factor)
+        smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        return np.where(medium, smoothed, scaled).astype(np.float32)
+    raise ValueError(f"unsupported rope scaling kind {s.kind!r}")
+
+
+def rope_sin_cos(config: ModelConfig, positions_BT: jax.Array) -> tuple[jax.Array, jax.Array]:
+    inv_freq = jnp.asarray(rope_inv_freq(config))
+    angles_BTh = positions_BT.astype(jnp.float32)[..., None] * inv_freq
+    return jnp.sin(angles_BTh), jnp.cos(angles_BTh)
+
+
+def apply_rope(x_BTNH: jax.Array, sin_BTh: jax.Array, cos_BTh: jax.Array) -> jax.Array:
+    """Rotates the two halves of the head dim (the Hugging Face layout, not interleaved)."""
+    x = x_BTNH.astype(jnp.float32)
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    sin, cos = sin_BTh[:, :, None, :], cos_BTh[:, :, None, :]
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x_BTNH.dtype)
+
+
+def attention_mask(q_slot_T: jax.Array, k_slot_S: jax.Array, q_seg_BT: jax.Array,
+                   k_seg_BS: jax.Array, *, window: int | None) -> jax.Array:
+    """Which keys each query sees, [B, T, S] bool.
+
+    Slots are indices in the (cached) sequence. A query sees a key at or before its own slot,
+    of the same segment, that is not padding (segment 0), and within the sliding window.
+    """
+    causal_TS = k_slot_S[None, :] <= q_slot_T[:, None]
+    if window is not None:
+        causal_TS &= q_slot_T[:, None] - k_slot_S[None, :] < window
+    same_BTS = (q_seg_BT[:, :, None] == k_seg_BS[:, None, :]) & (k_seg_BS[:, None, :] != 0)
+    return causal_TS[None] & same_BTS
+
+
+def _attend_xla(q_BTNH, k_BSKH, v_BSKH, mask_BTS, scale):
+    b, t, n, h = q_BTNH.shape
+    k = k_BSKH.shape[2]
+    q_BTKGH = q_BTNH.reshape(b, t, k, n // k, h)
+    logits_BKGTS = jnp.einsum("BTKGH,BSKH->BKGTS", q_BTKGH, k_BSKH,
+                              preferred_element_type=jnp.float32) * scale
+    logits_BKGTS = jnp.where(mask_BTS[:, None, None], logits_BKGTS, _MASK_VALUE)
+    probs_BKGTS = jax.nn.softmax(logits_BKGTS, axis=-1).astype(v_BSKH.dtype)
+    out_BTKGH = jnp.einsum("BKGTS,BSKH->BTKGH", probs_BKGTS, v_BSKH)
+    return out_BTKGH.reshape(b, t, n, h)
+
+
+def _attend_jax(q_BTNH, k_BSKH, v_BSKH, mask_BTS, scale, implementation):
+    # jax.nn.dot_product_attention handles grouped heads itself (N a multiple of K).
+    return jax.nn.dot_product_attention(
+        q_BTNH, k_BSKH, v_BSKH, mask=mask_BTS[:, None], scale=scale,
+        implementation=implementation)
+
+
+def attend(config: ModelConfig, q_BTNH, k_BSKH, v_BSKH, mask_BTS) -> jax.Array:
+    """Scaled dot-product attention with grouped kv heads, by the config's implementation."""
+    if config.attention == "xla":
+        return _attend_xla(q_BTNH, k_BSKH, v_BSKH, mask_BTS, config.scale)
+    if config.attention == "jax":
+        return _attend_jax(q_BTNH, k_BSKH, v_BSKH, mask_BTS, config.scale, None)
+    if config.attention == "cudnn":
+        return _attend_jax(q_BTNH, k_BSKH, v_BSKH, mask_BTS, config.scale, "cudnn")
+    if config.attention == "splash":
+        from align_jax.models import splash  # noqa: PLC0415  (TPU only; imports Pallas)
+        return splash.attend(config, q_BTNH, k_BSKH, v_BSKH, mask_BTS)
+    raise ValueError(f"unknown attention implementation {config.attention!r}")
+
+
+def _kernel_init(std: float):
+    return nn.initializers.normal(stddev=std)
+
+
+class Attention(nn.Module):
+    config: ModelConfig
+
+    def _proj(self, name, x, shape, logical, spec, bias):
+        cfg = self.config
+        w = param_with_axes(self, f"{name}_proj", _kernel_init(cfg.init_std), shape, logical,
+                            cfg.param_dtype)
+        y = jnp.einsum(spec, x, w.astype(cfg.dtype))
+        if bias:
+            b = param_with_axes(self, f"{name}_bias", nn.initializers.zeros, shape[1:],
+                                logical[1:], cfg.param_dtype)
+            y = y + b.astype(cfg.dtype)
+        return y
+
+    @nn.compact
+    def __call__(self, x_BTD, sin_cos, mask_BTS, kv_cache=None, cache_index=None):
+        cfg = self.config
+        d, n, k, h = cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        q_BTNH = self._proj("q", x_BTD, (d, n, h), (axes.EMBED, axes.HEADS, axes.HEAD_DIM),
+                            "BTD,DNH->BTNH", cfg.qkv_bias)
+        k_BTKH = self._proj("k", x_BTD, (d, k, h), (axes.EMBED, axes.KV_HEADS, axes.HEAD_DIM),
+                            "BTD,DKH->BTKH", cfg.qkv_bias)
+        v_BTKH = self._proj("v", x_BTD, (d, k, h), (axes.EMBED, axes.KV_HEADS, axes.HEAD_DIM),
+                            "BTD,DKH->BTKH", cfg.qkv_bias)
+        q_BTNH = sharding.constrain(q_BTNH, (axes.BATCH, axes.SEQ, axes.HEADS, axes.HEAD_DIM))
+        sin, cos = sin_cos
+        q_BTNH = apply_rope(q_BTNH, sin, cos)
+        k_BTKH = apply_rope(k_BTKH, sin, cos)
+        if kv_cache is None:
+            k_BSKH, v_BSKH, new_cache = k_BTKH, v_BTKH, None
+        else:
+            # Write this call's keys/values at the shared slot index (prompts are left-padded).
+            k_BSKH = jax.lax.dynamic_update_slice_in_dim(
+                kv_cache["k"], k_BTKH.astype(kv_cache["k"].dtype), cache_index, axis=1)
+            v_BSKH = jax.lax.dynamic_update_slice_in_dim(
+                kv_cache["v"], v_BTKH.astype(kv_cache["v"].dtype), cache_index, axis=1)
+            new_cache = {"k": k_BSKH, "v": v_BSKH}
+            k_BSKH, v_BSKH = k_BSKH.astype(cfg.dtype), v_BSKH.astype(cfg.dtype)
+        out_BTNH = attend(cfg, q_BTNH, k_BSKH, v_BSKH, mask_BTS)
+        o = param_with_axes(self, "o_proj", _kernel_init(cfg.init_std), (n, h, d),
+                            (axes.HEADS, axes.HEAD_DIM, axes.EMBED), cfg.param_dtype)
+        y_BTD = jnp.einsum("BTNH,NHD->BTD", out_BTNH, o.astype(cfg.dtype))
+        if cfg.out_bias:
+            y_BTD = y_BTD + param_with_axes(self, "o_bias", nn.initializers.zeros, (d,),
+                                            (axes.EMBED,), cfg.param_dtype).astype(cfg.dtype)
+        return y_BTD, new_cache
+
+
+_ACTIVATIONS = {
+    "silu": jax.nn.silu,
+    "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+}
+
+
+class MLP(nn.Module):
+    """Gated MLP: down(act(gate(x)) * up(x)); SwiGLU with silu, GeGLU with gelu."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BTD):
+        cfg = self.config
+        d, f = cfg.embed_dim, cfg.mlp_dim
+        init = _kernel_init(cfg.init_std)
+
+        def dense(name, x, shape, logical, spec):
+            w = param_with_axes(self, name, init, shape, logical, cfg.param_dtype)
+            y = jnp.einsum(spec, x, w.astype(cfg.dtype))
+            if cfg.mlp_bias:
+                b = param_with_axes(self, name + "_bias", nn.initializers.zeros, shape[-1:],
+                                    logical[-1:], cfg.param_dtype)
+                y = y + b.astype(cfg.dtype)
+            return y
+
+        gate_BTF = dense("gate", x_BTD, (d, f), (axes.EMBED, axes.MLP), "BTD,DF->BTF")
+        up_BTF = dense("up", x_BTD, (d, f), (axes.EMBED, axes.MLP), "BTD,DF->BTF")
+        h_BTF = _ACTIVATIONS[cfg.activation](gate_BTF) * up_BTF
+        h_BTF = sharding.constrain(h_BTF, (axes.BATCH, axes.SEQ, axes.MLP))
+        return dense("down", h_BTF, (f, d), (axes.MLP, axes.EMBED), "BTF,FD->BTD")

@@ -1,0 +1,223 @@
+"""The decoder-only transformer: one flax.linen module, used through pure functions.
+
+Parameters are a plain nested dict; layers are stacked on a leading `layers` axis and run
+under `nn.scan` (one compiled layer), optionally rematerialised.
+
+Parameter tree (shapes by the legend in `align_jax.axes`):
+  embedding                       [V, D]
+  layers/attn_norm/scale          [L, D]
+  layers/attn/{q,k,v}_proj        [L, D, N|K, H]   (+ {q,k,v}_bias [L, N|K, H] for Qwen2)
+  layers/attn/o_proj              [L, N, H, D]
+  layers/mlp_norm/scale           [L, D]
+  layers/mlp/{gate,up}            [L, D, F];  layers/mlp/down [L, F, D]
+  final_norm/scale                [D]
+  lm_head                         [D, V]           (absent when embeddings are tied)
+"""
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from align_jax import axes, sharding
+from align_jax.models import layers
+from align_jax.models.config import ModelConfig
+
+Params = dict[str, Any]
+
+_REMAT_POLICIES = {
+    "full": None,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+class Block(nn.Module):
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BTD, sin_cos, mask_BTS, cache_index, kv_cache):
+        cfg = self.config
+        h_BTD = layers.RMSNorm(cfg, name="attn_norm")(x_BTD)
+        h_BTD, new_cache = layers.Attention(cfg, name="attn")(
+            h_BTD, sin_cos, mask_BTS, kv_cache, cache_index)
+        x_BTD = x_BTD + h_BTD
+        h_BTD = layers.MLP(cfg, name="mlp")(layers.RMSNorm(cfg, name="mlp_norm")(x_BTD))
+        x_BTD = sharding.constrain(x_BTD + h_BTD, (axes.BATCH, axes.SEQ, axes.EMBED))
+        return x_BTD, new_cache
+
+
+def positions_from_segments(segment_ids_BT: jax.Array) -> jax.Array:
+    """Positions that restart at 0 at the start of each segment (packed rows)."""
+    t = segment_ids_BT.shape[1]
+    idx_BT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), segment_ids_BT.shape)
+    starts_BT = jnp.concatenate(
+        [jnp.ones_like(segment_ids_BT[:, :1], dtype=bool),
+         segment_ids_BT[:, 1:] != segment_ids_BT[:, :-1]], axis=1)
+    start_idx_BT = jax.lax.cummax(jnp.where(starts_BT, idx_BT, 0), axis=1)
+    return idx_BT - start_idx_BT
+
+
+class Decoder(nn.Module):
+    config: ModelConfig
+
+    def setup(self):
+        cfg = self.config
+        self.embedding = layers.param_with_axes(
+            self, "embedding", nn.initializers.normal(stddev=cfg.init_std),
+            (cfg.vocab_size, cfg.embed_dim), (axes.VOCAB, axes.EMBED), cfg.param_dtype)
+        block = Block
+        if cfg.remat != "none":
+            block = nn.remat(Block, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
+        self.layers = nn.scan(
+            block,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0),
+            length=cfg.num_layers,
+            metadata_params={nn.PARTITION_NAME: axes.LAYERS},
+        )(cfg, name="layers")
+        self.final_norm = layers.RMSNorm(cfg, name="final_norm")
+        if not cfg.tie_embeddings:
+            self.lm_head = layers.param_with_axes(
+                self, "lm_head", nn.initializers.normal(stddev=cfg.init_std),
+                (cfg.embed_dim, cfg.vocab_size), (axes.EMBED, axes.VOCAB), cfg.param_dtype)
+
+    def hidden(self, tokens_BT, positions_BT, segment_ids_BT, cache=None):
+        """Final-normed hidden states [B, T, D] (and the updated cache, or None)."""
+        cfg = self.config
+        x_BTD = jnp.take(self.embedding.astype(cfg.dtype), tokens_BT, axis=0)
+        if cfg.scale_embeddings:
+            x_BTD = x_BTD * jnp.asarray(cfg.embed_dim ** 0.5, dtype=cfg.dtype)
+        x_BTD = sharding.constrain(x_BTD, (axes.BATCH, axes.SEQ, axes.EMBED))
+        sin_cos = layers.rope_sin_cos(cfg, positions_BT)
+        t = tokens_BT.shape[1]
+        if cache is None:
+            slots_T = jnp.arange(t, dtype=jnp.int32)
+            mask_BTS = layers.attention_mask(slots_T, slots_T, segment_ids_BT, segment_ids_BT,
+                                             window=cfg.sliding_window)
+            index, kv = jnp.int32(0), None
+        else:
+            index = cache["index"]
+            k_seg_BS = jax.lax.dynamic_update_slice_in_dim(
+                cache["segment_ids"], segment_ids_BT.astype(jnp.int32), index, axis=1)
+            q_slot_T = index + jnp.arange(t, dtype=jnp.int32)
+            k_slot_S = jnp.arange(k_seg_BS.shape[1], dtype=jnp.int32)
+            mask_BTS = layers.attention_mask(q_slot_T, k_slot_S, segment_ids_BT, k_seg_BS,
+                                             window=cfg.sliding_window)
+            kv = {"k": cache["k"], "v": cache["v"]}
+        x_BTD, new_kv = self.layers(x_BTD, sin_cos, mask_BTS, index, kv)
+        new_cache = None
+        if cache is not None:
+            new_cache = {"k": new_kv["k"], "v": new_kv["v"], "segment_ids": k_seg_BS,
+                         "index": index + t}
+        return self.final_norm(x_BTD), new_cache
+
+    def unembed_matrix(self):
+        """The [D, V] output projection (the embedding transposed when tied)."""
+        return self.embedding.T if self.config.tie_embeddings else self.lm_head
+
+    def __call__(self, tokens_BT, positions_BT, segment_ids_BT, cache=None):
+        h_BTD, new_cache = self.hidden(tokens_BT, positions_BT, segment_ids_BT, cache)
+        w_DV = self.unembed_matrix().astype(self.config.dtype)
+        logits_BTV = jnp.einsum("BTD,DV->BTV", h_BTD, w_DV, preferred_element_type=jnp.float32)
+        logits_BTV = sharding.constrain(logits_BTV, (axes.BATCH, axes.SEQ, axes.VOCAB))
+        return logits_BTV, new_cache
+
+
+def _inputs(tokens_BT, positions_BT, segment_ids_BT):
+    tokens_BT = jnp.asarray(tokens_BT, jnp.int32)
+    if segment_ids_BT is None:
+        segment_ids_BT = jnp.ones_like(tokens_BT)
+    segment_ids_BT = jnp.asarray(segment_ids_BT, jnp.int32)
+    if positions_BT is None:
+        positions_BT = positions_from_segments(segment_ids_BT)
+    return tokens_BT, jnp.asarray(positions_BT, jnp.int32), segment_ids_BT
+
+
+def forward(config: ModelConfig, params: Params, tokens_BT: jax.Array, *,
+            positions_BT: jax.Array | None = None,
+            segment_ids_BT: jax.Array | None = None) -> jax.Array:
+    """Logits [B, T, V] in float32.
+
+    Args:
+      config: the model.
+      params: the parameter tree (see the module docstring).
+      tokens_BT: int token ids.
+      positions_BT: RoPE positions; by default they restart at 0 in each segment.
+      segment_ids_BT: 0 marks padding; tokens attend only within their own segment (packing).
+    """
+    tokens_BT, positions_BT, segment_ids_BT = _inputs(tokens_BT, positions_BT, segment_ids_BT)
+    logits_BTV, _ = Decoder(config).apply({"params": params}, tokens_BT, positions_BT,
+                                           segment_ids_BT)
+    return logits_BTV
+
+
+def forward_hidden(config: ModelConfig, params: Params, tokens_BT: jax.Array, *,
+                   positions_BT: jax.Array | None = None,
+                   segment_ids_BT: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """(final hidden states [B, T, D], output projection [D, V]) for chunked-vocab losses."""
+    tokens_BT, positions_BT, segment_ids_BT = _inputs(tokens_BT, positions_BT, segment_ids_BT)
+    h_BTD, _ = Decoder(config).apply({"params": params}, tokens_BT, positions_BT, segment_ids_BT,
+                                     method=Decoder.hidden)
+    w_DV = Decoder(config).apply({"params": params}, method=Decoder.unembed_matrix)
+    return h_BTD, w_DV.astype(config.dtype)
+
+
+def init_cache(config: ModelConfig, batch: int, max_len: int, *,
+               dtype: str | None = None) -> dict[str, jax.Array]:
+    """An empty KV cache.
+
+    k, v:          [L, B, S, K, H]
+    segment_ids:   [B, S], 0 for empty or padding slots
+    index:         int32 scalar, the next slot to write (shared by all rows)
+    """
+    shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.head_dim)
+    dtype = jnp.dtype(dtype or config.dtype)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
+            "segment_ids": jnp.zeros((batch, max_len), jnp.int32), "index": jnp.int32(0)}
+
+
+def cache_axes() -> dict[str, tuple[str | None, ...]]:
+    """Logical axes of each cache entry, for `align_jax.sharding.named_sharding`."""
+    kv = (axes.LAYERS, axes.BATCH, axes.KV_SEQ, axes.KV_HEADS, axes.HEAD_DIM)
+    return {"k": kv, "v": kv, "segment_ids": (axes.BATCH, axes.KV_SEQ), "index": ()}
+
+
+def forward_with_cache(config: ModelConfig, params: Params, tokens_BT: jax.Array, *,
+                       cache: dict[str, jax.Array], positions_BT: jax.Array,
+                       segment_ids_BT: jax.Array | None = None):
+    """Logits [B, T, V] for T new tokens written at the cache's index; returns (logits, cache).
+
+    Used for prefill (T = prompt length, left-padded with segment id 0) and decode (T = 1).
+    """
+    tokens_BT, positions_BT, segment_ids_BT = _inputs(tokens_BT, positions_BT, segment_ids_BT)
+    return Decoder(config).apply({"params": params}, tokens_BT, positions_BT, segment_ids_BT,
+                                 cache)
+
+
+def _init_boxed(config: ModelConfig, rng: jax.Array):
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    return Decoder(config).init(rng, tokens, tokens, tokens + 1)["params"]
+
+
+def abstract_params(config: ModelConfig):
+    """Shapes and dtypes of the params, boxed with their logical axes; allocates nothing."""
+    return jax.eval_shape(functools.partial(_init_boxed, config), jax.random.key(0))
+
+
+def init_params(config: ModelConfig, rng: jax.Array, *, mesh=None,
+                rules: str = "fsdp") -> Params:
+    """Random params; with a mesh, each is created directly in its sharded layout."""
+    init = lambda r: nn.unbox(_init_boxed(config, r))  # noqa: E731
+    if mesh is None:
+        return jax.jit(init)(rng)
+    shardings = sharding.state_shardings(abstract_params(config), mesh, rules)
+    return jax.jit(init, out_shardings=shardings)(rng)
+
+
+def param_count(params_or_abstract) -> int:
+    leaves = jax.tree.leaves(nn.unbox(params_or_abstract))
+    return int(sum(x.size for x in leaves))

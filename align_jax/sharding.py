@@ -1,0 +1,206 @@
+"""The one place that names mesh axes and PartitionSpecs.
+
+A mesh always has the axes ``('data', 'fsdp', 'tensor')``. Models name logical axes
+(`align_jax.axes`); a *rule preset* maps each logical axis to mesh axes:
+
+  dp       batch over (data, fsdp); parameters replicated.
+  fsdp     batch over (data, fsdp); parameters sharded over fsdp on their embed axis.
+  fsdp_tp  as fsdp, plus heads, kv_heads, mlp and vocab over tensor (Megatron-style).
+
+`constrain` is how model code pins an activation's layout: it is the identity unless a
+`use_mesh(mesh, rules)` context is active while tracing, so the same model code runs on one
+CPU and on a pod.
+"""
+
+import contextlib
+import contextvars
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from align_jax import axes
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+Rules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
+
+_BATCH_AXES = ("data", "fsdp")
+
+RULES: dict[str, Rules] = {
+    "dp": (
+        (axes.BATCH, _BATCH_AXES),
+    ),
+    "fsdp": (
+        (axes.BATCH, _BATCH_AXES),
+        (axes.EMBED, "fsdp"),
+    ),
+    "fsdp_tp": (
+        (axes.BATCH, _BATCH_AXES),
+        (axes.EMBED, "fsdp"),
+        (axes.HEADS, "tensor"),
+        (axes.KV_HEADS, "tensor"),
+        (axes.MLP, "tensor"),
+        (axes.VOCAB, "tensor"),
+    ),
+}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MeshSpec:
+    """Sizes of the ('data', 'fsdp', 'tensor') mesh axes; one of them may be -1 (the rest)."""
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+
+    def shape(self, num_devices: int) -> tuple[int, int, int]:
+        sizes = [self.data, self.fsdp, self.tensor]
+        if sizes.count(-1) > 1:
+            raise ValueError(f"MeshSpec{tuple(sizes)}: at most one axis may be -1")
+        known = math.prod(s for s in sizes if s != -1)
+        if any(s == 0 or s < -1 for s in sizes):
+            raise ValueError(f"MeshSpec{tuple(sizes)}: sizes must be positive or -1")
+        if -1 in sizes:
+            if num_devices % known:
+                raise ValueError(
+                    f"MeshSpec{tuple(sizes)}: {num_devices} devices are not divisible by {known}")
+            sizes[sizes.index(-1)] = num_devices // known
+        if math.prod(sizes) != num_devices:
+            raise ValueError(
+                f"MeshSpec{tuple(sizes)} needs {math.prod(sizes)} devices, {num_devices} present")
+        return tuple(sizes)
+
+
+def make_mesh(spec: MeshSpec | None = None, *, devices: Sequence[Any] | None = None) -> Mesh:
+    """Builds the ('data', 'fsdp', 'tensor') mesh over `devices` (default: all of them)."""
+    spec = spec or MeshSpec()
+    devices = list(devices if devices is not None else jax.devices())
+    shape = spec.shape(len(devices))
+    # Auto axis types: the sharding of intermediates is left to the compiler (GSPMD), guided by
+    # the `constrain` calls in the model.
+    axis_types = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+    if len(devices) == len(jax.devices()):
+        return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types)
+    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=axis_types)
+
+
+def get_rules(rules: str | Rules) -> Rules:
+    if isinstance(rules, str):
+        if rules not in RULES:
+            raise ValueError(f"unknown sharding preset {rules!r}; choose one of {sorted(RULES)}")
+        return RULES[rules]
+    return tuple(rules)
+
+
+def logical_to_spec(logical: Sequence[str | None], rules: str | Rules) -> PartitionSpec:
+    """Maps logical axis names to a PartitionSpec; a mesh axis is used at most once."""
+    table: Mapping[str, Any] = dict(get_rules(rules))
+    used: set[str] = set()
+    out = []
+    for name in logical:
+        target = table.get(name) if name is not None else None
+        if target is None:
+            out.append(None)
+            continue
+        names = (target,) if isinstance(target, str) else tuple(target)
+        names = tuple(n for n in names if n not in used)
+        used.update(names)
+        out.append(names[0] if len(names) == 1 else (names or None))
+    return PartitionSpec(*out)
+
+
+def _fits(shape: Sequence[int], spec: PartitionSpec, mesh: Mesh) -> PartitionSpec:
+    """Drops mesh axes that do not divide a dimension (e.g. 2 kv heads on a tensor axis of 4)."""
+    out = []
+    for dim, entry in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+        if entry is None:
+            out.append(None)
+            continue
+        names = (entry,) if isinstance(entry, str) else tuple(entry)
+        kept, size = [], 1
+        for n in names:
+            if dim % (size * mesh.shape[n]) == 0:
+                kept.append(n)
+                size *= mesh.shape[n]
+        out.append(kept[0] if len(kept) == 1 else (tuple(kept) or None))
+    return PartitionSpec(*out)
+
+
+def named_sharding(logical: Sequence[str | None], mesh: Mesh, rules: str | Rules,
+                   shape: Sequence[int] | None = None) -> NamedSharding:
+    spec = logical_to_spec(logical, rules)
+    if shape is not None:
+        spec = _fits(shape, spec, mesh)
+    return NamedSharding(mesh, spec)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def _is_box(x: Any) -> bool:
+    return isinstance(x, nn.LogicallyPartitioned)
+
+
+def logical_axes(tree: Any) -> Any:
+    """The tuple of logical names of each boxed leaf (None for unboxed leaves)."""
+    return jax.tree.map(lambda x: tuple(x.names) if _is_box(x) else None, tree, is_leaf=_is_box)
+
+
+def state_shardings(abstract_tree: Any, mesh: Mesh, rules: str | Rules) -> Any:
+    """NamedShardings for a tree whose leaves are boxed (`nn.LogicallyPartitioned`) or plain.
+
+    Boxed leaves are sharded by their logical names under `rules`; plain leaves (step counters,
+    scalars) are replicated. The result has the *unboxed* tree structure, ready for
+    `jax.jit(..., out_shardings=...)` of a function that returns unboxed values.
+    """
+
+    def one(x):
+        if _is_box(x):
+            return named_sharding(x.names, mesh, rules, shape=x.value.shape)
+        return replicated(mesh)
+
+    return jax.tree.map(one, abstract_tree, is_leaf=_is_box)
+
+
+def batch_sharding(mesh: Mesh, rules: str | Rules, ndim: int = 2) -> NamedSharding:
+    """Sharding of a [B, ...] input batch: batch split, everything else replicated."""
+    return named_sharding((axes.BATCH,) + (None,) * (ndim - 1), mesh, rules)
+
+
+_CONTEXT: contextvars.ContextVar[tuple[Mesh, Rules] | None] = contextvars.ContextVar(
+    "align_jax_sharding", default=None)
+
+
+@contextlib.contextmanager
+def use_mesh(mesh: Mesh | None, rules: str | Rules = "fsdp"):
+    """While active (at trace time), `constrain` pins activations to `mesh` under `rules`."""
+    if mesh is None:
+        yield
+        return
+    token = _CONTEXT.set((mesh, get_rules(rules)))
+    try:
+        with jax.set_mesh(mesh):
+            yield
+    finally:
+        _CONTEXT.reset(token)
+
+
+def current() -> tuple[Mesh, Rules] | None:
+    return _CONTEXT.get()
+
+
+def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
+    """Sharding constraint by logical names; the identity outside `use_mesh`."""
+    ctx = _CONTEXT.get()
+    if ctx is None:
+        return x
+    mesh, rules = ctx
+    spec = _fits(x.shape, logical_to_spec(logical, rules), mesh)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))

@@ -1,0 +1,48 @@
+"""align_jax: align language models to the values in unstructured text, in JAX."""
+
+import setuptools
+
+setuptools.setup(
+    name="align_jax",
+    version="0.1.0",
+    description=(
+        "Value alignment from unstructured text, aligners and inspectors, and SAMI, "
+        "on one JAX engine."
+    ),
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=setuptools.find_packages(include=["align_jax", "align_jax.*"]),
+    python_requires=">=3.11",
+    install_requires=[
+        "jax>=0.10",
+        "flax>=0.12",
+        "optax>=0.2.8",
+        "orbax-checkpoint>=0.12",
+        "transformers>=5.0",
+        "datasets>=5.0",
+        "tensorflow-datasets>=4.9.10",
+        "importlib_resources",
+        "grain>=0.2.18",
+        "gin-config>=0.5.0",
+        "sentencepiece>=0.2.0",
+        "safetensors",
+        "tqdm",
+        "numpy",
+        "matplotlib",
+        "pypdf",
+        "fastapi",
+        "uvicorn",
+        "openai",
+        "httpx",
+    ],
+    extras_require={
+        "test": [
+            "pytest",
+            "pytest-xdist",
+            "hypothesis",
+            "ruff",
+            "torch==2.13.0",
+        ],
+    },
+    entry_points={"console_scripts": ["align-jax=align_jax.cli:main"]},
+)
