@@ -184,10 +184,11 @@ def use_mesh(mesh: Mesh | None, rules: str | Rules = "fsdp"):
     if mesh is None:
         yield
         return
+    # Only a context variable: constraints carry their mesh in a NamedSharding, so this works
+    # inside jit tracing, where jax.set_mesh may not be entered.
     token = _CONTEXT.set((mesh, get_rules(rules)))
     try:
-        with jax.set_mesh(mesh):
-            yield
+        yield
     finally:
         _CONTEXT.reset(token)
 

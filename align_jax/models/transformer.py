@@ -221,3 +221,24 @@ def init_params(config: ModelConfig, rng: jax.Array, *, mesh=None,
 def param_count(params_or_abstract) -> int:
     leaves = jax.tree.leaves(nn.unbox(params_or_abstract))
     return int(sum(x.size for x in leaves))
+
+
+def jit_forward(config: ModelConfig, *, mesh=None, rules: str = "fsdp"):
+    """`forward` compiled once per input shape; with a mesh, sharded by `rules`.
+
+    Returns a function (params, tokens_BT, positions_BT, segment_ids_BT) -> logits_BTV. With a
+    mesh, params should already be placed (e.g. by `init_params(..., mesh=mesh)`), and the
+    batch is split over the preset's batch axes.
+    """
+
+    def fn(params, tokens_BT, positions_BT, segment_ids_BT):
+        with sharding.use_mesh(mesh, rules):
+            return forward(config, params, tokens_BT, positions_BT=positions_BT,
+                           segment_ids_BT=segment_ids_BT)
+
+    if mesh is None:
+        return jax.jit(fn)
+    param_shardings = sharding.state_shardings(abstract_params(config), mesh, rules)
+    batch = sharding.batch_sharding(mesh, rules, 2)
+    out = sharding.named_sharding((axes.BATCH, axes.SEQ, axes.VOCAB), mesh, rules)
+    return jax.jit(fn, in_shardings=(param_shardings, batch, batch, batch), out_shardings=out)
