@@ -205,3 +205,24 @@ def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
     mesh, rules = ctx
     spec = _fits(x.shape, logical_to_spec(logical, rules), mesh)
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def shard_map_logical(fn, *, in_logical, out_logical, shapes):
+    """`fn` run per shard under the active `use_mesh` context (plain `fn` outside one).
+
+    For kernels the compiler cannot partition (Pallas). Axes that do not divide a dimension,
+    like 2 kv heads on a tensor axis of 4, stay whole. The kv-heads and heads specs must split
+    consistently; when they would not, heads stay whole too.
+    """
+    ctx = _CONTEXT.get()
+    if ctx is None:
+        return fn
+    mesh, rules = ctx
+    in_specs = tuple(_fits(shape, logical_to_spec(logical, rules), mesh)
+                     for shape, logical in zip(shapes, in_logical))
+    out_spec = _fits(shapes[0], logical_to_spec(out_logical, rules), mesh)
+    if len(in_specs) > 1 and in_specs[0][2] != in_specs[1][2]:
+        in_specs = tuple(PartitionSpec(*s[:2], None, *s[3:]) if len(s) == 4 else s
+                         for s in in_specs)
+        out_spec = PartitionSpec(*out_spec[:2], None, *out_spec[3:])
+    return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_spec, check_vma=False)

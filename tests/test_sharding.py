@@ -85,3 +85,18 @@ def test_sharded_forward_equals_single_device(rules):
     # Same shapes again: no new trace or compilation.
     fn(params, tokens + 1, pos, seg)
     assert fn._cache_size() == 1
+
+
+@pytest.mark.slow
+def test_splash_under_mesh_equals_single_device():
+    import dataclasses
+    cfg = dataclasses.replace(CFG, attention="splash")
+    tokens = np.asarray(jax.random.randint(jax.random.key(1), (4, 16), 0, CFG.vocab_size))
+    seg = np.ones_like(tokens)
+    pos = np.asarray(transformer.positions_from_segments(seg))
+    ref = transformer.jit_forward(CFG)(transformer.init_params(CFG, jax.random.key(0)),
+                                       tokens, pos, seg)
+    mesh = sharding.make_mesh(sharding.MeshSpec(data=2, fsdp=2, tensor=2))
+    params = transformer.init_params(cfg, jax.random.key(0), mesh=mesh, rules="fsdp_tp")
+    out = transformer.jit_forward(cfg, mesh=mesh, rules="fsdp_tp")(params, tokens, pos, seg)
+    np.testing.assert_allclose(out, ref, atol=1e-4)

@@ -109,8 +109,13 @@ def _attend_jax(q_BTNH, k_BSKH, v_BSKH, mask_BTS, scale, implementation):
         implementation=implementation)
 
 
-def attend(config: ModelConfig, q_BTNH, k_BSKH, v_BSKH, mask_BTS) -> jax.Array:
-    """Scaled dot-product attention with grouped kv heads, by the config's implementation."""
+def attend(config: ModelConfig, q_BTNH, k_BSKH, v_BSKH, mask_BTS,
+           segment_ids_BT=None) -> jax.Array:
+    """Scaled dot-product attention with grouped kv heads, by the config's implementation.
+
+    `segment_ids_BT` is given for full forwards (no cache); splash attention needs it, and
+    falls back to the XLA reference for cached prefill/decode.
+    """
     if config.attention == "xla":
         return _attend_xla(q_BTNH, k_BSKH, v_BSKH, mask_BTS, config.scale)
     if config.attention == "jax":
@@ -118,8 +123,10 @@ def attend(config: ModelConfig, q_BTNH, k_BSKH, v_BSKH, mask_BTS) -> jax.Array:
     if config.attention == "cudnn":
         return _attend_jax(q_BTNH, k_BSKH, v_BSKH, mask_BTS, config.scale, "cudnn")
     if config.attention == "splash":
-        from align_jax.models import splash  # noqa: PLC0415  (TPU only; imports Pallas)
-        return splash.attend(config, q_BTNH, k_BSKH, v_BSKH, mask_BTS)
+        if segment_ids_BT is None:
+            return _attend_xla(q_BTNH, k_BSKH, v_BSKH, mask_BTS, config.scale)
+        from align_jax.models import splash  # noqa: PLC0415  (imports Pallas)
+        return splash.attend(config, q_BTNH, k_BSKH, v_BSKH, segment_ids_BT)
     raise ValueError(f"unknown attention implementation {config.attention!r}")
 
 
@@ -142,7 +149,8 @@ class Attention(nn.Module):
         return y
 
     @nn.compact
-    def __call__(self, x_BTD, sin_cos, mask_BTS, kv_cache=None, cache_index=None):
+    def __call__(self, x_BTD, sin_cos, mask_BTS, segment_ids_BT, kv_cache=None,
+                 cache_index=None):
         cfg = self.config
         d, n, k, h = cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         q_BTNH = self._proj("q", x_BTD, (d, n, h), (axes.EMBED, axes.HEADS, axes.HEAD_DIM),
@@ -165,7 +173,8 @@ class Attention(nn.Module):
                 kv_cache["v"], v_BTKH.astype(kv_cache["v"].dtype), cache_index, axis=1)
             new_cache = {"k": k_BSKH, "v": v_BSKH}
             k_BSKH, v_BSKH = k_BSKH.astype(cfg.dtype), v_BSKH.astype(cfg.dtype)
-        out_BTNH = attend(cfg, q_BTNH, k_BSKH, v_BSKH, mask_BTS)
+        out_BTNH = attend(cfg, q_BTNH, k_BSKH, v_BSKH, mask_BTS,
+                          segment_ids_BT if kv_cache is None else None)
         o = param_with_axes(self, "o_proj", _kernel_init(cfg.init_std), (n, h, d),
                             (axes.HEADS, axes.HEAD_DIM, axes.EMBED), cfg.param_dtype)
         y_BTD = jnp.einsum("BTNH,NHD->BTD", out_BTNH, o.astype(cfg.dtype))

@@ -38,11 +38,11 @@ class Block(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BTD, sin_cos, mask_BTS, cache_index, kv_cache):
+    def __call__(self, x_BTD, sin_cos, mask_BTS, segment_ids_BT, cache_index, kv_cache):
         cfg = self.config
         h_BTD = layers.RMSNorm(cfg, name="attn_norm")(x_BTD)
         h_BTD, new_cache = layers.Attention(cfg, name="attn")(
-            h_BTD, sin_cos, mask_BTS, kv_cache, cache_index)
+            h_BTD, sin_cos, mask_BTS, segment_ids_BT, kv_cache, cache_index)
         x_BTD = x_BTD + h_BTD
         h_BTD = layers.MLP(cfg, name="mlp")(layers.RMSNorm(cfg, name="mlp_norm")(x_BTD))
         x_BTD = sharding.constrain(x_BTD + h_BTD, (axes.BATCH, axes.SEQ, axes.EMBED))
@@ -75,7 +75,7 @@ class Decoder(nn.Module):
             block,
             variable_axes={"params": 0},
             split_rngs={"params": True},
-            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0),
+            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0),
             length=cfg.num_layers,
             metadata_params={nn.PARTITION_NAME: axes.LAYERS},
         )(cfg, name="layers")
@@ -108,7 +108,7 @@ class Decoder(nn.Module):
             mask_BTS = layers.attention_mask(q_slot_T, k_slot_S, segment_ids_BT, k_seg_BS,
                                              window=cfg.sliding_window)
             kv = {"k": cache["k"], "v": cache["v"]}
-        x_BTD, new_kv = self.layers(x_BTD, sin_cos, mask_BTS, index, kv)
+        x_BTD, new_kv = self.layers(x_BTD, sin_cos, mask_BTS, segment_ids_BT, index, kv)
         new_cache = None
         if cache is not None:
             new_cache = {"k": new_kv["k"], "v": new_kv["v"], "segment_ids": k_seg_BS,
