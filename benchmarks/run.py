@@ -1,0 +1,25 @@
+"""`make bench`: every benchmark section, side by side, results in benchmarks/results/*.json.
+
+Copy the printed tables into benchmarks/RESULTS.md with the hardware line and the date.
+"""
+
+import importlib
+import pathlib
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+
+SECTIONS = ["bench_model"]
+
+
+def main():
+    only = sys.argv[1:]
+    for name in SECTIONS:
+        if only and name not in only:
+            continue
+        print(f"\n## {name}")
+        importlib.import_module(f"benchmarks.{name}").main([])
+
+
+if __name__ == "__main__":
+    main()
