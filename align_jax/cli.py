@@ -1,0 +1,77 @@
+"""`align-jax <command> --gin_file=F --gin_param='NAME=VALUE' [--output_dir=D]`.
+
+Each command has one entry function (a plain function; gin binds it through dynamic
+registration, so library code carries no decorators). Entries record the gin config, the git
+commit and the library versions in their run folder through `align_jax.runinfo`.
+"""
+
+import argparse
+import importlib
+import os
+import pathlib
+import sys
+
+COMMANDS = {
+    # command: (module, entry function, one-line help)
+    "run": ("align_jax.methods.recipes", "run", "a whole method recipe (SDG, SFT, DPO, eval)"),
+    "sdg": ("align_jax.sdg.pipeline", "sdg_main", "synthetic data generation with a teacher"),
+    "train": ("align_jax.train.entry", "train_main", "train one objective (sft/lm/dpo/kto/sami)"),
+    "generate": ("align_jax.generate.entry", "generate_main", "sample completions for prompts"),
+    "eval": ("align_jax.eval.entry", "eval_main", "evaluate a model"),
+    "serve": ("align_jax.generate.server", "serve_main", "OpenAI-compatible HTTP server"),
+    "convert": ("align_jax.models.hf", "convert_main", "convert checkpoints (orbax <-> HF)"),
+    "bench": ("benchmarks.run", "main", "benchmarks"),
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="align-jax", description=__doc__.splitlines()[0])
+    p.add_argument("command", choices=sorted(COMMANDS),
+                   help="; ".join(f"{k}: {v[2]}" for k, v in COMMANDS.items()))
+    p.add_argument("--gin_file", action="append", default=[], help="gin file(s), in order")
+    p.add_argument("--gin_param", action="append", default=[], help="gin binding(s), last wins")
+    p.add_argument("--gin_search_path", action="append", default=[],
+                   help="folders searched for gin files and their includes")
+    p.add_argument("--output_dir", default=None,
+                   help="run folder; bound to the entry's output_dir when given")
+    p.add_argument("--distributed", action="store_true",
+                   help="call jax.distributed.initialize() first (multi-host GPU / SLURM)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, rest = _parser().parse_known_args(argv)
+    module_name, fn_name, _ = COMMANDS[args.command]
+    if args.command == "bench":
+        return importlib.import_module(module_name).main() or 0
+    import gin
+    if args.distributed:
+        import jax
+        jax.distributed.initialize()
+    root = pathlib.Path(__file__).resolve().parent.parent
+    for path in [*args.gin_search_path, os.getcwd(), str(root)]:
+        gin.add_config_file_search_path(path)
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        print(f"align-jax {args.command}: not available in this install ({e})", file=sys.stderr)
+        return 2
+    entry = getattr(module, fn_name)
+    params = list(args.gin_param)
+    if args.output_dir:
+        params.append(f"{module_name}.{fn_name}.output_dir = {args.output_dir!r}")
+    try:
+        gin.parse_config_files_and_bindings(args.gin_file, params, finalize_config=False)
+    except (OSError, ValueError, SyntaxError) as e:
+        print(f"align-jax {args.command}: bad gin configuration: {e}", file=sys.stderr)
+        return 2
+    if rest:
+        print(f"align-jax {args.command}: unknown arguments {rest}", file=sys.stderr)
+        return 2
+    configured = gin.get_configurable(entry)
+    result = configured()
+    return int(result) if isinstance(result, int) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

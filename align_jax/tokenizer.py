@@ -1,0 +1,577 @@
+"""One Tokenizer over Hugging Face tokenizer dirs and raw sentencepiece models, plus chat templates.
+
+`load_tokenizer(path)` reads either a Hugging Face tokenizer directory (tokenizer.json and/or
+tokenizer_config.json, loaded through transformers.AutoTokenizer, offline) or a sentencepiece
+`.model` file (loaded through sentencepiece itself). Both give the same interface: `encode` never
+adds special tokens unless asked, `apply_chat_template` returns text that already carries BOS when
+the template wants it (so encode the result with add_bos=False).
+
+`train_tokenizer(texts, out_dir)` trains a small sentencepiece model in-process and writes it both
+as `tokenizer.model` and as a Hugging Face tokenizer directory that `AutoTokenizer.from_pretrained`
+loads and that encodes to the same ids. It is what tests and the from-scratch demo use, since no
+tokenizer can be downloaded.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import sentencepiece as spm
+
+ROLES = ("system", "user", "assistant")
+ROLE_TOKENS = tuple(f"<|{role}|>" for role in ROLES)
+
+# Our default conversation format. Each turn opens with its role marker on its own line; user and
+# system turns end with a newline, assistant turns end with EOS so a model trained on this format
+# learns to stop there. BOS opens the conversation, so encode the rendered text with add_bos=False.
+#   <s><|system|>\n{system}\n<|user|>\n{question}\n<|assistant|>\n{answer}</s><|user|>\n...
+DEFAULT_CHAT_TEMPLATE = (
+    "{{- bos_token -}}"
+    "{%- for message in messages -%}"
+    "{{- '<|' + message['role'] + '|>\n' + message['content'] -}}"
+    "{%- if message['role'] == 'assistant' -%}{{- eos_token -}}"
+    "{%- else -%}{{- '\n' -}}{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|assistant|>\n' -}}{%- endif -%}")
+
+# Special tokens that some chat formats use to close a turn; a generation loop should stop on them
+# as well as on EOS. Only counted when the dir's chat template actually writes them.
+_END_OF_TURN_TOKENS = ("<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<end_of_turn>", "<|end|>",
+                       "<|endoftext|>")
+
+# Fixed ids of the special pieces in models made by train_tokenizer.
+_PAD, _UNK, _BOS, _EOS = "<pad>", "<unk>", "<s>", "</s>"
+PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+_FIXED_IDS = 4 + 3 + 256  # specials, role markers, byte-fallback pieces
+_MIN_VOCAB = 300
+
+_HF_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+class Tokenizer:
+    """Common interface; built by `load_tokenizer` or `train_tokenizer`, never directly.
+
+    Attributes:
+      path: where it was loaded from.
+      bos_id, eos_id: int or None. pad_id: the pad token, or eos_id when there is none.
+      eos_ids: every id that ends a turn (eos first), for use as generation stop tokens.
+      vocab_size: number of ids, added tokens included.
+    """
+
+    path: str
+    bos_id: int | None
+    eos_id: int | None
+    pad_id: int | None
+    eos_ids: tuple[int, ...]
+    vocab_size: int
+
+    def encode(self, text: str, *, add_bos: bool = False, add_eos: bool = False) -> list[int]:
+        """Tokenises text; special-token strings in it (e.g. "<s>") map to their ids.
+
+        Args:
+          text: the string.
+          add_bos: prepend bos_id (skipped when the tokenizer has no BOS).
+          add_eos: append eos_id.
+        Returns:
+          The token ids.
+        """
+        if not isinstance(text, str):
+            raise TypeError(f"encode expects a str, got {type(text).__name__}")
+        ids = self._encode(text)
+        if add_bos and self.bos_id is not None:
+            ids = [self.bos_id] + ids
+        if add_eos:
+            if self.eos_id is None:
+                raise ValueError(f"tokenizer {self.path} has no EOS token; cannot add_eos")
+            ids = ids + [self.eos_id]
+        return ids
+
+    def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
+        """Turns ids back into text.
+
+        Args:
+          ids: token ids (any int sequence, e.g. a list or a 1-D numpy array).
+          skip_special_tokens: drop BOS/EOS/PAD/UNK and other special tokens.
+        Returns:
+          The text.
+        """
+        ids = [int(i) for i in ids]
+        for i in ids:
+            self._check_id(i)
+        return self._decode(ids, skip_special_tokens)
+
+    def apply_chat_template(self, messages: Sequence[Mapping[str, Any]], *,
+                            add_generation_prompt: bool = False) -> str:
+        """Renders a conversation as text with this tokenizer's chat template.
+
+        Args:
+          messages: [{"role": "system" | "user" | "assistant", "content": str}, ...].
+          add_generation_prompt: end with the opening of an assistant turn.
+        Returns:
+          The text; encode it with add_bos=False since the template writes BOS itself if needed.
+        """
+        return self._render(validate_messages(messages), add_generation_prompt)
+
+    def id_to_piece(self, token_id: int) -> str:
+        """Returns the vocabulary string of one id."""
+        return self._id_to_piece(self._check_id(int(token_id)))
+
+    def piece_to_id(self, piece: str) -> int:
+        """Returns the id of a vocabulary string; KeyError when it is not in the vocabulary."""
+        raise NotImplementedError
+
+    def _check_id(self, token_id: int) -> int:
+        if not 0 <= token_id < self.vocab_size:
+            raise ValueError(f"token id {token_id} is out of range for vocab size "
+                             f"{self.vocab_size} ({self.path})")
+        return token_id
+
+    def _id_to_piece(self, token_id: int) -> str:
+        raise NotImplementedError
+
+    def _encode(self, text: str) -> list[int]:
+        raise NotImplementedError
+
+    def _decode(self, ids: list[int], skip_special_tokens: bool) -> str:
+        raise NotImplementedError
+
+    def _render(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(path={self.path!r}, vocab_size={self.vocab_size}, "
+                f"bos_id={self.bos_id}, eos_ids={self.eos_ids}, pad_id={self.pad_id})")
+
+
+def validate_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, str]]:
+    """Checks a chat conversation and returns it as plain dicts.
+
+    Args:
+      messages: a list of {"role", "content"} mappings.
+    Returns:
+      [{"role": str, "content": str}, ...] (extra keys dropped).
+    Raises:
+      ValueError / TypeError naming the index and field of the first bad message.
+    """
+    if isinstance(messages, (str, bytes, Mapping)) or not isinstance(messages, Sequence):
+        raise TypeError(f"messages must be a list of {{'role', 'content'}} dicts, "
+                        f"got {type(messages).__name__}")
+    if not messages:
+        raise ValueError("messages is empty")
+    out = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, Mapping):
+            raise TypeError(f"messages[{i}] must be a dict with 'role' and 'content', "
+                            f"got {type(message).__name__}")
+        for field in ("role", "content"):
+            if field not in message:
+                raise ValueError(f"messages[{i}] has no {field!r} field (keys: {sorted(message)})")
+        role, content = message["role"], message["content"]
+        if role not in ROLES:
+            raise ValueError(f"messages[{i}]['role'] must be one of {ROLES}, got {role!r}")
+        if not isinstance(content, str):
+            raise TypeError(f"messages[{i}]['content'] must be a str, got {type(content).__name__}")
+        out.append({"role": role, "content": content})
+    return out
+
+
+def _unique(ids: Iterable[int | None]) -> tuple[int, ...]:
+    seen: dict[int, None] = {}
+    for i in ids:
+        if i is not None:
+            seen.setdefault(int(i), None)
+    return tuple(seen)
+
+
+# ----------------------------------------------------------------------------- sentencepiece
+
+
+def _render_jinja(template: str, messages: list[dict[str, str]], add_generation_prompt: bool,
+                  **special_tokens: str) -> str:
+    # Same environment settings as transformers' chat template renderer, so one template string
+    # renders identically through either backend.
+    import jinja2
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = raise_exception
+    return env.from_string(template).render(
+        messages=messages, add_generation_prompt=add_generation_prompt, **special_tokens)
+
+
+class _SentencePieceTokenizer(Tokenizer):
+    """A raw sentencepiece model.
+
+    Its chat template is, in order: the one passed in, the `chat_template` of a
+    tokenizer_config.json next to the file (as train_tokenizer writes), DEFAULT_CHAT_TEMPLATE.
+    """
+
+    def __init__(self, path: str, *, chat_template: str | None = None):
+        self.path = path
+        try:
+            with open(path, "rb") as f:
+                self._sp = spm.SentencePieceProcessor(model_proto=f.read())
+        except (OSError, RuntimeError) as e:
+            raise ValueError(f"{path}: not a readable sentencepiece model ({e})") from e
+        sp = self._sp
+        self.vocab_size = sp.get_piece_size()
+        self.bos_id = sp.bos_id() if sp.bos_id() >= 0 else None
+        self.eos_id = sp.eos_id() if sp.eos_id() >= 0 else None
+        self.pad_id = sp.pad_id() if sp.pad_id() >= 0 else self.eos_id
+        self.eos_ids = _unique([self.eos_id])
+        sibling = _read_json(os.path.join(os.path.dirname(path), "tokenizer_config.json"))
+        stored = sibling.get("chat_template")
+        self.chat_template = (chat_template or (stored if isinstance(stored, str) else None)
+                              or DEFAULT_CHAT_TEMPLATE)
+        # sentencepiece never matches control or unknown pieces in text, while Hugging Face matches
+        # every special token; we split them out ourselves so both backends agree on "<s>" in text.
+        self._special = {sp.id_to_piece(i): i for i in range(self.vocab_size)
+                         if sp.is_control(i) or sp.is_unknown(i)}
+        names = sorted(self._special, key=len, reverse=True)
+        self._special_re = re.compile("|".join(map(re.escape, names))) if names else None
+
+    def _encode(self, text):
+        if self._special_re is None:
+            return self._sp.encode(text)
+        ids, start = [], 0
+        for match in self._special_re.finditer(text):
+            if match.start() > start:
+                ids += self._sp.encode(text[start:match.start()])
+            ids.append(self._special[match.group()])
+            start = match.end()
+        if start < len(text):
+            ids += self._sp.encode(text[start:])
+        return ids
+
+    def _decode(self, ids, skip_special_tokens):
+        special_ids = set(self._special.values())
+        if skip_special_tokens:
+            return self._sp.decode([i for i in ids if i not in special_ids])
+        # sentencepiece drops control pieces when decoding; write them out like Hugging Face does.
+        parts, run = [], []
+        for i in ids:
+            if i in special_ids:
+                parts += [self._sp.decode(run), self._sp.id_to_piece(i)]
+                run = []
+            else:
+                run.append(i)
+        parts.append(self._sp.decode(run))
+        return "".join(parts)
+
+    def _render(self, messages, add_generation_prompt):
+        sp = self._sp
+        return _render_jinja(
+            self.chat_template, messages, add_generation_prompt,
+            bos_token=sp.id_to_piece(self.bos_id) if self.bos_id is not None else "",
+            eos_token=sp.id_to_piece(self.eos_id) if self.eos_id is not None else "")
+
+    def _id_to_piece(self, token_id):
+        return self._sp.id_to_piece(token_id)
+
+    def piece_to_id(self, piece):
+        token_id = self._sp.piece_to_id(piece)
+        if self._sp.id_to_piece(token_id) != piece:
+            raise KeyError(f"{piece!r} is not in the vocabulary of {self.path}")
+        return token_id
+
+
+# ----------------------------------------------------------------------------- Hugging Face
+
+
+def _read_json(path: str) -> dict:
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from e
+
+
+def _as_id_list(value) -> list[int]:
+    if value is None:
+        return []
+    return [int(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
+
+
+class _HFTokenizer(Tokenizer):
+    """A Hugging Face tokenizer directory, through transformers.AutoTokenizer (offline)."""
+
+    def __init__(self, path: str, *, chat_template: str | None = None):
+        self.path = path
+        self._tok = _load_hf(path)
+        tok = self._tok
+        gen_eos = _as_id_list(_read_json(os.path.join(path, "generation_config.json"))
+                              .get("eos_token_id"))
+        self.vocab_size = len(tok)
+        self.bos_id = tok.bos_token_id
+        self.eos_id = tok.eos_token_id if tok.eos_token_id is not None else (
+            gen_eos[0] if gen_eos else None)
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else self.eos_id
+        self.chat_template = chat_template or tok.chat_template
+        if isinstance(self.chat_template, dict):  # named templates: use the default one
+            self.chat_template = self.chat_template.get("default")
+        turn_ends = []
+        if isinstance(self.chat_template, str):
+            vocab = tok.get_vocab()
+            turn_ends = [vocab[t] for t in _END_OF_TURN_TOKENS
+                         if t in self.chat_template and t in vocab]
+        self.eos_ids = _unique([self.eos_id, *gen_eos, *turn_ends])
+        self._vocab = None
+
+    def _encode(self, text):
+        return list(self._tok.encode(text, add_special_tokens=False))
+
+    def _decode(self, ids, skip_special_tokens):
+        return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def _render(self, messages, add_generation_prompt):
+        if not self.chat_template:
+            raise ValueError(f"tokenizer {self.path} has no chat_template in its "
+                             f"tokenizer_config.json; pass load_tokenizer(path, chat_template=...)")
+        try:
+            text = self._tok.apply_chat_template(
+                messages, tokenize=False, chat_template=self.chat_template,
+                add_generation_prompt=add_generation_prompt)
+        except Exception as e:  # jinja errors raised by the template itself, e.g. on a system role
+            raise ValueError(f"chat template of {self.path} rejected the messages: {e}") from e
+        if not isinstance(text, str):
+            raise TypeError(f"chat template of {self.path} returned {type(text).__name__}")
+        return text
+
+    def _id_to_piece(self, token_id):
+        return self._tok.convert_ids_to_tokens(token_id)
+
+    def piece_to_id(self, piece):
+        if self._vocab is None:
+            self._vocab = self._tok.get_vocab()
+        if piece not in self._vocab:
+            raise KeyError(f"{piece!r} is not in the vocabulary of {self.path}")
+        return self._vocab[piece]
+
+
+def _load_hf(path: str):
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    try:
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except Exception as e:
+        # A bare tokenizer.json (no config naming a class) is still a complete fast tokenizer.
+        tokenizer_json = os.path.join(path, "tokenizer.json")
+        if os.path.isfile(tokenizer_json):
+            try:
+                return PreTrainedTokenizerFast(tokenizer_file=tokenizer_json)
+            except Exception:
+                pass
+        raise ValueError(f"could not load a Hugging Face tokenizer from {path}: "
+                         f"{type(e).__name__}: {e}") from e
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load_tokenizer(path: str | os.PathLike, *, chat_template: str | None = None) -> Tokenizer:
+    """Loads a tokenizer from a Hugging Face tokenizer dir or a sentencepiece `.model` file.
+
+    A directory with tokenizer.json or tokenizer_config.json loads through transformers (offline);
+    a directory with only a `.model` file (tokenizer.model preferred), or a `.model` file itself,
+    loads through sentencepiece (chat template: a sibling tokenizer_config.json's, else
+    DEFAULT_CHAT_TEMPLATE).
+
+    Args:
+      path: the directory or file.
+      chat_template: a jinja chat template to use instead of the one stored with the tokenizer.
+    Returns:
+      A Tokenizer.
+    Raises:
+      FileNotFoundError when nothing loadable is there; ValueError when a file is unreadable.
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"tokenizer path {path} does not exist")
+    if os.path.isfile(path):
+        name = os.path.basename(path)
+        if name.endswith(".model"):
+            return _SentencePieceTokenizer(path, chat_template=chat_template)
+        if name in _HF_FILES:
+            return _HFTokenizer(os.path.dirname(path) or ".", chat_template=chat_template)
+        raise ValueError(f"{path}: expected a Hugging Face tokenizer directory or a sentencepiece "
+                         f".model file")
+    if any(os.path.isfile(os.path.join(path, f)) for f in _HF_FILES):
+        return _HFTokenizer(path, chat_template=chat_template)
+    models = sorted(f for f in os.listdir(path) if f.endswith(".model"))
+    if "tokenizer.model" in models:
+        models = ["tokenizer.model"]
+    if len(models) == 1:
+        return _SentencePieceTokenizer(os.path.join(path, models[0]), chat_template=chat_template)
+    if models:
+        raise ValueError(f"{path} holds several sentencepiece models {models}; pass one file")
+    raise FileNotFoundError(f"no tokenizer in {path}: expected tokenizer.json, "
+                            f"tokenizer_config.json or a sentencepiece .model file")
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def _sentences(texts: Iterable[str]) -> list[str]:
+    # sentencepiece skips "sentences" longer than max_sentence_length, so whole documents are fed
+    # line by line; newlines themselves are covered by byte fallback.
+    if isinstance(texts, str):
+        raise TypeError("texts must be an iterable of strings, not one str")
+    lines = []
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise TypeError(f"texts[{i}] must be a str, got {type(text).__name__}")
+        lines += [line for line in text.splitlines() if line.strip()]
+    if not lines:
+        raise ValueError("train_tokenizer got no non-empty text")
+    return lines
+
+
+def _auto_coverage(lines: list[str], room: int) -> float:
+    # The largest character coverage whose kept characters fit in `room` ids; the rarer characters
+    # are then written with byte-fallback pieces, which always exist.
+    counts: dict[str, int] = {}
+    for line in lines:
+        for ch in line.replace(" ", "\u2581"):
+            counts[ch] = counts.get(ch, 0) + 1
+    freqs = sorted(counts.values(), reverse=True)
+    if len(freqs) <= room:
+        return 1.0
+    # sentencepiece accepts no coverage below 0.98.
+    return min(max(sum(freqs[:room]) / sum(freqs), 0.98), 1.0)
+
+
+def _bpe_merges(vocab: dict[str, int], skip: set[str]) -> list[tuple[str, str]]:
+    # A sentencepiece BPE model stores only pieces ranked by score (= id order); the equivalent
+    # merge list holds, for every piece, each split into two vocabulary pieces, ranked by the
+    # merged piece's id and then by the ids of its parts.
+    merges = []
+    for piece, piece_id in vocab.items():
+        if piece in skip:
+            continue
+        for k in range(1, len(piece)):
+            left, right = piece[:k], piece[k:]
+            if left in vocab and right in vocab and left not in skip and right not in skip:
+                merges.append((piece_id, vocab[left], vocab[right], left, right))
+    merges.sort()
+    return [(left, right) for *_, left, right in merges]
+
+
+def _to_hf_tokenizer(sp: spm.SentencePieceProcessor, model_type: str):
+    """Builds a `tokenizers.Tokenizer` that encodes exactly like `sp` (identity normalisation)."""
+    from tokenizers import AddedToken, decoders, models, normalizers, processors
+    from tokenizers import Tokenizer as HFTokenizer
+
+    n = sp.get_piece_size()
+    pieces = [sp.id_to_piece(i) for i in range(n)]
+    special = [i for i in range(n) if sp.is_control(i) or sp.is_unknown(i)]
+    user = [i for i in range(n) if pieces[i] in ROLE_TOKENS]
+    byte = {i for i in range(n) if sp.is_byte(i)}
+    if model_type == "bpe":
+        vocab = {p: i for i, p in enumerate(pieces)}
+        skip = {pieces[i] for i in [*special, *user, *byte]}
+        model = models.BPE(vocab=vocab, merges=_bpe_merges(vocab, skip), unk_token=_UNK,
+                           byte_fallback=True, fuse_unk=True)
+    else:
+        # Byte pieces must only appear through byte fallback, never by matching the literal text
+        # "<0x41>": a very low score keeps Viterbi off them (sentencepiece excludes them by type).
+        # It cannot when the literal contains a character without a piece, since the unknown
+        # score derives from the lowest score; such text may then encode differently.
+        model = models.Unigram([(p, -1e6 if i in byte else sp.get_score(i))
+                                for i, p in enumerate(pieces)], unk_id=UNK_ID, byte_fallback=True)
+    tok = HFTokenizer(model)
+    tok.normalizer = normalizers.Replace(" ", "\u2581")
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(),
+                                     decoders.Fuse()])
+    tok.add_special_tokens([AddedToken(pieces[i], normalized=False, special=True) for i in special])
+    # Role markers are ordinary (non-special) tokens, as in sentencepiece: decoding keeps them.
+    tok.add_tokens([AddedToken(pieces[i], normalized=False, special=False) for i in user])
+    # Plain `tokenizer(text)` in transformers prepends BOS, like Llama; our encode() never does
+    # unless asked.
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{_BOS} $A", pair=f"{_BOS} $A {_BOS} $B", special_tokens=[(_BOS, BOS_ID)])
+    return tok
+
+
+def train_tokenizer(texts: Iterable[str], out_dir: str | os.PathLike, *, vocab_size: int = 512,
+                    model_type: str = "bpe", chat_template: str = DEFAULT_CHAT_TEMPLATE,
+                    split_digits: bool = True,
+                    character_coverage: float | None = None) -> Tokenizer:
+    """Trains a small sentencepiece tokenizer and writes it as a Hugging Face tokenizer dir.
+
+    Ids are fixed: pad 0, unk 1, bos 2, eos 3, then the role markers <|system|>, <|user|>,
+    <|assistant|> (single tokens used by DEFAULT_CHAT_TEMPLATE), then 256 byte-fallback pieces, so
+    any text encodes. The corpus is read line by line, with no normalisation, no extra-whitespace
+    removal and no dummy-prefix space (encode("a b") == pieces "a", "\u2581b").
+
+    out_dir receives tokenizer.model (sentencepiece), tokenizer.json and tokenizer_config.json
+    (with chat_template and the special tokens), which `load_tokenizer(out_dir)` and
+    `transformers.AutoTokenizer.from_pretrained(out_dir)` both load with identical ids.
+
+    Args:
+      texts: an iterable of strings (documents or lines).
+      out_dir: output directory (created if missing).
+      vocab_size: an upper bound, at least 300 (263 ids are fixed) and enough for the kept
+        characters; a small corpus may yield fewer pieces (unigram). Check `.vocab_size`.
+      model_type: "bpe" or "unigram".
+      chat_template: jinja chat template stored with the tokenizer.
+      split_digits: keep numbers as single digits.
+      character_coverage: fraction of character occurrences whose characters get their own
+        piece (the rest use bytes); None picks the most that leaves room for merges.
+    Returns:
+      The Tokenizer loaded back from out_dir (the Hugging Face backend).
+    """
+    if model_type not in ("bpe", "unigram"):
+        raise ValueError(f"model_type must be 'bpe' or 'unigram', got {model_type!r}")
+    out_dir = os.fspath(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    if vocab_size < _MIN_VOCAB:
+        raise ValueError(f"vocab_size={vocab_size} is too small: {_FIXED_IDS} ids are taken by "
+                         f"special tokens, role markers and the 256 byte-fallback pieces; "
+                         f"use at least {_MIN_VOCAB}")
+    lines = _sentences(texts)
+    if character_coverage is None:
+        # Keep about a third of the free ids for merged pieces.
+        character_coverage = _auto_coverage(lines, (vocab_size - _FIXED_IDS) * 2 // 3)
+    proto = io.BytesIO()
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(lines), model_writer=proto, model_type=model_type,
+            vocab_size=vocab_size, byte_fallback=True, character_coverage=character_coverage,
+            pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
+            pad_piece=_PAD, unk_piece=_UNK, bos_piece=_BOS, eos_piece=_EOS,
+            user_defined_symbols=list(ROLE_TOKENS), normalization_rule_name="identity",
+            remove_extra_whitespaces=False, add_dummy_prefix=False, split_digits=split_digits,
+            hard_vocab_limit=False, max_sentence_length=1 << 16, num_threads=1, minloglevel=2)
+    except RuntimeError as e:
+        raise ValueError(f"sentencepiece training failed for vocab_size={vocab_size} "
+                         f"({model_type}): {e}. Byte fallback needs 263 ids plus one per kept "
+                         f"character; raise vocab_size or lower character_coverage.") from e
+    model_path = os.path.join(out_dir, "tokenizer.model")
+    with open(model_path, "wb") as f:
+        f.write(proto.getvalue())
+    sp = spm.SentencePieceProcessor(model_proto=proto.getvalue())
+
+    from transformers import PreTrainedTokenizerFast
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=_to_hf_tokenizer(sp, model_type), bos_token=_BOS, eos_token=_EOS,
+        unk_token=_UNK, pad_token=_PAD, chat_template=chat_template,
+        clean_up_tokenization_spaces=False, model_max_length=1 << 30)
+    # save_jinja_files=False keeps the chat template inside tokenizer_config.json, where older
+    # transformers versions and other tools look for it; the class name is one both transformers
+    # 4.x and 5.x resolve to their tokenizers-backed class.
+    hf.save_pretrained(out_dir, save_jinja_files=False)
+    config_path = os.path.join(out_dir, "tokenizer_config.json")
+    config = _read_json(config_path)
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    with open(config_path, "w") as f:
+        json.dump(config, f, indent=2, ensure_ascii=False)
+    return load_tokenizer(out_dir)
