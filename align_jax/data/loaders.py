@@ -1,0 +1,285 @@
+"""grain loaders: deterministic, resumable, sharded streams of fixed-shape batches.
+
+Records are loaded, validated and tokenised up front (so bad input and the truncation report
+surface before the first step, never in the middle of a run); grain then orders the examples,
+shuffled by `seed` and reshuffled each epoch. Batches consume a contiguous run of that order (an
+example that does not fit the current batch opens the next one), so the whole loader state is
+grain's index into the order and a resumed loader yields exactly the batches of the
+uninterrupted one.
+
+Multi-host: every process walks the same global order and builds the same global batch, then
+keeps its own rows. So each process runs the same number of steps, and the global batch is the
+one a single process would build, whatever the process count.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+import grain
+import numpy as np
+
+from align_jax.data import batching
+from align_jax.data.formatting import (
+    KINDS,
+    SCHEMA_OF_KIND,
+    TruncationReport,
+    format_records,
+)
+from align_jax.data.sources import LoadReport, Skipped, load_records
+
+_LOG = logging.getLogger(__name__)
+_PAIR_KINDS_WITHOUT_ROW_MASK = ("preference", "kto", "sami")
+
+
+class _BatchIterator(grain.DatasetIterator):
+    """Groups the parent's examples into batches; `start()` opens a batch and returns its `add`,
+    which takes the next example or answers False when it belongs to the next batch."""
+
+    def __init__(self, parent, *, start, build, batch_size, drop_remainder):
+        super().__init__(parent)
+        self._start, self._build = start, build
+        self._batch_size, self._drop_remainder = batch_size, drop_remainder
+        # An example read but left for the next batch, with the parent state from before reading it.
+        self._pending = None
+
+    def __next__(self):
+        items, add = [], self._start()
+        while True:
+            if self._pending is not None:
+                item, state = self._pending
+                self._pending = None
+            else:
+                state = self._parent.get_state()
+                try:
+                    item = next(self._parent)
+                except StopIteration:
+                    break
+            if not add(item):
+                self._pending = (item, state)
+                break
+            items.append(item)
+        if not items or (self._drop_remainder and len(items) < self._batch_size):
+            raise StopIteration
+        return self._build(items)
+
+    def get_state(self):
+        if self._pending is not None:
+            return {"parent": self._pending[1]}
+        return {"parent": self._parent.get_state()}
+
+    def set_state(self, state):
+        self._parent.set_state(state["parent"])
+        self._pending = None
+
+
+class _BatchIterDataset(grain.IterDataset):
+
+    def __init__(self, parent, **kwargs):
+        super().__init__(parent)
+        self._kwargs = kwargs
+
+    def __iter__(self):
+        return _BatchIterator(self._parent.__iter__(), **self._kwargs)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class _Grouping:
+    start: Callable[[], Callable[[Any], bool]]
+    build: Callable[[list], dict[str, np.ndarray]]
+    drop_remainder: bool
+
+
+def _padded(build, batch_size, drop_remainder):
+    def start():
+        count = 0
+
+        def add(_):
+            nonlocal count
+            count += 1
+            return count <= batch_size
+
+        return add
+
+    return _Grouping(start=start, build=build, drop_remainder=drop_remainder)
+
+
+def _packed(length, build, batch_size, seq_len, max_items=None):
+    def start():
+        # The builder repeats this same deterministic first-fit over the batch's items.
+        packer = batching.FirstFitPacker(num_rows=batch_size, seq_len=seq_len,
+                                         max_items_per_row=max_items)
+        return lambda item: packer.add(length(item)) is not None
+
+    return _Grouping(start=start, build=build, drop_remainder=False)
+
+
+def _grouping(kind, *, pack, batch_size, seq_len, pad_id, max_pairs, drop_remainder):
+    kw = {"batch_size": batch_size, "seq_len": seq_len, "pad_id": pad_id}
+    if kind in ("lm", "sft"):
+        if pack:
+            return _packed(lambda ex: len(ex.prompt) + len(ex.completions[0]),
+                           lambda xs: batching.pack_batch(
+                               [batching.sequence(x.prompt, x.completions[0]) for x in xs], **kw),
+                           batch_size, seq_len)
+        return _padded(lambda xs: batching.pad_batch(
+            [batching.sequence(x.prompt, x.completions[0]) for x in xs], **kw),
+                       batch_size, drop_remainder)
+    if kind == "preference":
+        if pack:
+            return _packed(batching.pair_length,
+                           lambda xs: batching.pack_pair_batch(xs, max_pairs=max_pairs, **kw),
+                           batch_size, seq_len, max_items=max_pairs)
+        return _padded(lambda xs: batching.pad_pair_batch(xs, **kw), batch_size, drop_remainder)
+    if pack:
+        raise ValueError(f"kind={kind!r} is padded only (pack=False)")
+    build = batching.kto_batch if kind == "kto" else batching.sami_batch
+    return _padded(lambda xs: build(xs, **kw), batch_size, drop_remainder)
+
+
+def _shard_info(shard):
+    if shard is not None:
+        return shard
+    import jax  # pylint: disable=g-import-not-at-top
+    return jax.process_index(), jax.process_count()
+
+
+def _close(holder):
+    iterator = holder.pop() if holder else None
+    if hasattr(iterator, "close"):
+        iterator.close()
+
+
+class Loader:
+    """An iterator of numpy batches with `get_state` / `set_state` for checkpoints.
+
+    Attributes:
+      load_report: records read and skipped (with file and line).
+      truncation_report: examples cut or dropped by the truncation policy (with file and line).
+      num_examples: examples per epoch (after truncation drops).
+      max_pairs: M of packed preference batches (None otherwise).
+    """
+
+    def __init__(self, dataset, *, load_report, truncation_report, num_examples, max_pairs):
+        self._dataset = dataset
+        # A prefetch thread still running at interpreter exit aborts the process, so the
+        # iterator is closed and released at exit (or by close()), while modules are still alive.
+        self._holder = [iter(dataset)]
+        self._finalizer = weakref.finalize(self, _close, self._holder)
+        self.load_report: LoadReport = load_report
+        self.truncation_report: TruncationReport = truncation_report
+        self.num_examples = num_examples
+        self.max_pairs = max_pairs
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        return next(self._iterator)
+
+    @property
+    def _iterator(self):
+        if not self._holder:
+            raise ValueError("the loader is closed")
+        return self._holder[0]
+
+    def get_state(self) -> dict:
+        """The position in the stream: a small JSON-serialisable dict to checkpoint."""
+        return self._iterator.get_state()
+
+    def set_state(self, state: dict) -> None:
+        """Continues from a get_state() of a loader built with the same arguments."""
+        self._iterator.set_state(state)
+
+    def close(self) -> None:
+        """Stops the prefetch thread, if any (also done at exit)."""
+        self._finalizer()
+
+    def summary(self) -> str:
+        return f"{self.load_report.summary()}\n{self.truncation_report.summary()}"
+
+
+def make_loader(records_or_spec: Any, *, kind: str, tokenizer, seq_len: int, batch_size: int,
+                pack: bool = False, truncation: str = "truncate_prompt_left", seed: int = 0,
+                num_epochs: int | None = 1, shuffle: bool = True, on_error: str = "raise",
+                max_pairs: int | None = None, chat_template: bool = True,
+                drop_remainder: bool = True, shard: tuple[int, int] | None = None,
+                split: str | None = None, data_dir: str | None = None,
+                prefetch: int = 0) -> Loader:
+    """Builds a deterministic, resumable loader of Batches-contract numpy batches.
+
+    Args:
+      records_or_spec: anything `sources.load_records` takes (path, "hf:...", "tfds:...", a
+        datasets.Dataset, a list of dicts or Records).
+      kind: "lm" (raw `text`), "sft", "preference", "kto" or "sami".
+      tokenizer: a Tokenizer (align_jax.tokenizer contract).
+      seq_len: T.
+      batch_size: the global batch size; each of the process_count processes yields
+        batch_size // process_count rows (its part of the global batch).
+      pack: pack several sequences (lm, sft) or pairs (preference) per row.
+      truncation: what to do with an example longer than seq_len (see formatting.truncate):
+        "truncate_prompt_left", "truncate_completion", "drop" (skip it; counted and named in
+        truncation_report) or "error" (stop, naming file and line).
+      seed: shuffle seed; the same seed gives the same order.
+      num_epochs: passes over the data; None repeats forever.
+      shuffle: shuffle (reshuffled every epoch).
+      on_error: "raise" stops on a bad record naming file and line; "skip" skips and reports it.
+      max_pairs: M for packed preference (default: as many of the shortest pair as fit a row).
+      chat_template: False renders prompts as plain text (base models).
+      drop_remainder: drop a last, incomplete padded batch. Preference, KTO and SAMI batches have
+        no row mask, so they require it.
+      shard: (process_index, process_count); default jax's.
+      split, data_dir: for hf / tfds specs.
+      prefetch: batches built ahead on a background thread (0 = none); resuming stays exact.
+    Returns:
+      A Loader.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if not drop_remainder and not pack and kind in _PAIR_KINDS_WITHOUT_ROW_MASK:
+        raise ValueError(f"kind={kind!r} padded batches need drop_remainder=True (no row mask)")
+    index, count = _shard_info(shard)
+    if batch_size % count:
+        raise ValueError(f"batch_size {batch_size} is not divisible by {count} processes")
+    rows = slice(index * (batch_size // count), (index + 1) * (batch_size // count))
+
+    records, load_report = load_records(records_or_spec, schema=SCHEMA_OF_KIND[kind],
+                                        on_error=on_error, split=split, data_dir=data_dir)
+    examples, trunc_report, skipped = format_records(
+        records, kind=kind, tokenizer=tokenizer, seq_len=seq_len, truncation=truncation,
+        packed=pack, chat_template=chat_template, on_error=on_error)
+    load_report.skipped += [Skipped(where=w, reason=r) for w, r in skipped]
+    if not examples:
+        raise ValueError(f"no examples left to train on:\n{load_report.summary()}\n"
+                         f"{trunc_report.summary()}")
+    if pack and kind == "preference" and max_pairs is None:
+        max_pairs = max(1, seq_len // min(batching.pair_length(ex) for ex in examples))
+    if load_report.skipped or trunc_report.cut or trunc_report.dropped:
+        _LOG.warning("data: %s\n%s", load_report.summary(), trunc_report.summary())
+
+    ds = grain.MapDataset.source(examples)
+    if shuffle:
+        ds = ds.shuffle(seed=seed)
+    ds = ds.repeat(num_epochs)
+    # In-memory examples: no read threads, so the order never depends on scheduling.
+    it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
+    grouping = _grouping(kind, pack=pack, batch_size=batch_size, seq_len=seq_len,
+                         pad_id=tokenizer.pad_id if tokenizer.pad_id is not None else 0,
+                         max_pairs=max_pairs, drop_remainder=drop_remainder)
+
+    def build(items):
+        return {k: v[rows] for k, v in grouping.build(items).items()}
+
+    dataset = _BatchIterDataset(it_ds, start=grouping.start, build=build,
+                                batch_size=batch_size, drop_remainder=grouping.drop_remainder)
+    if prefetch:
+        dataset = grain.experimental.ThreadPrefetchIterDataset(dataset,
+                                                               prefetch_buffer_size=prefetch)
+    return Loader(dataset, load_report=load_report, truncation_report=trunc_report,
+                  num_examples=len(examples),
+                  max_pairs=max_pairs if pack and kind == "preference" else None)
+
