@@ -1,0 +1,275 @@
+"""Aligner and inspector data: red-teaming questions, then flawed/critiqued/aligned answers.
+
+Inputs come from topic-guided red-teaming self-instruct: seed (question type, topic,
+question) triples; the teacher brainstorms new topics per type over several rounds
+(de-duplicated against everything known), then writes questions from (type, topic) hints
+with the seeds and earlier questions as examples. For each question and criterion
+(ethical, factuality, helpful) a prompt of principles and worked examples makes the
+teacher write a first response y, a critique and an aligned response y'. Cleaning drops
+leaked template markers, non-text, and rewrites that leave y (nearly) unchanged, which
+would give an inspector the same text with both labels.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import os
+from collections.abc import Mapping, Sequence
+
+from align_jax.sdg import parsing
+from align_jax.sdg.store import UnitResult, dedup_records, derive_seed
+from align_jax.sdg.teacher import Teacher, ask
+from align_jax.sdg.templates import TEMPLATE_DIR, Template, resolve_templates
+
+CRITERIA = ("ethical", "factuality", "helpful")
+TEMPLATES = {"aligner_topics": "aligner_topics", "aligner_questions": "aligner_questions",
+             **{f"aligner_{c}": f"aligner_{c}" for c in CRITERIA}}
+SEED_QUESTIONS = os.path.join(TEMPLATE_DIR, "aligner_seed_questions.jsonl")
+SECTIONS = ("First response", "Critique", "Aligned response")
+_MARKERS = ("Question:", "First response:", "Critique:", "Aligned response:", "{input}",
+            "## Principles", "## Examples")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class AlignerDataConfig:
+    """Settings of the aligner data generation."""
+    rounds: int = 2
+    topics_per_round: int = 10
+    max_topic_words: int = 4
+    questions_per_call: int = 20
+    # Examples shown when writing questions: all seeds, then the latest generated ones.
+    max_examples: int = 30
+    temperature: float = 0.8
+    top_p: float = 0.95
+    topic_max_tokens: int = 300
+    question_max_tokens: int = 1200
+    response_max_tokens: int = 1024
+    # y' this similar to y (difflib ratio) counts as "no change" and is dropped.
+    max_rewrite_similarity: float = 0.9
+    near_duplicate_questions: float = 0.8
+    use_chat: bool = False
+
+
+def question_id(question: str) -> str:
+    """Stable id of a question (groups its aligner/inspector records in one split)."""
+    return hashlib.sha256(" ".join(question.lower().split()).encode()).hexdigest()[:16]
+
+
+def load_seed_questions(path: str | os.PathLike | None = None) -> list[dict]:
+    """Seed triples {question_type, topic, question} from a JSONL file.
+
+    Args:
+      path: the file; the shipped 20 seeds when None.
+    Returns:
+      The seeds in file order.
+    Raises:
+      ValueError naming the file, line and field for malformed lines.
+    """
+    path = os.fspath(path or SEED_QUESTIONS)
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                d = json.loads(line)
+            except ValueError as e:
+                raise ValueError(f"{path}:{lineno}: invalid JSON ({e})") from e
+            for field in ("question_type", "topic", "question"):
+                if not isinstance(d.get(field), str) or not d[field].strip():
+                    raise ValueError(f"{path}:{lineno}: field {field!r} must be a non-empty string")
+            out.append({k: d[k].strip() for k in ("question_type", "topic", "question")})
+    if not out:
+        raise ValueError(f"{path}: no seed questions")
+    return out
+
+
+def _norm(text: str) -> str:
+    return " ".join(text.lower().strip(" .;:").split())
+
+
+def brainstorm_topics(teacher: Teacher, seeds: Sequence[dict], *, seed: int,
+                      config: AlignerDataConfig = AlignerDataConfig(),
+                      templates: Mapping[str, str | Template] | None = None
+                      ) -> tuple[dict[str, list[str]], list[dict]]:
+    """New topics per question type over `config.rounds` rounds, de-duplicated.
+
+    Args:
+      teacher: any Teacher.
+      seeds: seed triples (their topics are the starting examples).
+      seed: sampling seed.
+      config: settings.
+      templates: override for "aligner_topics".
+    Returns:
+      (question type -> new topics in order of discovery, rejects).
+    """
+    tpl = resolve_templates({"aligner_topics": TEMPLATES["aligner_topics"]},
+                            {k: v for k, v in (templates or {}).items() if k == "aligner_topics"}
+                            )["aligner_topics"].require(["question_type"])
+    types = list(dict.fromkeys(s["question_type"] for s in seeds))
+    known = {t: [s["topic"] for s in seeds if s["question_type"] == t] for t in types}
+    seen = {t: {_norm(x) for x in known[t]} for t in types}
+    new: dict[str, list[str]] = {t: [] for t in types}
+    rejects = []
+    for r in range(config.rounds):
+        prompts = [tpl.render(question_type=t, n=config.topics_per_round,
+                              examples="\n".join(known[t])) for t in types]
+        outs = ask(teacher, prompts, use_chat=config.use_chat, temperature=config.temperature,
+                   top_p=config.top_p, max_tokens=config.topic_max_tokens,
+                   seed=derive_seed(seed, f"topics/{r}"))
+        for t, out in zip(types, outs):
+            items = parsing.parse_list_items(out)
+            if not items:
+                rejects.append({"reason": "no_items", "text": out[:200], "step": "topics"})
+            for topic in items[:config.topics_per_round]:
+                topic = topic.strip().rstrip(".")
+                problem = parsing.text_problem(topic, markers=("{", "}"))
+                if problem is None and len(topic.split()) > config.max_topic_words:
+                    problem = "topic_too_long"
+                if problem is None and _norm(topic) in seen[t]:
+                    problem = "duplicate_topic"
+                if problem:
+                    rejects.append({"reason": problem, "text": topic[:200], "step": "topics"})
+                    continue
+                seen[t].add(_norm(topic))
+                known[t].append(topic)
+                new[t].append(topic)
+    return new, rejects
+
+
+def write_questions(teacher: Teacher, seeds: Sequence[dict], topics: Mapping[str, Sequence[str]],
+                    *, seed: int, concurrency: int = 8,
+                    config: AlignerDataConfig = AlignerDataConfig(),
+                    templates: Mapping[str, str | Template] | None = None
+                    ) -> tuple[list[dict], list[dict]]:
+    """Questions from (type, topic) hints, de-duplicated (exact and near).
+
+    Calls go out in waves of `concurrency` prompts; each wave's examples are the seeds
+    plus the latest questions of earlier waves, as in self-instruct.
+
+    Args:
+      teacher: any Teacher.
+      seeds: seed triples (always among the examples; never returned).
+      topics: question type -> topics to write questions about.
+      seed: sampling seed.
+      concurrency: prompts per teacher call.
+      config: settings.
+      templates: override for "aligner_questions".
+    Returns:
+      (questions as {question_type, topic, question, question_id}, rejects).
+    """
+    tpl = resolve_templates({"aligner_questions": TEMPLATES["aligner_questions"]},
+                            {k: v for k, v in (templates or {}).items()
+                             if k == "aligner_questions"})["aligner_questions"]
+    tpl.require(["hints"])
+    hints = [(t, topic) for t, ts in topics.items() for topic in ts]
+    calls = [hints[i:i + config.questions_per_call]
+             for i in range(0, len(hints), config.questions_per_call)]
+    generated: list[dict] = []
+    rejects: list[dict] = []
+    for w in range(0, len(calls), max(1, concurrency)):
+        wave = calls[w:w + max(1, concurrency)]
+        keep = max(0, config.max_examples - len(seeds))
+        recent = generated[-keep:] if keep else []
+        examples = "\n".join(json.dumps({k: e[k] for k in ("question_type", "topic", "question")},
+                                        ensure_ascii=False) for e in list(seeds) + recent)
+        prompts = [tpl.render(n=len(call), examples=examples,
+                              hints="\n".join(f"{t} | {topic}" for t, topic in call))
+                   for call in wave]
+        outs = ask(teacher, prompts, use_chat=config.use_chat, temperature=config.temperature,
+                   top_p=config.top_p, max_tokens=config.question_max_tokens,
+                   seed=derive_seed(seed, f"questions/{w}"))
+        for call, out in zip(wave, outs):
+            items, bad = parsing.parse_json_records(
+                out, required=("question",), optional=("question_type", "topic"),
+                list_key="question")
+            rejects.extend({**r, "step": "questions"} for r in bad)
+            for n, item in enumerate(items[:len(call)]):
+                problem = parsing.text_problem(item["question"], markers=("{", "Hints:"))
+                if problem:
+                    rejects.append({"reason": problem, "text": item["question"][:200],
+                                    "step": "questions"})
+                    continue
+                # Hints are numbered in order, so a missing type/topic falls back to it.
+                q_type, topic = call[n]
+                generated.append({"question_type": item.get("question_type", q_type),
+                                  "topic": item.get("topic", topic),
+                                  "question": item["question"],
+                                  "question_id": question_id(item["question"])})
+    seed_rows = [{"question": s["question"]} for s in seeds]
+    kept, removed = dedup_records(seed_rows + generated, ("question",),
+                                  near_threshold=config.near_duplicate_questions)
+    rejects.extend({"reason": r["reason"], "text": r["question"][:200], "step": "questions"}
+                   for r in removed)
+    return [q for q in kept if "question_id" in q], rejects
+
+
+def clean_triple(x: str, y: str, critique: str, y_aligned: str, *,
+                 max_similarity: float = 0.9) -> str | None:
+    """Why an (x, y, critique, y') example is unusable, or None.
+
+    Returns:
+      A text_problem reason for any field ("leaked_marker", "non_text", ...),
+      "identity_rewrite" when y' equals y up to case/space, "near_identical_rewrite"
+      when their difflib ratio is >= max_similarity.
+    """
+    for value in (x, y, critique, y_aligned):
+        problem = parsing.text_problem(value, markers=_MARKERS)
+        if problem:
+            return problem
+    a, b = _norm(y), _norm(y_aligned)
+    if a == b:
+        return "identity_rewrite"
+    if difflib.SequenceMatcher(None, a, b, autojunk=False).ratio() >= max_similarity:
+        return "near_identical_rewrite"
+    return None
+
+
+def generate_aligner(teacher: Teacher, questions: Sequence[dict], *, criterion: str, seed: int,
+                     config: AlignerDataConfig = AlignerDataConfig(),
+                     templates: Mapping[str, str | Template] | None = None
+                     ) -> list[UnitResult]:
+    """Aligner and inspector records for a batch of questions under one criterion.
+
+    Args:
+      teacher: any Teacher.
+      questions: {question, question_id, ...} each; one unit per question.
+      criterion: one of CRITERIA, or any name with a template "aligner_<name>" given in
+        `templates`.
+      seed: the batch seed.
+      config: settings.
+      templates: override for "aligner_<criterion>".
+    Returns:
+      One UnitResult per question with kinds "aligner" ({input, initial_response,
+      critique, aligned_response, criterion, question_id}) and "inspector" ({input,
+      response, label, criterion, question_id}: label 0 for y, 1 for y').
+    """
+    role = f"aligner_{criterion}"
+    overrides = {k: v for k, v in (templates or {}).items() if k == role}
+    if role not in TEMPLATES and role not in overrides:
+        raise ValueError(f"unknown criterion {criterion!r}: give a template for {role!r}")
+    tpl = resolve_templates({role: TEMPLATES.get(role, role)}, overrides)[role].require(["input"])
+    results = [UnitResult(unit=f"aligner/{criterion}/{q['question_id']}") for q in questions]
+    outs = ask(teacher, [tpl.render(input=q["question"]) for q in questions],
+               use_chat=config.use_chat, temperature=config.temperature, top_p=config.top_p,
+               max_tokens=config.response_max_tokens, seed=derive_seed(seed, role))
+    for res, q, out in zip(results, questions, outs):
+        sections, why = parsing.parse_sections(out, SECTIONS, stop_labels=("Question",))
+        if sections is None:
+            res.reject(why, out, criterion=criterion)
+            continue
+        y, critique, y2 = (sections[s] for s in SECTIONS)
+        problem = clean_triple(q["question"], y, critique, y2,
+                               max_similarity=config.max_rewrite_similarity)
+        if problem:
+            res.reject(problem, out, criterion=criterion)
+            continue
+        common = {"criterion": criterion, "question_id": q["question_id"]}
+        res.add("aligner", {"input": q["question"], "initial_response": y, "critique": critique,
+                            "aligned_response": y2, **common})
+        res.add("inspector", {"input": q["question"], "response": y, "label": 0, **common})
+        res.add("inspector", {"input": q["question"], "response": y2, "label": 1, **common})
+    return results

@@ -1,0 +1,306 @@
+"""SDG entry points: documents -> D_sft / D_pref, red-teaming -> aligner data, principles ->
+constitutions. These are the functions `align-jax sdg` and gin call.
+
+Resumability: work is cut into units (chunk x stage, or question x criterion) grouped into
+fixed batches in a fixed order (`concurrency` units a batch). Each batch's teacher calls
+use a seed derived from the global seed and the batch's unit ids, so re-running a batch
+after a crash sends the very same prompts with the very same seed and gets the same
+completions; only units missing from the manifest are then committed. Settings that change
+what is generated are stored on the first run and must match on resume.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Mapping, Sequence
+
+import tqdm
+
+from align_jax.data import documents as documents_lib
+from align_jax.sdg import aligner_data, instruct, preference
+from align_jax.sdg import principles as principles_lib
+from align_jax.sdg.store import RunStore, UnitResult, derive_seed, finalize, write_jsonl
+from align_jax.sdg.teacher import Teacher
+from align_jax.sdg.templates import Template, resolve_templates
+
+STAGES = ("instruct", "preference")
+_SETTINGS = "settings.json"
+# Room for a generated question inside the answer prompt, beyond the template itself.
+_QUESTION_RESERVE = 128
+
+
+class _CountEncoder:
+    """Adapts a teacher's count_tokens to the encode() the chunker wants."""
+
+    def __init__(self, teacher: Teacher):
+        self._teacher = teacher
+
+    def encode(self, text: str) -> list[int]:
+        return [0] * self._teacher.count_tokens(text)
+
+
+def _check_settings(store: RunStore, settings: dict) -> None:
+    path = os.path.join(store.raw_dir, _SETTINGS)
+    settings = json.loads(json.dumps(settings))
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            old = json.load(f)
+        diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+        if diff:
+            raise ValueError(
+                f"{store.out_dir}: resuming with different settings {diff} "
+                f"(was {[old.get(k) for k in diff]}, now {[settings.get(k) for k in diff]}); "
+                f"use a new out_dir or the original settings")
+    else:
+        tmp = path + ".new"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(settings, f, indent=2, sort_keys=True)
+        os.replace(tmp, path)
+
+
+def _template_fingerprint(templates: Mapping[str, Template]) -> dict:
+    return {k: hashlib.sha256(t.body.encode()).hexdigest()[:12]
+            for k, t in sorted(templates.items())}
+
+
+def _run_batches(store: RunStore, items: Sequence, unit_of: Callable, run_batch: Callable, *,
+                 seed: int, batch_size: int, desc: str, progress: bool) -> None:
+    units = [unit_of(x) for x in items]
+    done = sum(store.is_done(u) for u in units)
+    bar = tqdm.tqdm(total=len(units), initial=done, desc=desc, disable=not progress,
+                    unit="unit", dynamic_ncols=True)
+    try:
+        for b in range(0, len(items), batch_size):
+            batch, batch_units = items[b:b + batch_size], units[b:b + batch_size]
+            if all(store.is_done(u) for u in batch_units):
+                continue
+            results: list[UnitResult] = run_batch(
+                batch, derive_seed(seed, "|".join(batch_units)))
+            for u, res in zip(batch_units, results):
+                if res.unit != u:
+                    raise RuntimeError(f"stage returned unit {res.unit!r} for {u!r}")
+                if not store.is_done(u):
+                    store.commit(u, res.records, res.rejects)
+                    bar.update(1)
+    finally:
+        bar.close()
+
+
+def plan_chunks(document_paths: Sequence[str | os.PathLike], *, teacher: Teacher,
+                tokenizer=None, chunk_tokens: int, overlap: int,
+                templates: Mapping[str, Template], reserve: Mapping[str, int]
+                ) -> list[documents_lib.Chunk]:
+    """Load and chunk documents so every chunk-level prompt fits the teacher.
+
+    Args:
+      document_paths: files or folders.
+      teacher: its context_length and count_tokens bound the chunks.
+      tokenizer: encodes text for chunking; the teacher's own count when None.
+      chunk_tokens, overlap: chunk size and overlap in tokens.
+      templates: role -> Template of every prompt that embeds a whole chunk.
+      reserve: role -> generation budget (+ room for other inserted text) of that prompt.
+    Returns:
+      Unique chunks in document order.
+    Raises:
+      ValueError if some chunk + template + budget would exceed the teacher's context.
+    """
+    encoder = tokenizer if tokenizer is not None else _CountEncoder(teacher)
+    empty = {"passage": "", "question": "", "nex": 5, "keyword": ""}
+    reserved = max(teacher.count_tokens(t.render(**empty)) + reserve[role]
+                   for role, t in templates.items())
+    # Slack for tokenizer merges at the passage boundary and for nex/keyword text.
+    reserved += 16
+    docs = documents_lib.load_documents(document_paths)
+    chunks = documents_lib.chunk_documents(
+        docs, encoder, chunk_tokens=chunk_tokens, overlap=overlap,
+        context_length=teacher.context_length, reserved_tokens=reserved)
+    for chunk in chunks:
+        for role, t in templates.items():
+            n = teacher.count_tokens(t.render(**{**empty, "passage": chunk.text})) + reserve[role]
+            if n > teacher.context_length:
+                raise ValueError(
+                    f"chunk {chunk.id} of {chunk.source} (chars {chunk.start}-{chunk.end}) "
+                    f"with template {t.path} needs {n} tokens > teacher context "
+                    f"{teacher.context_length}; the chunking tokenizer disagrees with the "
+                    f"teacher's, pass tokenizer=None or a smaller chunk_tokens")
+    return chunks
+
+
+def run_document_sdg(document_paths: Sequence[str | os.PathLike], out_dir: str | os.PathLike, *,
+                     teacher: Teacher, tokenizer=None, nex: int = 5, keyword: str = "policies",
+                     templates: Mapping[str, str | os.PathLike | Template] | None = None,
+                     chunk_tokens: int = 512, overlap: int = 64, seed: int = 0,
+                     stages: Sequence[str] = STAGES, concurrency: int = 8,
+                     instruct_config: instruct.InstructConfig | None = None,
+                     preference_config: preference.PreferenceConfig | None = None,
+                     split_fractions: Sequence[float] = (0.9, 0.05, 0.05),
+                     near_duplicate_threshold: float | None = 0.8,
+                     progress: bool = True, verbose: bool = True) -> dict:
+    """Generate D_sft ("instruct") and D_pref ("preference") from value documents.
+
+    Args:
+      document_paths: .txt/.md/.html/.pdf files or folders of them.
+      out_dir: run folder (see align_jax.sdg.store); an existing one is resumed.
+      teacher: any Teacher.
+      tokenizer: encode(text) -> ids used for chunking and length stats; the teacher's
+        own count_tokens when None.
+      nex: questions per chunk and call (overrides the configs' nex).
+      keyword: what the document holds, e.g. "policies" or "rights".
+      templates: overrides by role: instruct_questions, instruct_answer, values_filter,
+        preference_pairs (a name, a path or a Template).
+      chunk_tokens, overlap: chunking in tokens.
+      seed: global seed; unit/batch seeds derive from it.
+      stages: any of "instruct", "preference".
+      concurrency: chunks per teacher call.
+      instruct_config, preference_config: sampling settings.
+      split_fractions: train/validation/test shares, by chunk.
+      near_duplicate_threshold: word-bigram Jaccard for near-duplicate removal.
+      progress: show a tqdm bar.
+      verbose: print the summary.
+    Returns:
+      The summary (also <out_dir>/summary.json).
+    """
+    unknown = sorted(set(stages) - set(STAGES))
+    if unknown or not stages:
+        raise ValueError(f"stages must be a non-empty subset of {STAGES}, got {list(stages)}")
+    if concurrency < 1 or nex < 1:
+        raise ValueError(f"concurrency and nex must be >= 1, got {concurrency}, {nex}")
+    i_cfg = instruct.InstructConfig(**{**vars(instruct_config or instruct.InstructConfig()),
+                                       "nex": nex, "keyword": keyword})
+    p_cfg = preference.PreferenceConfig(**{
+        **vars(preference_config or preference.PreferenceConfig()),
+                                           "nex": nex, "keyword": keyword})
+    all_roles = {**instruct.TEMPLATES, **preference.TEMPLATES}
+    tpls = resolve_templates(all_roles, templates, strict=True)
+    chunk_roles = {"instruct_questions": i_cfg.question_max_tokens,
+                   "instruct_answer": i_cfg.answer_max_tokens + _QUESTION_RESERVE,
+                   "values_filter": p_cfg.filter_max_tokens,
+                   "preference_pairs": p_cfg.pair_max_tokens}
+    used = {r for s in stages
+            for r in (instruct.TEMPLATES if s == "instruct" else preference.TEMPLATES)}
+    chunks = plan_chunks(document_paths, teacher=teacher, tokenizer=tokenizer,
+                         chunk_tokens=chunk_tokens, overlap=overlap,
+                         templates={r: tpls[r] for r in used},
+                         reserve={r: chunk_roles[r] for r in used})
+    store = RunStore(out_dir)
+    settings = {"kind": "documents", "sources": sorted({c.source for c in chunks}),
+                "chunk_ids": [c.id for c in chunks], "seed": seed, "concurrency": concurrency,
+                "stages": list(stages), "instruct": vars(i_cfg), "preference": vars(p_cfg),
+                "templates": _template_fingerprint({r: tpls[r] for r in used})}
+    _check_settings(store, settings)
+    for stage in stages:
+        if stage == "instruct":
+            def run_batch(batch, batch_seed):
+                return instruct.generate_instruct(teacher, batch, seed=batch_seed, config=i_cfg,
+                                                  templates=tpls)
+            unit_of = instruct.unit_id
+        else:
+            def run_batch(batch, batch_seed):
+                return preference.generate_preference(teacher, batch, seed=batch_seed,
+                                                      config=p_cfg, templates=tpls)
+            unit_of = preference.unit_id
+        _run_batches(store, chunks, unit_of, run_batch, seed=seed, batch_size=concurrency,
+                     desc=f"sdg {stage}", progress=progress)
+    count = (lambda s: len(tokenizer.encode(s))) if tokenizer is not None else teacher.count_tokens
+    return finalize(store, kinds=("sft", "preference"), split_fractions=split_fractions,
+                    near_threshold=near_duplicate_threshold, count_tokens=count,
+                    extra={"num_chunks": len(chunks),
+                           "num_documents": len(settings["sources"])},
+                    verbose=verbose)
+
+
+def run_aligner_sdg(out_dir: str | os.PathLike, *, teacher: Teacher, seed: int = 0,
+                    criteria: Sequence[str] = aligner_data.CRITERIA,
+                    seed_questions: str | os.PathLike | None = None,
+                    config: aligner_data.AlignerDataConfig | None = None,
+                    templates: Mapping[str, str | os.PathLike | Template] | None = None,
+                    concurrency: int = 8, max_questions: int | None = None,
+                    split_fractions: Sequence[float] = (0.9, 0.05, 0.05),
+                    near_duplicate_threshold: float | None = 0.8,
+                    progress: bool = True, verbose: bool = True) -> dict:
+    """Generate aligner triples and inspector examples per criterion.
+
+    Args:
+      out_dir: run folder; an existing one is resumed.
+      teacher: any Teacher.
+      seed: global seed.
+      criteria: alignment criteria; each needs a template "aligner_<criterion>".
+      seed_questions: JSONL of {question_type, topic, question}; the shipped seeds if None.
+      config: settings (rounds, topics per round, sampling, cleaning thresholds).
+      templates: overrides by role: aligner_topics, aligner_questions, aligner_<criterion>.
+      concurrency: prompts per teacher call.
+      max_questions: cap on generated questions (None: all).
+      split_fractions, near_duplicate_threshold, progress, verbose: as run_document_sdg.
+    Returns:
+      The summary (also <out_dir>/summary.json); kinds "questions", "aligner", "inspector".
+    """
+    cfg = config or aligner_data.AlignerDataConfig()
+    seeds = aligner_data.load_seed_questions(seed_questions)
+    store = RunStore(out_dir)
+    roles = {"aligner_topics", "aligner_questions", *(f"aligner_{c}" for c in criteria)}
+    defaults = {r: aligner_data.TEMPLATES.get(r, r) for r in roles}
+    tpls = resolve_templates(defaults, templates, strict=True)
+    _check_settings(store, {"kind": "aligner", "seed": seed, "criteria": list(criteria),
+                            "seeds": seeds, "config": vars(cfg), "concurrency": concurrency,
+                            "max_questions": max_questions,
+                            "templates": _template_fingerprint(tpls)})
+    unit = "inputs/all"
+    if not store.is_done(unit):
+        topics, rejects = aligner_data.brainstorm_topics(
+            teacher, seeds, seed=derive_seed(seed, "topics"), config=cfg, templates=tpls)
+        questions, q_rejects = aligner_data.write_questions(
+            teacher, seeds, topics, seed=derive_seed(seed, "questions"), concurrency=concurrency,
+            config=cfg, templates=tpls)
+        if max_questions is not None:
+            questions = questions[:max_questions]
+        store.commit(unit, {"topics": [{"question_type": t, "topic": x}
+                                       for t, xs in topics.items() for x in xs],
+                            "questions": questions}, rejects + q_rejects)
+    questions = [{k: v for k, v in q.items() if k != "_unit"} for q in store.records("questions")]
+    for criterion in criteria:
+        def run_batch(batch, batch_seed, criterion=criterion):
+            return aligner_data.generate_aligner(teacher, batch, criterion=criterion,
+                                                 seed=batch_seed, config=cfg, templates=tpls)
+        _run_batches(store, questions, lambda q, c=criterion: f"aligner/{c}/{q['question_id']}",
+                     run_batch, seed=seed, batch_size=concurrency, desc=f"sdg aligner {criterion}",
+                     progress=progress)
+    return finalize(store, kinds=("questions", "aligner", "inspector"),
+                    split_fractions=split_fractions, near_threshold=near_duplicate_threshold,
+                    count_tokens=teacher.count_tokens, verbose=verbose)
+
+
+def run_principles_sdg(out_dir: str | os.PathLike, *, teacher: Teacher | None = None,
+                       task: str | None = None, principles: Sequence[str] | int = 2,
+                       principles_file: str | os.PathLike | None = None, seed: int = 0,
+                       templates: Mapping[str, str | os.PathLike | Template] | None = None,
+                       use_chat: bool = True, verbose: bool = True) -> list[dict]:
+    """Write SAMI principles and all their constitutions.
+
+    Either a principle writer (`teacher` + `task` + `principles`) or a user file
+    (`principles_file`, see principles.load_principles) supplies the principles.
+
+    Args:
+      out_dir: folder for principles.jsonl and constitutions.jsonl.
+      teacher, task, principles, seed, templates, use_chat: see principles.write_principles.
+      principles_file: user-written principles instead of a principle writer.
+      verbose: print what was written.
+    Returns:
+      The constitution records.
+    """
+    if principles_file is not None:
+        found = principles_lib.load_principles(principles_file)
+    elif teacher is not None and task:
+        found, _ = principles_lib.write_principles(teacher, task=task, principles=principles,
+                                                   seed=seed, use_chat=use_chat,
+                                                   templates=templates)
+    else:
+        raise ValueError("give principles_file, or teacher and task for the principle writer")
+    constitutions = principles_lib.make_constitutions(found)
+    os.makedirs(out_dir, exist_ok=True)
+    write_jsonl(os.path.join(out_dir, "principles.jsonl"), found)
+    write_jsonl(os.path.join(out_dir, "constitutions.jsonl"), constitutions)
+    if verbose:
+        print(f"wrote {len(found)} principles and {len(constitutions)} constitutions to {out_dir}")
+    return constitutions

@@ -1,0 +1,85 @@
+"""The teacher: whatever turns prompts into completions for synthetic data generation.
+
+The same abstraction is the judge in evaluation and the principle writer in SAMI. SDG
+code only ever sees this protocol, so a local model, an OpenAI-compatible endpoint and
+the scripted doubles in the tests are interchangeable.
+
+Determinism contract: for the same list of prompts, sampling settings and `seed`, a
+teacher returns the same completions. The SDG pipeline relies on it to make a resumed run
+equal an uninterrupted one: it always sends the same prompt lists with the same seed.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+
+@runtime_checkable
+class Teacher(Protocol):
+    """A text generator driven in batches.
+
+    Attributes:
+      context_length: maximum tokens of prompt + completion the teacher accepts.
+    """
+
+    context_length: int
+
+    def complete(self, prompts: list[str], *, temperature: float, top_p: float = 1.0,
+                 max_tokens: int, seed: int | None = None) -> list[str]:
+        """Continue each raw prompt.
+
+        Args:
+          prompts: raw prompt texts (no chat template applied).
+          temperature: 0.0 means greedy.
+          top_p: nucleus sampling mass.
+          max_tokens: most new tokens per completion.
+          seed: makes sampling reproducible; None leaves it to the backend.
+        Returns:
+          One completion per prompt, in order, without the prompt.
+        """
+        ...
+
+    def chat(self, conversations: list[list[dict]], *, temperature: float, top_p: float = 1.0,
+             max_tokens: int, seed: int | None = None) -> list[str]:
+        """Answer each conversation (a list of {"role", "content"} messages) as the assistant.
+
+        Args and Returns as `complete`.
+        """
+        ...
+
+    def count_tokens(self, text: str) -> int:
+        """Number of tokens `text` takes in the teacher's own tokenizer."""
+        ...
+
+
+def ask(teacher: Teacher, prompts: list[str], *, use_chat: bool = True, temperature: float,
+        top_p: float = 1.0, max_tokens: int, seed: int | None = None) -> list[str]:
+    """Send prompts as single-turn user messages (`chat`) or raw text (`complete`).
+
+    Args:
+      teacher: any `Teacher`.
+      prompts: rendered templates.
+      use_chat: True for instruction-tuned teachers, False for base models that
+        continue a few-shot document.
+      temperature, top_p, max_tokens, seed: as `Teacher.complete`.
+    Returns:
+      One completion per prompt; an empty list makes no call.
+    """
+    if not prompts:
+        return []
+    kwargs = dict(temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed)
+    if use_chat:
+        out = teacher.chat([[{"role": "user", "content": p}] for p in prompts], **kwargs)
+    else:
+        out = teacher.complete(list(prompts), **kwargs)
+    if len(out) != len(prompts):
+        raise RuntimeError(
+            f"teacher returned {len(out)} completions for {len(prompts)} prompts")
+    return [o if isinstance(o, str) else "" for o in out]
+
+
+# =============================================================================
+# BACKENDS (to be added by the lead): `local:<HF checkpoint dir>` (align_jax.generate on
+# the local devices), `openai:<base URL>` (any OpenAI-compatible server) and
+# `make_teacher(spec: str) -> Teacher`. Nothing in align_jax.sdg depends on them.
+# =============================================================================

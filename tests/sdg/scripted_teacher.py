@@ -1,0 +1,190 @@
+"""A deterministic stand-in teacher for SDG tests.
+
+It recognises which default template produced a prompt (by the template text before its
+first placeholder) and answers in that template's format. Every answer is a pure function
+of (template, prompt, seed, temperature, position in the batch), so a pipeline that sends
+different prompt lists or seeds after a resume gets different records: the resume tests
+would notice. A fixed share of answers is garbage (refusals, truncated JSON, symbols,
+missing sections, copies of the first response) that the pipeline must reject.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import re
+import time
+
+from align_jax.sdg.templates import load_template
+
+ROLES = ("instruct_questions", "instruct_answer", "values_filter", "preference_pairs",
+         "principle_writer", "aligner_topics", "aligner_questions", "aligner_ethical",
+         "aligner_factuality", "aligner_helpful")
+
+VOCAB = """employee manager client supplier gift meal travel invoice record contract
+data privacy password laptop badge visitor meeting colleague customer partner vendor
+report audit deadline budget expense receipt policy rule safety hazard helmet ladder
+warehouse office remote home family friend neighbour conflict interest share stock
+market rumour press journalist interview social post photo camera recording consent
+complaint harassment bias hiring promotion salary bonus leave sick holiday overtime
+schedule shift contractor intern mentor training course exam certificate license
+permit inspection regulator government official donation charity volunteer community
+environment waste energy water recycling carbon emission vehicle fuel mileage parking
+""".split()
+
+
+def _h(*parts) -> int:
+    return int.from_bytes(hashlib.sha256("\x00".join(map(str, parts)).encode()).digest()[:8],
+                          "big")
+
+
+def _words(rng: random.Random, k: int) -> str:
+    return " ".join(rng.choice(VOCAB) for _ in range(k))
+
+
+class ScriptedTeacher:
+    """Teacher protocol implementation with scripted, seed-dependent outputs."""
+
+    def __init__(self, *, nex: int = 3, context_length: int = 4096, delay: float = 0.0,
+                 garbage: bool = True):
+        self.nex = nex
+        self.context_length = context_length
+        self.delay = delay
+        self.garbage = garbage
+        self.calls: list[dict] = []
+        self._prefixes = {}
+        for role in ROLES:
+            body = load_template(role).body
+            self._prefixes[role] = body[:body.index("{")] if "{" in body else body
+
+    def count_tokens(self, text: str) -> int:
+        return len(text.split())
+
+    def chat(self, conversations, *, temperature, top_p=1.0, max_tokens, seed=None):
+        return self.complete([c[-1]["content"] for c in conversations], temperature=temperature,
+                             top_p=top_p, max_tokens=max_tokens, seed=seed)
+
+    def complete(self, prompts, *, temperature, top_p=1.0, max_tokens, seed=None):
+        self.calls.append({"n": len(prompts), "temperature": temperature, "seed": seed})
+        if self.delay:
+            time.sleep(self.delay)
+        out = []
+        for i, prompt in enumerate(prompts):
+            role = self.role_of(prompt)
+            # Greedy decoding does not depend on the seed; sampling does.
+            key = _h(role, prompt, seed if temperature > 0 else "greedy", temperature, i)
+            out.append(getattr(self, "_" + role)(prompt, random.Random(key)))
+        return out
+
+    def role_of(self, prompt: str) -> str:
+        best = max(ROLES, key=lambda r: len(self._prefixes[r]) if prompt.startswith(
+            self._prefixes[r]) else -1)
+        if not prompt.startswith(self._prefixes[best]):
+            raise AssertionError(f"unknown prompt: {prompt[:80]!r}")
+        return best
+
+    def _bad(self, rng: random.Random, share: float) -> bool:
+        return self.garbage and rng.random() < share
+
+    # -- document stages
+    def _instruct_questions(self, prompt, rng):
+        if self._bad(rng, 0.1):
+            return "I'm sorry, but I cannot write questions about this passage."
+        qs = [json.dumps({"question": _words(rng, 9).capitalize() + "?"}) for _ in range(self.nex)]
+        style = rng.randrange(4)
+        if style == 0 and self.garbage:  # cut off mid-line by max_tokens
+            return "\n".join(qs[:-1]) + "\n" + qs[-1][:15]
+        if style == 1:
+            return "Here are the questions:\n```json\n" + "\n".join(qs) + "\n```\nHope this helps."
+        if style == 2:
+            return "\n".join(f"{k + 1}. {json.loads(q)['question']}" for k, q in enumerate(qs))
+        return "\n".join(qs)
+
+    def _instruct_answer(self, prompt, rng):
+        if self._bad(rng, 0.08):
+            return ""
+        if self._bad(rng, 0.08):
+            return "@@ ## 12 %% !! ** 99 && ^^ ~~ ++"
+        return "Answer: The context says the " + _words(rng, 12) + "."
+
+    def _values_filter(self, prompt, rng):
+        r = rng.random()
+        if self.garbage and r < 0.1:
+            return "Hmm, it is hard to say."
+        if r < 0.3:
+            return "No. The passage only gives contact details."
+        return "Yes - it sets out rules about " + _words(rng, 3) + "."
+
+    def _preference_pairs(self, prompt, rng):
+        lines = []
+        for _ in range(self.nex):
+            q = _words(rng, 9).capitalize() + "?"
+            good = "You should follow the rule on " + _words(rng, 6) + "."
+            bad = "Ignore it, nobody checks " + _words(rng, 6) + "."
+            if self._bad(rng, 0.1):
+                bad = good
+            if self._bad(rng, 0.1):
+                lines.append(json.dumps({"question": q, "faithful": good}))
+                continue
+            lines.append(json.dumps({"question": q, "faithful": good, "unfaithful": bad}))
+        return "\n".join(lines)
+
+    # -- SAMI
+    def _principle_writer(self, prompt, rng):
+        m = re.search(r"It should have (\d+) principles: (.*?)\.\n", prompt)
+        n = int(m.group(1))
+        names = [x.strip() for x in m.group(2).split(",")] if "," in m.group(2) else \
+            [f"principle {k}" for k in range(n)]
+        lines = ["Sure, here they are:"]
+        for name in names[:n]:
+            lines.append(json.dumps({"principle": name,
+                                     "definition": f"Always be {name} in every answer.",
+                                     "antithesis": f"Never be {name} in any answer."}))
+        return "\n".join(lines)
+
+    # -- aligner data
+    def _aligner_topics(self, prompt, rng):
+        known = prompt.split("Topics we already have:\n", 1)[1].split("\n\n", 1)[0].splitlines()
+        items = [rng.choice(VOCAB).capitalize() + " " + rng.choice(VOCAB) for _ in range(10)]
+        if self.garbage:
+            items[0] = known[0]  # a repeat that must be removed
+            items[1] = "A topic that is much too long to be a topic"
+        return "\n".join(f"{k + 1}. {t}" for k, t in enumerate(items))
+
+    def _aligner_questions(self, prompt, rng):
+        hints = prompt.split("Hints:\n", 1)[1].split("\n\n", 1)[0].splitlines()
+        out = []
+        for hint in hints:
+            q_type, topic = hint.split(" | ")
+            out.append(json.dumps({"question_type": q_type, "topic": topic,
+                                   "question": f"{topic}: " + _words(rng, 8) + "?"}))
+        return "\n".join(out)
+
+    def _aligner(self, prompt, rng):
+        y = "Whatever, " + _words(rng, 8) + "."
+        y2 = "A careful answer: " + _words(rng, 12) + "."
+        crit = "The response breaks principle 1. Rewrite it."
+        r = rng.random() if self.garbage else 1.0
+        if r < 0.1:
+            return y + "\nCritique:\nNothing to change.\nAligned response:\n" + y
+        if r < 0.2:
+            return y + "\nCritique:\n" + crit
+        if r < 0.3:
+            return (y + "\nCritique:\n" + crit + "\nAligned response:\n" + y2 +
+                    " First response: oops")
+        return (y + "\nCritique:\n" + crit + "\nAligned response:\n" + y2 +
+                "\n\nQuestion:\nA question the teacher invented\nFirst response:\nMore")
+
+    _aligner_ethical = _aligner_factuality = _aligner_helpful = _aligner
+
+
+class WordTokenizer:
+    """encode() over words and punctuation, ids from a growing vocabulary."""
+
+    def __init__(self):
+        self.vocab: dict[str, int] = {}
+
+    def encode(self, text: str) -> list[int]:
+        return [self.vocab.setdefault(t, len(self.vocab))
+                for t in re.findall(r"\w+|[^\w\s]", text)]
