@@ -1,6 +1,8 @@
 """Training data: record sources, chat-template formatting, batching and grain loaders.
 
 (`align_jax.data.documents`, the document loader and chunker, is imported by its users directly.)
+`Loader` and `make_loader` import grain, so they load on first use: SDG and generation, which
+only need records and formatting, do not pay for it.
 """
 
 from align_jax.data.batching import (FirstFitPacker, classification_batch, kto_batch, pack_batch,
@@ -8,7 +10,6 @@ from align_jax.data.batching import (FirstFitPacker, classification_batch, kto_b
                                      sequence)
 from align_jax.data.formatting import (POLICIES, Example, SamiExample, TruncationReport,
                                        constitution_text, format_records, render_prompt, truncate)
-from align_jax.data.loaders import Loader, make_loader
 from align_jax.data.sources import (SCHEMAS, DataError, LoadReport, Record, load_records,
                                     read_jsonl, read_rows, validate_record)
 
@@ -19,3 +20,10 @@ __all__ = [
     "pack_pair_batch", "pad_batch", "pad_pair_batch", "read_jsonl", "read_rows", "render_prompt",
     "sami_batch", "sequence", "truncate", "validate_record",
 ]
+
+
+def __getattr__(name):
+    if name in ("Loader", "make_loader"):
+        from align_jax.data import loaders
+        return getattr(loaders, name)
+    raise AttributeError(f"module 'align_jax.data' has no attribute {name!r}")
