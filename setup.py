@@ -27,6 +27,7 @@ setuptools.setup(
         "sentencepiece>=0.2.0",
         "safetensors",
         "tqdm",
+        "tensorboardX",
         "numpy",
         "matplotlib",
         "pypdf",

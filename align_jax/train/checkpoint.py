@@ -1,0 +1,117 @@
+"""Checkpoints with orbax: async saves, keep the latest N, restore the latest with its data state.
+
+A checkpoint step directory holds two items:
+  state  the TrainState without ref_params (StandardSave: sharded arrays, restored into the
+         shardings of an abstract target)
+  data   {"iterator": <the data loader's get_state() dict or null>} as JSON
+"""
+
+import os
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from align_jax.train.state import TrainState
+
+
+class Checkpointer:
+    """A thin layer over `ocp.CheckpointManager` for TrainStates.
+
+    Args:
+      directory: where step directories go (created if missing).
+      keep: how many of the latest checkpoints to keep.
+      async_save: write in a background thread; the device-to-host copy happens before `save`
+        returns, so the caller may donate the state to the next step right away.
+    """
+
+    def __init__(self, directory: str | os.PathLike, *, keep: int = 3, async_save: bool = True):
+        if keep < 1:
+            raise ValueError(f"keep={keep}: at least one checkpoint must be kept")
+        self.directory = os.path.abspath(os.fspath(directory))
+        options = ocp.CheckpointManagerOptions(
+            preservation_policy=ocp.checkpoint_managers.LatestN(n=keep),
+            enable_async_checkpointing=async_save,
+            create=True,
+        )
+        self._manager = ocp.CheckpointManager(self.directory, options=options,
+                                              item_names=("state", "data"))
+
+    def latest_step(self) -> int | None:
+        """The newest finished checkpoint step, or None."""
+        return self._manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self._manager.all_steps())
+
+    def save(self, step: int, state: TrainState, *, data_state: Any = None) -> None:
+        """Starts saving `state` (without ref_params) and the data state at `step`."""
+        self._manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state.replace(ref_params=None)),
+                data=ocp.args.JsonSave({"iterator": data_state})),
+            force=True)
+
+    def restore(self, step: int, target: TrainState) -> tuple[TrainState, Any]:
+        """Restores `step` into `target`'s shapes, dtypes and shardings.
+
+        Args:
+          step: a step from `all_steps()`.
+          target: unboxed ShapeDtypeStructs with shardings (`state.abstract_arrays`); its
+            ref_params are ignored and come back None.
+        Returns:
+          (state, data_state).
+        """
+        out = self._manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(target.replace(ref_params=None)),
+                data=ocp.args.JsonRestore()))
+        return out["state"], out["data"]["iterator"]
+
+    def data_state(self, step: int) -> Any:
+        """The data loader state saved with `step` (reads only the JSON item)."""
+        out = self._manager.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore()))
+        return out["data"]["iterator"]
+
+    def wait(self) -> None:
+        """Blocks until the pending async save is on disk."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        """Waits for pending saves and releases the manager."""
+        self._manager.wait_until_finished()
+        self._manager.close()
+
+
+def load_params(directory: str | os.PathLike, *, step: int | None = None) -> dict[str, Any]:
+    """The params of a checkpoint as host numpy arrays (for export and evaluation).
+
+    Only the params are read (a partial restore), whatever the devices at hand.
+
+    Args:
+      directory: a Checkpointer directory (`<workdir>/checkpoints`).
+      step: the step to read; None for the latest.
+    Returns:
+      the parameter tree.
+    """
+    directory = os.path.abspath(os.fspath(directory))
+    manager = ocp.CheckpointManager(
+        directory, item_names=("state", "data"),
+        options=ocp.CheckpointManagerOptions(read_only=True),
+        item_handlers={"state": ocp.PyTreeCheckpointHandler(),
+                       "data": ocp.JsonCheckpointHandler()})
+    try:
+        step = manager.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"{directory}: no checkpoint to load")
+        tree = manager.item_metadata(step)["state"].tree
+        item = {"params": tree["params"]}
+        restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
+        out = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+            item=item, restore_args=restore_args, partial_restore=True)))
+        return out["state"]["params"]
+    finally:
+        manager.close()

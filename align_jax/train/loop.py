@@ -1,0 +1,366 @@
+"""The host loop: `train(...)`, the entry that gin configures.
+
+Read top to bottom: resolve the model and its initial params; build the state abstractly and
+derive its shardings; restore the latest checkpoint or init; then step. The loop dispatches
+step n+1 before it reads step n's metrics, so the host never waits on the device except at
+checkpoints; a non-finite loss stops the run (the last good checkpoint stays on disk); SIGTERM
+(how a TPU VM is preempted) sets a flag, and the loop saves and returns cleanly.
+"""
+
+import contextlib
+import dataclasses
+import datetime
+import importlib.metadata
+import json
+import logging
+import math
+import os
+import platform
+import signal
+import subprocess
+import threading
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import jax
+import numpy as np
+
+from align_jax import sharding
+from align_jax.models import transformer
+from align_jax.models.config import ModelConfig, get_config
+from align_jax.train import compile as compile_lib
+from align_jax.train import step as step_lib
+from align_jax.train.checkpoint import Checkpointer
+from align_jax.train.metrics import MetricsLogger
+from align_jax.train.optim import OptimizerConfig, make_optimizer
+from align_jax.train.state import TrainState, abstract_arrays, abstract_state, state_shardings
+
+log = logging.getLogger(__name__)
+
+_FINITE_KEYS = ("loss", "grad_norm", "update_norm", "param_norm")
+_REF_MODES = ("none", "initial")
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss or a global norm became NaN or infinite; the run stopped without saving it."""
+
+
+class _Preemption:
+    """SIGTERM sets a flag that the loop polls between steps (installed on the main thread)."""
+
+    def __init__(self):
+        self.event = threading.Event()
+        self._previous = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, lambda *_: self.event.set())
+        else:
+            log.warning("train() is not on the main thread: SIGTERM will not save a checkpoint")
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def _git_state() -> tuple[str | None, bool | None]:
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    try:
+        commit = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True,
+                                text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain"], capture_output=True,
+                               text=True, timeout=10, check=True).stdout.strip() != ""
+        return commit, dirty
+    except (OSError, subprocess.SubprocessError):
+        return None, None
+
+
+def _version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def write_run_info(workdir: str | os.PathLike, *, extra: Mapping[str, Any] | None = None,
+                   operative_config: str | None = None) -> dict[str, Any]:
+    """Writes `<workdir>/run_info.json` (git commit, library versions, devices) and, when given,
+    `<workdir>/config.gin` (the operative gin config, supplied by the CLI).
+
+    Args:
+      workdir: the run's folder.
+      extra: more JSON-able fields (the run's settings).
+      operative_config: gin's operative config text, or None.
+    Returns:
+      the run_info dict.
+    """
+    commit, dirty = _git_state()
+    devices = jax.devices()
+    info = {
+        "time": datetime.datetime.now(datetime.UTC).isoformat(),
+        "git_commit": commit,
+        "git_dirty": dirty,
+        "versions": {name: _version(name) for name in
+                     ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy")},
+        "python": platform.python_version(),
+        "devices": {"platform": devices[0].platform, "kind": devices[0].device_kind,
+                    "count": len(devices), "process_count": jax.process_count()},
+        **dict(extra or {}),
+    }
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "run_info.json"), "w", encoding="utf-8") as f:
+        json.dump(info, f, indent=2, default=repr)
+    if operative_config is not None:
+        with open(os.path.join(workdir, "config.gin"), "w", encoding="utf-8") as f:
+            f.write(operative_config)
+    return info
+
+
+def _shape_tree(tree: Any) -> Any:
+    return jax.tree.map(lambda x: tuple(x.shape), tree)
+
+
+def _resolve_model(config: ModelConfig | str | None, params_init: Any, *, mesh, rules
+                   ) -> tuple[ModelConfig, Any, bool]:
+    """(config, params or None for a random init, whether the params are ours to donate)."""
+    if isinstance(config, str):
+        config = get_config(config)
+    if isinstance(params_init, (str, os.PathLike)):
+        from align_jax.models.hf import load_hf  # noqa: PLC0415 (optional heavy import)
+        # Loaded straight into the sharded layout: a model larger than one device never lands
+        # on one device.
+        hf_config, params = load_hf(os.fspath(params_init), mesh=mesh, rules=rules)
+        return (config or hf_config), params, True
+    if config is None:
+        raise ValueError("train(): give a `config` (or a Hugging Face dir as `params_init`)")
+    return config, params_init, False
+
+
+def _initial_params(config: ModelConfig, params: Any, *, owned: bool, seed: int, mesh, rules,
+                    param_shardings: Any) -> Any:
+    """The run's starting params, placed in their shardings (random init never gathers)."""
+    if params is None:
+        key = jax.random.split(jax.random.key(seed))[1]
+        return transformer.init_params(config, key, mesh=mesh, rules=rules)
+    want = _shape_tree(jax.tree.map(lambda x: x.value, transformer.abstract_params(config),
+                                    is_leaf=lambda x: hasattr(x, "names")))
+    got = _shape_tree(params)
+    if jax.tree.structure(want) != jax.tree.structure(got) or want != got:
+        raise ValueError(
+            "train(): params_init does not match the config's parameter tree; "
+            f"expected shapes {want}, got {got}")
+    dtype = jax.numpy.dtype(config.param_dtype)
+    params = jax.tree.map(lambda x: x if x.dtype == dtype else x.astype(dtype), params)
+    # The state donates its params to the step: copy what the caller still holds.
+    return jax.device_put(params, param_shardings, may_alias=None if owned else False)
+
+
+def _put_batch(batch: Mapping[str, Any], batch_sharding, num_shards: int) -> dict[str, jax.Array]:
+    out = {}
+    for name, value in batch.items():
+        value = np.asarray(value)
+        if value.ndim == 0 or (value.shape[0] * jax.process_count()) % num_shards:
+            raise ValueError(
+                f"batch[{name!r}] has shape {value.shape} on each of {jax.process_count()} "
+                f"processes: the global batch axis must be divisible by the {num_shards} batch "
+                "shards of the mesh")
+        out[name] = jax.make_array_from_process_local_data(batch_sharding, value)
+    return out
+
+
+def _batch_tokens(batch: Mapping[str, Any]) -> tuple[int, int]:
+    """(tokens in the global batch, sequence length) for throughput and MFU."""
+    x = batch["tokens"] if "tokens" in batch else next(iter(batch.values()))
+    shape = np.shape(x)
+    return int(np.prod(shape)) * jax.process_count(), int(shape[-1])
+
+
+def _check_finite(step: int, metrics: Mapping[str, float], checkpointer: Checkpointer) -> None:
+    bad = {k: metrics[k] for k in _FINITE_KEYS if k in metrics and not math.isfinite(metrics[k])}
+    if not bad:
+        return
+    checkpointer.wait()
+    last = checkpointer.latest_step()
+    where = (f"the last good checkpoint is step {last} in {checkpointer.directory}"
+             if last is not None else "no checkpoint was saved yet")
+    shown = ", ".join(f"{k}={v}" for k, v in metrics.items() if k in _FINITE_KEYS)
+    raise NonFiniteLossError(
+        f"non-finite {', '.join(bad)} at step {step} ({shown}); the run stopped and did not save "
+        f"this state; {where}. Lower the learning rate, raise clipping, or check this step's "
+        "batch.")
+
+
+def train(*, config: ModelConfig | str | None = None, params_init: Any = None, loss_fn,
+          loss_kwargs: Mapping[str, Any] | None = None, data_iterator: Iterator,
+          optimizer: OptimizerConfig = OptimizerConfig(), num_steps: int, grad_accum: int = 1,
+          mesh_spec: sharding.MeshSpec | None = None, rules: str | sharding.Rules = "fsdp",
+          workdir: str | os.PathLike, save_every: int = 1000, keep: int = 3,
+          log_every: int = 10, seed: int = 0, ref_params: str = "none",
+          export_hf_dir: str | os.PathLike | None = None, progress: bool = True,
+          operative_config: str | None = None) -> TrainState:
+    """Trains `config`'s model on `loss_fn` for `num_steps` updates, resuming if it can.
+
+    Args:
+      config: a ModelConfig or preset name; None to take it from a Hugging Face `params_init`.
+      params_init: None (random init from `seed`), a Hugging Face checkpoint dir, or a params tree.
+      loss_fn: `loss_fn(params, batch, *, config, **loss_kwargs) -> (loss, metrics)`; it gets
+        `ref_params=` when the run keeps reference params and `rng=` when it names that argument.
+      loss_kwargs: fixed keyword arguments of the loss.
+      data_iterator: yields global batches (dicts of arrays, leading batch axis) and has
+        `get_state() -> JSON-able dict` and `set_state(dict)`, checkpointed with the state.
+      optimizer: the optimizer and schedule settings.
+      num_steps: total updates of the run (a resumed run continues to this count).
+      grad_accum: microbatches per update (the batch axis must divide evenly).
+      mesh_spec: the ('data', 'fsdp', 'tensor') mesh; default: all devices on `data`.
+      rules: sharding preset: "dp", "fsdp" or "fsdp_tp" (or a rule table).
+      workdir: checkpoints/, metrics.jsonl, tensorboard/, run_info.json go here.
+      save_every: checkpoint every this many steps (and at the end and on SIGTERM).
+      keep: checkpoints to keep.
+      log_every: write metrics every this many steps.
+      seed: params init (when random) and the step's randomness.
+      ref_params: "none", or "initial" to keep a frozen copy of the initial params as the
+        reference model (DPO with the SFT model as reference).
+      export_hf_dir: when set, the final params are saved there as Hugging Face safetensors.
+      progress: show a progress bar.
+      operative_config: gin's operative config text, written to `<workdir>/config.gin`.
+    Returns:
+      the final TrainState; `state.step < num_steps` when SIGTERM cut the run short.
+    """
+    if ref_params not in _REF_MODES:
+        raise ValueError(f"train(ref_params={ref_params!r}): choose one of {_REF_MODES}")
+    if not (hasattr(data_iterator, "get_state") and hasattr(data_iterator, "set_state")):
+        raise TypeError("train(): data_iterator needs get_state() and set_state(state) so a "
+                        "resumed run continues the data where it stopped")
+    if num_steps < 1 or save_every < 1 or grad_accum < 1:
+        raise ValueError(f"train(): num_steps={num_steps}, save_every={save_every} and "
+                         f"grad_accum={grad_accum} must be >= 1")
+    workdir = os.path.abspath(os.fspath(workdir))
+    mesh = sharding.make_mesh(mesh_spec or sharding.MeshSpec())
+    config, given_params, owned = _resolve_model(config, params_init, mesh=mesh, rules=rules)
+    if config.param_dtype != "float32":
+        # Master params stay float32 (updates smaller than a bf16 ulp must not vanish); the
+        # model casts them to config.dtype for compute.
+        log.info("train(): param_dtype %s -> float32 master params", config.param_dtype)
+        config = dataclasses.replace(config, param_dtype="float32")
+    tx, schedule = make_optimizer(optimizer, num_steps=num_steps)
+    with_ref = ref_params == "initial"
+    abstract = abstract_state(transformer.abstract_params(config), tx=tx, with_ref=with_ref)
+    shardings = state_shardings(abstract, mesh, rules)
+    is_main = jax.process_index() == 0
+
+    def initial():
+        return _initial_params(config, given_params, owned=owned, seed=seed, mesh=mesh,
+                               rules=rules, param_shardings=shardings.params)
+
+    with contextlib.ExitStack() as stack:
+        checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=keep)
+        # Closing waits for the pending async save, so the last good checkpoint is complete
+        # whatever stops the run.
+        stack.callback(checkpointer.close)
+        start = checkpointer.latest_step()
+        if is_main:
+            write_run_info(workdir, operative_config=operative_config, extra={
+                "resumed_from_step": start, "num_steps": num_steps, "grad_accum": grad_accum,
+                "seed": seed, "rules": rules, "mesh": dict(mesh.shape), "ref_params": ref_params,
+                "optimizer": vars(optimizer), "model": vars(config),
+                "loss_fn": getattr(loss_fn, "__name__", repr(loss_fn))})
+        if start is not None:
+            state, data_state = checkpointer.restore(start, abstract_arrays(abstract, shardings))
+            if data_state is not None:
+                data_iterator.set_state(data_state)
+            if with_ref:
+                state = state.replace(ref_params=initial())
+            log.info("resumed from %s at step %d", checkpointer.directory, start)
+        else:
+            params = initial()
+            ref = jax.device_put(params, shardings.params, may_alias=False) if with_ref else None
+            state = compile_lib.init_train_state(params, tx=tx, seed=seed,
+                                                 state_shardings=shardings, ref_params=ref)
+
+        step_fn = compile_lib.jit_train_step(
+            loss=step_lib.bind_loss(loss_fn, config=config, loss_kwargs=loss_kwargs), tx=tx,
+            schedule=schedule, grad_accum=grad_accum, mesh=mesh, rules=rules,
+            state_shardings=shardings)
+        batch_sharding = compile_lib.batch_shardings(mesh, rules)
+        num_batch_shards = math.prod(
+            mesh.shape[a] for a in jax.tree.leaves(batch_sharding.spec[0]) if a is not None)
+        devices = mesh.devices.flatten()
+        preemption = stack.enter_context(_Preemption())
+        logger = MetricsLogger(workdir, num_steps=num_steps, start_step=start or 0,
+                               log_every=log_every, num_devices=len(devices),
+                               device_kind=devices[0].device_kind, enabled=is_main,
+                               progress=progress)
+        stack.callback(logger.close)
+
+        def report(item):
+            n, metrics, tokens = item
+            host = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            _check_finite(n, host, checkpointer)
+            logger.record(n, host, tokens=tokens)
+
+        step = start or 0
+        last_saved = start
+        data_state = data_iterator.get_state()
+        pending: tuple[int, Any, int] | None = None
+        seq_len_seen = None
+        while step < num_steps and not preemption.event.is_set():
+            try:
+                host_batch = next(data_iterator)
+            except StopIteration:
+                raise RuntimeError(
+                    f"train(): the data iterator ran out after step {step} of {num_steps}; "
+                    "give more data or fewer num_steps") from None
+            data_state = data_iterator.get_state()
+            tokens, seq_len = _batch_tokens(host_batch)
+            if seq_len != seq_len_seen:
+                seq_len_seen = seq_len
+                logger.flops_per_token = config.flops_per_token(seq_len)
+            batch = _put_batch(host_batch, batch_sharding, num_batch_shards)
+            # Implicit host<->device copies inside the step are bugs (a stray numpy constant, a
+            # Python scalar in the state): make them errors. Batches were placed explicitly.
+            with jax.transfer_guard("disallow"):
+                state, metrics = step_fn(state, batch)
+            step += 1
+            if pending is not None:
+                # Step `step` is already queued on the device: reading step-1's metrics now
+                # overlaps the host sync with the device's work.
+                report(pending)
+            pending = (step, metrics, tokens)
+            if step % save_every == 0 or step == num_steps:
+                # Check this step's loss and norms before its state may become a checkpoint.
+                report(pending)
+                pending = None
+                checkpointer.save(step, state, data_state=data_state)
+                last_saved = step
+        if pending is not None:
+            report(pending)
+        if step < num_steps:  # SIGTERM
+            if last_saved != step:
+                checkpointer.save(step, state, data_state=data_state)
+            checkpointer.wait()
+            logger.write_line(f"SIGTERM: saved a checkpoint at step {step} in "
+                              f"{checkpointer.directory}; stopping.")
+            return state
+        checkpointer.wait()
+
+    if export_hf_dir is not None:
+        export_hf(config, state.params, export_hf_dir)
+    return state
+
+
+def export_hf(config: ModelConfig, params: Any, path: str | os.PathLike) -> None:
+    """Saves `params` as a Hugging Face checkpoint (safetensors) at `path` (main process only).
+
+    Args:
+      config: the model.
+      params: the (possibly sharded) parameter tree.
+      path: the output dir.
+    """
+    from align_jax.models.hf import save_hf  # noqa: PLC0415 (written by the models package)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils  # noqa: PLC0415
+        params = multihost_utils.process_allgather(params, tiled=True)
+    host = jax.device_get(params)
+    if jax.process_index() == 0:
+        save_hf(config, host, os.fspath(path))

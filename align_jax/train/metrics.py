@@ -1,0 +1,164 @@
+"""Train metrics: a JSONL file, TensorBoard event files, a progress bar, throughput and MFU.
+
+TensorBoard events are written with tensorboardX (no TensorFlow needed). Model FLOPs utilisation
+is `tokens/s x config.flops_per_token(seq_len) / (devices x peak FLOP/s)`, reported only for
+devices whose dense bf16 peak is known.
+"""
+
+import json
+import math
+import os
+import time
+from collections.abc import Mapping
+from typing import Any
+
+# Dense bf16 peak FLOP/s per device (chip), by a substring of jax's `device_kind`. Longer keys
+# are tried first, so "TPU v5 lite" (v5e) wins over "TPU v5" (v5p).
+PEAK_FLOPS: dict[str, float] = {
+    "H200": 989e12,
+    "H100": 989e12,
+    "A100": 312e12,
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,
+    "TPU v5e": 197e12,
+    "TPU v5p": 459e12,
+    "TPU v5": 459e12,
+    "TPU v6 lite": 918e12,
+}
+
+
+def peak_flops(device_kind: str) -> float | None:
+    """The dense bf16 peak of one device of this kind, or None when unknown (CPU)."""
+    for key in sorted(PEAK_FLOPS, key=len, reverse=True):
+        if key.lower() in device_kind.lower():
+            return PEAK_FLOPS[key]
+    return None
+
+
+def mfu(tokens_per_s: float, *, flops_per_token: float, num_devices: int,
+        device_kind: str) -> float | None:
+    """Model FLOPs utilisation in [0, 1], or None for devices without a known peak."""
+    peak = peak_flops(device_kind)
+    if peak is None or num_devices <= 0:
+        return None
+    return tokens_per_s * flops_per_token / (num_devices * peak)
+
+
+def _scalar(x: Any) -> float:
+    return float(x)
+
+
+class MetricsLogger:
+    """Writes one record per logged step and keeps the progress bar.
+
+    Args:
+      workdir: metrics go to `<workdir>/metrics.jsonl` (appended on resume) and
+        `<workdir>/tensorboard/`.
+      num_steps: the run length (for the bar's ETA).
+      start_step: the step the run (re)starts from.
+      log_every: write a record every this many steps (and on the last step).
+      flops_per_token: for MFU; None to omit it.
+      num_devices: devices the step runs on.
+      device_kind: jax's device_kind of those devices.
+      enabled: False on all but the main process.
+      progress: show a tqdm bar.
+      tensorboard: write TensorBoard event files.
+    """
+
+    def __init__(self, workdir: str | os.PathLike, *, num_steps: int, start_step: int = 0,
+                 log_every: int = 10, flops_per_token: float | None = None, num_devices: int = 1,
+                 device_kind: str = "cpu", enabled: bool = True, progress: bool = True,
+                 tensorboard: bool = True):
+        self.log_every = max(int(log_every), 1)
+        self.num_steps = num_steps
+        self.flops_per_token = flops_per_token
+        self.num_devices = num_devices
+        self.device_kind = device_kind
+        self.enabled = enabled
+        self._jsonl = None
+        self._tb = None
+        self._bar = None
+        self._window_tokens = 0
+        self._window_start: float | None = None
+        if not enabled:
+            return
+        os.makedirs(workdir, exist_ok=True)
+        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+        if tensorboard:
+            from tensorboardX import SummaryWriter
+            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        if progress:
+            from tqdm.auto import tqdm
+            self._bar = tqdm(total=num_steps, initial=start_step, unit="step", dynamic_ncols=True)
+
+    def record(self, step: int, metrics: Mapping[str, Any], *, tokens: int) -> dict | None:
+        """Accounts one finished step; on logging steps writes and returns its record.
+
+        Args:
+          step: the update count after this step (1 for the first update).
+          metrics: host scalars from the step.
+          tokens: tokens in this step's global batch.
+        Returns:
+          the record written, or None on steps that are not logged.
+        """
+        now = time.perf_counter()
+        if self._bar is not None:
+            self._bar.update(1)
+        if self._window_start is None:
+            # The first step of a (re)started run includes compilation: time from its end.
+            self._window_start = now
+            self._window_tokens = 0
+        else:
+            self._window_tokens += tokens
+        if step % self.log_every and step != self.num_steps:
+            return None
+        record = {"step": step, **{k: _scalar(v) for k, v in metrics.items()}}
+        elapsed = now - self._window_start
+        if self._window_tokens and elapsed > 0:
+            rate = self._window_tokens / elapsed
+            record["tokens_per_s"] = rate
+            if self.flops_per_token is not None:
+                util = mfu(rate, flops_per_token=self.flops_per_token,
+                           num_devices=self.num_devices, device_kind=self.device_kind)
+                if util is not None:
+                    record["mfu"] = util
+        self._window_start, self._window_tokens = now, 0
+        record["time"] = time.time()
+        if self.enabled:
+            self._write(record)
+        return record
+
+    def _write(self, record: dict) -> None:
+        self._jsonl.write(json.dumps(record) + "\n")
+        self._jsonl.flush()
+        step = record["step"]
+        if self._tb is not None:
+            for k, v in record.items():
+                if k not in ("step", "time") and math.isfinite(v):
+                    self._tb.add_scalar(f"train/{k}", v, step)
+            self._tb.flush()
+        if self._bar is not None:
+            post = {"loss": f"{record['loss']:.4g}"}
+            if "tokens_per_s" in record:
+                post["tok/s"] = f"{record['tokens_per_s']:.4g}"
+            if "mfu" in record:
+                post["mfu"] = f"{100 * record['mfu']:.1f}%"
+            self._bar.set_postfix(post, refresh=False)
+
+    def write_line(self, message: str) -> None:
+        """Prints a message without breaking the progress bar."""
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.write(message)
+        else:
+            print(message, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        if self._tb is not None:
+            self._tb.close()
+        if self._jsonl is not None:
+            self._jsonl.close()
+        self._bar = self._tb = self._jsonl = None

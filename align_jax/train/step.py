@@ -1,0 +1,164 @@
+"""The train step: `step(state, batch) -> (state, metrics)`, a pure module-level function.
+
+The objective is the only thing that changes between methods. `bind_loss` adapts any
+`NAME_loss(params, batch, *, config, ...) -> (loss, metrics)` to the one calling convention the
+step uses, `loss(params, batch, *, rng, ref_params)`; `train_step` then differentiates it with
+respect to `params` only, accumulating gradients over microbatches in float32 inside the step.
+`align_jax.train.compile` is where it is jitted.
+"""
+
+import functools
+import inspect
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from align_jax import axes, sharding
+from align_jax.train.state import TrainState
+
+LossFn = Callable[..., tuple[jax.Array, Mapping[str, jax.Array]]]
+
+
+def _accepts(fn: Callable, name: str) -> bool:
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return True
+    return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
+def bind_loss(loss_fn: LossFn, *, config: Any = None, loss_kwargs: Mapping[str, Any] | None = None
+              ) -> LossFn:
+    """Adapts `loss_fn` to `loss(params, batch, *, rng, ref_params) -> (loss, metrics)`.
+
+    Args:
+      loss_fn: an objective `loss_fn(params, batch, **kwargs) -> (scalar loss, metrics)`.
+      config: the ModelConfig, passed as `config=` when loss_fn takes it.
+      loss_kwargs: fixed keyword arguments (beta, loss_type, ...).
+    Returns:
+      the adapted loss. `rng` is passed only when loss_fn names an `rng` parameter, and
+      `ref_params` only when the state holds reference parameters.
+    """
+    kwargs = dict(loss_kwargs or {})
+    if config is not None and "config" not in kwargs and _accepts(loss_fn, "config"):
+        kwargs["config"] = config
+    partial = functools.partial(loss_fn, **kwargs)
+    try:
+        named = inspect.signature(loss_fn).parameters
+    except (TypeError, ValueError):
+        named = {}
+    takes_rng = "rng" in named
+    name = getattr(loss_fn, "__name__", repr(loss_fn))
+
+    def loss(params, batch, *, rng, ref_params):
+        extra = {}
+        if takes_rng:
+            extra["rng"] = rng
+        if ref_params is not None:
+            if not _accepts(loss_fn, "ref_params"):
+                raise TypeError(
+                    f"the run keeps frozen reference params but loss {name} has no "
+                    "`ref_params` keyword; set ref_params='none' or use a reference-aware loss")
+            extra["ref_params"] = ref_params
+        return partial(params, batch, **extra)
+
+    return loss
+
+
+def _split_microbatches(x: jax.Array, num: int) -> jax.Array:
+    """[B, ...] -> [num, B // num, ...], microbatch i holding rows i, i + num, i + 2 num, ...
+
+    Interleaving keeps every microbatch spread over all the batch shards: a contiguous split
+    would put each microbatch on a fraction of the devices.
+    """
+    b = x.shape[0]
+    if b % num:
+        raise ValueError(f"batch size {b} is not divisible by grad_accum={num}")
+    x = x.reshape((b // num, num) + x.shape[1:])
+    x = jnp.swapaxes(x, 0, 1)
+    return sharding.constrain(x, (None, axes.BATCH) + (None,) * (x.ndim - 2))
+
+
+def _loss_and_grads(loss: LossFn, params, batch, rng, ref_params):
+    (value, metrics), grads = jax.value_and_grad(
+        lambda p: loss(p, batch, rng=rng, ref_params=ref_params), has_aux=True)(params)
+    return value, dict(metrics), grads
+
+
+def accumulate_gradients(loss: LossFn, params: Any, batch: Mapping[str, jax.Array], *,
+                         rng: jax.Array, ref_params: Any = None, grad_accum: int = 1
+                         ) -> tuple[jax.Array, dict[str, jax.Array], Any]:
+    """Mean loss, metrics and gradients over `grad_accum` equal microbatches of `batch`.
+
+    Gradients are summed in float32 under `lax.scan`, so only one microbatch's activations are
+    live at a time. Each microbatch counts equally (its loss is the objective's own mean), which
+    equals the full-batch gradient whenever the objective is a mean over equally weighted rows.
+
+    Args:
+      loss: a loss adapted by `bind_loss`.
+      params: the parameters to differentiate.
+      batch: arrays with a leading batch axis divisible by grad_accum.
+      rng: the step's key; microbatch i draws from `fold_in(rng, i)`.
+      ref_params: frozen reference parameters or None.
+      grad_accum: the number of microbatches.
+    Returns:
+      (loss, metrics, grads) with grads in float32.
+    """
+    if grad_accum == 1:
+        value, metrics, grads = _loss_and_grads(
+            loss, params, batch, jax.random.fold_in(rng, 0), ref_params)
+        return value, metrics, jax.tree.map(lambda g: g.astype(jnp.float32), grads)
+
+    micro = jax.tree.map(lambda x: _split_microbatches(x, grad_accum), dict(batch))
+
+    def body(acc, xs):
+        i, mb = xs
+        value, metrics, grads = _loss_and_grads(
+            loss, params, mb, jax.random.fold_in(rng, i), ref_params)
+        acc = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), acc, grads)
+        return acc, (value, metrics)
+
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+    acc, (values, metrics) = jax.lax.scan(
+        body, zeros, (jnp.arange(grad_accum, dtype=jnp.int32), micro))
+    grads = jax.tree.map(lambda a: a / grad_accum, acc)
+    metrics = jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics)
+    return jnp.mean(values), metrics, grads
+
+
+def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, loss: LossFn,
+               tx: optax.GradientTransformation, schedule: optax.Schedule | None = None,
+               grad_accum: int = 1) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimizer update.
+
+    Args:
+      state: the current state.
+      batch: the global batch (arrays with a leading batch axis).
+      loss: a loss adapted by `bind_loss`.
+      tx: the optimizer.
+      schedule: the learning-rate schedule, reported as `learning_rate`.
+      grad_accum: microbatches per step.
+    Returns:
+      (new state, metrics): the objective's metrics plus loss, grad_norm (before clipping),
+      update_norm, param_norm (of the new params) and learning_rate, all float32 scalars.
+    """
+    rng = jax.random.fold_in(state.key(), state.step)
+    value, metrics, grads = accumulate_gradients(
+        loss, state.params, batch, rng=rng, ref_params=state.ref_params, grad_accum=grad_accum)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    out = {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
+    out.update(
+        loss=value.astype(jnp.float32),
+        grad_norm=optax.global_norm(grads).astype(jnp.float32),
+        update_norm=optax.global_norm(updates).astype(jnp.float32),
+        # Of the new params: a finite value here certifies the state about to be checkpointed.
+        param_norm=optax.global_norm(params).astype(jnp.float32),
+    )
+    if schedule is not None:
+        out["learning_rate"] = jnp.asarray(schedule(state.step), jnp.float32)
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+    return new_state, out
