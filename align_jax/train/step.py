@@ -94,8 +94,10 @@ def accumulate_gradients(loss: LossFn, params: Any, batch: Mapping[str, jax.Arra
     """Mean loss, metrics and gradients over `grad_accum` equal microbatches of `batch`.
 
     Gradients are summed in float32 under `lax.scan`, so only one microbatch's activations are
-    live at a time. Each microbatch counts equally (its loss is the objective's own mean), which
-    equals the full-batch gradient whenever the objective is a mean over equally weighted rows.
+    live at a time. An objective that is a mean over scored units reports their count (a
+    metric in `WEIGHT_METRICS`: tokens for SFT, pairs for DPO); microbatches are then weighted
+    by it, so the result equals the full-batch gradient even when masks are uneven. Without
+    such a metric each microbatch counts equally.
 
     Args:
       loss: a loss adapted by `bind_loss`.
@@ -118,15 +120,30 @@ def accumulate_gradients(loss: LossFn, params: Any, batch: Mapping[str, jax.Arra
         i, mb = xs
         value, metrics, grads = _loss_and_grads(
             loss, params, mb, jax.random.fold_in(rng, i), ref_params)
-        acc = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), acc, grads)
-        return acc, (value, metrics)
+        w = _weight(metrics)
+        acc = jax.tree.map(lambda a, g: a + w * g.astype(jnp.float32), acc, grads)
+        return acc, (value, metrics, w)
 
     zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-    acc, (values, metrics) = jax.lax.scan(
+    acc, (values, metrics, weights) = jax.lax.scan(
         body, zeros, (jnp.arange(grad_accum, dtype=jnp.int32), micro))
-    grads = jax.tree.map(lambda a: a / grad_accum, acc)
-    metrics = jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics)
-    return jnp.mean(values), metrics, grads
+    total = jnp.maximum(jnp.sum(weights), 1e-12)
+    grads = jax.tree.map(lambda a: a / total, acc)
+    metrics = {k: jnp.sum(m, axis=0) if k in WEIGHT_METRICS
+               else jnp.sum(m * weights.reshape((-1,) + (1,) * (m.ndim - 1)), axis=0) / total
+               for k, m in metrics.items()}
+    return jnp.sum(values * weights) / total, metrics, grads
+
+
+# Counts of scored units that objectives report; the first present weights microbatches.
+WEIGHT_METRICS = ("num_tokens", "num_pairs", "num_examples")
+
+
+def _weight(metrics: Mapping[str, jax.Array]) -> jax.Array:
+    for name in WEIGHT_METRICS:
+        if name in metrics:
+            return jnp.asarray(metrics[name], jnp.float32)
+    return jnp.float32(1.0)
 
 
 def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, loss: LossFn,

@@ -206,3 +206,25 @@ def test_bind_loss_passes_config_rng_and_reference():
     want, _ = jax.jit(lambda p, b: ours(p, b, rng=key, ref_params=None))(params, batch)
     got, _ = jax.jit(lambda p, b: theirs(p, b, rng=key, ref_params=None))(params, batch)
     np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+def test_token_mean_loss_accumulates_to_the_full_batch_with_uneven_masks():
+    from align_jax.losses import sft_loss
+    params = transformer.init_params(CFG, jax.random.key(2))
+    batch = make_batch(1, batch_size=8)
+    # Rows score very different numbers of tokens: equal microbatch weights would be wrong.
+    batch["loss_mask"][:4, 3:] = 0.0
+    batch = jax.tree.map(jnp.asarray, batch)
+    loss = step_lib.bind_loss(sft_loss, config=CFG)
+
+    @functools.partial(jax.jit, static_argnames="grad_accum")
+    def grads(params, batch, grad_accum):
+        return step_lib.accumulate_gradients(loss, params, batch, rng=jax.random.key(0),
+                                             grad_accum=grad_accum)
+
+    full_loss, full_metrics, full = grads(params, batch, grad_accum=1)
+    acc_loss, metrics, acc = grads(params, batch, grad_accum=4)
+    np.testing.assert_allclose(acc_loss, full_loss, rtol=1e-6)
+    np.testing.assert_allclose(metrics["num_tokens"], full_metrics["num_tokens"])
+    for a, f in zip(jax.tree.leaves(acc), jax.tree.leaves(full)):
+        np.testing.assert_allclose(a, f, rtol=1e-5, atol=1e-6 * float(np.max(np.abs(f))))
