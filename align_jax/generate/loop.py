@@ -1,0 +1,382 @@
+"""The generation loop: one jitted prefill, then one jitted `lax.while_loop` decode.
+
+    prompts --(batching: sort, bucket, left-pad)--> PromptBatch
+      --jit_prefill--> SamplingState (cache filled, first token drawn)
+      --jit_decode (state donated; runs until every row is done, the budget is spent or
+                    `end_step` is reached)--> SamplingState
+      --host: stop strings on the new text, once per chunk--> GenerationOutput / Completion
+
+Rows finish independently: a row is done when it draws a stop token (config EOS, tokenizer EOS
+ids, `stop_token_ids`) or when the host finds a stop string in its text. Done rows keep running
+through the batched forward pass (their outputs are ignored) until every row is done.
+
+Output conventions: `tokens` are the new tokens only and include the token that ended the row
+(a stop token, or the token completing a stop string); `texts` exclude it (they end just before
+the stop token or stop string). `logprobs[i][j]` is log p(tokens[i][j]) under the model's raw
+distribution (log_softmax of the unmodified logits: temperature 1, no penalty, no filtering).
+"""
+
+import collections
+import dataclasses
+from collections.abc import Iterator, Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from align_jax import axes, sharding
+from align_jax.generate import batching, sampling, stop
+from align_jax.models import transformer
+from align_jax.models.config import ModelConfig
+
+# Number of times each jitted function was traced (one trace = one compilation); tests and
+# benchmarks read it through `trace_counts()`.
+_TRACES: collections.Counter = collections.Counter()
+
+DEFAULT_STOP_CHUNK = 32
+
+
+def trace_counts() -> dict[str, int]:
+    """How many times prefill and decode have been traced (compiled) in this process."""
+    return dict(_TRACES)
+
+
+@flax.struct.dataclass
+class SamplingState:
+    """The carry of the decode loop (B rows, M = max_new_tokens, S cache slots, V vocab).
+
+    tokens_BM:    int32, generated tokens; 0 after a row is done.
+    logprobs_BM:  float32, raw-model log-prob of each generated token.
+    cache:        the KV cache of `transformer.init_cache` (k, v [L,B,S,K,H], segment_ids
+                  [B,S], index: the next slot, shared by all rows).
+    step:         int32 scalar, tokens drawn so far (same for every row).
+    next_pos_B:   int32, RoPE position of the token fed next (prompt length + step - 1).
+    lengths_B:    int32, tokens a row produced, including the one that stopped it.
+    done_B:       bool, the row stopped (or is a filler row).
+    stopped_B:    bool, the row stopped on a stop token (vs. ran out of budget).
+    seen_BV:      bool presence mask (prompt + generated) for the repetition penalty, or None.
+    """
+
+    tokens_BM: jax.Array
+    logprobs_BM: jax.Array
+    cache: dict[str, jax.Array]
+    step: jax.Array
+    next_pos_B: jax.Array
+    lengths_B: jax.Array
+    done_B: jax.Array
+    stopped_B: jax.Array
+    seen_BV: jax.Array | None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Completion:
+    """One finished prompt, as `generate_stream` yields it."""
+
+    index: int
+    tokens: list[int]
+    logprobs: list[float]
+    finish_reason: str
+    text: str | None = None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class GenerationOutput:
+    """Results in the order of the prompts. texts is None without a tokenizer."""
+
+    tokens: list[list[int]]
+    logprobs: list[list[float]]
+    finish_reasons: list[str]
+    texts: list[str] | None = None
+
+
+def _constrain_cache(cache):
+    logical = transformer.cache_axes()
+    return {k: sharding.constrain(v, logical[k]) for k, v in cache.items()}
+
+
+def _record(state: SamplingState, tokens_B, logprobs_B, stop_ids_E) -> SamplingState:
+    """Writes the tokens drawn at `state.step` for live rows and updates done flags."""
+    live_B = ~state.done_B
+    tokens_B = jnp.where(live_B, tokens_B, 0)
+    logprobs_B = jnp.where(live_B, logprobs_B, 0.0)
+    is_stop_B = live_B & jnp.any(tokens_B[:, None] == stop_ids_E[None, :], axis=1)
+    seen_BV = state.seen_BV
+    if seen_BV is not None:
+        seen_BV = jnp.where(live_B[:, None], sampling.mark_seen(seen_BV, tokens_B), seen_BV)
+    return state.replace(
+        tokens_BM=jax.lax.dynamic_update_slice_in_dim(
+            state.tokens_BM, tokens_B[:, None], state.step, axis=1),
+        logprobs_BM=jax.lax.dynamic_update_slice_in_dim(
+            state.logprobs_BM, logprobs_B[:, None], state.step, axis=1),
+        step=state.step + 1,
+        lengths_B=state.lengths_B + live_B.astype(jnp.int32),
+        done_B=state.done_B | is_stop_B,
+        stopped_B=state.stopped_B | is_stop_B,
+        seen_BV=seen_BV)
+
+
+def _prefill(params, tokens_BT, positions_BT, segment_ids_BT, active_B, sampler, stop_ids_E, *,
+             config: ModelConfig, flags: sampling.SamplingFlags, max_new_tokens: int,
+             cache_len: int, mesh, rules) -> SamplingState:
+    del mesh, rules  # Static only so that each mesh/preset gets its own compiled version.
+    _TRACES["prefill"] += 1
+    b, t = tokens_BT.shape
+    cache = _constrain_cache(transformer.init_cache(config, b, cache_len))
+    decoder = transformer.Decoder(config)
+    # Only the last slot's logits are needed: unembedding the hidden states ourselves avoids
+    # materialising [B, T, V] logits for long prompts and large vocabularies.
+    h_BTD, cache = decoder.apply({"params": params}, tokens_BT, positions_BT, segment_ids_BT,
+                                 cache, method=transformer.Decoder.hidden)
+    w_DV = decoder.apply({"params": params}, method=transformer.Decoder.unembed_matrix)
+    logits_BV = jnp.einsum("BD,DV->BV", h_BTD[:, -1], w_DV.astype(config.dtype),
+                           preferred_element_type=jnp.float32)
+    logits_BV = sharding.constrain(logits_BV, (axes.BATCH, axes.VOCAB))
+    seen_BV = None
+    if flags.repetition_penalty:
+        rows_BT = jnp.broadcast_to(jnp.arange(b)[:, None], (b, t))
+        seen_BV = jnp.zeros((b, config.vocab_size), bool).at[rows_BT, tokens_BT].max(
+            segment_ids_BT > 0)
+        seen_BV = sharding.constrain(seen_BV, (axes.BATCH, axes.VOCAB))
+    state = SamplingState(
+        tokens_BM=jnp.zeros((b, max_new_tokens), jnp.int32),
+        logprobs_BM=jnp.zeros((b, max_new_tokens), jnp.float32),
+        cache=_constrain_cache(cache), step=jnp.int32(0),
+        next_pos_B=jnp.max(positions_BT, axis=1) + 1,
+        lengths_B=jnp.zeros((b,), jnp.int32), done_B=~active_B,
+        stopped_B=jnp.zeros((b,), bool), seen_BV=seen_BV)
+    tokens_B, logprobs_B = sampling.sample(logits_BV, sampler, flags, step=state.step,
+                                           seen_BV=seen_BV)
+    return _record(state, tokens_B, logprobs_B, stop_ids_E)
+
+
+def _decode(params, state: SamplingState, sampler, stop_ids_E, end_step, *,
+            config: ModelConfig, flags: sampling.SamplingFlags, mesh, rules) -> SamplingState:
+    del mesh, rules  # Static only so that each mesh/preset gets its own compiled version.
+    _TRACES["decode"] += 1
+    max_new, cache_len = state.tokens_BM.shape[1], state.cache["k"].shape[2]
+    end_step = jnp.minimum(end_step, max_new)
+
+    def cond(s: SamplingState):
+        return (s.step < end_step) & (s.cache["index"] < cache_len) & ~jnp.all(s.done_B)
+
+    def body(s: SamplingState):
+        last_B1 = jax.lax.dynamic_slice_in_dim(s.tokens_BM, s.step - 1, 1, axis=1)
+        logits_B1V, cache = transformer.forward_with_cache(
+            config, params, last_B1, cache=s.cache, positions_BT=s.next_pos_B[:, None],
+            segment_ids_BT=jnp.ones_like(last_B1))
+        s = s.replace(cache=_constrain_cache(cache), next_pos_B=s.next_pos_B + 1)
+        tokens_B, logprobs_B = sampling.sample(logits_B1V[:, 0], sampler, flags, step=s.step,
+                                               seen_BV=s.seen_BV)
+        return _record(s, tokens_B, logprobs_B, stop_ids_E)
+
+    return jax.lax.while_loop(cond, body, state)
+
+
+jit_prefill = jax.jit(
+    _prefill, static_argnames=("config", "flags", "max_new_tokens", "cache_len", "mesh", "rules"))
+jit_decode = jax.jit(
+    _decode, static_argnames=("config", "flags", "mesh", "rules"), donate_argnames=("state",))
+
+
+def _stop_ids(config: ModelConfig, tokenizer, stop_token_ids, ignore_eos: bool) -> np.ndarray:
+    ids = set(int(t) for t in stop_token_ids)
+    if not ignore_eos:
+        eos = config.eos_token_id
+        ids.update((eos,) if isinstance(eos, int) else tuple(eos or ()))
+        if tokenizer is not None:
+            ids.update(int(t) for t in (getattr(tokenizer, "eos_ids", None) or ()))
+    ids.discard(None)
+    # Padded to a multiple of 8 with -1 (never drawn) so the set's size rarely recompiles.
+    out = np.full((max(8, -(-len(ids) // 8) * 8),), -1, np.int32)
+    out[:len(ids)] = sorted(ids)
+    return out
+
+
+def _batch_shards(mesh, rules) -> int:
+    if mesh is None:
+        return 1
+    entry = sharding.logical_to_spec((axes.BATCH,), rules)[0]
+    names = () if entry is None else ((entry,) if isinstance(entry, str) else tuple(entry))
+    return int(np.prod([mesh.shape[n] for n in names])) if names else 1
+
+
+def _place(tree, mesh, rules):
+    """Puts [B, ...] host arrays on the mesh, batch axis sharded (or on the default device)."""
+    if mesh is None:
+        return jax.device_put(tree)
+    return jax.tree.map(lambda x: jax.device_put(x, sharding.named_sharding(
+        (axes.BATCH,) + (None,) * (np.ndim(x) - 1), mesh, rules, shape=np.shape(x))), tree)
+
+
+def _decode_text(tokenizer, ids) -> str:
+    return tokenizer.decode([int(t) for t in ids])
+
+
+def _finish(tokenizer, index, toks, lps, reason, stopped_on_token, text=None) -> Completion:
+    if tokenizer is not None and text is None:
+        text = _decode_text(tokenizer, toks[:-1] if stopped_on_token else toks)
+    return Completion(index=index, tokens=[int(t) for t in toks],
+                      logprobs=[float(x) for x in lps], finish_reason=reason, text=text)
+
+
+def _run_batch(config, params, batch: batching.PromptBatch, *, max_new_tokens, cache_len,
+               sampler_kw, row_seeds, stop_ids, stop_strings, tokenizer, chunk, mesh,
+               rules) -> Iterator[Completion]:
+    seeds, salts = row_seeds
+    n_rows = len(batch.active_B)
+    pad = n_rows - len(batch.indices)
+    rows = list(batch.indices)
+    settings = {k: np.concatenate([v[rows], np.full((pad,), sampling.NEUTRAL[k], v.dtype)])
+                for k, v in sampler_kw.items()}
+    sampler, flags = sampling.make_sampling(
+        n_rows, seeds=list(seeds) + [0] * pad, salts=list(salts) + [0] * pad, **settings)
+    arrays = _place((batch.tokens_BT, batch.positions_BT, batch.segment_ids_BT, batch.active_B,
+                     sampler), mesh, rules)
+    stop_ids = jax.device_put(stop_ids, None if mesh is None else sharding.replicated(mesh))
+    with sharding.use_mesh(mesh, rules):
+        state = jit_prefill(params, *arrays, stop_ids, config=config, flags=flags,
+                            max_new_tokens=max_new_tokens, cache_len=cache_len, mesh=mesh,
+                            rules=rules)
+        pending = set(range(len(batch.indices)))
+        step = 1
+        while pending:
+            end = min(step + chunk, max_new_tokens)
+            state = jit_decode(params, state, arrays[-1], stop_ids, jnp.int32(end),
+                               config=config, flags=flags, mesh=mesh, rules=rules)
+            # The one host sync per chunk.
+            step, done_B, stopped_B, lengths_B, tokens_BM, logprobs_BM = jax.device_get(
+                (state.step, state.done_B, state.stopped_B, state.lengths_B, state.tokens_BM,
+                 state.logprobs_BM))
+            step = int(step)
+            newly_done = []
+            for row in sorted(pending):
+                n = int(lengths_B[row])
+                toks, lps = tokens_BM[row, :n], logprobs_BM[row, :n]
+                cut = stop.cut_at_stop(toks, lambda ids: _decode_text(tokenizer, ids),
+                                       stop_strings) if stop_strings else None
+                if cut is not None:
+                    m, text = cut
+                    done = _finish(tokenizer, batch.indices[row], toks[:m], lps[:m], "stop",
+                                   False, text)
+                    newly_done.append(row)
+                elif done_B[row]:
+                    done = _finish(tokenizer, batch.indices[row], toks, lps,
+                                   "stop" if stopped_B[row] else "length", bool(stopped_B[row]))
+                elif step >= max_new_tokens:
+                    done = _finish(tokenizer, batch.indices[row], toks, lps, "length", False)
+                else:
+                    continue
+                pending.discard(row)
+                yield done
+            if newly_done and pending:
+                done_B = np.array(done_B)
+                done_B[newly_done] = True
+                state = state.replace(done_B=jax.device_put(done_B, state.done_B.sharding))
+
+
+def generate_stream(config: ModelConfig, params, prompts: Sequence[Sequence[int]], *,
+                    max_new_tokens: int, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0,
+                    repetition_penalty=1.0, stop_token_ids: Sequence[int] = (),
+                    stop_strings: Sequence[str] = (), tokenizer=None, seed: int = 0,
+                    seeds: Sequence[int] | None = None, mesh=None, rules="fsdp",
+                    batch_size: int | None = None, max_len: int | None = None,
+                    chunk_size: int | None = None,
+                    ignore_eos: bool = False) -> Iterator[Completion]:
+    """Like `generate`, but yields a `Completion` for each prompt as soon as it finishes.
+
+    Completion is observed at chunk boundaries: the device runs `chunk_size` decode steps
+    between host checks (default: 32 with stop strings, otherwise the whole budget in one
+    call). Completions come in finishing order; `Completion.index` is the prompt's index.
+    See `generate` for the arguments.
+    """
+    max_len = int(max_len or config.max_position)
+    prompts = batching.validate_prompts(prompts, max_new_tokens=max_new_tokens, max_len=max_len,
+                                        vocab_size=config.vocab_size)
+    stop_strings = stop.validate_stop_strings(stop_strings, tokenizer)
+    if seeds is not None and len(seeds) != len(prompts):
+        raise ValueError(f"seeds has {len(seeds)} entries for {len(prompts)} prompts")
+    sampler_kw = sampling.settings_arrays(
+        len(prompts), temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+        repetition_penalty=repetition_penalty)
+    shards = _batch_shards(mesh, rules)
+    if batch_size is None:
+        batch_size = min(batching.next_pow2(len(prompts)), batching.DEFAULT_BATCH_SIZE)
+    batch_size = -(-max(int(batch_size), 1) // shards) * shards
+    if chunk_size is None:
+        chunk_size = DEFAULT_STOP_CHUNK if stop_strings else max_new_tokens
+    pad_id = config.pad_token_id if config.pad_token_id is not None else 0
+    batches = batching.plan_batches(prompts, batch_size=batch_size,
+                                    cap=max_len - max_new_tokens, pad_id=pad_id)
+    if batches:
+        if mesh is None:
+            params = jax.device_put(params)
+        else:
+            params = jax.device_put(params, sharding.state_shardings(
+                transformer.abstract_params(config), mesh, rules))
+    run = dict(max_new_tokens=max_new_tokens, sampler_kw=sampler_kw,
+               stop_ids=_stop_ids(config, tokenizer, stop_token_ids, ignore_eos),
+               stop_strings=stop_strings, tokenizer=tokenizer, chunk=max(1, int(chunk_size)),
+               mesh=mesh, rules=rules)
+    # Validation above runs eagerly; the work below runs as the caller iterates.
+    return _stream(config, params, batches, seed=seed, seeds=seeds, run=run)
+
+
+def _stream(config, params, batches, *, seed, seeds, run) -> Iterator[Completion]:
+    for batch in batches:
+        # Per-row keys: an explicit seed per prompt, or the shared seed salted with the
+        # prompt's index; either way independent of how prompts were batched.
+        if seeds is not None:
+            row_seeds = ([int(seeds[i]) for i in batch.indices], [0] * len(batch.indices))
+        else:
+            row_seeds = ([int(seed)] * len(batch.indices), list(batch.indices))
+        t = batch.tokens_BT.shape[1]
+        # The last drawn token is never fed back, so the cache needs T + budget - 1 slots.
+        cache_len = t + max(run["max_new_tokens"] - 1, 0)
+        yield from _run_batch(config, params, batch, cache_len=cache_len,
+                              row_seeds=row_seeds, **run)
+
+
+def generate(config: ModelConfig, params, prompts: Sequence[Sequence[int]], *,
+             max_new_tokens: int, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0,
+             repetition_penalty=1.0, stop_token_ids: Sequence[int] = (),
+             stop_strings: Sequence[str] = (), tokenizer=None, seed: int = 0,
+             seeds: Sequence[int] | None = None, mesh=None, rules="fsdp",
+             batch_size: int | None = None, max_len: int | None = None,
+             chunk_size: int | None = None, ignore_eos: bool = False) -> GenerationOutput:
+    """Generates continuations of token-id prompts with a KV cache.
+
+    Args:
+      config, params: the model.
+      prompts: token id lists of any lengths (each at least one token).
+      max_new_tokens: the budget per prompt.
+      temperature: 0 = greedy; top_k (0 = off), top_p (1 = off), min_p (0 = off),
+        repetition_penalty (1 = off, HF semantics): scalars or one value per prompt.
+      stop_token_ids: extra ids that end a row (config and tokenizer EOS ids always do,
+        unless ignore_eos).
+      stop_strings: strings that end a row, found in the decoded text (needs tokenizer).
+      tokenizer: decodes texts (`texts` is filled when given).
+      seed: shared seed, salted per prompt index; seeds: one seed per prompt instead.
+      mesh, rules: place params, cache and batch on a mesh under a sharding preset.
+      batch_size: rows per compiled batch (default: prompts rounded up to a power of two,
+        at most 32; rounded up to a multiple of the mesh's batch shards).
+      max_len: cache capacity (default config.max_position); prompt + budget must fit.
+      chunk_size: decode steps between host checks (see `generate_stream`).
+      ignore_eos: do not stop on EOS ids (stop_token_ids still apply).
+    Returns:
+      GenerationOutput in prompt order; see the module docstring for what tokens, texts and
+      logprobs contain.
+    """
+    results: dict[int, Completion] = {}
+    for c in generate_stream(
+            config, params, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
+            top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty,
+            stop_token_ids=stop_token_ids, stop_strings=stop_strings, tokenizer=tokenizer,
+            seed=seed, seeds=seeds, mesh=mesh, rules=rules, batch_size=batch_size,
+            max_len=max_len, chunk_size=chunk_size, ignore_eos=ignore_eos):
+        results[c.index] = c
+    order = [results[i] for i in range(len(results))]
+    return GenerationOutput(
+        tokens=[c.tokens for c in order], logprobs=[c.logprobs for c in order],
+        finish_reasons=[c.finish_reason for c in order],
+        texts=[c.text for c in order] if tokenizer is not None else None)
