@@ -142,13 +142,17 @@ def pad_pair_batch(examples: Sequence[Example], *, batch_size: int, seq_len: int
       examples: Examples with completions (chosen, rejected).
       batch_size, seq_len, pad_id: as in pad_batch.
     Returns:
-      Preference batch, each key [B, 2, T].
+      Preference batch, each key [B, 2, T]; plus ref_logps float32 [B, 2] when every example
+      carries precomputed reference log-probs.
     """
     _check_rows(len(examples), batch_size)
     batch = _empty((batch_size, 2, seq_len), pad_id)
     for i, ex in enumerate(examples):
         for p in range(2):
             _place(batch, (i, p), 0, *sequence(ex.prompt, ex.completions[p]), 1)
+    if examples and all(ex.ref_logps is not None for ex in examples):
+        batch["ref_logps"] = np.zeros((batch_size, 2), np.float32)
+        batch["ref_logps"][:len(examples)] = [ex.ref_logps for ex in examples]
     return batch
 
 
@@ -167,7 +171,8 @@ def pack_pair_batch(examples: Sequence[Example], *, batch_size: int, seq_len: in
       max_pairs: M, the most pairs a row holds.
     Returns:
       LM keys [B, T] plus chosen_segment, rejected_segment int32 [B, M] (segment ids of the m-th
-      pair in the row: 2m+1 and 2m+2) and pair_mask float32 [B, M] (0 = empty slot).
+      pair in the row: 2m+1 and 2m+2) and pair_mask float32 [B, M] (0 = empty slot); plus
+      ref_logps float32 [B, M, 2] when every example carries precomputed reference log-probs.
     """
     packer = FirstFitPacker(num_rows=batch_size, seq_len=seq_len, max_items_per_row=max_pairs)
     for i, ex in enumerate(examples):
@@ -187,6 +192,11 @@ def pack_pair_batch(examples: Sequence[Example], *, batch_size: int, seq_len: in
                 batch[key][r, m] = 2 * m + 1 + p
                 offset += len(tokens)
             batch["pair_mask"][r, m] = 1.0
+    if examples and all(ex.ref_logps is not None for ex in examples):
+        batch["ref_logps"] = np.zeros((batch_size, max_pairs, 2), np.float32)
+        for r, items in enumerate(packer.rows):
+            for m, i in enumerate(items):
+                batch["ref_logps"][r, m] = examples[i].ref_logps
     return batch
 
 

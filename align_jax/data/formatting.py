@@ -46,11 +46,14 @@ class Example:
         (chosen, rejected) for preference.
       label: KTO label (1.0 desirable, 0.0 undesirable), else None.
       where: provenance of the record (`file:line`).
+      ref_logps: reference-model log-probs of each completion, precomputed once over the
+        dataset (DPO's cheap reference mode); pair batches carry them as `ref_logps`.
     """
     prompt: np.ndarray
     completions: tuple[np.ndarray, ...]
     label: float | None = None
     where: str = ""
+    ref_logps: tuple[float, ...] | None = None
 
     def lengths(self) -> tuple[int, ...]:
         return tuple(len(self.prompt) + len(c) for c in self.completions)

@@ -209,7 +209,8 @@ def make_loader(records_or_spec: Any, *, kind: str, tokenizer, seq_len: int, bat
                 max_pairs: int | None = None, chat_template: bool = True,
                 drop_remainder: bool = True, shard: tuple[int, int] | None = None,
                 split: str | None = None, data_dir: str | None = None,
-                prefetch: int = 0) -> Loader:
+                prefetch: int = 0,
+                annotate: Callable[[list], list] | None = None) -> Loader:
     """Builds a deterministic, resumable loader of Batches-contract numpy batches.
 
     Args:
@@ -235,6 +236,8 @@ def make_loader(records_or_spec: Any, *, kind: str, tokenizer, seq_len: int, bat
       shard: (process_index, process_count); default jax's.
       split, data_dir: for hf / tfds specs.
       prefetch: batches built ahead on a background thread (0 = none); resuming stays exact.
+      annotate: applied once to the tokenised examples before batching (e.g. to attach
+        precomputed reference log-probs); must keep their order and count.
     Returns:
       A Loader.
     """
@@ -256,6 +259,9 @@ def make_loader(records_or_spec: Any, *, kind: str, tokenizer, seq_len: int, bat
     if not examples:
         raise ValueError(f"no examples left to train on:\n{load_report.summary()}\n"
                          f"{trunc_report.summary()}")
+    if annotate is not None:
+        # E.g. reference log-probs computed once over the dataset, before any batching.
+        examples = list(annotate(examples))
     if pack and kind == "preference" and max_pairs is None:
         max_pairs = max(1, seq_len // min(batching.pair_length(ex) for ex in examples))
     if load_report.skipped or trunc_report.cut or trunc_report.dropped:

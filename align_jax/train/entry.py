@@ -1,0 +1,206 @@
+"""`align-jax train`: one objective on one dataset, configured by gin.
+
+    align-jax train --gin_file=configs/runs/sft_tiny.gin --gin_param='train_main.num_steps=50'
+
+`train_main` is the configurable surface: gin binds its arguments (model, data, objective,
+optimizer, mesh); everything below it is plain library code.
+"""
+
+import dataclasses
+import functools
+import json
+import logging
+import os
+import shutil
+from collections.abc import Mapping
+from typing import Any
+
+from align_jax import losses, sharding
+from align_jax.models.config import ModelConfig, get_config
+from align_jax.tokenizer import load_tokenizer
+from align_jax.train.loop import train
+from align_jax.train.optim import OptimizerConfig
+
+log = logging.getLogger(__name__)
+
+OBJECTIVES = {
+    # objective: (loss function, data kind)
+    "sft": (losses.sft_loss, "sft"),
+    "lm": (losses.lm_loss, "lm"),
+    "dpo": (losses.dpo_objective, "preference"),
+    "kto": (losses.kto_objective, "kto"),
+    "sami": (losses.sami_objective, "sami"),
+}
+REFERENCE_MODES = ("precomputed", "params")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
+                    "special_tokens_map.json", "chat_template.jinja")
+
+
+def _model(model: str | ModelConfig | None, overrides: Mapping[str, Any], init_from, tokenizer):
+    """The config to train, or None to take it from `init_from`'s config.json."""
+    if init_from is not None:
+        if model is not None and model != "hf":
+            raise ValueError(f"train_main: give either model={model!r} or init_from="
+                             f"{init_from!r}, not both (the checkpoint has its own config)")
+        return None
+    config = get_config(model) if isinstance(model, str) else model
+    if config is None:
+        raise ValueError("train_main: set `model` (a preset name) or `init_from` (an HF dir)")
+    overrides = dict(overrides)
+    if "vocab_size" not in overrides and config.vocab_size != tokenizer.vocab_size:
+        # A model trained from scratch takes its vocabulary from the tokenizer.
+        log.info("train_main: vocab_size %d -> %d (the tokenizer's)", config.vocab_size,
+                 tokenizer.vocab_size)
+        overrides["vocab_size"] = tokenizer.vocab_size
+    for key in ("bos_id", "eos_id", "pad_id"):
+        field = key.replace("_id", "_token_id")
+        if field not in overrides:
+            overrides[field] = getattr(tokenizer, key)
+    return dataclasses.replace(config, **overrides)
+
+
+def _steps_per_epoch(make) -> int:
+    loader = make(num_epochs=1)
+    try:
+        return sum(1 for _ in loader)
+    finally:
+        loader.close()
+
+
+def train_main(*, output_dir: str, data: str, objective: str = "sft",
+               model: str | ModelConfig | None = None,
+               model_overrides: Mapping[str, Any] | None = None, init_from: str | None = None,
+               tokenizer: str | None = None, seq_len: int = 512, batch_size: int = 8,
+               pack: bool = True, truncation: str = "truncate_prompt_left",
+               on_error: str = "raise", num_epochs: int = 1, num_steps: int | None = None,
+               optimizer: OptimizerConfig | None = None, grad_accum: int = 1,
+               mesh: sharding.MeshSpec | None = None, rules: str = "fsdp",
+               loss_kwargs: Mapping[str, Any] | None = None, reference: str = "precomputed",
+               vocab_chunk_size: int = 0, save_every: int = 1000, keep: int = 3,
+               log_every: int = 10, seed: int = 0, export_hf: bool = True,
+               progress: bool = True) -> dict[str, Any]:
+    """Trains one objective and exports the result as a Hugging Face checkpoint.
+
+    Args:
+      output_dir: run folder (checkpoints/, metrics.jsonl, tensorboard/, hf/ export).
+      data: records in the objective's schema (a .jsonl path or dir, "hf:...", "tfds:...").
+      objective: "sft", "lm" (raw text, the c-fine-tuned baseline), "dpo", "kto" or "sami".
+      model: a preset name (random init) when not starting from a checkpoint.
+      model_overrides: ModelConfig fields to replace (e.g. {"dtype": "bfloat16"}).
+      init_from: a Hugging Face checkpoint dir to start from (and DPO's reference model).
+      tokenizer: tokenizer dir or .model; default: init_from. "train:<text file>" trains a
+        small sentencepiece tokenizer on that file into <output_dir>/tokenizer (tiny runs).
+      seq_len, batch_size, pack, truncation, on_error: how records become batches (see
+        `align_jax.data.make_loader`); batch_size is global.
+      num_epochs: passes over the data when num_steps is None.
+      num_steps: updates; None derives it from num_epochs.
+      optimizer: optimizer and schedule; default AdamW at 3e-4, cosine.
+      grad_accum: microbatches per update.
+      mesh, rules: the device mesh and sharding preset.
+      loss_kwargs: keyword arguments of the objective (beta, loss_type, rpo_alpha, ...).
+      reference: DPO/KTO reference: "precomputed" (DPO: log-probs computed once over the data,
+        no second model in memory) or "params" (a frozen copy of the initial params).
+      vocab_chunk_size: >0 computes log-probs over vocabulary chunks (large vocabularies).
+      save_every, keep, log_every, seed: checkpointing, logging and randomness.
+      export_hf: write the final model and tokenizer to <output_dir>/hf.
+      progress: show progress bars.
+    Returns:
+      A summary dict (also written to <output_dir>/train_summary.json).
+    """
+    from align_jax.data import make_loader
+    from align_jax.runinfo import run_folder
+
+    if objective not in OBJECTIVES:
+        raise ValueError(f"train_main.objective={objective!r}: choose one of {sorted(OBJECTIVES)}")
+    if reference not in REFERENCE_MODES:
+        raise ValueError(f"train_main.reference={reference!r}: choose one of {REFERENCE_MODES}")
+    if objective == "kto" and reference == "precomputed":
+        # KTO's KL pairs are formed within each batch, so their reference values cannot be
+        # computed ahead of the shuffled order.
+        reference = "params"
+    loss_fn, kind = OBJECTIVES[objective]
+    tok_path = tokenizer or init_from
+    if tok_path is None:
+        raise ValueError("train_main: set `tokenizer` (or `init_from`, whose dir has one)")
+    if tok_path.startswith("train:"):
+        tok_path = build_tokenizer(tok_path.removeprefix("train:"),
+                                   os.path.join(output_dir, "tokenizer"))
+    tok = load_tokenizer(tok_path)
+    config = _model(model, model_overrides or {}, init_from, tok)
+    loss_kwargs = dict(loss_kwargs or {})
+    if vocab_chunk_size:
+        loss_kwargs["vocab_chunk_size"] = vocab_chunk_size
+    uses_reference = objective in ("dpo", "kto") and not (
+        objective == "dpo" and (loss_kwargs.get("reference_free")
+                                or loss_kwargs.get("loss_type") == "simpo"))
+
+    with run_folder(output_dir):
+        params_init: Any = init_from
+        annotate = None
+        ref_mode = "none"
+        if uses_reference and reference == "precomputed":
+            from align_jax.models.hf import load_hf
+            from align_jax.train.reference import attach_reference_logps
+            if init_from is None:
+                raise ValueError("train_main: DPO needs a reference model: set init_from (the "
+                                 "SFT checkpoint) or use loss_kwargs={'reference_free': True}")
+            config, params_init = load_hf(init_from)
+            annotate = functools.partial(
+                attach_reference_logps, config=config, params=params_init, seq_len=seq_len,
+                batch_size=batch_size, cache_dir=os.path.join(output_dir, "cache"),
+                vocab_chunk_size=vocab_chunk_size)
+        elif uses_reference:
+            ref_mode = "initial"
+
+        make = functools.partial(
+            make_loader, data, kind=kind, tokenizer=tok, seq_len=seq_len, batch_size=batch_size,
+            pack=pack and kind in ("lm", "sft", "preference"), truncation=truncation, seed=seed,
+            on_error=on_error, annotate=annotate)
+        if num_steps is None:
+            num_steps = max(1, _steps_per_epoch(make) * num_epochs)
+        loader = make(num_epochs=None)
+        state = train(config=config, params_init=params_init, loss_fn=loss_fn,
+                      loss_kwargs=loss_kwargs, data_iterator=loader,
+                      optimizer=optimizer or OptimizerConfig(), num_steps=num_steps,
+                      grad_accum=grad_accum, mesh_spec=mesh, rules=rules, workdir=output_dir,
+                      save_every=save_every, keep=keep, log_every=log_every, seed=seed,
+                      ref_params=ref_mode,
+                      export_hf_dir=os.path.join(output_dir, "hf") if export_hf else None,
+                      progress=progress)
+        loader.close()
+        if export_hf:
+            _copy_tokenizer(tok_path, os.path.join(output_dir, "hf"))
+        summary = {"objective": objective, "num_steps": int(state.step),
+                   "data": {"load": loader.load_report.summary(),
+                            "truncation": loader.truncation_report.summary(),
+                            "examples": loader.num_examples},
+                   "hf_export": os.path.join(output_dir, "hf") if export_hf else None}
+        with open(os.path.join(output_dir, "train_summary.json"), "w") as f:
+            json.dump(summary, f, indent=1)
+    return summary
+
+
+def _copy_tokenizer(src: str, dst: str) -> None:
+    """Puts the tokenizer files next to the exported weights: a complete HF model dir."""
+    src_dir = src if os.path.isdir(src) else os.path.dirname(src)
+    if not os.path.isdir(src_dir):
+        return
+    for name in _TOKENIZER_FILES:
+        path = os.path.join(src_dir, name)
+        if os.path.exists(path) and not os.path.exists(os.path.join(dst, name)):
+            shutil.copy(path, dst)
+    if src.endswith(".model") and not os.path.isdir(src):
+        shutil.copy(src, os.path.join(dst, "tokenizer.model"))
+
+
+def build_tokenizer(text_path: str, out_dir: str, *, vocab_size: int = 512) -> str:
+    """Trains a sentencepiece tokenizer on a text file (once; reused when present)."""
+    from align_jax.tokenizer import train_tokenizer
+    if os.path.exists(os.path.join(out_dir, "tokenizer.json")):
+        return out_dir
+    if not os.path.isfile(text_path):
+        raise FileNotFoundError(f"tokenizer=train:{text_path}: no such text file")
+    with open(text_path, encoding="utf-8") as f:
+        lines = [line for line in f.read().splitlines() if line.strip()]
+    train_tokenizer(lines, out_dir, vocab_size=vocab_size)
+    return out_dir

@@ -1,0 +1,77 @@
+"""DPO's cheap reference mode: reference log-probs computed once over the dataset.
+
+The reference model then never sits in memory during training, and a resumed run reads the
+values back from a cache file keyed by the examples and the reference params.
+"""
+
+import functools
+import hashlib
+import logging
+import os
+
+import jax
+import numpy as np
+from tqdm import tqdm
+
+from align_jax.data import batching
+from align_jax.data.formatting import Example
+from align_jax.losses import precompute_ref_logps
+from align_jax.models.config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+
+def _fingerprint(examples: list[Example], config: ModelConfig, params) -> str:
+    h = hashlib.sha256(repr(config).encode())
+    for ex in examples:
+        h.update(np.asarray(ex.prompt, np.int32).tobytes())
+        for c in ex.completions:
+            h.update(b"|" + np.asarray(c, np.int32).tobytes())
+    # A cheap digest of the params: their sums per leaf.
+    sums = [float(np.asarray(jax.device_get(x), np.float64).sum()) for x in jax.tree.leaves(params)]
+    h.update(np.asarray(sums).tobytes())
+    return h.hexdigest()[:16]
+
+
+def attach_reference_logps(examples: list[Example], *, config: ModelConfig, params,
+                           seq_len: int, batch_size: int = 8, cache_dir: str | None = None,
+                           vocab_chunk_size: int = 0) -> list[Example]:
+    """Returns the examples with `ref_logps` = (chosen, rejected) summed log-probs under params.
+
+    Args:
+      examples: tokenised preference examples (completions = (chosen, rejected)).
+      config, params: the reference model (for DPO after SFT: the SFT model).
+      seq_len: the training sequence length (each sequence fits it after truncation).
+      batch_size: rows per forward pass.
+      cache_dir: when given, values are stored there and reused by a resumed run.
+      vocab_chunk_size: see `align_jax.losses.dpo_objective`.
+    Returns:
+      New Example objects in the same order.
+    """
+    path = None
+    if cache_dir is not None:
+        key = _fingerprint(examples, config, params)
+        path = os.path.join(cache_dir, f"ref_logps-{key}.npy")
+        if os.path.exists(path):
+            values = np.load(path)
+            log.info("reference log-probs read from %s", path)
+            return [_with(ex, v) for ex, v in zip(examples, values)]
+    fn = jax.jit(functools.partial(precompute_ref_logps, config,
+                                   vocab_chunk_size=vocab_chunk_size))
+    values = np.zeros((len(examples), 2), np.float32)
+    starts = range(0, len(examples), batch_size)
+    for start in tqdm(starts, desc="reference log-probs", unit="batch", leave=False):
+        chunk = examples[start:start + batch_size]
+        batch = batching.pad_pair_batch(chunk, batch_size=batch_size, seq_len=seq_len)
+        values[start:start + len(chunk)] = np.asarray(fn(params, batch))[:len(chunk)]
+    if path is not None:
+        os.makedirs(cache_dir, exist_ok=True)
+        tmp = path + ".tmp.npy"
+        np.save(tmp, values)
+        os.replace(tmp, path)
+    return [_with(ex, v) for ex, v in zip(examples, values)]
+
+
+def _with(example: Example, values) -> Example:
+    import dataclasses
+    return dataclasses.replace(example, ref_logps=(float(values[0]), float(values[1])))

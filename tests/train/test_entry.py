@@ -1,0 +1,94 @@
+"""Entry tests: `align-jax train` through the real CLI on the tiny model, every run file."""
+
+import glob
+import json
+import math
+import os
+import pathlib
+
+import gin
+import pytest
+
+from align_jax import cli
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(autouse=True)
+def _in_repo(monkeypatch):
+    monkeypatch.chdir(ROOT)
+    gin.clear_config()
+    yield
+    gin.clear_config()
+
+
+def _train(run, out, *params):
+    args = ["train", f"--gin_file=configs/runs/{run}.gin", f"--output_dir={out}",
+            "--gin_param=entry.train_main.progress=False", *[f"--gin_param={p}" for p in params]]
+    assert cli.main(args) == 0
+    return [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+
+
+@pytest.fixture(scope="module")
+def sft_dir(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("sft"))
+    gin.clear_config()
+    cwd = os.getcwd()
+    os.chdir(ROOT)
+    try:
+        metrics = _train("sft_tiny", out, "entry.train_main.log_every=1")
+    finally:
+        os.chdir(cwd)
+        gin.clear_config()
+    return out, metrics
+
+
+def test_sft_loss_falls_and_run_folder_is_complete(sft_dir):
+    out, metrics = sft_dir
+    assert metrics[-1]["loss"] < metrics[0]["loss"] - 0.5, (metrics[0], metrics[-1])
+    for name in ("operative_config.gin", "run_info.json", "train_summary.json",
+                 "hf/config.json", "hf/model.safetensors", "hf/tokenizer.json"):
+        assert os.path.exists(os.path.join(out, name)), name
+    info = json.load(open(os.path.join(out, "run_info.json")))
+    assert info["jax"] and "git_commit" in info
+    assert "objective = 'sft'" in open(os.path.join(out, "operative_config.gin")).read()
+
+
+@pytest.mark.parametrize("reference", ["precomputed", "params"])
+def test_dpo_starts_at_ln2_and_learns(sft_dir, tmp_path, reference):
+    metrics = _train("dpo_tiny", str(tmp_path), f"HF_CHECKPOINT='{sft_dir[0]}/hf'",
+                     f"entry.train_main.reference='{reference}'", "entry.train_main.log_every=1",
+                     "entry.train_main.num_steps=12")
+    # Policy == reference at step 1: every pair's loss is ln 2.
+    assert metrics[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)
+    assert metrics[-1]["loss"] < math.log(2) - 0.1
+    if reference == "precomputed":
+        assert glob.glob(str(tmp_path / "cache" / "ref_logps-*.npy"))
+
+
+@pytest.mark.parametrize("run", ["lm_tiny", "kto_tiny", "sami_tiny"])
+def test_other_objectives_learn(tmp_path, run):
+    metrics = _train(run, str(tmp_path), "entry.train_main.log_every=1",
+                     "entry.train_main.num_steps=20")
+    assert metrics[-1]["loss"] < metrics[0]["loss"], (metrics[0], metrics[-1])
+
+
+def test_every_run_file_parses_against_the_tiny_model():
+    from align_jax.train import entry
+    for path in sorted(glob.glob(str(ROOT / "configs" / "runs" / "*.gin"))):
+        gin.clear_config()
+        if path.endswith("train_base.gin"):
+            continue
+        gin.parse_config_files_and_bindings(
+            [path], ["MODEL='tiny'", "INIT_FROM=None", "HF_CHECKPOINT=None"],
+            finalize_config=False)
+        bound = gin.get_bindings(entry.train_main)
+        assert bound["objective"] in entry.OBJECTIVES, path
+        assert bound["mesh"].shape(8), path
+
+
+def test_bad_data_is_reported_with_file_and_line(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "completion": "b"}\nnot json\n')
+    with pytest.raises(Exception, match=r"bad.jsonl:2"):
+        _train("sft_tiny", str(tmp_path / "run"), f"entry.train_main.data='{bad}'")
