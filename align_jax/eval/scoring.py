@@ -1,0 +1,86 @@
+"""Held-out scores of a model: answer log-likelihood and preference accuracy.
+
+Both are exact quantities of the model on records it did not train on, computed with one
+jitted forward per batch (the same log-prob code as the losses).
+"""
+
+import functools
+
+import jax
+import numpy as np
+
+from align_jax.data import batching
+from align_jax.data.formatting import format_records
+from align_jax.losses.logprobs import forward_token_logps
+from align_jax.models.config import ModelConfig
+
+
+@functools.cache
+def _jit_sums(config: ModelConfig):
+    def sums(params, batch):
+        logps, mask = forward_token_logps(config, params, batch, where="eval")
+        return logps.sum(-1), mask.sum(-1)
+    return jax.jit(sums)
+
+
+def _examples(records, *, kind, tokenizer, seq_len):
+    examples, _, skipped = format_records(records, kind=kind, tokenizer=tokenizer,
+                                          seq_len=seq_len, truncation="truncate_prompt_left",
+                                          on_error="skip")
+    return examples, len(skipped)
+
+
+def answer_nll(config: ModelConfig, params, tokenizer, records, *, seq_len: int,
+               batch_size: int = 8) -> dict[str, float]:
+    """Mean negative log-likelihood per answer token of SFT records' completions.
+
+    Args:
+      config, params: the model.
+      tokenizer: its tokenizer (chat template applied to prompts, as in training).
+      records: dicts with `prompt` and `completion`.
+      seq_len: rows are truncated on the prompt side to this length.
+      batch_size: rows per forward.
+    Returns:
+      {"nll_per_token", "perplexity", "examples", "skipped"}.
+    """
+    examples, skipped = _examples(records, kind="sft", tokenizer=tokenizer, seq_len=seq_len)
+    fn, total, count = _jit_sums(config), 0.0, 0.0
+    for i in range(0, len(examples), batch_size):
+        chunk = examples[i:i + batch_size]
+        batch = batching.pad_batch([batching.sequence(e.prompt, e.completions[0]) for e in chunk],
+                                   batch_size=batch_size, seq_len=seq_len)
+        s, n = (np.asarray(x) for x in fn(params, batch))
+        total, count = total - float(s.sum()), count + float(n.sum())
+    nll = total / max(count, 1.0)
+    return {"nll_per_token": nll, "perplexity": float(np.exp(min(nll, 50.0))),
+            "examples": len(examples), "skipped": skipped}
+
+
+def preference_accuracy(config: ModelConfig, params, tokenizer, records, *, seq_len: int,
+                        batch_size: int = 8, reference=None) -> dict[str, float]:
+    """How often the model gives the chosen answer a higher log-likelihood than the rejected.
+
+    With `reference` = (config, params) the comparison uses DPO's implicit reward,
+    log p(y|x) - log p_ref(y|x); otherwise raw log-likelihoods.
+
+    Returns:
+      {"accuracy", "mean_margin", "examples", "skipped"}.
+    """
+    examples, skipped = _examples(records, kind="preference", tokenizer=tokenizer,
+                                  seq_len=seq_len)
+
+    def margins(cfg, prm):
+        fn, out = _jit_sums(cfg), []
+        for i in range(0, len(examples), batch_size):
+            chunk = examples[i:i + batch_size]
+            batch = batching.pad_pair_batch(chunk, batch_size=batch_size, seq_len=seq_len)
+            s = np.asarray(fn(prm, batch)[0])[:len(chunk)]
+            out.append(s[:, 0] - s[:, 1])
+        return np.concatenate(out) if out else np.zeros(0)
+
+    m = margins(config, params)
+    if reference is not None:
+        m = m - margins(*reference)
+    return {"accuracy": float(np.mean(m > 0)) if len(m) else float("nan"),
+            "mean_margin": float(np.mean(m)) if len(m) else float("nan"),
+            "examples": len(examples), "skipped": skipped}

@@ -1,0 +1,171 @@
+"""OpenAI's wire format for the HTTP server: request bodies, errors, streamed deltas.
+
+Bodies are validated strictly (no type coercion) and unknown fields are rejected, with one
+clear message naming the field. Errors have OpenAI's shape
+{"error": {"message", "type", "param", "code"}}.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Literal
+
+import pydantic
+from fastapi.responses import JSONResponse
+
+from align_jax.generate.serving import Row
+
+# Most deltas one streamed row is cut into (each costs a decode of the row's prefix).
+_MAX_DELTAS = 256
+
+
+class _Body(pydantic.BaseModel):
+    # Unknown fields are rejected rather than silently ignored.
+    model_config = pydantic.ConfigDict(extra="forbid")
+
+
+class _StreamOptions(_Body):
+    include_usage: bool = False
+
+
+class SamplingFields(_Body):
+    """Fields shared by completion and chat bodies (top_k, min_p, repetition_penalty are
+    extensions, as in vLLM)."""
+
+    model: str | None = None
+    max_tokens: int | None = None
+    temperature: float = pydantic.Field(1.0, ge=0.0)
+    top_p: float = pydantic.Field(1.0, gt=0.0, le=1.0)
+    top_k: int = pydantic.Field(0, ge=-1)
+    min_p: float = pydantic.Field(0.0, ge=0.0, le=1.0)
+    repetition_penalty: float = pydantic.Field(1.0, gt=0.0)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    n: int = 1
+    stream: bool = False
+    stream_options: _StreamOptions | None = None
+    user: str | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[str, float] | None = None
+
+
+class CompletionRequest(SamplingFields):
+    """Body of POST /v1/completions."""
+
+    prompt: str | list[str] | list[int] | list[list[int]]
+    echo: bool = False
+    logprobs: int | None = None
+    best_of: int | None = None
+    suffix: str | None = None
+
+
+class _TextPart(_Body):
+    type: Literal["text"]
+    text: str
+
+
+class _Message(_Body):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[_TextPart]
+    name: str | None = None
+
+
+class ChatRequest(SamplingFields):
+    """Body of POST /v1/chat/completions."""
+
+    messages: list[_Message]
+    max_completion_tokens: int | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+
+
+class TokenizeRequest(_Body):
+    """Body of POST /tokenize (vLLM's shape): a prompt or messages."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[_Message] | None = None
+    add_special_tokens: bool = True
+
+
+class APIError(Exception):
+    """An error answered to the client in OpenAI's error shape."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = (
+            status, message, type, param, code)
+
+    def response(self) -> JSONResponse:
+        return JSONResponse({"error": {"message": self.message, "type": self.type,
+                                       "param": self.param, "code": self.code}},
+                            status_code=self.status)
+
+
+def _is_type_tag(part) -> bool:
+    # pydantic names the member of a union it tried ("str", "list[int]") inside `loc`.
+    return isinstance(part, str) and (part in ("str", "int", "float", "bool") or "[" in part)
+
+
+def parse_body(model: type[pydantic.BaseModel], raw: bytes):
+    """Validates a JSON body strictly; raises APIError(400) naming the first bad field."""
+    if not raw.strip():
+        raise APIError(400, "request body is empty; expected a JSON object", code="invalid_json")
+    try:
+        return model.model_validate_json(raw, strict=True)
+    except pydantic.ValidationError as e:
+        errors = e.errors(include_url=False)
+        err = errors[0]
+        if err["type"] == "json_invalid":
+            raise APIError(400, f"request body is not valid JSON: {err['msg']}",
+                           code="invalid_json") from None
+        parts = [x for x in err["loc"] if not _is_type_tag(x)]
+        loc = ".".join(str(x) for x in parts)
+        what = {"extra_forbidden": "unknown field", "missing": "missing required field"}.get(
+            err["type"])
+        tags = [x for x in err["loc"] if _is_type_tag(x)]
+        if not loc:
+            msg = f"request body: {err['msg']}"
+        elif what:
+            msg = f"{what} {loc!r}"
+        elif tags:  # a union: every member failed
+            kinds = sorted({str(t) for x in errors for t in x["loc"] if _is_type_tag(t)})
+            msg = f"field {loc!r} has the wrong type; expected one of {', '.join(kinds)}"
+        else:
+            msg = f"field {loc!r}: {err['msg']}"
+        raise APIError(400, msg, param=loc or None, code=err["type"]) from None
+
+
+def text_deltas(tokenizer, row: Row) -> list[str]:
+    """Pieces of row.text, split at token boundaries, that concatenate to row.text."""
+    pieces, sent = [], ""
+    n = len(row.tokens)
+    step = max(1, -(-n // _MAX_DELTAS))
+    for i in range(step, n + 1, step):
+        prefix = tokenizer.decode(row.tokens[:i])
+        # Hold back half-decoded characters and anything past a stop string.
+        if len(prefix) > len(sent) and row.text.startswith(prefix) \
+                and not prefix.endswith("\ufffd"):
+            pieces.append(prefix[len(sent):])
+            sent = prefix
+    if row.text != sent:
+        pieces.append(row.text[len(sent):])
+    return pieces
+
+
+def sse(obj) -> str:
+    """One server-sent event carrying `obj` as JSON."""
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+def message_dicts(messages: list[_Message]) -> list[dict]:
+    """Plain {role, content} dicts for the chat template (text parts joined, developer = system)."""
+    out = []
+    for m in messages:
+        content = m.content if isinstance(m.content, str) else "".join(
+            p.text for p in m.content)
+        out.append({"role": "system" if m.role == "developer" else m.role,
+                    "content": content})
+    return out

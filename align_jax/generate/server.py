@@ -1,0 +1,400 @@
+"""An OpenAI-compatible HTTP server over `align_jax.generate` (`align-jax serve`).
+
+Endpoints, in OpenAI's JSON schema: GET /v1/models, POST /v1/completions and
+POST /v1/chat/completions (`stream: true` answers with server-sent events), plus
+POST /tokenize (vLLM's shape, so teachers can count tokens remotely) and GET /health.
+Extensions accepted in the body: top_k (0 or -1 = off), min_p, repetition_penalty.
+Errors use OpenAI's shape {"error": {"message", "type", "param", "code"}} (openai_api.py).
+
+Handlers parse and validate on the event loop, then hand a job to the `Batcher`'s worker
+thread (serving.py), which batches concurrent requests into shared `generate` calls and
+settles each request's asyncio future; generation never runs on the event loop.
+
+Streaming: generate reports a row only once it has finished, so a streamed answer is
+produced in full and then sent as a sequence of deltas (one per token, or per few tokens for
+long answers) whose concatenation is the non-streamed text.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import logging
+import os
+import secrets
+import socket
+import threading
+import time
+import uuid
+
+import fastapi
+import uvicorn
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from align_jax.generate.openai_api import (
+    APIError,
+    ChatRequest,
+    CompletionRequest,
+    SamplingFields,
+    TokenizeRequest,
+    message_dicts,
+    parse_body,
+    sse,
+    text_deltas,
+)
+from align_jax.generate.serving import Batcher, Job, Row, row_seed
+
+log = logging.getLogger(__name__)
+
+
+def prompt_ids(tokenizer, prompt: str) -> list[int]:
+    """Token ids of a raw completion prompt: BOS (when the tokenizer has one) + the text."""
+    return tokenizer.encode(prompt, add_bos=True)
+
+
+def chat_ids(tokenizer, messages: list[dict]) -> list[int]:
+    """Token ids of a conversation rendered by the chat template, opening an assistant turn."""
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    return tokenizer.encode(text, add_bos=False)
+
+
+def make_app(config, params, tokenizer, *, model_name: str, api_key: str | None = None,
+             max_batch_size: int = 16, batch_window_s: float = 0.01,
+             max_len: int | None = None, max_prompt_tokens: int | None = None,
+             max_new_tokens_limit: int | None = None, mesh=None,
+             rules="fsdp") -> fastapi.FastAPI:
+    """Builds the FastAPI app (run it with uvicorn, or `ServerThread` in tests/notebooks).
+
+    Args:
+      config, params: the model.  tokenizer: its `align_jax.tokenizer.Tokenizer`.
+      model_name: the id clients pass as `model` (others get 404).
+      api_key: when set, requests must send `Authorization: Bearer <api_key>` (else 401).
+      max_batch_size: prompt rows the worker collects before it stops waiting.
+      batch_window_s: how long the worker waits for more requests after the first one.
+      max_len: context length (prompt + completion); default config.max_position.
+      max_prompt_tokens: longest accepted prompt; default max_len - 1.
+      max_new_tokens_limit: largest accepted max_tokens; default min(4096, max_len - 1).
+      mesh, rules: passed to `generate`.
+    Returns:
+      The app; `app.state.batcher` is its `Batcher`.
+    """
+    max_len = int(max_len or config.max_position)
+    max_prompt = int(max_prompt_tokens or max_len - 1)
+    max_new = int(max_new_tokens_limit or min(4096, max_len - 1))
+    batcher = Batcher(config, params, tokenizer, max_len=max_len, max_batch_size=max_batch_size,
+                      batch_window_s=batch_window_s, mesh=mesh, rules=rules)
+    started = int(time.time())
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_):
+        batcher.start()
+        yield
+        batcher.stop()
+
+    app = fastapi.FastAPI(title="align-jax", lifespan=lifespan)
+    app.state.batcher = batcher
+
+    @app.exception_handler(APIError)
+    async def _api_error(_, e: APIError):
+        return e.response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request, e: StarletteHTTPException):
+        return APIError(e.status_code, f"{request.method} {request.url.path}: {e.detail}",
+                        code=str(e.status_code)).response()
+
+    def authorize(request: fastapi.Request) -> None:
+        if api_key is None:
+            return
+        got = request.headers.get("authorization", "")
+        if not hmac.compare_digest(got.encode(), f"Bearer {api_key}".encode()):
+            raise APIError(401, "missing or incorrect API key (send 'Authorization: Bearer "
+                           "<key>')", code="invalid_api_key")
+
+    def check_common(req: SamplingFields) -> None:
+        if req.model is not None and req.model != model_name:
+            raise APIError(404, f"model {req.model!r} does not exist; this server serves "
+                           f"{model_name!r}", param="model", code="model_not_found")
+        if req.n != 1:
+            raise APIError(400, f"n={req.n} is not supported; only n=1", param="n")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(req, name):
+                raise APIError(400, f"{name} is not supported (use repetition_penalty)",
+                               param=name)
+        if req.logit_bias:
+            raise APIError(400, "logit_bias is not supported", param="logit_bias")
+        stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+        if any(not s for s in stops) or len(stops) > 16:
+            raise APIError(400, "stop must be up to 16 non-empty strings", param="stop")
+
+    def make_job(req: SamplingFields, prompts: list[list[int]], max_tokens: int | None,
+                 default_max: int, prompt_param: str) -> Job:
+        longest = max(len(p) for p in prompts)
+        if longest > max_prompt:
+            raise APIError(400, f"the prompt has {longest} tokens; this server accepts at most "
+                           f"{max_prompt}", param=prompt_param, code="context_length_exceeded")
+        if max_tokens is None:
+            max_tokens = max(1, min(default_max, max_len - longest))
+        if not 1 <= max_tokens <= max_new:
+            raise APIError(400, f"max_tokens={max_tokens} is out of range: it must be between "
+                           f"1 and {max_new}", param="max_tokens")
+        if longest + max_tokens > max_len:
+            raise APIError(400, f"the prompt ({longest} tokens) + max_tokens ({max_tokens}) "
+                           f"exceeds the context length {max_len}; shorten the prompt or "
+                           f"lower max_tokens", param=prompt_param,
+                           code="context_length_exceeded")
+        seed = req.seed if req.seed is not None else secrets.randbits(32)
+        return Job(prompts=prompts, max_tokens=max_tokens, seeds=[row_seed(seed, i) for i in
+                                                                  range(len(prompts))],
+                   sampling=dict(temperature=req.temperature, top_k=max(req.top_k, 0),
+                                 top_p=req.top_p, min_p=req.min_p,
+                                 repetition_penalty=req.repetition_penalty),
+                   stop=tuple([req.stop] if isinstance(req.stop, str) else req.stop or ()),
+                   deliver=None)
+
+    async def run(job: Job) -> list[Row]:
+        try:
+            return await batcher.run(job)
+        except ValueError as e:
+            raise APIError(400, str(e)) from None
+        except Exception as e:  # noqa: BLE001
+            raise APIError(500, f"generation failed: {type(e).__name__}: {e}",
+                           type="server_error") from None
+
+    def usage(prompts, rows) -> dict:
+        p, c = sum(len(x) for x in prompts), sum(len(r.tokens) for r in rows)
+        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+    def answer(req, prompts, rows, *, chat: bool):
+        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        head = {"id": rid, "created": int(time.time()), "model": model_name}
+        if not req.stream:
+            if chat:
+                choices = [{"index": i, "message": {"role": "assistant", "content": r.text},
+                            "finish_reason": r.finish_reason, "logprobs": None}
+                           for i, r in enumerate(rows)]
+            else:
+                choices = [{"index": i, "text": r.text, "finish_reason": r.finish_reason,
+                            "logprobs": None} for i, r in enumerate(rows)]
+            return JSONResponse({**head, "object": "chat.completion" if chat else
+                                 "text_completion", "choices": choices,
+                                 "usage": usage(prompts, rows)})
+        obj = "chat.completion.chunk" if chat else "text_completion"
+
+        def choice(i, piece, reason):
+            if chat:
+                delta = {} if piece is None else {"content": piece}
+                return {"index": i, "delta": delta, "finish_reason": reason, "logprobs": None}
+            return {"index": i, "text": piece or "", "finish_reason": reason,
+                    "logprobs": None}
+
+        def events():
+            for i, r in enumerate(rows):
+                if chat:
+                    yield sse({**head, "object": obj, "choices": [{
+                        "index": i, "delta": {"role": "assistant", "content": ""},
+                        "finish_reason": None, "logprobs": None}]})
+                for piece in text_deltas(tokenizer, r):
+                    yield sse({**head, "object": obj, "choices": [choice(i, piece, None)]})
+                yield sse({**head, "object": obj,
+                            "choices": [choice(i, None, r.finish_reason)]})
+            if req.stream_options is not None and req.stream_options.include_usage:
+                yield sse({**head, "object": obj, "choices": [],
+                            "usage": usage(prompts, rows)})
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    async def models(request: fastapi.Request):
+        authorize(request)
+        return {"object": "list", "data": [
+            {"id": model_name, "object": "model", "created": started, "owned_by": "align-jax",
+             "max_model_len": max_len}]}
+
+    @app.get("/v1/models/{name:path}")
+    async def model(name: str, request: fastapi.Request):
+        authorize(request)
+        if name != model_name:
+            raise APIError(404, f"model {name!r} does not exist", param="model",
+                           code="model_not_found")
+        return {"id": model_name, "object": "model", "created": started,
+                "owned_by": "align-jax", "max_model_len": max_len}
+
+    @app.post("/v1/completions")
+    async def completions(request: fastapi.Request):
+        authorize(request)
+        req = parse_body(CompletionRequest, await request.body())
+        check_common(req)
+        for name, ok in (("echo", not req.echo), ("logprobs", req.logprobs is None),
+                         ("best_of", req.best_of in (None, 1)), ("suffix", req.suffix is None)):
+            if not ok:
+                raise APIError(400, f"{name} is not supported", param=name)
+        p = req.prompt
+        if isinstance(p, str):
+            prompts = [prompt_ids(tokenizer, p)]
+        elif p and all(isinstance(x, int) for x in p):
+            prompts = [list(p)]
+        else:
+            prompts = [prompt_ids(tokenizer, x) if isinstance(x, str) else list(x) for x in p]
+        if not prompts or any(not x for x in prompts):
+            raise APIError(400, "prompt is empty", param="prompt")
+        bad = [t for x in prompts for t in x if not 0 <= t < config.vocab_size]
+        if bad:
+            raise APIError(400, f"prompt token id {bad[0]} is outside [0, {config.vocab_size})",
+                           param="prompt")
+        job = make_job(req, prompts, req.max_tokens, 16, "prompt")
+        return answer(req, prompts, await run(job), chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: fastapi.Request):
+        authorize(request)
+        req = parse_body(ChatRequest, await request.body())
+        check_common(req)
+        if req.logprobs or req.top_logprobs:
+            raise APIError(400, "logprobs are not supported", param="logprobs")
+        if req.max_tokens is not None and req.max_completion_tokens is not None:
+            raise APIError(400, "give max_tokens or max_completion_tokens, not both",
+                           param="max_tokens")
+        try:
+            ids = chat_ids(tokenizer, message_dicts(req.messages))
+        except (ValueError, TypeError) as e:
+            raise APIError(400, f"messages: {e}", param="messages") from None
+        job = make_job(req, [ids], req.max_tokens if req.max_tokens is not None
+                       else req.max_completion_tokens, max_new, "messages")
+        return answer(req, [ids], await run(job), chat=True)
+
+    @app.post("/tokenize")
+    async def tokenize(request: fastapi.Request):
+        authorize(request)
+        req = parse_body(TokenizeRequest, await request.body())
+        if (req.prompt is None) == (req.messages is None):
+            raise APIError(400, "give exactly one of prompt or messages", param="prompt")
+        if req.prompt is not None:
+            ids = tokenizer.encode(req.prompt, add_bos=req.add_special_tokens)
+        else:
+            try:
+                ids = chat_ids(tokenizer, message_dicts(req.messages))
+            except (ValueError, TypeError) as e:
+                raise APIError(400, f"messages: {e}", param="messages") from None
+        return {"tokens": ids, "count": len(ids), "max_model_len": max_len}
+
+    return app
+
+
+class _Server(uvicorn.Server):
+    """uvicorn, except that a SIGINT/SIGTERM stop returns normally from run().
+
+    uvicorn re-raises the caught signal after its graceful shutdown, which would kill the
+    process before `serve_main` completes its run folder.
+    """
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        with super().capture_signals():
+            try:
+                yield
+            finally:
+                captured = getattr(self, "_captured_signals", None)
+                if isinstance(captured, list):
+                    captured.clear()
+
+
+class ServerThread:
+    """Runs an app under uvicorn in a background thread (tests, notebooks).
+
+    Binds before starting, so port=0 picks a free port; `url` is http://host:port.
+    """
+
+    def __init__(self, app, *, host: str = "127.0.0.1", port: int = 0,
+                 log_level: str = "warning", startup_timeout: float = 30.0):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        self.host, self.port = host, sock.getsockname()[1]
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, lifespan="on"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]},
+                                       name="align-jax-server", daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + startup_timeout
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"server on {host}:{self.port} did not start")
+            time.sleep(0.01)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+def app_from_checkpoint(model_dir: str, *, model_name: str | None = None,
+                        dtype: str = "float32", mesh=None, rules: str = "fsdp",
+                        **kwargs) -> fastapi.FastAPI:
+    """Loads a Hugging Face checkpoint dir (with its tokenizer files) and builds the app.
+
+    Args:
+      model_dir: the checkpoint dir.
+      model_name: the served model id (default: the dir's base name).
+      dtype: parameter/compute dtype.  mesh, rules: shard the model (None: one device).
+      **kwargs: passed to `make_app`.
+    Returns:
+      The app.
+    """
+    import jax.numpy as jnp
+
+    from align_jax.models.hf import load_hf
+    from align_jax.tokenizer import load_tokenizer
+
+    config, params = load_hf(model_dir, dtype=jnp.dtype(dtype), mesh=mesh, rules=rules)
+    tokenizer = load_tokenizer(model_dir)
+    name = model_name or os.path.basename(os.path.normpath(model_dir))
+    return make_app(config, params, tokenizer, model_name=name, mesh=mesh, rules=rules,
+                    **kwargs)
+
+
+def serve_main(*, model_dir: str, host: str = "127.0.0.1", port: int = 8000,
+               api_key: str | None = None, model_name: str | None = None,
+               max_batch_size: int = 16, batch_window_ms: float = 10.0,
+               max_len: int | None = None, max_prompt_tokens: int | None = None,
+               max_new_tokens_limit: int | None = None, dtype: str = "float32",
+               mesh_spec=None, rules: str = "fsdp", output_dir: str | None = None,
+               log_level: str = "info") -> int:
+    """Entry of `align-jax serve`: serves an HF checkpoint dir until stopped (Ctrl-C).
+
+    Args:
+      model_dir: Hugging Face checkpoint dir (config.json, safetensors, tokenizer files).
+      host, port: where to listen; keep 127.0.0.1 unless an api_key guards the server.
+      api_key: required bearer token; default: $ALIGN_JAX_API_KEY if set, else none.
+      model_name: the served model id (default: the dir's base name).
+      max_batch_size, batch_window_ms, max_len, max_prompt_tokens, max_new_tokens_limit:
+        see `make_app`.
+      dtype: parameter/compute dtype.  mesh_spec, rules: shard the model over a mesh
+        (`sharding.MeshSpec`); None keeps it on one device.
+      output_dir: run folder for the config and run info.
+    Returns:
+      0 after a clean shutdown.
+    """
+    from align_jax import runinfo, sharding
+
+    api_key = api_key or os.environ.get("ALIGN_JAX_API_KEY") or None
+    if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
+        log.warning("serving on %s without an API key: anyone who can reach it can use it", host)
+    with runinfo.run_folder(output_dir):
+        mesh = sharding.make_mesh(mesh_spec) if mesh_spec is not None else None
+        app = app_from_checkpoint(
+            model_dir, model_name=model_name, dtype=dtype, mesh=mesh, rules=rules,
+            api_key=api_key, max_batch_size=max_batch_size,
+            batch_window_s=batch_window_ms / 1000.0, max_len=max_len,
+            max_prompt_tokens=max_prompt_tokens, max_new_tokens_limit=max_new_tokens_limit)
+        _Server(uvicorn.Config(app, host=host, port=port, log_level=log_level)).run()
+    return 0

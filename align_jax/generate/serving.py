@@ -1,0 +1,215 @@
+"""Request batching for the HTTP server: one worker thread turns queued requests into a few
+shared `generate` calls.
+
+The worker waits up to `batch_window_s` after the first job (or until `max_batch_size` prompt
+rows are queued) and runs the collected rows through one `generate` call per group. generate
+takes per-row temperature, top_k, top_p, min_p, repetition_penalty and seeds, so rows with
+different settings share a call. Groups split on what cannot vary per row: the stop strings,
+and the sampler's static flags: sampled rows are grouped by (top_k, top_p < 1, min_p > 0) so
+that a request's samples never depend on which other requests it was batched with (the flags
+decide e.g. whether the vocabulary is sorted before the draw); greedy rows join any group
+with their stop strings. A call's budget is the largest max_tokens in it, rounded up to a
+power of two (fewer compilations); each row is then cut to its own max_tokens, which gives
+exactly the tokens a call with that budget gives, because a row's draw at step t depends only
+on its own key and t.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+
+from align_jax.generate.batching import next_pow2
+from align_jax.generate.loop import generate
+
+log = logging.getLogger(__name__)
+
+_MIN_BUDGET = 16
+
+
+def row_seed(seed: int, index: int) -> int:
+    """The sampling seed of row `index` of a request with `seed` (index 0 keeps the seed).
+
+    Args:
+      seed: the request's seed (any int; reduced to uint32).
+      index: the prompt's position in the request.
+    Returns:
+      A uint32 seed.
+    """
+    seed = int(seed) % 2**32
+    if index == 0:
+        return seed
+    # splitmix-style mixing: rows of one request get unrelated streams.
+    x = (seed * 0x9E3779B97F4A7C15 + int(index) * 0xBF58476D1CE4E5B9) % 2**64
+    x ^= x >> 31
+    return (x * 0x94D049BB133111EB % 2**64) >> 32
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Row:
+    """One generated answer: tokens (incl. a final stop token), text, "stop" or "length"."""
+
+    tokens: list[int]
+    text: str
+    finish_reason: str
+
+
+@dataclasses.dataclass(kw_only=True)
+class Job:
+    """Prompts that share settings (one request), and the callback that gets their rows."""
+
+    prompts: list[list[int]]
+    max_tokens: int
+    sampling: dict[str, float]  # temperature, top_k, top_p, min_p, repetition_penalty
+    seeds: list[int]
+    stop: tuple[str, ...]
+    # Called on the worker thread with the rows, or with the exception that generation raised.
+    deliver: Callable[[list[Row] | BaseException], None] | None = None
+
+
+def _signature(job: Job):
+    s = job.sampling
+    if s["temperature"] == 0:
+        return None
+    return (int(s["top_k"]), s["top_p"] < 1.0, s["min_p"] > 0.0)
+
+
+def _group(jobs: list[Job]) -> list[list[Job]]:
+    by_stop: dict[tuple, dict] = {}
+    for job in jobs:
+        by_stop.setdefault(job.stop, {}).setdefault(_signature(job), []).append(job)
+    groups = []
+    for sigs in by_stop.values():
+        greedy = sigs.pop(None, [])
+        rest = list(sigs.values())
+        groups.extend([greedy + rest[0], *rest[1:]] if rest else [greedy])
+    return groups
+
+
+def _deliver(job: Job, result) -> None:
+    try:
+        job.deliver(result)
+    except RuntimeError:  # the event loop is gone (server shutting down): nobody is waiting
+        log.warning("dropped a result: its event loop is closed")
+
+
+class Batcher:
+    """Collects jobs for a short window and runs them through shared `generate` calls.
+
+    Attributes:
+      calls: number of `generate` calls made; batches: worker rounds (for monitoring).
+    """
+
+    def __init__(self, config, params, tokenizer, *, max_len: int, max_batch_size: int = 16,
+                 batch_window_s: float = 0.01, mesh=None, rules="fsdp"):
+        self.config, self.params, self.tokenizer = config, params, tokenizer
+        self.max_len, self.max_batch_size = max_len, max(1, int(max_batch_size))
+        self.window_s, self.mesh, self.rules = float(batch_window_s), mesh, rules
+        self.calls = self.batches = 0
+        self._queue: queue.Queue[Job] = queue.Queue()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._stop.clear()
+                self._thread = threading.Thread(target=self._work, name="align-jax-batcher",
+                                                 daemon=True)
+                self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    def submit(self, job: Job) -> None:
+        self.start()
+        self._queue.put(job)
+
+    async def run(self, job: Job) -> list[Row]:
+        """Queues `job` and awaits its rows (raises what generation raised)."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+
+        def settle(result):
+            if not future.done():  # the client may have gone away
+                if isinstance(result, BaseException):
+                    future.set_exception(result)
+                else:
+                    future.set_result(result)
+
+        job.deliver = lambda result: loop.call_soon_threadsafe(settle, result)
+        self.submit(job)
+        return await future
+
+    def _work(self) -> None:
+        while not self._stop.is_set():
+            try:
+                jobs = [self._queue.get(timeout=0.1)]
+            except queue.Empty:
+                continue
+            rows = len(jobs[0].prompts)
+            deadline = time.monotonic() + self.window_s
+            while rows < self.max_batch_size:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                try:
+                    jobs.append(self._queue.get(timeout=left))
+                except queue.Empty:
+                    break
+                rows += len(jobs[-1].prompts)
+            for group in _group(jobs):
+                self._run_group(group)
+            self.batches += 1
+
+    def _run_group(self, group: list[Job]) -> None:
+        try:
+            results = self._generate(group)
+        except Exception as e:  # noqa: BLE001 - reported to the waiting requests
+            if len(group) > 1:
+                # Find the culprit: the other requests should not fail with it.
+                for job in group:
+                    self._run_group([job])
+                return
+            log.exception("generation failed")
+            _deliver(group[0], e)
+            return
+        for job, rows in zip(group, results):
+            _deliver(job, rows)
+
+    def _generate(self, group: list[Job]) -> list[list[Row]]:
+        need = max(j.max_tokens for j in group)
+        room = self.max_len - max(len(p) for j in group for p in j.prompts)
+        if need > room:  # a long prompt next to a long budget: no shared call fits
+            if len(group) == 1:
+                raise ValueError(f"prompt + max_tokens exceed the context ({self.max_len})")
+            return [r for j in group for r in self._generate([j])]
+        budget = max(need, min(max(_MIN_BUDGET, next_pow2(need)), room))
+        prompts = [p for j in group for p in j.prompts]
+        per_row = {k: [j.sampling[k] for j in group for _ in j.prompts]
+                   for k in group[0].sampling}
+        self.calls += 1
+        out = generate(self.config, self.params, prompts, max_new_tokens=budget, **per_row,
+                       stop_strings=group[0].stop, tokenizer=self.tokenizer,
+                       seeds=[s for j in group for s in j.seeds], mesh=self.mesh,
+                       rules=self.rules, max_len=self.max_len)
+        results, k = [], 0
+        for job in group:
+            rows = []
+            for _ in job.prompts:
+                tokens, text, reason = out.tokens[k], out.texts[k], out.finish_reasons[k]
+                if len(tokens) > job.max_tokens:
+                    tokens = tokens[:job.max_tokens]
+                    text, reason = self.tokenizer.decode(tokens), "length"
+                rows.append(Row(tokens=list(tokens), text=text, finish_reason=reason))
+                k += 1
+            results.append(rows)
+        return results
