@@ -34,6 +34,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="folders searched for gin files and their includes")
     p.add_argument("--output_dir", default=None,
                    help="run folder; bound to the entry's output_dir when given")
+    p.add_argument("--traceback", action="store_true",
+                   help="show the full stack of an error instead of its one-line message")
     p.add_argument("--distributed", action="store_true",
                    help="call jax.distributed.initialize() first (multi-host GPU / SLURM)")
     return p
@@ -57,9 +59,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"align-jax {args.command}: not available in this install ({e})", file=sys.stderr)
         return 2
     entry = getattr(module, fn_name)
-    params = list(args.gin_param)
+    # --gin_param lines are parsed as one config: importing the entry's module there lets
+    # `entry.train_main.num_steps=5` (or `server.serve_main.port=8001`) bind without a file.
+    parent, _, short = module_name.rpartition(".")
+    params = ["from __gin__ import dynamic_registration", f"from {parent} import {short}",
+              *args.gin_param]
     if args.output_dir:
-        params.append(f"{module_name}.{fn_name}.output_dir = {args.output_dir!r}")
+        params.append(f"{short}.{fn_name}.output_dir = {args.output_dir!r}")
     try:
         gin.parse_config_files_and_bindings(args.gin_file, params, finalize_config=False)
     except (OSError, ValueError, SyntaxError) as e:
@@ -69,7 +75,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"align-jax {args.command}: unknown arguments {rest}", file=sys.stderr)
         return 2
     configured = gin.get_configurable(entry)
-    result = configured()
+    try:
+        result = configured()
+    except (ValueError, OSError, FloatingPointError, KeyError, TypeError) as e:
+        if args.traceback:
+            raise
+        # gin appends "In call to configurable ..." lines: keep the message itself.
+        message = str(e).split("\n  In call to configurable")[0]
+        print(f"align-jax {args.command}: {type(e).__name__}: {message}\n"
+              f"(rerun with --traceback for the stack)", file=sys.stderr)
+        return 1
     return int(result) if isinstance(result, int) else 0
 
 

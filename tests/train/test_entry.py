@@ -87,8 +87,16 @@ def test_every_run_file_parses_against_the_tiny_model():
         assert bound["mesh"].shape(8), path
 
 
-def test_bad_data_is_reported_with_file_and_line(tmp_path):
+def test_bad_data_is_reported_with_file_and_line(tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a", "completion": "b"}\nnot json\n')
-    with pytest.raises(Exception, match=r"bad.jsonl:2"):
-        _train("sft_tiny", str(tmp_path / "run"), f"entry.train_main.data='{bad}'")
+    code = cli.main(["train", "--gin_file=configs/runs/sft_tiny.gin",
+                     f"--output_dir={tmp_path / 'run'}", f"--gin_param=entry.train_main.data='{bad}'"])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "bad.jsonl:2" in err and "Traceback" not in err
+    # With on_error='skip' the bad line is skipped and the run trains on the rest.
+    metrics = _train("sft_tiny", str(tmp_path / "run2"), f"entry.train_main.data='{bad}'",
+                     "entry.train_main.on_error='skip'", "entry.train_main.num_steps=5",
+                     "entry.train_main.batch_size=8", "entry.train_main.pack=True")
+    assert metrics
