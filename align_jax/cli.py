@@ -14,7 +14,7 @@ import sys
 COMMANDS = {
     # command: (module, entry function, one-line help)
     "run": ("align_jax.methods.recipes", "run", "a whole method recipe (SDG, SFT, DPO, eval)"),
-    "sdg": ("align_jax.sdg.pipeline", "sdg_main", "synthetic data generation with a teacher"),
+    "sdg": ("align_jax.sdg.entry", "sdg_main", "synthetic data generation with a teacher"),
     "train": ("align_jax.train.entry", "train_main", "train one objective (sft/lm/dpo/kto/sami)"),
     "generate": ("align_jax.generate.entry", "generate_main", "sample completions for prompts"),
     "eval": ("align_jax.eval.entry", "eval_main", "evaluate a model"),

@@ -1,0 +1,69 @@
+"""`align-jax sdg` end to end: the real CLI, the `openai:` backend, our own server."""
+
+import json
+import os
+import pathlib
+
+import gin
+import jax
+import pytest
+
+from align_jax import cli
+from align_jax.generate import server
+from align_jax.models.config import get_config
+from align_jax.models.hf import save_hf
+from align_jax.models.transformer import init_params
+from align_jax.tokenizer import train_tokenizer
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(autouse=True)
+def _clean_gin(monkeypatch):
+    monkeypatch.chdir(ROOT)
+    gin.clear_config()
+    yield
+    gin.clear_config()
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """`align-jax serve`'s app on a free port, for a tiny random model (a garbage teacher)."""
+    path = tmp_path_factory.mktemp("teacher")
+    lines = [x for x in (ROOT / "examples" / "values_document.md").read_text().splitlines() if x]
+    tok = train_tokenizer(lines, path, vocab_size=400)
+    cfg = get_config("tiny", vocab_size=tok.vocab_size, max_position=4096,
+                     bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
+    save_hf(cfg, init_params(cfg, jax.random.key(0)), str(path))
+    srv = server.ServerThread(server.app_from_checkpoint(str(path), model_name="tiny"))
+    yield srv.url
+    srv.stop()
+
+
+def test_sdg_cli_through_openai_backend_counts_garbage_and_resumes(served, tmp_path, capsys):
+    args = ["sdg", "--gin_file=configs/runs/sdg_document.gin", f"--output_dir={tmp_path}",
+            f"--gin_param=entry.sdg_main.teacher='openai:{served}/v1'",
+            "--gin_param=entry.sdg_main.nex=2", "--gin_param=entry.sdg_main.chunk_tokens=256",
+            "--gin_param=entry.sdg_main.overlap=16", "--gin_param=entry.sdg_main.progress=False",
+            "--gin_param=entry.sdg_main.teacher_kwargs={'timeout': 300.0}"]
+    assert cli.main(args) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    # A random model writes no parseable questions: everything is rejected and counted.
+    rejects = summary["rejects"]
+    assert sum(rejects["instruct"].values()) == summary["num_chunks"] > 0, summary
+    assert sum(rejects["preference"].values()) == summary["num_chunks"], summary
+    assert os.path.exists(tmp_path / "run_info.json")
+    # Started again on the finished folder: nothing is redone, the same summary results.
+    gin.clear_config()
+    assert cli.main(args) == 0
+    again = json.loads((tmp_path / "summary.json").read_text())
+    assert (again["kinds"], again["rejects"]) == (summary["kinds"], summary["rejects"])
+
+
+def test_sdg_cli_without_a_teacher_says_so_in_one_line(tmp_path, capsys):
+    args = ["sdg", "--gin_file=configs/runs/sdg_document.gin", f"--output_dir={tmp_path}",
+            "--gin_param=entry.sdg_main.teacher='openai:http://127.0.0.1:9/v1'",
+            "--gin_param=entry.sdg_main.teacher_kwargs={'max_retries': 1, 'backoff': 0.05}"]
+    assert cli.main(args) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "127.0.0.1:9" in err
