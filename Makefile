@@ -24,8 +24,10 @@ test: setup
 test-all: setup
 	$(TEST_ENV) $(BIN)/python -m pytest -q -n 2 tests
 
+# The main job on the tiny model: values document -> c-fine-tune baseline -> SFT -> DPO ->
+# held-out report (runs/demo/report.md, report.png). CPU, about a minute after set-up.
 demo: setup
-	$(BIN)/python -m align_jax.demo
+	$(BIN)/align-jax run --gin_file=configs/runs/value_alignment_tiny.gin --output_dir=runs/demo
 
 bench: setup
 	$(BIN)/python benchmarks/run.py

@@ -135,6 +135,7 @@ def train_main(*, output_dir: str, data: str, objective: str = "sft",
                                 or loss_kwargs.get("loss_type") == "simpo"))
 
     with run_folder(output_dir):
+        _write_model_files(output_dir, config, init_from, tok_path)
         params_init: Any = init_from
         annotate = None
         ref_mode = "none"
@@ -178,6 +179,20 @@ def train_main(*, output_dir: str, data: str, objective: str = "sft",
         with open(os.path.join(output_dir, "train_summary.json"), "w") as f:
             json.dump(summary, f, indent=1)
     return summary
+
+
+def _write_model_files(output_dir: str, config, init_from, tok_path) -> None:
+    """<output_dir>/model: config.json and tokenizer files, so any checkpoint of the run can
+    be exported later (`align-jax convert`)."""
+    from align_jax.models.hf import config_to_hf
+    model_dir = os.path.join(output_dir, "model")
+    os.makedirs(model_dir, exist_ok=True)
+    if config is None:
+        shutil.copy(os.path.join(init_from, "config.json"), model_dir)
+    else:
+        with open(os.path.join(model_dir, "config.json"), "w") as f:
+            json.dump(config_to_hf(config), f, indent=1)
+    _copy_tokenizer(tok_path, model_dir)
 
 
 def _copy_tokenizer(src: str, dst: str) -> None:

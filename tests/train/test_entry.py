@@ -7,9 +7,12 @@ import os
 import pathlib
 
 import gin
+import jax
+import numpy as np
 import pytest
 
 from align_jax import cli
+from align_jax.models.hf import load_hf
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -100,3 +103,37 @@ def test_bad_data_is_reported_with_file_and_line(tmp_path, capsys):
                      "entry.train_main.on_error='skip'", "entry.train_main.num_steps=5",
                      "entry.train_main.batch_size=8", "entry.train_main.pack=True")
     assert metrics
+
+
+def test_generate_eval_and_convert_commands(sft_dir, tmp_path, capsys):
+    run, _ = sft_dir
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "Can I accept a gift from a supplier?"}\n'
+                       '{"messages": [{"role": "user", "content": "Who reviews repairs?"}]}\n')
+    assert cli.main(["generate", f"--output_dir={tmp_path / 'gen'}",
+                     f"--gin_param=entry.generate_main.model_dir='{run}/hf'",
+                     f"--gin_param=entry.generate_main.prompts='{prompts}'",
+                     "--gin_param=entry.generate_main.max_new_tokens=8"]) == 0
+    rows = [json.loads(x) for x in open(tmp_path / "gen" / "completions.jsonl")]
+    assert len(rows) == 2 and all(r["finish_reason"] in ("stop", "length") for r in rows)
+
+    gin.clear_config()
+    # The step-30 checkpoint converted by `align-jax convert` equals the final HF export.
+    assert cli.main(["convert", f"--output_dir={tmp_path / 'conv'}",
+                     f"--gin_param=convert.convert_main.run_dir='{run}'"]) == 0
+    _, a = load_hf(str(tmp_path / "conv"))
+    _, b = load_hf(f"{run}/hf")
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(x, y)
+
+    gin.clear_config()
+    assert cli.main(["eval", f"--output_dir={tmp_path / 'eval'}",
+                     f"--gin_param=entry.eval_main.models={{'sft': '{run}/hf'}}",
+                     "--gin_param=entry.eval_main.sft_test='examples/sft.jsonl'",
+                     "--gin_param=entry.eval_main.preference_test='examples/preference.jsonl'",
+                     "--gin_param=entry.eval_main.seq_len=256",
+                     "--gin_param=entry.eval_main.num_samples=1",
+                     "--gin_param=entry.eval_main.max_new_tokens=4"]) == 0
+    report = json.load(open(tmp_path / "eval" / "report.json"))
+    row = report["models"]["sft"]
+    assert row["answer_nll"]["examples"] == 42 and 0 <= row["preference"]["accuracy"] <= 1

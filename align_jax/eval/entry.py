@@ -1,0 +1,59 @@
+"""`align-jax eval`: score checkpoints on held-out records; report.md, report.json, report.png.
+
+    align-jax eval --gin_param="entry.eval_main.models={'sft': 'runs/demo/sft/hf',
+      'dpo': 'runs/demo/dpo/hf'}" --gin_param="entry.eval_main.sft_test='runs/demo/data/sft_test.jsonl'" \
+      --gin_param="entry.eval_main.preference_test='runs/demo/data/preference_test.jsonl'" \
+      --output_dir=runs/eval
+"""
+
+import json
+import os
+from collections.abc import Mapping
+
+
+def _read(path: str | None) -> list[dict]:
+    if path is None:
+        return []
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def eval_main(*, output_dir: str, models: Mapping[str, str], sft_test: str | None = None,
+              preference_test: str | None = None, documents: tuple[str, ...] = (),
+              rag_models: tuple[str, ...] = (), seq_len: int = 1024, num_samples: int = 3,
+              max_new_tokens: int = 64, chunk_tokens: int = 256) -> int:
+    """Scores every model (name -> HF dir; all share the first model's tokenizer).
+
+    Args:
+      output_dir: where the report goes.
+      models: display name -> Hugging Face checkpoint dir.
+      sft_test: held-out SFT records (answer likelihood, sample answers).
+      preference_test: held-out preference records (accuracy of log p chosen > rejected).
+      documents: value documents to retrieve from for the RAG rows of `rag_models`.
+      rag_models: models also scored with the best-matching chunk in the prompt.
+      seq_len, num_samples, max_new_tokens, chunk_tokens: scoring and sampling settings.
+    """
+    from align_jax.eval.report import evaluate_models
+    from align_jax.runinfo import run_folder
+    from align_jax.tokenizer import load_tokenizer
+
+    if not models:
+        raise ValueError("eval_main.models is empty: map names to checkpoint dirs")
+    tok = load_tokenizer(next(iter(models.values())))
+    retriever = None
+    if documents:
+        from align_jax.data.documents import chunk_documents, load_documents
+        from align_jax.methods.rag import Retriever
+        chunks = chunk_documents(load_documents(documents), tok, chunk_tokens=chunk_tokens,
+                                 overlap=chunk_tokens // 8)
+        retriever = Retriever([c.text for c in chunks])
+    with run_folder(output_dir):
+        report = evaluate_models(output_dir, models=dict(models), tokenizer=tok,
+                                 sft_test=_read(sft_test), pref_test=_read(preference_test),
+                                 retriever=retriever, rag_models=tuple(rag_models),
+                                 seq_len=seq_len, num_samples=num_samples,
+                                 max_new_tokens=max_new_tokens)
+        with open(os.path.join(output_dir, "report.json"), "w") as f:
+            json.dump(report, f, indent=1)
+    print(open(os.path.join(output_dir, "report.md")).read())
+    return 0

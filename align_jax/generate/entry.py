@@ -1,0 +1,68 @@
+"""`align-jax generate`: completions for a JSONL file of prompts, from an HF checkpoint dir.
+
+    align-jax generate --gin_param="entry.generate_main.model_dir='runs/demo/dpo/hf'" \
+      --gin_param="entry.generate_main.prompts='examples/sft.jsonl'" --output_dir=runs/gen
+"""
+
+import json
+import os
+from collections.abc import Sequence
+
+
+def _read_prompts(path: str) -> list[dict]:
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: not JSON ({e.msg})") from None
+            if not isinstance(row, dict) or not ("prompt" in row or "messages" in row):
+                raise ValueError(f"{path}:{n}: needs a 'prompt' string or a 'messages' list")
+            rows.append(row)
+    if not rows:
+        raise ValueError(f"{path}: no prompts")
+    return rows
+
+
+def generate_main(*, output_dir: str, model_dir: str, prompts: str, chat: bool = True,
+                  max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
+                  top_k: int = 0, seed: int = 0, stop_strings: Sequence[str] = (),
+                  batch_size: int = 32) -> int:
+    """Writes <output_dir>/completions.jsonl: each input row plus completion and finish_reason.
+
+    Args:
+      output_dir: run folder.
+      model_dir: Hugging Face checkpoint dir with tokenizer files.
+      prompts: JSONL with `prompt` (str) or `messages` (chat) per line.
+      chat: apply the model's chat template to `prompt` rows.
+      max_new_tokens, temperature, top_p, top_k, seed, stop_strings: sampling.
+      batch_size: rows per device batch.
+    """
+    from align_jax.generate import generate
+    from align_jax.models.hf import load_hf
+    from align_jax.runinfo import run_folder
+    from align_jax.tokenizer import load_tokenizer
+
+    rows = _read_prompts(prompts)
+    with run_folder(output_dir):
+        config, params = load_hf(model_dir)
+        tok = load_tokenizer(model_dir)
+        ids = []
+        for row in rows:
+            messages = row.get("messages") or [{"role": "user", "content": row["prompt"]}]
+            text = (tok.apply_chat_template(messages, add_generation_prompt=True)
+                    if chat or "messages" in row else row["prompt"])
+            ids.append(tok.encode(text))
+        out = generate(config, params, ids, max_new_tokens=max_new_tokens,
+                       temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
+                       stop_strings=tuple(stop_strings), tokenizer=tok, batch_size=batch_size)
+        path = os.path.join(output_dir, "completions.jsonl")
+        with open(path, "w", encoding="utf-8") as f:
+            for row, text, reason in zip(rows, out.texts, out.finish_reasons):
+                f.write(json.dumps({**row, "completion": text, "finish_reason": reason},
+                                   ensure_ascii=False) + "\n")
+    print(f"wrote {len(rows)} completions to {path}")
+    return 0
