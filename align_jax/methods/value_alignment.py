@@ -62,10 +62,11 @@ def _document_data(out: str, *, document: str, teacher: str | None, tokenizer,
         sdg_dir = os.path.join(out, "sdg")
         run_document_sdg([document], sdg_dir, teacher=make_teacher(teacher),
                          tokenizer=tokenizer, **dict(sdg_kwargs))
+        # The recipe makes its own held-out split by prompt, so it pools SDG's splits.
         sft = [r for split in ("train", "validation", "test")
-               for r in _maybe(os.path.join(sdg_dir, f"instruct_{split}.jsonl"))]
+               for r in _maybe(os.path.join(sdg_dir, "sft", f"{split}.jsonl"))]
         pref = [r for split in ("train", "validation", "test")
-                for r in _maybe(os.path.join(sdg_dir, f"preference_{split}.jsonl"))]
+                for r in _maybe(os.path.join(sdg_dir, "preference", f"{split}.jsonl"))]
         return sft, pref, f"SDG with teacher {teacher} ({sdg_dir})"
     if sft_data is None or preference_data is None:
         raise ValueError("value_alignment: give a `teacher` for SDG, or both `sft_data` and "
