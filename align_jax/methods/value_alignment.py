@@ -67,6 +67,10 @@ def _document_data(out: str, *, document: str, teacher: str | None, tokenizer,
                for r in _maybe(os.path.join(sdg_dir, "sft", f"{split}.jsonl"))]
         pref = [r for split in ("train", "validation", "test")
                 for r in _maybe(os.path.join(sdg_dir, "preference", f"{split}.jsonl"))]
+        if not sft or not pref:
+            raise ValueError(f"SDG with teacher {teacher} wrote {len(sft)} SFT and {len(pref)} "
+                             f"preference records: too few to train on (reasons in "
+                             f"{os.path.join(sdg_dir, 'rejects.jsonl')})")
         return sft, pref, f"SDG with teacher {teacher} ({sdg_dir})"
     if sft_data is None or preference_data is None:
         raise ValueError("value_alignment: give a `teacher` for SDG, or both `sft_data` and "

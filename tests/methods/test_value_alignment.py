@@ -1,0 +1,51 @@
+"""The main job through `align-jax run` (what `make demo` runs), with fewer steps."""
+
+import json
+import math
+import pathlib
+
+import gin
+import pytest
+
+from align_jax import cli
+from align_jax.methods.rag import Retriever, with_retrieval
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+def test_retriever_finds_the_chunk_that_shares_the_terms():
+    r = Retriever(["Gifts from suppliers must be reported to the office.",
+                   "Roof work needs two people and a harness.",
+                   "Members get a written quote before any repair."])
+    assert r.search("Can I accept a gift from a supplier?")[0][0] == 0
+    assert r.search("working alone on a roof")[0][0] == 1
+    (rec,) = with_retrieval([{"prompt": "Do members get a quote?"}], r)
+    assert "written quote" in rec["prompt"] and rec["prompt"].endswith("Do members get a quote?")
+    with pytest.raises(ValueError, match="no chunks"):
+        Retriever([])
+
+
+def test_recipe_runs_every_stage_and_reports(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    gin.clear_config()
+    out = tmp_path / "demo"
+    steps = ["cft_steps=12", "sft_steps=12", "dpo_steps=8", "num_samples=1", "max_new_tokens=4",
+             "progress=False"]
+    code = cli.main(["run", "--gin_file=configs/runs/value_alignment_tiny.gin",
+                     f"--output_dir={out}"] +
+                    [f"--gin_param=value_alignment.value_alignment.{s}" for s in steps])
+    gin.clear_config()
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["models"]) == {"c-fine-tuned", "sft", "sft+dpo"}
+    for row in report["models"].values():
+        assert math.isfinite(row["answer_nll"]["nll_per_token"])
+        assert 0.0 <= row["preference"]["accuracy"] <= 1.0
+    assert "answer_nll_rag" in report["models"]["sft"]
+    assert 0.0 <= report["implicit_reward"]["accuracy"] <= 1.0
+    for name in ("report.md", "report.png", "dpo/hf/model.safetensors", "data/sft_test.jsonl"):
+        assert (out / name).exists(), name
+    # Held-out prompts never appear in training data.
+    train = {json.loads(x)["prompt"] for x in open(out / "data" / "sft_train.jsonl")}
+    test = {json.loads(x)["prompt"] for x in open(out / "data" / "sft_test.jsonl")}
+    assert test and not (train & test)
