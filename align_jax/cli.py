@@ -9,6 +9,7 @@ import argparse
 import importlib
 import os
 import pathlib
+import re
 import sys
 
 COMMANDS = {
@@ -22,6 +23,30 @@ COMMANDS = {
     "convert": ("align_jax.models.convert", "convert_main", "training checkpoint -> HF dir"),
     "bench": ("benchmarks.run", "main", "benchmarks"),
 }
+
+
+_IMPORT = re.compile(r"^\s*(from\s+[\w.]+\s+import\s+[\w.]+(\s+as\s+\w+)?|import\s+[\w.]+"
+                     r"(\s+as\s+\w+)?)\s*$")
+_INCLUDE = re.compile(r"^\s*include\s+['\"](.+)['\"]\s*$")
+
+
+def _gin_imports(files: list[str], search: list[str], seen: set | None = None) -> list[str]:
+    """The import lines of gin files and of the files they include, in order, once each."""
+    seen = set() if seen is None else seen
+    out: list[str] = []
+    for name in files:
+        path = next((os.path.join(d, name) for d in ["", *search]
+                     if os.path.exists(os.path.join(d, name))), None)
+        if path is None or os.path.abspath(path) in seen:
+            continue
+        seen.add(os.path.abspath(path))
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                if (m := _INCLUDE.match(line)):
+                    out += _gin_imports([m.group(1)], search, seen)
+                elif _IMPORT.match(line) and "__gin__" not in line:
+                    out.append(line.strip())
+    return list(dict.fromkeys(out))
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -59,10 +84,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"align-jax {args.command}: not available in this install ({e})", file=sys.stderr)
         return 2
     entry = getattr(module, fn_name)
-    # --gin_param lines are parsed as one config: importing the entry's module there lets
-    # `entry.train_main.num_steps=5` (or `server.serve_main.port=8001`) bind without a file.
+    # --gin_param lines are parsed as a config of their own, which sees no imports of the gin
+    # files: repeat the entry's module and the files' imports there, so that
+    # `entry.train_main.num_steps=5` or `value_alignment.value_alignment.sft_steps=10` bind.
     parent, _, short = module_name.rpartition(".")
     params = ["from __gin__ import dynamic_registration", f"from {parent} import {short}",
+              *_gin_imports(args.gin_file, [*args.gin_search_path, os.getcwd(), str(root)]),
               *args.gin_param]
     if args.output_dir:
         params.append(f"{short}.{fn_name}.output_dir = {args.output_dir!r}")

@@ -14,8 +14,21 @@ import numpy as np
 _WORD = re.compile(r"[a-z0-9]+")
 
 
+_STOP = frozenset(
+    "a an and are as at be but by can do does for from has have how i if in into is it its "
+    "me my no not of on or our should so that the their them then there these they this to "
+    "us was we what when where which who will with would you your".split())
+
+
+def _stem(word: str) -> str:
+    # Plural and third-person "s" only: "gifts" and "gift" must meet; nothing fancier.
+    if len(word) > 3 and word.endswith("s") and not word.endswith("ss"):
+        return word[:-1]
+    return word
+
+
 def _terms(text: str) -> list[str]:
-    words = _WORD.findall(text.lower())
+    words = [_stem(w) for w in _WORD.findall(text.lower()) if w not in _STOP]
     return words + [f"{a} {b}" for a, b in zip(words, words[1:])]
 
 

@@ -41,7 +41,13 @@ def served(tmp_path_factory):
 
 
 def test_sdg_cli_through_openai_backend_counts_garbage_and_resumes(served, tmp_path, capsys):
+    # A short document: three chunks are enough to drive every stage through the server.
+    doc = tmp_path / "code.md"
+    paragraphs = (ROOT / "examples" / "values_document.md").read_text().split("\n\n")
+    doc.write_text("\n\n".join(p for p in paragraphs if len(p) > 200)[:2500])
+    tmp_path = tmp_path / "out"
     args = ["sdg", "--gin_file=configs/runs/sdg_document.gin", f"--output_dir={tmp_path}",
+            f"--gin_param=entry.sdg_main.documents=['{doc}']",
             f"--gin_param=entry.sdg_main.teacher='openai:{served}/v1'",
             "--gin_param=entry.sdg_main.nex=2", "--gin_param=entry.sdg_main.chunk_tokens=256",
             "--gin_param=entry.sdg_main.overlap=16", "--gin_param=entry.sdg_main.progress=False",

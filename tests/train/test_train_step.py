@@ -62,6 +62,7 @@ def test_accumulated_gradients_equal_full_batch():
     assert float(metrics["row_nll_max"]) <= float(full_metrics["row_nll_max"]) + 1e-6
 
 
+@pytest.mark.slow
 def test_accumulated_step_equals_full_batch_step():
     mesh = _one_device()
     batch = make_batch(3, batch_size=8)
@@ -158,6 +159,7 @@ def test_step_traces_once_and_draws_fold_in_randomness():
     assert len(traces) == 2
 
 
+@pytest.mark.slow
 def test_bf16_compute_with_remat_keeps_float32_master_params():
     cfg16 = tiny_config(dtype="bfloat16", remat="full")
     params = transformer.init_params(CFG, jax.random.key(2))
