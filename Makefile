@@ -30,6 +30,7 @@ demo: setup
 	$(BIN)/align-jax run --gin_file=configs/runs/value_alignment_tiny.gin --output_dir=runs/demo
 
 bench: setup
+	$(BIN)/pip install -q -e '.[test,bench]'
 	$(BIN)/python benchmarks/run.py
 
 lint: setup

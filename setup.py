@@ -44,6 +44,8 @@ setuptools.setup(
             "ruff",
             "torch==2.13.0",
         ],
+        # TRL's trainers, for the side-by-side training benchmark (`make bench`).
+        "bench": ["trl==1.16.0"],
     },
     entry_points={"console_scripts": ["align-jax=align_jax.cli:main"]},
 )

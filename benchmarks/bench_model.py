@@ -7,7 +7,6 @@ import argparse
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from align_jax.models import hf, transformer
 from align_jax.models.config import get_config

@@ -335,12 +335,17 @@ def _text(response, *, chat: bool) -> str:
     return text
 
 
+_HTTP_ONLY = frozenset({"api_key", "concurrency", "timeout", "max_retries", "backoff",
+                        "max_backoff", "model", "context_length"})
+
+
 def make_teacher(spec: str, **kwargs):
     """Builds a teacher from "local:<HF checkpoint dir>" or "openai:<base URL>".
 
     Args:
       spec: the backend and its target.
-      **kwargs: passed to `LocalTeacher` or `OpenAITeacher`.
+      **kwargs: passed to `LocalTeacher` or `OpenAITeacher` (the HTTP-only options are
+        dropped for `local:`).
     Returns:
       A `Teacher`.
     """
@@ -351,7 +356,10 @@ def make_teacher(spec: str, **kwargs):
     if kind == "local":
         if not os.path.isdir(target):
             raise FileNotFoundError(f"teacher spec {spec!r}: {target} is not a directory")
-        return LocalTeacher(target, **kwargs)
+        # A config written for an endpoint stays usable with a local model: the HTTP options
+        # mean nothing here.
+        local = {k: v for k, v in kwargs.items() if k not in _HTTP_ONLY}
+        return LocalTeacher(target, **local)
     if kind == "openai":
         return OpenAITeacher(target, **kwargs)
     raise ValueError(f"teacher spec {spec!r}: unknown backend {kind!r}; use 'local:' or "

@@ -27,20 +27,29 @@ def _clean_gin(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    """`align-jax serve`'s app on a free port, for a tiny random model (a garbage teacher)."""
+def checkpoint(tmp_path_factory):
+    """A tiny random model with a tokenizer: a teacher that writes garbage."""
     path = tmp_path_factory.mktemp("teacher")
     lines = [x for x in (ROOT / "examples" / "values_document.md").read_text().splitlines() if x]
     tok = train_tokenizer(lines, path, vocab_size=400)
     cfg = get_config("tiny", vocab_size=tok.vocab_size, max_position=4096,
                      bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
     save_hf(cfg, init_params(cfg, jax.random.key(0)), str(path))
-    srv = server.ServerThread(server.app_from_checkpoint(str(path), model_name="tiny"))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def served(checkpoint):
+    """`align-jax serve`'s app on a free port."""
+    srv = server.ServerThread(server.app_from_checkpoint(checkpoint, model_name="tiny"))
     yield srv.url
     srv.stop()
 
 
-def test_sdg_cli_through_openai_backend_counts_garbage_and_resumes(served, tmp_path, capsys):
+@pytest.mark.parametrize("backend", ["openai", "local"])
+def test_sdg_cli_counts_garbage_and_resumes(request, checkpoint, backend, tmp_path):
+    teacher = (f"openai:{request.getfixturevalue('served')}/v1" if backend == "openai"
+               else f"local:{checkpoint}")
     # A short document: three chunks are enough to drive every stage through the server.
     doc = tmp_path / "code.md"
     paragraphs = (ROOT / "examples" / "values_document.md").read_text().split("\n\n")
@@ -48,7 +57,7 @@ def test_sdg_cli_through_openai_backend_counts_garbage_and_resumes(served, tmp_p
     tmp_path = tmp_path / "out"
     args = ["sdg", "--gin_file=configs/runs/sdg_document.gin", f"--output_dir={tmp_path}",
             f"--gin_param=entry.sdg_main.documents=['{doc}']",
-            f"--gin_param=entry.sdg_main.teacher='openai:{served}/v1'",
+            f"--gin_param=entry.sdg_main.teacher='{teacher}'",
             "--gin_param=entry.sdg_main.nex=2", "--gin_param=entry.sdg_main.chunk_tokens=256",
             "--gin_param=entry.sdg_main.overlap=16", "--gin_param=entry.sdg_main.progress=False",
             "--gin_param=entry.sdg_main.teacher_kwargs={'timeout': 300.0}"]
