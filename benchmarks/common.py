@@ -26,7 +26,8 @@ def hardware() -> str:
     import jax
     dev = jax.devices()[0]
     kind = getattr(dev, "device_kind", dev.platform)
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, jax {jax.__version__} on {kind}"
+    cpu = platform.processor() or platform.machine()
+    return f"{cpu}, {os.cpu_count()} cores, jax {jax.__version__} on {kind}"
 
 
 def save(section: str, rows: list[dict]) -> None:

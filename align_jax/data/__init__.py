@@ -5,13 +5,37 @@
 only need records and formatting, do not pay for it.
 """
 
-from align_jax.data.batching import (FirstFitPacker, classification_batch, kto_batch, pack_batch,
-                                     pack_pair_batch, pad_batch, pad_pair_batch, sami_batch,
-                                     sequence)
-from align_jax.data.formatting import (POLICIES, Example, SamiExample, TruncationReport,
-                                       constitution_text, format_records, render_prompt, truncate)
-from align_jax.data.sources import (SCHEMAS, DataError, LoadReport, Record, load_records,
-                                    read_jsonl, read_rows, validate_record)
+from align_jax.data.batching import (
+    FirstFitPacker,
+    classification_batch,
+    kto_batch,
+    pack_batch,
+    pack_pair_batch,
+    pad_batch,
+    pad_pair_batch,
+    sami_batch,
+    sequence,
+)
+from align_jax.data.formatting import (
+    POLICIES,
+    Example,
+    SamiExample,
+    TruncationReport,
+    constitution_text,
+    format_records,
+    render_prompt,
+    truncate,
+)
+from align_jax.data.sources import (
+    SCHEMAS,
+    DataError,
+    LoadReport,
+    Record,
+    load_records,
+    read_jsonl,
+    read_rows,
+    validate_record,
+)
 
 __all__ = [
     "POLICIES", "SCHEMAS", "DataError", "Example", "FirstFitPacker", "LoadReport", "Loader",

@@ -1,7 +1,8 @@
 """`align-jax eval`: score checkpoints on held-out records; report.md, report.json, report.png.
 
-    align-jax eval --gin_param="entry.eval_main.models={'sft': 'runs/demo/sft/hf',
-      'dpo': 'runs/demo/dpo/hf'}" --gin_param="entry.eval_main.sft_test='runs/demo/data/sft_test.jsonl'" \
+    align-jax eval \
+      --gin_param="entry.eval_main.models={'sft': 'runs/demo/sft/hf', 'dpo': 'runs/demo/dpo/hf'}" \
+      --gin_param="entry.eval_main.sft_test='runs/demo/data/sft_test.jsonl'" \
       --gin_param="entry.eval_main.preference_test='runs/demo/data/preference_test.jsonl'" \
       --output_dir=runs/eval
 """

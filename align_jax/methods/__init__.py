@@ -1,1 +1,1 @@
-"""Recipes that compose the engine: value alignment (document -> SFT -> DPO) and the RAG baseline."""
+"""Recipes that compose the engine: value alignment (document -> SFT -> DPO), RAG baseline."""

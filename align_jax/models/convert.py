@@ -17,9 +17,10 @@ def convert_main(*, run_dir: str, output_dir: str, step: int | None = None) -> i
     The model config comes from `<run_dir>/model/config.json`, written by `align-jax train`;
     the tokenizer files from `<run_dir>/model` too.
     """
+    import json
+
     from align_jax.models.hf import config_from_hf, save_hf
     from align_jax.train.checkpoint import load_params
-    import json
 
     model_dir = os.path.join(run_dir, "model")
     cfg_path = os.path.join(model_dir, "config.json")

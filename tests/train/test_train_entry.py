@@ -107,7 +107,8 @@ def test_bad_data_is_reported_with_file_and_line(tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a", "completion": "b"}\nnot json\n')
     code = cli.main(["train", "--gin_file=configs/runs/sft_tiny.gin",
-                     f"--output_dir={tmp_path / 'run'}", f"--gin_param=entry.train_main.data='{bad}'"])
+                     f"--output_dir={tmp_path / 'run'}",
+                     f"--gin_param=entry.train_main.data='{bad}'"])
     assert code == 1
     err = capsys.readouterr().err
     assert "bad.jsonl:2" in err and "Traceback" not in err
