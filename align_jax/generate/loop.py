@@ -71,12 +71,17 @@ class SamplingState:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Completion:
-    """One finished prompt, as `generate_stream` yields it."""
+    """One prompt's result, as `generate_stream` yields it.
+
+    finish_reason is None for a partial result (`partial=True`): the tokens so far, and as
+    text only what can no longer change (no half-decoded character, nothing that could still
+    turn into a stop string).
+    """
 
     index: int
     tokens: list[int]
     logprobs: list[float]
-    finish_reason: str
+    finish_reason: str | None
     text: str | None = None
 
 
@@ -220,9 +225,19 @@ def _finish(tokenizer, index, toks, lps, reason, stopped_on_token, text=None) ->
                       logprobs=[float(x) for x in lps], finish_reason=reason, text=text)
 
 
+def _stable_text(tokenizer, toks, stop_strings) -> str | None:
+    if tokenizer is None:
+        return None
+    text = _decode_text(tokenizer, toks).rstrip("\ufffd")
+    # Hold back a tail that is the start of a stop string: it may yet be cut.
+    hold = max((k for s in stop_strings for k in range(1, len(s))
+                if text.endswith(s[:k])), default=0)
+    return text[:len(text) - hold]
+
+
 def _run_batch(config, params, batch: batching.PromptBatch, *, max_new_tokens, cache_len,
                sampler_kw, row_seeds, stop_ids, stop_strings, tokenizer, chunk, mesh,
-               rules) -> Iterator[Completion]:
+               rules, partial=False) -> Iterator[Completion]:
     seeds, salts = row_seeds
     n_rows = len(batch.active_B)
     pad = n_rows - len(batch.indices)
@@ -266,6 +281,10 @@ def _run_batch(config, params, batch: batching.PromptBatch, *, max_new_tokens, c
                 elif step >= max_new_tokens:
                     done = _finish(tokenizer, batch.indices[row], toks, lps, "length", False)
                 else:
+                    if partial:
+                        yield Completion(index=batch.indices[row], tokens=[int(t) for t in toks],
+                                         logprobs=[float(x) for x in lps], finish_reason=None,
+                                         text=_stable_text(tokenizer, toks, stop_strings))
                     continue
                 pending.discard(row)
                 yield done
@@ -281,14 +300,16 @@ def generate_stream(config: ModelConfig, params, prompts: Sequence[Sequence[int]
                     stop_strings: Sequence[str] = (), tokenizer=None, seed: int = 0,
                     seeds: Sequence[int] | None = None, mesh=None, rules="fsdp",
                     batch_size: int | None = None, max_len: int | None = None,
-                    chunk_size: int | None = None,
-                    ignore_eos: bool = False) -> Iterator[Completion]:
+                    chunk_size: int | None = None, ignore_eos: bool = False,
+                    partial: bool = False) -> Iterator[Completion]:
     """Like `generate`, but yields a `Completion` for each prompt as soon as it finishes.
 
     Completion is observed at chunk boundaries: the device runs `chunk_size` decode steps
-    between host checks (default: 32 with stop strings, otherwise the whole budget in one
-    call). Completions come in finishing order; `Completion.index` is the prompt's index.
-    See `generate` for the arguments.
+    between host checks (default: 32 with stop strings or `partial`, otherwise the whole
+    budget in one call). Completions come in finishing order; `Completion.index` is the
+    prompt's index. With `partial`, every unfinished prompt is also reported at each chunk
+    boundary (finish_reason None): what a token-streaming server sends. See `generate` for
+    the other arguments.
     """
     max_len = int(max_len or config.max_position)
     prompts = batching.validate_prompts(prompts, max_new_tokens=max_new_tokens, max_len=max_len,
@@ -304,7 +325,7 @@ def generate_stream(config: ModelConfig, params, prompts: Sequence[Sequence[int]
         batch_size = min(batching.next_pow2(len(prompts)), batching.DEFAULT_BATCH_SIZE)
     batch_size = -(-max(int(batch_size), 1) // shards) * shards
     if chunk_size is None:
-        chunk_size = DEFAULT_STOP_CHUNK if stop_strings else max_new_tokens
+        chunk_size = DEFAULT_STOP_CHUNK if stop_strings or partial else max_new_tokens
     pad_id = config.pad_token_id if config.pad_token_id is not None else 0
     batches = batching.plan_batches(prompts, batch_size=batch_size,
                                     cap=max_len - max_new_tokens, pad_id=pad_id)
@@ -317,7 +338,7 @@ def generate_stream(config: ModelConfig, params, prompts: Sequence[Sequence[int]
     run = dict(max_new_tokens=max_new_tokens, sampler_kw=sampler_kw,
                stop_ids=_stop_ids(config, tokenizer, stop_token_ids, ignore_eos),
                stop_strings=stop_strings, tokenizer=tokenizer, chunk=max(1, int(chunk_size)),
-               mesh=mesh, rules=rules)
+               mesh=mesh, rules=rules, partial=partial)
     # Validation above runs eagerly; the work below runs as the caller iterates.
     return _stream(config, params, batches, seed=seed, seeds=seeds, run=run)
 

@@ -13,10 +13,7 @@ from typing import Literal
 import pydantic
 from fastapi.responses import JSONResponse
 
-from align_jax.generate.serving import Row
-
 # Most deltas one streamed row is cut into (each costs a decode of the row's prefix).
-_MAX_DELTAS = 256
 
 
 class _Body(pydantic.BaseModel):
@@ -136,23 +133,6 @@ def parse_body(model: type[pydantic.BaseModel], raw: bytes):
         else:
             msg = f"field {loc!r}: {err['msg']}"
         raise APIError(400, msg, param=loc or None, code=err["type"]) from None
-
-
-def text_deltas(tokenizer, row: Row) -> list[str]:
-    """Pieces of row.text, split at token boundaries, that concatenate to row.text."""
-    pieces, sent = [], ""
-    n = len(row.tokens)
-    step = max(1, -(-n // _MAX_DELTAS))
-    for i in range(step, n + 1, step):
-        prefix = tokenizer.decode(row.tokens[:i])
-        # Hold back half-decoded characters and anything past a stop string.
-        if len(prefix) > len(sent) and row.text.startswith(prefix) \
-                and not prefix.endswith("\ufffd"):
-            pieces.append(prefix[len(sent):])
-            sent = prefix
-    if row.text != sent:
-        pieces.append(row.text[len(sent):])
-    return pieces
 
 
 def sse(obj) -> str:

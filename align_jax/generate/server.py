@@ -10,13 +10,14 @@ Handlers parse and validate on the event loop, then hand a job to the `Batcher`'
 thread (serving.py), which batches concurrent requests into shared `generate` calls and
 settles each request's asyncio future; generation never runs on the event loop.
 
-Streaming: generate reports a row only once it has finished, so a streamed answer is
-produced in full and then sent as a sequence of deltas (one per token, or per few tokens for
-long answers) whose concatenation is the non-streamed text.
+Streaming is live: a streaming request's rows are decoded in chunks of `STREAM_CHUNK` steps,
+and after each chunk the text that can no longer change is sent as a delta; the deltas
+concatenate to exactly the non-streamed text.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hmac
 import logging
@@ -41,7 +42,6 @@ from align_jax.generate.openai_api import (
     message_dicts,
     parse_body,
     sse,
-    text_deltas,
 )
 from align_jax.generate.serving import Batcher, Job, Row, row_seed
 
@@ -167,20 +167,30 @@ def make_app(config, params, tokenizer, *, model_name: str, api_key: str | None 
         return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
     def answer(req, prompts, rows, *, chat: bool):
+        """The whole answer as one JSON response."""
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         head = {"id": rid, "created": int(time.time()), "model": model_name}
-        if not req.stream:
-            if chat:
-                choices = [{"index": i, "message": {"role": "assistant", "content": r.text},
-                            "finish_reason": r.finish_reason, "logprobs": None}
-                           for i, r in enumerate(rows)]
-            else:
-                choices = [{"index": i, "text": r.text, "finish_reason": r.finish_reason,
-                            "logprobs": None} for i, r in enumerate(rows)]
-            return JSONResponse({**head, "object": "chat.completion" if chat else
-                                 "text_completion", "choices": choices,
-                                 "usage": usage(prompts, rows)})
-        obj = "chat.completion.chunk" if chat else "text_completion"
+        if chat:
+            choices = [{"index": i, "message": {"role": "assistant", "content": r.text},
+                        "finish_reason": r.finish_reason, "logprobs": None}
+                       for i, r in enumerate(rows)]
+        else:
+            choices = [{"index": i, "text": r.text, "finish_reason": r.finish_reason,
+                        "logprobs": None} for i, r in enumerate(rows)]
+        return JSONResponse({**head, "object": "chat.completion" if chat else
+                             "text_completion", "choices": choices,
+                             "usage": usage(prompts, rows)})
+
+    def stream_answer(req, prompts, job: Job, *, chat: bool):
+        """Server-sent events, live: each row's new text is sent at every decode chunk."""
+        loop = asyncio.get_running_loop()
+        updates: asyncio.Queue = asyncio.Queue()
+        job.on_partial = lambda row, text: loop.call_soon_threadsafe(
+            updates.put_nowait, (row, text))
+        task = asyncio.ensure_future(run(job))
+        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        head = {"id": rid, "created": int(time.time()), "model": model_name,
+                "object": "chat.completion.chunk" if chat else "text_completion"}
 
         def choice(i, piece, reason):
             if chat:
@@ -189,19 +199,48 @@ def make_app(config, params, tokenizer, *, model_name: str, api_key: str | None 
             return {"index": i, "text": piece or "", "finish_reason": reason,
                     "logprobs": None}
 
-        def events():
-            for i, r in enumerate(rows):
-                if chat:
-                    yield sse({**head, "object": obj, "choices": [{
+        async def events():
+            sent = [""] * len(prompts)
+
+            def delta(i, text):
+                # Partial texts only grow; anything else waits for the final text.
+                if len(text) > len(sent[i]) and text.startswith(sent[i]):
+                    piece, sent[i] = text[len(sent[i]):], text
+                    return sse({**head, "choices": [choice(i, piece, None)]})
+                return None
+
+            if chat:
+                for i in range(len(prompts)):
+                    yield sse({**head, "choices": [{
                         "index": i, "delta": {"role": "assistant", "content": ""},
                         "finish_reason": None, "logprobs": None}]})
-                for piece in text_deltas(tokenizer, r):
-                    yield sse({**head, "object": obj, "choices": [choice(i, piece, None)]})
-                yield sse({**head, "object": obj,
-                            "choices": [choice(i, None, r.finish_reason)]})
+            while not task.done() or not updates.empty():
+                getter = asyncio.ensure_future(updates.get())
+                done, _ = await asyncio.wait({getter, task},
+                                             return_when=asyncio.FIRST_COMPLETED)
+                if getter in done:
+                    event = delta(*getter.result())
+                    if event:
+                        yield event
+                else:
+                    getter.cancel()
+            try:
+                rows = task.result()
+            except APIError as e:
+                # The response has started: the error travels as an event.
+                yield sse({"error": {"message": e.message, "type": e.type, "param": e.param,
+                                     "code": e.code}})
+                yield "data: [DONE]\n\n"
+                return
+            for i, r in enumerate(rows):
+                if r.text.startswith(sent[i]):
+                    if len(r.text) > len(sent[i]):
+                        yield sse({**head, "choices": [choice(i, r.text[len(sent[i]):], None)]})
+                else:
+                    log.warning("streamed text of row %d diverged from its final text", i)
+                yield sse({**head, "choices": [choice(i, None, r.finish_reason)]})
             if req.stream_options is not None and req.stream_options.include_usage:
-                yield sse({**head, "object": obj, "choices": [],
-                            "usage": usage(prompts, rows)})
+                yield sse({**head, "choices": [], "usage": usage(prompts, rows)})
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream",
@@ -250,6 +289,8 @@ def make_app(config, params, tokenizer, *, model_name: str, api_key: str | None 
             raise APIError(400, f"prompt token id {bad[0]} is outside [0, {config.vocab_size})",
                            param="prompt")
         job = make_job(req, prompts, req.max_tokens, 16, "prompt")
+        if req.stream:
+            return stream_answer(req, prompts, job, chat=False)
         return answer(req, prompts, await run(job), chat=False)
 
     @app.post("/v1/chat/completions")
@@ -268,6 +309,8 @@ def make_app(config, params, tokenizer, *, model_name: str, api_key: str | None 
             raise APIError(400, f"messages: {e}", param="messages") from None
         job = make_job(req, [ids], req.max_tokens if req.max_tokens is not None
                        else req.max_completion_tokens, max_new, "messages")
+        if req.stream:
+            return stream_answer(req, [ids], job, chat=True)
         return answer(req, [ids], await run(job), chat=True)
 
     @app.post("/tokenize")

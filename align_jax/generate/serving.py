@@ -25,11 +25,14 @@ import time
 from collections.abc import Callable
 
 from align_jax.generate.batching import next_pow2
-from align_jax.generate.loop import generate
+from align_jax.generate.loop import Completion, GenerationOutput, generate, generate_stream
 
 log = logging.getLogger(__name__)
 
 _MIN_BUDGET = 16
+# Decode steps between the partial texts a streaming request receives: the host syncs this
+# often, so small enough to feel live, large enough to keep the device busy.
+STREAM_CHUNK = 8
 
 
 def row_seed(seed: int, index: int) -> int:
@@ -70,6 +73,9 @@ class Job:
     stop: tuple[str, ...]
     # Called on the worker thread with the rows, or with the exception that generation raised.
     deliver: Callable[[list[Row] | BaseException], None] | None = None
+    # Streaming requests: called on the worker thread with (row, stable text so far) at each
+    # chunk boundary while the row is still being generated.
+    on_partial: Callable[[int, str], None] | None = None
 
 
 def _signature(job: Job):
@@ -197,10 +203,13 @@ class Batcher:
         per_row = {k: [j.sampling[k] for j in group for _ in j.prompts]
                    for k in group[0].sampling}
         self.calls += 1
-        out = generate(self.config, self.params, prompts, max_new_tokens=budget, **per_row,
-                       stop_strings=group[0].stop, tokenizer=self.tokenizer,
-                       seeds=[s for j in group for s in j.seeds], mesh=self.mesh,
-                       rules=self.rules, max_len=self.max_len)
+        kwargs = dict(max_new_tokens=budget, **per_row, stop_strings=group[0].stop,
+                      tokenizer=self.tokenizer, seeds=[s for j in group for s in j.seeds],
+                      mesh=self.mesh, rules=self.rules, max_len=self.max_len)
+        if any(j.on_partial is not None for j in group):
+            out = self._stream(group, prompts, kwargs)
+        else:
+            out = generate(self.config, self.params, prompts, **kwargs)
         results, k = [], 0
         for job in group:
             rows = []
@@ -213,3 +222,26 @@ class Batcher:
                 k += 1
             results.append(rows)
         return results
+
+    def _stream(self, group: list[Job], prompts, kwargs) -> GenerationOutput:
+        """`generate`, reporting each streaming row's stable text once per decode chunk."""
+        owner = [(job, i) for job in group for i in range(len(job.prompts))]
+        done: dict[int, Completion] = {}
+        for c in generate_stream(self.config, self.params, prompts, partial=True,
+                                 chunk_size=STREAM_CHUNK, **kwargs):
+            if c.finish_reason is not None:
+                done[c.index] = c
+                continue
+            job, row = owner[c.index]
+            # Rows past their own max_tokens (the call's budget is rounded up) are cut and
+            # re-decoded at the end; their partial text could overshoot, so it is not sent.
+            if job.on_partial is not None and len(c.tokens) <= job.max_tokens and c.text:
+                try:
+                    job.on_partial(row, c.text)
+                except RuntimeError:  # the event loop is gone: nobody is listening
+                    pass
+        order = [done[i] for i in range(len(prompts))]
+        return GenerationOutput(tokens=[c.tokens for c in order],
+                                logprobs=[c.logprobs for c in order],
+                                finish_reasons=[c.finish_reason for c in order],
+                                texts=[c.text for c in order])

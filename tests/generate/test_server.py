@@ -144,6 +144,23 @@ def test_streamed_deltas_concatenate_to_the_greedy_text(served):
     assert chunks[-1].choices[0].finish_reason == full.finish_reason
 
 
+def test_streaming_is_live(served):
+    """Deltas arrive while the answer is still being generated, not after it."""
+    import time
+    _, _, client = served
+    kw = dict(model="tiny", prompt="Honesty, care", max_tokens=64, temperature=0)
+    full = client.completions.create(**kw).choices[0]
+    arrivals, texts = [], []
+    for c in client.completions.create(stream=True, **kw):
+        if c.choices and c.choices[0].text:
+            arrivals.append(time.monotonic())
+            texts.append(c.choices[0].text)
+    assert "".join(texts) == full.text
+    if full.finish_reason == "length":
+        # 64 tokens in chunks of 8 decode steps: several deltas, sent as they are decoded.
+        assert len(texts) >= 4, texts
+
+
 def test_stop_string_cuts_the_text(served):
     _, _, client = served
     kw = dict(model="tiny", prompt="Stop here, then", max_tokens=20, temperature=0)

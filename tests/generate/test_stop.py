@@ -142,3 +142,25 @@ def test_stop_strings_with_a_trained_tokenizer(tmp_path):
     assert out.texts[0] == full[:full.find(s)]
     assert out.tokens[0] == toks[:_shortest_prefix(toks, tok.decode, s)]
     assert out.finish_reasons[0] == "stop"
+
+
+def test_partial_results_only_grow_and_hold_back_stop_prefixes(params):
+    tok = PieceTokenizer()
+    free = generate(CONFIG, params, PROMPTS, tokenizer=tok, **SAMPLE)
+    stops = [_spanning_stop(free.tokens[1], tok.decode, 5)]
+    final = generate(CONFIG, params, PROMPTS, tokenizer=tok, stop_strings=stops, **SAMPLE)
+    seen: dict[int, list] = {}
+    for c in generate_stream(CONFIG, params, PROMPTS, tokenizer=tok, stop_strings=stops,
+                             chunk_size=2, partial=True, **SAMPLE):
+        seen.setdefault(c.index, []).append(c)
+    for i in range(len(PROMPTS)):
+        *partials, last = seen[i]
+        assert last.finish_reason == final.finish_reasons[i] and last.text == final.texts[i]
+        assert all(p.finish_reason is None for p in partials)
+        texts = [p.text for p in partials] + [last.text]
+        # Each partial text is a prefix of the next and of the final text: safe to stream.
+        assert all(b.startswith(a) for a, b in zip(texts, texts[1:])), texts
+        for p in partials:
+            assert last.tokens[:len(p.tokens)] == p.tokens
+            assert not any(p.text.endswith(s[:k]) for s in stops for k in range(1, len(s)))
+    assert any(len(seen[i]) > 2 for i in seen), "expected several partial reports"
