@@ -81,6 +81,13 @@ def test_every_run_file_parses_against_the_tiny_model():
     from align_jax.methods import recipes, value_alignment
     from align_jax.sdg import entry as sdg_entry
     from align_jax.train import entry
+    def bindings(fn):
+        # gin raises for a function that no parsed config has registered yet.
+        try:
+            return gin.get_bindings(fn)
+        except ValueError:
+            return {}
+
     checked = 0
     for path in sorted(glob.glob(str(ROOT / "configs" / "runs" / "*.gin"))):
         gin.clear_config()
@@ -89,16 +96,16 @@ def test_every_run_file_parses_against_the_tiny_model():
         gin.parse_config_files_and_bindings(
             [path], ["MODEL='tiny'", "INIT_FROM=None", "HF_CHECKPOINT=None"],
             finalize_config=False)
-        bound = gin.get_bindings(entry.train_main)
+        bound = bindings(entry.train_main)
         if bound:
             assert bound["objective"] in entry.OBJECTIVES, path
             assert bound["mesh"].shape(8), path
-        elif gin.get_bindings(sdg_entry.sdg_main):
-            assert gin.get_bindings(sdg_entry.sdg_main)["task"] in sdg_entry.TASKS, path
-        elif gin.get_bindings(recipes.run):
-            assert gin.get_bindings(value_alignment.value_alignment)["document"], path
+        elif bindings(sdg_entry.sdg_main):
+            assert bindings(sdg_entry.sdg_main)["task"] in sdg_entry.TASKS, path
+        elif bindings(recipes.run):
+            assert bindings(value_alignment.value_alignment)["document"], path
         else:
-            assert gin.get_bindings(server.serve_main)["host"] == "127.0.0.1", path
+            assert bindings(server.serve_main)["host"] == "127.0.0.1", path
         checked += 1
     assert checked >= 12
 
