@@ -377,6 +377,33 @@ def _load_hf(path: str):
 # ----------------------------------------------------------------------------- loading
 
 
+# What makes a tokenizer dir: copied next to exported weights so the dir is a complete model.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
+                   "special_tokens_map.json", "chat_template.jinja")
+
+
+def copy_tokenizer_files(src: str | os.PathLike, dst: str | os.PathLike) -> list[str]:
+    """Copies the tokenizer files of `src` (a dir, or a .model file) into the dir `dst`.
+
+    Files already in `dst` are kept. Returns the names copied.
+    """
+    import shutil
+    src = os.fspath(src)
+    os.makedirs(dst, exist_ok=True)
+    if os.path.isfile(src):
+        if src.endswith(".model") and not os.path.exists(os.path.join(dst, "tokenizer.model")):
+            shutil.copy(src, os.path.join(dst, "tokenizer.model"))
+            return ["tokenizer.model"]
+        src = os.path.dirname(src)
+    copied = []
+    for name in TOKENIZER_FILES:
+        path = os.path.join(src, name)
+        if os.path.exists(path) and not os.path.exists(os.path.join(dst, name)):
+            shutil.copy(path, dst)
+            copied.append(name)
+    return copied
+
+
 def load_tokenizer(path: str | os.PathLike, *, chat_template: str | None = None) -> Tokenizer:
     """Loads a tokenizer from a Hugging Face tokenizer dir or a sentencepiece `.model` file.
 

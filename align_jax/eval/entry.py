@@ -12,11 +12,11 @@ import os
 from collections.abc import Mapping
 
 
-def _read(path: str | None) -> list[dict]:
+def _read(path: str | None, schema: str) -> list[dict]:
     if path is None:
         return []
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    from align_jax.data.sources import load_records
+    return [r.data for r in load_records(path, schema=schema)[0]]
 
 
 def eval_main(*, output_dir: str, models: Mapping[str, str], sft_test: str | None = None,
@@ -50,7 +50,8 @@ def eval_main(*, output_dir: str, models: Mapping[str, str], sft_test: str | Non
         retriever = Retriever([c.text for c in chunks])
     with run_folder(output_dir):
         report = evaluate_models(output_dir, models=dict(models), tokenizer=tok,
-                                 sft_test=_read(sft_test), pref_test=_read(preference_test),
+                                 sft_test=_read(sft_test, "sft"),
+                                 pref_test=_read(preference_test, "preference"),
                                  retriever=retriever, rag_models=tuple(rag_models),
                                  seq_len=seq_len, num_samples=num_samples,
                                  max_new_tokens=max_new_tokens)

@@ -16,7 +16,6 @@ Stages (each a folder of <output_dir>):
 import json
 import logging
 import os
-import shutil
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -26,16 +25,15 @@ from align_jax.train.optim import OptimizerConfig
 log = logging.getLogger(__name__)
 
 
-def _read_jsonl(path: str) -> list[dict]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+def _records(path: str, schema: str) -> list[dict]:
+    from align_jax.data.sources import load_records
+    return [r.data for r in load_records(path, schema=schema)[0]]
 
 
 def _write_jsonl(path: str, rows: Sequence[Mapping]) -> str:
+    from align_jax.sdg.store import write_jsonl
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    write_jsonl(path, rows)
     return path
 
 
@@ -64,9 +62,10 @@ def _document_data(out: str, *, document: str, teacher: str | None, tokenizer,
                          tokenizer=tokenizer, **dict(sdg_kwargs))
         # The recipe makes its own held-out split by prompt, so it pools SDG's splits.
         sft = [r for split in ("train", "validation", "test")
-               for r in _maybe(os.path.join(sdg_dir, "sft", f"{split}.jsonl"))]
+               for r in _maybe(os.path.join(sdg_dir, "sft", f"{split}.jsonl"), "sft")]
         pref = [r for split in ("train", "validation", "test")
-                for r in _maybe(os.path.join(sdg_dir, "preference", f"{split}.jsonl"))]
+                for r in _maybe(os.path.join(sdg_dir, "preference", f"{split}.jsonl"),
+                                "preference")]
         if not sft or not pref:
             raise ValueError(f"SDG with teacher {teacher} wrote {len(sft)} SFT and {len(pref)} "
                              f"preference records: too few to train on (reasons in "
@@ -75,12 +74,13 @@ def _document_data(out: str, *, document: str, teacher: str | None, tokenizer,
     if sft_data is None or preference_data is None:
         raise ValueError("value_alignment: give a `teacher` for SDG, or both `sft_data` and "
                          "`preference_data` files")
-    return (_read_jsonl(sft_data), _read_jsonl(preference_data),
+    return (_records(sft_data, "sft"), _records(preference_data, "preference"),
             f"given files {sft_data} and {preference_data} (no teacher)")
 
 
-def _maybe(path: str) -> list[dict]:
-    return _read_jsonl(path) if os.path.exists(path) else []
+def _maybe(path: str, schema: str) -> list[dict]:
+    # An empty split file is normal for a small SDG run.
+    return _records(path, schema) if os.path.exists(path) and os.path.getsize(path) else []
 
 
 def value_alignment(*, output_dir: str, document: str, model: str | None = "tiny",
@@ -181,5 +181,4 @@ def value_alignment(*, output_dir: str, document: str, model: str | None = "tiny
         json.dump(report, f, indent=1)
     _say(f"report: {os.path.join(out, 'report.md')} and report.png")
     print(open(os.path.join(out, "report.md")).read())
-    shutil.rmtree(os.path.join(out, "tmp"), ignore_errors=True)
     return report

@@ -4,11 +4,8 @@
       --gin_param="convert.convert_main.step=400" --output_dir=runs/sft/hf-400
 """
 
+import json
 import os
-import shutil
-
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
-                    "special_tokens_map.json", "chat_template.jinja")
 
 
 def convert_main(*, run_dir: str, output_dir: str, step: int | None = None) -> int:
@@ -17,9 +14,8 @@ def convert_main(*, run_dir: str, output_dir: str, step: int | None = None) -> i
     The model config comes from `<run_dir>/model/config.json`, written by `align-jax train`;
     the tokenizer files from `<run_dir>/model` too.
     """
-    import json
-
     from align_jax.models.hf import config_from_hf, save_hf
+    from align_jax.tokenizer import copy_tokenizer_files
     from align_jax.train.checkpoint import load_params
 
     model_dir = os.path.join(run_dir, "model")
@@ -30,9 +26,6 @@ def convert_main(*, run_dir: str, output_dir: str, step: int | None = None) -> i
         config = config_from_hf(json.load(f), source=cfg_path)
     params = load_params(os.path.join(run_dir, "checkpoints"), step=step)
     save_hf(config, params, output_dir)
-    for name in _TOKENIZER_FILES:
-        src = os.path.join(model_dir, name)
-        if os.path.exists(src):
-            shutil.copy(src, output_dir)
+    copy_tokenizer_files(model_dir, output_dir)
     print(f"wrote {output_dir} from {run_dir}/checkpoints (step {step or 'latest'})")
     return 0

@@ -17,7 +17,7 @@ from typing import Any
 
 from align_jax import losses, sharding
 from align_jax.models.config import ModelConfig, get_config
-from align_jax.tokenizer import load_tokenizer
+from align_jax.tokenizer import copy_tokenizer_files, load_tokenizer
 from align_jax.train.loop import train
 from align_jax.train.optim import OptimizerConfig
 
@@ -32,8 +32,6 @@ OBJECTIVES = {
     "sami": (losses.sami_objective, "sami"),
 }
 REFERENCE_MODES = ("precomputed", "params")
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
-                    "special_tokens_map.json", "chat_template.jinja")
 
 
 def _model(model: str | ModelConfig | None, overrides: Mapping[str, Any], init_from, tokenizer):
@@ -170,7 +168,7 @@ def train_main(*, output_dir: str, data: str, objective: str = "sft",
                       progress=progress)
         loader.close()
         if export_hf:
-            _copy_tokenizer(tok_path, os.path.join(output_dir, "hf"))
+            copy_tokenizer_files(tok_path, os.path.join(output_dir, "hf"))
         summary = {"objective": objective, "num_steps": int(state.step),
                    "data": {"load": loader.load_report.summary(),
                             "truncation": loader.truncation_report.summary(),
@@ -192,20 +190,7 @@ def _write_model_files(output_dir: str, config, init_from, tok_path) -> None:
     else:
         with open(os.path.join(model_dir, "config.json"), "w") as f:
             json.dump(config_to_hf(config), f, indent=1)
-    _copy_tokenizer(tok_path, model_dir)
-
-
-def _copy_tokenizer(src: str, dst: str) -> None:
-    """Puts the tokenizer files next to the exported weights: a complete HF model dir."""
-    src_dir = src if os.path.isdir(src) else os.path.dirname(src)
-    if not os.path.isdir(src_dir):
-        return
-    for name in _TOKENIZER_FILES:
-        path = os.path.join(src_dir, name)
-        if os.path.exists(path) and not os.path.exists(os.path.join(dst, name)):
-            shutil.copy(path, dst)
-    if src.endswith(".model") and not os.path.isdir(src):
-        shutil.copy(src, os.path.join(dst, "tokenizer.model"))
+    copy_tokenizer_files(tok_path, model_dir)
 
 
 def build_tokenizer(text_path: str, out_dir: str, *, vocab_size: int = 512) -> str:
