@@ -100,6 +100,8 @@ _CHECKS = {
 # schema -> alternatives, each a dict field -> check; a record must match one alternative.
 SCHEMAS: dict[str, tuple[dict[str, str], ...]] = {
     "text": ({"text": "text"},),
+    # Queries alone (SAMI, evaluation): any record with a prompt, e.g. an SFT file.
+    "query": ({"prompt": "text"},),
     "sft": ({"prompt": "chat", "completion": "chat"}, {"messages": "messages"}),
     "preference": ({"prompt": "chat", "chosen": "chat", "rejected": "chat"},),
     "kto": ({"prompt": "chat", "completion": "chat", "label": "label"},),
