@@ -80,6 +80,7 @@ def mi_bound(model_dir: str, records: Sequence[dict], *, seq_len: int,
              batch_size: int = 8) -> dict[str, float]:
     """Mean InfoNCE bound and response length of SAMI records under a model."""
     import jax
+
     from align_jax.data import batching
     from align_jax.data.formatting import format_records
     from align_jax.eval import mi_lower_bound_matrix
