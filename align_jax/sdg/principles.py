@@ -71,7 +71,7 @@ def write_principles(teacher: Teacher, *, task: str, principles: Sequence[str] |
     if len(found) < n:
         raise ValueError(
             f"principle writer gave {len(found)} usable principles, {n} wanted; rejects: "
-            f"{[r['reason'] for r in rejects]}; output starts: {out[:300]!r}")
+            f"{[r['reason'] for r in rejects]}; output starts: {out.strip()[:80]!r}")
     return found[:n], rejects
 
 

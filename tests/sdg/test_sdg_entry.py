@@ -82,3 +82,27 @@ def test_sdg_cli_without_a_teacher_says_so_in_one_line(tmp_path, capsys):
     assert cli.main(args) == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "127.0.0.1:9" in err
+
+
+def test_aligner_and_principles_tasks_with_the_local_teacher(checkpoint, tmp_path, capsys):
+    common = [f"--gin_param=entry.sdg_main.teacher='local:{checkpoint}'",
+              "--gin_param=entry.sdg_main.progress=False"]
+    out = tmp_path / "aligner"
+    assert cli.main(["sdg", "--gin_file=configs/runs/sdg_aligner.gin", f"--output_dir={out}",
+                     "--gin_param=entry.sdg_main.max_questions=4", *common]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert sum(summary["rejects"]["inputs"].values()) > 0, summary
+    # A principle writer that writes nothing usable: a clear one-line error, no constitutions.
+    gin.clear_config()
+    out = tmp_path / "principles"
+    assert cli.main(["sdg", "--gin_file=configs/runs/sdg_principles.gin",
+                     f"--output_dir={out}", *common]) == 1
+    err = capsys.readouterr().err
+    assert "0 usable principles" in err and len(err.splitlines()[0]) < 400
+    assert not (out / "constitutions.jsonl").exists()
+    # User-written principles need no teacher.
+    gin.clear_config()
+    assert cli.main(["sdg", "--gin_file=configs/runs/sdg_principles.gin",
+                     f"--output_dir={out}", "--gin_param=entry.sdg_main.teacher=None",
+                     "--gin_param=entry.sdg_main.principles_file='examples/principles.jsonl'"]) == 0
+    assert len((out / "constitutions.jsonl").read_text().splitlines()) == 8
