@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from align_jax.data.sources import DataError, Record
+from align_jax.data.sources import DataError, Record, Skipped
 
 KINDS = ("lm", "sft", "preference", "kto", "sami")
 POLICIES = ("truncate_prompt_left", "truncate_completion", "drop", "error")
@@ -68,20 +68,14 @@ class SamiExample:
     where: str = ""
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class Truncation:
-    where: str
-    reason: str
-
-
 @dataclasses.dataclass(kw_only=True)
 class TruncationReport:
     """Counts what the truncation policy did, naming each example."""
     policy: str
     seq_len: int
     num_examples: int = 0
-    cut: list[Truncation] = dataclasses.field(default_factory=list)
-    dropped: list[Truncation] = dataclasses.field(default_factory=list)
+    cut: list[Skipped] = dataclasses.field(default_factory=list)
+    dropped: list[Skipped] = dataclasses.field(default_factory=list)
 
     @property
     def num_kept(self) -> int:
@@ -240,10 +234,10 @@ def truncate(example, *, seq_len: int, policy: str, together: bool = False,
             raise DataError(f"{example.where}: example {reason} (truncation='error'; choose "
                             f"another policy or a longer seq_len)")
         if report is not None:
-            report.dropped.append(Truncation(where=example.where, reason=reason))
+            report.dropped.append(Skipped(where=example.where, reason=reason))
         return None
     if report is not None:
-        report.cut.append(Truncation(where=example.where, reason=reason))
+        report.cut.append(Skipped(where=example.where, reason=reason))
     if isinstance(example, SamiExample):
         prompts = tuple(p[max(len(p) - keep, 0):] for p in example.prompts)
         return dataclasses.replace(example, prompts=prompts,
