@@ -5,7 +5,7 @@ from typing import Literal
 
 Activation = Literal["silu", "gelu_tanh", "gelu"]
 Remat = Literal["none", "full", "dots", "dots_no_batch"]
-Attention = Literal["xla", "jax", "cudnn", "splash"]
+Attention = Literal["auto", "xla", "jax", "cudnn", "splash", "blockwise"]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -55,7 +55,9 @@ class ModelConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     remat: Remat = "none"
-    attention: Attention = "xla"
+    # "auto": cuDNN flash attention on GPU, Pallas splash on TPU, `blockwise` elsewhere (and
+    # wherever the kernel cannot take the inputs); see `layers.attend`. "xla" is the reference.
+    attention: Attention = "auto"
     bos_token_id: int | None = 1
     eos_token_id: int | tuple[int, ...] | None = 2
     pad_token_id: int | None = None
