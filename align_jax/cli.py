@@ -21,6 +21,7 @@ COMMANDS = {
     "eval": ("align_jax.eval.entry", "eval_main", "evaluate a model"),
     "serve": ("align_jax.generate.server", "serve_main", "OpenAI-compatible HTTP server"),
     "convert": ("align_jax.models.convert", "convert_main", "training checkpoint -> HF dir"),
+    "plan": ("align_jax.train.plan", "plan_main", "per-device memory of a training step"),
     "bench": ("benchmarks.run", "main", "benchmarks"),
 }
 

@@ -98,7 +98,8 @@ def train_main(*, output_dir: str, data: str, objective: str = "sft",
       loss_kwargs: keyword arguments of the objective (beta, loss_type, rpo_alpha, ...).
       reference: DPO/KTO reference: "precomputed" (DPO: log-probs computed once over the data,
         no second model in memory) or "params" (a frozen copy of the initial params).
-      vocab_chunk_size: >0 computes log-probs over vocabulary chunks (large vocabularies).
+      vocab_chunk_size: >0 computes log-probs over vocabulary chunks of this size; 0 does so
+        automatically above 32k entries (`losses.logprobs.resolve_vocab_chunk`); <0 never.
       save_every, keep, log_every, seed: checkpointing, logging and randomness.
       export_hf: write the final model and tokenizer to <output_dir>/hf.
       progress: show progress bars.
