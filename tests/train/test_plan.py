@@ -109,7 +109,8 @@ def test_plan_cli_refuses_and_writes_json(tmp_path):
     out = subprocess.run(
         [sys.executable, "-m", "align_jax.cli", "plan", "--gin_file=configs/runs/plan.gin",
          "--gin_param=plan.plan_main.model='llama3_8b'", "--gin_param=plan.plan_main.compile=False",
-         "--gin_param=plan.plan_main.seq_len=128", "--gin_param=plan.plan_main.batch_size=8",
+         "--gin_param=plan.plan_main.seq_len=128", "--gin_param=plan.plan_main.batch_size=1",
+         "--gin_param=plan.plan_main.num_devices=1",
          "--gin_param=plan.plan_main.accelerators=('h100-80gb',)", f"--output_dir={tmp_path}"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 1, out.stderr[-2000:]
