@@ -116,4 +116,4 @@ def test_plan_cli_refuses_and_writes_json(tmp_path):
     assert out.returncode == 1, out.stderr[-2000:]
     assert "h100-80gb: does NOT fit" in out.stdout
     saved = json.loads((tmp_path / "plan.json").read_text())
-    assert saved["fits"]["h100-80gb"]["fits"] is False and saved["params"] > 30 * GiB
+    assert saved["fits"]["h100-80gb"]["fits"] is False and saved["params"] > 25 * GiB
