@@ -156,3 +156,12 @@ def test_cached_decode_with_auto_equals_reference_forward(params):
             auto, params, t[:, i:i + 1], cache=cache, positions_BT=pos[:, i:i + 1],
             segment_ids_BT=seg[:, i:i + 1])
         np.testing.assert_allclose(step[:, 0], full[:, i], atol=1e-5)
+
+
+def test_remat_attn_mlp_policy_same_grads(params):
+    tokens = np.asarray(jax.random.randint(jax.random.key(2), SEGS.shape, 0, CFG.vocab_size))
+    auto = dataclasses.replace(CFG, attention="auto", remat="none")
+    _, ref = _grad(auto, params, tokens, SEGS)
+    _, got = _grad(dataclasses.replace(auto, remat="attn_mlp"), params, tokens, SEGS)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref)):
+        np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-6)
