@@ -17,10 +17,10 @@ import numpy as np
 
 from align_jax.data.sources import DataError, Record, Skipped
 
+# How a record is tokenised (the example's shape); the schemas and batch layouts that go with
+# each are `align_jax.data.formats.DataFormat` records.
 KINDS = ("lm", "sft", "preference", "kto", "sami")
 POLICIES = ("truncate_prompt_left", "truncate_completion", "drop", "error")
-SCHEMA_OF_KIND = {"lm": "text", "sft": "sft", "preference": "preference", "kto": "kto",
-                  "sami": "sami"}
 
 
 class TokenizerLike(Protocol):

@@ -1,4 +1,4 @@
-"""DPO's cheap reference mode: reference log-probs computed once over the dataset.
+"""The cheap reference mode: reference log-probs computed once over the dataset.
 
 The reference model then never sits in memory during training, and a resumed run reads the
 values back from a cache file keyed by the examples and the reference params.
@@ -15,7 +15,6 @@ from tqdm import tqdm
 
 from align_jax.data import batching
 from align_jax.data.formatting import Example
-from align_jax.losses import precompute_ref_logps
 from align_jax.models.config import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -33,13 +32,15 @@ def _fingerprint(examples: list[Example], config: ModelConfig, params) -> str:
     return h.hexdigest()[:16]
 
 
-def attach_reference_logps(examples: list[Example], *, config: ModelConfig, params,
+def attach_reference_logps(examples: list[Example], *, precompute, config: ModelConfig, params,
                            seq_len: int, batch_size: int = 8, cache_dir: str | None = None,
                            vocab_chunk_size: int = 0) -> list[Example]:
     """Returns the examples with `ref_logps` = (chosen, rejected) summed log-probs under params.
 
     Args:
       examples: tokenised preference examples (completions = (chosen, rejected)).
+      precompute: the objective's `precompute_reference(config, params, batch, *,
+        vocab_chunk_size) -> [B, 2]` (DPO: `losses.precompute_ref_logps`).
       config, params: the reference model (for DPO after SFT: the SFT model).
       seq_len: the training sequence length (each sequence fits it after truncation).
       batch_size: rows per forward pass.
@@ -56,7 +57,7 @@ def attach_reference_logps(examples: list[Example], *, config: ModelConfig, para
             values = np.load(path)
             log.info("reference log-probs read from %s", path)
             return [_with(ex, v) for ex, v in zip(examples, values)]
-    fn = jax.jit(functools.partial(precompute_ref_logps, config,
+    fn = jax.jit(functools.partial(precompute, config,
                                    vocab_chunk_size=vocab_chunk_size))
     values = np.zeros((len(examples), 2), np.float32)
     starts = range(0, len(examples), batch_size)
