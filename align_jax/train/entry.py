@@ -142,7 +142,8 @@ def train_main(*, output_dir: str, data: str, objective: str = "sft",
                 attach_reference_logps, precompute=obj.precompute_reference, config=config,
                 params=params_init, seq_len=seq_len,
                 batch_size=batch_size, cache_dir=os.path.join(output_dir, "cache"),
-                vocab_chunk_size=vocab_chunk_size)
+                vocab_chunk_size=vocab_chunk_size,
+                mesh=sharding.make_mesh(mesh or sharding.MeshSpec()), rules=rules)
 
         make = functools.partial(
             make_loader, data, kind=fmt, tokenizer=tok, seq_len=seq_len, batch_size=batch_size,

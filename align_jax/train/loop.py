@@ -9,15 +9,10 @@ checkpoints; a non-finite loss stops the run (the last good checkpoint stays on 
 
 import contextlib
 import dataclasses
-import datetime
-import importlib.metadata
-import json
 import logging
 import math
 import os
-import platform
 import signal
-import subprocess
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -29,6 +24,7 @@ from align_jax import sharding
 from align_jax.losses import objectives
 from align_jax.models import transformer
 from align_jax.models.config import ModelConfig, get_config
+from align_jax.runinfo import write_run_info
 from align_jax.train import compile as compile_lib
 from align_jax.train.checkpoint import Checkpointer
 from align_jax.train.metrics import MetricsLogger
@@ -62,59 +58,6 @@ class _Preemption:
     def __exit__(self, *exc):
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
-
-
-def _git_state() -> tuple[str | None, bool | None]:
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    try:
-        commit = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True,
-                                text=True, timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain"], capture_output=True,
-                               text=True, timeout=10, check=True).stdout.strip() != ""
-        return commit, dirty
-    except (OSError, subprocess.SubprocessError):
-        return None, None
-
-
-def _version(name: str) -> str | None:
-    try:
-        return importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def write_run_info(workdir: str | os.PathLike, *, extra: Mapping[str, Any] | None = None,
-                   operative_config: str | None = None) -> dict[str, Any]:
-    """Writes `<workdir>/run_info.json` (git commit, library versions, devices) and, when given,
-    `<workdir>/config.gin` (the operative gin config, supplied by the CLI).
-
-    Args:
-      workdir: the run's folder.
-      extra: more JSON-able fields (the run's settings).
-      operative_config: gin's operative config text, or None.
-    Returns:
-      the run_info dict.
-    """
-    commit, dirty = _git_state()
-    devices = jax.devices()
-    info = {
-        "time": datetime.datetime.now(datetime.UTC).isoformat(),
-        "git_commit": commit,
-        "git_dirty": dirty,
-        "versions": {name: _version(name) for name in
-                     ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy")},
-        "python": platform.python_version(),
-        "devices": {"platform": devices[0].platform, "kind": devices[0].device_kind,
-                    "count": len(devices), "process_count": jax.process_count()},
-        **dict(extra or {}),
-    }
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "run_info.json"), "w", encoding="utf-8") as f:
-        json.dump(info, f, indent=2, default=repr)
-    if operative_config is not None:
-        with open(os.path.join(workdir, "config.gin"), "w", encoding="utf-8") as f:
-            f.write(operative_config)
-    return info
 
 
 def _shape_tree(tree: Any) -> Any:
