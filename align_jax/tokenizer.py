@@ -6,10 +6,9 @@ tokenizer_config.json, loaded through transformers.AutoTokenizer, offline) or a 
 adds special tokens unless asked, `apply_chat_template` returns text that already carries BOS when
 the template wants it (so encode the result with add_bos=False).
 
-`train_tokenizer(texts, out_dir)` trains a small sentencepiece model in-process and writes it both
-as `tokenizer.model` and as a Hugging Face tokenizer directory that `AutoTokenizer.from_pretrained`
-loads and that encodes to the same ids. It is what tests and the from-scratch demo use, since no
-tokenizer can be downloaded.
+Training a small sentencepiece tokenizer in-process (what tests and the from-scratch demo use,
+since no tokenizer can be downloaded) is `align_jax.tokenizer_training.train_tokenizer`; it
+imports this module, never the other way round.
 """
 
 from __future__ import annotations
@@ -441,11 +440,3 @@ def load_tokenizer(path: str | os.PathLike, *, chat_template: str | None = None)
         raise ValueError(f"{path} holds several sentencepiece models {models}; pass one file")
     raise FileNotFoundError(f"no tokenizer in {path}: expected tokenizer.json, "
                             f"tokenizer_config.json or a sentencepiece .model file")
-
-
-
-# Training lives in its own module; the name stays importable from here.
-
-
-# Training lives in its own module; the name stays importable from here.
-from align_jax.tokenizer_training import train_tokenizer  # noqa: E402, F401

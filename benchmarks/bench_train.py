@@ -202,7 +202,7 @@ def _trl_tokenizer(workdir):
     """A small tokenizer dir: TRL wants a processing class (pad/eos ids); our data is ids."""
     import transformers
 
-    from align_jax.tokenizer import train_tokenizer
+    from align_jax.tokenizer_training import train_tokenizer
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     with open(os.path.join(root, "examples", "values_document.md"), encoding="utf-8") as f:
         lines = [ln for ln in f.read().splitlines() if ln.strip()]

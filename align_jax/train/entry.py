@@ -189,7 +189,7 @@ def _write_model_files(output_dir: str, config, init_from, tok_path) -> None:
 
 def build_tokenizer(text_path: str, out_dir: str, *, vocab_size: int = 512) -> str:
     """Trains a sentencepiece tokenizer on a text file (once; reused when present)."""
-    from align_jax.tokenizer import train_tokenizer
+    from align_jax.tokenizer_training import train_tokenizer
     if os.path.exists(os.path.join(out_dir, "tokenizer.json")):
         return out_dir
     if not os.path.isfile(text_path):

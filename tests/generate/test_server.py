@@ -16,7 +16,7 @@ import pytest
 from align_jax.generate import generate, server, serving
 from align_jax.models.config import get_config
 from align_jax.models.transformer import init_params
-from align_jax.tokenizer import train_tokenizer
+from align_jax.tokenizer_training import train_tokenizer
 
 API_KEY = "test-key"
 TEXT = ["The quick brown fox jumps over the lazy dog near the river bank.",
