@@ -440,3 +440,24 @@ def load_tokenizer(path: str | os.PathLike, *, chat_template: str | None = None)
         raise ValueError(f"{path} holds several sentencepiece models {models}; pass one file")
     raise FileNotFoundError(f"no tokenizer in {path}: expected tokenizer.json, "
                             f"tokenizer_config.json or a sentencepiece .model file")
+
+
+def encode_prompt(tokenizer, prompt: str | list[dict], *, chat_template: bool = True) -> list[int]:
+    """The one prompt encoder: a prompt -> the token ids a model continues from.
+
+    Args:
+      tokenizer: a Tokenizer (or anything with its `encode`, `apply_chat_template`, `bos_id`).
+      prompt: a string (one user turn) or a list of {role, content} messages.
+      chat_template: True renders the chat template with the assistant turn opened (the
+        template writes BOS where the model wants one, so none is added); False encodes the
+        raw text (messages joined by blank lines) after BOS, when the tokenizer has one.
+    Returns:
+      The token ids.
+    """
+    if not chat_template:
+        if not isinstance(prompt, str):
+            prompt = "\n\n".join(m["content"] for m in prompt)
+        return list(tokenizer.encode(prompt, add_bos=tokenizer.bos_id is not None))
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    return list(tokenizer.encode(text, add_bos=False))

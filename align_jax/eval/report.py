@@ -7,12 +7,12 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from align_jax.eval.scoring import answer_nll, preference_accuracy
+from align_jax.tokenizer import encode_prompt
 
 
 def _samples(config, params, tokenizer, prompts, *, max_new_tokens):
     from align_jax.generate import generate
-    ids = [tokenizer.encode(tokenizer.apply_chat_template(
-        [{"role": "user", "content": p}], add_generation_prompt=True)) for p in prompts]
+    ids = [encode_prompt(tokenizer, p) for p in prompts]
     out = generate(config, params, ids, max_new_tokens=max_new_tokens, tokenizer=tokenizer)
     return out.texts
 
