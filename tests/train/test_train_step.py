@@ -134,7 +134,7 @@ def test_opt_state_shares_param_shardings():
 def test_step_traces_once_and_draws_fold_in_randomness():
     traces = []
 
-    def loss_fn(params, batch, *, config, rng):
+    def loss_fn(params, batch, *, config, rng, ref_params):
         traces.append(1)
         loss, metrics = nll_loss(params, batch, config=config)
         return loss, {**metrics, "u": jax.random.uniform(rng)}
