@@ -19,8 +19,6 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-import sentencepiece as spm
-
 ROLES = ("system", "user", "assistant")
 ROLE_TOKENS = tuple(f"<|{role}|>" for role in ROLES)
 
@@ -216,6 +214,9 @@ class _SentencePieceTokenizer(Tokenizer):
         self.path = path
         try:
             with open(path, "rb") as f:
+                # Imported here: the model, loss and train-step modules (and the GPU
+                # benchmark, on a machine without sentencepiece) import this module.
+                import sentencepiece as spm  # noqa: PLC0415
                 self._sp = spm.SentencePieceProcessor(model_proto=f.read())
         except (OSError, RuntimeError) as e:
             raise ValueError(f"{path}: not a readable sentencepiece model ({e})") from e

@@ -95,16 +95,15 @@ def _jax_peak_bytes() -> int | None:
 def jax_train(args, shape, sizes) -> dict:
     import jax
 
-    from align_jax import losses, sharding
+    from align_jax import sharding
+    from align_jax.losses import objectives
     from align_jax.models import transformer
     from align_jax.train import compile as compile_lib
     from align_jax.train import optim
     from align_jax.train import state as state_lib
-    from align_jax.train import step as step_lib
 
     config = _jax_config(shape, dtype="bfloat16", param_dtype="float32",
                          attention=args.attention, remat=args.remat)
-    loss_fn = losses.sft_loss if args.method == "sft" else losses.dpo_objective
     kwargs = {"vocab_chunk_size": args.vocab_chunk} if args.vocab_chunk is not None else {}
     mesh = sharding.make_mesh(sharding.MeshSpec(), devices=jax.devices()[:1])
     tx, schedule = optim.make_optimizer(optim.OptimizerConfig(learning_rate=1e-5),
@@ -114,7 +113,7 @@ def jax_train(args, shape, sizes) -> dict:
     params = transformer.init_params(config, jax.random.key(0), mesh=mesh)
     state = compile_lib.init_train_state(params, tx=tx, seed=0, state_shardings=shardings)
     step = compile_lib.jit_train_step(
-        loss=step_lib.bind_loss(loss_fn, config=config, loss_kwargs=kwargs), tx=tx,
+        loss=objectives.get_objective(args.method).bind(config=config, options=kwargs), tx=tx,
         schedule=schedule, grad_accum=1, mesh=mesh, rules="fsdp", state_shardings=shardings)
     batch = jax.device_put(_batch(shape, sizes, args.method),
                            compile_lib.batch_shardings(mesh, "fsdp"))

@@ -31,11 +31,11 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import AbstractMesh, NamedSharding
 
-from align_jax import losses, sharding
+from align_jax import sharding
+from align_jax.losses import objectives
 from align_jax.models import transformer
 from align_jax.models.config import ModelConfig, get_config
 from align_jax.train import compile as compile_lib
-from align_jax.train import step as step_lib
 from align_jax.train.optim import OptimizerConfig, make_optimizer
 from align_jax.train.state import abstract_state, state_shardings
 
@@ -49,12 +49,12 @@ ACCELERATORS: dict[str, int] = {
 # tiny model grew the resident set by 2% (4 x 512 tokens) to 22% (16 and 32 x 512) more than
 # the compiled buffer assignment (tests/train/memory_probe.py), so a fifth is kept free.
 HEADROOM = 0.20
-# method: (objective, batch layout, keeps a frozen reference copy)
+# method: (registered objective, batch layout, keeps a frozen reference copy)
 METHODS: dict[str, tuple[Any, str, bool]] = {
-    "sft": (losses.sft_loss, "tokens", False),
-    "dpo": (losses.dpo_objective, "pairs", False),          # precomputed reference log-probs
-    "dpo_frozen": (losses.dpo_objective, "pairs", True),    # a frozen copy of the params
-    "sami": (losses.sami_objective, "sami", False),
+    "sft": ("sft", "tokens", False),
+    "dpo": ("dpo", "pairs", False),          # precomputed reference log-probs
+    "dpo_frozen": ("dpo", "pairs", True),    # a frozen copy of the params
+    "sami": ("sami", "sami", False),
 }
 
 
@@ -242,9 +242,12 @@ def plan_memory(config: ModelConfig, *, method: str = "sft", batch_size: int, se
 def lower_train_step(config: ModelConfig, *, loss_fn, batch: Mapping[str, jax.ShapeDtypeStruct],
                      tx, schedule, mesh, rules: str, abstract, shardings, grad_accum: int = 1,
                      loss_kwargs: Mapping[str, Any] | None = None):
-    """The real jitted train step (as `train` builds it) lowered on abstract inputs."""
+    """The real jitted train step (as `train` builds it) lowered on abstract inputs.
+
+    `loss_fn` is a registered objective's name or an `objectives.Objective`.
+    """
     step_fn = compile_lib.jit_train_step(
-        loss=step_lib.bind_loss(loss_fn, config=config, loss_kwargs=loss_kwargs), tx=tx,
+        loss=objectives.get_objective(loss_fn).bind(config=config, options=loss_kwargs), tx=tx,
         schedule=schedule, grad_accum=grad_accum, mesh=mesh, rules=rules,
         state_shardings=shardings)
     batch_sh = compile_lib.batch_shardings(mesh, rules)
