@@ -170,7 +170,7 @@ def init_lora_weights(config: ModelConfig, spec: LoraConfig, rng: jax.Array) -> 
     flat = {}
     shapes = _shapes(config, spec)
     keys = jax.random.split(rng, len(shapes))
-    for key, (name, (shape, letters)) in zip(keys, sorted(shapes.items())):
+    for key, (name, (shape, _)) in zip(keys, sorted(shapes.items())):
         if name.endswith("_b"):
             flat[name] = jnp.zeros(shape, jnp.float32)
             continue

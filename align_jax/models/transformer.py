@@ -22,7 +22,8 @@ import jax
 import jax.numpy as jnp
 
 from align_jax import axes, sharding
-from align_jax.models import layers, lora as lora_lib
+from align_jax.models import layers
+from align_jax.models import lora as lora_lib
 from align_jax.models.config import ModelConfig
 
 Params = dict[str, Any]
@@ -45,7 +46,8 @@ class Block(nn.Module):
         h_BTD, new_cache = layers.Attention(cfg, self.lora_dropout, name="attn")(
             h_BTD, sin_cos, mask_BTS, segment_ids_BT, kv_cache, cache_index)
         x_BTD = x_BTD + h_BTD
-        h_BTD = layers.MLP(cfg, self.lora_dropout, name="mlp")(layers.RMSNorm(cfg, name="mlp_norm")(x_BTD))
+        h_BTD = layers.RMSNorm(cfg, name="mlp_norm")(x_BTD)
+        h_BTD = layers.MLP(cfg, self.lora_dropout, name="mlp")(h_BTD)
         x_BTD = sharding.constrain(x_BTD + h_BTD, (axes.BATCH, axes.SEQ, axes.EMBED))
         return x_BTD, new_cache
 

@@ -17,6 +17,7 @@ from typing import Any
 
 from align_jax import losses, sharding
 from align_jax.models.config import ModelConfig, get_config
+from align_jax.models.lora import lora_config
 from align_jax.tokenizer import copy_tokenizer_files, load_tokenizer
 from align_jax.train.loop import train
 from align_jax.train.optim import OptimizerConfig
@@ -31,7 +32,7 @@ OBJECTIVES = {
     "kto": (losses.kto_objective, "kto"),
     "sami": (losses.sami_objective, "sami"),
 }
-REFERENCE_MODES = ("precomputed", "params")
+REFERENCE_MODES = ("precomputed", "params", "adapters_off")
 
 
 def _model(model: str | ModelConfig | None, overrides: Mapping[str, Any], init_from, tokenizer):
@@ -73,10 +74,10 @@ def train_main(*, output_dir: str, data: str, objective: str = "sft",
                on_error: str = "raise", num_epochs: int = 1, num_steps: int | None = None,
                optimizer: OptimizerConfig | None = None, grad_accum: int = 1,
                mesh: sharding.MeshSpec | None = None, rules: str = "fsdp",
-               loss_kwargs: Mapping[str, Any] | None = None, reference: str = "precomputed",
+               loss_kwargs: Mapping[str, Any] | None = None, reference: str | None = None,
                vocab_chunk_size: int = 0, save_every: int = 1000, keep: int = 3,
                log_every: int = 10, seed: int = 0, export_hf: bool = True,
-               progress: bool = True) -> dict[str, Any]:
+               progress: bool = True, lora: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Trains one objective and exports the result as a Hugging Face checkpoint.
 
     Args:
@@ -97,11 +98,17 @@ def train_main(*, output_dir: str, data: str, objective: str = "sft",
       mesh, rules: the device mesh and sharding preset.
       loss_kwargs: keyword arguments of the objective (beta, loss_type, rpo_alpha, ...).
       reference: DPO/KTO reference: "precomputed" (DPO: log-probs computed once over the data,
-        no second model in memory) or "params" (a frozen copy of the initial params).
+        no second model in memory), "params" (a frozen copy of the initial params) or, with
+        LoRA, "adapters_off" (the frozen base with the adapters switched off, in the same
+        step). Default: "adapters_off" with LoRA, else "precomputed".
       vocab_chunk_size: >0 computes log-probs over vocabulary chunks (large vocabularies).
       save_every, keep, log_every, seed: checkpointing, logging and randomness.
       export_hf: write the final model and tokenizer to <output_dir>/hf.
       progress: show progress bars.
+      lora: train LoRA adapters on a frozen base instead of all params, e.g.
+        {'rank': 8, 'alpha': 16, 'targets': ('q', 'v'), 'base_dtype': 'bfloat16'} (fields of
+        `align_jax.models.lora.LoraConfig`). Only the adapters are updated and checkpointed;
+        the export is the merged model (<output_dir>/hf) and the adapter (<output_dir>/peft).
     Returns:
       A summary dict (also written to <output_dir>/train_summary.json).
     """
@@ -110,6 +117,14 @@ def train_main(*, output_dir: str, data: str, objective: str = "sft",
 
     if objective not in OBJECTIVES:
         raise ValueError(f"train_main.objective={objective!r}: choose one of {sorted(OBJECTIVES)}")
+    lora_spec = lora_config(lora)
+    if reference is None:
+        reference = "adapters_off" if lora_spec is not None else "precomputed"
+    if reference == "adapters_off" and lora_spec is None:
+        raise ValueError("train_main.reference='adapters_off' needs train_main.lora=...")
+    if reference == "params" and lora_spec is not None:
+        # The base with the adapters off is the initial model: no second copy needed.
+        reference = "adapters_off"
     if reference not in REFERENCE_MODES:
         raise ValueError(f"train_main.reference={reference!r}: choose one of {REFERENCE_MODES}")
     if objective == "kto" and reference == "precomputed":
@@ -149,7 +164,11 @@ def train_main(*, output_dir: str, data: str, objective: str = "sft",
                 batch_size=batch_size, cache_dir=os.path.join(output_dir, "cache"),
                 vocab_chunk_size=vocab_chunk_size)
         elif uses_reference:
-            ref_mode = "initial"
+            ref_mode = "adapters_off" if lora_spec is not None else "initial"
+        if lora_spec is not None:
+            from align_jax.train.adapters import write_lora_file
+            write_lora_file(os.path.join(output_dir, "model"), lora_spec, init_from=init_from,
+                            seed=seed)
 
         make = functools.partial(
             make_loader, data, kind=kind, tokenizer=tok, seq_len=seq_len, batch_size=batch_size,
@@ -165,7 +184,9 @@ def train_main(*, output_dir: str, data: str, objective: str = "sft",
                       save_every=save_every, keep=keep, log_every=log_every, seed=seed,
                       ref_params=ref_mode,
                       export_hf_dir=os.path.join(output_dir, "hf") if export_hf else None,
-                      progress=progress)
+                      progress=progress, lora=lora_spec,
+                      export_peft_dir=(os.path.join(output_dir, "peft")
+                                       if export_hf and lora_spec is not None else None))
         loader.close()
         if export_hf:
             copy_tokenizer_files(tok_path, os.path.join(output_dir, "hf"))
@@ -173,7 +194,9 @@ def train_main(*, output_dir: str, data: str, objective: str = "sft",
                    "data": {"load": loader.load_report.summary(),
                             "truncation": loader.truncation_report.summary(),
                             "examples": loader.num_examples},
-                   "hf_export": os.path.join(output_dir, "hf") if export_hf else None}
+                   "hf_export": os.path.join(output_dir, "hf") if export_hf else None,
+                   "peft_export": (os.path.join(output_dir, "peft")
+                                   if export_hf and lora_spec is not None else None)}
         with open(os.path.join(output_dir, "train_summary.json"), "w") as f:
             json.dump(summary, f, indent=1)
     return summary

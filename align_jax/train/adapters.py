@@ -1,0 +1,73 @@
+"""LoRA training: the trained params are the adapters, the frozen base rides in the state.
+
+With LoRA on, `TrainState.params` holds the adapter weights (float32; the optimizer state
+tracks only them) and `TrainState.ref_params` holds the frozen base, possibly in bfloat16. Like
+any reference it is not checkpointed: it is rebuilt from the run's initial params on resume.
+`bind_lora_loss` wraps an objective (as adapted by `step.bind_loss`) so it sees base + adapters
+as its params; for objectives with a reference model it also gets the base itself as
+`ref_params`, i.e. the same weights with the adapters off, scored in the same step with no
+second copy of the model.
+"""
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+import jax
+
+from align_jax.models import lora as lora_lib
+from align_jax.models.config import ModelConfig
+
+LORA_FILE = "lora.json"
+
+
+def bind_lora_loss(loss, spec: lora_lib.LoraConfig, *, reference: bool):
+    """`loss(adapter_weights, batch, *, rng, ref_params=base)` over base + adapters.
+
+    Args:
+      loss: a loss adapted by `step.bind_loss` (params, batch, *, rng, ref_params).
+      spec: the LoRA settings.
+      reference: pass the base (adapters off) as the objective's reference params.
+    Returns:
+      the loss the train step differentiates with respect to the adapter weights only.
+    """
+    def wrapped(weights, batch, *, rng, ref_params):
+        if ref_params is None:
+            raise ValueError("LoRA training needs the frozen base in state.ref_params")
+        base = jax.lax.stop_gradient(ref_params)
+        # A stream of its own, so an objective's own use of `rng` draws the same numbers.
+        drop = jax.random.fold_in(rng, 0x10A) if spec.dropout > 0.0 else None
+        params = lora_lib.with_adapters(base, lora_lib.Adapters(weights=weights, spec=spec),
+                                        dropout_rng=drop)
+        return loss(params, batch, rng=rng, ref_params=base if reference else None)
+
+    return wrapped
+
+
+def base_config(config: ModelConfig, spec: lora_lib.LoraConfig) -> ModelConfig:
+    """The config whose param_dtype is the dtype the frozen base is held in."""
+    return dataclasses.replace(config, param_dtype=spec.base_dtype or config.param_dtype)
+
+
+def write_lora_file(model_dir: str, spec: lora_lib.LoraConfig, *, init_from: str | None,
+                    seed: int) -> None:
+    """`<run>/model/lora.json`: the adapter settings and where the base came from, so
+    `align-jax convert` can rebuild the base for a merged or peft export of any checkpoint."""
+    os.makedirs(model_dir, exist_ok=True)
+    with open(os.path.join(model_dir, LORA_FILE), "w") as f:
+        json.dump({"lora": dataclasses.asdict(spec),
+                   "base": {"init_from": os.path.abspath(init_from) if init_from else None,
+                            "seed": seed}}, f, indent=1)
+
+
+def read_lora_file(model_dir: str) -> tuple[lora_lib.LoraConfig, dict[str, Any]] | None:
+    path = os.path.join(model_dir, LORA_FILE)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        data = json.load(f)
+    try:
+        return lora_lib.lora_config(data["lora"]), data["base"]
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{path}: not a LoRA run description ({e})") from None
