@@ -71,3 +71,18 @@ def read_lora_file(model_dir: str) -> tuple[lora_lib.LoraConfig, dict[str, Any]]
         return lora_lib.lora_config(data["lora"]), data["base"]
     except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f"{path}: not a LoRA run description ({e})") from None
+
+
+def rebuild_base(config: ModelConfig, spec: lora_lib.LoraConfig, base: dict[str, Any]) -> Any:
+    """The frozen base of a LoRA run, as `train` built it (from `lora.json`'s "base")."""
+    from align_jax.models import transformer  # noqa: PLC0415
+    from align_jax.models.hf import load_hf  # noqa: PLC0415
+
+    frozen = base_config(dataclasses.replace(config, param_dtype="float32"), spec)
+    dtype = jax.numpy.dtype(frozen.param_dtype)
+    if base.get("init_from"):
+        _, params = load_hf(base["init_from"])
+        return jax.tree.map(lambda x: x.astype(dtype), params)
+    # The same key and dtype as the loop's random init (values do not depend on sharding).
+    key = jax.random.split(jax.random.key(int(base["seed"])))[1]
+    return transformer.init_params(frozen, key)

@@ -100,7 +100,7 @@ def train_main(*, output_dir: str, data: str, objective: str = "sft",
       reference: DPO/KTO reference: "precomputed" (DPO: log-probs computed once over the data,
         no second model in memory), "params" (a frozen copy of the initial params) or, with
         LoRA, "adapters_off" (the frozen base with the adapters switched off, in the same
-        step). Default: "adapters_off" with LoRA, else "precomputed".
+        step), which LoRA always uses. Default: "precomputed".
       vocab_chunk_size: >0 computes log-probs over vocabulary chunks (large vocabularies).
       save_every, keep, log_every, seed: checkpointing, logging and randomness.
       export_hf: write the final model and tokenizer to <output_dir>/hf.
@@ -122,8 +122,9 @@ def train_main(*, output_dir: str, data: str, objective: str = "sft",
         reference = "adapters_off" if lora_spec is not None else "precomputed"
     if reference == "adapters_off" and lora_spec is None:
         raise ValueError("train_main.reference='adapters_off' needs train_main.lora=...")
-    if reference == "params" and lora_spec is not None:
-        # The base with the adapters off is the initial model: no second copy needed.
+    if reference in ("params", "precomputed") and lora_spec is not None:
+        # With LoRA the reference is always the base with the adapters off: it is the initial
+        # model, scored in the same step with no second copy and no precompute pass.
         reference = "adapters_off"
     if reference not in REFERENCE_MODES:
         raise ValueError(f"train_main.reference={reference!r}: choose one of {REFERENCE_MODES}")
