@@ -15,9 +15,15 @@ import os
 from typing import Any
 
 import jax
+import optax
 
+from align_jax import sharding
 from align_jax.models import lora as lora_lib
+from align_jax.models import transformer
 from align_jax.models.config import ModelConfig
+from align_jax.train import compile as compile_lib
+from align_jax.train import step as step_lib
+from align_jax.train.state import TrainState, abstract_arrays, abstract_state, state_shardings
 
 LORA_FILE = "lora.json"
 
@@ -43,6 +49,49 @@ def bind_lora_loss(loss, spec: lora_lib.LoraConfig, *, reference: bool):
         return loss(params, batch, rng=rng, ref_params=base if reference else None)
 
     return wrapped
+
+
+def abstract_run_state(config: ModelConfig, *, tx: optax.GradientTransformation,
+                       lora: lora_lib.LoraConfig | None, with_ref: bool) -> TrainState:
+    """The boxed abstract TrainState of a run: full params (+ a reference copy), or with LoRA
+    the float32 adapters as params and the frozen base (in `lora.base_dtype`) as ref_params."""
+    if lora is None:
+        return abstract_state(transformer.abstract_params(config), tx=tx, with_ref=with_ref)
+    return abstract_state(lora_lib.abstract_lora(config, lora), tx=tx,
+                          abstract_ref=transformer.abstract_params(base_config(config, lora)))
+
+
+def compiled_step_memory(config: ModelConfig, loss: step_lib.LossFn, *,
+                         batch: dict[str, jax.ShapeDtypeStruct], tx: optax.GradientTransformation,
+                         lora: lora_lib.LoraConfig | None = None, reference: bool = False,
+                         mesh=None, rules: str = "fsdp"):
+    """XLA's memory analysis of the compiled train step, from shapes alone (nothing runs and
+    no weights exist): for comparing LoRA with full fine-tuning on configs of any size.
+
+    Args:
+      config: the model (param_dtype is the master dtype of full fine-tuning).
+      loss: an objective adapted by `step.bind_loss`.
+      batch: ShapeDtypeStructs of one global batch.
+      tx: the optimizer.
+      lora: LoRA settings, or None for full fine-tuning.
+      reference: full fine-tuning keeps a frozen reference copy; with LoRA the objective gets
+        the base (adapters off) as its reference.
+      mesh, rules: the mesh (default: one device) and sharding preset.
+    Returns:
+      `jax.stages.Compiled.memory_analysis()` (per device).
+    """
+    mesh = mesh or sharding.make_mesh(sharding.MeshSpec(data=1), devices=jax.devices()[:1])
+    abstract = abstract_run_state(config, tx=tx, lora=lora, with_ref=reference)
+    shardings = state_shardings(abstract, mesh, rules)
+    if lora is not None:
+        loss = bind_lora_loss(loss, lora, reference=reference)
+    step = compile_lib.jit_train_step(loss=loss, tx=tx, schedule=None, grad_accum=1, mesh=mesh,
+                                      rules=rules, state_shardings=shardings)
+    placed = compile_lib.batch_shardings(mesh, rules)
+    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=placed) for k, v in batch.items()}
+    with sharding.use_mesh(mesh, rules):
+        lowered = step.jitted.lower(abstract_arrays(abstract, shardings), batch)
+    return lowered.compile().memory_analysis()
 
 
 def base_config(config: ModelConfig, spec: lora_lib.LoraConfig) -> ModelConfig:
@@ -75,7 +124,6 @@ def read_lora_file(model_dir: str) -> tuple[lora_lib.LoraConfig, dict[str, Any]]
 
 def rebuild_base(config: ModelConfig, spec: lora_lib.LoraConfig, base: dict[str, Any]) -> Any:
     """The frozen base of a LoRA run, as `train` built it (from `lora.json`'s "base")."""
-    from align_jax.models import transformer  # noqa: PLC0415
     from align_jax.models.hf import load_hf  # noqa: PLC0415
 
     frozen = base_config(dataclasses.replace(config, param_dtype="float32"), spec)

@@ -36,7 +36,7 @@ from align_jax.train import step as step_lib
 from align_jax.train.checkpoint import Checkpointer
 from align_jax.train.metrics import MetricsLogger
 from align_jax.train.optim import OptimizerConfig, make_optimizer
-from align_jax.train.state import TrainState, abstract_arrays, abstract_state, state_shardings
+from align_jax.train.state import TrainState, abstract_arrays, state_shardings
 
 log = logging.getLogger(__name__)
 
@@ -259,13 +259,9 @@ def train(*, config: ModelConfig | str | None = None, params_init: Any = None, l
         config = dataclasses.replace(config, param_dtype="float32")
     tx, schedule = make_optimizer(optimizer, num_steps=num_steps)
     with_ref = ref_params == "initial" or spec is not None
-    if spec is None:
-        abstract = abstract_state(transformer.abstract_params(config), tx=tx, with_ref=with_ref)
-    else:
-        # The frozen base may be held in a lower precision than the float32 adapters.
-        frozen = adapters_lib.base_config(config, spec)
-        abstract = abstract_state(lora_lib.abstract_lora(config, spec), tx=tx,
-                                  abstract_ref=transformer.abstract_params(frozen))
+    # With LoRA the frozen base may be held in a lower precision than the float32 adapters.
+    frozen = adapters_lib.base_config(config, spec) if spec is not None else config
+    abstract = adapters_lib.abstract_run_state(config, tx=tx, lora=spec, with_ref=with_ref)
     shardings = state_shardings(abstract, mesh, rules)
     is_main = jax.process_index() == 0
 

@@ -11,8 +11,13 @@ from test_train_loop import _metric_steps, _spawn, _wait_for
 from train_fixtures import CountingIterator, nll_loss, tiny_config
 
 from align_jax import sharding
+from align_jax.losses import dpo_objective
 from align_jax.models import hf, lora, transformer
+from align_jax.models.config import get_config
 from align_jax.train import OptimizerConfig, load_params, train
+from align_jax.train.adapters import compiled_step_memory
+from align_jax.train.optim import make_optimizer
+from align_jax.train.step import bind_loss
 
 LORA = {"rank": 4, "alpha": 8, "targets": ("q", "v", "down")}
 
@@ -89,3 +94,28 @@ def test_lora_resume_after_sigkill_equals_uninterrupted(tmp_path):
                             jax.tree.leaves(ref_weights)):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-6, err_msg=str(path))
     assert set(_metric_steps(workdir)) == set(range(1, 9))
+
+
+@pytest.mark.slow
+def test_lora_dpo_step_memory_below_full_dpo_for_1b():
+    """Compiled on CPU from shapes alone (nothing runs): llama3_1b, one pair of 256 tokens."""
+    config = get_config("llama3_1b", remat="full")
+    tx, _ = make_optimizer(OptimizerConfig(), num_steps=10)
+    loss = bind_loss(dpo_objective, config=config, loss_kwargs={"beta": 0.1})
+    shape = (1, 2, 256)
+    batch = {k: jax.ShapeDtypeStruct(shape, jnp.float32 if k == "loss_mask" else jnp.int32)
+             for k in ("tokens", "targets", "loss_mask", "positions", "segment_ids")}
+    full = compiled_step_memory(config, loss, batch=batch, tx=tx, reference=True)
+    spec = lora.LoraConfig(rank=8, alpha=16, targets=("q", "k", "v", "o", "gate", "up", "down"))
+    adapted = compiled_step_memory(config, loss, batch=batch, tx=tx, lora=spec, reference=True)
+    n = config.num_params
+    # Full DPO holds params, reference, Adam's two moments: 16 bytes a parameter as arguments.
+    assert full.argument_size_in_bytes >= 16 * n
+    # LoRA holds the base once (4 bytes a parameter) plus small adapters and their moments.
+    assert 4 * n <= adapted.argument_size_in_bytes < 4.2 * n
+
+    def peak(m):
+        return (m.argument_size_in_bytes + m.temp_size_in_bytes + m.output_size_in_bytes
+                - m.alias_size_in_bytes)
+
+    assert peak(adapted) < 0.5 * peak(full), (peak(adapted), peak(full))
