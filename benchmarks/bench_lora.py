@@ -135,12 +135,14 @@ def big_rows(args):
             meshes.append(("fsdp over 8", sharding.make_mesh(
                 sharding.MeshSpec(data=1, fsdp=8), devices=jax.devices()[:8])))
         for where, mesh in meshes:
-            b = abstract_dpo_bytes(eight_b, lora=bf16, pairs=args.big_pairs, seq=args.big_seq,
-                                   mesh=mesh)
+            # Under fsdp the batch is split too: one pair per device.
+            pairs = args.big_pairs * (1 if mesh is None else mesh.size)
+            b = abstract_dpo_bytes(eight_b, lora=bf16, pairs=pairs, seq=args.big_seq, mesh=mesh)
             rows.append({"what": f"DPO llama3_8b ({eight_b.num_params / 1e9:.2f}B) LoRA r8, "
-                                 f"bf16 base and compute, {where}, {args.big_pairs} pairs x "
+                                 f"bf16 base and compute, {where}, {pairs} pairs x "
                                  f"{args.big_seq}, remat full",
                          "compiled step GB / device": b / 2**30, "vs full FT": float("nan")})
+            print(rows[-1], flush=True)
     return rows
 
 
