@@ -27,5 +27,3 @@ VOCAB = "vocab"
 LAYERS = "layers"
 # The low-rank axis of LoRA adapters: no preset maps it, so it stays replicated.
 LORA_RANK = "lora_rank"
-
-ALL = (BATCH, SEQ, KV_SEQ, EMBED, HEADS, KV_HEADS, HEAD_DIM, MLP, VOCAB, LAYERS, LORA_RANK)

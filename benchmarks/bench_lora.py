@@ -18,13 +18,12 @@ import jax
 import jax.numpy as jnp
 
 from align_jax import sharding
-from align_jax.losses import dpo_objective, sft_loss
+from align_jax.losses.objectives import get_objective
 from align_jax.models import lora as lora_lib
 from align_jax.models import transformer
 from align_jax.models.config import get_config
 from align_jax.train import adapters, optim
 from align_jax.train import compile as compile_lib
-from align_jax.train import step as step_lib
 from align_jax.train.state import state_shardings
 from benchmarks import common
 from benchmarks.bench_train import _config, _dpo_batch, _sft_batch
@@ -33,9 +32,9 @@ LORA = lora_lib.LoraConfig(rank=8, alpha=16, targets=("q", "k", "v", "o", "gate"
 BETA = 0.1
 
 
-def _loss(kind):
-    fn, kw = (sft_loss, {}) if kind == "sft" else (dpo_objective, {"beta": BETA})
-    return fn, kw
+def _loss(config, kind):
+    options = {} if kind == "sft" else {"beta": BETA}
+    return get_objective(kind).bind(config=config, options=options)
 
 
 def _bytes(m) -> float:
@@ -63,8 +62,7 @@ def measured(config, kind, batch, *, lora, iters, device):
         weights = lora_lib.init_lora_weights(config, lora, jax.random.key(1))
         state = compile_lib.init_train_state(weights, tx=tx, seed=0, state_shardings=shardings,
                                              ref_params=base)
-    fn, kw = _loss(kind)
-    loss = step_lib.bind_loss(fn, config=config, loss_kwargs=kw)
+    loss = _loss(config, kind)
     if lora is not None:
         loss = adapters.bind_lora_loss(loss, lora, reference=reference)
     step = compile_lib.jit_train_step(loss=loss, tx=tx, schedule=None, grad_accum=1, mesh=mesh,
@@ -84,7 +82,7 @@ def measured(config, kind, batch, *, lora, iters, device):
 def abstract_dpo_bytes(config, *, lora, pairs, seq, mesh=None, rules="fsdp") -> float:
     """Compiled DPO step bytes per device from shapes (full FT keeps frozen reference params)."""
     tx, _ = optim.make_optimizer(optim.OptimizerConfig(learning_rate=1e-5), num_steps=1000)
-    loss = step_lib.bind_loss(dpo_objective, config=config, loss_kwargs={"beta": BETA})
+    loss = _loss(config, "dpo")
     i32 = jnp.int32
     batch = {"tokens": jax.ShapeDtypeStruct((pairs, 2, seq), i32),
              "targets": jax.ShapeDtypeStruct((pairs, 2, seq), i32),

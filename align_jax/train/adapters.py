@@ -3,7 +3,7 @@
 With LoRA on, `TrainState.params` holds the adapter weights (float32; the optimizer state
 tracks only them) and `TrainState.ref_params` holds the frozen base, possibly in bfloat16. Like
 any reference it is not checkpointed: it is rebuilt from the run's initial params on resume.
-`bind_lora_loss` wraps an objective (as adapted by `step.bind_loss`) so it sees base + adapters
+`bind_lora_loss` wraps an objective's step loss (`Objective.bind`) so it sees base + adapters
 as its params; for objectives with a reference model it also gets the base itself as
 `ref_params`, i.e. the same weights with the adapters off, scored in the same step with no
 second copy of the model.
@@ -32,7 +32,7 @@ def bind_lora_loss(loss, spec: lora_lib.LoraConfig, *, reference: bool):
     """`loss(adapter_weights, batch, *, rng, ref_params=base)` over base + adapters.
 
     Args:
-      loss: a loss adapted by `step.bind_loss` (params, batch, *, rng, ref_params).
+      loss: the step's loss, `Objective.bind(...)` (params, batch, *, rng, ref_params).
       spec: the LoRA settings.
       reference: pass the base (adapters off) as the objective's reference params.
     Returns:
@@ -70,7 +70,7 @@ def compiled_step_memory(config: ModelConfig, loss: step_lib.LossFn, *,
 
     Args:
       config: the model (param_dtype is the master dtype of full fine-tuning).
-      loss: an objective adapted by `step.bind_loss`.
+      loss: the step's loss, `Objective.bind(...)`.
       batch: ShapeDtypeStructs of one global batch.
       tx: the optimizer.
       lora: LoRA settings, or None for full fine-tuning.

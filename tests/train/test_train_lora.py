@@ -11,13 +11,12 @@ from test_train_loop import _metric_steps, _spawn, _wait_for
 from train_fixtures import CountingIterator, nll_loss, tiny_config
 
 from align_jax import sharding
-from align_jax.losses import dpo_objective
+from align_jax.losses.objectives import get_objective
 from align_jax.models import hf, lora, transformer
 from align_jax.models.config import get_config
 from align_jax.train import OptimizerConfig, load_params, train
 from align_jax.train.adapters import compiled_step_memory
 from align_jax.train.optim import make_optimizer
-from align_jax.train.step import bind_loss
 
 LORA = {"rank": 4, "alpha": 8, "targets": ("q", "v", "down")}
 
@@ -101,7 +100,7 @@ def test_lora_dpo_step_memory_below_full_dpo_for_1b():
     """Compiled on CPU from shapes alone (nothing runs): llama3_1b, one pair of 256 tokens."""
     config = get_config("llama3_1b", remat="full")
     tx, _ = make_optimizer(OptimizerConfig(), num_steps=10)
-    loss = bind_loss(dpo_objective, config=config, loss_kwargs={"beta": 0.1})
+    loss = get_objective("dpo").bind(config=config, options={"beta": 0.1})
     shape = (1, 2, 256)
     batch = {k: jax.ShapeDtypeStruct(shape, jnp.float32 if k == "loss_mask" else jnp.int32)
              for k in ("tokens", "targets", "loss_mask", "positions", "segment_ids")}
