@@ -67,10 +67,16 @@ def rag_prompt(question: str, context: str) -> str:
             f"Passage:\n{context}\n\nQuestion: {question}")
 
 
-def with_retrieval(records: Sequence[dict], retriever: Retriever) -> list[dict]:
-    """Copies of records whose `prompt` carries its best-matching chunk."""
-    out = []
-    for r in records:
-        (i, _), = retriever.search(r["prompt"], k=1)
-        out.append({**r, "prompt": rag_prompt(r["prompt"], retriever.chunks[i])})
-    return out
+def with_retrieval(records: Sequence[dict], retriever) -> list[dict]:
+    """Copies of records whose `prompt` carries its best-matching chunk.
+
+    `retriever`: this TF-IDF Retriever or any of align_jax.eval.retrieval's (semantic, BM25),
+    whose `search_many` looks up all prompts in one batch.
+    """
+    prompts = [r["prompt"] for r in records]
+    if hasattr(retriever, "search_many"):
+        best = [hits[0][0] for hits in retriever.search_many(prompts, k=1)]
+    else:
+        best = [retriever.search(p, k=1)[0][0] for p in prompts]
+    return [{**r, "prompt": rag_prompt(r["prompt"], retriever.chunks[i])}
+            for r, i in zip(records, best)]
