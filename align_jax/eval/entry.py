@@ -25,7 +25,8 @@ def eval_main(*, output_dir: str, models: Mapping[str, str], sft_test: str | Non
               num_samples: int = 3, max_new_tokens: int = 64, chunk_tokens: int = 256,
               retrieval: str = "semantic", num_questions: int | None = None,
               bertscore_model: str | None = "all-minilm-l6-v2", judge: str | None = None,
-              judge_template: str = "relative", judge_kwargs: Mapping | None = None) -> int:
+              judge_template: str = "relative", judge_kwargs: Mapping | None = None,
+              judge_systems: tuple[str, ...] | None = None) -> int:
     """Scores every model (name -> HF dir; all share the first model's tokenizer).
 
     Args:
@@ -41,6 +42,7 @@ def eval_main(*, output_dir: str, models: Mapping[str, str], sft_test: str | Non
       bertscore_model: encoder for BERTScore (None skips it).
       judge: "local:..." or "openai:..." teacher for pairwise win rates (None skips them).
       judge_template, judge_kwargs: see `align_jax.eval.judge.win_rate_matrix`.
+      judge_systems: systems the judge compares (default all).
     """
     from align_jax.eval.report import evaluate_models
     from align_jax.runinfo import run_folder
@@ -65,7 +67,8 @@ def eval_main(*, output_dir: str, models: Mapping[str, str], sft_test: str | Non
                                  seq_len=seq_len, num_samples=num_samples,
                                  max_new_tokens=max_new_tokens, num_questions=num_questions,
                                  bertscore_model=bertscore_model, judge=judge,
-                                 judge_template=judge_template, judge_kwargs=judge_kwargs)
+                                 judge_template=judge_template, judge_kwargs=judge_kwargs,
+                                 judge_systems=judge_systems)
         with open(os.path.join(output_dir, "report.json"), "w") as f:
             json.dump(report, f, indent=1)
     print(open(os.path.join(output_dir, "report.md")).read())

@@ -41,7 +41,8 @@ def evaluate_models(out_dir: str, *, models: Mapping[str, str], tokenizer, sft_t
                     stages: Mapping[str, str] | None = None, num_questions: int | None = None,
                     bertscore_model="all-minilm-l6-v2", judge=None,
                     judge_template: str = "relative", judge_kwargs: Mapping | None = None,
-                    mesh=None, rules: str = "fsdp") -> dict:
+                    judge_systems: Sequence[str] | None = None, mesh=None,
+                    rules: str = "fsdp") -> dict:
     """Scores each model (name -> HF dir) on the held-out records and writes the report.
 
     Args:
@@ -60,6 +61,8 @@ def evaluate_models(out_dir: str, *, models: Mapping[str, str], tokenizer, sft_t
       bertscore_model: encoder for BERTScore (dir, named model or loaded); None skips it.
       judge: a Teacher or "local:..."/"openai:..." spec for the pairwise win rates; None skips.
       judge_template, judge_kwargs: see `align_jax.eval.judge.win_rate_matrix`.
+      judge_systems: the systems the judge compares (default all; a small judge on a CPU
+        may only afford a few).
       mesh, rules: sharding of generation.
     Returns:
       The report dict.
@@ -93,8 +96,13 @@ def evaluate_models(out_dir: str, *, models: Mapping[str, str], tokenizer, sft_t
         report["generation"] = {k: gen[k] for k in ("metrics", "settings", "seconds")}
         report["answers"] = gen["answers"]
         report["samples"] = {s: a[:num_samples] for s, a in gen["answers"].items()}
-        if judge is not None and len(gen["answers"]) > 1:
-            m = _judge(judge, (gen["prompts"], gen["answers"]), template=judge_template,
+        judged = {s: a for s, a in gen["answers"].items()
+                  if judge_systems is None or s in judge_systems}
+        if judge_systems is not None and len(judged) != len(set(judge_systems)):
+            raise ValueError(f"judge_systems {sorted(set(judge_systems) - set(judged))} are not "
+                             f"among the systems {list(gen['answers'])}")
+        if judge is not None and len(judged) > 1:
+            m = _judge(judge, (gen["prompts"], judged), template=judge_template,
                        judge_kwargs={"references": gen["references"], **(judge_kwargs or {})})
             report["win_rates"] = {
                 "judge": judge if isinstance(judge, str) else type(judge).__name__,

@@ -100,7 +100,8 @@ def value_alignment(*, output_dir: str, document: str, model: str | None = "tiny
                     num_questions: int | None = None,
                     bertscore_model: str | None = "all-minilm-l6-v2", judge: str | None = None,
                     judge_template: str = "relative",
-                    judge_kwargs: Mapping[str, Any] | None = None) -> dict[str, Any]:
+                    judge_kwargs: Mapping[str, Any] | None = None,
+                    judge_systems: Sequence[str] | None = None) -> dict[str, Any]:
     """Runs the whole method and its baselines; returns the report dict.
 
     Args:
@@ -128,6 +129,7 @@ def value_alignment(*, output_dir: str, document: str, model: str | None = "tiny
       bertscore_model: encoder for BERTScore; None skips it.
       judge: "local:<dir or name>" / "openai:<URL>" for pairwise win rates; None skips them.
       judge_template, judge_kwargs: see `align_jax.eval.judge.win_rate_matrix`.
+      judge_systems: systems the judge compares (default all), e.g. ("base", "sft+dpo").
     """
     from align_jax.data.documents import chunk_document, load_document
     from align_jax.eval.retrieval import make_retriever
@@ -190,7 +192,7 @@ def value_alignment(*, output_dir: str, document: str, model: str | None = "tiny
         num_samples=num_samples, max_new_tokens=max_new_tokens,
         stages={"cft": "c-fine-tuned", "sft": "sft", "dpo": "sft+dpo"},
         num_questions=num_questions, bertscore_model=bertscore_model, judge=judge,
-        judge_template=judge_template, judge_kwargs=judge_kwargs)
+        judge_template=judge_template, judge_kwargs=judge_kwargs, judge_systems=judge_systems)
     report["data_origin"] = origin
     with open(os.path.join(out, "report.json"), "w") as f:
         json.dump(report, f, indent=1)
