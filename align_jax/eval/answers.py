@@ -98,14 +98,19 @@ def score_answers(answers: Mapping[str, Sequence[str]], references: Sequence[str
       "bertscore_precision", "bertscore_recall", "bertscore_f1"}.
     """
     from align_jax.eval.bertscore import bertscore
-    out = {}
-    for name, hyps in answers.items():
-        row = {"bleu": bleu(hyps, references), **rouge(hyps, references)}
-        if bertscore_model is not None:
-            bs = bertscore(hyps, references, model=bertscore_model, layer=bertscore_layer)
-            row.update(bertscore_precision=bs["precision"], bertscore_recall=bs["recall"],
-                       bertscore_f1=bs["f1"])
-        out[name] = row
+    out = {name: {"bleu": bleu(hyps, references), **rouge(hyps, references)}
+           for name, hyps in answers.items()}
+    if bertscore_model is not None and answers:
+        # One call for all systems: each reference is encoded once and the batches are full.
+        # (Without idf the pairs are independent, so this equals one call per system.)
+        n = len(references)
+        bs = bertscore([h for hyps in answers.values() for h in hyps],
+                       list(references) * len(answers), model=bertscore_model,
+                       layer=bertscore_layer)["per_pair"]
+        for k, name in enumerate(answers):
+            part = {m: bs[m][k * n:(k + 1) * n] for m in ("precision", "recall", "f1")}
+            out[name].update({f"bertscore_{m}": float(v.mean()) if n else float("nan")
+                              for m, v in part.items()})
     return out
 
 
