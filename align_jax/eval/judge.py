@@ -42,6 +42,8 @@ DEFAULT_RUBRIC = ("Which response answers the instruction more correctly and hel
 _RESULT = re.compile(r"\[\s*RESULT\s*\]\s*[:=\-]?\s*[\(\"'*]*\s*(?:response\s+)?([AB])\b",
                      re.IGNORECASE)
 _BARE = re.compile(r"^\W*(?:response\s+|output\s+)?\(?([AB])\)?\W*$", re.IGNORECASE)
+# A letter opening the answer and closed by ")", "." or ":" ("B. It cites the code ...").
+_LEAD = re.compile(r"^\W*(?:response\s+)?\(?([AB])(?:\)|\.(?!\w)|:)", re.IGNORECASE)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -95,14 +97,15 @@ def parse_verdict(text: str) -> str | None:
     """"A", "B", or None when the judge's text names no verdict.
 
     The last "[RESULT] X" wins (a judge may quote the format first); a text that is only a
-    letter ("B", "(A).", "Response B") counts too.
+    letter ("B", "(A).", "Response B") or opens with one ("B. It follows ...", "A) ...")
+    counts too.
     """
     if not isinstance(text, str):
         return None
     found = _RESULT.findall(text)
     if found:
         return found[-1].upper()
-    m = _BARE.match(text.strip())
+    m = _BARE.match(text.strip()) or _LEAD.match(text.strip())
     return m.group(1).upper() if m else None
 
 

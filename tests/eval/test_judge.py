@@ -186,8 +186,11 @@ def test_verdict_parsing_and_template_errors(tmp_path):
     assert parse_verdict('Format: "[RESULT] A or B".\n...\n[RESULT]: (a)') == "A"
     assert parse_verdict("[RESULT] Response B") == "B"
     assert parse_verdict(" B. ") == "B" and parse_verdict("Response A") == "A"
+    assert parse_verdict("B. It cites the code.") == "B" and parse_verdict("(A) is better") == "A"
+    assert parse_verdict("A response should cite the code.") is None
     assert parse_verdict("Both A and B are good") is None
     assert parse_verdict("[RESULT] C") is None and parse_verdict(None) is None
+    assert load_judge_template("choice").fields >= {"instruction", "reference"}
     with pytest.raises(FileNotFoundError, match="no judge template 'nope'"):
         load_judge_template("nope")
     bad = tmp_path / "bad.txt"
