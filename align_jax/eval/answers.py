@@ -23,9 +23,8 @@ RAG_SUFFIX = " + RAG"
 
 def chat_prompt_ids(tokenizer, prompt: str, *, max_prompt_tokens: int) -> list[int]:
     """The prompt as a single user turn through the chat template, left-truncated."""
-    ids = tokenizer.encode(tokenizer.apply_chat_template(
-        [{"role": "user", "content": prompt}], add_generation_prompt=True))
-    return ids[-max_prompt_tokens:]
+    from align_jax.tokenizer import encode_prompt
+    return encode_prompt(tokenizer, prompt)[-max_prompt_tokens:]
 
 
 def generate_answers(config, params, tokenizer, prompt_sets: Mapping[str, Sequence[str]], *,

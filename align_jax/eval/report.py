@@ -50,7 +50,7 @@ def evaluate_models(out_dir: str, *, models: Mapping[str, str], tokenizer, sft_t
       models: display name -> Hugging Face checkpoint dir.
       tokenizer: the tokenizer all models share.
       sft_test, pref_test: held-out SFT and preference records.
-      retriever: a retriever (align_jax.eval.retrieval or methods.rag) for the RAG systems.
+      retriever: an `align_jax.eval.retrieval` retriever (semantic, BM25, TF-IDF) for RAG.
       rag_models: models also run with one retrieved chunk in the prompt ("<name> + RAG").
       reference: (policy, reference) names: also report DPO's implicit-reward accuracy.
       seq_len: scoring length.
@@ -67,7 +67,7 @@ def evaluate_models(out_dir: str, *, models: Mapping[str, str], tokenizer, sft_t
     Returns:
       The report dict.
     """
-    from align_jax.methods.rag import with_retrieval
+    from align_jax.eval.retrieval import with_retrieval
     from align_jax.models.hf import load_hf
     report = {"models": {}, "samples": {}}
     loaded = {}

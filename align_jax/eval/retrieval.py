@@ -1,12 +1,13 @@
-"""Retrieval for the RAG baseline: the single best chunk of the value document for a question.
+"""The RAG baseline: the one document chunk most similar to the question, put in the prompt.
 
 Three retrievers with one interface (`chunks`, `search(query, k)`, `search_many(queries, k)`):
   SemanticRetriever  cosine similarity of sentence embeddings (all-MiniLM-L6-v2 by default,
                      through align_jax's own encoder), as the value-alignment paper retrieves;
   BM25Retriever      Okapi BM25 over stemmed words: the no-model fallback;
-  align_jax.methods.rag.Retriever  TF-IDF (the earlier baseline, kept for comparison).
+  Retriever          TF-IDF cosine over word unigrams and bigrams (the earlier baseline, kept
+                     for comparison).
 `make_retriever(chunks, kind="semantic")` builds one, falling back to BM25 (with a warning)
-when the embedding model is not installed.
+when the embedding model is not installed. `with_retrieval` puts the best chunk in prompts.
 """
 
 from __future__ import annotations
@@ -38,8 +39,63 @@ def _stem(word: str) -> str:
 
 
 def bm25_terms(text: str) -> list[str]:
-    """Lowercased words without stop words, plural "s" stripped."""
+    """Lowercased words without stop words, plural "s" stripped ("gifts" meets "gift")."""
     return [_stem(w) for w in _WORD.findall(text.lower()) if w not in _STOP]
+
+
+def _terms(text: str) -> list[str]:
+    words = bm25_terms(text)
+    return words + [f"{a} {b}" for a, b in zip(words, words[1:])]
+
+
+class Retriever:
+    """TF-IDF index over chunks of text."""
+
+    def __init__(self, chunks: Sequence[str]):
+        if not chunks:
+            raise ValueError("Retriever: no chunks to index")
+        self.chunks = list(chunks)
+        counts = [collections.Counter(_terms(c)) for c in self.chunks]
+        df = collections.Counter(t for c in counts for t in c)
+        self._vocab = {t: i for i, t in enumerate(sorted(df))}
+        n = len(self.chunks)
+        self._idf = np.array([math.log((1 + n) / (1 + df[t])) + 1 for t in sorted(df)])
+        self._matrix = np.stack([self._vector(c) for c in counts])
+
+    def _vector(self, counts: collections.Counter) -> np.ndarray:
+        v = np.zeros(len(self._vocab))
+        for t, c in counts.items():
+            if t in self._vocab:
+                v[self._vocab[t]] = (1 + math.log(c)) * self._idf[self._vocab[t]]
+        norm = np.linalg.norm(v)
+        return v / norm if norm else v
+
+    def search_many(self, queries: Sequence[str], k: int = 1) -> list[list[tuple[int, float]]]:
+        """Per query, the k best (chunk index, cosine score), best first."""
+        if not queries:
+            return []
+        return _top(np.stack([self._matrix @ self._vector(collections.Counter(_terms(q)))
+                              for q in queries]), k)
+
+    def search(self, query: str, k: int = 1) -> list[tuple[int, float]]:
+        """The k best (chunk index, cosine score), best first."""
+        return self.search_many([query], k)[0]
+
+
+def rag_prompt(question: str, context: str) -> str:
+    """The prompt the RAG baseline sends: the retrieved passage, then the question."""
+    return (f"Use the following passage from the document to answer.\n\n"
+            f"Passage:\n{context}\n\nQuestion: {question}")
+
+
+def with_retrieval(records: Sequence[dict], retriever) -> list[dict]:
+    """Copies of records whose `prompt` carries its best-matching chunk.
+
+    `retriever`: any retriever of this module; all prompts are looked up in one batch.
+    """
+    best = [hits[0][0] for hits in retriever.search_many([r["prompt"] for r in records], k=1)]
+    return [{**r, "prompt": rag_prompt(r["prompt"], retriever.chunks[i])}
+            for r, i in zip(records, best)]
 
 
 def _top(scores_NC: np.ndarray, k: int) -> list[list[tuple[int, float]]]:
@@ -188,6 +244,5 @@ def make_retriever(chunks: Sequence[str], *, kind: str = "semantic", model=DEFAU
     if kind == "bm25":
         return BM25Retriever(chunks)
     if kind == "tfidf":
-        from align_jax.methods.rag import Retriever
         return Retriever(chunks)
     raise ValueError(f"retriever kind {kind!r}: choose one of {RETRIEVERS}")
