@@ -63,7 +63,8 @@ def evaluate_models(out_dir: str, *, models: Mapping[str, str], tokenizer, sft_t
       judge_template, judge_kwargs: see `align_jax.eval.judge.win_rate_matrix`.
       judge_systems: the systems the judge compares (default all; a small judge on a CPU
         may only afford a few).
-      mesh, rules: sharding of generation.
+      mesh, rules: a jax Mesh: scoring (the shared scorer) and generation are sharded over
+        it, with the `rules` preset for generation.
     Returns:
       The report dict.
     """
@@ -76,18 +77,19 @@ def evaluate_models(out_dir: str, *, models: Mapping[str, str], tokenizer, sft_t
     for name, path in models.items():
         config, params = load_hf(path)
         loaded[name] = (config, params)
-        row = {"answer_nll": answer_nll(config, params, tokenizer, sft_test, seq_len=seq_len),
+        row = {"answer_nll": answer_nll(config, params, tokenizer, sft_test, seq_len=seq_len,
+                                        mesh=mesh),
                "preference": preference_accuracy(config, params, tokenizer, pref_test,
-                                                 seq_len=seq_len)}
+                                                 seq_len=seq_len, mesh=mesh)}
         if retriever is not None and name in rag_models:
             row["answer_nll_rag"] = answer_nll(config, params, tokenizer,
                                                with_retrieval(sft_test, retriever),
-                                               seq_len=seq_len)
+                                               seq_len=seq_len, mesh=mesh)
         report["models"][name] = row
     if reference is not None and all(n in loaded for n in reference):
         report["implicit_reward"] = preference_accuracy(
             *loaded[reference[0]], tokenizer, pref_test, seq_len=seq_len,
-            reference=loaded[reference[1]])
+            reference=loaded[reference[1]], mesh=mesh)
     if questions:
         gen = evaluate_generation(loaded, tokenizer, questions, rag_records=rag_questions,
                                   rag_models=rag_models, max_new_tokens=max_new_tokens,

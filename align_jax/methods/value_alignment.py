@@ -192,7 +192,8 @@ def value_alignment(*, output_dir: str, document: str, model: str | None = "tiny
         num_samples=num_samples, max_new_tokens=max_new_tokens,
         stages={"cft": "c-fine-tuned", "sft": "sft", "dpo": "sft+dpo"},
         num_questions=num_questions, bertscore_model=bertscore_model, judge=judge,
-        judge_template=judge_template, judge_kwargs=judge_kwargs, judge_systems=judge_systems)
+        judge_template=judge_template, judge_kwargs=judge_kwargs, judge_systems=judge_systems,
+        mesh=sharding.make_mesh(mesh) if mesh is not None else None, rules=rules)
     report["data_origin"] = origin
     with open(os.path.join(out, "report.json"), "w") as f:
         json.dump(report, f, indent=1)
