@@ -33,6 +33,10 @@ def run_info() -> dict:
 
 def write_run_files(output_dir: str | os.PathLike, *, operative: bool) -> None:
     import gin
+
+    from align_jax import distributed
+    if not distributed.is_main():
+        return
     out = pathlib.Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     name = "operative_config.gin" if operative else "config.gin"

@@ -15,7 +15,7 @@ import shutil
 from collections.abc import Mapping
 from typing import Any
 
-from align_jax import losses, sharding
+from align_jax import distributed, losses, sharding
 from align_jax.models.config import ModelConfig, get_config
 from align_jax.tokenizer import copy_tokenizer_files, load_tokenizer
 from align_jax.train.loop import train
@@ -121,8 +121,12 @@ def train_main(*, output_dir: str, data: str, objective: str = "sft",
     if tok_path is None:
         raise ValueError("train_main: set `tokenizer` (or `init_from`, whose dir has one)")
     if tok_path.startswith("train:"):
-        tok_path = build_tokenizer(tok_path.removeprefix("train:"),
-                                   os.path.join(output_dir, "tokenizer"))
+        # Process 0 trains it into the (shared) run folder; the others wait and read it.
+        built = os.path.join(output_dir, "tokenizer")
+        if distributed.is_main():
+            build_tokenizer(tok_path.removeprefix("train:"), built)
+        distributed.barrier("align_jax.train_main.tokenizer")
+        tok_path = built
     tok = load_tokenizer(tok_path)
     config = _model(model, model_overrides or {}, init_from, tok)
     loss_kwargs = dict(loss_kwargs or {})
@@ -133,7 +137,8 @@ def train_main(*, output_dir: str, data: str, objective: str = "sft",
                                 or loss_kwargs.get("loss_type") == "simpo"))
 
     with run_folder(output_dir):
-        _write_model_files(output_dir, config, init_from, tok_path)
+        if distributed.is_main():
+            _write_model_files(output_dir, config, init_from, tok_path)
         params_init: Any = init_from
         annotate = None
         ref_mode = "none"
@@ -167,15 +172,16 @@ def train_main(*, output_dir: str, data: str, objective: str = "sft",
                       export_hf_dir=os.path.join(output_dir, "hf") if export_hf else None,
                       progress=progress)
         loader.close()
-        if export_hf:
+        if export_hf and distributed.is_main():
             copy_tokenizer_files(tok_path, os.path.join(output_dir, "hf"))
         summary = {"objective": objective, "num_steps": int(state.step),
                    "data": {"load": loader.load_report.summary(),
                             "truncation": loader.truncation_report.summary(),
                             "examples": loader.num_examples},
                    "hf_export": os.path.join(output_dir, "hf") if export_hf else None}
-        with open(os.path.join(output_dir, "train_summary.json"), "w") as f:
-            json.dump(summary, f, indent=1)
+        if distributed.is_main():
+            with open(os.path.join(output_dir, "train_summary.json"), "w") as f:
+                json.dump(summary, f, indent=1)
     return summary
 
 
