@@ -132,10 +132,10 @@ def test_two_processes_equal_one_process(runs):
     a = load_params(os.path.join(runs["two"], "checkpoints"), step=2)
     b = load_params(os.path.join(runs["full"], "checkpoints"), step=2)
     np.testing.assert_allclose(_flat(a), _flat(b), rtol=1e-5, atol=1e-6)
-    # One writer: process 0's metrics only, one line per step.
+    # One writer: process 0's metrics only, one record per step (then the resumed run's).
     with open(os.path.join(runs["two"], "metrics.jsonl")) as f:
-        steps = [json.loads(line).get("step") for line in f]
-    assert steps[:2] == [1, 2]
+        steps = [r["step"] for r in map(json.loads, f) if "loss" in r]
+    assert steps == [1, 2, 3, 4]
     assert os.path.exists(os.path.join(runs["two"], "train_summary.json"))
 
 
@@ -191,15 +191,22 @@ def test_a_dead_process_stops_the_other(tmp_path, tokenizer):
     metrics = tmp_path / "metrics.jsonl"
     deadline = time.time() + TIMEOUT
     while not (metrics.exists() and metrics.read_text().count("\n") >= 2):
-        assert time.time() < deadline and procs[0].poll() is None, "the run did not start"
+        if time.time() > deadline or any(p.poll() is not None for p in procs):
+            for p in procs:
+                p.kill()
+            errors = [p.communicate()[1][-3000:] for p in procs]
+            pytest.fail(f"the run did not start: {errors}")
         time.sleep(0.5)
     procs[1].send_signal(signal.SIGKILL)
     t0 = time.time()
     (rc, err), _ = _wait(procs, timeout=120)
     took = time.time() - t0
     assert rc != 0
-    assert "another task died" in err or "unhealthy" in err, err[-3000:]
+    # Killed between steps, the coordinator's heartbeat check stops process 0 after 5 s ("task
+    # died"); killed inside a collective, gloo aborts at once on the broken connection.
+    assert "another task died" in err or "unhealthy" in err or "gloo" in err, err[-3000:]
     assert took < 60, took
+    print(f"process 0 stopped {took:.1f}s after process 1 was killed")
 
 
 def test_config_difference_names_the_process_and_lines():

@@ -64,7 +64,8 @@ def attach_reference_logps(examples: list[Example], *, config: ModelConfig, para
         chunk = examples[start:start + batch_size]
         batch = batching.pad_pair_batch(chunk, batch_size=batch_size, seq_len=seq_len)
         values[start:start + len(chunk)] = np.asarray(fn(params, batch))[:len(chunk)]
-    if path is not None:
+    if path is not None and jax.process_index() == 0:
+        # Every process computed the same values; one writes them (same file, shared folder).
         os.makedirs(cache_dir, exist_ok=True)
         tmp = path + ".tmp.npy"
         np.save(tmp, values)
