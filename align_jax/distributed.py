@@ -197,10 +197,29 @@ def is_main() -> bool:
     return jax.process_index() == 0
 
 
-def barrier(name: str) -> None:
-    """Waits until every process reaches `name` (a no-op with one process)."""
+_BARRIER_TIMEOUT_S = 3600
+_barrier_uses: dict[str, int] = {}
+
+
+def barrier(name: str, *, timeout_s: int = _BARRIER_TIMEOUT_S) -> None:
+    """Waits until every process reaches `name` (a no-op with one process).
+
+    The wait goes through the coordination service, not a device collective, so it can also
+    line processes up before their first collective (e.g. after compiling a step).
+
+    Args:
+      name: the same on every process, reached in the same order.
+      timeout_s: how long to wait for the slowest process.
+    """
     import jax  # noqa: PLC0415
-    if jax.process_count() > 1:
+    if jax.process_count() == 1:
+        return
+    _barrier_uses[name] = _barrier_uses.get(name, 0) + 1
+    from jax._src import distributed as jax_distributed  # noqa: PLC0415
+    client = jax_distributed.global_state.client
+    if client is not None and hasattr(client, "wait_at_barrier"):
+        client.wait_at_barrier(f"{name}:{_barrier_uses[name]}", timeout_s * 1000)
+    else:
         from jax.experimental import multihost_utils  # noqa: PLC0415
         multihost_utils.sync_global_devices(name)
 

@@ -50,9 +50,12 @@ def _env(devices: int, **extra) -> dict:
            if not k.startswith(("ALIGN_JAX_", "SLURM_", "OMPI_")) and k != "XLA_FLAGS"}
     env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
                JAX_PLATFORMS="cpu", JAX_DEFAULT_MATMUL_PRECISION="highest",
-               JAX_COMPILATION_CACHE_DIR=_CACHE["dir"],
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                PYTHONPATH=str(ROOT), **{k: str(v) for k, v in extra.items()})
+    if devices == 8:
+        # Only the 1-process runs share compiled programs (the resumed run reads the full run's):
+        # in the 2-process runs one process would start its steps while the other compiles.
+        env.update(JAX_COMPILATION_CACHE_DIR=_CACHE["dir"],
+                   JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
     return env
 
 

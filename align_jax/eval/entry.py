@@ -55,7 +55,9 @@ def eval_main(*, output_dir: str, models: Mapping[str, str], sft_test: str | Non
                                  retriever=retriever, rag_models=tuple(rag_models),
                                  seq_len=seq_len, num_samples=num_samples,
                                  max_new_tokens=max_new_tokens)
-        with open(os.path.join(output_dir, "report.json"), "w") as f:
-            json.dump(report, f, indent=1)
+        from align_jax import distributed
+        if distributed.is_main():
+            with open(os.path.join(output_dir, "report.json"), "w") as f:
+                json.dump(report, f, indent=1)
     print(open(os.path.join(output_dir, "report.md")).read())
     return 0

@@ -103,9 +103,11 @@ def evaluate_models(out_dir: str, *, models: Mapping[str, str], tokenizer, sft_t
         report["implicit_reward"] = preference_accuracy(
             *loaded[reference[0]], tokenizer, pref_test, seq_len=seq_len,
             reference=loaded[reference[1]])
-    _write_markdown(out_dir, report, prompts, reference)
-    if stages:
-        plot(out_dir, report, stages)
+    from align_jax import distributed
+    if distributed.is_main():  # every process computed the same report; one writes it
+        _write_markdown(out_dir, report, prompts, reference)
+        if stages:
+            plot(out_dir, report, stages)
     return report
 
 
