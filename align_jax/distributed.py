@@ -29,6 +29,7 @@ import difflib
 import hashlib
 import logging
 import os
+import re
 import sys
 import threading
 from collections.abc import Mapping
@@ -281,5 +282,8 @@ def config_text(command: str, gin_config: str) -> str:
     import jax  # noqa: PLC0415
 
     import align_jax  # noqa: PLC0415
+    # The process id is the one binding that differs between processes by design.
+    bindings = "\n".join(line for line in gin_config.splitlines()
+                         if not re.match(r"\s*(distributed\.)?initialize\.process_id\s*=", line))
     return (f"command = {command!r}\nalign_jax = {align_jax.__version__}\n"
-            f"jax = {jax.__version__}\n{gin_config}")
+            f"jax = {jax.__version__}\n{bindings}")

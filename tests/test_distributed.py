@@ -175,11 +175,12 @@ def test_different_configs_stop_both_processes_naming_the_binding(tmp_path, toke
 def test_a_job_started_on_one_worker_only_times_out_clearly(tmp_path, tokenizer):
     port = _free_port()
     t0 = time.time()
+    # The settings as gin bindings this time (the environment gives the rest).
     res = subprocess.run(
-        _cmd(str(tmp_path), tokenizer), cwd=ROOT, capture_output=True, text=True,
-        timeout=TIMEOUT, env=_env(4, ALIGN_JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
-                                  ALIGN_JAX_NUM_PROCESSES=2, ALIGN_JAX_PROCESS_ID=0,
-                                  ALIGN_JAX_INIT_TIMEOUT=3))
+        _cmd(str(tmp_path), tokenizer, "distributed.initialize.coordinator_address='127.0.0.1'",
+             f"distributed.initialize.port={port}", "distributed.initialize.init_timeout=3"),
+        cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT,
+        env=_env(4, ALIGN_JAX_NUM_PROCESSES=2, ALIGN_JAX_PROCESS_ID=0))
     assert res.returncode == 1, res.stderr[-2000:]
     assert "did not all join within 3s" in res.stderr
     assert f"127.0.0.1:{port}" in res.stderr and "started on every host" in res.stderr
@@ -217,6 +218,13 @@ def test_config_difference_names_the_process_and_lines():
     msg = distributed.config_difference(["a = 1\nb = 2", "a = 1\nb = 2", "a = 1\nb = 3"])
     assert msg.startswith("process 2 runs a different configuration")
     assert "- b = 2" in msg and "+ b = 3" in msg
+
+
+def test_config_text_ignores_the_process_id_binding():
+    a = distributed.config_text("train", "x = 1\ndistributed.initialize.process_id = 0")
+    b = distributed.config_text("train", "x = 1\ndistributed.initialize.process_id = 1")
+    assert a == b and "x = 1" in a and "jax = " in a
+    assert a != distributed.config_text("eval", "x = 1")
 
 
 def test_settings_from_arguments_environment_and_defaults():
