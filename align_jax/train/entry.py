@@ -15,7 +15,7 @@ import shutil
 from collections.abc import Mapping
 from typing import Any
 
-from align_jax import sharding
+from align_jax import distributed, sharding
 from align_jax.losses import objectives
 from align_jax.models.config import ModelConfig, get_config
 from align_jax.models.lora import lora_config
@@ -135,16 +135,21 @@ def train_main(*, output_dir: str, data: str, objective: str = "sft",
     if tok_path is None:
         raise ValueError("train_main: set `tokenizer` (or `init_from`, whose dir has one)")
     if tok_path.startswith("train:"):
-        tok_path = build_tokenizer(tok_path.removeprefix("train:"),
-                                   os.path.join(output_dir, "tokenizer"))
+        # Process 0 trains it into the (shared) run folder; the others wait and read it.
+        built = os.path.join(output_dir, "tokenizer")
+        if distributed.is_main():
+            build_tokenizer(tok_path.removeprefix("train:"), built)
+        distributed.barrier("align_jax.train_main.tokenizer")
+        tok_path = built
     tok = load_tokenizer(tok_path)
     config = _model(model, model_overrides or {}, init_from, tok)
 
     with run_folder(output_dir):
-        _write_model_files(output_dir, config, init_from, tok_path)
+        if distributed.is_main():
+            _write_model_files(output_dir, config, init_from, tok_path)
         params_init: Any = init_from
         annotate = None
-        if lora_spec is not None:
+        if lora_spec is not None and distributed.is_main():
             from align_jax.train.adapters import write_lora_file
             write_lora_file(os.path.join(output_dir, "model"), lora_spec, init_from=init_from,
                             seed=seed)
@@ -182,7 +187,7 @@ def train_main(*, output_dir: str, data: str, objective: str = "sft",
                       export_hf_dir=os.path.join(output_dir, "hf") if export_hf else None,
                       progress=progress, lora=lora_spec, export_peft_dir=peft_dir)
         loader.close()
-        if export_hf:
+        if export_hf and distributed.is_main():
             copy_tokenizer_files(tok_path, os.path.join(output_dir, "hf"))
         summary = {"objective": obj.name, "num_steps": int(state.step),
                    "data": {"load": loader.load_report.summary(),
@@ -190,8 +195,9 @@ def train_main(*, output_dir: str, data: str, objective: str = "sft",
                             "examples": loader.num_examples},
                    "hf_export": os.path.join(output_dir, "hf") if export_hf else None,
                    "peft_export": peft_dir}
-        with open(os.path.join(output_dir, "train_summary.json"), "w") as f:
-            json.dump(summary, f, indent=1)
+        if distributed.is_main():
+            with open(os.path.join(output_dir, "train_summary.json"), "w") as f:
+                json.dump(summary, f, indent=1)
     return summary
 
 
