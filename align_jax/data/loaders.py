@@ -120,7 +120,7 @@ def _packed(length, build, batch_size, seq_len, max_items=None):
 
 def _grouping(kind, *, pack, batch_size, seq_len, pad_id, max_pairs, drop_remainder):
     kw = {"batch_size": batch_size, "seq_len": seq_len, "pad_id": pad_id}
-    if kind in ("lm", "sft"):
+    if kind in ("lm", "sft", "aligner"):
         if pack:
             return _packed(lambda ex: len(ex.prompt) + len(ex.completions[0]),
                            lambda xs: batching.pack_batch(

@@ -369,11 +369,11 @@ def embed_sentences(config: EncoderConfig, params: Params, tokenizer, texts: Seq
 
 
 def load_encoder(path, *, dtype=jnp.float32, mesh=None, rules: str = "fsdp",
-                 num_labels: int | None = None):
+                 num_labels: int | None = None, seed: int = 0):
     """Loads a HF BERT/RoBERTa checkpoint dir -> (EncoderConfig, params); see encoder_hf."""
     from align_jax.models import encoder_hf
     return encoder_hf.load_encoder(path, dtype=dtype, mesh=mesh, rules=rules,
-                                   num_labels=num_labels)
+                                   num_labels=num_labels, seed=seed)
 
 
 def save_encoder(config: EncoderConfig, params: Params, path) -> None:

@@ -30,6 +30,7 @@ OBJECTIVES = {
     "dpo": (losses.dpo_objective, "preference"),
     "kto": (losses.kto_objective, "kto"),
     "sami": (losses.sami_objective, "sami"),
+    "aligner": (losses.aligner_loss, "aligner"),
 }
 REFERENCE_MODES = ("precomputed", "params")
 
@@ -82,7 +83,9 @@ def train_main(*, output_dir: str, data: str, objective: str = "sft",
     Args:
       output_dir: run folder (checkpoints/, metrics.jsonl, tensorboard/, hf/ export).
       data: records in the objective's schema (a .jsonl path or dir, "hf:...", "tfds:...").
-      objective: "sft", "lm" (raw text, the c-fine-tuned baseline), "dpo", "kto" or "sami".
+      objective: "sft", "lm" (raw text, the c-fine-tuned baseline), "dpo", "kto", "sami" or
+        "aligner" (aligner triples; init_from must carry the markers, see
+        losses.aligner.add_marker_tokens).
       model: a preset name (random init) when not starting from a checkpoint.
       model_overrides: ModelConfig fields to replace (e.g. {"dtype": "bfloat16"}).
       init_from: a Hugging Face checkpoint dir to start from (and DPO's reference model).
@@ -153,8 +156,8 @@ def train_main(*, output_dir: str, data: str, objective: str = "sft",
 
         make = functools.partial(
             make_loader, data, kind=kind, tokenizer=tok, seq_len=seq_len, batch_size=batch_size,
-            pack=pack and kind in ("lm", "sft", "preference"), truncation=truncation, seed=seed,
-            on_error=on_error, annotate=annotate)
+            pack=pack and kind in ("lm", "sft", "preference", "aligner"), truncation=truncation,
+            seed=seed, on_error=on_error, annotate=annotate)
         if num_steps is None:
             num_steps = max(1, _steps_per_epoch(make) * num_epochs)
         loader = make(num_epochs=None)
