@@ -69,8 +69,8 @@ def add_marker_tokens(src: str, dst: str, *, seed: int = 0) -> str:
     """Copies an HF decoder checkpoint to `dst` with the markers added as special tokens.
 
     The embedding (and an untied lm_head) gains one row per new marker, initialised to the
-    mean of the existing rows plus small noise, and the vocabulary size is rounded up to a
-    multiple of 8 only if the checkpoint's already was. Markers already present are kept.
+    mean of the existing rows plus small noise (the vocabulary grows only when the tokenizer
+    outgrows the matrix). Markers already present are kept.
 
     Args:
       src: a Hugging Face decoder checkpoint dir (config.json, safetensors, tokenizer files).
@@ -86,8 +86,7 @@ def add_marker_tokens(src: str, dst: str, *, seed: int = 0) -> str:
     hf_tok = AutoTokenizer.from_pretrained(src, local_files_only=True)
     vocab = hf_tok.get_vocab()
     new = [m for m in MARKERS if m not in vocab]
-    hf_tok.add_special_tokens({"additional_special_tokens": list(MARKERS)},
-                              replace_additional_special_tokens=False)
+    hf_tok.add_tokens(new, special_tokens=True)
     config, params = load_hf(src)
     needed = len(hf_tok)
     params = jax.device_get(params)

@@ -46,7 +46,10 @@ class AlignerDataConfig:
     top_p: float = 0.95
     topic_max_tokens: int = 300
     question_max_tokens: int = 1200
-    response_max_tokens: int = 1024
+    # The paper's triple stage: greedy, repetition penalty 2, at most 1500 new tokens.
+    response_max_tokens: int = 1500
+    response_temperature: float = 0.0
+    response_repetition_penalty: float = 2.0
     # y' this similar to y (difflib ratio) counts as "no change" and is dropped.
     max_rewrite_similarity: float = 0.9
     near_duplicate_questions: float = 0.8
@@ -254,8 +257,10 @@ def generate_aligner(teacher: Teacher, questions: Sequence[dict], *, criterion: 
     tpl = resolve_templates({role: TEMPLATES.get(role, role)}, overrides)[role].require(["input"])
     results = [UnitResult(unit=f"aligner/{criterion}/{q['question_id']}") for q in questions]
     outs = ask(teacher, [tpl.render(input=q["question"]) for q in questions],
-               use_chat=config.use_chat, temperature=config.temperature, top_p=config.top_p,
-               max_tokens=config.response_max_tokens, seed=derive_seed(seed, role))
+               use_chat=config.use_chat, temperature=config.response_temperature,
+               top_p=config.top_p if config.response_temperature > 0 else 1.0,
+               max_tokens=config.response_max_tokens, seed=derive_seed(seed, role),
+               repetition_penalty=config.response_repetition_penalty)
     for res, q, out in zip(results, questions, outs):
         sections, why = parsing.parse_sections(out, SECTIONS, stop_labels=("Question",))
         if sections is None:
