@@ -24,6 +24,15 @@ from align_jax.train.optim import OptimizerConfig
 CRITERIA = ("ethical", "factuality", "helpful")
 
 
+def _resolve(path: str) -> str:
+    """A named default (e.g. "all-minilm-l6-v2") as a checkpoint dir, when the registry exists."""
+    try:
+        from align_jax.models.named import resolve_model_path
+    except ImportError:  # the named-model registry lands with the real-models work
+        return path
+    return resolve_model_path(path)
+
+
 def _say(msg: str) -> None:
     print(f"[aligners] {msg}", flush=True)
 
@@ -71,8 +80,8 @@ def _data(out: str, *, aligner_data, inspector_data, teacher, sdg_kwargs) -> tup
         if inspector_data is not None:
             records = _read_jsonl(inspector_data, "inspector")
         else:  # the paper's inspector data: (x, y) -> 0 and (x, y') -> 1 from the same triples
-            records = [{"input": t["input"], "response": t[k], "label": int(k != "initial_response"),
-                        "criterion": t["criterion"]}
+            records = [{"input": t["input"], "response": t[k],
+                        "label": int(k != "initial_response"), "criterion": t["criterion"]}
                        for t in triples for k in ("initial_response", "aligned_response")]
         _write_jsonl(a_file, triples)
         _write_jsonl(i_file, records)
@@ -85,7 +94,9 @@ def _aligner_base(out: str, *, aligner_base: str, texts: Sequence[str], seed: in
     if os.path.exists(os.path.join(dst, "aligner_markers.json")):
         return dst
     src = aligner_base
-    if aligner_base.startswith("tiny"):
+    if not aligner_base.startswith("tiny"):
+        src = _resolve(aligner_base)
+    else:
         src = _tiny_decoder(os.path.join(out, "tiny_decoder"), texts, preset=aligner_base,
                             seed=seed)
     _say(f"stage aligner_base: {aligner_base} with the markers added -> {dst}")
@@ -210,7 +221,7 @@ def aligners(*, output_dir: str, criteria: Sequence[str] = CRITERIA,
     texts = [t[k] for t in triples for k in ("input", "initial_response", "aligned_response")]
     texts += [r[k] for r in rows for k in ("input", "response")]
 
-    enc_dir = encoder
+    enc_dir = _resolve(encoder)
     if encoder == "tiny":
         enc_dir = insp.build_tiny_encoder(texts, os.path.join(out, "tiny_encoder"),
                                           max_length=inspector_max_length, seed=seed)
@@ -297,7 +308,8 @@ def _report(out, rows, criteria, *, threshold, inspector_metrics, num_samples) -
     for c in criteria:
         lines.append(f"| {c} | {pass_before[c]:.3f} | {pass_after[c]:.3f} | {touched[c]} |")
     lines += ["", "## Inspectors (held-out)", "",
-              "| criterion | train | held out | accuracy | ROC-AUC | ECE |", "|---|---|---|---|---|---|"]
+              "| criterion | train | held out | accuracy | ROC-AUC | ECE |",
+              "|---|---|---|---|---|---|"]
     for c in criteria:
         m = inspector_metrics[c]
         lines.append(f"| {c} | {m['train_rows']} | {m['heldout_rows']} | {m['accuracy']:.3f} | "

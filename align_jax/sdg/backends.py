@@ -109,7 +109,8 @@ class LocalTeacher:
         try:
             out = generate(self.config, self.params, ids, max_new_tokens=max_tokens,
                            temperature=temperature, top_p=top_p, tokenizer=self.tokenizer,
-                           repetition_penalty=repetition_penalty, seeds=[row_seed(base, i) for i in range(len(ids))],
+                           repetition_penalty=repetition_penalty,
+                           seeds=[row_seed(base, i) for i in range(len(ids))],
                            max_len=self.context_length, batch_size=self.batch_size,
                            mesh=self.mesh, rules=self.rules)
         except ValueError as e:
