@@ -201,7 +201,6 @@ def train_inspector(records: Sequence[Mapping[str, Any]], *, encoder_dir: str, o
     from align_jax.train import compile as compile_lib
     from align_jax.train import state as state_lib
     from align_jax.train.optim import OptimizerConfig, make_optimizer
-    from align_jax.train.step import bind_loss
 
     rows = [dict(r) for r in records if criterion is None or r["criterion"] == criterion]
     if not rows:
@@ -227,8 +226,11 @@ def train_inspector(records: Sequence[Mapping[str, Any]], *, encoder_dir: str, o
     tx, schedule = make_optimizer(OptimizerConfig(
         learning_rate=learning_rate, schedule="linear", weight_decay=weight_decay),
         num_steps=num_steps)
-    loss = bind_loss(functools.partial(losses.classification_objective,
-                                       apply_fn=functools.partial(_apply, config)))
+    apply_fn = functools.partial(_apply, config)
+
+    def loss(params, batch, *, rng, ref_params):  # the train step's calling convention
+        del rng, ref_params
+        return losses.classification_objective(params, batch, apply_fn=apply_fn)
     abstract = state_lib.abstract_state(encoder.abstract_params(config), tx=tx)
     shardings = state_lib.state_shardings(abstract, mesh_, rules)
     params = jax.device_put(params, shardings.params)
