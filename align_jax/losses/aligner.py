@@ -4,65 +4,24 @@ An aligner is any decoder fine-tuned on the text `x [INIT] y [ALIGNED] y' [DONE]
 markers added to its vocabulary as special tokens (`add_marker_tokens` grows the embedding and
 an untied output matrix, and exports a checkpoint transformers reads). The loss is `sft_loss` on
 a batch whose `loss_mask` covers exactly the tokens of y' and the [DONE] marker
-(`aligner_example` builds it). Inference (`align`): greedy from `x [INIT] y [ALIGNED]`, cut at
-[DONE], EOS or the token budget.
+(`data.aligner_text.aligner_example` builds it). Inference (`methods.aligners.align`): greedy
+from `x [INIT] y [ALIGNED]`, cut at [DONE], EOS or the token budget.
 """
 
 import json
 import os
 import shutil
-from collections.abc import Mapping, Sequence
-from typing import Any
 
 import jax
 import numpy as np
 
+from align_jax.data.aligner_text import DONE, MARKERS, aligner_example, marker_ids, prompt_text
 from align_jax.losses.sft import sft_loss
 
-INIT, ALIGNED, DONE = "[INIT]", "[ALIGNED]", "[DONE]"
-MARKERS = (INIT, ALIGNED, DONE)
+__all__ = ["DONE", "MARKERS", "add_marker_tokens", "aligner_example", "aligner_loss",
+           "marker_ids", "prompt_text"]
 
-aligner_loss = sft_loss  # the batch's loss_mask (from aligner_example) selects y' and [DONE]
-
-
-def prompt_text(x: str, y: str) -> str:
-    """The aligner's prompt: `x [INIT] y [ALIGNED]`."""
-    return f"{x} {INIT} {y} {ALIGNED}"
-
-
-def marker_ids(tokenizer) -> dict[str, int]:
-    """The ids of the markers; a clear error when the tokenizer lacks them."""
-    out = {}
-    for m in MARKERS:
-        try:
-            ids = tokenizer.encode(m)
-        except Exception as e:  # noqa: BLE001 - any tokenizer failure means "not prepared"
-            raise ValueError(f"tokenizer {tokenizer.path} cannot encode {m}: {e}") from e
-        if len(ids) != 1:
-            raise ValueError(f"tokenizer {tokenizer.path} has no single token for {m}; prepare "
-                             f"the base model with losses.aligner.add_marker_tokens")
-        out[m] = ids[0]
-    return out
-
-
-def prompt_ids(tokenizer, x: str, y: str) -> list[int]:
-    bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
-    return bos + list(tokenizer.encode(prompt_text(x, y)))
-
-
-def aligner_example(tokenizer, record: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
-    """(prompt ids, completion ids) of one triple; the completion is y' then [DONE] (no EOS).
-
-    Args:
-      tokenizer: a tokenizer with the markers (see add_marker_tokens).
-      record: an aligner triple {input, initial_response, aligned_response, ...}.
-    Returns:
-      int32 arrays; the loss covers the completion only.
-    """
-    done = marker_ids(tokenizer)[DONE]
-    prompt = prompt_ids(tokenizer, record["input"], record["initial_response"])
-    completion = list(tokenizer.encode(" " + record["aligned_response"])) + [done]
-    return np.asarray(prompt, np.int32), np.asarray(completion, np.int32)
+aligner_loss = sft_loss  # the batch's loss_mask (aligner_text.aligner_example) selects y', [DONE]
 
 
 def add_marker_tokens(src: str, dst: str, *, seed: int = 0) -> str:
@@ -113,35 +72,3 @@ def add_marker_tokens(src: str, dst: str, *, seed: int = 0) -> str:
     with open(os.path.join(dst, "aligner_markers.json"), "w") as f:
         json.dump({"markers": list(MARKERS), "added": new}, f)
     return dst
-
-
-def align(config, params, tokenizer, inputs: Sequence[str], responses: Sequence[str], *,
-          max_new_tokens: int = 256, mesh=None, batch_size: int | None = None) -> list[str]:
-    """Aligned responses: greedy from `x [INIT] y [ALIGNED]`, cut at [DONE], EOS or the budget.
-
-    Args:
-      config, params, tokenizer: a trained aligner (its tokenizer has the markers).
-      inputs, responses: the (x, y) rows.
-      max_new_tokens: the budget.
-      mesh: optional device mesh for generation.
-      batch_size: rows decoded together (default: generate's).
-    Returns:
-      y' per row, stripped.
-    """
-    from align_jax.generate import generate
-
-    if len(inputs) != len(responses):
-        raise ValueError(f"align: {len(inputs)} inputs but {len(responses)} responses")
-    if not inputs:
-        return []
-    done = marker_ids(tokenizer)[DONE]
-    prompts = [prompt_ids(tokenizer, x, y) for x, y in zip(inputs, responses)]
-    out = generate(config, params, prompts, max_new_tokens=max_new_tokens, temperature=0.0,
-                   stop_token_ids=(done,), tokenizer=tokenizer, mesh=mesh,
-                   batch_size=batch_size)
-    stops = {done, *tokenizer.eos_ids}
-    texts = []
-    for ids in out.tokens:
-        cut = next((i for i, t in enumerate(ids) if t in stops), len(ids))
-        texts.append(tokenizer.decode(ids[:cut]).strip())
-    return texts

@@ -5,7 +5,7 @@ every inspector; the aligners run in order of ascending mean inspector score ove
 (computed once, from the initial responses); each aligner rewrites only the rows whose current
 score for its criterion is strictly below the threshold; every inspector re-scores after each
 stage. Inspectors and aligners are plain callables, so scripted stand-ins and real models plug
-in the same way (`make_inspector`, `make_aligner` build the real ones).
+in the same way (`inspectors.make_inspector` and `align` wrap the real ones).
 """
 
 import dataclasses
@@ -117,3 +117,36 @@ def squad(inputs: Sequence[str], responses: Sequence[str], *,
     return SquadResult(responses=current, order=order, initial_scores=initial,
                        final_scores=scores, stages=tuple(stages),
                        applied=[tuple(a) for a in applied])
+
+
+def align(config, params, tokenizer, inputs: Sequence[str], responses: Sequence[str], *,
+          max_new_tokens: int = 256, mesh=None, batch_size: int | None = None) -> list[str]:
+    """Aligned responses: greedy from `x [INIT] y [ALIGNED]`, cut at [DONE], EOS or the budget.
+
+    Args:
+      config, params, tokenizer: a trained aligner (its tokenizer has the markers).
+      inputs, responses: the (x, y) rows.
+      max_new_tokens: the budget.
+      mesh: optional device mesh for generation.
+      batch_size: rows decoded together (default: generate's).
+    Returns:
+      y' per row, stripped.
+    """
+    from align_jax.data.aligner_text import DONE, marker_ids, prompt_ids
+    from align_jax.generate import generate
+
+    if len(inputs) != len(responses):
+        raise ValueError(f"align: {len(inputs)} inputs but {len(responses)} responses")
+    if not inputs:
+        return []
+    done = marker_ids(tokenizer)[DONE]
+    prompts = [prompt_ids(tokenizer, x, y) for x, y in zip(inputs, responses)]
+    out = generate(config, params, prompts, max_new_tokens=max_new_tokens, temperature=0.0,
+                   stop_token_ids=(done,), tokenizer=tokenizer, mesh=mesh,
+                   batch_size=batch_size)
+    stops = {done, *tokenizer.eos_ids}
+    texts = []
+    for ids in out.tokens:
+        cut = next((i for i, t in enumerate(ids) if t in stops), len(ids))
+        texts.append(tokenizer.decode(ids[:cut]).strip())
+    return texts

@@ -141,10 +141,9 @@ def _responses(out: str, *, responses, prompts, generate_from, max_new_tokens, m
 
 
 def _sample(prompts: str, model_dir: str, *, max_new_tokens: int, mesh) -> list[dict]:
-    from align_jax.data.formatting import render_prompt
     from align_jax.generate import generate
     from align_jax.models import load_hf
-    from align_jax.tokenizer import load_tokenizer
+    from align_jax.tokenizer import encode_prompt, load_tokenizer
     rows = _read_jsonl(prompts)
     questions = [r.get("input", r.get("prompt")) for r in rows]
     for i, q in enumerate(questions, 1):
@@ -153,7 +152,7 @@ def _sample(prompts: str, model_dir: str, *, max_new_tokens: int, mesh) -> list[
     _say(f"stage responses: sampling {len(questions)} answers from {model_dir}")
     config, params = load_hf(model_dir)
     tok = load_tokenizer(model_dir)
-    ids = [list(render_prompt(tok, q, chat_template=bool(getattr(tok, "chat_template", None))))
+    ids = [encode_prompt(tok, q, chat_template=bool(getattr(tok, "chat_template", None)))
            for q in questions]
     gen = generate(config, params, ids, max_new_tokens=max_new_tokens, tokenizer=tok,
                    mesh=sharding.make_mesh(mesh) if mesh is not None else None)
@@ -198,9 +197,8 @@ def aligners(*, output_dir: str, criteria: Sequence[str] = CRITERIA,
     Returns:
       The report dict (also report.json).
     """
-    from align_jax.losses.aligner import align
     from align_jax.methods import inspectors as insp
-    from align_jax.methods.aligners import squad
+    from align_jax.methods.aligners import align, squad
     from align_jax.models import load_hf
     from align_jax.tokenizer import load_tokenizer
     from align_jax.train.entry import train_main
