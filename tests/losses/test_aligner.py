@@ -8,7 +8,7 @@ import pytest
 import torch
 import transformers
 
-from align_jax.data import make_loader
+from align_jax.data import aligner_text, make_loader
 from align_jax.losses import aligner
 from align_jax.methods.aligners_recipe import _tiny_decoder
 from align_jax.models import forward, load_hf
@@ -42,7 +42,7 @@ def test_markers_are_single_tokens_and_transformers_reads_the_export(base_dir):
     text = aligner.prompt_text("Can I?", "No.") + " Yes. [DONE]"
     assert hf_tok.encode(text, add_special_tokens=False) == tok.encode(text)
     model = transformers.AutoModelForCausalLM.from_pretrained(base_dir).eval()
-    tokens = np.asarray([aligner.prompt_ids(tok, "Can I?", "No.") + [ids["[DONE]"]]])
+    tokens = np.asarray([aligner_text.prompt_ids(tok, "Can I?", "No.") + [ids["[DONE]"]]])
     with torch.no_grad():
         ref = model(torch.tensor(tokens, dtype=torch.long)).logits.numpy()
     ours = np.asarray(forward(config, params, jnp.asarray(tokens)))
