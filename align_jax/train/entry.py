@@ -79,7 +79,9 @@ def train_main(*, output_dir: str, data: str, objective: str = "sft",
       output_dir: run folder (checkpoints/, metrics.jsonl, tensorboard/, hf/ export).
       data: records in the objective's schema (a .jsonl path or dir, "hf:...", "tfds:...").
       objective: a registered objective (`align_jax.losses.objectives`): "sft", "lm" (raw
-        text, the c-fine-tuned baseline), "dpo", "kto", "sami", or one a module registers.
+        text, the c-fine-tuned baseline), "dpo", "kto", "sami", "aligner" (aligner triples;
+        init_from must carry the markers, see losses.aligner.add_marker_tokens), or one a
+        module registers.
       model: a preset name (random init) when not starting from a checkpoint.
       model_overrides: ModelConfig fields to replace (e.g. {"dtype": "bfloat16"}).
       init_from: a Hugging Face checkpoint dir to start from (and DPO's reference model).
