@@ -49,15 +49,9 @@ class Block(nn.Module):
         h_BTD = layers.RMSNorm(cfg, name="attn_norm")(x_BTD)
         h_BTD, new_cache = layers.Attention(cfg, self.lora_dropout, name="attn")(
             h_BTD, sin_cos, mask_BTS, segment_ids_BT, kv_cache, cache_index)
-<<<<<<< HEAD
         x_BTD = x_BTD + checkpoint_name(h_BTD, "attn_out")
         h_BTD = checkpoint_name(layers.RMSNorm(cfg, name="mlp_norm")(x_BTD), "mlp_in")
-        h_BTD = layers.MLP(cfg, name="mlp")(h_BTD)
-=======
-        x_BTD = x_BTD + h_BTD
-        h_BTD = layers.RMSNorm(cfg, name="mlp_norm")(x_BTD)
         h_BTD = layers.MLP(cfg, self.lora_dropout, name="mlp")(h_BTD)
->>>>>>> main
         x_BTD = sharding.constrain(x_BTD + h_BTD, (axes.BATCH, axes.SEQ, axes.EMBED))
         return x_BTD, new_cache
 

@@ -98,15 +98,10 @@ def train_main(*, output_dir: str, data: str, objective: str = "sft",
       reference: the reference of objectives that use one: "precomputed" (log-probs computed
         once over the data, no second model in memory) or "params" (a frozen copy of the
         initial params); an objective that cannot use the mode asked for takes its own (KTO:
-<<<<<<< HEAD
-        "params").
-      vocab_chunk_size: >0 computes log-probs over vocabulary chunks of this size; 0 does so
-        automatically above 32k entries (`losses.logprobs.resolve_vocab_chunk`); <0 never.
-=======
         "params"). With LoRA, every reference is "adapters_off": the frozen base with the
         adapters switched off, scored in the same step (no second copy, no precompute pass).
-      vocab_chunk_size: >0 computes log-probs over vocabulary chunks (large vocabularies).
->>>>>>> main
+      vocab_chunk_size: >0 computes log-probs over vocabulary chunks of this size; 0 does so
+        automatically above 32k entries (`losses.logprobs.resolve_vocab_chunk`); <0 never.
       save_every, keep, log_every, seed: checkpointing, logging and randomness.
       export_hf: write the final model and tokenizer to <output_dir>/hf.
       progress: show progress bars.
