@@ -46,22 +46,34 @@ class NonFiniteLossError(FloatingPointError):
 
 
 class _Preemption:
-    """SIGTERM sets a flag that the loop polls between steps (installed on the main thread)."""
+    """SIGTERM (how a TPU VM or SLURM preempts) and SIGINT (Ctrl-C) set a flag that the loop
+    polls between steps, which then saves a checkpoint and returns. A second Ctrl-C stops at
+    once (KeyboardInterrupt) without waiting for the save. Installed on the main thread only."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
         self.event = threading.Event()
-        self._previous = None
+        self.name: str | None = None
+        self._previous: dict = {}
+
+    def _handle(self, signum, frame):
+        if signum == signal.SIGINT and self.event.is_set():
+            raise KeyboardInterrupt
+        self.name = signal.Signals(signum).name
+        self.event.set()
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, lambda *_: self.event.set())
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
         else:
             log.warning("train() is not on the main thread: SIGTERM will not save a checkpoint")
         return self
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
 
 
 def _git_state() -> tuple[str | None, bool | None]:
@@ -198,7 +210,8 @@ def train(*, config: ModelConfig | str | None = None, params_init: Any = None, l
           workdir: str | os.PathLike, save_every: int = 1000, keep: int = 3,
           log_every: int = 10, seed: int = 0, ref_params: str = "none",
           export_hf_dir: str | os.PathLike | None = None, progress: bool = True,
-          operative_config: str | None = None) -> TrainState:
+          operative_config: str | None = None,
+          export_tokenizer_dir: str | os.PathLike | None = None) -> TrainState:
     """Trains `config`'s model on `loss_fn` for `num_steps` updates, resuming if it can.
 
     Args:
@@ -221,9 +234,12 @@ def train(*, config: ModelConfig | str | None = None, params_init: Any = None, l
       seed: params init (when random) and the step's randomness.
       ref_params: "none", or "initial" to keep a frozen copy of the initial params as the
         reference model (DPO with the SFT model as reference).
-      export_hf_dir: when set, the final params are saved there as Hugging Face safetensors.
+      export_hf_dir: when set, the final params are saved there as Hugging Face safetensors
+        (written to a temporary folder and renamed into place when complete; not written when
+        the run stops early).
       progress: show a progress bar.
       operative_config: gin's operative config text, written to `<workdir>/config.gin`.
+      export_tokenizer_dir: tokenizer files copied into the export before it is renamed.
     Returns:
       the final TrainState; `state.step < num_steps` when SIGTERM cut the run short.
     """
@@ -258,7 +274,8 @@ def train(*, config: ModelConfig | str | None = None, params_init: Any = None, l
         # Closing waits for the pending async save, so the last good checkpoint is complete
         # whatever stops the run.
         stack.callback(checkpointer.close)
-        start = checkpointer.latest_step()
+        start, state, data_state = checkpointer.restore_latest(
+            abstract_arrays(abstract, shardings), say=log.warning)
         if is_main:
             write_run_info(workdir, operative_config=operative_config, extra={
                 "resumed_from_step": start, "num_steps": num_steps, "grad_accum": grad_accum,
@@ -266,7 +283,6 @@ def train(*, config: ModelConfig | str | None = None, params_init: Any = None, l
                 "optimizer": vars(optimizer), "model": vars(config),
                 "loss_fn": getattr(loss_fn, "__name__", repr(loss_fn))})
         if start is not None:
-            state, data_state = checkpointer.restore(start, abstract_arrays(abstract, shardings))
             if data_state is not None:
                 data_iterator.set_state(data_state)
             if with_ref:
@@ -308,7 +324,7 @@ def train(*, config: ModelConfig | str | None = None, params_init: Any = None, l
             try:
                 host_batch = next(data_iterator)
             except StopIteration:
-                raise RuntimeError(
+                raise ValueError(
                     f"train(): the data iterator ran out after step {step} of {num_steps}; "
                     "give more data or fewer num_steps") from None
             data_state = data_iterator.get_state()
@@ -335,32 +351,42 @@ def train(*, config: ModelConfig | str | None = None, params_init: Any = None, l
                 last_saved = step
         if pending is not None:
             report(pending)
-        if step < num_steps:  # SIGTERM
+        if step < num_steps:  # SIGTERM or SIGINT
             if last_saved != step:
                 checkpointer.save(step, state, data_state=data_state)
             checkpointer.wait()
-            logger.write_line(f"SIGTERM: saved a checkpoint at step {step} in "
+            logger.write_line(f"{preemption.name}: saved a checkpoint at step {step} in "
                               f"{checkpointer.directory}; stopping.")
             return state
         checkpointer.wait()
 
     if export_hf_dir is not None:
-        export_hf(config, state.params, export_hf_dir)
+        export_hf(config, state.params, export_hf_dir, tokenizer_dir=export_tokenizer_dir)
     return state
 
 
-def export_hf(config: ModelConfig, params: Any, path: str | os.PathLike) -> None:
+def export_hf(config: ModelConfig, params: Any, path: str | os.PathLike, *,
+              tokenizer_dir: str | os.PathLike | None = None) -> None:
     """Saves `params` as a Hugging Face checkpoint (safetensors) at `path` (main process only).
+
+    The files go to a temporary sibling folder renamed to `path` once complete, so `path` is
+    never a half-written export (an earlier export there is replaced whole).
 
     Args:
       config: the model.
       params: the (possibly sharded) parameter tree.
       path: the output dir.
+      tokenizer_dir: a tokenizer dir or .model file whose files are copied in too.
     """
+    from align_jax.atomic import atomic_dir  # noqa: PLC0415
     from align_jax.models.hf import save_hf  # noqa: PLC0415 (written by the models package)
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils  # noqa: PLC0415
         params = multihost_utils.process_allgather(params, tiled=True)
     host = jax.device_get(params)
     if jax.process_index() == 0:
-        save_hf(config, host, os.fspath(path))
+        with atomic_dir(path) as tmp:
+            save_hf(config, host, os.fspath(tmp))
+            if tokenizer_dir is not None:
+                from align_jax.tokenizer import copy_tokenizer_files  # noqa: PLC0415
+                copy_tokenizer_files(tokenizer_dir, os.fspath(tmp))
