@@ -235,6 +235,17 @@ def _stable_text(tokenizer, toks, stop_strings) -> str | None:
     return text[:len(text) - hold]
 
 
+def _check_finite(logprobs_BM, lengths_B, rows, indices) -> None:
+    """Non-finite log-probs mean NaN/inf logits: an error, not empty completions."""
+    for row in sorted(rows):
+        lps = logprobs_BM[row, :int(lengths_B[row])]
+        if not np.all(np.isfinite(lps)):
+            at = int(np.argmin(np.isfinite(lps)))
+            raise FloatingPointError(
+                f"generation produced non-finite logits for prompt {indices[row]} at new token "
+                f"{at}: the model's weights (or its config) hold NaN or inf")
+
+
 def _run_batch(config, params, batch: batching.PromptBatch, *, max_new_tokens, cache_len,
                sampler_kw, row_seeds, stop_ids, stop_strings, tokenizer, chunk, mesh,
                rules, partial=False) -> Iterator[Completion]:
@@ -264,6 +275,7 @@ def _run_batch(config, params, batch: batching.PromptBatch, *, max_new_tokens, c
                 (state.step, state.done_B, state.stopped_B, state.lengths_B, state.tokens_BM,
                  state.logprobs_BM))
             step = int(step)
+            _check_finite(logprobs_BM, lengths_B, pending, batch.indices)
             newly_done = []
             for row in sorted(pending):
                 n = int(lengths_B[row])
