@@ -7,7 +7,6 @@
       --output_dir=runs/eval
 """
 
-import json
 import os
 from collections.abc import Mapping
 
@@ -55,7 +54,7 @@ def eval_main(*, output_dir: str, models: Mapping[str, str], sft_test: str | Non
                                  retriever=retriever, rag_models=tuple(rag_models),
                                  seq_len=seq_len, num_samples=num_samples,
                                  max_new_tokens=max_new_tokens)
-        with open(os.path.join(output_dir, "report.json"), "w") as f:
-            json.dump(report, f, indent=1)
+        from align_jax.atomic import atomic_write_json
+        atomic_write_json(os.path.join(output_dir, "report.json"), report)
     print(open(os.path.join(output_dir, "report.md")).read())
     return 0

@@ -13,7 +13,6 @@ Stages (each a folder of <output_dir>):
            retrieved chunk, the RAG baseline), preference accuracy, sample answers, loss curves.
 """
 
-import json
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -177,8 +176,8 @@ def value_alignment(*, output_dir: str, document: str, model: str | None = "tiny
         max_new_tokens=max_new_tokens, stages={"cft": "c-fine-tuned", "sft": "sft",
                                                "dpo": "sft+dpo"})
     report["data_origin"] = origin
-    with open(os.path.join(out, "report.json"), "w") as f:
-        json.dump(report, f, indent=1)
+    from align_jax.atomic import atomic_write_json
+    atomic_write_json(os.path.join(out, "report.json"), report)
     _say(f"report: {os.path.join(out, 'report.md')} and report.png")
     print(open(os.path.join(out, "report.md")).read())
     return report

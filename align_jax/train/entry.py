@@ -9,7 +9,6 @@ optimizer, mesh); everything below it is plain library code.
 import contextlib
 import dataclasses
 import functools
-import json
 import logging
 import os
 import shutil
@@ -294,8 +293,7 @@ def _write_model_files(output_dir: str, config, init_from, tok_path) -> None:
     if config is None:
         shutil.copy(os.path.join(init_from, "config.json"), model_dir)
     else:
-        with open(os.path.join(model_dir, "config.json"), "w") as f:
-            json.dump(config_to_hf(config), f, indent=1)
+        atomic_write_json(os.path.join(model_dir, "config.json"), config_to_hf(config))
     copy_tokenizer_files(tok_path, model_dir)
 
 

@@ -120,12 +120,11 @@ def write_run_info(workdir: str | os.PathLike, *, extra: Mapping[str, Any] | Non
                     "count": len(devices), "process_count": jax.process_count()},
         **dict(extra or {}),
     }
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "run_info.json"), "w", encoding="utf-8") as f:
-        json.dump(info, f, indent=2, default=repr)
+    from align_jax.atomic import atomic_write  # noqa: PLC0415
+    atomic_write(os.path.join(workdir, "run_info.json"),
+                 json.dumps(info, indent=2, default=repr) + "\n")
     if operative_config is not None:
-        with open(os.path.join(workdir, "config.gin"), "w", encoding="utf-8") as f:
-            f.write(operative_config)
+        atomic_write(os.path.join(workdir, "config.gin"), operative_config)
     return info
 
 
