@@ -6,10 +6,9 @@ tokenizer_config.json, loaded through transformers.AutoTokenizer, offline) or a 
 adds special tokens unless asked, `apply_chat_template` returns text that already carries BOS when
 the template wants it (so encode the result with add_bos=False).
 
-`train_tokenizer(texts, out_dir)` trains a small sentencepiece model in-process and writes it both
-as `tokenizer.model` and as a Hugging Face tokenizer directory that `AutoTokenizer.from_pretrained`
-loads and that encodes to the same ids. It is what tests and the from-scratch demo use, since no
-tokenizer can be downloaded.
+Training a small sentencepiece tokenizer in-process (what tests and the from-scratch demo use,
+since no tokenizer can be downloaded) is `align_jax.tokenizer_training.train_tokenizer`; it
+imports this module, never the other way round.
 """
 
 from __future__ import annotations
@@ -461,9 +460,22 @@ def load_tokenizer(path: str | os.PathLike, *, chat_template: str | None = None)
                             f"tokenizer_config.json or a sentencepiece .model file")
 
 
+def encode_prompt(tokenizer, prompt: str | list[dict], *, chat_template: bool = True) -> list[int]:
+    """The one prompt encoder: a prompt -> the token ids a model continues from.
 
-# Training lives in its own module; the name stays importable from here.
-
-
-# Training lives in its own module; the name stays importable from here.
-from align_jax.tokenizer_training import train_tokenizer  # noqa: E402, F401
+    Args:
+      tokenizer: a Tokenizer (or anything with its `encode`, `apply_chat_template`, `bos_id`).
+      prompt: a string (one user turn) or a list of {role, content} messages.
+      chat_template: True renders the chat template with the assistant turn opened (the
+        template writes BOS where the model wants one, so none is added); False encodes the
+        raw text (messages joined by blank lines) after BOS, when the tokenizer has one.
+    Returns:
+      The token ids.
+    """
+    if not chat_template:
+        if not isinstance(prompt, str):
+            prompt = "\n\n".join(m["content"] for m in prompt)
+        return list(tokenizer.encode(prompt, add_bos=tokenizer.bos_id is not None))
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    return list(tokenizer.encode(text, add_bos=False))

@@ -43,7 +43,7 @@ def eval_main(*, output_dir: str, models: Mapping[str, str], sft_test: str | Non
     retriever = None
     if documents:
         from align_jax.data.documents import chunk_documents, load_documents
-        from align_jax.methods.rag import Retriever
+        from align_jax.eval.retrieval import Retriever
         chunks = chunk_documents(load_documents(documents), tok, chunk_tokens=chunk_tokens,
                                  overlap=chunk_tokens // 8)
         retriever = Retriever([c.text for c in chunks])
