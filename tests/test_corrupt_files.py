@@ -11,7 +11,8 @@ import pytest
 
 from align_jax import cli
 from align_jax.models import get_config, init_params, load_hf, save_hf
-from align_jax.tokenizer import load_tokenizer, train_tokenizer
+from align_jax.tokenizer import load_tokenizer
+from align_jax.tokenizer_training import train_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CORPUS = ["The cooperative repairs bicycles and radios for its members.",

@@ -160,7 +160,8 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous(tmp_path, caplog, 
 
 
 def test_convert_failing_midway_leaves_the_old_export(tmp_path, monkeypatch):
-    from align_jax.models import convert, hf
+    from align_jax.models import hf
+    from align_jax.train import convert
     run = tmp_path / "run"
     _tiny_run(run, 2)
     (run / "model").mkdir()
