@@ -101,6 +101,9 @@ def check_settings(output_dir: str, settings: Mapping[str, Any], *, overwrite: b
     if old is None:
         return os.path.isdir(os.path.join(output_dir, "checkpoints"))
     diff = settings_diff(old, settings)
+    ckpt = os.path.join(output_dir, "checkpoints")
+    if diff and not (os.path.isdir(ckpt) and os.listdir(ckpt)):
+        return False  # nothing was trained yet (a start that failed): the new settings go
     if diff:
         raise SettingsChangedError(
             f"{output_dir} holds a run with other settings ({'; '.join(diff)}); use another "
