@@ -37,6 +37,13 @@ import uvicorn
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from align_jax.generate.http_io import (
+    BODY_BYTES_PER_TOKEN,
+    MIN_BODY_BYTES,
+    cancel_on_disconnect,
+    json_ints,
+    read_body,
+)
 from align_jax.generate.openai_api import (
     APIError,
     ChatRequest,
@@ -52,44 +59,6 @@ from align_jax.generate.serving import Batcher, Cancelled, Job, Row
 from align_jax.tokenizer import encode_prompt
 
 log = logging.getLogger(__name__)
-
-
-# Default body limit: 16 bytes per token of the longest accepted prompt (ids as JSON, escaped
-# text), at least 1 MiB. A larger body cannot hold a prompt this server accepts.
-BODY_BYTES_PER_TOKEN = 16
-MIN_BODY_BYTES = 2**20
-
-
-async def read_body(request: fastapi.Request, limit: int) -> bytes:
-    """The request body, or APIError(413) once it passes `limit` bytes (before reading it
-    all when the client declares its length)."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise APIError(413, f"request body of {int(declared)} bytes exceeds this server's "
-                       f"limit of {limit} bytes", code="request_too_large")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise APIError(413, f"request body exceeds this server's limit of {limit} bytes",
-                           code="request_too_large")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def _json_ints(ids: list[int], piece: int = 2**15) -> str:
-    """A JSON list of ints, built in pieces so that other threads run in between."""
-    return "[" + ",".join(",".join(map(str, ids[i:i + piece]))
-                          for i in range(0, len(ids), piece)) + "]"
-
-
-async def _cancel_on_disconnect(request: fastapi.Request, task: asyncio.Future) -> None:
-    """Cancels `task` when the client of `request` disconnects."""
-    while not task.done():
-        if await request.is_disconnected():
-            task.cancel()
-            return
-        await asyncio.sleep(0.1)
 
 
 def make_app(config, params, tokenizer, *, model_name: str, api_key: str | None = None,
@@ -195,7 +164,7 @@ def make_app(config, params, tokenizer, *, model_name: str, api_key: str | None 
 
     async def run(job: Job, request: fastapi.Request | None = None) -> list[Row]:
         task = asyncio.ensure_future(batcher.run(job))
-        watch = (asyncio.ensure_future(_cancel_on_disconnect(request, task))
+        watch = (asyncio.ensure_future(cancel_on_disconnect(request, task))
                  if request is not None else None)
         try:
             return await task
@@ -411,7 +380,7 @@ def make_app(config, params, tokenizer, *, model_name: str, api_key: str | None 
         # Rendered here, off the event loop, in pieces: a 4 MB prompt is millions of ids, and
         # one json.dumps of them would hold the GIL (and so the event loop) for seconds.
         return fastapi.Response(
-            f'{{"tokens": {_json_ints(ids)}, "count": {len(ids)}, "max_model_len": {max_len}}}',
+            f'{{"tokens": {json_ints(ids)}, "count": {len(ids)}, "max_model_len": {max_len}}}',
             media_type="application/json")
 
     return app
