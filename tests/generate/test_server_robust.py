@@ -37,7 +37,7 @@ def test_a_4mb_request_is_413_and_health_stays_fast(model_files):
     finally:
         srv.stop()
     assert result.status_code == 413 and "limit" in result.json()["error"]["message"]
-    assert max(waits) < 0.5, waits
+    assert max(waits) < _bound(srv), waits
 
 
 def test_health_answers_fast_while_a_large_body_is_tokenized(served):
@@ -46,7 +46,17 @@ def test_health_answers_fast_while_a_large_body_is_tokenized(served):
     waits, result = _health_during(srv, "/tokenize", 2**20)
     assert result.status_code == 200, result.text[:300]
     assert result.json()["count"] > 2**20 // 8
-    assert max(waits) < 0.5, waits
+    assert max(waits) < _bound(srv), waits
+
+
+def _bound(srv):
+    """0.5 s, plus what an idle /health takes on this (possibly loaded, shared) machine."""
+    idle = []
+    for _ in range(3):
+        t = time.perf_counter()
+        httpx.get(srv.url + "/health", timeout=10)
+        idle.append(time.perf_counter() - t)
+    return 0.5 + 2 * max(idle)
 
 
 def _health_during(srv, path, size):
