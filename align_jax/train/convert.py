@@ -2,19 +2,26 @@
 
     align-jax convert --gin_param="convert.convert_main.run_dir='runs/sft'" \
       --gin_param="convert.convert_main.step=400" --output_dir=runs/sft/hf-400
+
+A LoRA run (with `<run_dir>/model/lora.json`) exports the base with the adapters merged in
+(export='merged', a plain HF checkpoint) or the adapters alone in peft's format (export='peft').
 """
 
 import json
 import os
 
+import numpy as np
 
-def convert_main(*, run_dir: str, output_dir: str, step: int | None = None) -> int:
+
+def convert_main(*, run_dir: str, output_dir: str, step: int | None = None,
+                 export: str = "merged") -> int:
     """Exports the params of `<run_dir>/checkpoints` at `step` (default latest) to output_dir.
 
     The model config comes from `<run_dir>/model/config.json`, written by `align-jax train`;
-    the tokenizer files from `<run_dir>/model` too. The export is written to a temporary folder
-    and renamed over output_dir only when complete: a convert killed mid-way leaves an earlier
-    export there intact.
+    the tokenizer files from `<run_dir>/model` too. For a LoRA run, `export` is "merged" (HF
+    checkpoint of base + adapters) or "peft" (adapter_model.safetensors + adapter_config.json).
+    The export is written to a temporary folder and renamed over output_dir only when complete:
+    a convert killed mid-way leaves an earlier export there intact.
     """
     from align_jax.atomic import atomic_dir
     from align_jax.models.hf import config_from_hf, save_hf
@@ -31,7 +38,31 @@ def convert_main(*, run_dir: str, output_dir: str, step: int | None = None) -> i
     except (ValueError, UnicodeDecodeError) as e:
         raise ValueError(f"{cfg_path}: not valid JSON ({e})") from None
     config = config_from_hf(raw, source=cfg_path)
+    if export not in ("merged", "peft"):
+        raise ValueError(f"convert_main.export={export!r}: choose 'merged' or 'peft'")
     params = load_params(os.path.join(run_dir, "checkpoints"), step=step)
+    from align_jax.train.adapters import read_lora_file
+    lora_run = read_lora_file(model_dir)
+    if lora_run is None and export == "peft":
+        raise ValueError(f"convert_main.export='peft': {run_dir} is not a LoRA run "
+                         f"({model_dir}/lora.json is missing)")
+    if lora_run is not None:
+        import jax
+        import jax.numpy as jnp
+
+        from align_jax.models import lora
+        from align_jax.train.adapters import rebuild_base
+        spec, base = lora_run
+        adapters = lora.Adapters(weights=params, spec=spec)
+        if export == "peft":
+            with atomic_dir(output_dir) as tmp:
+                lora.save_peft(config, adapters, os.fspath(tmp),
+                               base_model_name_or_path=base["init_from"])
+            print(f"wrote the peft adapter {output_dir} from {run_dir}/checkpoints "
+                  f"(step {step or 'latest'})")
+            return 0
+        merged = lora.merge_lora(config, rebuild_base(config, spec, base), adapters)
+        params = jax.tree.map(lambda x: np.asarray(x.astype(jnp.float32)), merged)
     with atomic_dir(output_dir) as tmp:
         save_hf(config, params, os.fspath(tmp))
         copy_tokenizer_files(model_dir, os.fspath(tmp))

@@ -19,6 +19,7 @@ from align_jax import sharding
 from align_jax.atomic import atomic_write_json
 from align_jax.losses import objectives
 from align_jax.models.config import ModelConfig, get_config
+from align_jax.models.lora import lora_config
 from align_jax.tokenizer import copy_tokenizer_files, load_tokenizer
 from align_jax.train import status as status_lib
 from align_jax.train.loop import train
@@ -73,7 +74,8 @@ def train_main(*, output_dir: str, data: str, objective: str = "sft",
                loss_kwargs: Mapping[str, Any] | None = None, reference: str = "precomputed",
                vocab_chunk_size: int = 0, save_every: int = 1000, keep: int = 3,
                log_every: int = 10, seed: int = 0, export_hf: bool = True,
-               progress: bool = True, overwrite: bool = False) -> dict[str, Any]:
+               progress: bool = True, lora: Mapping[str, Any] | None = None,
+               overwrite: bool = False) -> dict[str, Any]:
     """Trains one objective and exports the result as a Hugging Face checkpoint.
 
     Args:
@@ -97,11 +99,16 @@ def train_main(*, output_dir: str, data: str, objective: str = "sft",
       reference: the reference of objectives that use one: "precomputed" (log-probs computed
         once over the data, no second model in memory) or "params" (a frozen copy of the
         initial params); an objective that cannot use the mode asked for takes its own (KTO:
-        "params").
+        "params"). With LoRA, every reference is "adapters_off": the frozen base with the
+        adapters switched off, scored in the same step (no second copy, no precompute pass).
       vocab_chunk_size: >0 computes log-probs over vocabulary chunks (large vocabularies).
       save_every, keep, log_every, seed: checkpointing, logging and randomness.
       export_hf: write the final model and tokenizer to <output_dir>/hf.
       progress: show progress bars.
+      lora: train LoRA adapters on a frozen base instead of all params, e.g.
+        {'rank': 8, 'alpha': 16, 'targets': ('q', 'v'), 'base_dtype': 'bfloat16'} (fields of
+        `align_jax.models.lora.LoraConfig`). Only the adapters are updated and checkpointed;
+        the export is the merged model (<output_dir>/hf) and the adapter (<output_dir>/peft).
       overwrite: clear what an earlier run wrote into output_dir and start over (otherwise a
         rerun with the same settings resumes and one with other settings is refused).
     Returns:
@@ -178,7 +185,7 @@ def _train_main(settings, *, output_dir, data, objective, model, model_overrides
                 tokenizer, seq_len, batch_size, pack, truncation, on_error, num_epochs,
                 num_steps, optimizer, grad_accum, mesh, rules, loss_kwargs, reference,
                 vocab_chunk_size, save_every, keep, log_every, seed, export_hf, progress,
-                overwrite=False):
+                lora=None, overwrite=False):
     from align_jax.data import make_loader
     from align_jax.runinfo import run_folder
 
@@ -191,7 +198,15 @@ def _train_main(settings, *, output_dir, data, objective, model, model_overrides
         loss_kwargs["vocab_chunk_size"] = vocab_chunk_size
     # Before any data is read: a misspelled keyword fails now, naming the objective and key.
     loss_kwargs = obj.check_options(loss_kwargs)
-    ref_mode = obj.reference_mode(reference, loss_kwargs)
+    lora_spec = lora_config(lora)
+    if reference == "adapters_off" and lora_spec is None:
+        raise ValueError("train_main.reference='adapters_off' needs train_main.lora=...")
+    ref_mode = obj.reference_mode("params" if reference == "adapters_off" else reference,
+                                  loss_kwargs)
+    if lora_spec is not None and ref_mode != "none":
+        # The base with the adapters off is the initial model: the reference comes from the
+        # same weights in the same step, for any mode the objective would otherwise use.
+        ref_mode = "adapters_off"
     fmt = obj.data_format
     tok_path = tokenizer or init_from
     if tok_path is None:
@@ -210,6 +225,10 @@ def _train_main(settings, *, output_dir, data, objective, model, model_overrides
         try:
             params_init: Any = init_from
             annotate = None
+            if lora_spec is not None:
+                from align_jax.train.adapters import write_lora_file
+                write_lora_file(os.path.join(output_dir, "model"), lora_spec,
+                                init_from=init_from, seed=seed)
             if ref_mode == "precomputed":
                 from align_jax.models.hf import load_hf
                 from align_jax.train.reference import attach_reference_logps
@@ -225,6 +244,8 @@ def _train_main(settings, *, output_dir, data, objective, model, model_overrides
                     vocab_chunk_size=vocab_chunk_size,
                     mesh=sharding.make_mesh(mesh or sharding.MeshSpec()), rules=rules)
 
+            peft_dir = (os.path.join(output_dir, "peft")
+                        if export_hf and lora_spec is not None else None)
             make = functools.partial(
                 make_loader, data, kind=fmt, tokenizer=tok, seq_len=seq_len,
                 batch_size=batch_size, pack=pack and fmt.build_packed is not None,
@@ -239,9 +260,11 @@ def _train_main(settings, *, output_dir, data, objective, model, model_overrides
                           grad_accum=grad_accum, mesh_spec=mesh, rules=rules,
                           workdir=output_dir, save_every=save_every, keep=keep,
                           log_every=log_every, seed=seed,
-                          ref_params="initial" if ref_mode == "params" else "none",
+                          ref_params={"params": "initial", "adapters_off": "adapters_off"}.get(
+                              ref_mode, "none"),
                           export_hf_dir=hf_dir if export_hf else None,
-                          export_tokenizer_dir=tok_path, progress=progress)
+                          export_tokenizer_dir=tok_path, progress=progress, lora=lora_spec,
+                          export_peft_dir=peft_dir)
             loader.close()
         except KeyboardInterrupt as e:
             last = _last_checkpoint(output_dir)
@@ -262,7 +285,8 @@ def _train_main(settings, *, output_dir, data, objective, model, model_overrides
                    "data": {"load": loader.load_report.summary(),
                             "truncation": loader.truncation_report.summary(),
                             "examples": loader.num_examples},
-                   "hf_export": hf_dir if export_hf and completed else None}
+                   "hf_export": hf_dir if export_hf and completed else None,
+                   "peft_export": peft_dir if completed else None}
         atomic_write_json(os.path.join(output_dir, "train_summary.json"), summary)
         status_lib.write_status(output_dir, summary["status"], step=step, num_steps=num_steps)
         if not completed:

@@ -27,7 +27,7 @@ EXIT_INTERRUPTED = 75
 SETTINGS = "settings.json"
 STATUS = "status.json"
 # What a run folder's training wrote; `overwrite=True` removes exactly these.
-RUN_ARTIFACTS = ("checkpoints", "metrics.jsonl", "tensorboard", "hf", "train_summary.json",
+RUN_ARTIFACTS = ("checkpoints", "metrics.jsonl", "tensorboard", "hf", "peft", "train_summary.json",
                  SETTINGS, STATUS, "cache", "model", "tokenizer", "config.gin",
                  "operative_config.gin", "run_info.json")
 
