@@ -112,7 +112,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true",
                    help="start over in an output_dir that holds a run with other settings")
     p.add_argument("--distributed", action="store_true",
-                   help="call jax.distributed.initialize() first (multi-host GPU / SLURM)")
+                   help="join the other processes first (multi-host TPU / GPU / SLURM; settings: "
+                        "distributed.initialize.* gin bindings or ALIGN_JAX_* variables)")
     return p
 
 
@@ -127,9 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "bench":
         return importlib.import_module(module_name).main() or 0
     import gin
-    if args.distributed:
-        import jax
-        jax.distributed.initialize()
+
     from align_jax import ginconf
     root = pathlib.Path(__file__).resolve().parent.parent
     folders = ginconf.search_folders(args.gin_search_path, str(root))
@@ -146,7 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     # `entry.train_main.num_steps=5` or `value_alignment.value_alignment.sft_steps=10` bind.
     parent, _, short = module_name.rpartition(".")
     params = ["from __gin__ import dynamic_registration", f"from {parent} import {short}",
-              *_gin_imports(gin_files, folders), *args.gin_param]
+              *_gin_imports(gin_files, folders),
+              *(["from align_jax import distributed"] if args.distributed else []),
+              *args.gin_param]
     if args.output_dir:
         params.append(f"{short}.{fn_name}.output_dir = {args.output_dir!r}")
     if args.overwrite:
@@ -171,6 +172,18 @@ def main(argv: list[str] | None = None) -> int:
     if rest:
         print(f"align-jax {args.command}: unknown arguments {rest}", file=sys.stderr)
         return 2
+    if args.distributed:
+        from align_jax import distributed
+        try:
+            try:  # registered only when some binding names it
+                start = gin.get_configurable(distributed.initialize)
+            except ValueError:
+                start = distributed.initialize
+            start()
+            distributed.check_same_config(distributed.config_text(args.command, gin.config_str()))
+        except distributed.DistributedError as e:
+            print(f"align-jax {args.command}: {e}", file=sys.stderr)
+            return 1
     configured = gin.get_configurable(entry)
     from align_jax.run_lock import RunFolderBusyError
     from align_jax.train.status import EXIT_INTERRUPTED, RunInterrupted

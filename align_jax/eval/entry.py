@@ -68,7 +68,9 @@ def eval_main(*, output_dir: str, models: Mapping[str, str], sft_test: str | Non
                                  bertscore_model=bertscore_model, judge=judge,
                                  judge_template=judge_template, judge_kwargs=judge_kwargs,
                                  judge_systems=judge_systems)
-        from align_jax.atomic import atomic_write_json
-        atomic_write_json(os.path.join(output_dir, "report.json"), report)
+        from align_jax import distributed
+        if distributed.is_main():
+            from align_jax.atomic import atomic_write_json
+            atomic_write_json(os.path.join(output_dir, "report.json"), report)
     print(open(os.path.join(output_dir, "report.md")).read())
     return 0

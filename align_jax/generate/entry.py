@@ -77,9 +77,11 @@ def generate_main(*, output_dir: str, model_dir: str, prompts: str, chat: bool =
                        temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
                        stop_strings=tuple(stop_strings), tokenizer=tok, batch_size=batch_size)
         path = os.path.join(output_dir, "completions.jsonl")
-        atomic_write(path, "".join(
-            json.dumps({**row, "completion": text, "finish_reason": reason},
-                       ensure_ascii=False) + "\n"
-            for row, text, reason in zip(rows, out.texts, out.finish_reasons)))
+        from align_jax import distributed
+        if distributed.is_main():
+            atomic_write(path, "".join(
+                json.dumps({**row, "completion": text, "finish_reason": reason},
+                           ensure_ascii=False) + "\n"
+                for row, text, reason in zip(rows, out.texts, out.finish_reasons)))
     print(f"wrote {len(rows)} completions to {path}")
     return 0

@@ -100,9 +100,13 @@ def mi_bound(model_dir: str, records: Sequence[dict], *, seq_len: int,
 
 
 def _write(path: str, rows: Sequence[dict]) -> str:
+    from align_jax import distributed
     from align_jax.sdg.store import write_jsonl
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    write_jsonl(path, rows)
+    # Multi-process: process 0 writes (a shared run folder), the others wait, then all read.
+    if distributed.is_main():
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        write_jsonl(path, rows)
+    distributed.barrier(f"align_jax.write:{path}")
     return path
 
 
@@ -176,9 +180,11 @@ def sami(*, output_dir: str, init_from: str, constitutions: str, queries: str,
         sampler = os.path.join(run_dir, "hf")
         report["iterations"].append({"iteration": k, "model": sampler, "steps": steps,
                                      **evaluate(f"iter_{k}", sampler, k)})
-    from align_jax.atomic import atomic_write_json
-    atomic_write_json(os.path.join(out, "report.json"), report)
-    _report_files(out, report)
+    from align_jax import distributed
+    if distributed.is_main():
+        from align_jax.atomic import atomic_write_json
+        atomic_write_json(os.path.join(out, "report.json"), report)
+        _report_files(out, report)
     return report
 
 

@@ -15,7 +15,7 @@ import shutil
 from collections.abc import Mapping
 from typing import Any
 
-from align_jax import sharding
+from align_jax import distributed, sharding
 from align_jax.atomic import atomic_write_json
 from align_jax.losses import objectives
 from align_jax.models.config import ModelConfig, get_config
@@ -82,7 +82,9 @@ def train_main(*, output_dir: str, data: str, objective: str = "sft",
       output_dir: run folder (checkpoints/, metrics.jsonl, tensorboard/, hf/ export).
       data: records in the objective's schema (a .jsonl path or dir, "hf:...", "tfds:...").
       objective: a registered objective (`align_jax.losses.objectives`): "sft", "lm" (raw
-        text, the c-fine-tuned baseline), "dpo", "kto", "sami", or one a module registers.
+        text, the c-fine-tuned baseline), "dpo", "kto", "sami", "aligner" (aligner triples;
+        init_from must carry the markers, see losses.aligner.add_marker_tokens), or one a
+        module registers.
       model: a preset name (random init) when not starting from a checkpoint.
       model_overrides: ModelConfig fields to replace (e.g. {"dtype": "bfloat16"}).
       init_from: a Hugging Face checkpoint dir to start from (and DPO's reference model).
@@ -212,20 +214,26 @@ def _train_main(settings, *, output_dir, data, objective, model, model_overrides
     if tok_path is None:
         raise ValueError("train_main: set `tokenizer` (or `init_from`, whose dir has one)")
     if tok_path.startswith("train:"):
-        tok_path = build_tokenizer(tok_path.removeprefix("train:"),
-                                   os.path.join(output_dir, "tokenizer"))
+        # Process 0 trains it into the (shared) run folder; the others wait and read it.
+        built = os.path.join(output_dir, "tokenizer")
+        if distributed.is_main():
+            build_tokenizer(tok_path.removeprefix("train:"), built)
+        distributed.barrier("align_jax.train_main.tokenizer")
+        tok_path = built
     tok = load_tokenizer(tok_path)
     config = _model(model, model_overrides or {}, init_from, tok)
 
     with run_folder(output_dir):
-        status_lib.record_settings(output_dir, settings)
-        _write_model_files(output_dir, config, init_from, tok_path)
-        status_lib.write_status(output_dir, "running", step=None, num_steps=num_steps)
+        main = distributed.is_main()
+        if main:
+            status_lib.record_settings(output_dir, settings)
+            _write_model_files(output_dir, config, init_from, tok_path)
+            status_lib.write_status(output_dir, "running", step=None, num_steps=num_steps)
         state = None
         try:
             params_init: Any = init_from
             annotate = None
-            if lora_spec is not None:
+            if lora_spec is not None and main:
                 from align_jax.train.adapters import write_lora_file
                 write_lora_file(os.path.join(output_dir, "model"), lora_spec,
                                 init_from=init_from, seed=seed)
@@ -268,15 +276,17 @@ def _train_main(settings, *, output_dir, data, objective, model, model_overrides
             loader.close()
         except KeyboardInterrupt as e:
             last = _last_checkpoint(output_dir)
-            status_lib.write_status(output_dir, "interrupted", step=last, num_steps=num_steps,
-                                    message=f"{e or 'SIGINT'} outside the step loop")
+            if main:
+                status_lib.write_status(output_dir, "interrupted", step=last, num_steps=num_steps,
+                                        message=f"{e or 'SIGINT'} outside the step loop")
             raise status_lib.RunInterrupted(
                 f"{output_dir}: interrupted ({e or 'SIGINT'}) before the run finished; the last "
                 f"checkpoint is step {last}; rerun the same command to resume") from None
         except BaseException as e:
-            status_lib.write_status(output_dir, "failed", step=_last_checkpoint(output_dir),
-                                    num_steps=num_steps,
-                                    message=f"{type(e).__name__}: {str(e)[:500]}")
+            if main:
+                status_lib.write_status(output_dir, "failed",
+                                        step=_last_checkpoint(output_dir), num_steps=num_steps,
+                                        message=f"{type(e).__name__}: {str(e)[:500]}")
             raise
         step = int(state.step)
         completed = step >= num_steps
@@ -287,8 +297,10 @@ def _train_main(settings, *, output_dir, data, objective, model, model_overrides
                             "examples": loader.num_examples},
                    "hf_export": hf_dir if export_hf and completed else None,
                    "peft_export": peft_dir if completed else None}
-        atomic_write_json(os.path.join(output_dir, "train_summary.json"), summary)
-        status_lib.write_status(output_dir, summary["status"], step=step, num_steps=num_steps)
+        if main:
+            atomic_write_json(os.path.join(output_dir, "train_summary.json"), summary)
+            status_lib.write_status(output_dir, summary["status"], step=step,
+                                    num_steps=num_steps)
         if not completed:
             raise status_lib.RunInterrupted(
                 f"{output_dir}: interrupted at step {step} of {num_steps}; a checkpoint was "

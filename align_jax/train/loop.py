@@ -21,7 +21,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from align_jax import sharding
+from align_jax import distributed, sharding
 from align_jax.losses import objectives
 from align_jax.models import lora as lora_lib
 from align_jax.models import transformer
@@ -308,6 +308,12 @@ def train(*, config: ModelConfig | str | None = None, params_init: Any = None,
                 seq_len_seen = seq_len
                 logger.flops_per_token = config.flops_per_token(seq_len)
             batch = _put_batch(host_batch, batch_sharding, num_batch_shards)
+            if step == (start or 0) and jax.process_count() > 1:
+                # Compile, then start the first step together: CPU collectives (gloo) give a
+                # peer 30 s to join, less than one process's compile may run ahead of another's.
+                with sharding.use_mesh(mesh, rules):
+                    step_fn.jitted.lower(state, batch).compile()
+                distributed.barrier("align_jax.train.step_compiled")
             # Implicit host<->device copies inside the step are bugs (a stray numpy constant, a
             # Python scalar in the state): make them errors. Batches were placed explicitly.
             with jax.transfer_guard("disallow"):

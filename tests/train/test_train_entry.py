@@ -78,7 +78,7 @@ def test_other_objectives_learn(tmp_path, run):
 
 def test_every_run_file_parses_against_the_tiny_model():
     from align_jax.generate import server
-    from align_jax.methods import recipes, sami, value_alignment
+    from align_jax.methods import aligners_recipe, recipes, sami, value_alignment
     from align_jax.sdg import entry as sdg_entry
     from align_jax.train import entry
     def bindings(fn):
@@ -103,8 +103,10 @@ def test_every_run_file_parses_against_the_tiny_model():
         elif bindings(sdg_entry.sdg_main):
             assert bindings(sdg_entry.sdg_main)["task"] in sdg_entry.TASKS, path
         elif bindings(recipes.run):
-            recipe = bindings(value_alignment.value_alignment) or bindings(sami.sami)
-            assert recipe.get("document") or recipe.get("constitutions"), path
+            recipe = (bindings(value_alignment.value_alignment) or bindings(sami.sami)
+                      or bindings(aligners_recipe.aligners))
+            assert (recipe.get("document") or recipe.get("constitutions")
+                    or recipe.get("aligner_data") or recipe.get("teacher")), path
         else:
             assert bindings(server.serve_main)["host"] == "127.0.0.1", path
         checked += 1
