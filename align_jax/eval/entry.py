@@ -7,7 +7,6 @@
       --output_dir=runs/eval
 """
 
-import json
 import os
 from collections.abc import Mapping
 
@@ -71,7 +70,7 @@ def eval_main(*, output_dir: str, models: Mapping[str, str], sft_test: str | Non
                                  judge_systems=judge_systems)
         from align_jax import distributed
         if distributed.is_main():
-            with open(os.path.join(output_dir, "report.json"), "w") as f:
-                json.dump(report, f, indent=1)
+            from align_jax.atomic import atomic_write_json
+            atomic_write_json(os.path.join(output_dir, "report.json"), report)
     print(open(os.path.join(output_dir, "report.md")).read())
     return 0

@@ -18,7 +18,7 @@ distribution (log_softmax of the unmodified logits: temperature 1, no penalty, n
 
 import collections
 import dataclasses
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import flax.struct
 import jax
@@ -235,9 +235,22 @@ def _stable_text(tokenizer, toks, stop_strings) -> str | None:
     return text[:len(text) - hold]
 
 
+def _check_finite(logprobs_BM, lengths_B, rows, indices) -> None:
+    """Non-finite log-probs mean NaN/inf logits: an error, not empty completions."""
+    for row in sorted(rows):
+        lps = logprobs_BM[row, :int(lengths_B[row])]
+        if not np.all(np.isfinite(lps)):
+            at = int(np.argmin(np.isfinite(lps)))
+            raise FloatingPointError(
+                f"generation produced non-finite logits for prompt {indices[row]} at new token "
+                f"{at}: the model's weights (or its config) hold NaN or inf")
+
+
 def _run_batch(config, params, batch: batching.PromptBatch, *, max_new_tokens, cache_len,
                sampler_kw, row_seeds, stop_ids, stop_strings, tokenizer, chunk, mesh,
-               rules, partial=False) -> Iterator[Completion]:
+               rules, partial=False, cancel=None) -> Iterator[Completion]:
+    if cancel is not None and cancel():
+        return
     seeds, salts = row_seeds
     n_rows = len(batch.active_B)
     pad = n_rows - len(batch.indices)
@@ -256,6 +269,8 @@ def _run_batch(config, params, batch: batching.PromptBatch, *, max_new_tokens, c
         pending = set(range(len(batch.indices)))
         step = 1
         while pending:
+            if cancel is not None and cancel():
+                return
             end = min(step + chunk, max_new_tokens)
             state = jit_decode(params, state, arrays[-1], stop_ids, jnp.int32(end),
                                config=config, flags=flags, mesh=mesh, rules=rules)
@@ -264,6 +279,7 @@ def _run_batch(config, params, batch: batching.PromptBatch, *, max_new_tokens, c
                 (state.step, state.done_B, state.stopped_B, state.lengths_B, state.tokens_BM,
                  state.logprobs_BM))
             step = int(step)
+            _check_finite(logprobs_BM, lengths_B, pending, batch.indices)
             newly_done = []
             for row in sorted(pending):
                 n = int(lengths_B[row])
@@ -301,15 +317,18 @@ def generate_stream(config: ModelConfig, params, prompts: Sequence[Sequence[int]
                     seeds: Sequence[int] | None = None, mesh=None, rules="fsdp",
                     batch_size: int | None = None, max_len: int | None = None,
                     chunk_size: int | None = None, ignore_eos: bool = False,
-                    partial: bool = False) -> Iterator[Completion]:
+                    partial: bool = False,
+                    cancel: Callable[[], bool] | None = None) -> Iterator[Completion]:
     """Like `generate`, but yields a `Completion` for each prompt as soon as it finishes.
 
     Completion is observed at chunk boundaries: the device runs `chunk_size` decode steps
     between host checks (default: 32 with stop strings or `partial`, otherwise the whole
     budget in one call). Completions come in finishing order; `Completion.index` is the
     prompt's index. With `partial`, every unfinished prompt is also reported at each chunk
-    boundary (finish_reason None): what a token-streaming server sends. See `generate` for
-    the other arguments.
+    boundary (finish_reason None): what a token-streaming server sends. `cancel`, polled at
+    each chunk boundary, stops the generation when it returns True (the unfinished prompts
+    yield nothing): how a server stops work for clients that left. See `generate` for the
+    other arguments.
     """
     max_len = int(max_len or config.max_position)
     prompts = batching.validate_prompts(prompts, max_new_tokens=max_new_tokens, max_len=max_len,
@@ -338,7 +357,7 @@ def generate_stream(config: ModelConfig, params, prompts: Sequence[Sequence[int]
     run = dict(max_new_tokens=max_new_tokens, sampler_kw=sampler_kw,
                stop_ids=_stop_ids(config, tokenizer, stop_token_ids, ignore_eos),
                stop_strings=stop_strings, tokenizer=tokenizer, chunk=max(1, int(chunk_size)),
-               mesh=mesh, rules=rules, partial=partial)
+               mesh=mesh, rules=rules, partial=partial, cancel=cancel)
     # Validation above runs eagerly; the work below runs as the caller iterates.
     return _stream(config, params, batches, seed=seed, seeds=seeds, run=run)
 

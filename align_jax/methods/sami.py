@@ -13,7 +13,6 @@ model never samples for the queries it was trained on. After every iteration, th
 is measured on held-out queries with responses sampled by that iteration's model.
 """
 
-import json
 import logging
 import os
 import random
@@ -183,8 +182,8 @@ def sami(*, output_dir: str, init_from: str, constitutions: str, queries: str,
                                      **evaluate(f"iter_{k}", sampler, k)})
     from align_jax import distributed
     if distributed.is_main():
-        with open(os.path.join(out, "report.json"), "w") as f:
-            json.dump(report, f, indent=1)
+        from align_jax.atomic import atomic_write_json
+        atomic_write_json(os.path.join(out, "report.json"), report)
         _report_files(out, report)
     return report
 
@@ -198,8 +197,8 @@ def _report_files(out: str, report: dict) -> None:
              "|---|---|---|---|"]
     lines += [f"| {r['iteration']} | {r.get('steps', 0)} | {r['mi_bound']:.4f} | "
               f"{r['mean_response_tokens']:.1f} |" for r in rows]
-    with open(os.path.join(out, "report.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
+    from align_jax.atomic import atomic_write
+    atomic_write(os.path.join(out, "report.md"), "\n".join(lines) + "\n")
     fig, ax = plt.subplots(1, 2, figsize=(10, 3.5))
     it = [r["iteration"] for r in rows]
     ax[0].plot(it, [r["mi_bound"] for r in rows], marker="o")

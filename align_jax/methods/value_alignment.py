@@ -16,7 +16,6 @@ Stages (each a folder of <output_dir>):
            accuracy, judged pairwise win rates, side-by-side answers, loss curves.
 """
 
-import json
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -205,8 +204,8 @@ def value_alignment(*, output_dir: str, document: str, model: str | None = "tiny
     report["data_origin"] = origin
     from align_jax import distributed
     if distributed.is_main():
-        with open(os.path.join(out, "report.json"), "w") as f:
-            json.dump(report, f, indent=1)
+        from align_jax.atomic import atomic_write_json
+        atomic_write_json(os.path.join(out, "report.json"), report)
     _say(f"report: {os.path.join(out, 'report.md')} and report.png")
     print(open(os.path.join(out, "report.md")).read())
     return report

@@ -23,11 +23,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from align_jax import sharding
 from align_jax.models import transformer
+from align_jax.models.checks import check_safetensors
 from align_jax.models.config import ModelConfig
 from align_jax.models.hf_config import config_from_hf, config_to_hf, token_id_from_hf
 
@@ -121,9 +122,12 @@ def _to_hf(y: np.ndarray, t: _Tensor) -> np.ndarray:
 def _read_json(path: str) -> dict[str, Any]:
     try:
         with open(path, encoding="utf-8") as fh:
-            return json.load(fh)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from e
+            out = json.load(fh)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(out, dict):
+        raise ValueError(f"{path}: expected a JSON object, found {type(out).__name__}")
+    return out
 
 
 def _shard_files(path: str) -> tuple[list[str], str]:
@@ -209,36 +213,11 @@ def _load_tensors(config: ModelConfig, path: str, shardings: Any) -> Params:
     buffers: dict[tuple[str, ...], np.ndarray] = {}
     found: dict[str, str] = {}
     for file in files:
-        with safe_open(file, framework="numpy") as st:
-            for key in st.keys():
-                shape = tuple(st.get_slice(key).get_shape())
-                t = wanted.get(key)
-                if t is None:
-                    if key.endswith("rotary_emb.inv_freq"):
-                        continue  # a buffer recomputed from the config
-                    if key == "lm_head.weight" and config.tie_embeddings:
-                        # Some tied checkpoints store the (shared) head anyway.
-                        if shape != (config.vocab_size, config.embed_dim):
-                            raise ValueError(
-                                f"{file}: tensor {key!r} has shape {shape}, expected "
-                                f"{(config.vocab_size, config.embed_dim)}")
-                        continue
-                    raise ValueError(f"{file}: unexpected tensor {key!r} (shape {shape}) for a "
-                                     f"{config.family} model with this config.json")
-                if shape != t.hf_shape:
-                    raise ValueError(f"{file}: tensor {key!r} has shape {shape}, expected "
-                                     f"{t.hf_shape} from config.json")
-                if key in found:
-                    raise ValueError(f"{file}: tensor {key!r} also appears in {found[key]}")
-                found[key] = file
-                x = _to_ours(st.get_tensor(key), t).astype(target, copy=False)
-                if t.layer is None:
-                    buffers[t.path] = np.ascontiguousarray(x)
-                else:
-                    if t.path not in buffers:
-                        buffers[t.path] = np.empty((config.num_layers, *t.ours_shape), target)
-                    buffers[t.path][t.layer] = x
-                del x
+        check_safetensors(file)
+        try:
+            _read_file(file, config, wanted, target, buffers, found)
+        except SafetensorError as e:
+            raise ValueError(f"{file}: unreadable safetensors file ({e})") from None
     missing = [k for k in wanted if k not in found]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
@@ -257,6 +236,41 @@ def _load_tensors(config: ModelConfig, path: str, shardings: Any) -> Params:
         _set_path(params, key_path, value)
         del host
     return params
+
+
+def _read_file(file: str, config: ModelConfig, wanted: dict, target, buffers: dict,
+               found: dict) -> None:
+    """Reads the wanted tensors of one safetensors file into the stacked host buffers."""
+    with safe_open(file, framework="numpy") as st:
+        for key in st.keys():
+            shape = tuple(st.get_slice(key).get_shape())
+            t = wanted.get(key)
+            if t is None:
+                if key.endswith("rotary_emb.inv_freq"):
+                    continue  # a buffer recomputed from the config
+                if key == "lm_head.weight" and config.tie_embeddings:
+                    # Some tied checkpoints store the (shared) head anyway.
+                    if shape != (config.vocab_size, config.embed_dim):
+                        raise ValueError(
+                            f"{file}: tensor {key!r} has shape {shape}, expected "
+                            f"{(config.vocab_size, config.embed_dim)}")
+                    continue
+                raise ValueError(f"{file}: unexpected tensor {key!r} (shape {shape}) for a "
+                                 f"{config.family} model with this config.json")
+            if shape != t.hf_shape:
+                raise ValueError(f"{file}: tensor {key!r} has shape {shape}, expected "
+                                 f"{t.hf_shape} from config.json")
+            if key in found:
+                raise ValueError(f"{file}: tensor {key!r} also appears in {found[key]}")
+            found[key] = file
+            x = _to_ours(st.get_tensor(key), t).astype(target, copy=False)
+            if t.layer is None:
+                buffers[t.path] = np.ascontiguousarray(x)
+            else:
+                if t.path not in buffers:
+                    buffers[t.path] = np.empty((config.num_layers, *t.ours_shape), target)
+                buffers[t.path][t.layer] = x
+            del x
 
 
 # --------------------------------------------------------------------------- save

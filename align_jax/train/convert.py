@@ -20,7 +20,10 @@ def convert_main(*, run_dir: str, output_dir: str, step: int | None = None,
     The model config comes from `<run_dir>/model/config.json`, written by `align-jax train`;
     the tokenizer files from `<run_dir>/model` too. For a LoRA run, `export` is "merged" (HF
     checkpoint of base + adapters) or "peft" (adapter_model.safetensors + adapter_config.json).
+    The export is written to a temporary folder and renamed over output_dir only when complete:
+    a convert killed mid-way leaves an earlier export there intact.
     """
+    from align_jax.atomic import atomic_dir
     from align_jax.models.hf import config_from_hf, save_hf
     from align_jax.tokenizer import copy_tokenizer_files
     from align_jax.train.checkpoint import load_params
@@ -29,8 +32,12 @@ def convert_main(*, run_dir: str, output_dir: str, step: int | None = None,
     cfg_path = os.path.join(model_dir, "config.json")
     if not os.path.exists(cfg_path):
         raise FileNotFoundError(f"{cfg_path}: missing; is {run_dir} an `align-jax train` folder?")
-    with open(cfg_path) as f:
-        config = config_from_hf(json.load(f), source=cfg_path)
+    try:
+        with open(cfg_path, encoding="utf-8") as f:
+            raw = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{cfg_path}: not valid JSON ({e})") from None
+    config = config_from_hf(raw, source=cfg_path)
     if export not in ("merged", "peft"):
         raise ValueError(f"convert_main.export={export!r}: choose 'merged' or 'peft'")
     params = load_params(os.path.join(run_dir, "checkpoints"), step=step)
@@ -48,13 +55,16 @@ def convert_main(*, run_dir: str, output_dir: str, step: int | None = None,
         spec, base = lora_run
         adapters = lora.Adapters(weights=params, spec=spec)
         if export == "peft":
-            lora.save_peft(config, adapters, output_dir, base_model_name_or_path=base["init_from"])
+            with atomic_dir(output_dir) as tmp:
+                lora.save_peft(config, adapters, os.fspath(tmp),
+                               base_model_name_or_path=base["init_from"])
             print(f"wrote the peft adapter {output_dir} from {run_dir}/checkpoints "
                   f"(step {step or 'latest'})")
             return 0
         merged = lora.merge_lora(config, rebuild_base(config, spec, base), adapters)
         params = jax.tree.map(lambda x: np.asarray(x.astype(jnp.float32)), merged)
-    save_hf(config, params, output_dir)
-    copy_tokenizer_files(model_dir, output_dir)
+    with atomic_dir(output_dir) as tmp:
+        save_hf(config, params, os.fspath(tmp))
+        copy_tokenizer_files(model_dir, os.fspath(tmp))
     print(f"wrote {output_dir} from {run_dir}/checkpoints (step {step or 'latest'})")
     return 0
