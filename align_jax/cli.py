@@ -20,7 +20,8 @@ COMMANDS = {
     "generate": ("align_jax.generate.entry", "generate_main", "sample completions for prompts"),
     "eval": ("align_jax.eval.entry", "eval_main", "evaluate a model"),
     "serve": ("align_jax.generate.server", "serve_main", "OpenAI-compatible HTTP server"),
-    "convert": ("align_jax.models.convert", "convert_main", "training checkpoint -> HF dir"),
+    "convert": ("align_jax.models.convert", "convert_main",
+                "training checkpoint or .gguf -> HF dir"),
     "bench": ("benchmarks.run", "main", "benchmarks"),
 }
 

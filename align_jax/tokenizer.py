@@ -412,14 +412,16 @@ def load_tokenizer(path: str | os.PathLike, *, chat_template: str | None = None)
     DEFAULT_CHAT_TEMPLATE).
 
     Args:
-      path: the directory or file.
+      path: the directory or file; a .gguf file or a named default model
+        ('smollm2-135m-instruct') resolves to its cached Hugging Face conversion.
       chat_template: a jinja chat template to use instead of the one stored with the tokenizer.
     Returns:
       A Tokenizer.
     Raises:
       FileNotFoundError when nothing loadable is there; ValueError when a file is unreadable.
     """
-    path = os.fspath(path)
+    from align_jax.models.named import resolve_model_path
+    path = resolve_model_path(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"tokenizer path {path} does not exist")
     if os.path.isfile(path):

@@ -123,6 +123,9 @@ def value_alignment(*, output_dir: str, document: str, model: str | None = "tiny
 
     out = os.path.abspath(output_dir)
     os.makedirs(out, exist_ok=True)
+    if init_from is not None:  # a named default ('smollm2-135m-instruct') or a .gguf file
+        from align_jax.models.named import resolve_model_path
+        init_from = resolve_model_path(init_from)
     if init_from is None and tokenizer is None:
         tokenizer = build_tokenizer(document, os.path.join(out, "tokenizer"))
         _say(f"trained a sentencepiece tokenizer on {document} -> {tokenizer}")

@@ -30,6 +30,7 @@ from align_jax import sharding
 from align_jax.models import transformer
 from align_jax.models.config import ModelConfig
 from align_jax.models.hf_config import config_from_hf, config_to_hf, token_id_from_hf
+from align_jax.models.named import resolve_model_path
 
 __all__ = ["config_from_hf", "config_to_hf", "load_hf", "save_hf"]
 
@@ -173,7 +174,8 @@ def load_hf(path: str, *, dtype=jnp.float32, mesh: jax.sharding.Mesh | None = No
     transformers' generate stops on), else from config.json.
 
     Args:
-      path: the checkpoint directory.
+      path: the checkpoint directory, a .gguf file or a named default such as
+        'smollm2-135m-instruct' (see models/named.py; converted once into a cache).
       dtype: dtype of the returned params, and the config's compute/param dtype.
       mesh: if given, each param is placed straight into its sharded layout (by `rules`), so
         a model larger than one device never lands on one device.
@@ -181,7 +183,7 @@ def load_hf(path: str, *, dtype=jnp.float32, mesh: jax.sharding.Mesh | None = No
     Returns:
       (config, params) with params a plain dict of jax arrays (see transformer.py).
     """
-    path = os.fspath(path)
+    path = resolve_model_path(path)
     config_file = os.path.join(path, _CONFIG)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"checkpoint directory {path} does not exist")

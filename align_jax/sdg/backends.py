@@ -354,6 +354,8 @@ def make_teacher(spec: str, **kwargs):
         raise ValueError(f"teacher spec {spec!r}: expected 'local:<HF checkpoint dir>' or "
                          f"'openai:<base URL>'")
     if kind == "local":
+        from align_jax.models.named import resolve_model_path
+        target = resolve_model_path(target)  # a named default or a .gguf file
         if not os.path.isdir(target):
             raise FileNotFoundError(f"teacher spec {spec!r}: {target} is not a directory")
         # A config written for an endpoint stays usable with a local model: the HTTP options

@@ -17,6 +17,7 @@ from typing import Any
 
 from align_jax import losses, sharding
 from align_jax.models.config import ModelConfig, get_config
+from align_jax.models.named import resolve_model_path
 from align_jax.tokenizer import copy_tokenizer_files, load_tokenizer
 from align_jax.train.loop import train
 from align_jax.train.optim import OptimizerConfig
@@ -117,6 +118,8 @@ def train_main(*, output_dir: str, data: str, objective: str = "sft",
         # computed ahead of the shuffled order.
         reference = "params"
     loss_fn, kind = OBJECTIVES[objective]
+    if init_from is not None:  # a named default or a .gguf file -> its cached HF dir
+        init_from = resolve_model_path(init_from)
     tok_path = tokenizer or init_from
     if tok_path is None:
         raise ValueError("train_main: set `tokenizer` (or `init_from`, whose dir has one)")
