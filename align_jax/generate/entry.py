@@ -35,7 +35,8 @@ def generate_main(*, output_dir: str, model_dir: str, prompts: str, chat: bool =
 
     Args:
       output_dir: run folder.
-      model_dir: Hugging Face checkpoint dir with tokenizer files.
+      model_dir: Hugging Face checkpoint dir with tokenizer files, a .gguf file, or a named
+        default such as 'smollm2-135m-instruct' (align_jax/models/named.py).
       prompts: JSONL with `prompt` (str) or `messages` (chat) per line.
       chat: apply the model's chat template to `prompt` rows.
       max_new_tokens, temperature, top_p, top_k, seed, stop_strings: sampling.

@@ -386,7 +386,7 @@ def app_from_checkpoint(model_dir: str, *, model_name: str | None = None,
     """Loads a Hugging Face checkpoint dir (with its tokenizer files) and builds the app.
 
     Args:
-      model_dir: the checkpoint dir.
+      model_dir: the checkpoint dir, a .gguf file or a named default model.
       model_name: the served model id (default: the dir's base name).
       dtype: parameter/compute dtype.  mesh, rules: shard the model (None: one device).
       **kwargs: passed to `make_app`.
@@ -415,7 +415,8 @@ def serve_main(*, model_dir: str, host: str = "127.0.0.1", port: int = 8000,
     """Entry of `align-jax serve`: serves an HF checkpoint dir until stopped (Ctrl-C).
 
     Args:
-      model_dir: Hugging Face checkpoint dir (config.json, safetensors, tokenizer files).
+      model_dir: Hugging Face checkpoint dir (config.json, safetensors, tokenizer files), a
+        .gguf file, or a named default such as 'smollm2-135m-instruct'.
       host, port: where to listen; keep 127.0.0.1 unless an api_key guards the server.
       api_key: required bearer token; default: $ALIGN_JAX_API_KEY if set, else none.
       model_name: the served model id (default: the dir's base name).

@@ -25,6 +25,7 @@ from collections.abc import Callable, Sequence
 import httpx
 import openai
 
+from align_jax.generate.batching import next_pow2
 from align_jax.generate.loop import generate
 from align_jax.generate.server import chat_ids, prompt_ids, row_seed
 
@@ -50,7 +51,7 @@ class LocalTeacher:
 
     def __init__(self, model: str | os.PathLike | tuple, *, max_len: int | None = None,
                  batch_size: int | None = None, dtype: str = "float32", mesh=None,
-                 rules: str = "fsdp", tokenizer=None):
+                 rules: str = "fsdp", tokenizer=None, shape_budget: int | None = None):
         """Args:
           model: a Hugging Face checkpoint dir with tokenizer files, or (config, params,
             tokenizer).
@@ -59,6 +60,9 @@ class LocalTeacher:
           dtype: parameter dtype when loading a dir.
           mesh, rules: shard the model (see `generate`).
           tokenizer: a tokenizer dir to use instead of the checkpoint's own.
+          shape_budget: the token budget every call is compiled for (each call still stops
+            at its own max_tokens), so stages with different budgets share one compiled
+            prefill and decode; default: max_tokens rounded up to a power of two (>= 64).
         """
         if isinstance(model, (str, os.PathLike)):
             import jax.numpy as jnp
@@ -77,6 +81,7 @@ class LocalTeacher:
             self.name = "<in-memory model>"
         self.context_length = int(max_len or self.config.max_position)
         self.batch_size, self.mesh, self.rules = batch_size, mesh, rules
+        self.shape_budget = shape_budget
 
     def count_tokens(self, text: str) -> int:
         """Tokens of `text` in the checkpoint's tokenizer (no special tokens)."""
@@ -102,12 +107,15 @@ class LocalTeacher:
         if not ids:
             return []
         base = seed if seed is not None else secrets.randbits(32)
+        budget = self.shape_budget
+        if budget is None or budget < max_tokens:
+            budget = max(64, next_pow2(max_tokens))
         try:
             out = generate(self.config, self.params, ids, max_new_tokens=max_tokens,
                            temperature=temperature, top_p=top_p, tokenizer=self.tokenizer,
                            seeds=[row_seed(base, i) for i in range(len(ids))],
                            max_len=self.context_length, batch_size=self.batch_size,
-                           mesh=self.mesh, rules=self.rules)
+                           mesh=self.mesh, rules=self.rules, shape_budget=budget)
         except ValueError as e:
             raise ValueError(f"local teacher {self.name}: {e}") from e
         return list(out.texts)

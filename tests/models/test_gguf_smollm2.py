@@ -45,19 +45,9 @@ def ours(gguf_path):
 
 
 @pytest.fixture(scope="module")
-def converted(gguf_path, tmp_path_factory):
-    cache = tmp_path_factory.mktemp("cache")
-    old = os.environ.get("ALIGN_JAX_CACHE")
-    os.environ["ALIGN_JAX_CACHE"] = str(cache)
-    try:
-        path = resolve_model_path(NAME)
-        assert resolve_model_path(NAME) == path  # the second call reuses the cache
-    finally:
-        if old is None:
-            del os.environ["ALIGN_JAX_CACHE"]
-        else:
-            os.environ["ALIGN_JAX_CACHE"] = old
-    return path
+def converted(smollm2_dir):
+    assert resolve_model_path(NAME) == smollm2_dir  # the second call reuses the cache
+    return smollm2_dir
 
 
 def test_logits_match_transformers_gguf_loader(ours, theirs):
