@@ -215,10 +215,11 @@ def run_document_sdg(document_paths: Sequence[str | os.PathLike], out_dir: str |
         stage_unit = instruct.unit_id if stage == "instruct" else preference.unit_id
         config = i_cfg if stage == "instruct" else p_cfg
         for r in range(rounds):
-            def unit_of(chunk, r=r):
+            def unit_of(chunk, r=r, stage_unit=stage_unit):
                 return round_unit(stage_unit(chunk), r)
 
-            def run_batch(batch, batch_seed, r=r):
+            def run_batch(batch, batch_seed, r=r, generate_units=generate_units,
+                          config=config):
                 # The batch seed derives from the unit ids, which carry the round: every
                 # round samples afresh, and a resumed round redoes exactly what it did.
                 results = generate_units(teacher, batch, seed=batch_seed, config=config,
