@@ -63,6 +63,7 @@ def test_demo_recipe_on_smollm2_with_fewer_steps(tmp_path, monkeypatch, smollm2_
               "max_new_tokens=12", "progress=False",
               "sdg_kwargs={'max_chunks': 1, 'nex': 2, 'chunk_tokens': 256, 'overlap': 32, "
               "'stages': ['instruct'], 'concurrency': 1, "
+              "'templates': {'instruct_questions': 'instruct_questions_small'}, "
               "'instruct_config': @instruct.InstructConfig()}"]
     code = cli.main(["run", "--gin_file=configs/runs/value_alignment_demo.gin",
                      f"--output_dir={out}"] +
