@@ -206,7 +206,8 @@ def value_alignment(*, output_dir: str, document: str, model: str | None = "tiny
                    batch_size=batch_size, num_steps=steps, mesh=mesh, rules=rules, seed=seed,
                    optimizer=OptimizerConfig(learning_rate=lr, warmup_steps=max(1, steps // 10),
                                              schedule="cosine"),
-                   save_every=max(steps, 1), progress=progress, **kw)
+                   save_every=max(steps, 1), progress=progress,
+                   log_every=max(1, min(10, steps // 10)), **kw)
         return os.path.join(out, name, "hf")
 
     cft = stage("cft", "lm", chunk_file, cft_steps, init=init_from, lr=learning_rate)
