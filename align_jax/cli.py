@@ -7,6 +7,7 @@ commit and the library versions in their run folder through `align_jax.runinfo`.
 
 import argparse
 import importlib
+import inspect
 import os
 import pathlib
 import re
@@ -20,7 +21,7 @@ COMMANDS = {
     "generate": ("align_jax.generate.entry", "generate_main", "sample completions for prompts"),
     "eval": ("align_jax.eval.entry", "eval_main", "evaluate a model"),
     "serve": ("align_jax.generate.server", "serve_main", "OpenAI-compatible HTTP server"),
-    "convert": ("align_jax.models.convert", "convert_main",
+    "convert": ("align_jax.train.convert", "convert_main",
                 "training checkpoint or .gguf -> HF dir"),
     "bench": ("benchmarks.run", "main", "benchmarks"),
 }
@@ -48,6 +49,53 @@ def _gin_imports(files: list[str], search: list[str], seen: set | None = None) -
                 elif _IMPORT.match(line) and "__gin__" not in line:
                     out.append(line.strip())
     return list(dict.fromkeys(out))
+
+
+_ARG = re.compile(r"^(\s*)([\w, ]+):\s*(.*)$")
+
+
+def _arg_docs(doc: str) -> dict[str, list[str]]:
+    """{parameter: its lines} from a Google-style docstring's Args section ("a, b: text"
+    documents both)."""
+    out: dict[str, list[str]] = {}
+    names: list[str] = []
+    indent = None
+    in_args = False
+    for line in doc.splitlines():
+        if line.strip() == "Args:":
+            in_args, indent = True, None
+            continue
+        if not in_args:
+            continue
+        if line.strip() and not line.startswith(" "):
+            break  # the next section (Returns:, Raises:)
+        m = _ARG.match(line)
+        if m and (indent is None or len(m.group(1)) == indent):
+            indent = len(m.group(1))
+            names = [n.strip() for n in m.group(2).split(",") if n.strip()]
+            for n in names:
+                out.setdefault(n, []).append(m.group(3))
+        elif line.strip():
+            for n in names:
+                out[n].append(line.strip())
+    return out
+
+
+def command_help(command: str) -> str:
+    """`align-jax <command> --help`: the entry function's gin parameters, defaults and docs."""
+    module_name, fn_name, summary = COMMANDS[command]
+    entry = getattr(importlib.import_module(module_name), fn_name)
+    short = module_name.rpartition(".")[2]
+    docs = _arg_docs(inspect.getdoc(entry) or "")
+    first = (inspect.getdoc(entry) or summary).splitlines()[0]
+    lines = [f"usage: align-jax {command} --gin_file=F [--gin_param='{short}.{fn_name}.NAME=VALUE']"
+             " [--output_dir=D]", "", f"{command}: {first}", "",
+             f"parameters of {module_name}.{fn_name} (bind with --gin_param):"]
+    for name, p in inspect.signature(entry).parameters.items():
+        default = "required" if p.default is p.empty else f"default {p.default!r}"
+        lines.append(f"  {name} ({default})")
+        lines += [f"      {d}" for d in docs.get(name, [])]
+    return "\n".join(lines)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -87,6 +135,11 @@ def enable_compilation_cache() -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if (argv and argv[0] in COMMANDS and argv[0] != "bench"
+            and any(a in ("-h", "--help") for a in argv[1:])):
+        print(command_help(argv[0]))
+        return 0
     args, rest = _parser().parse_known_args(argv)
     module_name, fn_name, _ = COMMANDS[args.command]
     if args.command == "bench":

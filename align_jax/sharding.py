@@ -148,11 +148,6 @@ def _is_box(x: Any) -> bool:
     return isinstance(x, nn.LogicallyPartitioned)
 
 
-def logical_axes(tree: Any) -> Any:
-    """The tuple of logical names of each boxed leaf (None for unboxed leaves)."""
-    return jax.tree.map(lambda x: tuple(x.names) if _is_box(x) else None, tree, is_leaf=_is_box)
-
-
 def state_shardings(abstract_tree: Any, mesh: Mesh, rules: str | Rules) -> Any:
     """NamedShardings for a tree whose leaves are boxed (`nn.LogicallyPartitioned`) or plain.
 

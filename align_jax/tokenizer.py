@@ -6,10 +6,9 @@ tokenizer_config.json, loaded through transformers.AutoTokenizer, offline) or a 
 adds special tokens unless asked, `apply_chat_template` returns text that already carries BOS when
 the template wants it (so encode the result with add_bos=False).
 
-`train_tokenizer(texts, out_dir)` trains a small sentencepiece model in-process and writes it both
-as `tokenizer.model` and as a Hugging Face tokenizer directory that `AutoTokenizer.from_pretrained`
-loads and that encodes to the same ids. It is what tests and the from-scratch demo use, since no
-tokenizer can be downloaded.
+Training a small sentencepiece tokenizer in-process (what tests and the from-scratch demo use,
+since no tokenizer can be downloaded) is `align_jax.tokenizer_training.train_tokenizer`; it
+imports this module, never the other way round.
 """
 
 from __future__ import annotations
@@ -412,18 +411,18 @@ def load_tokenizer(path: str | os.PathLike, *, chat_template: str | None = None)
     DEFAULT_CHAT_TEMPLATE).
 
     Args:
-      path: the directory or file; a .gguf file or a named default model
-        ('smollm2-135m-instruct') resolves to its cached Hugging Face conversion.
+      path: the directory or file.
       chat_template: a jinja chat template to use instead of the one stored with the tokenizer.
     Returns:
       A Tokenizer.
     Raises:
       FileNotFoundError when nothing loadable is there; ValueError when a file is unreadable.
     """
-    from align_jax.models.named import resolve_model_path
-    path = resolve_model_path(path)
+    path = os.fspath(path)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"tokenizer path {path} does not exist")
+        # Names and .gguf files are resolved by the model layer, above this one.
+        raise FileNotFoundError(f"tokenizer path {path} does not exist (for a named model or a "
+                                f".gguf file use align_jax.models.named.resolve_model_path)")
     if os.path.isfile(path):
         name = os.path.basename(path)
         if name.endswith(".model"):
@@ -445,9 +444,22 @@ def load_tokenizer(path: str | os.PathLike, *, chat_template: str | None = None)
                             f"tokenizer_config.json or a sentencepiece .model file")
 
 
+def encode_prompt(tokenizer, prompt: str | list[dict], *, chat_template: bool = True) -> list[int]:
+    """The one prompt encoder: a prompt -> the token ids a model continues from.
 
-# Training lives in its own module; the name stays importable from here.
-
-
-# Training lives in its own module; the name stays importable from here.
-from align_jax.tokenizer_training import train_tokenizer  # noqa: E402, F401
+    Args:
+      tokenizer: a Tokenizer (or anything with its `encode`, `apply_chat_template`, `bos_id`).
+      prompt: a string (one user turn) or a list of {role, content} messages.
+      chat_template: True renders the chat template with the assistant turn opened (the
+        template writes BOS where the model wants one, so none is added); False encodes the
+        raw text (messages joined by blank lines) after BOS, when the tokenizer has one.
+    Returns:
+      The token ids.
+    """
+    if not chat_template:
+        if not isinstance(prompt, str):
+            prompt = "\n\n".join(m["content"] for m in prompt)
+        return list(tokenizer.encode(prompt, add_bos=tokenizer.bos_id is not None))
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    return list(tokenizer.encode(text, add_bos=False))

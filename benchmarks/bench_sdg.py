@@ -31,7 +31,8 @@ from align_jax.sdg import instruct, preference
 from align_jax.sdg.backends import make_teacher
 from align_jax.sdg.pipeline import run_document_sdg
 from align_jax.sdg.templates import load_template
-from align_jax.tokenizer import load_tokenizer, train_tokenizer
+from align_jax.tokenizer import load_tokenizer
+from align_jax.tokenizer_training import train_tokenizer
 from benchmarks import common
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -31,14 +31,13 @@ import jax
 import numpy as np
 
 from align_jax import sharding
-from align_jax.losses import dpo_objective, precompute_ref_logps, sft_loss
+from align_jax.losses import objectives, precompute_ref_logps
 from align_jax.models import hf, transformer
 from align_jax.models.config import get_config
 from align_jax.train import compile as compile_lib
 from align_jax.train import metrics as metrics_lib
 from align_jax.train import optim
 from align_jax.train import state as state_lib
-from align_jax.train import step as step_lib
 from benchmarks import common
 
 # ~4.6M parameters: big enough that the matmuls dominate, small enough for a loaded CPU.
@@ -95,7 +94,7 @@ def _setup_jax(config, loss_fn, *, with_ref=False, loss_kwargs=None, device=None
     ref = jax.tree.map(lambda x: x.copy(), params) if with_ref else None
     state = compile_lib.init_train_state(params, tx=tx, seed=0, state_shardings=shardings,
                                          ref_params=ref)
-    loss = step_lib.bind_loss(loss_fn, config=config, loss_kwargs=loss_kwargs)
+    loss = objectives.get_objective(loss_fn).bind(config=config, options=loss_kwargs)
     step = compile_lib.jit_train_step(loss=loss, tx=tx, schedule=schedule, grad_accum=1,
                                       mesh=mesh, rules=rules, state_shardings=shardings)
     return state, step, mesh, rules
@@ -121,15 +120,15 @@ def _step_memory_bytes(step, state, batch, mesh, rules):
 def _jax_case(config, kind, sft, dpo, ref_logps=None, device=None):
     """(state, step, placed batch, mesh, rules) for kind in sft | dpo | dpo_ref_params."""
     if kind == "sft":
-        state, step, mesh, rules = _setup_jax(config, sft_loss, device=device)
+        state, step, mesh, rules = _setup_jax(config, "sft", device=device)
         batch = sft
     elif kind == "dpo":
-        state, step, mesh, rules = _setup_jax(config, dpo_objective, loss_kwargs={"beta": BETA},
+        state, step, mesh, rules = _setup_jax(config, "dpo", loss_kwargs={"beta": BETA},
                                               device=device)
         batch = (_with_ref_logps(config, dpo) if ref_logps is None
                  else {**dpo, "ref_logps": ref_logps})
     else:
-        state, step, mesh, rules = _setup_jax(config, dpo_objective, with_ref=True,
+        state, step, mesh, rules = _setup_jax(config, "dpo", with_ref=True,
                                               loss_kwargs={"beta": BETA}, device=device)
         batch = dpo
     batch = jax.device_put(batch, compile_lib.batch_shardings(mesh, rules))
@@ -203,7 +202,7 @@ def _trl_tokenizer(workdir):
     """A small tokenizer dir: TRL wants a processing class (pad/eos ids); our data is ids."""
     import transformers
 
-    from align_jax.tokenizer import train_tokenizer
+    from align_jax.tokenizer_training import train_tokenizer
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     with open(os.path.join(root, "examples", "values_document.md"), encoding="utf-8") as f:
         lines = [ln for ln in f.read().splitlines() if ln.strip()]

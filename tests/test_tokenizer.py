@@ -10,6 +10,7 @@ import pytest
 import sentencepiece as spm
 
 from align_jax import tokenizer as tk
+from align_jax.tokenizer_training import train_tokenizer
 
 # A small corpus in our own words; a few KB is what the demo trains on.
 CORPUS = [
@@ -63,7 +64,7 @@ def _fuzz_strings(n, seed):
 @pytest.fixture(scope="module", params=["bpe", "unigram"])
 def trained(request, tmp_path_factory):
     out_dir = tmp_path_factory.mktemp(f"tok_{request.param}")
-    tok = tk.train_tokenizer(iter(CORPUS), out_dir, vocab_size=400, model_type=request.param)
+    tok = train_tokenizer(iter(CORPUS), out_dir, vocab_size=400, model_type=request.param)
     return request.param, str(out_dir), tok
 
 
@@ -207,7 +208,7 @@ def test_eos_ids_from_generation_config_and_turn_tokens(tmp_path):
     from tokenizers import AddedToken
     from transformers import PreTrainedTokenizerFast
 
-    tk.train_tokenizer(CORPUS, tmp_path / "base", vocab_size=400)
+    train_tokenizer(CORPUS, tmp_path / "base", vocab_size=400)
     base = PreTrainedTokenizerFast.from_pretrained(str(tmp_path / "base"))
     base.add_special_tokens({"additional_special_tokens": [AddedToken("<|im_end|>", special=True)]})
     end_id = base.convert_tokens_to_ids("<|im_end|>")
@@ -236,7 +237,7 @@ def test_chat_template_override_and_missing_template(trained, tmp_path):
             "at once.\n")
     # A template given to train_tokenizer is stored and also used for its tokenizer.model.
     custom = tmp_path / "custom"
-    tk.train_tokenizer(CORPUS, custom, vocab_size=400, chat_template=override)
+    train_tokenizer(CORPUS, custom, vocab_size=400, chat_template=override)
     for path in (custom, custom / "tokenizer.model"):
         assert tk.load_tokenizer(path).apply_chat_template(MESSAGES[3:]) == (
             "[user] Will I be blamed?\n")
@@ -291,15 +292,15 @@ def test_bad_messages_name_index_and_field(trained):
 
 def test_train_errors(tmp_path):
     with pytest.raises(ValueError, match=r"vocab_size=256 is too small"):
-        tk.train_tokenizer(CORPUS, tmp_path, vocab_size=256)
+        train_tokenizer(CORPUS, tmp_path, vocab_size=256)
     with pytest.raises(ValueError, match="model_type"):
-        tk.train_tokenizer(CORPUS, tmp_path, model_type="wordpiece")
+        train_tokenizer(CORPUS, tmp_path, model_type="wordpiece")
     with pytest.raises(TypeError, match=r"texts\[1\]"):
-        tk.train_tokenizer(["fine", b"bytes"], tmp_path)
+        train_tokenizer(["fine", b"bytes"], tmp_path)
     with pytest.raises(ValueError, match="no non-empty text"):
-        tk.train_tokenizer(["", "  \n "], tmp_path)
+        train_tokenizer(["", "  \n "], tmp_path)
     with pytest.raises(ValueError, match=r"out of range"):
-        tk.load_tokenizer(tk.train_tokenizer(CORPUS, tmp_path, vocab_size=400).path).decode([10**6])
+        tk.load_tokenizer(train_tokenizer(CORPUS, tmp_path, vocab_size=400).path).decode([10**6])
     tok = tk.load_tokenizer(tmp_path)
     with pytest.raises(KeyError, match="not-a-piece"):
         tok.piece_to_id("not-a-piece")
@@ -309,7 +310,7 @@ def test_unigram_does_not_read_literal_byte_piece_names(tmp_path):
     # When "<", "0", "x", ">" and the digits all have pieces, the text "<0x41>" must be spelled
     # with them, as sentencepiece does, not matched to the byte piece for "A".
     corpus = CORPUS + ["compare x < 10 and y > 0; 0x41 is hex; <tag> 4 1 x0 <0 >"] * 5
-    tok = tk.train_tokenizer(corpus, tmp_path, vocab_size=400, model_type="unigram")
+    tok = train_tokenizer(corpus, tmp_path, vocab_size=400, model_type="unigram")
     raw = spm.SentencePieceProcessor(model_file=str(tmp_path / "tokenizer.model"))
     for text in ["<0x41>", "a<0x10>b", "x <0x14> y"]:
         assert tok.encode(text) == raw.encode(text), text

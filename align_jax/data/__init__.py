@@ -16,6 +16,7 @@ from align_jax.data.batching import (
     sami_batch,
     sequence,
 )
+from align_jax.data.formats import FORMATS, DataFormat, get_format, register_format
 from align_jax.data.formatting import (
     POLICIES,
     Example,
@@ -38,6 +39,7 @@ from align_jax.data.sources import (
 )
 
 __all__ = [
+    "FORMATS", "DataFormat", "get_format", "register_format",
     "POLICIES", "SCHEMAS", "DataError", "Example", "FirstFitPacker", "LoadReport", "Loader",
     "Record", "SamiExample", "TruncationReport", "classification_batch", "constitution_text",
     "format_records", "kto_batch", "load_records", "make_loader", "pack_batch",

@@ -15,8 +15,6 @@ import numpy as np
 
 from align_jax.data.formatting import Example, SamiExample
 
-LM_KEYS = ("tokens", "targets", "loss_mask", "positions", "segment_ids")
-
 
 def sequence(prompt: np.ndarray, completion: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Concatenates a prompt (unscored) and a completion (scored).

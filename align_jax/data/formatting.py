@@ -16,11 +16,12 @@ from typing import Any, Protocol
 import numpy as np
 
 from align_jax.data.sources import DataError, Record, Skipped
+from align_jax.tokenizer import encode_prompt
 
+# How a record is tokenised (the example's shape); the schemas and batch layouts that go with
+# each are `align_jax.data.formats.DataFormat` records.
 KINDS = ("lm", "sft", "preference", "kto", "sami")
 POLICIES = ("truncate_prompt_left", "truncate_completion", "drop", "error")
-SCHEMA_OF_KIND = {"lm": "text", "sft": "sft", "preference": "preference", "kto": "kto",
-                  "sami": "sami"}
 
 
 class TokenizerLike(Protocol):
@@ -107,7 +108,7 @@ def _assistant_text(value, *, where: str, field: str) -> str:
 
 
 def render_prompt(tokenizer: TokenizerLike, prompt, *, chat_template: bool = True) -> np.ndarray:
-    """Tokenises a prompt: the chat template's user turn(s) plus the generation prompt.
+    """Tokenises a prompt (`align_jax.tokenizer.encode_prompt`) as int32 ids.
 
     Args:
       tokenizer: a Tokenizer (align_jax.tokenizer contract).
@@ -116,14 +117,7 @@ def render_prompt(tokenizer: TokenizerLike, prompt, *, chat_template: bool = Tru
     Returns:
       int32 token ids.
     """
-    if not chat_template:
-        if not isinstance(prompt, str):
-            prompt = "\n\n".join(m["content"] for m in prompt)
-        return _ids(tokenizer.encode(prompt, add_bos=tokenizer.bos_id is not None))
-    text = tokenizer.apply_chat_template(_as_messages(prompt, role="user"),
-                                         add_generation_prompt=True)
-    # The template writes BOS itself where the model wants one.
-    return _ids(tokenizer.encode(text, add_bos=False))
+    return _ids(encode_prompt(tokenizer, prompt, chat_template=chat_template))
 
 
 def _completion(tokenizer, text) -> np.ndarray:

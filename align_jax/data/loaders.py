@@ -24,16 +24,11 @@ import grain
 import numpy as np
 
 from align_jax.data import batching
-from align_jax.data.formatting import (
-    KINDS,
-    SCHEMA_OF_KIND,
-    TruncationReport,
-    format_records,
-)
+from align_jax.data.formats import DataFormat, get_format
+from align_jax.data.formatting import TruncationReport, format_records
 from align_jax.data.sources import LoadReport, Skipped, load_records
 
 _LOG = logging.getLogger(__name__)
-_PAIR_KINDS_WITHOUT_ROW_MASK = ("preference", "kto", "sami")
 
 
 class _BatchIterator(grain.DatasetIterator):
@@ -118,27 +113,17 @@ def _packed(length, build, batch_size, seq_len, max_items=None):
     return _Grouping(start=start, build=build, drop_remainder=False)
 
 
-def _grouping(kind, *, pack, batch_size, seq_len, pad_id, max_pairs, drop_remainder):
+def _grouping(fmt: DataFormat, *, pack, batch_size, seq_len, pad_id, max_pairs, drop_remainder):
     kw = {"batch_size": batch_size, "seq_len": seq_len, "pad_id": pad_id}
-    if kind in ("lm", "sft"):
-        if pack:
-            return _packed(lambda ex: len(ex.prompt) + len(ex.completions[0]),
-                           lambda xs: batching.pack_batch(
-                               [batching.sequence(x.prompt, x.completions[0]) for x in xs], **kw),
-                           batch_size, seq_len)
-        return _padded(lambda xs: batching.pad_batch(
-            [batching.sequence(x.prompt, x.completions[0]) for x in xs], **kw),
-                       batch_size, drop_remainder)
-    if kind == "preference":
-        if pack:
-            return _packed(batching.pair_length,
-                           lambda xs: batching.pack_pair_batch(xs, max_pairs=max_pairs, **kw),
-                           batch_size, seq_len, max_items=max_pairs)
-        return _padded(lambda xs: batching.pad_pair_batch(xs, **kw), batch_size, drop_remainder)
-    if pack:
-        raise ValueError(f"kind={kind!r} is padded only (pack=False)")
-    build = batching.kto_batch if kind == "kto" else batching.sami_batch
-    return _padded(lambda xs: build(xs, **kw), batch_size, drop_remainder)
+    if not pack:
+        return _padded(lambda xs: fmt.build(xs, **kw), batch_size, drop_remainder)
+    if fmt.build_packed is None:
+        raise ValueError(f"kind={fmt.name!r} is padded only (pack=False)")
+    if fmt.max_items_per_row:
+        return _packed(fmt.pack_length,
+                       lambda xs: fmt.build_packed(xs, max_pairs=max_pairs, **kw),
+                       batch_size, seq_len, max_items=max_pairs)
+    return _packed(fmt.pack_length, lambda xs: fmt.build_packed(xs, **kw), batch_size, seq_len)
 
 
 def _shard_info(shard):
@@ -203,25 +188,27 @@ class Loader:
         return f"{self.load_report.summary()}\n{self.truncation_report.summary()}"
 
 
-def make_loader(records_or_spec: Any, *, kind: str, tokenizer, seq_len: int, batch_size: int,
-                pack: bool = False, truncation: str = "truncate_prompt_left", seed: int = 0,
-                num_epochs: int | None = 1, shuffle: bool = True, on_error: str = "raise",
-                max_pairs: int | None = None, chat_template: bool = True,
-                drop_remainder: bool = True, shard: tuple[int, int] | None = None,
-                split: str | None = None, data_dir: str | None = None,
-                prefetch: int = 0,
+def make_loader(records_or_spec: Any, *, kind: str | DataFormat, tokenizer, seq_len: int,
+                batch_size: int, pack: bool = False, truncation: str = "truncate_prompt_left",
+                seed: int = 0, num_epochs: int | None = 1, shuffle: bool = True,
+                on_error: str = "raise", max_pairs: int | None = None,
+                chat_template: bool = True, drop_remainder: bool = True,
+                shard: tuple[int, int] | None = None, split: str | None = None,
+                data_dir: str | None = None, prefetch: int = 0,
                 annotate: Callable[[list], list] | None = None) -> Loader:
     """Builds a deterministic, resumable loader of Batches-contract numpy batches.
 
     Args:
       records_or_spec: anything `sources.load_records` takes (path, "hf:...", "tfds:...", a
         datasets.Dataset, a list of dicts or Records).
-      kind: "lm" (raw `text`), "sft", "preference", "kto" or "sami".
+      kind: the data format: a name in `formats.FORMATS` ("lm" (raw `text`), "sft",
+        "preference", "kto", "sami") or a DataFormat record (an objective's own layout).
       tokenizer: a Tokenizer (align_jax.tokenizer contract).
       seq_len: T.
       batch_size: the global batch size; each of the process_count processes yields
         batch_size // process_count rows (its part of the global batch).
-      pack: pack several sequences (lm, sft) or pairs (preference) per row.
+      pack: pack several sequences (lm, sft) or pairs (preference) per row; formats without
+        a packed layout reject it.
       truncation: what to do with an example longer than seq_len (see formatting.truncate):
         "truncate_prompt_left", "truncate_completion", "drop" (skip it; counted and named in
         truncation_report) or "error" (stop, naming file and line).
@@ -241,19 +228,18 @@ def make_loader(records_or_spec: Any, *, kind: str, tokenizer, seq_len: int, bat
     Returns:
       A Loader.
     """
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-    if not drop_remainder and not pack and kind in _PAIR_KINDS_WITHOUT_ROW_MASK:
-        raise ValueError(f"kind={kind!r} padded batches need drop_remainder=True (no row mask)")
+    fmt = get_format(kind)
+    if not drop_remainder and not pack and not fmt.row_mask:
+        raise ValueError(f"kind={fmt.name!r} padded batches need drop_remainder=True (no row mask)")
     index, count = _shard_info(shard)
     if batch_size % count:
         raise ValueError(f"batch_size {batch_size} is not divisible by {count} processes")
     rows = slice(index * (batch_size // count), (index + 1) * (batch_size // count))
 
-    records, load_report = load_records(records_or_spec, schema=SCHEMA_OF_KIND[kind],
+    records, load_report = load_records(records_or_spec, schema=fmt.schema,
                                         on_error=on_error, split=split, data_dir=data_dir)
     examples, trunc_report, skipped = format_records(
-        records, kind=kind, tokenizer=tokenizer, seq_len=seq_len, truncation=truncation,
+        records, kind=fmt.kind, tokenizer=tokenizer, seq_len=seq_len, truncation=truncation,
         packed=pack, chat_template=chat_template, on_error=on_error)
     load_report.skipped += [Skipped(where=w, reason=r) for w, r in skipped]
     if not examples:
@@ -262,8 +248,9 @@ def make_loader(records_or_spec: Any, *, kind: str, tokenizer, seq_len: int, bat
     if annotate is not None:
         # E.g. reference log-probs computed once over the dataset, before any batching.
         examples = list(annotate(examples))
-    if pack and kind == "preference" and max_pairs is None:
-        max_pairs = max(1, seq_len // min(batching.pair_length(ex) for ex in examples))
+    packs_items = pack and fmt.max_items_per_row
+    if packs_items and max_pairs is None:
+        max_pairs = max(1, seq_len // min(fmt.pack_length(ex) for ex in examples))
     if load_report.skipped or trunc_report.cut or trunc_report.dropped:
         _LOG.warning("data: %s\n%s", load_report.summary(), trunc_report.summary())
 
@@ -273,7 +260,7 @@ def make_loader(records_or_spec: Any, *, kind: str, tokenizer, seq_len: int, bat
     ds = ds.repeat(num_epochs)
     # In-memory examples: no read threads, so the order never depends on scheduling.
     it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
-    grouping = _grouping(kind, pack=pack, batch_size=batch_size, seq_len=seq_len,
+    grouping = _grouping(fmt, pack=pack, batch_size=batch_size, seq_len=seq_len,
                          pad_id=tokenizer.pad_id if tokenizer.pad_id is not None else 0,
                          max_pairs=max_pairs, drop_remainder=drop_remainder)
 
@@ -287,5 +274,5 @@ def make_loader(records_or_spec: Any, *, kind: str, tokenizer, seq_len: int, bat
                                                                prefetch_buffer_size=prefetch)
     return Loader(dataset, load_report=load_report, truncation_report=trunc_report,
                   num_examples=len(examples),
-                  max_pairs=max_pairs if pack and kind == "preference" else None)
+                  max_pairs=max_pairs if packs_items else None)
 

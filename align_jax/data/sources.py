@@ -115,24 +115,35 @@ SCHEMAS: dict[str, tuple[dict[str, str], ...]] = {
 }
 
 
-def validate_record(data: Any, *, schema: str, where: str) -> dict:
+def validate_record(data: Any, *, schema: str | tuple[Mapping[str, str], ...],
+                    where: str) -> dict:
     """Checks one record against a schema.
 
     Args:
       data: the decoded record.
-      schema: a key of SCHEMAS.
+      schema: a key of SCHEMAS, or alternatives of the same form (an objective's own schema,
+        e.g. `DataFormat.schema`).
       where: provenance used in the error message.
     Returns:
       The record as a dict.
     Raises:
       DataError naming `where` and the missing or mistyped field.
     """
-    if schema not in SCHEMAS:
-        raise ValueError(f"unknown schema {schema!r}; expected one of {sorted(SCHEMAS)}")
+    if isinstance(schema, str):
+        if schema not in SCHEMAS:
+            raise ValueError(f"unknown schema {schema!r}; expected one of {sorted(SCHEMAS)}")
+        alternatives, schema_name = SCHEMAS[schema], schema
+    else:
+        alternatives, schema_name = tuple(schema), "given"
+        for alternative in alternatives:
+            for field, check in alternative.items():
+                if check not in _CHECKS:
+                    raise ValueError(f"schema field {field!r}: unknown check {check!r}; "
+                                     f"expected one of {sorted(_CHECKS)}")
     if not isinstance(data, Mapping):
         raise DataError(f"{where}: expected a JSON object, got {type(data).__name__}")
     errors = []
-    for alternative in SCHEMAS[schema]:
+    for alternative in alternatives:
         problems = []
         for field, check in alternative.items():
             if field not in data:
@@ -144,7 +155,7 @@ def validate_record(data: Any, *, schema: str, where: str) -> dict:
             break
         errors.append("; ".join(problems))
     else:
-        raise DataError(f"{where}: {' or '.join(errors)} ({schema} schema)")
+        raise DataError(f"{where}: {' or '.join(errors)} ({schema_name} schema)")
     if schema == "constitution" and len(data["principles"]) != len(data["negated"]):
         raise DataError(f"{where}: fields 'principles' and 'negated' differ in length "
                         "(constitution schema)")

@@ -35,16 +35,17 @@ def eval_main(*, output_dir: str, models: Mapping[str, str], sft_test: str | Non
       seq_len, num_samples, max_new_tokens, chunk_tokens: scoring and sampling settings.
     """
     from align_jax.eval.report import evaluate_models
+    from align_jax.models.named import resolve_model_path
     from align_jax.runinfo import run_folder
     from align_jax.tokenizer import load_tokenizer
 
     if not models:
         raise ValueError("eval_main.models is empty: map names to checkpoint dirs")
-    tok = load_tokenizer(next(iter(models.values())))
+    tok = load_tokenizer(resolve_model_path(next(iter(models.values()))))
     retriever = None
     if documents:
         from align_jax.data.documents import chunk_documents, load_documents
-        from align_jax.methods.rag import Retriever
+        from align_jax.eval.retrieval import Retriever
         chunks = chunk_documents(load_documents(documents), tok, chunk_tokens=chunk_tokens,
                                  overlap=chunk_tokens // 8)
         retriever = Retriever([c.text for c in chunks])

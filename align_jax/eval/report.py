@@ -7,12 +7,12 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from align_jax.eval.scoring import answer_nll, preference_accuracy
+from align_jax.tokenizer import encode_prompt
 
 
 def _samples(config, params, tokenizer, prompts, *, max_new_tokens):
     from align_jax.generate import generate
-    ids = [tokenizer.encode(tokenizer.apply_chat_template(
-        [{"role": "user", "content": p}], add_generation_prompt=True)) for p in prompts]
+    ids = [encode_prompt(tokenizer, p) for p in prompts]
     out = generate(config, params, ids, max_new_tokens=max_new_tokens, tokenizer=tokenizer)
     return out.texts
 
@@ -71,7 +71,7 @@ def evaluate_models(out_dir: str, *, models: Mapping[str, str], tokenizer, sft_t
       models: display name -> Hugging Face checkpoint dir.
       tokenizer: the tokenizer all models share.
       sft_test, pref_test: held-out SFT and preference records.
-      retriever: an `align_jax.methods.rag.Retriever` for the RAG baseline rows.
+      retriever: an `align_jax.eval.retrieval.Retriever` for the RAG baseline rows.
       rag_models: models also scored with one retrieved chunk in the prompt.
       reference: (policy, reference) names: also report DPO's implicit-reward accuracy.
       seq_len: scoring length.
@@ -80,7 +80,7 @@ def evaluate_models(out_dir: str, *, models: Mapping[str, str], tokenizer, sft_t
     Returns:
       The report dict.
     """
-    from align_jax.methods.rag import with_retrieval
+    from align_jax.eval.retrieval import with_retrieval
     from align_jax.models.hf import load_hf
     report = {"models": {}, "samples": {}}
     loaded = {}

@@ -4,23 +4,26 @@ Both are exact quantities of the model on records it did not train on, computed 
 jitted forward per batch (the same log-prob code as the losses).
 """
 
-import functools
-
-import jax
+import jax.numpy as jnp
 import numpy as np
 
 from align_jax.data import batching
 from align_jax.data.formatting import format_records
 from align_jax.losses.logprobs import forward_token_logps
+from align_jax.losses.scorer import score_examples
 from align_jax.models.config import ModelConfig
 
 
-@functools.cache
-def _jit_sums(config: ModelConfig):
+def _sums(config: ModelConfig):
     def sums(params, batch):
         logps, mask = forward_token_logps(config, params, batch, where="eval")
-        return logps.sum(-1), mask.sum(-1)
-    return jax.jit(sums)
+        return jnp.stack([logps.sum(-1), mask.sum(-1)], axis=-1)
+    return sums
+
+
+def _sft_batch(examples, **kw):
+    return batching.pad_batch([batching.sequence(e.prompt, e.completions[0]) for e in examples],
+                              **kw)
 
 
 def _examples(records, *, kind, tokenizer, seq_len):
@@ -31,7 +34,7 @@ def _examples(records, *, kind, tokenizer, seq_len):
 
 
 def answer_nll(config: ModelConfig, params, tokenizer, records, *, seq_len: int,
-               batch_size: int = 8) -> dict[str, float]:
+               batch_size: int = 8, mesh=None) -> dict[str, float]:
     """Mean negative log-likelihood per answer token of SFT records' completions.
 
     Args:
@@ -40,28 +43,25 @@ def answer_nll(config: ModelConfig, params, tokenizer, records, *, seq_len: int,
       records: dicts with `prompt` and `completion`.
       seq_len: rows are truncated on the prompt side to this length.
       batch_size: rows per forward.
+      mesh: the device mesh to score over (`losses.scorer`), or None.
     Returns:
       {"nll_per_token", "perplexity", "examples", "skipped"}.
     """
     examples, skipped = _examples(records, kind="sft", tokenizer=tokenizer, seq_len=seq_len)
-    fn, total, count = _jit_sums(config), 0.0, 0.0
-    for i in range(0, len(examples), batch_size):
-        chunk = examples[i:i + batch_size]
-        batch = batching.pad_batch([batching.sequence(e.prompt, e.completions[0]) for e in chunk],
-                                   batch_size=batch_size, seq_len=seq_len)
-        s, n = (np.asarray(x) for x in fn(params, batch))
-        total, count = total - float(s.sum()), count + float(n.sum())
-    nll = total / max(count, 1.0)
+    sums = score_examples(_sums(config), params, examples, build=_sft_batch, seq_len=seq_len,
+                          batch_size=batch_size, mesh=mesh)
+    total = -float(sums[:, 0].sum()) if len(sums) else 0.0
+    nll = total / max(float(sums[:, 1].sum()) if len(sums) else 0.0, 1.0)
     return {"nll_per_token": nll, "perplexity": float(np.exp(min(nll, 50.0))),
             "examples": len(examples), "skipped": skipped}
 
 
 def preference_accuracy(config: ModelConfig, params, tokenizer, records, *, seq_len: int,
-                        batch_size: int = 8, reference=None) -> dict[str, float]:
+                        batch_size: int = 8, reference=None, mesh=None) -> dict[str, float]:
     """How often the model gives the chosen answer a higher log-likelihood than the rejected.
 
     With `reference` = (config, params) the comparison uses DPO's implicit reward,
-    log p(y|x) - log p_ref(y|x); otherwise raw log-likelihoods.
+    log p(y|x) - log p_ref(y|x); otherwise raw log-likelihoods. `mesh`: as in answer_nll.
 
     Returns:
       {"accuracy", "mean_margin", "examples", "skipped"}.
@@ -70,13 +70,11 @@ def preference_accuracy(config: ModelConfig, params, tokenizer, records, *, seq_
                                   seq_len=seq_len)
 
     def margins(cfg, prm):
-        fn, out = _jit_sums(cfg), []
-        for i in range(0, len(examples), batch_size):
-            chunk = examples[i:i + batch_size]
-            batch = batching.pad_pair_batch(chunk, batch_size=batch_size, seq_len=seq_len)
-            s = np.asarray(fn(prm, batch)[0])[:len(chunk)]
-            out.append(s[:, 0] - s[:, 1])
-        return np.concatenate(out) if out else np.zeros(0)
+        if not examples:
+            return np.zeros(0)
+        s = score_examples(_sums(cfg), prm, examples, build=batching.pad_pair_batch,
+                           seq_len=seq_len, batch_size=batch_size, mesh=mesh)[..., 0]
+        return s[:, 0] - s[:, 1]
 
     m = margins(config, params)
     if reference is not None:

@@ -44,13 +44,14 @@ def generate_main(*, output_dir: str, model_dir: str, prompts: str, chat: bool =
     """
     from align_jax.generate import generate
     from align_jax.models.hf import load_hf
+    from align_jax.models.named import resolve_model_path
     from align_jax.runinfo import run_folder
     from align_jax.tokenizer import load_tokenizer
 
     rows = _read_prompts(prompts)
     with run_folder(output_dir):
         config, params = load_hf(model_dir)
-        tok = load_tokenizer(model_dir)
+        tok = load_tokenizer(resolve_model_path(model_dir))
         ids = []
         for row in rows:
             messages = row.get("messages") or [{"role": "user", "content": row["prompt"]}]

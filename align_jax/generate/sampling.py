@@ -221,3 +221,21 @@ def sample(logits_BV: jax.Array, params: SamplingParams, flags: SamplingFlags, *
         tokens_B = jnp.where(temp_B > 0, pick_B, tokens_B)
     logprobs_B = jnp.take_along_axis(logp_BV, tokens_B[:, None], axis=1)[:, 0]
     return tokens_B, logprobs_B
+
+
+def row_seed(seed: int, index: int) -> int:
+    """The sampling seed of row `index` of a request with `seed` (index 0 keeps the seed).
+
+    Args:
+      seed: the request's seed (any int; reduced to uint32).
+      index: the prompt's position in the request.
+    Returns:
+      A uint32 seed.
+    """
+    seed = int(seed) % 2**32
+    if index == 0:
+        return seed
+    # splitmix-style mixing: rows of one request get unrelated streams.
+    x = (seed * 0x9E3779B97F4A7C15 + int(index) * 0xBF58476D1CE4E5B9) % 2**64
+    x ^= x >> 31
+    return (x * 0x94D049BB133111EB % 2**64) >> 32

@@ -43,20 +43,11 @@ from align_jax.generate.openai_api import (
     parse_body,
     sse,
 )
-from align_jax.generate.serving import Batcher, Job, Row, row_seed
+from align_jax.generate.sampling import row_seed
+from align_jax.generate.serving import Batcher, Job, Row
+from align_jax.tokenizer import encode_prompt
 
 log = logging.getLogger(__name__)
-
-
-def prompt_ids(tokenizer, prompt: str) -> list[int]:
-    """Token ids of a raw completion prompt: BOS (when the tokenizer has one) + the text."""
-    return tokenizer.encode(prompt, add_bos=True)
-
-
-def chat_ids(tokenizer, messages: list[dict]) -> list[int]:
-    """Token ids of a conversation rendered by the chat template, opening an assistant turn."""
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-    return tokenizer.encode(text, add_bos=False)
 
 
 def make_app(config, params, tokenizer, *, model_name: str, api_key: str | None = None,
@@ -277,11 +268,12 @@ def make_app(config, params, tokenizer, *, model_name: str, api_key: str | None 
                 raise APIError(400, f"{name} is not supported", param=name)
         p = req.prompt
         if isinstance(p, str):
-            prompts = [prompt_ids(tokenizer, p)]
+            prompts = [encode_prompt(tokenizer, p, chat_template=False)]
         elif p and all(isinstance(x, int) for x in p):
             prompts = [list(p)]
         else:
-            prompts = [prompt_ids(tokenizer, x) if isinstance(x, str) else list(x) for x in p]
+            prompts = [encode_prompt(tokenizer, x, chat_template=False) if isinstance(x, str)
+                       else list(x) for x in p]
         if not prompts or any(not x for x in prompts):
             raise APIError(400, "prompt is empty", param="prompt")
         bad = [t for x in prompts for t in x if not 0 <= t < config.vocab_size]
@@ -304,7 +296,7 @@ def make_app(config, params, tokenizer, *, model_name: str, api_key: str | None 
             raise APIError(400, "give max_tokens or max_completion_tokens, not both",
                            param="max_tokens")
         try:
-            ids = chat_ids(tokenizer, message_dicts(req.messages))
+            ids = encode_prompt(tokenizer, message_dicts(req.messages))
         except (ValueError, TypeError) as e:
             raise APIError(400, f"messages: {e}", param="messages") from None
         job = make_job(req, [ids], req.max_tokens if req.max_tokens is not None
@@ -323,7 +315,7 @@ def make_app(config, params, tokenizer, *, model_name: str, api_key: str | None 
             ids = tokenizer.encode(req.prompt, add_bos=req.add_special_tokens)
         else:
             try:
-                ids = chat_ids(tokenizer, message_dicts(req.messages))
+                ids = encode_prompt(tokenizer, message_dicts(req.messages))
             except (ValueError, TypeError) as e:
                 raise APIError(400, f"messages: {e}", param="messages") from None
         return {"tokens": ids, "count": len(ids), "max_model_len": max_len}
@@ -396,10 +388,11 @@ def app_from_checkpoint(model_dir: str, *, model_name: str | None = None,
     import jax.numpy as jnp
 
     from align_jax.models.hf import load_hf
+    from align_jax.models.named import resolve_model_path
     from align_jax.tokenizer import load_tokenizer
 
     config, params = load_hf(model_dir, dtype=jnp.dtype(dtype), mesh=mesh, rules=rules)
-    tokenizer = load_tokenizer(model_dir)
+    tokenizer = load_tokenizer(resolve_model_path(model_dir))
     name = model_name or os.path.basename(os.path.normpath(model_dir))
     return make_app(config, params, tokenizer, model_name=name, mesh=mesh, rules=rules,
                     **kwargs)

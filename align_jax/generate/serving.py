@@ -35,24 +35,6 @@ _MIN_BUDGET = 16
 STREAM_CHUNK = 8
 
 
-def row_seed(seed: int, index: int) -> int:
-    """The sampling seed of row `index` of a request with `seed` (index 0 keeps the seed).
-
-    Args:
-      seed: the request's seed (any int; reduced to uint32).
-      index: the prompt's position in the request.
-    Returns:
-      A uint32 seed.
-    """
-    seed = int(seed) % 2**32
-    if index == 0:
-        return seed
-    # splitmix-style mixing: rows of one request get unrelated streams.
-    x = (seed * 0x9E3779B97F4A7C15 + int(index) * 0xBF58476D1CE4E5B9) % 2**64
-    x ^= x >> 31
-    return (x * 0x94D049BB133111EB % 2**64) >> 32
-
-
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Row:
     """One generated answer: tokens (incl. a final stop token), text, "stop" or "length"."""

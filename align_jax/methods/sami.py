@@ -59,9 +59,10 @@ def sample_responses(model_dir: str, queries: Sequence[str], constitutions: Sequ
     from align_jax.data.formatting import render_prompt
     from align_jax.generate import generate
     from align_jax.models.hf import load_hf
+    from align_jax.models.named import resolve_model_path
     from align_jax.tokenizer import load_tokenizer
     config, params = load_hf(model_dir)
-    tok = load_tokenizer(model_dir)
+    tok = load_tokenizer(resolve_model_path(model_dir))
     prompts = [render_prompt(tok, f"{constitutions[i]}\n\n{q}").tolist()
                for q, draw in zip(queries, draws) for i in draw]
     out = generate(config, params, prompts, max_new_tokens=max_new_tokens,
@@ -77,28 +78,25 @@ def sample_responses(model_dir: str, queries: Sequence[str], constitutions: Sequ
 
 
 def mi_bound(model_dir: str, records: Sequence[dict], *, seq_len: int,
-             batch_size: int = 8) -> dict[str, float]:
-    """Mean InfoNCE bound and response length of SAMI records under a model."""
-    import jax
-
+             batch_size: int = 8, mesh=None) -> dict[str, float]:
+    """Mean InfoNCE bound and response length of SAMI records under a model (scored over
+    `mesh` when given)."""
     from align_jax.data import batching
     from align_jax.data.formatting import format_records
     from align_jax.eval import mi_lower_bound_matrix
     from align_jax.losses import sami_logps
+    from align_jax.losses.scorer import score_examples
     from align_jax.models.hf import load_hf
+    from align_jax.models.named import resolve_model_path
     from align_jax.tokenizer import load_tokenizer
     config, params = load_hf(model_dir)
-    tok = load_tokenizer(model_dir)
+    tok = load_tokenizer(resolve_model_path(model_dir))
     examples, _, _ = format_records(records, kind="sami", tokenizer=tok, seq_len=seq_len,
                                     truncation="truncate_prompt_left", on_error="skip")
-    fn = jax.jit(lambda p, b: sami_logps(config, p, b)[0])
-    bounds = []
-    for i in range(0, len(examples), batch_size):
-        chunk = examples[i:i + batch_size]
-        batch = batching.sami_batch(chunk, batch_size=batch_size, seq_len=seq_len,
-                                    pad_id=tok.pad_id or 0)
-        logps = np.asarray(fn(params, batch))[:len(chunk)]
-        bounds += [float(mi_lower_bound_matrix(m[None])) for m in logps]
+    logps = score_examples(lambda p, b: sami_logps(config, p, b)[0], params, examples,
+                           build=batching.sami_batch, seq_len=seq_len, batch_size=batch_size,
+                           pad_id=tok.pad_id or 0, mesh=mesh)
+    bounds = [float(mi_lower_bound_matrix(m[None])) for m in logps]
     lengths = [len(r) for rec in records for r in rec["responses"]]
     return {"mi_bound": float(np.mean(bounds)), "queries": len(bounds),
             "mean_response_tokens": float(np.mean(lengths))}

@@ -164,7 +164,7 @@ def value_alignment(*, output_dir: str, document: str, model: str | None = "tiny
       progress: progress bars.
     """
     from align_jax.data.documents import chunk_document, load_document
-    from align_jax.methods.rag import Retriever
+    from align_jax.eval.retrieval import Retriever
     from align_jax.tokenizer import load_tokenizer
     from align_jax.train.entry import build_tokenizer, train_main
 

@@ -27,7 +27,8 @@ import openai
 
 from align_jax.generate.batching import next_pow2
 from align_jax.generate.loop import generate
-from align_jax.generate.server import chat_ids, prompt_ids, row_seed
+from align_jax.generate.sampling import row_seed
+from align_jax.tokenizer import encode_prompt
 
 log = logging.getLogger(__name__)
 
@@ -68,11 +69,12 @@ class LocalTeacher:
             import jax.numpy as jnp
 
             from align_jax.models.hf import load_hf
+            from align_jax.models.named import resolve_model_path
             from align_jax.tokenizer import load_tokenizer
             self.name = os.fspath(model)
             self.config, self.params = load_hf(self.name, dtype=jnp.dtype(dtype), mesh=mesh,
                                                rules=rules)
-            self.tokenizer = load_tokenizer(tokenizer or self.name)
+            self.tokenizer = load_tokenizer(tokenizer or resolve_model_path(self.name))
         else:
             if len(model) != 3:
                 raise TypeError("LocalTeacher(model): give a checkpoint dir or a "
@@ -90,14 +92,15 @@ class LocalTeacher:
     def complete(self, prompts: list[str], *, temperature: float, top_p: float = 1.0,
                  max_tokens: int, seed: int | None = None) -> list[str]:
         """Continues raw prompts (BOS prepended when the tokenizer has one); see `Teacher`."""
-        return self._run([prompt_ids(self.tokenizer, p) for p in prompts],
+        return self._run([encode_prompt(self.tokenizer, p, chat_template=False)
+                          for p in prompts],
                          temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed)
 
     def chat(self, conversations: list[list[dict]], *, temperature: float, top_p: float = 1.0,
              max_tokens: int, seed: int | None = None) -> list[str]:
         """Answers conversations through the tokenizer's chat template; see `Teacher`."""
         try:
-            ids = [chat_ids(self.tokenizer, c) for c in conversations]
+            ids = [encode_prompt(self.tokenizer, c) for c in conversations]
         except (ValueError, TypeError) as e:
             raise ValueError(f"local teacher {self.name}: {e}") from e
         return self._run(ids, temperature=temperature, top_p=top_p, max_tokens=max_tokens,

@@ -78,8 +78,5 @@ def ask(teacher: Teacher, prompts: list[str], *, use_chat: bool = True, temperat
     return [o if isinstance(o, str) else "" for o in out]
 
 
-# =============================================================================
-# BACKENDS (to be added by the lead): `local:<HF checkpoint dir>` (align_jax.generate on
-# the local devices), `openai:<base URL>` (any OpenAI-compatible server) and
-# `make_teacher(spec: str) -> Teacher`. Nothing in align_jax.sdg depends on them.
-# =============================================================================
+# The backends (`local:<HF checkpoint dir>`, `openai:<base URL>`) and
+# `make_teacher(spec) -> Teacher` live in align_jax.sdg.backends.

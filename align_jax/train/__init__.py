@@ -12,11 +12,11 @@ from align_jax.train.state import (
                                    init_state,
                                    state_shardings,
 )
-from align_jax.train.step import accumulate_gradients, bind_loss, train_step
+from align_jax.train.step import accumulate_gradients, train_step
 
 __all__ = [
     "Checkpointer", "MetricsLogger", "NonFiniteLossError", "OptimizerConfig", "TrainState",
-    "abstract_arrays", "abstract_state", "accumulate_gradients", "batch_shardings", "bind_loss",
+    "abstract_arrays", "abstract_state", "accumulate_gradients", "batch_shardings",
     "export_hf", "init_state", "init_train_state", "jit_train_step", "load_params",
     "make_optimizer", "make_schedule", "mfu", "peak_flops", "state_shardings", "train",
     "train_step", "weight_decay_mask", "write_run_info",

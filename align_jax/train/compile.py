@@ -38,7 +38,7 @@ def jit_train_step(*, loss: step_lib.LossFn, tx: optax.GradientTransformation,
     """Compiles `train_step` for this run.
 
     Args:
-      loss: a loss adapted by `step.bind_loss`.
+      loss: the step's loss (`Objective.bind`).
       tx: the optimizer.
       schedule: its learning-rate schedule (reported in the metrics).
       grad_accum: microbatches per step.

@@ -15,7 +15,8 @@ import shutil
 from collections.abc import Mapping
 from typing import Any
 
-from align_jax import losses, sharding
+from align_jax import sharding
+from align_jax.losses import objectives
 from align_jax.models.config import ModelConfig, get_config
 from align_jax.models.named import resolve_model_path
 from align_jax.tokenizer import copy_tokenizer_files, load_tokenizer
@@ -24,15 +25,9 @@ from align_jax.train.optim import OptimizerConfig
 
 log = logging.getLogger(__name__)
 
-OBJECTIVES = {
-    # objective: (loss function, data kind)
-    "sft": (losses.sft_loss, "sft"),
-    "lm": (losses.lm_loss, "lm"),
-    "dpo": (losses.dpo_objective, "preference"),
-    "kto": (losses.kto_objective, "kto"),
-    "sami": (losses.sami_objective, "sami"),
-}
-REFERENCE_MODES = ("precomputed", "params")
+# The registry of objectives (one `Objective` record each); kept under this name for callers.
+OBJECTIVES = objectives.OBJECTIVES
+REFERENCE_MODES = objectives.REFERENCE_MODES
 
 
 def _model(model: str | ModelConfig | None, overrides: Mapping[str, Any], init_from, tokenizer):
@@ -83,7 +78,8 @@ def train_main(*, output_dir: str, data: str, objective: str = "sft",
     Args:
       output_dir: run folder (checkpoints/, metrics.jsonl, tensorboard/, hf/ export).
       data: records in the objective's schema (a .jsonl path or dir, "hf:...", "tfds:...").
-      objective: "sft", "lm" (raw text, the c-fine-tuned baseline), "dpo", "kto" or "sami".
+      objective: a registered objective (`align_jax.losses.objectives`): "sft", "lm" (raw
+        text, the c-fine-tuned baseline), "dpo", "kto", "sami", or one a module registers.
       model: a preset name (random init) when not starting from a checkpoint.
       model_overrides: ModelConfig fields to replace (e.g. {"dtype": "bfloat16"}).
       init_from: a Hugging Face checkpoint dir to start from (and DPO's reference model).
@@ -97,8 +93,10 @@ def train_main(*, output_dir: str, data: str, objective: str = "sft",
       grad_accum: microbatches per update.
       mesh, rules: the device mesh and sharding preset.
       loss_kwargs: keyword arguments of the objective (beta, loss_type, rpo_alpha, ...).
-      reference: DPO/KTO reference: "precomputed" (DPO: log-probs computed once over the data,
-        no second model in memory) or "params" (a frozen copy of the initial params).
+      reference: the reference of objectives that use one: "precomputed" (log-probs computed
+        once over the data, no second model in memory) or "params" (a frozen copy of the
+        initial params); an objective that cannot use the mode asked for takes its own (KTO:
+        "params").
       vocab_chunk_size: >0 computes log-probs over vocabulary chunks (large vocabularies).
       save_every, keep, log_every, seed: checkpointing, logging and randomness.
       export_hf: write the final model and tokenizer to <output_dir>/hf.
@@ -109,15 +107,17 @@ def train_main(*, output_dir: str, data: str, objective: str = "sft",
     from align_jax.data import make_loader
     from align_jax.runinfo import run_folder
 
-    if objective not in OBJECTIVES:
-        raise ValueError(f"train_main.objective={objective!r}: choose one of {sorted(OBJECTIVES)}")
-    if reference not in REFERENCE_MODES:
-        raise ValueError(f"train_main.reference={reference!r}: choose one of {REFERENCE_MODES}")
-    if objective == "kto" and reference == "precomputed":
-        # KTO's KL pairs are formed within each batch, so their reference values cannot be
-        # computed ahead of the shuffled order.
-        reference = "params"
-    loss_fn, kind = OBJECTIVES[objective]
+    try:
+        obj = objectives.get_objective(objective)
+    except ValueError as e:
+        raise ValueError(f"train_main.{e}") from None
+    loss_kwargs = dict(loss_kwargs or {})
+    if vocab_chunk_size:
+        loss_kwargs["vocab_chunk_size"] = vocab_chunk_size
+    # Before any data is read: a misspelled keyword fails now, naming the objective and key.
+    loss_kwargs = obj.check_options(loss_kwargs)
+    ref_mode = obj.reference_mode(reference, loss_kwargs)
+    fmt = obj.data_format
     if init_from is not None:  # a named default or a .gguf file -> its cached HF dir
         init_from = resolve_model_path(init_from)
     tok_path = tokenizer or init_from
@@ -128,51 +128,45 @@ def train_main(*, output_dir: str, data: str, objective: str = "sft",
                                    os.path.join(output_dir, "tokenizer"))
     tok = load_tokenizer(tok_path)
     config = _model(model, model_overrides or {}, init_from, tok)
-    loss_kwargs = dict(loss_kwargs or {})
-    if vocab_chunk_size:
-        loss_kwargs["vocab_chunk_size"] = vocab_chunk_size
-    uses_reference = objective in ("dpo", "kto") and not (
-        objective == "dpo" and (loss_kwargs.get("reference_free")
-                                or loss_kwargs.get("loss_type") == "simpo"))
 
     with run_folder(output_dir):
         _write_model_files(output_dir, config, init_from, tok_path)
         params_init: Any = init_from
         annotate = None
-        ref_mode = "none"
-        if uses_reference and reference == "precomputed":
+        if ref_mode == "precomputed":
             from align_jax.models.hf import load_hf
             from align_jax.train.reference import attach_reference_logps
             if init_from is None:
-                raise ValueError("train_main: DPO needs a reference model: set init_from (the "
-                                 "SFT checkpoint) or use loss_kwargs={'reference_free': True}")
+                raise ValueError(f"train_main: objective {obj.name!r} needs a reference model: "
+                                 "set init_from (the SFT checkpoint), or for DPO use "
+                                 "loss_kwargs={'reference_free': True}")
             config, params_init = load_hf(init_from)
             annotate = functools.partial(
-                attach_reference_logps, config=config, params=params_init, seq_len=seq_len,
+                attach_reference_logps, precompute=obj.precompute_reference, config=config,
+                params=params_init, seq_len=seq_len,
                 batch_size=batch_size, cache_dir=os.path.join(output_dir, "cache"),
-                vocab_chunk_size=vocab_chunk_size)
-        elif uses_reference:
-            ref_mode = "initial"
+                vocab_chunk_size=vocab_chunk_size,
+                mesh=sharding.make_mesh(mesh or sharding.MeshSpec()), rules=rules)
 
         make = functools.partial(
-            make_loader, data, kind=kind, tokenizer=tok, seq_len=seq_len, batch_size=batch_size,
-            pack=pack and kind in ("lm", "sft", "preference"), truncation=truncation, seed=seed,
+            make_loader, data, kind=fmt, tokenizer=tok, seq_len=seq_len, batch_size=batch_size,
+            pack=pack and fmt.build_packed is not None, truncation=truncation, seed=seed,
             on_error=on_error, annotate=annotate)
         if num_steps is None:
             num_steps = max(1, _steps_per_epoch(make) * num_epochs)
         loader = make(num_epochs=None)
-        state = train(config=config, params_init=params_init, loss_fn=loss_fn,
+        state = train(config=config, params_init=params_init, loss_fn=obj,
                       loss_kwargs=loss_kwargs, data_iterator=loader,
                       optimizer=optimizer or OptimizerConfig(), num_steps=num_steps,
                       grad_accum=grad_accum, mesh_spec=mesh, rules=rules, workdir=output_dir,
                       save_every=save_every, keep=keep, log_every=log_every, seed=seed,
-                      ref_params=ref_mode,
+                      ref_params="initial" if ref_mode == "params" else "none",
                       export_hf_dir=os.path.join(output_dir, "hf") if export_hf else None,
                       progress=progress)
         loader.close()
         if export_hf:
             copy_tokenizer_files(tok_path, os.path.join(output_dir, "hf"))
-        summary = {"objective": objective, "num_steps": int(state.step),
+        summary = {"objective": obj.name, "num_steps": int(state.step),
                    "data": {"load": loader.load_report.summary(),
                             "truncation": loader.truncation_report.summary(),
                             "examples": loader.num_examples},
@@ -198,7 +192,7 @@ def _write_model_files(output_dir: str, config, init_from, tok_path) -> None:
 
 def build_tokenizer(text_path: str, out_dir: str, *, vocab_size: int = 512) -> str:
     """Trains a sentencepiece tokenizer on a text file (once; reused when present)."""
-    from align_jax.tokenizer import train_tokenizer
+    from align_jax.tokenizer_training import train_tokenizer
     if os.path.exists(os.path.join(out_dir, "tokenizer.json")):
         return out_dir
     if not os.path.isfile(text_path):

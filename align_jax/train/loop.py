@@ -1,4 +1,4 @@
-"""The host loop: `train(...)`, the entry that gin configures.
+"""The host loop: `train(...)`, called by the gin entry `train.entry.train_main` (and by users).
 
 Read top to bottom: resolve the model and its initial params; build the state abstractly and
 derive its shardings; restore the latest checkpoint or init; then step. The loop dispatches
@@ -9,27 +9,23 @@ checkpoints; a non-finite loss stops the run (the last good checkpoint stays on 
 
 import contextlib
 import dataclasses
-import datetime
-import importlib.metadata
-import json
 import logging
 import math
 import os
-import platform
 import signal
-import subprocess
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import jax
 import numpy as np
 
 from align_jax import sharding
+from align_jax.losses import objectives
 from align_jax.models import transformer
 from align_jax.models.config import ModelConfig, get_config
+from align_jax.runinfo import write_run_info
 from align_jax.train import compile as compile_lib
-from align_jax.train import step as step_lib
 from align_jax.train.checkpoint import Checkpointer
 from align_jax.train.metrics import MetricsLogger
 from align_jax.train.optim import OptimizerConfig, make_optimizer
@@ -62,59 +58,6 @@ class _Preemption:
     def __exit__(self, *exc):
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
-
-
-def _git_state() -> tuple[str | None, bool | None]:
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    try:
-        commit = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True,
-                                text=True, timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain"], capture_output=True,
-                               text=True, timeout=10, check=True).stdout.strip() != ""
-        return commit, dirty
-    except (OSError, subprocess.SubprocessError):
-        return None, None
-
-
-def _version(name: str) -> str | None:
-    try:
-        return importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def write_run_info(workdir: str | os.PathLike, *, extra: Mapping[str, Any] | None = None,
-                   operative_config: str | None = None) -> dict[str, Any]:
-    """Writes `<workdir>/run_info.json` (git commit, library versions, devices) and, when given,
-    `<workdir>/config.gin` (the operative gin config, supplied by the CLI).
-
-    Args:
-      workdir: the run's folder.
-      extra: more JSON-able fields (the run's settings).
-      operative_config: gin's operative config text, or None.
-    Returns:
-      the run_info dict.
-    """
-    commit, dirty = _git_state()
-    devices = jax.devices()
-    info = {
-        "time": datetime.datetime.now(datetime.UTC).isoformat(),
-        "git_commit": commit,
-        "git_dirty": dirty,
-        "versions": {name: _version(name) for name in
-                     ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy")},
-        "python": platform.python_version(),
-        "devices": {"platform": devices[0].platform, "kind": devices[0].device_kind,
-                    "count": len(devices), "process_count": jax.process_count()},
-        **dict(extra or {}),
-    }
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "run_info.json"), "w", encoding="utf-8") as f:
-        json.dump(info, f, indent=2, default=repr)
-    if operative_config is not None:
-        with open(os.path.join(workdir, "config.gin"), "w", encoding="utf-8") as f:
-            f.write(operative_config)
-    return info
 
 
 def _shape_tree(tree: Any) -> Any:
@@ -191,7 +134,8 @@ def _check_finite(step: int, metrics: Mapping[str, float], checkpointer: Checkpo
         "batch.")
 
 
-def train(*, config: ModelConfig | str | None = None, params_init: Any = None, loss_fn,
+def train(*, config: ModelConfig | str | None = None, params_init: Any = None,
+          loss_fn: objectives.Objective | Callable,
           loss_kwargs: Mapping[str, Any] | None = None, data_iterator: Iterator,
           optimizer: OptimizerConfig = OptimizerConfig(), num_steps: int, grad_accum: int = 1,
           mesh_spec: sharding.MeshSpec | None = None, rules: str | sharding.Rules = "fsdp",
@@ -204,9 +148,10 @@ def train(*, config: ModelConfig | str | None = None, params_init: Any = None, l
     Args:
       config: a ModelConfig or preset name; None to take it from a Hugging Face `params_init`.
       params_init: None (random init from `seed`), a Hugging Face checkpoint dir, or a params tree.
-      loss_fn: `loss_fn(params, batch, *, config, **loss_kwargs) -> (loss, metrics)`; it gets
-        `ref_params=` when the run keeps reference params and `rng=` when it names that argument.
-      loss_kwargs: fixed keyword arguments of the loss.
+      loss_fn: an `align_jax.losses.objectives.Objective`, or a bare loss in its calling
+        convention `loss_fn(params, batch, *, config, rng, ref_params, **loss_kwargs)
+        -> (loss, metrics)`.
+      loss_kwargs: the objective's options; a key it does not take fails here, at the start.
       data_iterator: yields global batches (dicts of arrays, leading batch axis) and has
         `get_state() -> JSON-able dict` and `set_state(dict)`, checkpointed with the state.
       optimizer: the optimizer and schedule settings.
@@ -229,6 +174,8 @@ def train(*, config: ModelConfig | str | None = None, params_init: Any = None, l
     """
     if ref_params not in _REF_MODES:
         raise ValueError(f"train(ref_params={ref_params!r}): choose one of {_REF_MODES}")
+    objective = objectives.as_objective(loss_fn)
+    loss_kwargs = objective.check_options(loss_kwargs or {})
     if not (hasattr(data_iterator, "get_state") and hasattr(data_iterator, "set_state")):
         raise TypeError("train(): data_iterator needs get_state() and set_state(state) so a "
                         "resumed run continues the data where it stopped")
@@ -264,7 +211,7 @@ def train(*, config: ModelConfig | str | None = None, params_init: Any = None, l
                 "resumed_from_step": start, "num_steps": num_steps, "grad_accum": grad_accum,
                 "seed": seed, "rules": rules, "mesh": dict(mesh.shape), "ref_params": ref_params,
                 "optimizer": vars(optimizer), "model": vars(config),
-                "loss_fn": getattr(loss_fn, "__name__", repr(loss_fn))})
+                "loss_fn": objective.name})
         if start is not None:
             state, data_state = checkpointer.restore(start, abstract_arrays(abstract, shardings))
             if data_state is not None:
@@ -279,7 +226,7 @@ def train(*, config: ModelConfig | str | None = None, params_init: Any = None, l
                                                  state_shardings=shardings, ref_params=ref)
 
         step_fn = compile_lib.jit_train_step(
-            loss=step_lib.bind_loss(loss_fn, config=config, loss_kwargs=loss_kwargs), tx=tx,
+            loss=objective.bind(config=config, options=loss_kwargs), tx=tx,
             schedule=schedule, grad_accum=grad_accum, mesh=mesh, rules=rules,
             state_shardings=shardings)
         batch_sharding = compile_lib.batch_shardings(mesh, rules)

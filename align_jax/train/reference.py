@@ -1,4 +1,4 @@
-"""DPO's cheap reference mode: reference log-probs computed once over the dataset.
+"""The cheap reference mode: reference log-probs computed once over the dataset.
 
 The reference model then never sits in memory during training, and a resumed run reads the
 values back from a cache file keyed by the examples and the reference params.
@@ -11,11 +11,10 @@ import os
 
 import jax
 import numpy as np
-from tqdm import tqdm
 
 from align_jax.data import batching
 from align_jax.data.formatting import Example
-from align_jax.losses import precompute_ref_logps
+from align_jax.losses.scorer import score_examples
 from align_jax.models.config import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -33,18 +32,22 @@ def _fingerprint(examples: list[Example], config: ModelConfig, params) -> str:
     return h.hexdigest()[:16]
 
 
-def attach_reference_logps(examples: list[Example], *, config: ModelConfig, params,
+def attach_reference_logps(examples: list[Example], *, precompute, config: ModelConfig, params,
                            seq_len: int, batch_size: int = 8, cache_dir: str | None = None,
-                           vocab_chunk_size: int = 0) -> list[Example]:
+                           vocab_chunk_size: int = 0, mesh=None,
+                           rules: str = "dp") -> list[Example]:
     """Returns the examples with `ref_logps` = (chosen, rejected) summed log-probs under params.
 
     Args:
       examples: tokenised preference examples (completions = (chosen, rejected)).
+      precompute: the objective's `precompute_reference(config, params, batch, *,
+        vocab_chunk_size) -> [B, 2]` (DPO: `losses.precompute_ref_logps`).
       config, params: the reference model (for DPO after SFT: the SFT model).
       seq_len: the training sequence length (each sequence fits it after truncation).
       batch_size: rows per forward pass.
       cache_dir: when given, values are stored there and reused by a resumed run.
       vocab_chunk_size: see `align_jax.losses.dpo_objective`.
+      mesh, rules: the device mesh the batches are split over (`losses.scorer`).
     Returns:
       New Example objects in the same order.
     """
@@ -56,14 +59,10 @@ def attach_reference_logps(examples: list[Example], *, config: ModelConfig, para
             values = np.load(path)
             log.info("reference log-probs read from %s", path)
             return [_with(ex, v) for ex, v in zip(examples, values)]
-    fn = jax.jit(functools.partial(precompute_ref_logps, config,
-                                   vocab_chunk_size=vocab_chunk_size))
-    values = np.zeros((len(examples), 2), np.float32)
-    starts = range(0, len(examples), batch_size)
-    for start in tqdm(starts, desc="reference log-probs", unit="batch", leave=False):
-        chunk = examples[start:start + batch_size]
-        batch = batching.pad_pair_batch(chunk, batch_size=batch_size, seq_len=seq_len)
-        values[start:start + len(chunk)] = np.asarray(fn(params, batch))[:len(chunk)]
+    values = score_examples(
+        functools.partial(precompute, config, vocab_chunk_size=vocab_chunk_size), params,
+        examples, build=batching.pad_pair_batch, seq_len=seq_len, batch_size=batch_size,
+        mesh=mesh, rules=rules, progress="reference log-probs").astype(np.float32)
     if path is not None:
         os.makedirs(cache_dir, exist_ok=True)
         tmp = path + ".tmp.npy"

@@ -1,14 +1,12 @@
 """The train step: `step(state, batch) -> (state, metrics)`, a pure module-level function.
 
-The objective is the only thing that changes between methods. `bind_loss` adapts any
-`NAME_loss(params, batch, *, config, ...) -> (loss, metrics)` to the one calling convention the
-step uses, `loss(params, batch, *, rng, ref_params)`; `train_step` then differentiates it with
+The objective is the only thing that changes between methods. The step takes its loss in one
+calling convention, `loss(params, batch, *, rng, ref_params)` (what
+`align_jax.losses.objectives.Objective.bind` returns); `train_step` differentiates it with
 respect to `params` only, accumulating gradients over microbatches in float32 inside the step.
 `align_jax.train.compile` is where it is jitted.
 """
 
-import functools
-import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -20,52 +18,6 @@ from align_jax import axes, sharding
 from align_jax.train.state import TrainState
 
 LossFn = Callable[..., tuple[jax.Array, Mapping[str, jax.Array]]]
-
-
-def _accepts(fn: Callable, name: str) -> bool:
-    try:
-        params = inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return True
-    return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
-
-
-def bind_loss(loss_fn: LossFn, *, config: Any = None, loss_kwargs: Mapping[str, Any] | None = None
-              ) -> LossFn:
-    """Adapts `loss_fn` to `loss(params, batch, *, rng, ref_params) -> (loss, metrics)`.
-
-    Args:
-      loss_fn: an objective `loss_fn(params, batch, **kwargs) -> (scalar loss, metrics)`.
-      config: the ModelConfig, passed as `config=` when loss_fn takes it.
-      loss_kwargs: fixed keyword arguments (beta, loss_type, ...).
-    Returns:
-      the adapted loss. `rng` is passed only when loss_fn names an `rng` parameter, and
-      `ref_params` only when the state holds reference parameters.
-    """
-    kwargs = dict(loss_kwargs or {})
-    if config is not None and "config" not in kwargs and _accepts(loss_fn, "config"):
-        kwargs["config"] = config
-    partial = functools.partial(loss_fn, **kwargs)
-    try:
-        named = inspect.signature(loss_fn).parameters
-    except (TypeError, ValueError):
-        named = {}
-    takes_rng = "rng" in named
-    name = getattr(loss_fn, "__name__", repr(loss_fn))
-
-    def loss(params, batch, *, rng, ref_params):
-        extra = {}
-        if takes_rng:
-            extra["rng"] = rng
-        if ref_params is not None:
-            if not _accepts(loss_fn, "ref_params"):
-                raise TypeError(
-                    f"the run keeps frozen reference params but loss {name} has no "
-                    "`ref_params` keyword; set ref_params='none' or use a reference-aware loss")
-            extra["ref_params"] = ref_params
-        return partial(params, batch, **extra)
-
-    return loss
 
 
 def _split_microbatches(x: jax.Array, num: int) -> jax.Array:
@@ -100,7 +52,7 @@ def accumulate_gradients(loss: LossFn, params: Any, batch: Mapping[str, jax.Arra
     such a metric each microbatch counts equally.
 
     Args:
-      loss: a loss adapted by `bind_loss`.
+      loss: the step's loss (`Objective.bind`).
       params: the parameters to differentiate.
       batch: arrays with a leading batch axis divisible by grad_accum.
       rng: the step's key; microbatch i draws from `fold_in(rng, i)`.
@@ -154,7 +106,7 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, loss: LossF
     Args:
       state: the current state.
       batch: the global batch (arrays with a leading batch axis).
-      loss: a loss adapted by `bind_loss`.
+      loss: the step's loss (`Objective.bind`).
       tx: the optimizer.
       schedule: the learning-rate schedule, reported as `learning_rate`.
       grad_accum: microbatches per step.

@@ -117,7 +117,7 @@ def test_format_records_reports_cuts_and_drops_by_line():
 
 @pytest.fixture(scope="module")
 def real_tokenizer(tmp_path_factory):
-    tokenizer = pytest.importorskip("align_jax.tokenizer")
+    tokenizer = pytest.importorskip("align_jax.tokenizer_training")
     corpus = ["the quick brown fox jumps over the lazy dog", "be kind and be honest",
               "what is a value? a value is what we care about"] * 20
     return tokenizer.train_tokenizer(corpus, tmp_path_factory.mktemp("tok"), vocab_size=320)

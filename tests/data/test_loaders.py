@@ -142,7 +142,7 @@ def test_sami_loader_shapes():
 
 
 def test_packed_sft_from_hf_json_with_the_real_tokenizer(tmp_path):
-    tokenizer = pytest.importorskip("align_jax.tokenizer")
+    tokenizer = pytest.importorskip("align_jax.tokenizer_training")
     records = [{"prompt": f"question {i}?", "completion": "answer " * (1 + i % 4) + str(i)}
                for i in range(9)]
     tok = tokenizer.train_tokenizer([r["prompt"] + " " + r["completion"] for r in records] * 5,

@@ -13,10 +13,10 @@ import numpy as np
 import openai
 import pytest
 
-from align_jax.generate import generate, server, serving
+from align_jax.generate import generate, sampling, server, serving
 from align_jax.models.config import get_config
 from align_jax.models.transformer import init_params
-from align_jax.tokenizer import train_tokenizer
+from align_jax.tokenizer_training import train_tokenizer
 
 API_KEY = "test-key"
 TEXT = ["The quick brown fox jumps over the lazy dog near the river bank.",
@@ -73,8 +73,8 @@ def _post(srv, path, body, *, key=API_KEY, raw=None):
 
 
 def test_row_seed_keeps_the_first_row_and_separates_the_others():
-    assert serving.row_seed(7, 0) == 7 and serving.row_seed(-1, 0) == 2**32 - 1
-    seeds = {serving.row_seed(7, i) for i in range(100)}
+    assert sampling.row_seed(7, 0) == 7 and sampling.row_seed(-1, 0) == 2**32 - 1
+    seeds = {sampling.row_seed(7, i) for i in range(100)}
     assert len(seeds) == 100 and all(0 <= s < 2**32 for s in seeds)
 
 

@@ -28,7 +28,7 @@ def test_server_answers_the_openai_chat_client_with_the_chat_template(smollm2_di
             temperature=0)
     finally:
         srv.stop()
-    tok = load_tokenizer(NAME)
+    tok = load_tokenizer(smollm2_dir)
     ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": QUESTION}],
                                              add_generation_prompt=True))
     assert ids[:3] == tok.encode("<|im_start|>system\n")  # SmolLM2's template adds a system turn

@@ -113,7 +113,7 @@ def test_stop_strings_need_a_tokenizer(params):
 
 
 def test_stop_strings_with_a_trained_tokenizer(tmp_path):
-    tokenizer_mod = pytest.importorskip("align_jax.tokenizer")
+    tokenizer_mod = pytest.importorskip("align_jax.tokenizer_training")
     texts = ["The quick brown fox jumps over the lazy dog.",
              "An assistant answers questions honestly and kindly.",
              "Pack my box with five dozen liquor jugs!"] * 20

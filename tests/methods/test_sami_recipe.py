@@ -11,7 +11,7 @@ from align_jax import cli
 from align_jax.models.config import get_config
 from align_jax.models.hf import save_hf
 from align_jax.models.transformer import init_params
-from align_jax.tokenizer import train_tokenizer
+from align_jax.tokenizer_training import train_tokenizer
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 

@@ -8,7 +8,7 @@ import gin
 import pytest
 
 from align_jax import cli
-from align_jax.methods.rag import Retriever, with_retrieval
+from align_jax.eval.retrieval import Retriever, with_retrieval
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 

@@ -16,6 +16,7 @@ from gguf_files import TOKENS, VOCAB, Q, tiny_llama, write_tiny_gguf
 import align_jax.models.gguf as gguf_import
 from align_jax.models import forward, load_hf
 from align_jax.models.gguf import gguf_to_hf, load_gguf, read_gguf_config
+from align_jax.models.named import resolve_model_path
 from align_jax.tokenizer import load_tokenizer
 
 
@@ -91,7 +92,7 @@ def test_converted_dir_loads_in_transformers_with_tokenizer_and_template(tmp_pat
     assert 2 in tok.eos_ids
 
 
-def test_load_tokenizer_and_load_hf_accept_a_gguf_path(tmp_path, monkeypatch):
+def test_load_hf_and_the_resolver_accept_a_gguf_path(tmp_path, monkeypatch):
     monkeypatch.setenv("ALIGN_JAX_CACHE", str(tmp_path / "cache"))
     model = tiny_llama()
     path = write_tiny_gguf(tmp_path / "tiny.gguf", model)
@@ -99,7 +100,7 @@ def test_load_tokenizer_and_load_hf_accept_a_gguf_path(tmp_path, monkeypatch):
     tokens = _tokens(3, (1, 7))
     np.testing.assert_allclose(np.asarray(forward(config, params, jnp.asarray(tokens))),
                                _logits(model, tokens), atol=1e-4)
-    assert load_tokenizer(path).encode(" the") == [TOKENS.index("Ġthe")]
+    assert load_tokenizer(resolve_model_path(path)).encode(" the") == [TOKENS.index("Ġthe")]
     assert len(os.listdir(tmp_path / "cache" / "gguf")) == 1  # converted once, reused
 
 

@@ -47,7 +47,7 @@ def test_named_gguf_is_converted_once_and_loads_everywhere(fake_package, tmp_pat
     with torch.no_grad():
         ref = fake_package(torch.tensor(tokens)).logits.numpy()
     np.testing.assert_allclose(np.asarray(forward(config, params, tokens)), ref, atol=1e-4)
-    assert load_tokenizer("tiny-named").eos_ids == (2,)
+    assert load_tokenizer(named.resolve_model_path("tiny-named")).eos_ids == (2,)
     teacher = make_teacher("local:tiny-named", max_len=64)
     assert teacher.config == config
     assert "fake_models_pkg" not in sys.modules
@@ -96,5 +96,5 @@ def test_all_minilm_is_unpacked_into_the_cache(tmp_path, monkeypatch):
         config = json.load(f)
     assert config["model_type"] == "bert" and config["num_hidden_layers"] == 6
     assert {"model.safetensors", "tokenizer.json"} <= set(os.listdir(path))
-    assert load_tokenizer("all-minilm-l6-v2").encode("hello world")  # the tokenizer loads
+    assert load_tokenizer(path).encode("hello world")  # the tokenizer loads
     assert named.resolve_model_path("all-minilm-l6-v2") == path

@@ -20,7 +20,7 @@ from align_jax.models.hf import save_hf
 from align_jax.models.transformer import init_params
 from align_jax.sdg.backends import LocalTeacher, OpenAITeacher, TeacherError, make_teacher
 from align_jax.sdg.teacher import Teacher, ask
-from align_jax.tokenizer import train_tokenizer
+from align_jax.tokenizer_training import train_tokenizer
 
 TEXT = ["Workers keep records honest and report gifts from suppliers to the office.",
         "A values document asks for care, fairness and respect in every meeting.",

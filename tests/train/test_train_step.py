@@ -10,6 +10,7 @@ import pytest
 from train_fixtures import make_batch, nll_loss, per_row_nll_loss, tiny_config
 
 from align_jax import sharding
+from align_jax.losses import objectives
 from align_jax.models import transformer
 from align_jax.train import compile as compile_lib
 from align_jax.train import optim
@@ -26,7 +27,7 @@ def _setup(mesh, rules, *, loss_fn=nll_loss, grad_accum=1, seed=0, opt=OPT):
     shardings = state_lib.state_shardings(abstract, mesh, rules)
     params = transformer.init_params(CFG, jax.random.key(seed), mesh=mesh, rules=rules)
     state = compile_lib.init_train_state(params, tx=tx, seed=seed, state_shardings=shardings)
-    loss = step_lib.bind_loss(loss_fn, config=CFG)
+    loss = objectives.as_objective(loss_fn).bind(config=CFG)
     step = compile_lib.jit_train_step(loss=loss, tx=tx, schedule=schedule, grad_accum=grad_accum,
                                       mesh=mesh, rules=rules, state_shardings=shardings)
     return state, step, shardings
@@ -43,7 +44,7 @@ def _one_device():
 def test_accumulated_gradients_equal_full_batch():
     params = transformer.init_params(CFG, jax.random.key(1))
     batch = jax.tree.map(jnp.asarray, make_batch(0, batch_size=8))
-    loss = step_lib.bind_loss(per_row_nll_loss, config=CFG)
+    loss = objectives.as_objective(per_row_nll_loss).bind(config=CFG)
 
     @functools.partial(jax.jit, static_argnames="grad_accum")
     def grads(params, batch, grad_accum):
@@ -133,7 +134,7 @@ def test_opt_state_shares_param_shardings():
 def test_step_traces_once_and_draws_fold_in_randomness():
     traces = []
 
-    def loss_fn(params, batch, *, config, rng):
+    def loss_fn(params, batch, *, config, rng, ref_params):
         traces.append(1)
         loss, metrics = nll_loss(params, batch, config=config)
         return loss, {**metrics, "u": jax.random.uniform(rng)}
@@ -169,7 +170,7 @@ def test_bf16_compute_with_remat_keeps_float32_master_params():
     for name, cfg in (("f32", CFG), ("bf16", cfg16)):
         state = state_lib.init_state(jax.tree.map(jnp.copy, params), tx=tx, seed=0)
         step = jax.jit(functools.partial(
-            step_lib.train_step, loss=step_lib.bind_loss(nll_loss, config=cfg), tx=tx,
+            step_lib.train_step, loss=objectives.as_objective(nll_loss).bind(config=cfg), tx=tx,
             schedule=schedule, grad_accum=2))
         state, metrics = step(state, batch)
         state, metrics = step(state, batch)
@@ -185,11 +186,12 @@ def test_bf16_compute_with_remat_keeps_float32_master_params():
     assert float(metrics["loss"]) != float(ref["loss"])
 
 
-def test_bind_loss_passes_config_rng_and_reference():
+def test_objective_bind_passes_config_rng_reference_and_checks_options():
     params = transformer.init_params(CFG, jax.random.key(4))
     batch = jax.tree.map(jnp.asarray, make_batch(2))
     key = jax.random.key(0)
-    ours = step_lib.bind_loss(nll_loss, config=CFG)
+    no_ref = objectives.Objective(name="nll", loss=nll_loss)
+    ours = no_ref.bind(config=CFG)
     with pytest.raises(TypeError, match="ref_params"):
         ours(params, batch, rng=key, ref_params=params)
     seen = {}
@@ -198,26 +200,28 @@ def test_bind_loss_passes_config_rng_and_reference():
         seen.update(config=config, scale=scale, rng=rng, ref=ref_params)
         return nll_loss(params, batch, config=config)
 
-    bound = step_lib.bind_loss(loss_fn, config=CFG, loss_kwargs={"scale": 2.0})
+    scaled = objectives.Objective(name="scaled", loss=loss_fn, options=("scale",),
+                                  references=("params",))
+    bound = scaled.bind(config=CFG, options={"scale": 2.0})
     bound(params, batch, rng=key, ref_params=params)
     assert seen["config"] is CFG and seen["scale"] == 2.0
     assert seen["rng"] is key and seen["ref"] is params
-    # The objectives package plugs in the same way (config is passed, no rng, no reference).
-    from align_jax.losses import sft_loss
-    theirs = step_lib.bind_loss(sft_loss, config=CFG)
+    with pytest.raises(ValueError, match="objective 'scaled': unknown loss keyword 'scal'"):
+        scaled.bind(config=CFG, options={"scal": 2.0})
+    # The registered objectives plug in the same way.
+    theirs = objectives.get_objective("sft").bind(config=CFG)
     want, _ = jax.jit(lambda p, b: ours(p, b, rng=key, ref_params=None))(params, batch)
     got, _ = jax.jit(lambda p, b: theirs(p, b, rng=key, ref_params=None))(params, batch)
     np.testing.assert_allclose(got, want, rtol=1e-5)
 
 
 def test_token_mean_loss_accumulates_to_the_full_batch_with_uneven_masks():
-    from align_jax.losses import sft_loss
     params = transformer.init_params(CFG, jax.random.key(2))
     batch = make_batch(1, batch_size=8)
     # Rows score very different numbers of tokens: equal microbatch weights would be wrong.
     batch["loss_mask"][:4, 3:] = 0.0
     batch = jax.tree.map(jnp.asarray, batch)
-    loss = step_lib.bind_loss(sft_loss, config=CFG)
+    loss = objectives.get_objective("sft").bind(config=CFG)
 
     @functools.partial(jax.jit, static_argnames="grad_accum")
     def grads(params, batch, grad_accum):

@@ -17,8 +17,9 @@ def tiny_config(**overrides):
     return get_config("tiny", **overrides)
 
 
-def nll_loss(params, batch, *, config):
+def nll_loss(params, batch, *, config, rng=None, ref_params=None):
     """Mean next-token NLL over the loss mask (independent of align_jax.losses)."""
+    del rng, ref_params
     logits_BTV = transformer.forward(config, params, batch["tokens"],
                                      positions_BT=batch["positions"],
                                      segment_ids_BT=batch["segment_ids"])
@@ -32,8 +33,9 @@ def nll_loss(params, batch, *, config):
     return loss, {"tokens": jnp.sum(mask_BT)}
 
 
-def per_row_nll_loss(params, batch, *, config):
+def per_row_nll_loss(params, batch, *, config, rng=None, ref_params=None):
     """Mean over rows of each row's mean NLL: rows weigh equally (for accumulation checks)."""
+    del rng, ref_params
     logits_BTV = transformer.forward(config, params, batch["tokens"],
                                      positions_BT=batch["positions"],
                                      segment_ids_BT=batch["segment_ids"])
@@ -90,7 +92,7 @@ class CountingIterator:
         self.index = int(state["index"])
 
 
-def ref_aware_loss(params, batch, *, config, ref_params):
+def ref_aware_loss(params, batch, *, config, ref_params, rng=None):
     """nll_loss plus the distance of params from the frozen reference, as a metric."""
     loss, metrics = nll_loss(params, batch, config=config)
     diff = jax.tree.map(lambda a, b: a - b, params, ref_params)

@@ -1,0 +1,96 @@
+"""Layers import only downward, and no module imports itself back through others.
+
+The import graph is read from the source (ast), function-local imports included: a lazy import
+hides a dependency from the reader, not from this test.
+"""
+
+import ast
+import pathlib
+
+ROOT = pathlib.Path(__file__).resolve().parents[1] / "align_jax"
+
+# The layer order, bottom first: a module may import its own layer and the layers below it.
+LAYERS = (
+    ("align_jax", "align_jax.axes"),
+    ("align_jax.sharding",),
+    ("align_jax.runinfo",),
+    ("align_jax.tokenizer",),
+    ("align_jax.tokenizer_training",),
+    ("align_jax.models",),
+    ("align_jax.data",),
+    ("align_jax.losses",),
+    ("align_jax.train",),
+    ("align_jax.generate",),
+    ("align_jax.eval",),
+    ("align_jax.sdg",),
+    ("align_jax.methods",),
+    ("align_jax.cli",),
+)
+
+
+def _modules() -> dict[str, pathlib.Path]:
+    out = {}
+    for path in ROOT.rglob("*.py"):
+        parts = path.relative_to(ROOT.parent).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        out[name] = path
+    return out
+
+
+def _imports(path: pathlib.Path, modules) -> list[tuple[str, int]]:
+    """(imported align_jax module, line): `from pkg import mod` counts as mod, not pkg."""
+    out = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            out += [(a.name, node.lineno) for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            subs = [f"{node.module}.{a.name}" for a in node.names]
+            found = [s for s in subs if s in modules]
+            out += [(s, node.lineno) for s in found]
+            if len(found) < len(subs):
+                out.append((node.module, node.lineno))
+    return [(m, line) for m, line in out if m in modules]
+
+
+def _layer(module: str) -> int:
+    best, rank = -1, None
+    for i, names in enumerate(LAYERS):
+        for name in names:
+            if (module == name or module.startswith(name + ".")) and len(name) > best:
+                best, rank = len(name), i
+    assert rank is not None, f"{module} is in no layer: add it to LAYERS"
+    return rank
+
+
+def _graph():
+    modules = _modules()
+    return {name: _imports(path, modules) for name, path in modules.items()}, modules
+
+
+def test_every_import_points_down_or_within_its_layer():
+    graph, modules = _graph()
+    upward = [f"{modules[m].relative_to(ROOT.parent)}:{line}: {m} imports {dep}"
+              for m, deps in graph.items() for dep, line in deps if _layer(dep) > _layer(m)]
+    assert not upward, "upward imports:\n" + "\n".join(sorted(upward))
+
+
+def test_no_import_cycles():
+    graph, _ = _graph()
+    edges = {m: sorted({d for d, _ in deps if d != m}) for m, deps in graph.items()}
+    state, cycles = {}, []
+
+    def visit(m, stack):
+        state[m] = "open"
+        stack.append(m)
+        for d in edges[m]:
+            if state.get(d) == "open":
+                cycles.append(" -> ".join(stack[stack.index(d):] + [d]))
+            elif d not in state:
+                visit(d, stack)
+        stack.pop()
+        state[m] = "done"
+
+    for m in sorted(edges):
+        if m not in state:
+            visit(m, [])
+    assert not cycles, "import cycles:\n" + "\n".join(cycles)
