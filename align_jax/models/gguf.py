@@ -20,8 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from align_jax.models.config import ModelConfig
-from align_jax.models.hf import _set_path, _tensors, _to_ours, save_hf
 from align_jax.models.hf_config import config_from_hf
+from align_jax.models.hf_tensors import _set_path, _tensors, _to_ours, save_hf
 
 __all__ = ["gguf_to_hf", "load_gguf", "read_gguf_config"]
 
