@@ -36,6 +36,9 @@ setuptools.setup(
         "uvicorn",
         "openai",
         "httpx",
+        # GGUF import (align_jax.models.gguf) and transformers' GGUF tokenizer conversion.
+        "gguf>=0.19",
+        "accelerate",
     ],
     extras_require={
         "test": [

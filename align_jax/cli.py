@@ -21,7 +21,8 @@ COMMANDS = {
     "generate": ("align_jax.generate.entry", "generate_main", "sample completions for prompts"),
     "eval": ("align_jax.eval.entry", "eval_main", "evaluate a model"),
     "serve": ("align_jax.generate.server", "serve_main", "OpenAI-compatible HTTP server"),
-    "convert": ("align_jax.train.convert", "convert_main", "training checkpoint -> HF dir"),
+    "convert": ("align_jax.train.convert", "convert_main",
+                "training checkpoint or .gguf -> HF dir"),
     "plan": ("align_jax.train.plan", "plan_main", "per-device memory of a training step"),
     "bench": ("benchmarks.run", "main", "benchmarks"),
 }
@@ -118,6 +119,25 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def enable_compilation_cache() -> str | None:
+    """Keeps compiled programs across runs in `<cache_dir()>/jax` (JAX's persistent cache).
+
+    A second `align-jax` run with the same shapes loads its prefill, decode and train step
+    instead of compiling them (tens of seconds each for a 30-layer model on a CPU). An
+    explicit JAX_COMPILATION_CACHE_DIR, or ALIGN_JAX_COMPILATION_CACHE=0, wins.
+    Returns the folder used, or None.
+    """
+    if os.environ.get("JAX_COMPILATION_CACHE_DIR") or \
+            os.environ.get("ALIGN_JAX_COMPILATION_CACHE") == "0":
+        return None
+    import jax
+
+    from align_jax.models.named import cache_dir
+    path = os.path.join(cache_dir(), "jax")
+    jax.config.update("jax_compilation_cache_dir", path)
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if (argv and argv[0] in COMMANDS and argv[0] != "bench"
@@ -131,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     import gin
 
     from align_jax import ginconf
+    enable_compilation_cache()
     root = pathlib.Path(__file__).resolve().parent.parent
     folders = ginconf.search_folders(args.gin_search_path, str(root))
     ginconf.install_search_path(folders)

@@ -465,7 +465,9 @@ def load_tokenizer(path: str | os.PathLike, *, chat_template: str | None = None)
     """
     path = os.fspath(path)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"tokenizer path {path} does not exist")
+        # Names and .gguf files are resolved by the model layer, above this one.
+        raise FileNotFoundError(f"tokenizer path {path} does not exist (for a named model or a "
+                                f".gguf file use align_jax.models.named.resolve_model_path)")
     if os.path.isfile(path):
         name = os.path.basename(path)
         if name.endswith(".model"):

@@ -44,12 +44,13 @@ def eval_main(*, output_dir: str, models: Mapping[str, str], sft_test: str | Non
       judge_systems: systems the judge compares (default all).
     """
     from align_jax.eval.report import evaluate_models
+    from align_jax.models.named import resolve_model_path
     from align_jax.runinfo import run_folder
     from align_jax.tokenizer import load_tokenizer
 
     if not models:
         raise ValueError("eval_main.models is empty: map names to checkpoint dirs")
-    tok = load_tokenizer(next(iter(models.values())))
+    tok = load_tokenizer(resolve_model_path(next(iter(models.values()))))
     retriever = None
     if documents:
         from align_jax.data.documents import chunk_documents, load_documents

@@ -51,7 +51,8 @@ def generate_main(*, output_dir: str, model_dir: str, prompts: str, chat: bool =
 
     Args:
       output_dir: run folder.
-      model_dir: Hugging Face checkpoint dir with tokenizer files.
+      model_dir: Hugging Face checkpoint dir with tokenizer files, a .gguf file, or a named
+        default such as 'smollm2-135m-instruct' (align_jax/models/named.py).
       prompts: JSONL with `prompt` (str) or `messages` (chat) per line.
       chat: apply the model's chat template to `prompt` rows.
       max_new_tokens, temperature, top_p, top_k, seed, stop_strings: sampling.
@@ -60,13 +61,14 @@ def generate_main(*, output_dir: str, model_dir: str, prompts: str, chat: bool =
     from align_jax.atomic import atomic_write
     from align_jax.generate import generate
     from align_jax.models.hf import load_hf
+    from align_jax.models.named import resolve_model_path
     from align_jax.runinfo import run_folder
     from align_jax.tokenizer import load_tokenizer
 
     rows = _read_prompts(prompts)
     with run_folder(output_dir):
         config, params = load_hf(model_dir)
-        tok = load_tokenizer(model_dir)
+        tok = load_tokenizer(resolve_model_path(model_dir))
         ids = []
         for row in rows:
             messages = row.get("messages") or [{"role": "user", "content": row["prompt"]}]

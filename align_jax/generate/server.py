@@ -441,7 +441,7 @@ def app_from_checkpoint(model_dir: str, *, model_name: str | None = None,
     """Loads a Hugging Face checkpoint dir (with its tokenizer files) and builds the app.
 
     Args:
-      model_dir: the checkpoint dir.
+      model_dir: the checkpoint dir, a .gguf file or a named default model.
       model_name: the served model id (default: the dir's base name).
       dtype: parameter/compute dtype.  mesh, rules: shard the model (None: one device).
       **kwargs: passed to `make_app`.
@@ -451,10 +451,11 @@ def app_from_checkpoint(model_dir: str, *, model_name: str | None = None,
     import jax.numpy as jnp
 
     from align_jax.models.hf import load_hf
+    from align_jax.models.named import resolve_model_path
     from align_jax.tokenizer import load_tokenizer
 
     config, params = load_hf(model_dir, dtype=jnp.dtype(dtype), mesh=mesh, rules=rules)
-    tokenizer = load_tokenizer(model_dir)
+    tokenizer = load_tokenizer(resolve_model_path(model_dir))
     name = model_name or os.path.basename(os.path.normpath(model_dir))
     return make_app(config, params, tokenizer, model_name=name, mesh=mesh, rules=rules,
                     **kwargs)
@@ -470,7 +471,8 @@ def serve_main(*, model_dir: str, host: str = "127.0.0.1", port: int = 8000,
     """Entry of `align-jax serve`: serves an HF checkpoint dir until stopped (Ctrl-C).
 
     Args:
-      model_dir: Hugging Face checkpoint dir (config.json, safetensors, tokenizer files).
+      model_dir: Hugging Face checkpoint dir (config.json, safetensors, tokenizer files), a
+        .gguf file, or a named default such as 'smollm2-135m-instruct'.
       host, port: where to listen; keep 127.0.0.1 unless an api_key guards the server.
       api_key: required bearer token; default: $ALIGN_JAX_API_KEY if set, else none.
       model_name: the served model id (default: the dir's base name).

@@ -58,9 +58,10 @@ def sample_responses(model_dir: str, queries: Sequence[str], constitutions: Sequ
     from align_jax.data.formatting import render_prompt
     from align_jax.generate import generate
     from align_jax.models.hf import load_hf
+    from align_jax.models.named import resolve_model_path
     from align_jax.tokenizer import load_tokenizer
     config, params = load_hf(model_dir)
-    tok = load_tokenizer(model_dir)
+    tok = load_tokenizer(resolve_model_path(model_dir))
     prompts = [render_prompt(tok, f"{constitutions[i]}\n\n{q}").tolist()
                for q, draw in zip(queries, draws) for i in draw]
     out = generate(config, params, prompts, max_new_tokens=max_new_tokens,
@@ -85,9 +86,10 @@ def mi_bound(model_dir: str, records: Sequence[dict], *, seq_len: int,
     from align_jax.losses import sami_logps
     from align_jax.losses.scorer import score_examples
     from align_jax.models.hf import load_hf
+    from align_jax.models.named import resolve_model_path
     from align_jax.tokenizer import load_tokenizer
     config, params = load_hf(model_dir)
-    tok = load_tokenizer(model_dir)
+    tok = load_tokenizer(resolve_model_path(model_dir))
     examples, _, _ = format_records(records, kind="sami", tokenizer=tok, seq_len=seq_len,
                                     truncation="truncate_prompt_left", on_error="skip")
     logps = score_examples(lambda p, b: sami_logps(config, p, b)[0], params, examples,

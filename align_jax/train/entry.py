@@ -20,6 +20,7 @@ from align_jax.atomic import atomic_write_json
 from align_jax.losses import objectives
 from align_jax.models.config import ModelConfig, get_config
 from align_jax.models.lora import lora_config
+from align_jax.models.named import resolve_model_path
 from align_jax.tokenizer import copy_tokenizer_files, load_tokenizer
 from align_jax.train import status as status_lib
 from align_jax.train.loop import train
@@ -211,6 +212,8 @@ def _train_main(settings, *, output_dir, data, objective, model, model_overrides
         # same weights in the same step, for any mode the objective would otherwise use.
         ref_mode = "adapters_off"
     fmt = obj.data_format
+    if init_from is not None:  # a named default or a .gguf file -> its cached HF dir
+        init_from = resolve_model_path(init_from)
     tok_path = tokenizer or init_from
     if tok_path is None:
         raise ValueError("train_main: set `tokenizer` (or `init_from`, whose dir has one)")
