@@ -187,7 +187,8 @@ def params_checksum(model_dir: str) -> float:
 
 
 def win_rates(held: Sequence[dict], base: Sequence[dict], constitutions: Sequence[Sequence[str]],
-              *, judge, template: str = "principles", seed: int = 0) -> dict:
+              *, judge, template: str = "principles", seed: int = 0,
+              max_tokens: int = 512) -> dict:
     """Win rate of `held` responses over `base` responses to the same held-out prompts, judged
     per constitution (the judge is shown that constitution's principles)."""
     from align_jax.eval.judge import pairwise_win_rate
@@ -201,7 +202,7 @@ def win_rates(held: Sequence[dict], base: Sequence[dict], constitutions: Sequenc
     out, total, weights = {}, 0.0, 0
     for cid, (prompts, a, b) in sorted(groups.items()):
         res = pairwise_win_rate(prompts, a, b, judge=judge, template=template, seed=seed,
-                                principles="\n".join(constitutions[cid]))
+                                principles="\n".join(constitutions[cid]), max_tokens=max_tokens)
         out[str(cid)] = res.summary()
         total += res.win_rate * res.n_pairs
         weights += res.n_pairs
@@ -222,7 +223,8 @@ def sami(*, output_dir: str, init_from: str, constitutions: str, queries: str,
          prompt_format: str = "plain", example_format: bool = False,
          filters: Sequence[str] = sami_prompts.DEFAULT_FILTERS, init: str = "base",
          judge: str | None = None, judge_template: str = "principles",
-         seq_len: int = 512, mesh: sharding.MeshSpec | None = None, rules: str = "fsdp",
+         judge_max_tokens: int = 512, seq_len: int = 512,
+         mesh: sharding.MeshSpec | None = None, rules: str = "fsdp",
          seed: int = 0, progress: bool = True) -> dict[str, Any]:
     """Runs SAMI and returns the report (also <output_dir>/report.json, report.md, report.png).
 
@@ -247,6 +249,7 @@ def sami(*, output_dir: str, init_from: str, constitutions: str, queries: str,
       judge: teacher spec ("local:<dir>" or "openai:<url>") for win rates against the base
         model after each iteration; None skips them.
       judge_template: the judge template (align_jax.eval.judge), "principles" by default.
+      judge_max_tokens: the judge's token budget per verdict.
       seq_len: rows of (prompt, response).
       mesh, rules, seed, progress: as for `align-jax train`.
     """
@@ -291,7 +294,8 @@ def sami(*, output_dir: str, init_from: str, constitutions: str, queries: str,
              f"held-out queries, mean response {row['mean_response_tokens']:.1f} tokens")
         if teacher is not None and k > 0:
             row["win_rate_vs_base"] = win_rates(recs, held_records[0], cons, judge=teacher,
-                                                template=judge_template, seed=seed)
+                                                template=judge_template, seed=seed,
+                                                max_tokens=judge_max_tokens)
             _say(f"{name}: win rate vs base {row['win_rate_vs_base']['win_rate']:.3f}")
         return row
 
