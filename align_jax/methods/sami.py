@@ -223,7 +223,7 @@ def sami(*, output_dir: str, init_from: str, constitutions: str, queries: str,
          prompt_format: str = "plain", example_format: bool = False,
          filters: Sequence[str] = sami_prompts.DEFAULT_FILTERS, init: str = "base",
          judge: str | None = None, judge_template: str = "principles",
-         judge_max_tokens: int = 512, seq_len: int = 512,
+         judge_max_tokens: int = 512, kl_coef: float = 0.0, seq_len: int = 512,
          mesh: sharding.MeshSpec | None = None, rules: str = "fsdp",
          seed: int = 0, progress: bool = True) -> dict[str, Any]:
     """Runs SAMI and returns the report (also <output_dir>/report.json, report.md, report.png).
@@ -250,6 +250,8 @@ def sami(*, output_dir: str, init_from: str, constitutions: str, queries: str,
         model after each iteration; None skips them.
       judge_template: the judge template (align_jax.eval.judge), "principles" by default.
       judge_max_tokens: the judge's token budget per verdict.
+      kl_coef: weight of the optional KL regulariser to the iteration's starting model (the
+        base model under init='base'; losses.sami.sami_kl_penalty); 0 is the paper's default.
       seq_len: rows of (prompt, response).
       mesh, rules, seed, progress: as for `align-jax train`.
     """
@@ -329,6 +331,7 @@ def sami(*, output_dir: str, init_from: str, constitutions: str, queries: str,
         train_main(output_dir=run_dir, data=data, objective="sami", init_from=start,
                    seq_len=seq_len, batch_size=batch_size, num_steps=steps,
                    truncation="truncate_prompt_left", on_error="skip",
+                   loss_kwargs={"kl_coef": kl_coef} if kl_coef else None,
                    optimizer=OptimizerConfig(learning_rate=learning_rate, schedule="constant"),
                    mesh=mesh, rules=rules, seed=seed, save_every=steps, log_every=1,
                    progress=progress)
