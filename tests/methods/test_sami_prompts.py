@@ -135,7 +135,7 @@ def test_mi_bound_sums_log_probs_over_response_tokens(tmp_path):
     responses = [["plants grow", "from seeds with water and light"], ["be kind", "answer"]]
     records = [{**r, "responses": y, "texts": y, "response_tokens": [1, 1]}
                for r, y in zip(rows, responses)]
-    got = sami.mi_bound(str(tmp_path), records, seq_len=64, batch_size=2)
+    got = sami.mi_bound(str(tmp_path), records, seq_len=512, batch_size=2)
 
     def logp(prompt, response, average):
         p = encode_prompt(tok, prompt, chat_template=False)
