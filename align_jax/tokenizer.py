@@ -115,6 +115,22 @@ class Tokenizer:
         """
         return self._render(validate_messages(messages), add_generation_prompt)
 
+    def encode_pair(self, text: str, text_pair: str | None = None, *,
+                    max_length: int | None = None) -> tuple[list[int], list[int]]:
+        """Encoder input for one text or a text pair, with the model's special tokens.
+
+        BERT: [CLS] a [SEP] b [SEP] with token types 0...0 1...1; RoBERTa: <s> a </s></s> b </s>.
+
+        Args:
+          text: the first segment.
+          text_pair: the optional second segment.
+          max_length: truncate (longest segment first) to this many ids, specials included.
+        Returns:
+          (ids, token_type_ids).
+        """
+        raise ValueError(f"tokenizer {self.path} has no encoder (CLS/SEP) template; "
+                         f"encode_pair needs a Hugging Face BERT-family tokenizer")
+
     def id_to_piece(self, token_id: int) -> str:
         """Returns the vocabulary string of one id."""
         return self._id_to_piece(self._check_id(int(token_id)))
@@ -330,6 +346,16 @@ class _HFTokenizer(Tokenizer):
 
     def _decode(self, ids, skip_special_tokens):
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def encode_pair(self, text, text_pair=None, *, max_length=None):
+        if not isinstance(text, str) or not (text_pair is None or isinstance(text_pair, str)):
+            raise TypeError("encode_pair expects str segments")
+        out = self._tok(text, text_pair, add_special_tokens=True,
+                        truncation="longest_first" if max_length else False,
+                        max_length=max_length, return_token_type_ids=True)
+        ids = list(out["input_ids"])
+        types = list(out.get("token_type_ids") or [0] * len(ids))
+        return ids, types
 
     def _render(self, messages, add_generation_prompt):
         if not self.chat_template:

@@ -21,8 +21,9 @@ LAYERS = (
     ("align_jax.losses",),
     ("align_jax.train",),
     ("align_jax.generate",),
-    ("align_jax.eval",),
+    # The judge in eval is a Teacher (sdg.teacher / sdg.backends), so sdg sits below eval.
     ("align_jax.sdg",),
+    ("align_jax.eval",),
     ("align_jax.methods",),
     ("align_jax.cli",),
 )

@@ -1,4 +1,4 @@
-"""`align-jax eval`: score checkpoints on held-out records; report.md, report.json, report.png.
+"""`align-jax eval`: every system answers held-out questions; report.md/.csv/.json and PNGs.
 
     align-jax eval \
       --gin_param="entry.eval_main.models={'sft': 'runs/demo/sft/hf', 'dpo': 'runs/demo/dpo/hf'}" \
@@ -21,8 +21,12 @@ def _read(path: str | None, schema: str) -> list[dict]:
 
 def eval_main(*, output_dir: str, models: Mapping[str, str], sft_test: str | None = None,
               preference_test: str | None = None, documents: tuple[str, ...] = (),
-              rag_models: tuple[str, ...] = (), seq_len: int = 1024, num_samples: int = 3,
-              max_new_tokens: int = 64, chunk_tokens: int = 256) -> int:
+              rag_models: tuple[str, ...] | None = None, seq_len: int = 1024,
+              num_samples: int = 3, max_new_tokens: int = 64, chunk_tokens: int = 256,
+              retrieval: str = "semantic", num_questions: int | None = None,
+              bertscore_model: str | None = "all-minilm-l6-v2", judge: str | None = None,
+              judge_template: str = "relative", judge_kwargs: Mapping | None = None,
+              judge_systems: tuple[str, ...] | None = None) -> int:
     """Scores every model (name -> HF dir; all share the first model's tokenizer).
 
     Args:
@@ -31,8 +35,14 @@ def eval_main(*, output_dir: str, models: Mapping[str, str], sft_test: str | Non
       sft_test: held-out SFT records (answer likelihood, sample answers).
       preference_test: held-out preference records (accuracy of log p chosen > rejected).
       documents: value documents to retrieve from for the RAG rows of `rag_models`.
-      rag_models: models also scored with the best-matching chunk in the prompt.
+      rag_models: models also run with the best-matching chunk in the prompt (default all).
       seq_len, num_samples, max_new_tokens, chunk_tokens: scoring and sampling settings.
+      retrieval: "semantic" (all-MiniLM-L6-v2, BM25 when missing), "bm25" or "tfidf".
+      num_questions: held-out questions every system answers (default all).
+      bertscore_model: encoder for BERTScore (None skips it).
+      judge: "local:..." or "openai:..." teacher for pairwise win rates (None skips them).
+      judge_template, judge_kwargs: see `align_jax.eval.judge.win_rate_matrix`.
+      judge_systems: systems the judge compares (default all).
     """
     from align_jax.eval.report import evaluate_models
     from align_jax.runinfo import run_folder
@@ -44,17 +54,21 @@ def eval_main(*, output_dir: str, models: Mapping[str, str], sft_test: str | Non
     retriever = None
     if documents:
         from align_jax.data.documents import chunk_documents, load_documents
-        from align_jax.eval.retrieval import Retriever
+        from align_jax.eval.retrieval import make_retriever
         chunks = chunk_documents(load_documents(documents), tok, chunk_tokens=chunk_tokens,
                                  overlap=chunk_tokens // 8)
-        retriever = Retriever([c.text for c in chunks])
+        retriever = make_retriever([c.text for c in chunks], kind=retrieval)
     with run_folder(output_dir):
         report = evaluate_models(output_dir, models=dict(models), tokenizer=tok,
                                  sft_test=_read(sft_test, "sft"),
                                  pref_test=_read(preference_test, "preference"),
-                                 retriever=retriever, rag_models=tuple(rag_models),
+                                 retriever=retriever,
+                                 rag_models=tuple(models if rag_models is None else rag_models),
                                  seq_len=seq_len, num_samples=num_samples,
-                                 max_new_tokens=max_new_tokens)
+                                 max_new_tokens=max_new_tokens, num_questions=num_questions,
+                                 bertscore_model=bertscore_model, judge=judge,
+                                 judge_template=judge_template, judge_kwargs=judge_kwargs,
+                                 judge_systems=judge_systems)
         with open(os.path.join(output_dir, "report.json"), "w") as f:
             json.dump(report, f, indent=1)
     print(open(os.path.join(output_dir, "report.md")).read())

@@ -1,82 +1,70 @@
-"""Evaluate several checkpoints on the same held-out records; write report.md and report.png."""
+"""Evaluate several checkpoints on the same held-out records; write the report.
 
-import json
+report.md (the papers' table of systems x metrics, the judged win-rate matrix, side-by-side
+answers), report.csv (the table), report.json, report.png (training curves, NLL, preference
+accuracy), metrics.png (reference metrics per system) and winrate.png (the heatmap).
+"""
+
+import csv
 import os
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from align_jax.eval.answers import (
+    RAG_SUFFIX,
+    evaluate_generation,
+    load_bertscore_model,
+    metric_table,
+)
+from align_jax.eval.plots import plot_metrics, plot_overview, plot_win_rates
 from align_jax.eval.scoring import answer_nll, preference_accuracy
-from align_jax.tokenizer import encode_prompt
-
-
-def _samples(config, params, tokenizer, prompts, *, max_new_tokens):
-    from align_jax.generate import generate
-    ids = [encode_prompt(tokenizer, p) for p in prompts]
-    out = generate(config, params, ids, max_new_tokens=max_new_tokens, tokenizer=tokenizer)
-    return out.texts
-
-
-def _metrics(path: str) -> list[dict]:
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def plot(out_dir: str, report: Mapping, stages: Mapping[str, str]) -> str:
     """report.png: training loss per stage and held-out metrics per model."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    for folder, label in stages.items():
-        rows = [r for r in _metrics(os.path.join(out_dir, folder, "metrics.jsonl")) if "loss" in r]
-        if rows:
-            axes[0].plot([r["step"] for r in rows], [r["loss"] for r in rows], label=label)
-    axes[0].set(title="training loss", xlabel="step", ylabel="loss")
-    axes[0].legend()
-    names = list(report["models"])
-    nll = [report["models"][n]["answer_nll"]["nll_per_token"] for n in names]
-    rag = [report["models"][n].get("answer_nll_rag", {}).get("nll_per_token", np.nan)
-           for n in names]
-    x = np.arange(len(names))
-    axes[1].bar(x - 0.2, nll, 0.4, label="question only")
-    axes[1].bar(x + 0.2, rag, 0.4, label="+ 1 retrieved chunk (RAG)")
-    axes[1].set(title="held-out answer NLL / token (lower is better)", xticks=x)
-    axes[1].set_xticklabels(names, rotation=15)
-    axes[1].legend()
-    acc = [report["models"][n]["preference"]["accuracy"] for n in names]
-    axes[2].bar(x, acc, 0.5)
-    axes[2].axhline(0.5, color="gray", linestyle="--", linewidth=1)
-    axes[2].set(title="held-out preference accuracy (log p chosen > rejected)", xticks=x,
-                ylim=(0, 1))
-    axes[2].set_xticklabels(names, rotation=15)
-    fig.tight_layout()
-    path = os.path.join(out_dir, "report.png")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return plot_overview(out_dir, report, stages)
+
+
+def _judge(judge, matrix_inputs, *, template, judge_kwargs):
+    from align_jax.eval.judge import win_rate_matrix
+    if isinstance(judge, str):
+        from align_jax.sdg.backends import make_teacher
+        judge = make_teacher(judge)
+    return win_rate_matrix(*matrix_inputs, judge=judge, template=template, **judge_kwargs)
 
 
 def evaluate_models(out_dir: str, *, models: Mapping[str, str], tokenizer, sft_test: Sequence,
                     pref_test: Sequence, retriever=None, rag_models: Sequence[str] = (),
                     reference: tuple[str, str] | None = None, seq_len: int = 256,
                     num_samples: int = 3, max_new_tokens: int = 40,
-                    stages: Mapping[str, str] | None = None) -> dict:
+                    stages: Mapping[str, str] | None = None, num_questions: int | None = None,
+                    bertscore_model="all-minilm-l6-v2", judge=None,
+                    judge_template: str = "relative", judge_kwargs: Mapping | None = None,
+                    judge_systems: Sequence[str] | None = None, mesh=None,
+                    rules: str = "fsdp") -> dict:
     """Scores each model (name -> HF dir) on the held-out records and writes the report.
 
     Args:
-      out_dir: where report.md and report.png go.
+      out_dir: where the report files go.
       models: display name -> Hugging Face checkpoint dir.
       tokenizer: the tokenizer all models share.
       sft_test, pref_test: held-out SFT and preference records.
-      retriever: an `align_jax.eval.retrieval.Retriever` for the RAG baseline rows.
-      rag_models: models also scored with one retrieved chunk in the prompt.
+      retriever: an `align_jax.eval.retrieval` retriever (semantic, BM25, TF-IDF) for RAG.
+      rag_models: models also run with one retrieved chunk in the prompt ("<name> + RAG").
       reference: (policy, reference) names: also report DPO's implicit-reward accuracy.
       seq_len: scoring length.
-      num_samples, max_new_tokens: greedy answers to the first held-out questions.
+      num_samples: answers shown side by side in report.md.
+      max_new_tokens: answer budget (greedy).
       stages: run sub-folder -> model name, for the loss curves.
+      num_questions: held-out questions answered by every system (default all).
+      bertscore_model: encoder for BERTScore (dir, named model or loaded); None skips it.
+      judge: a Teacher or "local:..."/"openai:..." spec for the pairwise win rates; None skips.
+      judge_template, judge_kwargs: see `align_jax.eval.judge.win_rate_matrix`.
+      judge_systems: the systems the judge compares (default all; a small judge on a CPU
+        may only afford a few).
+      mesh, rules: a jax Mesh: scoring (the shared scorer) and generation are sharded over
+        it, with the `rules` preset for generation.
     Returns:
       The report dict.
     """
@@ -84,37 +72,116 @@ def evaluate_models(out_dir: str, *, models: Mapping[str, str], tokenizer, sft_t
     from align_jax.models.hf import load_hf
     report = {"models": {}, "samples": {}}
     loaded = {}
-    prompts = [r["prompt"] for r in list(sft_test)[:num_samples]]
+    questions = list(sft_test)[:num_questions] if num_questions else list(sft_test)
+    rag_questions = with_retrieval(questions, retriever) if retriever is not None else None
     for name, path in models.items():
         config, params = load_hf(path)
         loaded[name] = (config, params)
-        row = {"answer_nll": answer_nll(config, params, tokenizer, sft_test, seq_len=seq_len),
+        row = {"answer_nll": answer_nll(config, params, tokenizer, sft_test, seq_len=seq_len,
+                                        mesh=mesh),
                "preference": preference_accuracy(config, params, tokenizer, pref_test,
-                                                 seq_len=seq_len)}
+                                                 seq_len=seq_len, mesh=mesh)}
         if retriever is not None and name in rag_models:
             row["answer_nll_rag"] = answer_nll(config, params, tokenizer,
                                                with_retrieval(sft_test, retriever),
-                                               seq_len=seq_len)
+                                               seq_len=seq_len, mesh=mesh)
         report["models"][name] = row
-        if prompts:
-            report["samples"][name] = _samples(config, params, tokenizer, prompts,
-                                               max_new_tokens=max_new_tokens)
     if reference is not None and all(n in loaded for n in reference):
         report["implicit_reward"] = preference_accuracy(
             *loaded[reference[0]], tokenizer, pref_test, seq_len=seq_len,
-            reference=loaded[reference[1]])
-    _write_markdown(out_dir, report, prompts, reference)
+            reference=loaded[reference[1]], mesh=mesh)
+    if questions:
+        gen = evaluate_generation(loaded, tokenizer, questions, rag_records=rag_questions,
+                                  rag_models=rag_models, max_new_tokens=max_new_tokens,
+                                  bertscore_model=load_bertscore_model(bertscore_model),
+                                  mesh=mesh, rules=rules)
+        report["generation"] = {k: gen[k] for k in ("metrics", "settings", "seconds")}
+        report["answers"] = gen["answers"]
+        report["samples"] = {s: a[:num_samples] for s, a in gen["answers"].items()}
+        judged = {s: a for s, a in gen["answers"].items()
+                  if judge_systems is None or s in judge_systems}
+        if judge_systems is not None and len(judged) != len(set(judge_systems)):
+            raise ValueError(f"judge_systems {sorted(set(judge_systems) - set(judged))} are not "
+                             f"among the systems {list(gen['answers'])}")
+        if judge is not None and len(judged) > 1:
+            m = _judge(judge, (gen["prompts"], judged), template=judge_template,
+                       judge_kwargs={"references": gen["references"], **(judge_kwargs or {})})
+            report["win_rates"] = {
+                "judge": judge if isinstance(judge, str) else type(judge).__name__,
+                "template": str(judge_template), "names": m["names"],
+                **{k: np.asarray(m[k]).tolist()
+                   for k in ("win_rate", "ci_low", "ci_high", "lc_win_rate")},
+                "pairs": {f"{a} vs {b}": r.summary() for (a, b), r in m["results"].items()}}
+            plot_win_rates(os.path.join(out_dir, "winrate.png"), m,
+                           judge=report["win_rates"]["judge"])
+        plot_metrics(os.path.join(out_dir, "metrics.png"), gen["metrics"])
+        _write_csv(os.path.join(out_dir, "report.csv"), report)
+    _write_markdown(out_dir, report, [q["prompt"] for q in questions[:num_samples]], reference,
+                    [q.get("completion", "") for q in questions[:num_samples]])
     if stages:
         plot(out_dir, report, stages)
     return report
 
 
-def _write_markdown(out_dir, report, prompts, reference):
-    lines = ["# Value alignment report", "",
-             "Held-out records (never trained on). NLL is per answer token; preference "
-             "accuracy is how often log p(chosen) > log p(rejected).", "",
-             "| model | answer NLL | answer NLL + RAG | preference accuracy | mean margin |",
-             "|---|---|---|---|---|"]
+def _fmt(x) -> str:
+    if isinstance(x, str):
+        return x
+    return "-" if x is None or not np.isfinite(x) else f"{x:.3f}"
+
+
+def _write_csv(path, report):
+    header, rows = metric_table(report)
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows([[r[0]] + [None if not np.isfinite(x) else float(x) for x in r[1:]]
+                     for r in rows])
+
+
+def _win_rate_lines(wr) -> list[str]:
+    names = wr["names"]
+    lines = ["", f"## Pairwise win rates (judge: {wr['judge']}, template: {wr['template']})", "",
+             "Win rate of the row system over the column system, both orders judged, ties "
+             "count 1/2; [95% interval]. Length-controlled and position statistics per pair "
+             "below. Picture: winrate.png.", "",
+             "| A \\ B | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for i, a in enumerate(names):
+        cells = ["-" if i == j else f"{wr['win_rate'][i][j]:.2f} "
+                 f"[{wr['ci_low'][i][j]:.2f}, {wr['ci_high'][i][j]:.2f}]"
+                 for j in range(len(names))]
+        lines.append(f"| {a} | " + " | ".join(cells) + " |")
+    lines += ["", "| pair | win rate A | LC (regression) | LC (stratified) | A longer | "
+                  "position bias | unparsed verdicts |", "|---|---|---|---|---|---|---|"]
+    for pair, r in wr["pairs"].items():
+        lines.append(f"| {pair} | {_fmt(r['win_rate'])} | {_fmt(r['lc_win_rate'])} | "
+                     f"{_fmt(r['lc_stratified'])} | {_fmt(r['a_longer_share'])} | "
+                     f"{_fmt(r['position_bias'])} | {r['parse_failures']}/{r['n_judgements']} |")
+    return lines
+
+
+def _write_markdown(out_dir, report, prompts, reference, refs):
+    lines = ["# Value alignment report", ""]
+    gen = report.get("generation")
+    if gen:
+        s = gen["settings"]
+        header, rows = metric_table(report)
+        lines += [f"Every system answers the same {s['questions']} held-out questions "
+                  f"({s['decoding']} decoding, at most {s['max_new_tokens']} new tokens); "
+                  f"answers are scored against the reference answers. BLEU is corpus "
+                  f"SacreBLEU (0-100); ROUGE and BERTScore are mean F-measures (0-1). "
+                  f"Answer NLL is per answer token (lower is better; RAG rows with the "
+                  f"passage in the prompt); preference accuracy is the model's.", "",
+                  "| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+        lines += ["| " + " | ".join(_fmt(x) for x in r) + " |" for r in rows]
+        lines += ["", "Pictures: metrics.png (reference metrics), report.png (training curves, "
+                      "NLL, preference accuracy)."]
+    if "win_rates" in report:
+        lines += _win_rate_lines(report["win_rates"])
+    lines += ["", "## Teacher-forced scores per model", "",
+              "Held-out records (never trained on). NLL is per answer token; preference "
+              "accuracy is how often log p(chosen) > log p(rejected).", "",
+              "| model | answer NLL | answer NLL + RAG | preference accuracy | mean margin |",
+              "|---|---|---|---|---|"]
     for name, row in report["models"].items():
         rag = row.get("answer_nll_rag", {}).get("nll_per_token")
         lines.append(f"| {name} | {row['answer_nll']['nll_per_token']:.3f} | "
@@ -131,8 +198,16 @@ def _write_markdown(out_dir, report, prompts, reference):
         lines += ["", f"{first['answer_nll']['examples']} held-out SFT records, "
                       f"{first['preference']['examples']} held-out preference pairs."]
     for i, p in enumerate(prompts):
-        lines += ["", f"## Sample {i + 1}: {p}", ""]
+        lines += ["", f"## Sample {i + 1}: {p}", "", "| system | answer |", "|---|---|",
+                  f"| *reference* | {_cell(refs[i])} |"]
         for name, texts in report["samples"].items():
-            lines.append(f"- **{name}**: {texts[i].strip()!r}")
+            lines.append(f"| {name} | {_cell(texts[i])} |")
     with open(os.path.join(out_dir, "report.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
+
+
+def _cell(text: str) -> str:
+    return " ".join(str(text).split()).replace("|", "\\|") or "*(empty)*"
+
+
+__all__ = ["RAG_SUFFIX", "evaluate_models", "plot"]

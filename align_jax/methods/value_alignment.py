@@ -9,8 +9,11 @@ Stages (each a folder of <output_dir>):
            run starts from scratch (no `init_from`) this is also the base model of SFT.
   sft/     SFT on D_sft.
   dpo/     DPO on D_pref with the SFT model as reference (reference log-probs precomputed).
-  report.md, report.json, report.png: held-out answer likelihood (with and without one
-           retrieved chunk, the RAG baseline), preference accuracy, sample answers, loss curves.
+  report.md, report.csv, report.json, report.png, metrics.png (winrate.png with a judge):
+           every system (base, c-fine-tuned, SFT, SFT+DPO, each without and with one
+           retrieved chunk, the RAG baseline) answers the held-out questions; BLEU, ROUGE,
+           BERTScore against the reference answers, held-out answer likelihood, preference
+           accuracy, judged pairwise win rates, side-by-side answers, loss curves.
 """
 
 import json
@@ -93,7 +96,12 @@ def value_alignment(*, output_dir: str, document: str, model: str | None = "tiny
                     dpo_learning_rate: float = 1e-3, beta: float = 0.1,
                     mesh: sharding.MeshSpec | None = None, rules: str = "dp",
                     num_samples: int = 3, max_new_tokens: int = 40, seed: int = 0,
-                    progress: bool = True) -> dict[str, Any]:
+                    progress: bool = True, retrieval: str = "semantic",
+                    num_questions: int | None = None,
+                    bertscore_model: str | None = "all-minilm-l6-v2", judge: str | None = None,
+                    judge_template: str = "relative",
+                    judge_kwargs: Mapping[str, Any] | None = None,
+                    judge_systems: Sequence[str] | None = None) -> dict[str, Any]:
     """Runs the whole method and its baselines; returns the report dict.
 
     Args:
@@ -112,12 +120,19 @@ def value_alignment(*, output_dir: str, document: str, model: str | None = "tiny
       learning_rate, dpo_learning_rate: peak rates (AdamW, cosine, 10% warmup).
       beta: DPO's beta.
       mesh, rules: device mesh and sharding preset for every stage.
-      num_samples, max_new_tokens: greedy sample answers shown in the report.
+      num_samples, max_new_tokens: answers shown side by side; answer budget (greedy).
       seed: seed of every stage.
       progress: progress bars.
+      retrieval: RAG retriever over the chunks: "semantic" (all-MiniLM-L6-v2; BM25 when it
+        is not installed), "bm25" or "tfidf".
+      num_questions: held-out questions every system answers (default all).
+      bertscore_model: encoder for BERTScore; None skips it.
+      judge: "local:<dir or name>" / "openai:<URL>" for pairwise win rates; None skips them.
+      judge_template, judge_kwargs: see `align_jax.eval.judge.win_rate_matrix`.
+      judge_systems: systems the judge compares (default all), e.g. ("base", "sft+dpo").
     """
     from align_jax.data.documents import chunk_document, load_document
-    from align_jax.eval.retrieval import Retriever
+    from align_jax.eval.retrieval import make_retriever
     from align_jax.tokenizer import load_tokenizer
     from align_jax.train.entry import build_tokenizer, train_main
 
@@ -172,10 +187,13 @@ def value_alignment(*, output_dir: str, document: str, model: str | None = "tiny
         models.pop("base")  # the same model as c-fine-tuned
     report = evaluate_models(
         out, models=models, tokenizer=tok, sft_test=sft_test, pref_test=pref_test,
-        retriever=Retriever([c.text for c in chunks]), rag_models=("c-fine-tuned", "sft"),
-        reference=("sft+dpo", "sft"), seq_len=seq_len, num_samples=num_samples,
-        max_new_tokens=max_new_tokens, stages={"cft": "c-fine-tuned", "sft": "sft",
-                                               "dpo": "sft+dpo"})
+        retriever=make_retriever([c.text for c in chunks], kind=retrieval),
+        rag_models=tuple(models), reference=("sft+dpo", "sft"), seq_len=seq_len,
+        num_samples=num_samples, max_new_tokens=max_new_tokens,
+        stages={"cft": "c-fine-tuned", "sft": "sft", "dpo": "sft+dpo"},
+        num_questions=num_questions, bertscore_model=bertscore_model, judge=judge,
+        judge_template=judge_template, judge_kwargs=judge_kwargs, judge_systems=judge_systems,
+        mesh=sharding.make_mesh(mesh) if mesh is not None else None, rules=rules)
     report["data_origin"] = origin
     with open(os.path.join(out, "report.json"), "w") as f:
         json.dump(report, f, indent=1)

@@ -43,7 +43,12 @@ def test_recipe_runs_every_stage_and_reports(tmp_path, monkeypatch):
         assert 0.0 <= row["preference"]["accuracy"] <= 1.0
     assert "answer_nll_rag" in report["models"]["sft"]
     assert 0.0 <= report["implicit_reward"]["accuracy"] <= 1.0
-    for name in ("report.md", "report.png", "dpo/hf/model.safetensors", "data/sft_test.jsonl"):
+    # Every model answers with and without the retrieved chunk, scored against the references.
+    metrics = report["generation"]["metrics"]
+    assert set(metrics) == {f"{m}{rag}" for m in report["models"] for rag in ("", " + RAG")}
+    assert all(0 <= m["bleu"] <= 100 and 0 <= m["rougeL"] <= 1 for m in metrics.values())
+    for name in ("report.md", "report.png", "report.csv", "metrics.png",
+                 "dpo/hf/model.safetensors", "data/sft_test.jsonl"):
         assert (out / name).exists(), name
     # Held-out prompts never appear in training data.
     train = {json.loads(x)["prompt"] for x in open(out / "data" / "sft_train.jsonl")}

@@ -1,0 +1,169 @@
+"""Generated answers of every system and their reference metrics (BLEU, ROUGE, BERTScore).
+
+A system is a model with or without the RAG passage in the prompt. All of one model's
+prompts (its plain and its RAG questions) go through `align_jax.generate` in one call, so
+the device sees one batched generation per model; decoding is greedy unless told otherwise
+and the settings are recorded with the answers.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from align_jax.eval.metrics import bleu, rouge
+
+log = logging.getLogger(__name__)
+
+RAG_SUFFIX = " + RAG"
+
+
+def chat_prompt_ids(tokenizer, prompt: str, *, max_prompt_tokens: int) -> list[int]:
+    """The prompt as a single user turn through the chat template, left-truncated."""
+    from align_jax.tokenizer import encode_prompt
+    return encode_prompt(tokenizer, prompt)[-max_prompt_tokens:]
+
+
+def generate_answers(config, params, tokenizer, prompt_sets: Mapping[str, Sequence[str]], *,
+                     max_new_tokens: int, temperature: float = 0.0, seed: int = 0,
+                     batch_size: int | None = None, mesh=None, rules: str = "fsdp"
+                     ) -> dict[str, list[str]]:
+    """One model's answers to several prompt sets, in one batched generation.
+
+    Args:
+      config, params: the model.
+      tokenizer: its tokenizer (chat template).
+      prompt_sets: system name -> its prompts (e.g. plain and with the RAG passage).
+      max_new_tokens, temperature, seed: decoding (greedy by default).
+      batch_size, mesh, rules: passed to `generate`.
+    Returns:
+      system name -> answers, in prompt order.
+    """
+    from align_jax.generate import generate
+    names = list(prompt_sets)
+    flat = [p for n in names for p in prompt_sets[n]]
+    if not flat:
+        return {n: [] for n in names}
+    budget = int(config.max_position) - max_new_tokens
+    if budget < 1:
+        raise ValueError(f"max_new_tokens {max_new_tokens} leaves no room for a prompt in the "
+                         f"model's {config.max_position} positions")
+    ids = [chat_prompt_ids(tokenizer, p, max_prompt_tokens=budget) for p in flat]
+    out = generate(config, params, ids, max_new_tokens=max_new_tokens, temperature=temperature,
+                   seed=seed, tokenizer=tokenizer, batch_size=batch_size, mesh=mesh,
+                   rules=rules)
+    texts, result, start = list(out.texts), {}, 0
+    for n in names:
+        result[n] = [t.strip() for t in texts[start:start + len(prompt_sets[n])]]
+        start += len(prompt_sets[n])
+    return result
+
+
+def load_bertscore_model(model):
+    """(EncoderConfig, params, tokenizer) for BERTScore, or None when it is not installed.
+
+    Args:
+      model: an encoder dir, a named model ("all-minilm-l6-v2"), a loaded tuple, or None.
+    """
+    if model is None or isinstance(model, tuple):
+        return model
+    from align_jax.eval.retrieval import resolve_embedder
+    try:
+        path = resolve_embedder(model)
+    except FileNotFoundError as e:
+        log.warning("BERTScore skipped: %s", e)
+        return None
+    from align_jax.models.encoder import load_encoder
+    from align_jax.tokenizer import load_tokenizer
+    config, params = load_encoder(path)
+    return config, params, load_tokenizer(path)
+
+
+def score_answers(answers: Mapping[str, Sequence[str]], references: Sequence[str], *,
+                  bertscore_model=None, bertscore_layer: int | None = None
+                  ) -> dict[str, dict[str, float]]:
+    """BLEU, ROUGE and (with a model) BERTScore of each system's answers.
+
+    Args:
+      answers: system name -> answers, aligned with `references`.
+      references: the held-out reference answers.
+      bertscore_model: a loaded (config, params, tokenizer), or None to skip BERTScore.
+      bertscore_layer: the encoder layer (default the last).
+    Returns:
+      system -> {"bleu", "rouge1", "rouge2", "rougeL", "rougeLsum", and with a model
+      "bertscore_precision", "bertscore_recall", "bertscore_f1"}.
+    """
+    from align_jax.eval.bertscore import bertscore
+    out = {name: {"bleu": bleu(hyps, references), **rouge(hyps, references)}
+           for name, hyps in answers.items()}
+    if bertscore_model is not None and answers:
+        # One call for all systems: each reference is encoded once and the batches are full.
+        # (Without idf the pairs are independent, so this equals one call per system.)
+        n = len(references)
+        bs = bertscore([h for hyps in answers.values() for h in hyps],
+                       list(references) * len(answers), model=bertscore_model,
+                       layer=bertscore_layer)["per_pair"]
+        for k, name in enumerate(answers):
+            part = {m: bs[m][k * n:(k + 1) * n] for m in ("precision", "recall", "f1")}
+            out[name].update({f"bertscore_{m}": float(v.mean()) if n else float("nan")
+                              for m, v in part.items()})
+    return out
+
+
+def evaluate_generation(models: Mapping[str, tuple], tokenizer, records: Sequence[Mapping], *,
+                        rag_records: Sequence[Mapping] | None = None,
+                        rag_models: Sequence[str] = (), max_new_tokens: int = 64,
+                        bertscore_model=None, mesh=None, rules: str = "fsdp") -> dict:
+    """Generates every system's answers to the held-out questions and scores them.
+
+    Args:
+      models: model name -> (config, params).
+      tokenizer: the tokenizer they share.
+      records: held-out SFT records (`prompt`, `completion` = the reference answer).
+      rag_records: the same records with the retrieved passage in the prompt.
+      rag_models: models also run as "<name> + RAG".
+      max_new_tokens: answer budget (greedy decoding).
+      bertscore_model: loaded BERTScore encoder or None.
+      mesh, rules: sharding of generation.
+    Returns:
+      {"answers": system -> answers, "metrics": system -> metrics, "prompts", "references",
+       "settings": decoding settings, "seconds": {"generation", "metrics"}}.
+    """
+    prompts = [r["prompt"] for r in records]
+    refs = [r["completion"] for r in records]
+    answers, t0 = {}, time.perf_counter()
+    for name, (config, params) in models.items():
+        sets = {name: prompts}
+        if rag_records is not None and name in rag_models:
+            sets[name + RAG_SUFFIX] = [r["prompt"] for r in rag_records]
+        answers.update(generate_answers(config, params, tokenizer, sets,
+                                        max_new_tokens=max_new_tokens, mesh=mesh, rules=rules))
+    t1 = time.perf_counter()
+    metrics = score_answers(answers, refs, bertscore_model=bertscore_model) if refs else {}
+    t2 = time.perf_counter()
+    return {"answers": answers, "metrics": metrics, "prompts": prompts, "references": refs,
+            "settings": {"decoding": "greedy", "max_new_tokens": max_new_tokens,
+                         "questions": len(prompts)},
+            "seconds": {"generation": t1 - t0, "metrics": t2 - t1}}
+
+
+def metric_table(report: Mapping) -> tuple[list[str], list[list]]:
+    """(header, rows) of the papers' table: one row per system, reference metrics, NLL and
+    preference accuracy (of the system's model; NLL with the passage for RAG systems)."""
+    header = ["system", "BLEU", "ROUGE-1", "ROUGE-2", "ROUGE-L", "ROUGE-Lsum", "BERTScore P",
+              "BERTScore R", "BERTScore F1", "answer NLL", "preference accuracy"]
+    rows = []
+    gen = report.get("generation", {})
+    for system, m in gen.get("metrics", {}).items():
+        model = system[:-len(RAG_SUFFIX)] if system.endswith(RAG_SUFFIX) else system
+        mrow = report["models"].get(model, {})
+        nll = (mrow.get("answer_nll_rag") if system.endswith(RAG_SUFFIX)
+               else mrow.get("answer_nll")) or {}
+        rows.append([system, m["bleu"], m["rouge1"], m["rouge2"], m["rougeL"], m["rougeLsum"],
+                     m.get("bertscore_precision", np.nan), m.get("bertscore_recall", np.nan),
+                     m.get("bertscore_f1", np.nan), nll.get("nll_per_token", np.nan),
+                     mrow.get("preference", {}).get("accuracy", np.nan)])
+    return header, rows

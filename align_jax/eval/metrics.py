@@ -1,0 +1,97 @@
+"""Reference metrics on generated answers: corpus SacreBLEU and ROUGE F-measures.
+
+Thin wrappers over the `sacrebleu` and `rouge-score` packages, so the numbers are the ones
+the papers quote. What the wrappers decide, and the tests pin down:
+
+- references: one string per hypothesis, or a list of strings per hypothesis (any number,
+  at least one); BLEU pools n-gram matches over all of a hypothesis's references, ROUGE takes
+  the best-scoring reference per hypothesis (rouge-score's `score_multi`).
+- BLEU is corpus-level (not a mean of sentence scores), sacrebleu's default 13a tokenization,
+  on the 0-100 scale sacrebleu prints.
+- ROUGE is the mean over hypotheses of each pair's F-measure, on a 0-1 scale, with the Porter
+  stemmer on. ROUGE-Lsum is computed over sentences separated by newlines: answers without
+  newlines are first split into sentences at ". ", "! ", "? " (as the summarization
+  literature does before rougeLsum) unless `split_sentences=False`.
+- An empty hypothesis scores 0 (it is kept in the mean, never dropped).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+_ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+
+
+def _references(hyps: Sequence[str], refs: Sequence) -> list[list[str]]:
+    """Per hypothesis, its list of reference strings."""
+    if isinstance(hyps, str) or isinstance(refs, str):
+        raise TypeError("hyps and refs must be sequences of strings, not a single string")
+    if len(hyps) != len(refs):
+        raise ValueError(f"{len(hyps)} hypotheses but {len(refs)} references")
+    out = []
+    for i, r in enumerate(refs):
+        group = [r] if isinstance(r, str) else list(r)
+        if not group or not all(isinstance(x, str) for x in group):
+            raise ValueError(f"references[{i}]: expected a string or a non-empty list of "
+                             f"strings, got {r!r}")
+        out.append(group)
+    for i, h in enumerate(hyps):
+        if not isinstance(h, str):
+            raise TypeError(f"hyps[{i}]: expected a string, got {type(h).__name__}")
+    return out
+
+
+def bleu(hyps: Sequence[str], refs: Sequence[str | Sequence[str]], *,
+         tokenize: str = "13a", lowercase: bool = False) -> float:
+    """Corpus SacreBLEU of the hypotheses against their references.
+
+    Args:
+      hyps: one generated answer per example.
+      refs: per example, a reference string or a list of reference strings.
+      tokenize, lowercase: sacrebleu's options (defaults are sacrebleu's).
+    Returns:
+      BLEU on sacrebleu's 0-100 scale; 0.0 for no examples.
+    """
+    from sacrebleu.metrics import BLEU
+    groups = _references(hyps, refs)
+    if not groups:
+        return 0.0
+    width = max(len(g) for g in groups)
+    # sacrebleu wants reference *streams*; None marks a missing reference of a shorter group.
+    streams = [[g[k] if k < len(g) else None for g in groups] for k in range(width)]
+    return float(BLEU(tokenize=tokenize, lowercase=lowercase).corpus_score(
+        list(hyps), streams).score)
+
+
+def _sentences(text: str) -> str:
+    if "\n" in text.strip():
+        return text
+    return "\n".join(s for s in _SENTENCE_END.split(text.strip()) if s)
+
+
+def rouge(hyps: Sequence[str], refs: Sequence[str | Sequence[str]], *,
+          use_stemmer: bool = True, split_sentences: bool = True) -> dict[str, float]:
+    """Mean ROUGE-1/2/L/Lsum F-measures of the hypotheses against their references.
+
+    Args:
+      hyps: one generated answer per example.
+      refs: per example, a reference string or a list of them (the best one counts).
+      use_stemmer: Porter stemming in rouge-score's tokenizer.
+      split_sentences: put one sentence per line before ROUGE-Lsum (see module docstring).
+    Returns:
+      {"rouge1", "rouge2", "rougeL", "rougeLsum"}: mean F-measures in [0, 1] (0.0 each for
+      no examples).
+    """
+    from rouge_score import rouge_scorer
+    groups = _references(hyps, refs)
+    scorer = rouge_scorer.RougeScorer(list(_ROUGE_TYPES), use_stemmer=use_stemmer)
+    totals = dict.fromkeys(_ROUGE_TYPES, 0.0)
+    prep = _sentences if split_sentences else (lambda s: s)
+    for h, group in zip(hyps, groups):
+        scores = scorer.score_multi([prep(r) for r in group], prep(h))
+        for k in _ROUGE_TYPES:
+            totals[k] += scores[k].fmeasure
+    n = max(len(groups), 1)
+    return {k: v / n for k, v in totals.items()}

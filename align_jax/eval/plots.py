@@ -1,0 +1,115 @@
+"""The report's pictures: training curves, held-out metrics per system, win-rate heatmap.
+
+Each figure has a title, axis labels with units and a legend or colour bar, so it reads
+without the code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _metrics(path: str) -> list[dict]:
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_overview(out_dir: str, report: Mapping, stages: Mapping[str, str]) -> str:
+    """report.png: training loss per stage, held-out answer NLL and preference accuracy."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for folder, label in stages.items():
+        rows = [r for r in _metrics(os.path.join(out_dir, folder, "metrics.jsonl")) if "loss" in r]
+        if rows:
+            axes[0].plot([r["step"] for r in rows], [r["loss"] for r in rows], label=label)
+    axes[0].set(title="training loss per stage", xlabel="optimizer step",
+                ylabel="loss (nats / token; DPO: nats / pair)")
+    if stages:
+        axes[0].legend(title="stage")
+    names = list(report["models"])
+    nll = [report["models"][n]["answer_nll"]["nll_per_token"] for n in names]
+    rag = [report["models"][n].get("answer_nll_rag", {}).get("nll_per_token", np.nan)
+           for n in names]
+    x = np.arange(len(names))
+    axes[1].bar(x - 0.2, nll, 0.4, label="question only")
+    axes[1].bar(x + 0.2, rag, 0.4, label="+ 1 retrieved chunk (RAG)")
+    axes[1].set(title="held-out answer NLL (lower is better)", xticks=x,
+                ylabel="nats / answer token")
+    axes[1].set_xticklabels(names, rotation=15)
+    axes[1].legend()
+    acc = [report["models"][n]["preference"]["accuracy"] for n in names]
+    axes[2].bar(x, acc, 0.5, label="log p(chosen) > log p(rejected)")
+    axes[2].axhline(0.5, color="gray", linestyle="--", linewidth=1, label="chance")
+    axes[2].set(title="held-out preference accuracy", xticks=x, ylim=(0, 1),
+                ylabel="share of pairs")
+    axes[2].set_xticklabels(names, rotation=15)
+    axes[2].legend()
+    fig.tight_layout()
+    path = os.path.join(out_dir, "report.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_metrics(path: str, metrics: Mapping[str, Mapping[str, float]]) -> str:
+    """Reference metrics of every system's generated answers, one panel per metric."""
+    plt = _pyplot()
+    panels = [("bleu", "SacreBLEU", "BLEU (0-100)"), ("rougeL", "ROUGE-L F1", "F-measure (0-1)"),
+              ("bertscore_f1", "BERTScore F1", "F1 (cosine, 0-1)")]
+    panels = [p for p in panels if any(p[0] in m for m in metrics.values())]
+    systems = list(metrics)
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    colors = ["tab:orange" if s.endswith("+ RAG") else "tab:blue" for s in systems]
+    for ax, (key, title, unit) in zip(axes[0], panels):
+        vals = [metrics[s].get(key, np.nan) for s in systems]
+        ax.bar(np.arange(len(systems)), vals, color=colors)
+        ax.set(title=f"{title} of generated answers vs references", ylabel=unit,
+               xticks=np.arange(len(systems)))
+        ax.set_xticklabels(systems, rotation=30, ha="right")
+    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in ("tab:blue", "tab:orange")]
+    axes[0][0].legend(handles, ["question only", "+ retrieved chunk (RAG)"])
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_win_rates(path: str, matrix: Mapping, *, judge: str = "") -> str:
+    """Heatmap of judged win rates (row over column) with 95% intervals in each cell."""
+    plt = _pyplot()
+    names: Sequence[str] = matrix["names"]
+    w = np.asarray(matrix["win_rate"], float)
+    lo, hi = np.asarray(matrix["ci_low"], float), np.asarray(matrix["ci_high"], float)
+    s = len(names)
+    fig, ax = plt.subplots(figsize=(1.6 * s + 3, 1.3 * s + 2))
+    im = ax.imshow(w, vmin=0, vmax=1, cmap="RdBu")
+    for i in range(s):
+        for j in range(s):
+            text = "-" if i == j else f"{w[i, j]:.2f}\n[{lo[i, j]:.2f}, {hi[i, j]:.2f}]"
+            ax.text(j, i, text, ha="center", va="center", fontsize=8,
+                    color="white" if abs(w[i, j] - 0.5) > 0.3 else "black")
+    ax.set_xticks(range(s))
+    ax.set_yticks(range(s))
+    ax.set_xticklabels(names, rotation=30, ha="right")
+    ax.set_yticklabels(names)
+    ax.set(xlabel="column system (B)", ylabel="row system (A)",
+           title="judged win rate of row over column, 95% interval" +
+                 (f"\njudge: {judge}" if judge else ""))
+    fig.colorbar(im, ax=ax, label="win rate of A over B (ties count 1/2)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,97 @@
+"""BERTScore with align_jax's encoder equals the bert-score package on a tiny local BERT."""
+
+import numpy as np
+import pytest
+
+from align_jax.eval import bertscore
+
+HYPS = ["Employees must report any gift above fifty dollars to their manager.",
+        "Refuse the gift politely.",
+        "The policy says nothing about meals.",
+        "",
+        "Report it, then refuse it politely and honestly."]
+REFS = ["Report gifts worth more than fifty dollars to your manager.",
+        "Politely refuse gifts from suppliers.",
+        "Business meals are allowed when they are modest.",
+        "Ask the ethics office.",
+        "Refuse it politely and report it honestly."]
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory):
+    """A random 3-layer BERT with a WordPiece vocabulary over the test sentences."""
+    import torch
+    import transformers
+    path = tmp_path_factory.mktemp("tiny_bert")
+    words = sorted({w.strip(".,").lower() for s in HYPS + REFS for w in s.split()} - {""})
+    pieces = ["##s", "##ing", "##ed", "##ly", ".", ","] + [w[:3] for w in words]
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + list(dict.fromkeys(words + pieces))
+    tok = transformers.BertTokenizer(vocab={w: i for i, w in enumerate(vocab)},
+                                     model_max_length=64)
+    assert "[UNK]" not in tok.tokenize(" ".join(HYPS + REFS))
+    tok.save_pretrained(str(path))
+    config = transformers.BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=3,
+                                     num_attention_heads=4, intermediate_size=48,
+                                     max_position_embeddings=64)
+    torch.manual_seed(0)
+    transformers.BertModel(config).eval().save_pretrained(str(path), safe_serialization=True)
+    return str(path)
+
+
+def _package(path, hyps, refs, *, layer, idf, baseline=None):
+    import bert_score
+    kw = dict(rescale_with_baseline=True, baseline_path=baseline, lang="en") if baseline else {}
+    p, r, f = bert_score.score(hyps, refs, model_type=path, num_layers=layer, idf=idf,
+                               device="cpu", nthreads=0, batch_size=4, **kw)
+    return np.stack([p.numpy(), r.numpy(), f.numpy()])
+
+
+def _ours(out):
+    return np.stack([out["per_pair"][k] for k in ("precision", "recall", "f1")])
+
+
+@pytest.mark.parametrize("layer,idf", [(1, False), (3, True)])
+def test_bertscore_equals_the_bert_score_package(tiny_bert, idf, layer):
+    # bert-score 0.3.13 cannot encode an empty sentence under transformers 5, so the package
+    # sees the non-empty pairs; the empty one is checked on its own below.
+    keep = [0, 1, 2, 4]
+    hyps, refs = [HYPS[i] for i in keep], [REFS[i] for i in keep]
+    want = _package(tiny_bert, hyps, refs, layer=layer, idf=idf)
+    got = bertscore(hyps, refs, model=tiny_bert, layer=layer, idf=idf, batch_size=4)
+    diff = np.abs(_ours(got) - want).max()
+    print(f"layer {layer} idf {idf}: max abs(ours - bert-score) = {diff:.2e}")
+    np.testing.assert_allclose(_ours(got), want, atol=1e-4)
+    assert got["f1"] == pytest.approx(want[2].mean(), abs=1e-4)
+    assert np.all(want > 0.05)  # the best matches are positive: padding cannot matter
+    with_empty = bertscore(HYPS, REFS, model=tiny_bert, layer=layer, idf=idf)
+    assert with_empty["per_pair"]["f1"][3] == 0.0
+    if not idf:  # with idf the weights come from all five references
+        np.testing.assert_allclose(_ours(with_empty)[:, keep], want, atol=1e-4)
+
+
+def test_identical_texts_score_one_and_multiple_refs_take_the_best(tiny_bert):
+    out = bertscore(REFS, REFS, model=tiny_bert)
+    np.testing.assert_allclose(_ours(out)[:, [0, 1, 2, 4]], 1.0, atol=1e-5)
+    multi = bertscore(HYPS[:2], [[REFS[1], REFS[0]], [REFS[1]]], model=tiny_bert, layer=2)
+    single = [bertscore(HYPS[:1], [r], model=tiny_bert, layer=2) for r in REFS[:2]]
+    assert multi["per_pair"]["f1"][0] == pytest.approx(
+        max(s["per_pair"]["f1"][0] for s in single), abs=1e-6)
+
+
+def test_baseline_rescaling_matches_the_package(tiny_bert, tmp_path):
+    baseline = tmp_path / "baseline.tsv"
+    rows = ["LAYER,P,R,F"] + [f"{k},{0.5 + 0.05 * k},{0.4 + 0.05 * k},{0.45 + 0.05 * k}"
+                              for k in range(4)]
+    baseline.write_text("\n".join(rows) + "\n")
+    hyps, refs = HYPS[:3], REFS[:3]
+    want = _package(tiny_bert, hyps, refs, layer=2, idf=False, baseline=str(baseline))
+    got = bertscore(hyps, refs, model=tiny_bert, layer=2, rescale_with_baseline=True,
+                    baseline=str(baseline))
+    np.testing.assert_allclose(_ours(got), want, atol=1e-4)
+    same = bertscore(hyps, refs, model=tiny_bert, layer=2, rescale_with_baseline=True,
+                     baseline=(0.6, 0.5, 0.55))
+    np.testing.assert_allclose(_ours(same), _ours(got), atol=1e-6)
+    with pytest.raises(ValueError, match="needs baseline"):
+        bertscore(HYPS, REFS, model=tiny_bert, rescale_with_baseline=True)
+    with pytest.raises(ValueError, match="layer 9 is out of range 0..3"):
+        bertscore(HYPS, REFS, model=tiny_bert, layer=9)

@@ -1,0 +1,110 @@
+"""The evaluation report: every system answers, is scored and judged; files for people."""
+
+import csv
+import json
+import pathlib
+
+import jax
+import numpy as np
+import pytest
+
+import align_jax.generate as generate_module
+from align_jax.eval import bleu, rouge
+from align_jax.eval.judge import parse_verdict
+from align_jax.eval.report import evaluate_models
+from align_jax.eval.retrieval import BM25Retriever
+from align_jax.models.config import get_config
+from align_jax.models.hf import save_hf
+from align_jax.models.transformer import init_params
+from align_jax.tokenizer_training import train_tokenizer
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    base = tmp_path_factory.mktemp("models")
+    lines = [x for x in (ROOT / "examples" / "values_document.md").read_text().splitlines() if x]
+    out = {}
+    for seed, name in enumerate(("sft", "dpo")):
+        tok = train_tokenizer(lines, base / name, vocab_size=300)
+        cfg = get_config("tiny", vocab_size=tok.vocab_size, max_position=512,
+                         bos_token_id=tok.bos_id, eos_token_id=tok.eos_id,
+                         pad_token_id=tok.pad_id)
+        save_hf(cfg, init_params(cfg, jax.random.key(seed)), str(base / name))
+        out[name] = str(base / name)
+    return out, tok
+
+
+class LongerJudge:
+    """A judge that prefers the longer response, in-process (the HTTP path is in test_judge)."""
+    context_length = 100_000
+
+    def chat(self, conversations, *, temperature, top_p=1.0, max_tokens, seed=None):
+        out = []
+        for c in conversations:
+            text = c[-1]["content"]
+            a = text.split("###Response A:\n")[1].split("\n\n###Response B:")[0]
+            b = text.split("###Response B:\n")[1].split("\n\n###Reference Answer:")[0]
+            out.append("[RESULT] A" if len(a) > len(b) else "[RESULT] B")
+        return out
+
+    def count_tokens(self, text):
+        return len(text.split())
+
+
+def test_report_scores_every_system_and_writes_files(checkpoints, tmp_path, monkeypatch):
+    models, tok = checkpoints
+    calls = []
+    real = generate_module.generate
+
+    def counting(config, params, prompts, **kw):
+        calls.append(len(prompts))
+        return real(config, params, prompts, **kw)
+    monkeypatch.setattr(generate_module, "generate", counting)
+    sft_test = [{"prompt": "Can I accept a gift from a supplier?",
+                 "completion": "Only small tokens of thanks; never cash."},
+                {"prompt": "Who speaks to journalists?",
+                 "completion": "The board chair and the communications coordinator."},
+                {"prompt": "Must I report a near miss?", "completion": "Yes, the same day."}]
+    pref_test = [{"prompt": "Gift?", "chosen": "Refuse it.", "rejected": "Keep it."}]
+    retriever = BM25Retriever(["Gifts over thirty euros are refused.",
+                               "Only the board chair speaks to journalists.",
+                               "Report every near miss within the same working day."])
+    report = evaluate_models(str(tmp_path), models=models, tokenizer=tok, sft_test=sft_test,
+                             pref_test=pref_test, retriever=retriever,
+                             rag_models=("sft", "dpo"), seq_len=128, num_samples=2,
+                             max_new_tokens=6, bertscore_model=None, judge=LongerJudge())
+    systems = ["sft", "sft + RAG", "dpo", "dpo + RAG"]
+    # One batched generation per model, holding both of its systems' prompts.
+    assert calls == [6, 6]
+    answers = report["answers"]
+    assert list(answers) == systems and all(len(a) == 3 for a in answers.values())
+    refs = [r["completion"] for r in sft_test]
+    for s in systems:
+        m = report["generation"]["metrics"][s]
+        assert m["bleu"] == pytest.approx(bleu(answers[s], refs))
+        assert m["rougeL"] == pytest.approx(rouge(answers[s], refs)["rougeL"])
+    # The judge saw every pair of systems in both orders; its matrix is antisymmetric.
+    wr = report["win_rates"]
+    w = np.array(wr["win_rate"])
+    assert wr["names"] == systems and np.allclose(w + w.T, 1.0)
+    a, b = answers["sft"], answers["dpo"]
+    want = np.mean([1.0 if len(x) > len(y) else 0.0 if len(y) > len(x) else 0.5
+                    for x, y in zip(a, b)])
+    assert w[0, 2] == pytest.approx(want)
+    assert parse_verdict("[RESULT] A") == "A"
+    with open(tmp_path / "report.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["system"] for r in rows] == systems
+    assert float(rows[1]["BLEU"]) == pytest.approx(report["generation"]["metrics"]["sft + RAG"]
+                                                   ["bleu"])
+    assert rows[0]["answer NLL"] and rows[0]["BERTScore F1"] == ""
+    md = (tmp_path / "report.md").read_text()
+    assert "| system | BLEU |" in md and "## Pairwise win rates" in md
+    assert "| *reference* | Only small tokens of thanks; never cash. |" in md
+    for name in ("metrics.png", "winrate.png"):
+        assert (tmp_path / name).stat().st_size > 10_000, name
+    json.dumps(report)  # the whole report is JSON-serialisable
+    assert report["generation"]["settings"] == {"decoding": "greedy", "max_new_tokens": 6,
+                                                "questions": 3}
