@@ -224,6 +224,7 @@ def sami(*, output_dir: str, init_from: str, constitutions: str, queries: str,
          filters: Sequence[str] = sami_prompts.DEFAULT_FILTERS, init: str = "base",
          judge: str | None = None, judge_template: str = "principles",
          judge_max_tokens: int = 512, kl_coef: float = 0.0, seq_len: int = 512,
+         vocab_chunk_size: int = 0,
          mesh: sharding.MeshSpec | None = None, rules: str = "fsdp",
          seed: int = 0, progress: bool = True) -> dict[str, Any]:
     """Runs SAMI and returns the report (also <output_dir>/report.json, report.md, report.png).
@@ -253,6 +254,8 @@ def sami(*, output_dir: str, init_from: str, constitutions: str, queries: str,
       kl_coef: weight of the optional KL regulariser to the iteration's starting model (the
         base model under init='base'; losses.sami.sami_kl_penalty); 0 is the paper's default.
       seq_len: rows of (prompt, response).
+      vocab_chunk_size: training's chunked log-softmax over the vocabulary (0: full logits);
+        bounds the memory of large-vocabulary models.
       mesh, rules, seed, progress: as for `align-jax train`.
     """
     from align_jax.data.sources import load_records
@@ -333,7 +336,8 @@ def sami(*, output_dir: str, init_from: str, constitutions: str, queries: str,
                    truncation="truncate_prompt_left", on_error="skip",
                    loss_kwargs={"kl_coef": kl_coef} if kl_coef else None,
                    optimizer=OptimizerConfig(learning_rate=learning_rate, schedule="constant"),
-                   mesh=mesh, rules=rules, seed=seed, save_every=steps, log_every=1,
+                   vocab_chunk_size=vocab_chunk_size, mesh=mesh, rules=rules, seed=seed,
+                   save_every=steps, log_every=1,
                    progress=progress)
         sampler = os.path.join(run_dir, "hf")
         report["iterations"].append({
