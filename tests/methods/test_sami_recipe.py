@@ -95,14 +95,13 @@ def test_sami_latest_continues_from_the_previous_iterate(tmp_path, monkeypatch):
 def test_sami_demo_runs_end_to_end(tmp_path, monkeypatch):
     """configs/runs/sami_demo.gin on SmolLM2-135M-Instruct with fewer steps and tokens."""
     monkeypatch.chdir(ROOT)
-    from align_jax.models.named import resolve_model_path
     try:
+        from align_jax.models.named import resolve_model_path
         resolve_model_path("smollm2-135m-instruct")
     except Exception as e:  # the pip package that ships the weights is not installed
         pytest.skip(f"smollm2-135m-instruct unavailable: {e}")
     report = _run(tmp_path, "demo", ["sami.sami.num_iterations=2", "sami.sami.max_new_tokens=12",
-                                     "sami.sami.eval_queries=4", "sami.sami.batch_size=2",
-                                     "sami.sami.progress=False"],
+                                     "sami.sami.eval_queries=4", "sami.sami.progress=False"],
                   gin_file="configs/runs/sami_demo.gin")
     rows = report["iterations"]
     assert [r["iteration"] for r in rows] == [0, 1, 2]
