@@ -12,10 +12,15 @@ Submodules load on first attribute access, so `import align_jax` stays cheap.
 
 import importlib
 
+from align_jax import versions as _versions
+
 __version__ = "0.1.0"
 
-_SUBMODULES = ("axes", "sharding", "models", "tokenizer", "data", "losses", "train", "generate",
-               "sdg", "methods", "eval", "cli")
+# Reads jax's installed version without importing jax; stops on one outside the tested range.
+_versions.check_jax()
+
+_SUBMODULES = ("axes", "distributed", "versions", "sharding", "models", "tokenizer", "data",
+               "losses", "train", "generate", "sdg", "methods", "eval", "cli")
 
 
 def __getattr__(name):

@@ -12,6 +12,7 @@ Legend:
   V  vocab                      L  layers
   P  pair (chosen, rejected)    C  constitutions
   G  query heads per key/value head (N = K * G)
+  R  LoRA rank
 """
 
 BATCH = "batch"
@@ -24,3 +25,5 @@ HEAD_DIM = "head_dim"
 MLP = "mlp"
 VOCAB = "vocab"
 LAYERS = "layers"
+# The low-rank axis of LoRA adapters: no preset maps it, so it stays replicated.
+LORA_RANK = "lora_rank"

@@ -110,7 +110,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--traceback", action="store_true",
                    help="show the full stack of an error instead of its one-line message")
     p.add_argument("--distributed", action="store_true",
-                   help="call jax.distributed.initialize() first (multi-host GPU / SLURM)")
+                   help="join the other processes first (multi-host TPU / GPU / SLURM; settings: "
+                        "distributed.initialize.* gin bindings or ALIGN_JAX_* variables)")
     return p
 
 
@@ -125,9 +126,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "bench":
         return importlib.import_module(module_name).main() or 0
     import gin
-    if args.distributed:
-        import jax
-        jax.distributed.initialize()
     root = pathlib.Path(__file__).resolve().parent.parent
     for path in [*args.gin_search_path, os.getcwd(), str(root)]:
         gin.add_config_file_search_path(path)
@@ -143,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     parent, _, short = module_name.rpartition(".")
     params = ["from __gin__ import dynamic_registration", f"from {parent} import {short}",
               *_gin_imports(args.gin_file, [*args.gin_search_path, os.getcwd(), str(root)]),
+              *(["from align_jax import distributed"] if args.distributed else []),
               *args.gin_param]
     if args.output_dir:
         params.append(f"{short}.{fn_name}.output_dir = {args.output_dir!r}")
@@ -154,6 +153,18 @@ def main(argv: list[str] | None = None) -> int:
     if rest:
         print(f"align-jax {args.command}: unknown arguments {rest}", file=sys.stderr)
         return 2
+    if args.distributed:
+        from align_jax import distributed
+        try:
+            try:  # registered only when some binding names it
+                start = gin.get_configurable(distributed.initialize)
+            except ValueError:
+                start = distributed.initialize
+            start()
+            distributed.check_same_config(distributed.config_text(args.command, gin.config_str()))
+        except distributed.DistributedError as e:
+            print(f"align-jax {args.command}: {e}", file=sys.stderr)
+            return 1
     configured = gin.get_configurable(entry)
     try:
         result = configured()

@@ -77,6 +77,9 @@ def write_run_info(workdir: str | os.PathLike, *, extra: Mapping[str, Any] | Non
             info = {}
     info.update(run_info())
     info.update(dict(extra or {}))
+    from align_jax import distributed
+    if not distributed.is_main():  # multi-process: process 0 writes the run's files
+        return info
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(info, indent=2, default=repr) + "\n", encoding="utf-8")
@@ -88,6 +91,10 @@ def write_run_info(workdir: str | os.PathLike, *, extra: Mapping[str, Any] | Non
 
 def _write_gin(output_dir: str | os.PathLike, *, operative: bool) -> None:
     import gin
+
+    from align_jax import distributed
+    if not distributed.is_main():
+        return
     out = pathlib.Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     name = "operative_config.gin" if operative else "config.gin"

@@ -20,7 +20,7 @@ from align_jax.tokenizer import encode_prompt
 
 # How a record is tokenised (the example's shape); the schemas and batch layouts that go with
 # each are `align_jax.data.formats.DataFormat` records.
-KINDS = ("lm", "sft", "preference", "kto", "sami")
+KINDS = ("lm", "sft", "preference", "kto", "sami", "aligner")
 POLICIES = ("truncate_prompt_left", "truncate_completion", "drop", "error")
 
 
@@ -138,6 +138,11 @@ def _tokenize(record: Record, *, kind: str, tokenizer, chat_template: bool):
         bos = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
         return Example(prompt=_ids(bos), completions=(_completion(tokenizer, data["text"]),),
                        where=where)
+    if kind == "aligner":
+        # `x [INIT] y [ALIGNED]` -> y' [DONE]: the loss covers y' and the [DONE] marker only.
+        from align_jax.data.aligner_text import aligner_example
+        prompt_ids, completion_ids = aligner_example(tokenizer, data)
+        return Example(prompt=prompt_ids, completions=(completion_ids,), where=where)
     if kind == "sami":
         if "prompts" in data:
             # Prompts rendered by the SAMI recipe (methods/sami_prompts.py): plain text is

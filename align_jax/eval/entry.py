@@ -69,7 +69,9 @@ def eval_main(*, output_dir: str, models: Mapping[str, str], sft_test: str | Non
                                  bertscore_model=bertscore_model, judge=judge,
                                  judge_template=judge_template, judge_kwargs=judge_kwargs,
                                  judge_systems=judge_systems)
-        with open(os.path.join(output_dir, "report.json"), "w") as f:
-            json.dump(report, f, indent=1)
+        from align_jax import distributed
+        if distributed.is_main():
+            with open(os.path.join(output_dir, "report.json"), "w") as f:
+                json.dump(report, f, indent=1)
     print(open(os.path.join(output_dir, "report.md")).read())
     return 0

@@ -60,9 +60,11 @@ def generate_main(*, output_dir: str, model_dir: str, prompts: str, chat: bool =
                        temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
                        stop_strings=tuple(stop_strings), tokenizer=tok, batch_size=batch_size)
         path = os.path.join(output_dir, "completions.jsonl")
-        with open(path, "w", encoding="utf-8") as f:
-            for row, text, reason in zip(rows, out.texts, out.finish_reasons):
-                f.write(json.dumps({**row, "completion": text, "finish_reason": reason},
-                                   ensure_ascii=False) + "\n")
+        from align_jax import distributed
+        if distributed.is_main():
+            with open(path, "w", encoding="utf-8") as f:
+                for row, text, reason in zip(rows, out.texts, out.finish_reasons):
+                    f.write(json.dumps({**row, "completion": text, "finish_reason": reason},
+                                       ensure_ascii=False) + "\n")
     print(f"wrote {len(rows)} completions to {path}")
     return 0

@@ -3,6 +3,7 @@
 (`sequence_logps`, `dpo_loss`, `kto_loss`, `sami_loss`, `classification_loss`) work on arrays.
 """
 
+from align_jax.losses.aligner import aligner_loss
 from align_jax.losses.classification import classification_loss, classification_objective
 from align_jax.losses.dpo import LOSS_TYPES as DPO_LOSS_TYPES
 from align_jax.losses.dpo import dpo_loss, dpo_objective, precompute_ref_logps
@@ -19,6 +20,7 @@ from align_jax.losses.sami import sami_logps, sami_loss, sami_objective
 from align_jax.losses.sft import lm_loss, nll_loss, sft_loss
 
 __all__ = [
+    "aligner_loss",
     "DPO_LOSS_TYPES",
     "batch_field",
     "chunked_token_logps",

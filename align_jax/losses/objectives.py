@@ -35,6 +35,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from align_jax.data.formats import DataFormat, get_format
+from align_jax.losses.aligner import aligner_loss
 from align_jax.losses.dpo import dpo_objective, precompute_ref_logps
 from align_jax.losses.kto import kto_objective
 from align_jax.losses.sami import sami_objective
@@ -199,3 +200,6 @@ register_objective(Objective(name="kto", loss=_adapt(kto_objective, ref=True), d
 register_objective(Objective(name="sami", loss=_adapt(sami_objective, ref=True), data="sami",
                              options=_options(sami_objective), references=("params",),
                              uses_reference=lambda o: bool(o.get("kl_coef"))))
+# Aligners: next-token NLL on `x [INIT] y [ALIGNED] y' [DONE]`, scored on y' and [DONE] only.
+register_objective(Objective(name="aligner", loss=_adapt(aligner_loss, ref=False),
+                             data="aligner", options=_options(aligner_loss)))

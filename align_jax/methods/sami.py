@@ -210,9 +210,13 @@ def win_rates(held: Sequence[dict], base: Sequence[dict], constitutions: Sequenc
 
 
 def _write(path: str, rows: Sequence[dict]) -> str:
+    from align_jax import distributed
     from align_jax.sdg.store import write_jsonl
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    write_jsonl(path, rows)
+    # Multi-process: process 0 writes (a shared run folder), the others wait, then all read.
+    if distributed.is_main():
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        write_jsonl(path, rows)
+    distributed.barrier(f"align_jax.write:{path}")
     return path
 
 
@@ -345,9 +349,11 @@ def sami(*, output_dir: str, init_from: str, constitutions: str, queries: str,
             "init_checksum": params_checksum(start), "params_checksum": params_checksum(sampler),
             "kept_queries": len(kept), "dropped": dropped, **evaluate(f"iter_{k}", sampler, k)})
         report["iterations"][-1]["seconds"] = round(time.time() - t0, 1)
-    with open(os.path.join(out, "report.json"), "w") as f:
-        json.dump(report, f, indent=1)
-    _report_files(out, report)
+    from align_jax import distributed
+    if distributed.is_main():
+        with open(os.path.join(out, "report.json"), "w") as f:
+            json.dump(report, f, indent=1)
+        _report_files(out, report)
     return report
 
 

@@ -34,9 +34,13 @@ def _records(path: str, schema: str) -> list[dict]:
 
 
 def _write_jsonl(path: str, rows: Sequence[Mapping]) -> str:
+    from align_jax import distributed
     from align_jax.sdg.store import write_jsonl
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    write_jsonl(path, rows)
+    # Multi-process: process 0 writes (a shared run folder), the others wait, then all read.
+    if distributed.is_main():
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        write_jsonl(path, rows)
+    distributed.barrier(f"align_jax.write:{path}")
     return path
 
 
@@ -139,7 +143,11 @@ def value_alignment(*, output_dir: str, document: str, model: str | None = "tiny
     out = os.path.abspath(output_dir)
     os.makedirs(out, exist_ok=True)
     if init_from is None and tokenizer is None:
-        tokenizer = build_tokenizer(document, os.path.join(out, "tokenizer"))
+        from align_jax import distributed
+        tokenizer = os.path.join(out, "tokenizer")
+        if distributed.is_main():
+            build_tokenizer(document, tokenizer)
+        distributed.barrier("align_jax.value_alignment.tokenizer")
         _say(f"trained a sentencepiece tokenizer on {document} -> {tokenizer}")
     tok_path = tokenizer or init_from
     tok = load_tokenizer(tok_path)
@@ -195,8 +203,10 @@ def value_alignment(*, output_dir: str, document: str, model: str | None = "tiny
         judge_template=judge_template, judge_kwargs=judge_kwargs, judge_systems=judge_systems,
         mesh=sharding.make_mesh(mesh) if mesh is not None else None, rules=rules)
     report["data_origin"] = origin
-    with open(os.path.join(out, "report.json"), "w") as f:
-        json.dump(report, f, indent=1)
+    from align_jax import distributed
+    if distributed.is_main():
+        with open(os.path.join(out, "report.json"), "w") as f:
+            json.dump(report, f, indent=1)
     _say(f"report: {os.path.join(out, 'report.md')} and report.png")
     print(open(os.path.join(out, "report.md")).read())
     return report

@@ -22,8 +22,8 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from align_jax import sharding
-from align_jax.models import encoder
-from align_jax.models.encoder import EncoderConfig
+from align_jax.models import encoder_layers as encoder
+from align_jax.models.encoder_layers import EncoderConfig
 
 Params = dict[str, Any]
 _WEIGHTS = "model.safetensors"

@@ -130,18 +130,46 @@ def attend(config: ModelConfig, q_BTNH, k_BSKH, v_BSKH, mask_BTS,
     raise ValueError(f"unknown attention implementation {config.attention!r}")
 
 
+def lora_delta(module: nn.Module, target: str, x: jax.Array, spec: str, *,
+               dropout: float) -> jax.Array | None:
+    """The LoRA term `(x A) (scale B)` of projection `target`, or None without an adapter.
+
+    Adapters live in the `lora` collection (see `align_jax.models.lora`; B comes pre-scaled);
+    `spec` is the projection's einsum ("BTD,DNH->BTNH"), from which A's and B's are derived.
+    """
+    if not module.has_variable("lora", f"{target}_a"):
+        return None
+    cfg = module.config
+    a = module.get_variable("lora", f"{target}_a")
+    b = module.get_variable("lora", f"{target}_b")
+    ins, out = spec.split("->")
+    x_letters, w_letters = ins.split(",")
+    contracted = "".join(c for c in w_letters if c in x_letters)
+    kept = "".join(c for c in x_letters if c not in contracted)
+    rest = "".join(c for c in w_letters if c not in contracted)
+    if dropout > 0.0 and module.has_rng("lora_dropout"):
+        keep = jax.random.bernoulli(module.make_rng("lora_dropout"), 1.0 - dropout, x.shape)
+        x = jnp.where(keep, x / (1.0 - dropout), 0).astype(x.dtype)
+    h = jnp.einsum(f"{x_letters},{contracted}R->{kept}R", x, a.astype(cfg.dtype))
+    return jnp.einsum(f"{kept}R,R{rest}->{out}", h, b.astype(cfg.dtype))
+
+
 def _kernel_init(std: float):
     return nn.initializers.normal(stddev=std)
 
 
 class Attention(nn.Module):
     config: ModelConfig
+    lora_dropout: float = 0.0
 
     def _proj(self, name, x, shape, logical, spec, bias):
         cfg = self.config
         w = param_with_axes(self, f"{name}_proj", _kernel_init(cfg.init_std), shape, logical,
                             cfg.param_dtype)
         y = jnp.einsum(spec, x, w.astype(cfg.dtype))
+        delta = lora_delta(self, name, x, spec, dropout=self.lora_dropout)
+        if delta is not None:
+            y = y + delta
         if bias:
             b = param_with_axes(self, f"{name}_bias", nn.initializers.zeros, shape[1:],
                                 logical[1:], cfg.param_dtype)
@@ -178,6 +206,9 @@ class Attention(nn.Module):
         o = param_with_axes(self, "o_proj", _kernel_init(cfg.init_std), (n, h, d),
                             (axes.HEADS, axes.HEAD_DIM, axes.EMBED), cfg.param_dtype)
         y_BTD = jnp.einsum("BTNH,NHD->BTD", out_BTNH, o.astype(cfg.dtype))
+        delta = lora_delta(self, "o", out_BTNH, "BTNH,NHD->BTD", dropout=self.lora_dropout)
+        if delta is not None:
+            y_BTD = y_BTD + delta
         if cfg.out_bias:
             y_BTD = y_BTD + param_with_axes(self, "o_bias", nn.initializers.zeros, (d,),
                                             (axes.EMBED,), cfg.param_dtype).astype(cfg.dtype)
@@ -195,6 +226,7 @@ class MLP(nn.Module):
     """Gated MLP: down(act(gate(x)) * up(x)); SwiGLU with silu, GeGLU with gelu."""
 
     config: ModelConfig
+    lora_dropout: float = 0.0
 
     @nn.compact
     def __call__(self, x_BTD):
@@ -205,6 +237,9 @@ class MLP(nn.Module):
         def dense(name, x, shape, logical, spec):
             w = param_with_axes(self, name, init, shape, logical, cfg.param_dtype)
             y = jnp.einsum(spec, x, w.astype(cfg.dtype))
+            delta = lora_delta(self, name, x, spec, dropout=self.lora_dropout)
+            if delta is not None:
+                y = y + delta
             if cfg.mlp_bias:
                 b = param_with_axes(self, name + "_bias", nn.initializers.zeros, shape[-1:],
                                     logical[-1:], cfg.param_dtype)

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 
 from align_jax import axes, sharding
 from align_jax.models import layers
+from align_jax.models import lora as lora_lib
 from align_jax.models.config import ModelConfig
 
 Params = dict[str, Any]
@@ -36,15 +37,17 @@ _REMAT_POLICIES = {
 
 class Block(nn.Module):
     config: ModelConfig
+    lora_dropout: float = 0.0
 
     @nn.compact
     def __call__(self, x_BTD, sin_cos, mask_BTS, segment_ids_BT, cache_index, kv_cache):
         cfg = self.config
         h_BTD = layers.RMSNorm(cfg, name="attn_norm")(x_BTD)
-        h_BTD, new_cache = layers.Attention(cfg, name="attn")(
+        h_BTD, new_cache = layers.Attention(cfg, self.lora_dropout, name="attn")(
             h_BTD, sin_cos, mask_BTS, segment_ids_BT, kv_cache, cache_index)
         x_BTD = x_BTD + h_BTD
-        h_BTD = layers.MLP(cfg, name="mlp")(layers.RMSNorm(cfg, name="mlp_norm")(x_BTD))
+        h_BTD = layers.RMSNorm(cfg, name="mlp_norm")(x_BTD)
+        h_BTD = layers.MLP(cfg, self.lora_dropout, name="mlp")(h_BTD)
         x_BTD = sharding.constrain(x_BTD + h_BTD, (axes.BATCH, axes.SEQ, axes.EMBED))
         return x_BTD, new_cache
 
@@ -62,6 +65,8 @@ def positions_from_segments(segment_ids_BT: jax.Array) -> jax.Array:
 
 class Decoder(nn.Module):
     config: ModelConfig
+    # Dropout on LoRA adapter inputs (used only with a `lora_dropout` rng).
+    lora_dropout: float = 0.0
 
     def setup(self):
         cfg = self.config
@@ -73,12 +78,12 @@ class Decoder(nn.Module):
             block = nn.remat(Block, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
         self.layers = nn.scan(
             block,
-            variable_axes={"params": 0},
-            split_rngs={"params": True},
+            variable_axes={"params": 0, "lora": 0},
+            split_rngs={"params": True, "lora_dropout": True},
             in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0),
             length=cfg.num_layers,
             metadata_params={nn.PARTITION_NAME: axes.LAYERS},
-        )(cfg, name="layers")
+        )(cfg, self.lora_dropout, name="layers")
         self.final_norm = layers.RMSNorm(cfg, name="final_norm")
         if not cfg.tie_embeddings:
             self.lm_head = layers.param_with_axes(
@@ -137,9 +142,26 @@ def _inputs(tokens_BT, positions_BT, segment_ids_BT):
     return tokens_BT, jnp.asarray(positions_BT, jnp.int32), segment_ids_BT
 
 
+def _apply(config: ModelConfig, params, lora: lora_lib.Adapters | None, *args, **kwargs):
+    """Decoder.apply with params that may carry LoRA adapters (`lora.LoraParams`)."""
+    rng = None
+    if isinstance(params, lora_lib.LoraParams):
+        if lora is not None:
+            raise ValueError("forward: params already carry adapters; do not also pass lora=")
+        params, lora, rng = params.base, params.adapters, params.dropout_rng
+    variables = {"params": params}
+    dropout = 0.0
+    if lora is not None:
+        variables["lora"] = lora_lib.lora_variables(lora)
+        dropout = lora.spec.dropout
+    rngs = {"lora_dropout": rng} if rng is not None and dropout > 0.0 else None
+    return Decoder(config, dropout).apply(variables, *args, rngs=rngs, **kwargs)
+
+
 def forward(config: ModelConfig, params: Params, tokens_BT: jax.Array, *,
             positions_BT: jax.Array | None = None,
-            segment_ids_BT: jax.Array | None = None) -> jax.Array:
+            segment_ids_BT: jax.Array | None = None,
+            lora: lora_lib.Adapters | None = None) -> jax.Array:
     """Logits [B, T, V] in float32.
 
     Args:
@@ -148,21 +170,23 @@ def forward(config: ModelConfig, params: Params, tokens_BT: jax.Array, *,
       tokens_BT: int token ids.
       positions_BT: RoPE positions; by default they restart at 0 in each segment.
       segment_ids_BT: 0 marks padding; tokens attend only within their own segment (packing).
+      lora: LoRA adapters to apply (`align_jax.models.lora`); params may also be a
+        `lora.LoraParams` (base + adapters), which every function here accepts.
     """
     tokens_BT, positions_BT, segment_ids_BT = _inputs(tokens_BT, positions_BT, segment_ids_BT)
-    logits_BTV, _ = Decoder(config).apply({"params": params}, tokens_BT, positions_BT,
-                                           segment_ids_BT)
+    logits_BTV, _ = _apply(config, params, lora, tokens_BT, positions_BT, segment_ids_BT)
     return logits_BTV
 
 
 def forward_hidden(config: ModelConfig, params: Params, tokens_BT: jax.Array, *,
                    positions_BT: jax.Array | None = None,
-                   segment_ids_BT: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+                   segment_ids_BT: jax.Array | None = None,
+                   lora: lora_lib.Adapters | None = None) -> tuple[jax.Array, jax.Array]:
     """(final hidden states [B, T, D], output projection [D, V]) for chunked-vocab losses."""
     tokens_BT, positions_BT, segment_ids_BT = _inputs(tokens_BT, positions_BT, segment_ids_BT)
-    h_BTD, _ = Decoder(config).apply({"params": params}, tokens_BT, positions_BT, segment_ids_BT,
-                                     method=Decoder.hidden)
-    w_DV = Decoder(config).apply({"params": params}, method=Decoder.unembed_matrix)
+    h_BTD, _ = _apply(config, params, lora, tokens_BT, positions_BT, segment_ids_BT,
+                      method=Decoder.hidden)
+    w_DV = _apply(config, params, lora, method=Decoder.unembed_matrix)
     return h_BTD, w_DV.astype(config.dtype)
 
 
@@ -188,14 +212,14 @@ def cache_axes() -> dict[str, tuple[str | None, ...]]:
 
 def forward_with_cache(config: ModelConfig, params: Params, tokens_BT: jax.Array, *,
                        cache: dict[str, jax.Array], positions_BT: jax.Array,
-                       segment_ids_BT: jax.Array | None = None):
+                       segment_ids_BT: jax.Array | None = None,
+                       lora: lora_lib.Adapters | None = None):
     """Logits [B, T, V] for T new tokens written at the cache's index; returns (logits, cache).
 
     Used for prefill (T = prompt length, left-padded with segment id 0) and decode (T = 1).
     """
     tokens_BT, positions_BT, segment_ids_BT = _inputs(tokens_BT, positions_BT, segment_ids_BT)
-    return Decoder(config).apply({"params": params}, tokens_BT, positions_BT, segment_ids_BT,
-                                 cache)
+    return _apply(config, params, lora, tokens_BT, positions_BT, segment_ids_BT, cache)
 
 
 def _init_boxed(config: ModelConfig, rng: jax.Array):

@@ -19,6 +19,8 @@ import json
 import os
 from collections.abc import Mapping, Sequence
 
+import numpy as np
+
 from align_jax.sdg import parsing
 from align_jax.sdg.store import UnitResult, dedup_records, derive_seed
 from align_jax.sdg.teacher import Teacher, ask
@@ -46,10 +48,17 @@ class AlignerDataConfig:
     top_p: float = 0.95
     topic_max_tokens: int = 300
     question_max_tokens: int = 1200
-    response_max_tokens: int = 1024
+    # The paper's triple stage: greedy, repetition penalty 2, at most 1500 new tokens.
+    response_max_tokens: int = 1500
+    response_temperature: float = 0.0
+    response_repetition_penalty: float = 2.0
     # y' this similar to y (difflib ratio) counts as "no change" and is dropped.
     max_rewrite_similarity: float = 0.9
     near_duplicate_questions: float = 0.8
+    # An encoder checkpoint dir (e.g. all-MiniLM-L6-v2): questions are then also dropped when
+    # the cosine of their sentence embeddings with an earlier one is >= embedding_similarity.
+    similarity_encoder: str | None = None
+    embedding_similarity: float = 0.9
     use_chat: bool = False
 
 
@@ -204,7 +213,34 @@ def write_questions(teacher: Teacher, seeds: Sequence[dict], topics: Mapping[str
                                   near_threshold=config.near_duplicate_questions)
     rejects.extend({"reason": r["reason"], "text": r["question"][:200], "step": "questions"}
                    for r in removed)
+    if config.similarity_encoder:
+        keep = similar_by_embedding([q["question"] for q in kept], config.similarity_encoder,
+                                    threshold=config.embedding_similarity)
+        rejects.extend({"reason": "similar_embedding", "text": q["question"][:200],
+                        "step": "questions"} for q, k in zip(kept, keep) if not k)
+        kept = [q for q, k in zip(kept, keep) if k]
     return [q for q in kept if "question_id" in q], rejects
+
+
+def similar_by_embedding(texts: Sequence[str], encoder_dir: str, *,
+                         threshold: float = 0.9) -> list[bool]:
+    """Which texts to keep: each is dropped when its sentence embedding (mean-pooled,
+    normalised; `models.encoder.embed_sentences`) has cosine >= threshold with a kept earlier one.
+    """
+    from align_jax.models import encoder
+    from align_jax.tokenizer import load_tokenizer
+    if not texts:
+        return []
+    config, params = encoder.load_encoder(encoder_dir)
+    emb = encoder.embed_sentences(config, params, load_tokenizer(encoder_dir), list(texts))
+    keep: list[bool] = []
+    kept_rows: list[int] = []
+    for i in range(len(texts)):
+        ok = not kept_rows or float(np.max(emb[kept_rows] @ emb[i])) < threshold
+        keep.append(ok)
+        if ok:
+            kept_rows.append(i)
+    return keep
 
 
 def clean_triple(x: str, y: str, critique: str, y_aligned: str, *,
@@ -254,8 +290,10 @@ def generate_aligner(teacher: Teacher, questions: Sequence[dict], *, criterion: 
     tpl = resolve_templates({role: TEMPLATES.get(role, role)}, overrides)[role].require(["input"])
     results = [UnitResult(unit=f"aligner/{criterion}/{q['question_id']}") for q in questions]
     outs = ask(teacher, [tpl.render(input=q["question"]) for q in questions],
-               use_chat=config.use_chat, temperature=config.temperature, top_p=config.top_p,
-               max_tokens=config.response_max_tokens, seed=derive_seed(seed, role))
+               use_chat=config.use_chat, temperature=config.response_temperature,
+               top_p=config.top_p if config.response_temperature > 0 else 1.0,
+               max_tokens=config.response_max_tokens, seed=derive_seed(seed, role),
+               repetition_penalty=config.response_repetition_penalty)
     for res, q, out in zip(results, questions, outs):
         sections, why = parsing.parse_sections(out, SECTIONS, stop_labels=("Question",))
         if sections is None:

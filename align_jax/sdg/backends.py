@@ -84,29 +84,34 @@ class LocalTeacher:
         return len(self.tokenizer.encode(text))
 
     def complete(self, prompts: list[str], *, temperature: float, top_p: float = 1.0,
-                 max_tokens: int, seed: int | None = None) -> list[str]:
+                 max_tokens: int, seed: int | None = None,
+                 repetition_penalty: float = 1.0) -> list[str]:
         """Continues raw prompts (BOS prepended when the tokenizer has one); see `Teacher`."""
         return self._run([encode_prompt(self.tokenizer, p, chat_template=False)
                           for p in prompts],
-                         temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed)
+                         temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed,
+                         repetition_penalty=repetition_penalty)
 
     def chat(self, conversations: list[list[dict]], *, temperature: float, top_p: float = 1.0,
-             max_tokens: int, seed: int | None = None) -> list[str]:
+             max_tokens: int, seed: int | None = None,
+             repetition_penalty: float = 1.0) -> list[str]:
         """Answers conversations through the tokenizer's chat template; see `Teacher`."""
         try:
             ids = [encode_prompt(self.tokenizer, c) for c in conversations]
         except (ValueError, TypeError) as e:
             raise ValueError(f"local teacher {self.name}: {e}") from e
         return self._run(ids, temperature=temperature, top_p=top_p, max_tokens=max_tokens,
-                         seed=seed)
+                         seed=seed, repetition_penalty=repetition_penalty)
 
-    def _run(self, ids, *, temperature, top_p, max_tokens, seed) -> list[str]:
+    def _run(self, ids, *, temperature, top_p, max_tokens, seed,
+             repetition_penalty=1.0) -> list[str]:
         if not ids:
             return []
         base = seed if seed is not None else secrets.randbits(32)
         try:
             out = generate(self.config, self.params, ids, max_new_tokens=max_tokens,
                            temperature=temperature, top_p=top_p, tokenizer=self.tokenizer,
+                           repetition_penalty=repetition_penalty,
                            seeds=[row_seed(base, i) for i in range(len(ids))],
                            max_len=self.context_length, batch_size=self.batch_size,
                            mesh=self.mesh, rules=self.rules)
@@ -216,23 +221,29 @@ class OpenAITeacher:
         return math.ceil(len(text.encode("utf-8")) / _BYTES_PER_TOKEN)
 
     def complete(self, prompts: list[str], *, temperature: float, top_p: float = 1.0,
-                 max_tokens: int, seed: int | None = None) -> list[str]:
+                 max_tokens: int, seed: int | None = None,
+                 repetition_penalty: float = 1.0) -> list[str]:
         """Continues raw prompts with /v1/completions; see `Teacher`."""
+        extra = _extra_body(repetition_penalty)
+
         def one(i, prompt):
             r = self._client.completions.create(
                 model=self.model, prompt=prompt, max_tokens=max_tokens, temperature=temperature,
-                top_p=top_p, seed=None if seed is None else row_seed(seed, i))
+                top_p=top_p, seed=None if seed is None else row_seed(seed, i), extra_body=extra)
             return _text(r, chat=False)
         return self._map(one, prompts)
 
     def chat(self, conversations: list[list[dict]], *, temperature: float, top_p: float = 1.0,
-             max_tokens: int, seed: int | None = None) -> list[str]:
+             max_tokens: int, seed: int | None = None,
+             repetition_penalty: float = 1.0) -> list[str]:
         """Answers conversations with /v1/chat/completions; see `Teacher`."""
+        extra = _extra_body(repetition_penalty)
+
         def one(i, messages):
             r = self._client.chat.completions.create(
                 model=self.model, messages=messages, max_tokens=max_tokens,
                 temperature=temperature, top_p=top_p,
-                seed=None if seed is None else row_seed(seed, i))
+                seed=None if seed is None else row_seed(seed, i), extra_body=extra)
             return _text(r, chat=True)
         return self._map(one, conversations)
 
@@ -313,6 +324,12 @@ class OpenAITeacher:
                 time.sleep(delay * random.uniform(0.5, 1.5))
         raise TeacherError(f"openai teacher {self.base_url}: {what} failed after {attempts} "
                            f"attempts: {reason}")
+
+
+def _extra_body(repetition_penalty: float) -> dict | None:
+    """repetition_penalty is not an OpenAI field; vLLM, TGI, llama.cpp and align-jax serve read
+    it from the request body. 1.0 (off) is not sent, so strict OpenAI servers still work."""
+    return None if repetition_penalty == 1.0 else {"repetition_penalty": repetition_penalty}
 
 
 def _brief(text: str, n: int = 160) -> str:

@@ -25,7 +25,8 @@ class Teacher(Protocol):
     context_length: int
 
     def complete(self, prompts: list[str], *, temperature: float, top_p: float = 1.0,
-                 max_tokens: int, seed: int | None = None) -> list[str]:
+                 max_tokens: int, seed: int | None = None,
+                 repetition_penalty: float = 1.0) -> list[str]:
         """Continue each raw prompt.
 
         Args:
@@ -34,13 +35,16 @@ class Teacher(Protocol):
           top_p: nucleus sampling mass.
           max_tokens: most new tokens per completion.
           seed: makes sampling reproducible; None leaves it to the backend.
+          repetition_penalty: 1.0 = off; > 1 divides the positive logits (multiplies the
+            negative ones) of tokens already in the prompt or completion (HF semantics).
         Returns:
           One completion per prompt, in order, without the prompt.
         """
         ...
 
     def chat(self, conversations: list[list[dict]], *, temperature: float, top_p: float = 1.0,
-             max_tokens: int, seed: int | None = None) -> list[str]:
+             max_tokens: int, seed: int | None = None,
+             repetition_penalty: float = 1.0) -> list[str]:
         """Answer each conversation (a list of {"role", "content"} messages) as the assistant.
 
         Args and Returns as `complete`.
@@ -53,7 +57,8 @@ class Teacher(Protocol):
 
 
 def ask(teacher: Teacher, prompts: list[str], *, use_chat: bool = True, temperature: float,
-        top_p: float = 1.0, max_tokens: int, seed: int | None = None) -> list[str]:
+        top_p: float = 1.0, max_tokens: int, seed: int | None = None,
+        repetition_penalty: float = 1.0) -> list[str]:
     """Send prompts as single-turn user messages (`chat`) or raw text (`complete`).
 
     Args:
@@ -61,13 +66,16 @@ def ask(teacher: Teacher, prompts: list[str], *, use_chat: bool = True, temperat
       prompts: rendered templates.
       use_chat: True for instruction-tuned teachers, False for base models that
         continue a few-shot document.
-      temperature, top_p, max_tokens, seed: as `Teacher.complete`.
+      temperature, top_p, max_tokens, seed, repetition_penalty: as `Teacher.complete`; a
+        penalty of 1.0 is not sent, so teachers written before it existed keep working.
     Returns:
       One completion per prompt; an empty list makes no call.
     """
     if not prompts:
         return []
     kwargs = dict(temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed)
+    if repetition_penalty != 1.0:
+        kwargs["repetition_penalty"] = repetition_penalty
     if use_chat:
         out = teacher.chat([[{"role": "user", "content": p}] for p in prompts], **kwargs)
     else:

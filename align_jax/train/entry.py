@@ -15,9 +15,10 @@ import shutil
 from collections.abc import Mapping
 from typing import Any
 
-from align_jax import sharding
+from align_jax import distributed, sharding
 from align_jax.losses import objectives
 from align_jax.models.config import ModelConfig, get_config
+from align_jax.models.lora import lora_config
 from align_jax.tokenizer import copy_tokenizer_files, load_tokenizer
 from align_jax.train.loop import train
 from align_jax.train.optim import OptimizerConfig
@@ -71,14 +72,16 @@ def train_main(*, output_dir: str, data: str, objective: str = "sft",
                loss_kwargs: Mapping[str, Any] | None = None, reference: str = "precomputed",
                vocab_chunk_size: int = 0, save_every: int = 1000, keep: int = 3,
                log_every: int = 10, seed: int = 0, export_hf: bool = True,
-               progress: bool = True) -> dict[str, Any]:
+               progress: bool = True, lora: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Trains one objective and exports the result as a Hugging Face checkpoint.
 
     Args:
       output_dir: run folder (checkpoints/, metrics.jsonl, tensorboard/, hf/ export).
       data: records in the objective's schema (a .jsonl path or dir, "hf:...", "tfds:...").
       objective: a registered objective (`align_jax.losses.objectives`): "sft", "lm" (raw
-        text, the c-fine-tuned baseline), "dpo", "kto", "sami", or one a module registers.
+        text, the c-fine-tuned baseline), "dpo", "kto", "sami", "aligner" (aligner triples;
+        init_from must carry the markers, see losses.aligner.add_marker_tokens), or one a
+        module registers.
       model: a preset name (random init) when not starting from a checkpoint.
       model_overrides: ModelConfig fields to replace (e.g. {"dtype": "bfloat16"}).
       init_from: a Hugging Face checkpoint dir to start from (and DPO's reference model).
@@ -95,11 +98,16 @@ def train_main(*, output_dir: str, data: str, objective: str = "sft",
       reference: the reference of objectives that use one: "precomputed" (log-probs computed
         once over the data, no second model in memory) or "params" (a frozen copy of the
         initial params); an objective that cannot use the mode asked for takes its own (KTO:
-        "params").
+        "params"). With LoRA, every reference is "adapters_off": the frozen base with the
+        adapters switched off, scored in the same step (no second copy, no precompute pass).
       vocab_chunk_size: >0 computes log-probs over vocabulary chunks (large vocabularies).
       save_every, keep, log_every, seed: checkpointing, logging and randomness.
       export_hf: write the final model and tokenizer to <output_dir>/hf.
       progress: show progress bars.
+      lora: train LoRA adapters on a frozen base instead of all params, e.g.
+        {'rank': 8, 'alpha': 16, 'targets': ('q', 'v'), 'base_dtype': 'bfloat16'} (fields of
+        `align_jax.models.lora.LoraConfig`). Only the adapters are updated and checkpointed;
+        the export is the merged model (<output_dir>/hf) and the adapter (<output_dir>/peft).
     Returns:
       A summary dict (also written to <output_dir>/train_summary.json).
     """
@@ -115,21 +123,38 @@ def train_main(*, output_dir: str, data: str, objective: str = "sft",
         loss_kwargs["vocab_chunk_size"] = vocab_chunk_size
     # Before any data is read: a misspelled keyword fails now, naming the objective and key.
     loss_kwargs = obj.check_options(loss_kwargs)
-    ref_mode = obj.reference_mode(reference, loss_kwargs)
+    lora_spec = lora_config(lora)
+    if reference == "adapters_off" and lora_spec is None:
+        raise ValueError("train_main.reference='adapters_off' needs train_main.lora=...")
+    ref_mode = obj.reference_mode("params" if reference == "adapters_off" else reference,
+                                  loss_kwargs)
+    if lora_spec is not None and ref_mode != "none":
+        # The base with the adapters off is the initial model: the reference comes from the
+        # same weights in the same step, for any mode the objective would otherwise use.
+        ref_mode = "adapters_off"
     fmt = obj.data_format
     tok_path = tokenizer or init_from
     if tok_path is None:
         raise ValueError("train_main: set `tokenizer` (or `init_from`, whose dir has one)")
     if tok_path.startswith("train:"):
-        tok_path = build_tokenizer(tok_path.removeprefix("train:"),
-                                   os.path.join(output_dir, "tokenizer"))
+        # Process 0 trains it into the (shared) run folder; the others wait and read it.
+        built = os.path.join(output_dir, "tokenizer")
+        if distributed.is_main():
+            build_tokenizer(tok_path.removeprefix("train:"), built)
+        distributed.barrier("align_jax.train_main.tokenizer")
+        tok_path = built
     tok = load_tokenizer(tok_path)
     config = _model(model, model_overrides or {}, init_from, tok)
 
     with run_folder(output_dir):
-        _write_model_files(output_dir, config, init_from, tok_path)
+        if distributed.is_main():
+            _write_model_files(output_dir, config, init_from, tok_path)
         params_init: Any = init_from
         annotate = None
+        if lora_spec is not None and distributed.is_main():
+            from align_jax.train.adapters import write_lora_file
+            write_lora_file(os.path.join(output_dir, "model"), lora_spec, init_from=init_from,
+                            seed=seed)
         if ref_mode == "precomputed":
             from align_jax.models.hf import load_hf
             from align_jax.train.reference import attach_reference_logps
@@ -145,6 +170,8 @@ def train_main(*, output_dir: str, data: str, objective: str = "sft",
                 vocab_chunk_size=vocab_chunk_size,
                 mesh=sharding.make_mesh(mesh or sharding.MeshSpec()), rules=rules)
 
+        peft_dir = (os.path.join(output_dir, "peft")
+                    if export_hf and lora_spec is not None else None)
         make = functools.partial(
             make_loader, data, kind=fmt, tokenizer=tok, seq_len=seq_len, batch_size=batch_size,
             pack=pack and fmt.build_packed is not None, truncation=truncation, seed=seed,
@@ -157,19 +184,22 @@ def train_main(*, output_dir: str, data: str, objective: str = "sft",
                       optimizer=optimizer or OptimizerConfig(), num_steps=num_steps,
                       grad_accum=grad_accum, mesh_spec=mesh, rules=rules, workdir=output_dir,
                       save_every=save_every, keep=keep, log_every=log_every, seed=seed,
-                      ref_params="initial" if ref_mode == "params" else "none",
+                      ref_params={"params": "initial", "adapters_off": "adapters_off"}.get(
+                          ref_mode, "none"),
                       export_hf_dir=os.path.join(output_dir, "hf") if export_hf else None,
-                      progress=progress)
+                      progress=progress, lora=lora_spec, export_peft_dir=peft_dir)
         loader.close()
-        if export_hf:
+        if export_hf and distributed.is_main():
             copy_tokenizer_files(tok_path, os.path.join(output_dir, "hf"))
         summary = {"objective": obj.name, "num_steps": int(state.step),
                    "data": {"load": loader.load_report.summary(),
                             "truncation": loader.truncation_report.summary(),
                             "examples": loader.num_examples},
-                   "hf_export": os.path.join(output_dir, "hf") if export_hf else None}
-        with open(os.path.join(output_dir, "train_summary.json"), "w") as f:
-            json.dump(summary, f, indent=1)
+                   "hf_export": os.path.join(output_dir, "hf") if export_hf else None,
+                   "peft_export": peft_dir}
+        if distributed.is_main():
+            with open(os.path.join(output_dir, "train_summary.json"), "w") as f:
+                json.dump(summary, f, indent=1)
     return summary
 
 

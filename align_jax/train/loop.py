@@ -9,6 +9,7 @@ checkpoints; a non-finite loss stops the run (the last good checkpoint stays on 
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import math
 import os
@@ -20,21 +21,23 @@ from typing import Any
 import jax
 import numpy as np
 
-from align_jax import sharding
+from align_jax import distributed, sharding
 from align_jax.losses import objectives
+from align_jax.models import lora as lora_lib
 from align_jax.models import transformer
 from align_jax.models.config import ModelConfig, get_config
 from align_jax.runinfo import write_run_info
+from align_jax.train import adapters as adapters_lib
 from align_jax.train import compile as compile_lib
 from align_jax.train.checkpoint import Checkpointer
 from align_jax.train.metrics import MetricsLogger
 from align_jax.train.optim import OptimizerConfig, make_optimizer
-from align_jax.train.state import TrainState, abstract_arrays, abstract_state, state_shardings
+from align_jax.train.state import TrainState, abstract_arrays, state_shardings
 
 log = logging.getLogger(__name__)
 
 _FINITE_KEYS = ("loss", "grad_norm", "update_norm", "param_norm")
-_REF_MODES = ("none", "initial")
+_REF_MODES = ("none", "initial", "adapters_off")
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -142,7 +145,9 @@ def train(*, config: ModelConfig | str | None = None, params_init: Any = None,
           workdir: str | os.PathLike, save_every: int = 1000, keep: int = 3,
           log_every: int = 10, seed: int = 0, ref_params: str = "none",
           export_hf_dir: str | os.PathLike | None = None, progress: bool = True,
-          operative_config: str | None = None) -> TrainState:
+          operative_config: str | None = None,
+          lora: "lora_lib.LoraConfig | Mapping[str, Any] | None" = None,
+          export_peft_dir: str | os.PathLike | None = None) -> TrainState:
     """Trains `config`'s model on `loss_fn` for `num_steps` updates, resuming if it can.
 
     Args:
@@ -165,15 +170,24 @@ def train(*, config: ModelConfig | str | None = None, params_init: Any = None,
       log_every: write metrics every this many steps.
       seed: params init (when random) and the step's randomness.
       ref_params: "none", or "initial" to keep a frozen copy of the initial params as the
-        reference model (DPO with the SFT model as reference).
-      export_hf_dir: when set, the final params are saved there as Hugging Face safetensors.
+        reference model (DPO with the SFT model as reference); with LoRA, "adapters_off" (or
+        "initial", the same thing) scores the reference with the base, adapters off.
+      export_hf_dir: when set, the final params (LoRA: merged) are saved there as Hugging
+        Face safetensors.
       progress: show a progress bar.
       operative_config: gin's operative config text, written to `<workdir>/config.gin`.
+      lora: train LoRA adapters on a frozen base (`models.lora.LoraConfig` or a dict of its
+        fields): state.params are the adapters, state.ref_params the base (see
+        `train.adapters`).
+      export_peft_dir: with LoRA, where the final adapters are saved in peft's format.
     Returns:
       the final TrainState; `state.step < num_steps` when SIGTERM cut the run short.
     """
     if ref_params not in _REF_MODES:
         raise ValueError(f"train(ref_params={ref_params!r}): choose one of {_REF_MODES}")
+    spec = lora_lib.lora_config(lora)
+    if ref_params == "adapters_off" and spec is None:
+        raise ValueError("train(ref_params='adapters_off') needs lora=...")
     objective = objectives.as_objective(loss_fn)
     loss_kwargs = objective.check_options(loss_kwargs or {})
     if not (hasattr(data_iterator, "get_state") and hasattr(data_iterator, "set_state")):
@@ -191,14 +205,20 @@ def train(*, config: ModelConfig | str | None = None, params_init: Any = None,
         log.info("train(): param_dtype %s -> float32 master params", config.param_dtype)
         config = dataclasses.replace(config, param_dtype="float32")
     tx, schedule = make_optimizer(optimizer, num_steps=num_steps)
-    with_ref = ref_params == "initial"
-    abstract = abstract_state(transformer.abstract_params(config), tx=tx, with_ref=with_ref)
+    with_ref = ref_params == "initial" or spec is not None
+    # With LoRA the frozen base may be held in a lower precision than the float32 adapters.
+    frozen = adapters_lib.base_config(config, spec) if spec is not None else config
+    abstract = adapters_lib.abstract_run_state(config, tx=tx, lora=spec, with_ref=with_ref)
     shardings = state_shardings(abstract, mesh, rules)
     is_main = jax.process_index() == 0
 
     def initial():
-        return _initial_params(config, given_params, owned=owned, seed=seed, mesh=mesh,
-                               rules=rules, param_shardings=shardings.params)
+        """The frozen params: the reference copy, or with LoRA the base."""
+        if spec is None:
+            return _initial_params(config, given_params, owned=owned, seed=seed, mesh=mesh,
+                                   rules=rules, param_shardings=shardings.params)
+        return _initial_params(frozen, given_params, owned=owned, seed=seed, mesh=mesh,
+                               rules=rules, param_shardings=shardings.ref_params)
 
     with contextlib.ExitStack() as stack:
         checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=keep)
@@ -211,6 +231,7 @@ def train(*, config: ModelConfig | str | None = None, params_init: Any = None,
                 "resumed_from_step": start, "num_steps": num_steps, "grad_accum": grad_accum,
                 "seed": seed, "rules": rules, "mesh": dict(mesh.shape), "ref_params": ref_params,
                 "optimizer": vars(optimizer), "model": vars(config),
+                "lora": dataclasses.asdict(spec) if spec is not None else None,
                 "loss_fn": objective.name})
         if start is not None:
             state, data_state = checkpointer.restore(start, abstract_arrays(abstract, shardings))
@@ -219,15 +240,23 @@ def train(*, config: ModelConfig | str | None = None, params_init: Any = None,
             if with_ref:
                 state = state.replace(ref_params=initial())
             log.info("resumed from %s at step %d", checkpointer.directory, start)
+        elif spec is not None:
+            init_adapters = jax.jit(functools.partial(lora_lib.init_lora_weights, config, spec),
+                                    out_shardings=shardings.params)
+            weights = init_adapters(jax.random.fold_in(jax.random.key(seed), 0x10A))
+            state = compile_lib.init_train_state(weights, tx=tx, seed=seed,
+                                                 state_shardings=shardings, ref_params=initial())
         else:
             params = initial()
             ref = jax.device_put(params, shardings.params, may_alias=False) if with_ref else None
             state = compile_lib.init_train_state(params, tx=tx, seed=seed,
                                                  state_shardings=shardings, ref_params=ref)
 
+        loss = objective.bind(config=config, options=loss_kwargs)
+        if spec is not None:
+            loss = adapters_lib.bind_lora_loss(loss, spec, reference=ref_params != "none")
         step_fn = compile_lib.jit_train_step(
-            loss=objective.bind(config=config, options=loss_kwargs), tx=tx,
-            schedule=schedule, grad_accum=grad_accum, mesh=mesh, rules=rules,
+            loss=loss, tx=tx, schedule=schedule, grad_accum=grad_accum, mesh=mesh, rules=rules,
             state_shardings=shardings)
         batch_sharding = compile_lib.batch_shardings(mesh, rules)
         num_batch_shards = math.prod(
@@ -264,6 +293,12 @@ def train(*, config: ModelConfig | str | None = None, params_init: Any = None,
                 seq_len_seen = seq_len
                 logger.flops_per_token = config.flops_per_token(seq_len)
             batch = _put_batch(host_batch, batch_sharding, num_batch_shards)
+            if step == (start or 0) and jax.process_count() > 1:
+                # Compile, then start the first step together: CPU collectives (gloo) give a
+                # peer 30 s to join, less than one process's compile may run ahead of another's.
+                with sharding.use_mesh(mesh, rules):
+                    step_fn.jitted.lower(state, batch).compile()
+                distributed.barrier("align_jax.train.step_compiled")
             # Implicit host<->device copies inside the step are bugs (a stray numpy constant, a
             # Python scalar in the state): make them errors. Batches were placed explicitly.
             with jax.transfer_guard("disallow"):
@@ -291,9 +326,31 @@ def train(*, config: ModelConfig | str | None = None, params_init: Any = None,
             return state
         checkpointer.wait()
 
-    if export_hf_dir is not None:
+    if spec is not None:
+        adapters = lora_lib.Adapters(weights=state.params, spec=spec)
+        if export_peft_dir is not None:
+            export_peft(config, adapters, export_peft_dir)
+        if export_hf_dir is not None:
+            dtype = jax.numpy.dtype(config.param_dtype)
+            merged = jax.jit(lambda base, a: jax.tree.map(
+                lambda x: x.astype(dtype), lora_lib.merge_lora(config, base, a)))(
+                state.ref_params, adapters)
+            export_hf(config, merged, export_hf_dir)
+    elif export_hf_dir is not None:
         export_hf(config, state.params, export_hf_dir)
     return state
+
+
+def export_peft(config: ModelConfig, adapters: "lora_lib.Adapters",
+                path: str | os.PathLike) -> None:
+    """Saves LoRA adapters in peft's format at `path` (main process only)."""
+    weights = adapters.weights
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils  # noqa: PLC0415
+        weights = multihost_utils.process_allgather(weights, tiled=True)
+    if jax.process_index() == 0:
+        lora_lib.save_peft(config, adapters.replace(weights=jax.device_get(weights)),
+                           os.fspath(path))
 
 
 def export_hf(config: ModelConfig, params: Any, path: str | os.PathLike) -> None:

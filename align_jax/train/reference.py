@@ -63,7 +63,8 @@ def attach_reference_logps(examples: list[Example], *, precompute, config: Model
         functools.partial(precompute, config, vocab_chunk_size=vocab_chunk_size), params,
         examples, build=batching.pad_pair_batch, seq_len=seq_len, batch_size=batch_size,
         mesh=mesh, rules=rules, progress="reference log-probs").astype(np.float32)
-    if path is not None:
+    if path is not None and jax.process_index() == 0:
+        # Every process computed the same values; one writes them (same file, shared folder).
         os.makedirs(cache_dir, exist_ok=True)
         tmp = path + ".tmp.npy"
         np.save(tmp, values)

@@ -60,19 +60,23 @@ def init_state(params: Any, *, tx: optax.GradientTransformation, seed: int | jax
 
 
 def abstract_state(abstract_params: Any, *, tx: optax.GradientTransformation,
-                   with_ref: bool = False) -> TrainState:
+                   with_ref: bool = False, abstract_ref: Any = None) -> TrainState:
     """The boxed abstract TrainState (ShapeDtypeStructs; allocates nothing).
 
     Args:
       abstract_params: boxed abstract parameters, e.g. `transformer.abstract_params(config)`.
       tx: the optimizer.
-      with_ref: whether the state holds frozen reference parameters.
+      with_ref: whether the state holds frozen reference parameters (shaped like the params).
+      abstract_ref: boxed abstract frozen params of another shape (LoRA: the trained params
+        are the adapters, the frozen base rides here); implies with_ref.
     Returns:
       a TrainState whose array leaves are ShapeDtypeStructs, boxed where the parameter was.
     """
-    def build(p):
-        return init_state(p, tx=tx, seed=0, ref_params=p if with_ref else None)
-    return jax.eval_shape(build, abstract_params)
+    def build(p, r):
+        if r is None and with_ref:
+            r = p
+        return init_state(p, tx=tx, seed=0, ref_params=r)
+    return jax.eval_shape(build, abstract_params, abstract_ref)
 
 
 def _is_box(x: Any) -> bool:

@@ -12,6 +12,10 @@
 # Settings come from the environment: TPU_NAME, ZONE, ACCELERATOR (e.g. v5p-32), RUNTIME (the
 # TPU VM software version), PROJECT (optional), SPOT=1 for a spot/preemptible slice,
 # COMMAND (align-jax subcommand, default run), OUTPUT (run folder, e.g. a gs:// path).
+# The workers join through jax's coordinator on worker 0 (`align-jax --distributed`; jax finds
+# worker 0 by itself): COORDINATOR_PORT (TCP port on worker 0, default 8476), INIT_TIMEOUT
+# (seconds for every worker to join, default 300), HEARTBEAT_TIMEOUT (seconds before a silent
+# worker counts as dead, default 100), COORDINATOR_ADDRESS (only to override jax's choice).
 # DRY_RUN=1 prints each gcloud command instead of running it.
 set -euo pipefail
 
@@ -22,6 +26,9 @@ RUNTIME=${RUNTIME:-v2-alpha-tpuv5}
 COMMAND=${COMMAND:-run}
 REMOTE_DIR=${REMOTE_DIR:-align_jax}
 LOG=${LOG:-align_jax.log}
+COORDINATOR_PORT=${COORDINATOR_PORT:-8476}
+INIT_TIMEOUT=${INIT_TIMEOUT:-300}
+HEARTBEAT_TIMEOUT=${HEARTBEAT_TIMEOUT:-100}
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 
 gc() {
@@ -58,9 +65,13 @@ cd $REMOTE_DIR && python3 -m venv .venv && .venv/bin/pip install -q -U pip && \
     for p in "$@"; do params+=" $(printf '%q' "$p")"; done
     out=""
     [[ -n "${OUTPUT:-}" ]] && out=" --output_dir=$(printf '%q' "$OUTPUT")"
+    settings="ALIGN_JAX_COORDINATOR_PORT=$COORDINATOR_PORT ALIGN_JAX_INIT_TIMEOUT=$INIT_TIMEOUT"
+    settings+=" ALIGN_JAX_HEARTBEAT_TIMEOUT=$HEARTBEAT_TIMEOUT"
+    [[ -n "${COORDINATOR_ADDRESS:-}" ]] && \
+      settings+=" ALIGN_JAX_COORDINATOR_ADDRESS=$(printf '%q' "$COORDINATOR_ADDRESS")"
     # nohup + setsid: the run survives the ssh session; each worker logs to its own file.
-    on_all "cd $REMOTE_DIR && setsid nohup .venv/bin/align-jax $COMMAND --gin_file=$gin_file$params$out \
-> ~/$LOG 2>&1 < /dev/null &"
+    on_all "cd $REMOTE_DIR && $settings setsid nohup .venv/bin/align-jax $COMMAND --distributed \
+--gin_file=$gin_file$params$out > ~/$LOG 2>&1 < /dev/null &"
     ;;
   logs)
     gc ssh "$TPU_NAME" --worker="${2:-0}" --command="tail -n 200 -f ~/$LOG"
@@ -73,7 +84,7 @@ cd $REMOTE_DIR && python3 -m venv .venv && .venv/bin/pip install -q -U pip && \
     gc delete "$TPU_NAME" --quiet
     ;;
   *)
-    sed -n '2,20p' "$0"
+    sed -n '2,24p' "$0"
     exit 2
     ;;
 esac

@@ -61,12 +61,16 @@ class ScriptedTeacher:
     def count_tokens(self, text: str) -> int:
         return len(text.split())
 
-    def chat(self, conversations, *, temperature, top_p=1.0, max_tokens, seed=None):
+    def chat(self, conversations, *, temperature, top_p=1.0, max_tokens, seed=None,
+             repetition_penalty=1.0):
         return self.complete([c[-1]["content"] for c in conversations], temperature=temperature,
-                             top_p=top_p, max_tokens=max_tokens, seed=seed)
+                             top_p=top_p, max_tokens=max_tokens, seed=seed,
+                             repetition_penalty=repetition_penalty)
 
-    def complete(self, prompts, *, temperature, top_p=1.0, max_tokens, seed=None):
-        self.calls.append({"n": len(prompts), "temperature": temperature, "seed": seed})
+    def complete(self, prompts, *, temperature, top_p=1.0, max_tokens, seed=None,
+                 repetition_penalty=1.0):
+        self.calls.append({"n": len(prompts), "temperature": temperature, "seed": seed,
+                           "repetition_penalty": repetition_penalty})
         if self.delay:
             time.sleep(self.delay)
         out = []

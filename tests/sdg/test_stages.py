@@ -19,9 +19,11 @@ class FunctionTeacher(ScriptedTeacher):
         self.fn = fn
         self.prompts = []
 
-    def complete(self, prompts, *, temperature, top_p=1.0, max_tokens, seed=None):
+    def complete(self, prompts, *, temperature, top_p=1.0, max_tokens, seed=None,
+                 repetition_penalty=1.0):
         self.calls.append({"n": len(prompts), "temperature": temperature, "top_p": top_p,
-                           "max_tokens": max_tokens, "seed": seed})
+                           "max_tokens": max_tokens, "seed": seed,
+                           "repetition_penalty": repetition_penalty})
         self.prompts.extend(prompts)
         return [self.fn(self.role_of(p), p) for p in prompts]
 
@@ -222,8 +224,11 @@ def test_aligner_triples_and_inspector_labels():
         i = int(prompt.split("Question number ")[-1].split()[0])
         return outputs[i]
 
-    results = aligner_data.generate_aligner(FunctionTeacher(fn), questions,
-                                            criterion="factuality", seed=0)
+    teacher = FunctionTeacher(fn)
+    results = aligner_data.generate_aligner(teacher, questions, criterion="factuality", seed=0)
+    # The paper's decoding for triples: greedy, repetition penalty 2, 1500 new tokens.
+    assert [(c["temperature"], c["repetition_penalty"], c["max_tokens"]) for c in teacher.calls
+            ] == [(0.0, 2.0, 1500)]
     assert results[0].records["aligner"] == [{
         "input": questions[0]["question"], "initial_response": "You are an idiot.",
         "critique": "Rude, breaks principle 2.",

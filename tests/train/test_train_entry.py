@@ -78,7 +78,7 @@ def test_other_objectives_learn(tmp_path, run):
 
 def test_every_run_file_parses_against_the_tiny_model():
     from align_jax.generate import server
-    from align_jax.methods import recipes, sami, value_alignment
+    from align_jax.methods import aligners_recipe, recipes, sami, value_alignment
     from align_jax.sdg import entry as sdg_entry
     from align_jax.train import entry
     def bindings(fn):
@@ -103,8 +103,10 @@ def test_every_run_file_parses_against_the_tiny_model():
         elif bindings(sdg_entry.sdg_main):
             assert bindings(sdg_entry.sdg_main)["task"] in sdg_entry.TASKS, path
         elif bindings(recipes.run):
-            recipe = bindings(value_alignment.value_alignment) or bindings(sami.sami)
-            assert recipe.get("document") or recipe.get("constitutions"), path
+            recipe = (bindings(value_alignment.value_alignment) or bindings(sami.sami)
+                      or bindings(aligners_recipe.aligners))
+            assert (recipe.get("document") or recipe.get("constitutions")
+                    or recipe.get("aligner_data") or recipe.get("teacher")), path
         else:
             assert bindings(server.serve_main)["host"] == "127.0.0.1", path
         checked += 1
@@ -159,3 +161,49 @@ def test_generate_eval_and_convert_commands(sft_dir, tmp_path, capsys):
     report = json.load(open(tmp_path / "eval" / "report.json"))
     row = report["models"]["sft"]
     assert row["answer_nll"]["examples"] == 42 and 0 <= row["preference"]["accuracy"] <= 1
+
+
+LORA_ALL = ("entry.train_main.lora={'rank': 8, 'alpha': 16, "
+            "'targets': ('q', 'k', 'v', 'o', 'gate', 'up', 'down')}")
+
+
+def test_dpo_with_lora_starts_at_ln2_learns_and_converts(sft_dir, tmp_path):
+    out = tmp_path / "run"
+    metrics = _train("dpo_tiny", str(out), f"HF_CHECKPOINT='{sft_dir[0]}/hf'", LORA_ALL,
+                     "optim.OptimizerConfig.learning_rate=5e-3", "entry.train_main.log_every=1",
+                     "entry.train_main.num_steps=15")
+    # The reference is the base with adapters off: at step 1 (B = 0) every pair is at ln 2.
+    assert metrics[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)
+    # Batches of 8 pairs are noisy: judge the last three steps together.
+    last = [m["loss"] for m in metrics[-3:]]
+    assert sum(last) / 3 < math.log(2) - 0.05, [m["loss"] for m in metrics]
+    assert not (out / "cache").exists()  # no precomputed reference pass
+    summary = json.load(open(out / "train_summary.json"))
+    assert summary["peft_export"] == str(out / "peft")
+
+    gin.clear_config()
+    assert cli.main(["convert", f"--output_dir={tmp_path / 'merged'}",
+                     f"--gin_param=convert.convert_main.run_dir='{out}'"]) == 0
+    _, a = load_hf(str(tmp_path / "merged"))
+    _, b = load_hf(str(out / "hf"))
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_allclose(x, y, atol=1e-6, rtol=0)
+    gin.clear_config()
+    assert cli.main(["convert", f"--output_dir={tmp_path / 'peft'}",
+                     f"--gin_param=convert.convert_main.run_dir='{out}'",
+                     "--gin_param=convert.convert_main.export='peft'"]) == 0
+    from safetensors.numpy import load_file
+    a = load_file(tmp_path / "peft" / "adapter_model.safetensors")
+    b = load_file(out / "peft" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and len(a) == 2 * 7 * 2  # A and B, 7 targets, 2 layers
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("run", ["sft_tiny", "lm_tiny", "kto_tiny", "sami_tiny"])
+def test_other_objectives_learn_with_lora(tmp_path, run):
+    metrics = _train(run, str(tmp_path), LORA_ALL, "optim.OptimizerConfig.learning_rate=1e-2",
+                     "entry.train_main.log_every=1", "entry.train_main.num_steps=12")
+    assert metrics[-1]["loss"] < metrics[0]["loss"], (metrics[0], metrics[-1])
+    assert os.path.exists(tmp_path / "peft" / "adapter_model.safetensors")

@@ -22,10 +22,11 @@ SCRIPT = os.path.join(HERE, "train_script.py")
 ROOT = os.path.dirname(os.path.dirname(HERE))
 
 
-def _spawn(workdir, num_steps, save_every, sleep):
+def _spawn(workdir, num_steps, save_every, sleep, *extra):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, HERE]))
     return subprocess.Popen(
-        [sys.executable, SCRIPT, str(workdir), str(num_steps), str(save_every), str(sleep)],
+        [sys.executable, SCRIPT, str(workdir), str(num_steps), str(save_every), str(sleep),
+         *extra],
         env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 

@@ -1,6 +1,6 @@
 """Runs align_jax.train.train on the tiny model; the subprocess side of the loop tests.
 
-usage: python train_script.py WORKDIR NUM_STEPS SAVE_EVERY SLEEP_PER_BATCH
+usage: python train_script.py WORKDIR NUM_STEPS SAVE_EVERY SLEEP_PER_BATCH [lora]
 """
 
 import os
@@ -19,10 +19,12 @@ from train_fixtures import CountingIterator, nll_loss, tiny_config  # noqa: E402
 from align_jax import sharding, train  # noqa: E402
 
 OPTIMIZER = train.OptimizerConfig(learning_rate=1e-3, warmup_steps=2, weight_decay=0.01)
+LORA = {"rank": 4, "alpha": 8, "targets": ("q", "v", "o", "up"), "dropout": 0.1,
+        "base_dtype": "bfloat16"}
 
 
-def run(workdir, num_steps, save_every, sleep=0.0):
-    return train.train(
+def run(workdir, num_steps, save_every, sleep=0.0, lora=None):
+    return train.train(lora=lora,
         config=tiny_config(), loss_fn=nll_loss, data_iterator=CountingIterator(sleep=sleep),
         optimizer=OPTIMIZER, num_steps=num_steps, grad_accum=2,
         mesh_spec=sharding.MeshSpec(data=4, fsdp=2), rules="fsdp", workdir=workdir,
@@ -31,5 +33,6 @@ def run(workdir, num_steps, save_every, sleep=0.0):
 
 if __name__ == "__main__":
     workdir, num_steps, save_every, sleep = sys.argv[1:5]
-    state = run(workdir, int(num_steps), int(save_every), float(sleep))
+    lora = LORA if sys.argv[5:] == ["lora"] else None
+    state = run(workdir, int(num_steps), int(save_every), float(sleep), lora=lora)
     print(f"FINAL_STEP {int(state.step)}", flush=True)

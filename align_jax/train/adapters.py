@@ -1,0 +1,136 @@
+"""LoRA training: the trained params are the adapters, the frozen base rides in the state.
+
+With LoRA on, `TrainState.params` holds the adapter weights (float32; the optimizer state
+tracks only them) and `TrainState.ref_params` holds the frozen base, possibly in bfloat16. Like
+any reference it is not checkpointed: it is rebuilt from the run's initial params on resume.
+`bind_lora_loss` wraps an objective's step loss (`Objective.bind`) so it sees base + adapters
+as its params; for objectives with a reference model it also gets the base itself as
+`ref_params`, i.e. the same weights with the adapters off, scored in the same step with no
+second copy of the model.
+"""
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+import jax
+import optax
+
+from align_jax import sharding
+from align_jax.models import lora as lora_lib
+from align_jax.models import transformer
+from align_jax.models.config import ModelConfig
+from align_jax.train import compile as compile_lib
+from align_jax.train import step as step_lib
+from align_jax.train.state import TrainState, abstract_arrays, abstract_state, state_shardings
+
+LORA_FILE = "lora.json"
+
+
+def bind_lora_loss(loss, spec: lora_lib.LoraConfig, *, reference: bool):
+    """`loss(adapter_weights, batch, *, rng, ref_params=base)` over base + adapters.
+
+    Args:
+      loss: the step's loss, `Objective.bind(...)` (params, batch, *, rng, ref_params).
+      spec: the LoRA settings.
+      reference: pass the base (adapters off) as the objective's reference params.
+    Returns:
+      the loss the train step differentiates with respect to the adapter weights only.
+    """
+    def wrapped(weights, batch, *, rng, ref_params):
+        if ref_params is None:
+            raise ValueError("LoRA training needs the frozen base in state.ref_params")
+        base = jax.lax.stop_gradient(ref_params)
+        # A stream of its own, so an objective's own use of `rng` draws the same numbers.
+        drop = jax.random.fold_in(rng, 0x10A) if spec.dropout > 0.0 else None
+        params = lora_lib.with_adapters(base, lora_lib.Adapters(weights=weights, spec=spec),
+                                        dropout_rng=drop)
+        return loss(params, batch, rng=rng, ref_params=base if reference else None)
+
+    return wrapped
+
+
+def abstract_run_state(config: ModelConfig, *, tx: optax.GradientTransformation,
+                       lora: lora_lib.LoraConfig | None, with_ref: bool) -> TrainState:
+    """The boxed abstract TrainState of a run: full params (+ a reference copy), or with LoRA
+    the float32 adapters as params and the frozen base (in `lora.base_dtype`) as ref_params."""
+    if lora is None:
+        return abstract_state(transformer.abstract_params(config), tx=tx, with_ref=with_ref)
+    return abstract_state(lora_lib.abstract_lora(config, lora), tx=tx,
+                          abstract_ref=transformer.abstract_params(base_config(config, lora)))
+
+
+def compiled_step_memory(config: ModelConfig, loss: step_lib.LossFn, *,
+                         batch: dict[str, jax.ShapeDtypeStruct], tx: optax.GradientTransformation,
+                         lora: lora_lib.LoraConfig | None = None, reference: bool = False,
+                         mesh=None, rules: str = "fsdp"):
+    """XLA's memory analysis of the compiled train step, from shapes alone (nothing runs and
+    no weights exist): for comparing LoRA with full fine-tuning on configs of any size.
+
+    Args:
+      config: the model (param_dtype is the master dtype of full fine-tuning).
+      loss: the step's loss, `Objective.bind(...)`.
+      batch: ShapeDtypeStructs of one global batch.
+      tx: the optimizer.
+      lora: LoRA settings, or None for full fine-tuning.
+      reference: full fine-tuning keeps a frozen reference copy; with LoRA the objective gets
+        the base (adapters off) as its reference.
+      mesh, rules: the mesh (default: one device) and sharding preset.
+    Returns:
+      `jax.stages.Compiled.memory_analysis()` (per device).
+    """
+    mesh = mesh or sharding.make_mesh(sharding.MeshSpec(data=1), devices=jax.devices()[:1])
+    abstract = abstract_run_state(config, tx=tx, lora=lora, with_ref=reference)
+    shardings = state_shardings(abstract, mesh, rules)
+    if lora is not None:
+        loss = bind_lora_loss(loss, lora, reference=reference)
+    step = compile_lib.jit_train_step(loss=loss, tx=tx, schedule=None, grad_accum=1, mesh=mesh,
+                                      rules=rules, state_shardings=shardings)
+    placed = compile_lib.batch_shardings(mesh, rules)
+    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=placed) for k, v in batch.items()}
+    with sharding.use_mesh(mesh, rules):
+        lowered = step.jitted.lower(abstract_arrays(abstract, shardings), batch)
+    return lowered.compile().memory_analysis()
+
+
+def base_config(config: ModelConfig, spec: lora_lib.LoraConfig) -> ModelConfig:
+    """The config whose param_dtype is the dtype the frozen base is held in."""
+    return dataclasses.replace(config, param_dtype=spec.base_dtype or config.param_dtype)
+
+
+def write_lora_file(model_dir: str, spec: lora_lib.LoraConfig, *, init_from: str | None,
+                    seed: int) -> None:
+    """`<run>/model/lora.json`: the adapter settings and where the base came from, so
+    `align-jax convert` can rebuild the base for a merged or peft export of any checkpoint."""
+    os.makedirs(model_dir, exist_ok=True)
+    with open(os.path.join(model_dir, LORA_FILE), "w") as f:
+        json.dump({"lora": dataclasses.asdict(spec),
+                   "base": {"init_from": os.path.abspath(init_from) if init_from else None,
+                            "seed": seed}}, f, indent=1)
+
+
+def read_lora_file(model_dir: str) -> tuple[lora_lib.LoraConfig, dict[str, Any]] | None:
+    path = os.path.join(model_dir, LORA_FILE)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        data = json.load(f)
+    try:
+        return lora_lib.lora_config(data["lora"]), data["base"]
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{path}: not a LoRA run description ({e})") from None
+
+
+def rebuild_base(config: ModelConfig, spec: lora_lib.LoraConfig, base: dict[str, Any]) -> Any:
+    """The frozen base of a LoRA run, as `train` built it (from `lora.json`'s "base")."""
+    from align_jax.models.hf import load_hf  # noqa: PLC0415
+
+    frozen = base_config(dataclasses.replace(config, param_dtype="float32"), spec)
+    dtype = jax.numpy.dtype(frozen.param_dtype)
+    if base.get("init_from"):
+        _, params = load_hf(base["init_from"])
+        return jax.tree.map(lambda x: x.astype(dtype), params)
+    # The same key and dtype as the loop's random init (values do not depend on sharding).
+    key = jax.random.split(jax.random.key(int(base["seed"])))[1]
+    return transformer.init_params(frozen, key)

@@ -1,0 +1,53 @@
+"""The supported-version check: what it accepts, what it refuses, and setup.py agreeing with it."""
+
+import importlib
+import pathlib
+import re
+
+import pytest
+
+import align_jax
+from align_jax import versions
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def test_installed_jax_is_supported():
+    versions.check_jax()
+
+
+@pytest.mark.parametrize("version", ["0.10.2", "0.11.2", "0.11.9rc1"])
+def test_tested_range_passes(version):
+    versions.check_jax(version, environ={})
+
+
+def test_old_jax_fails_naming_the_fix():
+    with pytest.raises(versions.UnsupportedVersionError,
+                       match=r"needs jax >= 0\.10\.2, found jax 0\.4\.35: pip install -U "
+                             r"'jax>=0\.10\.2,<0\.12'"):
+        versions.check_jax("0.4.35", environ={})
+
+
+def test_newer_untested_jax_fails_unless_allowed():
+    with pytest.raises(versions.UnsupportedVersionError, match="ALIGN_JAX_ALLOW_UNTESTED_JAX=1"):
+        versions.check_jax("0.12.0", environ={})
+    with pytest.warns(UserWarning, match="found jax 0.12.0"):
+        versions.check_jax("0.12.0", environ={versions.ALLOW_UNTESTED: "1"})
+
+
+def test_import_stops_on_an_unsupported_jax(monkeypatch):
+    real = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version",
+                        lambda name: "0.4.1" if name == "jax" else real(name))
+    try:
+        with pytest.raises(versions.UnsupportedVersionError, match="found jax 0.4.1"):
+            importlib.reload(align_jax)
+    finally:
+        monkeypatch.undo()
+        importlib.reload(align_jax)
+
+
+def test_setup_py_states_the_same_ranges():
+    text = (ROOT / "setup.py").read_text()
+    for package in versions.TESTED_RANGES:
+        assert re.search(rf'"{re.escape(versions.requirement(package))}"', text), package
