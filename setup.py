@@ -36,6 +36,12 @@ setuptools.setup(
         "uvicorn",
         "openai",
         "httpx",
+        # GGUF import (align_jax.models.gguf) and transformers' GGUF tokenizer conversion.
+        "gguf>=0.19",
+        "accelerate",
+        # Reference metrics on generated answers (align_jax.eval.metrics).
+        "sacrebleu>=2.4",
+        "rouge-score>=0.1.2",
     ],
     extras_require={
         "test": [
@@ -44,6 +50,9 @@ setuptools.setup(
             "hypothesis",
             "ruff",
             "torch==2.13.0",
+            # Parity references: peft loads our LoRA export, bert-score checks our BERTScore.
+            "peft>=0.17",
+            "bert-score==0.3.13",
         ],
         # TRL's trainers, for the side-by-side training benchmark (`make bench`).
         "bench": ["trl==1.16.0"],

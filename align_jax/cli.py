@@ -21,7 +21,9 @@ COMMANDS = {
     "generate": ("align_jax.generate.entry", "generate_main", "sample completions for prompts"),
     "eval": ("align_jax.eval.entry", "eval_main", "evaluate a model"),
     "serve": ("align_jax.generate.server", "serve_main", "OpenAI-compatible HTTP server"),
-    "convert": ("align_jax.train.convert", "convert_main", "training checkpoint -> HF dir"),
+    "convert": ("align_jax.train.convert", "convert_main",
+                "training checkpoint or .gguf -> HF dir"),
+    "plan": ("align_jax.train.plan", "plan_main", "per-device memory of a training step"),
     "bench": ("benchmarks.run", "main", "benchmarks"),
 }
 
@@ -36,9 +38,9 @@ def _gin_imports(files: list[str], search: list[str], seen: set | None = None) -
     seen = set() if seen is None else seen
     out: list[str] = []
     for name in files:
-        path = next((os.path.join(d, name) for d in ["", *search]
-                     if os.path.exists(os.path.join(d, name))), None)
-        if path is None or os.path.abspath(path) in seen:
+        from align_jax.ginconf import resolve
+        path = resolve(name, search)
+        if not os.path.isfile(path) or os.path.abspath(path) in seen:
             continue
         seen.add(os.path.abspath(path))
         with open(path, encoding="utf-8") as f:
@@ -109,10 +111,31 @@ def _parser() -> argparse.ArgumentParser:
                    help="run folder; bound to the entry's output_dir when given")
     p.add_argument("--traceback", action="store_true",
                    help="show the full stack of an error instead of its one-line message")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over in an output_dir that holds a run with other settings")
     p.add_argument("--distributed", action="store_true",
                    help="join the other processes first (multi-host TPU / GPU / SLURM; settings: "
                         "distributed.initialize.* gin bindings or ALIGN_JAX_* variables)")
     return p
+
+
+def enable_compilation_cache() -> str | None:
+    """Keeps compiled programs across runs in `<cache_dir()>/jax` (JAX's persistent cache).
+
+    A second `align-jax` run with the same shapes loads its prefill, decode and train step
+    instead of compiling them (tens of seconds each for a 30-layer model on a CPU). An
+    explicit JAX_COMPILATION_CACHE_DIR, or ALIGN_JAX_COMPILATION_CACHE=0, wins.
+    Returns the folder used, or None.
+    """
+    if os.environ.get("JAX_COMPILATION_CACHE_DIR") or \
+            os.environ.get("ALIGN_JAX_COMPILATION_CACHE") == "0":
+        return None
+    import jax
+
+    from align_jax.models.named import cache_dir
+    path = os.path.join(cache_dir(), "jax")
+    jax.config.update("jax_compilation_cache_dir", path)
+    return path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -126,9 +149,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "bench":
         return importlib.import_module(module_name).main() or 0
     import gin
+
+    from align_jax import ginconf
+    enable_compilation_cache()
     root = pathlib.Path(__file__).resolve().parent.parent
-    for path in [*args.gin_search_path, os.getcwd(), str(root)]:
-        gin.add_config_file_search_path(path)
+    folders = ginconf.search_folders(args.gin_search_path, str(root))
+    ginconf.install_search_path(folders)
+    gin_files = [ginconf.resolve(name, folders) for name in args.gin_file]
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as e:
@@ -140,15 +167,29 @@ def main(argv: list[str] | None = None) -> int:
     # `entry.train_main.num_steps=5` or `value_alignment.value_alignment.sft_steps=10` bind.
     parent, _, short = module_name.rpartition(".")
     params = ["from __gin__ import dynamic_registration", f"from {parent} import {short}",
-              *_gin_imports(args.gin_file, [*args.gin_search_path, os.getcwd(), str(root)]),
+              *_gin_imports(gin_files, folders),
               *(["from align_jax import distributed"] if args.distributed else []),
               *args.gin_param]
     if args.output_dir:
         params.append(f"{short}.{fn_name}.output_dir = {args.output_dir!r}")
+    if args.overwrite:
+        import inspect
+        if "overwrite" not in inspect.signature(getattr(module, fn_name)).parameters:
+            print(f"align-jax {args.command}: --overwrite applies to train only", file=sys.stderr)
+            return 2
+        params.append(f"{short}.{fn_name}.overwrite = True")
     try:
-        gin.parse_config_files_and_bindings(args.gin_file, params, finalize_config=False)
-    except (OSError, ValueError, SyntaxError) as e:
-        print(f"align-jax {args.command}: bad gin configuration: {e}", file=sys.stderr)
+        gin.parse_config_files_and_bindings(gin_files, params, finalize_config=False)
+    except Exception as e:  # gin raises many types (tokenize.TokenError, TypeError, ...)
+        if args.traceback:
+            raise
+        print(f"align-jax {args.command}: bad gin configuration: "
+              f"{ginconf.parse_error(e, args.gin_param, gin_files, folders)}", file=sys.stderr)
+        return 2
+    bad = ginconf.check_bindings(entry, f"{short}.{fn_name}", gin_files, args.gin_param,
+                                 folders)
+    if bad:
+        print(f"align-jax {args.command}: bad gin configuration: {bad}", file=sys.stderr)
         return 2
     if rest:
         print(f"align-jax {args.command}: unknown arguments {rest}", file=sys.stderr)
@@ -166,9 +207,22 @@ def main(argv: list[str] | None = None) -> int:
             print(f"align-jax {args.command}: {e}", file=sys.stderr)
             return 1
     configured = gin.get_configurable(entry)
+    from align_jax.run_lock import RunFolderBusyError
+    from align_jax.train.status import EXIT_INTERRUPTED, RunInterrupted
     try:
         result = configured()
-    except (ValueError, OSError, FloatingPointError, KeyError, TypeError) as e:
+    except RunInterrupted as e:
+        message = str(e).split("\n  In call to configurable")[0]
+        print(f"align-jax {args.command}: {message} (exit code {EXIT_INTERRUPTED})",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except KeyboardInterrupt:
+        if args.traceback:
+            raise
+        print(f"align-jax {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, OSError, FloatingPointError, KeyError, TypeError,
+            RunFolderBusyError) as e:
         if args.traceback:
             raise
         # gin appends "In call to configurable ..." lines: keep the message itself.

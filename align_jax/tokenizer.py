@@ -19,8 +19,6 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-import sentencepiece as spm
-
 ROLES = ("system", "user", "assistant")
 ROLE_TOKENS = tuple(f"<|{role}|>" for role in ROLES)
 
@@ -232,6 +230,9 @@ class _SentencePieceTokenizer(Tokenizer):
         self.path = path
         try:
             with open(path, "rb") as f:
+                # Imported here: the model, loss and train-step modules (and the GPU
+                # benchmark, on a machine without sentencepiece) import this module.
+                import sentencepiece as spm  # noqa: PLC0415
                 self._sp = spm.SentencePieceProcessor(model_proto=f.read())
         except (OSError, RuntimeError) as e:
             raise ValueError(f"{path}: not a readable sentencepiece model ({e})") from e
@@ -304,10 +305,13 @@ def _read_json(path: str) -> dict:
     if not os.path.isfile(path):
         return {}
     try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from e
+        with open(path, encoding="utf-8") as f:
+            out = json.load(f)
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(out, dict):
+        raise ValueError(f"{path}: expected a JSON object, found {type(out).__name__}")
+    return out
 
 
 def _as_id_list(value) -> list[int]:
@@ -382,20 +386,35 @@ class _HFTokenizer(Tokenizer):
         return self._vocab[piece]
 
 
+_VOCAB_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
+                "sentencepiece.bpe.model")
+
+
 def _load_hf(path: str):
+    """AutoTokenizer over a dir whose JSON files parse; never a silent fallback that drops
+    the configured special tokens or template."""
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    for name in ("tokenizer_config.json", "tokenizer.json", "special_tokens_map.json"):
+        _read_json(os.path.join(path, name))  # a corrupt file is a ValueError naming it
+    if not any(os.path.isfile(os.path.join(path, name)) for name in _VOCAB_FILES):
+        raise ValueError(f"{path}: has tokenizer_config.json but no vocabulary file (one of "
+                         f"{', '.join(_VOCAB_FILES)}); copy the tokenizer's files here")
+    has_config = os.path.isfile(os.path.join(path, "tokenizer_config.json"))
     try:
         return AutoTokenizer.from_pretrained(path, local_files_only=True)
     except Exception as e:
-        # A bare tokenizer.json (no config naming a class) is still a complete fast tokenizer.
+        # A bare tokenizer.json (no config naming a class) is still a complete fast tokenizer;
+        # with a tokenizer_config.json the fallback would drop its settings, so it is an error.
         tokenizer_json = os.path.join(path, "tokenizer.json")
-        if os.path.isfile(tokenizer_json):
+        if os.path.isfile(tokenizer_json) and not has_config:
             try:
                 return PreTrainedTokenizerFast(tokenizer_file=tokenizer_json)
             except Exception:
                 pass
-        raise ValueError(f"could not load a Hugging Face tokenizer from {path}: "
-                         f"{type(e).__name__}: {e}") from e
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise ValueError(f"could not load the Hugging Face tokenizer in {path} as its "
+                         f"tokenizer_config.json describes it: {type(e).__name__}: {first}"
+                         ) from None
 
 
 # ----------------------------------------------------------------------------- loading
@@ -446,7 +465,9 @@ def load_tokenizer(path: str | os.PathLike, *, chat_template: str | None = None)
     """
     path = os.fspath(path)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"tokenizer path {path} does not exist")
+        # Names and .gguf files are resolved by the model layer, above this one.
+        raise FileNotFoundError(f"tokenizer path {path} does not exist (for a named model or a "
+                                f".gguf file use align_jax.models.named.resolve_model_path)")
     if os.path.isfile(path):
         name = os.path.basename(path)
         if name.endswith(".model"):

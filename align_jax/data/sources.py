@@ -152,6 +152,8 @@ def validate_record(data: Any, *, schema: str | tuple[Mapping[str, str], ...],
                 problems.append(f"field {field!r} must be {_CHECKS[check][1]}, "
                                 f"got {type(data[field]).__name__}")
         if not problems:
+            problems = _blank_texts(data, alternative)
+        if not problems:
             break
         errors.append("; ".join(problems))
     else:
@@ -163,6 +165,21 @@ def validate_record(data: Any, *, schema: str | tuple[Mapping[str, str], ...],
         raise DataError(f"{where}: fields 'constitutions' and 'responses' differ in length "
                         "(sami schema)")
     return dict(data)
+
+
+def _blank_texts(data: Mapping, alternative: Mapping[str, str]) -> list[str]:
+    """Text fields (and chat turns other than system) that are empty or only whitespace."""
+    out = []
+    for field, check in alternative.items():
+        value = data[field]
+        if check in ("text", "chat") and isinstance(value, str) and not value.strip():
+            out.append(f"field {field!r} is empty or only whitespace")
+        elif check in ("chat", "messages") and isinstance(value, list):
+            for i, m in enumerate(value):
+                if m.get("role") != "system" and not m["content"].strip():
+                    out.append(f"field {field!r}[{i}] ({m['role']}) is empty or only whitespace")
+                    break
+    return out
 
 
 def _handle(error: DataError, *, on_error: str, report: LoadReport) -> None:

@@ -7,7 +7,6 @@
       --output_dir=runs/eval
 """
 
-import json
 import os
 from collections.abc import Mapping
 
@@ -45,12 +44,13 @@ def eval_main(*, output_dir: str, models: Mapping[str, str], sft_test: str | Non
       judge_systems: systems the judge compares (default all).
     """
     from align_jax.eval.report import evaluate_models
+    from align_jax.models.named import resolve_model_path
     from align_jax.runinfo import run_folder
     from align_jax.tokenizer import load_tokenizer
 
     if not models:
         raise ValueError("eval_main.models is empty: map names to checkpoint dirs")
-    tok = load_tokenizer(next(iter(models.values())))
+    tok = load_tokenizer(resolve_model_path(next(iter(models.values()))))
     retriever = None
     if documents:
         from align_jax.data.documents import chunk_documents, load_documents
@@ -71,7 +71,7 @@ def eval_main(*, output_dir: str, models: Mapping[str, str], sft_test: str | Non
                                  judge_systems=judge_systems)
         from align_jax import distributed
         if distributed.is_main():
-            with open(os.path.join(output_dir, "report.json"), "w") as f:
-                json.dump(report, f, indent=1)
+            from align_jax.atomic import atomic_write_json
+            atomic_write_json(os.path.join(output_dir, "report.json"), report)
     print(open(os.path.join(output_dir, "report.md")).read())
     return 0

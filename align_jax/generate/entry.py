@@ -10,9 +10,15 @@ from collections.abc import Sequence
 
 
 def _read_prompts(path: str) -> list[dict]:
+    """Prompt rows of a JSONL file; a bad line is a one-line error naming path:line."""
+    from align_jax.tokenizer import validate_messages
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{n}: not valid UTF-8 (byte {e.start})") from None
             if not line.strip():
                 continue
             try:
@@ -21,6 +27,16 @@ def _read_prompts(path: str) -> list[dict]:
                 raise ValueError(f"{path}:{n}: not JSON ({e.msg})") from None
             if not isinstance(row, dict) or not ("prompt" in row or "messages" in row):
                 raise ValueError(f"{path}:{n}: needs a 'prompt' string or a 'messages' list")
+            if "messages" in row:
+                try:
+                    validate_messages(row["messages"])
+                except (TypeError, ValueError) as e:
+                    raise ValueError(f"{path}:{n}: field 'messages': {e}") from None
+            elif not isinstance(row["prompt"], str):
+                raise ValueError(f"{path}:{n}: field 'prompt' must be a string, got "
+                                 f"{type(row['prompt']).__name__}")
+            elif not row["prompt"].strip():
+                raise ValueError(f"{path}:{n}: field 'prompt' is empty or only whitespace")
             rows.append(row)
     if not rows:
         raise ValueError(f"{path}: no prompts")
@@ -35,21 +51,24 @@ def generate_main(*, output_dir: str, model_dir: str, prompts: str, chat: bool =
 
     Args:
       output_dir: run folder.
-      model_dir: Hugging Face checkpoint dir with tokenizer files.
+      model_dir: Hugging Face checkpoint dir with tokenizer files, a .gguf file, or a named
+        default such as 'smollm2-135m-instruct' (align_jax/models/named.py).
       prompts: JSONL with `prompt` (str) or `messages` (chat) per line.
       chat: apply the model's chat template to `prompt` rows.
       max_new_tokens, temperature, top_p, top_k, seed, stop_strings: sampling.
       batch_size: rows per device batch.
     """
+    from align_jax.atomic import atomic_write
     from align_jax.generate import generate
     from align_jax.models.hf import load_hf
+    from align_jax.models.named import resolve_model_path
     from align_jax.runinfo import run_folder
     from align_jax.tokenizer import load_tokenizer
 
     rows = _read_prompts(prompts)
     with run_folder(output_dir):
         config, params = load_hf(model_dir)
-        tok = load_tokenizer(model_dir)
+        tok = load_tokenizer(resolve_model_path(model_dir))
         ids = []
         for row in rows:
             messages = row.get("messages") or [{"role": "user", "content": row["prompt"]}]
@@ -62,9 +81,9 @@ def generate_main(*, output_dir: str, model_dir: str, prompts: str, chat: bool =
         path = os.path.join(output_dir, "completions.jsonl")
         from align_jax import distributed
         if distributed.is_main():
-            with open(path, "w", encoding="utf-8") as f:
-                for row, text, reason in zip(rows, out.texts, out.finish_reasons):
-                    f.write(json.dumps({**row, "completion": text, "finish_reason": reason},
-                                       ensure_ascii=False) + "\n")
+            atomic_write(path, "".join(
+                json.dumps({**row, "completion": text, "finish_reason": reason},
+                           ensure_ascii=False) + "\n"
+                for row, text, reason in zip(rows, out.texts, out.finish_reasons)))
     print(f"wrote {len(rows)} completions to {path}")
     return 0

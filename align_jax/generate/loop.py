@@ -18,7 +18,7 @@ distribution (log_softmax of the unmodified logits: temperature 1, no penalty, n
 
 import collections
 import dataclasses
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import flax.struct
 import jax
@@ -235,9 +235,22 @@ def _stable_text(tokenizer, toks, stop_strings) -> str | None:
     return text[:len(text) - hold]
 
 
-def _run_batch(config, params, batch: batching.PromptBatch, *, max_new_tokens, cache_len,
-               sampler_kw, row_seeds, stop_ids, stop_strings, tokenizer, chunk, mesh,
-               rules, partial=False) -> Iterator[Completion]:
+def _check_finite(logprobs_BM, lengths_B, rows, indices) -> None:
+    """Non-finite log-probs mean NaN/inf logits: an error, not empty completions."""
+    for row in sorted(rows):
+        lps = logprobs_BM[row, :int(lengths_B[row])]
+        if not np.all(np.isfinite(lps)):
+            at = int(np.argmin(np.isfinite(lps)))
+            raise FloatingPointError(
+                f"generation produced non-finite logits for prompt {indices[row]} at new token "
+                f"{at}: the model's weights (or its config) hold NaN or inf")
+
+
+def _run_batch(config, params, batch: batching.PromptBatch, *, max_new_tokens, shape_budget,
+               cache_len, sampler_kw, row_seeds, stop_ids, stop_strings, tokenizer, chunk, mesh,
+               rules, partial=False, cancel=None) -> Iterator[Completion]:
+    if cancel is not None and cancel():
+        return
     seeds, salts = row_seeds
     n_rows = len(batch.active_B)
     pad = n_rows - len(batch.indices)
@@ -251,11 +264,13 @@ def _run_batch(config, params, batch: batching.PromptBatch, *, max_new_tokens, c
     stop_ids = jax.device_put(stop_ids, None if mesh is None else sharding.replicated(mesh))
     with sharding.use_mesh(mesh, rules):
         state = jit_prefill(params, *arrays, stop_ids, config=config, flags=flags,
-                            max_new_tokens=max_new_tokens, cache_len=cache_len, mesh=mesh,
+                            max_new_tokens=shape_budget, cache_len=cache_len, mesh=mesh,
                             rules=rules)
         pending = set(range(len(batch.indices)))
         step = 1
         while pending:
+            if cancel is not None and cancel():
+                return
             end = min(step + chunk, max_new_tokens)
             state = jit_decode(params, state, arrays[-1], stop_ids, jnp.int32(end),
                                config=config, flags=flags, mesh=mesh, rules=rules)
@@ -264,6 +279,7 @@ def _run_batch(config, params, batch: batching.PromptBatch, *, max_new_tokens, c
                 (state.step, state.done_B, state.stopped_B, state.lengths_B, state.tokens_BM,
                  state.logprobs_BM))
             step = int(step)
+            _check_finite(logprobs_BM, lengths_B, pending, batch.indices)
             newly_done = []
             for row in sorted(pending):
                 n = int(lengths_B[row])
@@ -301,15 +317,19 @@ def generate_stream(config: ModelConfig, params, prompts: Sequence[Sequence[int]
                     seeds: Sequence[int] | None = None, mesh=None, rules="fsdp",
                     batch_size: int | None = None, max_len: int | None = None,
                     chunk_size: int | None = None, ignore_eos: bool = False,
-                    partial: bool = False) -> Iterator[Completion]:
+                    partial: bool = False,
+                    shape_budget: int | None = None,
+                    cancel: Callable[[], bool] | None = None) -> Iterator[Completion]:
     """Like `generate`, but yields a `Completion` for each prompt as soon as it finishes.
 
     Completion is observed at chunk boundaries: the device runs `chunk_size` decode steps
     between host checks (default: 32 with stop strings or `partial`, otherwise the whole
     budget in one call). Completions come in finishing order; `Completion.index` is the
     prompt's index. With `partial`, every unfinished prompt is also reported at each chunk
-    boundary (finish_reason None): what a token-streaming server sends. See `generate` for
-    the other arguments.
+    boundary (finish_reason None): what a token-streaming server sends. `cancel`, polled at
+    each chunk boundary, stops the generation when it returns True (the unfinished prompts
+    yield nothing): how a server stops work for clients that left. See `generate` for the
+    other arguments.
     """
     max_len = int(max_len or config.max_position)
     prompts = batching.validate_prompts(prompts, max_new_tokens=max_new_tokens, max_len=max_len,
@@ -326,19 +346,26 @@ def generate_stream(config: ModelConfig, params, prompts: Sequence[Sequence[int]
     batch_size = -(-max(int(batch_size), 1) // shards) * shards
     if chunk_size is None:
         chunk_size = DEFAULT_STOP_CHUNK if stop_strings or partial else max_new_tokens
+    shape_budget = max_new_tokens if shape_budget is None else int(shape_budget)
+    if shape_budget < max_new_tokens:
+        raise ValueError(f"shape_budget={shape_budget} is below max_new_tokens="
+                         f"{max_new_tokens}")
+    # A larger shape never pushes the longest prompt out of the cache.
+    longest = max((len(p) for p in prompts), default=1)
+    shape_budget = max(max_new_tokens, min(shape_budget, max_len - longest))
     pad_id = config.pad_token_id if config.pad_token_id is not None else 0
     batches = batching.plan_batches(prompts, batch_size=batch_size,
-                                    cap=max_len - max_new_tokens, pad_id=pad_id)
+                                    cap=max_len - shape_budget, pad_id=pad_id)
     if batches:
         if mesh is None:
             params = jax.device_put(params)
         else:
             params = jax.device_put(params, sharding.state_shardings(
                 transformer.abstract_params(config), mesh, rules))
-    run = dict(max_new_tokens=max_new_tokens, sampler_kw=sampler_kw,
+    run = dict(max_new_tokens=max_new_tokens, shape_budget=shape_budget, sampler_kw=sampler_kw,
                stop_ids=_stop_ids(config, tokenizer, stop_token_ids, ignore_eos),
                stop_strings=stop_strings, tokenizer=tokenizer, chunk=max(1, int(chunk_size)),
-               mesh=mesh, rules=rules, partial=partial)
+               mesh=mesh, rules=rules, partial=partial, cancel=cancel)
     # Validation above runs eagerly; the work below runs as the caller iterates.
     return _stream(config, params, batches, seed=seed, seeds=seeds, run=run)
 
@@ -353,7 +380,7 @@ def _stream(config, params, batches, *, seed, seeds, run) -> Iterator[Completion
             row_seeds = ([int(seed)] * len(batch.indices), list(batch.indices))
         t = batch.tokens_BT.shape[1]
         # The last drawn token is never fed back, so the cache needs T + budget - 1 slots.
-        cache_len = t + max(run["max_new_tokens"] - 1, 0)
+        cache_len = t + max(run["shape_budget"] - 1, 0)
         yield from _run_batch(config, params, batch, cache_len=cache_len,
                               row_seeds=row_seeds, **run)
 
@@ -364,7 +391,8 @@ def generate(config: ModelConfig, params, prompts: Sequence[Sequence[int]], *,
              stop_strings: Sequence[str] = (), tokenizer=None, seed: int = 0,
              seeds: Sequence[int] | None = None, mesh=None, rules="fsdp",
              batch_size: int | None = None, max_len: int | None = None,
-             chunk_size: int | None = None, ignore_eos: bool = False) -> GenerationOutput:
+             chunk_size: int | None = None, ignore_eos: bool = False,
+             shape_budget: int | None = None) -> GenerationOutput:
     """Generates continuations of token-id prompts with a KV cache.
 
     Args:
@@ -384,6 +412,9 @@ def generate(config: ModelConfig, params, prompts: Sequence[Sequence[int]], *,
       max_len: cache capacity (default config.max_position); prompt + budget must fit.
       chunk_size: decode steps between host checks (see `generate_stream`).
       ignore_eos: do not stop on EOS ids (stop_token_ids still apply).
+      shape_budget: the token budget compiled into the loop's shapes (>= max_new_tokens;
+        default max_new_tokens). Calls with different budgets but one shape_budget share
+        their compilations; rows still stop after max_new_tokens.
     Returns:
       GenerationOutput in prompt order; see the module docstring for what tokens, texts and
       logprobs contain.
@@ -394,7 +425,8 @@ def generate(config: ModelConfig, params, prompts: Sequence[Sequence[int]], *,
             top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty,
             stop_token_ids=stop_token_ids, stop_strings=stop_strings, tokenizer=tokenizer,
             seed=seed, seeds=seeds, mesh=mesh, rules=rules, batch_size=batch_size,
-            max_len=max_len, chunk_size=chunk_size, ignore_eos=ignore_eos):
+            max_len=max_len, chunk_size=chunk_size, ignore_eos=ignore_eos,
+            shape_budget=shape_budget):
         results[c.index] = c
     order = [results[i] for i in range(len(results))]
     return GenerationOutput(

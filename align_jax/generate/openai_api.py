@@ -15,6 +15,8 @@ from fastapi.responses import JSONResponse
 
 # Most deltas one streamed row is cut into (each costs a decode of the row's prefix).
 
+_INT32_MAX = 2**31 - 1  # sampling settings are int32/float32 arrays on the device
+
 
 class _Body(pydantic.BaseModel):
     # Unknown fields are rejected rather than silently ignored.
@@ -31,19 +33,19 @@ class SamplingFields(_Body):
 
     model: str | None = None
     max_tokens: int | None = None
-    temperature: float = pydantic.Field(1.0, ge=0.0)
-    top_p: float = pydantic.Field(1.0, gt=0.0, le=1.0)
-    top_k: int = pydantic.Field(0, ge=-1)
-    min_p: float = pydantic.Field(0.0, ge=0.0, le=1.0)
-    repetition_penalty: float = pydantic.Field(1.0, gt=0.0)
+    temperature: float = pydantic.Field(1.0, ge=0.0, le=1e4, allow_inf_nan=False)
+    top_p: float = pydantic.Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False)
+    top_k: int = pydantic.Field(0, ge=-1, le=_INT32_MAX)
+    min_p: float = pydantic.Field(0.0, ge=0.0, le=1.0, allow_inf_nan=False)
+    repetition_penalty: float = pydantic.Field(1.0, gt=0.0, le=1e4, allow_inf_nan=False)
     stop: str | list[str] | None = None
     seed: int | None = None
     n: int = 1
     stream: bool = False
     stream_options: _StreamOptions | None = None
     user: str | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+    presence_penalty: float = pydantic.Field(0.0, allow_inf_nan=False)
+    frequency_penalty: float = pydantic.Field(0.0, allow_inf_nan=False)
     logit_bias: dict[str, float] | None = None
 
 

@@ -6,9 +6,13 @@ POST /tokenize (vLLM's shape, so teachers can count tokens remotely) and GET /he
 Extensions accepted in the body: top_k (0 or -1 = off), min_p, repetition_penalty.
 Errors use OpenAI's shape {"error": {"message", "type", "param", "code"}} (openai_api.py).
 
-Handlers parse and validate on the event loop, then hand a job to the `Batcher`'s worker
-thread (serving.py), which batches concurrent requests into shared `generate` calls and
-settles each request's asyncio future; generation never runs on the event loop.
+Handlers read the body (at most `max_body_bytes`, else 413), then parse, validate and
+tokenize it in a worker thread (`asyncio.to_thread`), so a large request never blocks the
+event loop (GET /health stays fast), then hand a job to the `Batcher`'s worker thread
+(serving.py), which batches concurrent requests into shared `generate` calls and settles each
+request's asyncio future; generation never runs on the event loop. A client that goes away
+(a closed stream, a dropped connection) cancels its job: a queued job is dropped and a
+running generation whose clients all left stops at its next chunk boundary.
 
 Streaming is live: a streaming request's rows are decoded in chunks of `STREAM_CHUNK` steps,
 and after each chunk the text that can no longer change is sent as a delta; the deltas
@@ -33,6 +37,13 @@ import uvicorn
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from align_jax.generate.http_io import (
+    BODY_BYTES_PER_TOKEN,
+    MIN_BODY_BYTES,
+    cancel_on_disconnect,
+    json_ints,
+    read_body,
+)
 from align_jax.generate.openai_api import (
     APIError,
     ChatRequest,
@@ -43,8 +54,8 @@ from align_jax.generate.openai_api import (
     parse_body,
     sse,
 )
-from align_jax.generate.sampling import row_seed
-from align_jax.generate.serving import Batcher, Job, Row
+from align_jax.generate.sampling import row_seed, settings_arrays
+from align_jax.generate.serving import Batcher, Cancelled, Job, Row
 from align_jax.tokenizer import encode_prompt
 
 log = logging.getLogger(__name__)
@@ -54,7 +65,7 @@ def make_app(config, params, tokenizer, *, model_name: str, api_key: str | None 
              max_batch_size: int = 16, batch_window_s: float = 0.01,
              max_len: int | None = None, max_prompt_tokens: int | None = None,
              max_new_tokens_limit: int | None = None, mesh=None,
-             rules="fsdp") -> fastapi.FastAPI:
+             rules="fsdp", max_body_bytes: int | None = None) -> fastapi.FastAPI:
     """Builds the FastAPI app (run it with uvicorn, or `ServerThread` in tests/notebooks).
 
     Args:
@@ -67,12 +78,15 @@ def make_app(config, params, tokenizer, *, model_name: str, api_key: str | None 
       max_prompt_tokens: longest accepted prompt; default max_len - 1.
       max_new_tokens_limit: largest accepted max_tokens; default min(4096, max_len - 1).
       mesh, rules: passed to `generate`.
+      max_body_bytes: largest accepted request body (413 beyond); default
+        max(1 MiB, 16 bytes x max_prompt_tokens).
     Returns:
       The app; `app.state.batcher` is its `Batcher`.
     """
     max_len = int(max_len or config.max_position)
     max_prompt = int(max_prompt_tokens or max_len - 1)
     max_new = int(max_new_tokens_limit or min(4096, max_len - 1))
+    max_body_bytes = int(max_body_bytes or max(MIN_BODY_BYTES, BODY_BYTES_PER_TOKEN * max_prompt))
     batcher = Batcher(config, params, tokenizer, max_len=max_len, max_batch_size=max_batch_size,
                       batch_window_s=batch_window_s, mesh=mesh, rules=rules)
     started = int(time.time())
@@ -136,22 +150,40 @@ def make_app(config, params, tokenizer, *, model_name: str, api_key: str | None 
                            f"lower max_tokens", param=prompt_param,
                            code="context_length_exceeded")
         seed = req.seed if req.seed is not None else secrets.randbits(32)
+        sampling = dict(temperature=req.temperature, top_k=max(req.top_k, 0), top_p=req.top_p,
+                        min_p=req.min_p, repetition_penalty=req.repetition_penalty)
+        try:  # the checks generate makes, here: a bad value is a 400, not a worker error
+            settings_arrays(1, **sampling)
+        except (ValueError, OverflowError) as e:
+            raise APIError(400, str(e)) from None
         return Job(prompts=prompts, max_tokens=max_tokens, seeds=[row_seed(seed, i) for i in
                                                                   range(len(prompts))],
-                   sampling=dict(temperature=req.temperature, top_k=max(req.top_k, 0),
-                                 top_p=req.top_p, min_p=req.min_p,
-                                 repetition_penalty=req.repetition_penalty),
+                   sampling=sampling,
                    stop=tuple([req.stop] if isinstance(req.stop, str) else req.stop or ()),
                    deliver=None)
 
-    async def run(job: Job) -> list[Row]:
+    async def run(job: Job, request: fastapi.Request | None = None) -> list[Row]:
+        task = asyncio.ensure_future(batcher.run(job))
+        watch = (asyncio.ensure_future(cancel_on_disconnect(request, task))
+                 if request is not None else None)
         try:
-            return await batcher.run(job)
+            return await task
+        except asyncio.CancelledError:
+            if request is None or not task.cancelled():
+                raise
+            raise APIError(499, "the client closed the request", code="client_closed"
+                           ) from None
+        except Cancelled:
+            raise APIError(499, "the client closed the request", code="client_closed"
+                           ) from None
         except ValueError as e:
             raise APIError(400, str(e)) from None
         except Exception as e:  # noqa: BLE001
             raise APIError(500, f"generation failed: {type(e).__name__}: {e}",
                            type="server_error") from None
+        finally:
+            if watch is not None:
+                watch.cancel()
 
     def usage(prompts, rows) -> dict:
         p, c = sum(len(x) for x in prompts), sum(len(r.tokens) for r in rows)
@@ -191,6 +223,17 @@ def make_app(config, params, tokenizer, *, model_name: str, api_key: str | None 
                     "logprobs": None}
 
         async def events():
+            try:
+                async for event in _events():
+                    yield event
+            finally:
+                # Normal end, or the client went away (the generator is closed): stop the
+                # job's generation if it is still running.
+                if not task.done():
+                    job.cancelled.set()
+                    task.cancel()
+
+        async def _events():
             sent = [""] * len(prompts)
 
             def delta(i, text):
@@ -228,7 +271,8 @@ def make_app(config, params, tokenizer, *, model_name: str, api_key: str | None 
                     if len(r.text) > len(sent[i]):
                         yield sse({**head, "choices": [choice(i, r.text[len(sent[i]):], None)]})
                 else:
-                    log.warning("streamed text of row %d diverged from its final text", i)
+                    batcher.once.warn("stream-diverged",
+                                      "streamed text of row %d diverged from its final text", i)
                 yield sse({**head, "choices": [choice(i, None, r.finish_reason)]})
             if req.stream_options is not None and req.stream_options.include_usage:
                 yield sse({**head, "choices": [], "usage": usage(prompts, rows)})
@@ -260,7 +304,15 @@ def make_app(config, params, tokenizer, *, model_name: str, api_key: str | None 
     @app.post("/v1/completions")
     async def completions(request: fastapi.Request):
         authorize(request)
-        req = parse_body(CompletionRequest, await request.body())
+        raw = await read_body(request, max_body_bytes)
+        req, prompts, job = await asyncio.to_thread(prepare_completion, raw)
+        if req.stream:
+            return stream_answer(req, prompts, job, chat=False)
+        return answer(req, prompts, await run(job, request), chat=False)
+
+    def prepare_completion(raw: bytes):
+        """Parse, validate and tokenize (in a worker thread)."""
+        req = parse_body(CompletionRequest, raw)
         check_common(req)
         for name, ok in (("echo", not req.echo), ("logprobs", req.logprobs is None),
                          ("best_of", req.best_of in (None, 1)), ("suffix", req.suffix is None)):
@@ -280,15 +332,20 @@ def make_app(config, params, tokenizer, *, model_name: str, api_key: str | None 
         if bad:
             raise APIError(400, f"prompt token id {bad[0]} is outside [0, {config.vocab_size})",
                            param="prompt")
-        job = make_job(req, prompts, req.max_tokens, 16, "prompt")
-        if req.stream:
-            return stream_answer(req, prompts, job, chat=False)
-        return answer(req, prompts, await run(job), chat=False)
+        return req, prompts, make_job(req, prompts, req.max_tokens, 16, "prompt")
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: fastapi.Request):
         authorize(request)
-        req = parse_body(ChatRequest, await request.body())
+        raw = await read_body(request, max_body_bytes)
+        req, ids, job = await asyncio.to_thread(prepare_chat, raw)
+        if req.stream:
+            return stream_answer(req, [ids], job, chat=True)
+        return answer(req, [ids], await run(job, request), chat=True)
+
+    def prepare_chat(raw: bytes):
+        """Parse, validate and render + tokenize the conversation (in a worker thread)."""
+        req = parse_body(ChatRequest, raw)
         check_common(req)
         if req.logprobs or req.top_logprobs:
             raise APIError(400, "logprobs are not supported", param="logprobs")
@@ -301,14 +358,16 @@ def make_app(config, params, tokenizer, *, model_name: str, api_key: str | None 
             raise APIError(400, f"messages: {e}", param="messages") from None
         job = make_job(req, [ids], req.max_tokens if req.max_tokens is not None
                        else req.max_completion_tokens, max_new, "messages")
-        if req.stream:
-            return stream_answer(req, [ids], job, chat=True)
-        return answer(req, [ids], await run(job), chat=True)
+        return req, ids, job
 
     @app.post("/tokenize")
     async def tokenize(request: fastapi.Request):
         authorize(request)
-        req = parse_body(TokenizeRequest, await request.body())
+        raw = await read_body(request, max_body_bytes)
+        return await asyncio.to_thread(tokenize_body, raw)
+
+    def tokenize_body(raw: bytes) -> fastapi.Response:
+        req = parse_body(TokenizeRequest, raw)
         if (req.prompt is None) == (req.messages is None):
             raise APIError(400, "give exactly one of prompt or messages", param="prompt")
         if req.prompt is not None:
@@ -318,7 +377,11 @@ def make_app(config, params, tokenizer, *, model_name: str, api_key: str | None 
                 ids = encode_prompt(tokenizer, message_dicts(req.messages))
             except (ValueError, TypeError) as e:
                 raise APIError(400, f"messages: {e}", param="messages") from None
-        return {"tokens": ids, "count": len(ids), "max_model_len": max_len}
+        # Rendered here, off the event loop, in pieces: a 4 MB prompt is millions of ids, and
+        # one json.dumps of them would hold the GIL (and so the event loop) for seconds.
+        return fastapi.Response(
+            f'{{"tokens": {json_ints(ids)}, "count": {len(ids)}, "max_model_len": {max_len}}}',
+            media_type="application/json")
 
     return app
 
@@ -378,7 +441,7 @@ def app_from_checkpoint(model_dir: str, *, model_name: str | None = None,
     """Loads a Hugging Face checkpoint dir (with its tokenizer files) and builds the app.
 
     Args:
-      model_dir: the checkpoint dir.
+      model_dir: the checkpoint dir, a .gguf file or a named default model.
       model_name: the served model id (default: the dir's base name).
       dtype: parameter/compute dtype.  mesh, rules: shard the model (None: one device).
       **kwargs: passed to `make_app`.
@@ -388,10 +451,11 @@ def app_from_checkpoint(model_dir: str, *, model_name: str | None = None,
     import jax.numpy as jnp
 
     from align_jax.models.hf import load_hf
+    from align_jax.models.named import resolve_model_path
     from align_jax.tokenizer import load_tokenizer
 
     config, params = load_hf(model_dir, dtype=jnp.dtype(dtype), mesh=mesh, rules=rules)
-    tokenizer = load_tokenizer(model_dir)
+    tokenizer = load_tokenizer(resolve_model_path(model_dir))
     name = model_name or os.path.basename(os.path.normpath(model_dir))
     return make_app(config, params, tokenizer, model_name=name, mesh=mesh, rules=rules,
                     **kwargs)
@@ -403,11 +467,12 @@ def serve_main(*, model_dir: str, host: str = "127.0.0.1", port: int = 8000,
                max_len: int | None = None, max_prompt_tokens: int | None = None,
                max_new_tokens_limit: int | None = None, dtype: str = "float32",
                mesh_spec=None, rules: str = "fsdp", output_dir: str | None = None,
-               log_level: str = "info") -> int:
+               log_level: str = "info", max_body_bytes: int | None = None) -> int:
     """Entry of `align-jax serve`: serves an HF checkpoint dir until stopped (Ctrl-C).
 
     Args:
-      model_dir: Hugging Face checkpoint dir (config.json, safetensors, tokenizer files).
+      model_dir: Hugging Face checkpoint dir (config.json, safetensors, tokenizer files), a
+        .gguf file, or a named default such as 'smollm2-135m-instruct'.
       host, port: where to listen; keep 127.0.0.1 unless an api_key guards the server.
       api_key: required bearer token; default: $ALIGN_JAX_API_KEY if set, else none.
       model_name: the served model id (default: the dir's base name).
@@ -416,6 +481,7 @@ def serve_main(*, model_dir: str, host: str = "127.0.0.1", port: int = 8000,
       dtype: parameter/compute dtype.  mesh_spec, rules: shard the model over a mesh
         (`sharding.MeshSpec`); None keeps it on one device.
       output_dir: run folder for the config and run info.
+      max_body_bytes: largest accepted request body (413 beyond); see `make_app`.
     Returns:
       0 after a clean shutdown.
     """
@@ -430,6 +496,7 @@ def serve_main(*, model_dir: str, host: str = "127.0.0.1", port: int = 8000,
             model_dir, model_name=model_name, dtype=dtype, mesh=mesh, rules=rules,
             api_key=api_key, max_batch_size=max_batch_size,
             batch_window_s=batch_window_ms / 1000.0, max_len=max_len,
-            max_prompt_tokens=max_prompt_tokens, max_new_tokens_limit=max_new_tokens_limit)
+            max_prompt_tokens=max_prompt_tokens, max_new_tokens_limit=max_new_tokens_limit,
+            max_body_bytes=max_body_bytes)
         _Server(uvicorn.Config(app, host=host, port=port, log_level=log_level)).run()
     return 0

@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable
 
 from align_jax.generate.batching import next_pow2
-from align_jax.generate.loop import Completion, GenerationOutput, generate, generate_stream
+from align_jax.generate.loop import Completion, GenerationOutput, generate_stream
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,34 @@ class Job:
     # Streaming requests: called on the worker thread with (row, stable text so far) at each
     # chunk boundary while the row is still being generated.
     on_partial: Callable[[int, str], None] | None = None
+    # Set when the client went away: the job is dropped from the queue, and a generation
+    # whose jobs are all cancelled stops at the next chunk boundary.
+    cancelled: threading.Event = dataclasses.field(default_factory=threading.Event)
+
+
+class Cancelled(Exception):
+    """Every client of a generation went away; it stopped early."""
+
+
+# Decode steps between the checks of a non-streaming generation for clients that left.
+CANCEL_CHUNK = 32
+
+
+class _Once:
+    """Logs a warning the first time each kind of problem happens, later ones at debug."""
+
+    def __init__(self):
+        self._seen: set[str] = set()
+        self._lock = threading.Lock()
+
+    def warn(self, kind: str, message: str, *args) -> None:
+        with self._lock:
+            first = kind not in self._seen
+            self._seen.add(kind)
+        if first:
+            log.warning(message + " (further ones are logged at debug level)", *args)
+        else:
+            log.debug(message, *args)
 
 
 def _signature(job: Job):
@@ -90,7 +118,8 @@ class Batcher:
     """Collects jobs for a short window and runs them through shared `generate` calls.
 
     Attributes:
-      calls: number of `generate` calls made; batches: worker rounds (for monitoring).
+      calls: number of `generate` calls made; batches: worker rounds; cancelled: generations
+        stopped early because their clients left (for monitoring).
     """
 
     def __init__(self, config, params, tokenizer, *, max_len: int, max_batch_size: int = 16,
@@ -98,11 +127,12 @@ class Batcher:
         self.config, self.params, self.tokenizer = config, params, tokenizer
         self.max_len, self.max_batch_size = max_len, max(1, int(max_batch_size))
         self.window_s, self.mesh, self.rules = float(batch_window_s), mesh, rules
-        self.calls = self.batches = 0
+        self.calls = self.batches = self.cancelled = 0
         self._queue: queue.Queue[Job] = queue.Queue()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        self.once = _Once()
 
     def start(self) -> None:
         with self._lock:
@@ -122,7 +152,8 @@ class Batcher:
         self._queue.put(job)
 
     async def run(self, job: Job) -> list[Row]:
-        """Queues `job` and awaits its rows (raises what generation raised)."""
+        """Queues `job` and awaits its rows (raises what generation raised); cancelling the
+        awaiting task (the client went away) cancels the job."""
         loop = asyncio.get_running_loop()
         future = loop.create_future()
 
@@ -135,7 +166,11 @@ class Batcher:
 
         job.deliver = lambda result: loop.call_soon_threadsafe(settle, result)
         self.submit(job)
-        return await future
+        try:
+            return await future
+        except asyncio.CancelledError:
+            job.cancelled.set()
+            raise
 
     def _work(self) -> None:
         while not self._stop.is_set():
@@ -154,20 +189,31 @@ class Batcher:
                 except queue.Empty:
                     break
                 rows += len(jobs[-1].prompts)
-            for group in _group(jobs):
+            live = []
+            for job in jobs:
+                if job.cancelled.is_set():
+                    _deliver(job, Cancelled("the client went away before generation started"))
+                else:
+                    live.append(job)
+            for group in _group(live):
                 self._run_group(group)
             self.batches += 1
 
     def _run_group(self, group: list[Job]) -> None:
         try:
             results = self._generate(group)
+        except Cancelled as e:
+            for job in group:
+                _deliver(job, e)
+            return
         except Exception as e:  # noqa: BLE001 - reported to the waiting requests
             if len(group) > 1:
                 # Find the culprit: the other requests should not fail with it.
                 for job in group:
                     self._run_group([job])
                 return
-            log.exception("generation failed")
+            self.once.warn(f"generation:{type(e).__name__}", "generation failed: %s: %s",
+                           type(e).__name__, e)
             _deliver(group[0], e)
             return
         for job, rows in zip(group, results):
@@ -188,10 +234,7 @@ class Batcher:
         kwargs = dict(max_new_tokens=budget, **per_row, stop_strings=group[0].stop,
                       tokenizer=self.tokenizer, seeds=[s for j in group for s in j.seeds],
                       mesh=self.mesh, rules=self.rules, max_len=self.max_len)
-        if any(j.on_partial is not None for j in group):
-            out = self._stream(group, prompts, kwargs)
-        else:
-            out = generate(self.config, self.params, prompts, **kwargs)
+        out = self._stream(group, prompts, kwargs)
         results, k = [], 0
         for job in group:
             rows = []
@@ -209,8 +252,14 @@ class Batcher:
         """`generate`, reporting each streaming row's stable text once per decode chunk."""
         owner = [(job, i) for job in group for i in range(len(job.prompts))]
         done: dict[int, Completion] = {}
-        for c in generate_stream(self.config, self.params, prompts, partial=True,
-                                 chunk_size=STREAM_CHUNK, **kwargs):
+        streaming = any(j.on_partial is not None for j in group)
+
+        def cancel() -> bool:
+            return all(j.cancelled.is_set() for j in group)
+
+        for c in generate_stream(self.config, self.params, prompts, partial=streaming,
+                                 chunk_size=STREAM_CHUNK if streaming else CANCEL_CHUNK,
+                                 cancel=cancel, **kwargs):
             if c.finish_reason is not None:
                 done[c.index] = c
                 continue
@@ -222,6 +271,9 @@ class Batcher:
                     job.on_partial(row, c.text)
                 except RuntimeError:  # the event loop is gone: nobody is listening
                     pass
+        if len(done) < len(prompts):
+            self.cancelled += 1
+            raise Cancelled("every client of this generation went away")
         order = [done[i] for i in range(len(prompts))]
         return GenerationOutput(tokens=[c.tokens for c in order],
                                 logprobs=[c.logprobs for c in order],

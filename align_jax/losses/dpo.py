@@ -202,7 +202,7 @@ def dpo_objective(params, batch, *, config: ModelConfig, beta: float = 0.1,
       rpo_alpha: weight of the NLL of the chosen responses (mean over their tokens), as in RPO.
       average_logps: length-average policy and reference log-probs; None: only for simpo.
         Precomputed `ref_logps` are always sums (as `precompute_ref_logps` writes them).
-      vocab_chunk_size: 0 for full logits, else chunked log-softmax over the vocabulary.
+      vocab_chunk_size: see `logprobs.forward_token_logps` (0: automatic, <0: full logits).
     Returns:
       (loss, metrics: loss, dpo_loss, rewards_chosen, rewards_rejected, margin, accuracy,
       num_pairs, and rpo_nll when rpo_alpha > 0).

@@ -117,7 +117,7 @@ def kto_objective(params, batch, *, config: ModelConfig, beta: float = 0.1,
       config: the model.
       beta, desirable_weight, undesirable_weight: see `kto_loss`.
       ref_params: frozen reference parameters.
-      vocab_chunk_size: 0 for full logits, else chunked log-softmax over the vocabulary.
+      vocab_chunk_size: see `logprobs.forward_token_logps` (0: automatic, <0: full logits).
     Returns:
       (loss, metrics of `kto_loss` plus "loss").
     """

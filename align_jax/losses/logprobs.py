@@ -20,6 +20,27 @@ from align_jax.models.config import ModelConfig
 
 Batch = Mapping[str, Any]
 
+# `vocab_chunk_size=0` (the default) walks the vocabulary in chunks of AUTO_CHUNK above
+# AUTO_CHUNK_ABOVE entries: at Llama 3's 128k vocabulary, 8 x 2048 tokens of float32 logits
+# are 8 GiB, and the log-softmax keeps a second copy for the backward pass.
+AUTO_CHUNK_ABOVE = 32_768
+AUTO_CHUNK = 16_384
+
+
+def resolve_vocab_chunk(vocab_size: int, vocab_chunk_size: int) -> int:
+    """The chunk size `forward_token_logps` uses: 0 for full logits.
+
+    Args:
+      vocab_size: V.
+      vocab_chunk_size: > 0 that chunk; 0 automatic (chunks above AUTO_CHUNK_ABOVE);
+        < 0 full logits always.
+    """
+    if vocab_chunk_size > 0:
+        return vocab_chunk_size
+    if vocab_chunk_size == 0 and vocab_size > AUTO_CHUNK_ABOVE:
+        return AUTO_CHUNK
+    return 0
+
 
 def token_logps(logits_BTV: jax.Array, targets_BT: jax.Array) -> jax.Array:
     """log p(targets[t] | logits[t]) in float32.
@@ -134,7 +155,8 @@ def forward_token_logps(config: ModelConfig, params, batch: Batch, *, prefix: st
       params: its parameters.
       batch: the batch dict (see the module docstring of `align_jax.losses`).
       prefix: key prefix, e.g. "kl_" for the KTO mismatched pairs.
-      vocab_chunk_size: 0 for full logits, else `chunked_token_logps` with this chunk size.
+      vocab_chunk_size: > 0 `chunked_token_logps` with this chunk size; 0 automatic (chunked
+        above AUTO_CHUNK_ABOVE vocabulary entries, see `resolve_vocab_chunk`); < 0 full logits.
       where: the caller's name, used in error messages.
     Returns:
       (logps [..., T] float32, zero where not scored; mask [..., T] float32).
@@ -155,6 +177,7 @@ def forward_token_logps(config: ModelConfig, params, batch: Batch, *, prefix: st
     if segment_ids_BT is not None:
         # Padding is never scored, whatever the mask says.
         mask_BT = jnp.where(segment_ids_BT != 0, mask_BT, 0.0)
+    vocab_chunk_size = resolve_vocab_chunk(config.vocab_size, vocab_chunk_size)
     if vocab_chunk_size:
         h_BTD, w_DV = transformer.forward_hidden(
             config, params, tokens_BT, positions_BT=positions_BT, segment_ids_BT=segment_ids_BT)

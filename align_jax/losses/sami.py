@@ -73,7 +73,7 @@ def sami_logps(config: ModelConfig, params, batch, *, vocab_chunk_size: int = 0)
       config: the model.
       params: its parameters.
       batch: SAMI batch, keys [B, C, C, T]; loss_mask covers response tokens only.
-      vocab_chunk_size: 0 for full logits, else chunked log-softmax over the vocabulary.
+      vocab_chunk_size: see `logprobs.forward_token_logps` (0: automatic, <0: full logits).
     Returns:
       (logps_BCC float32, query mask_B: 1 where the query has any scored token).
     """

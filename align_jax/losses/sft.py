@@ -40,7 +40,7 @@ def sft_loss(params, batch, *, config: ModelConfig, vocab_chunk_size: int = 0):
       params: model parameters (differentiated).
       batch: LM batch [B, T]; `loss_mask` is 1 on completion targets only.
       config: the model.
-      vocab_chunk_size: 0 for full logits, else the vocabulary chunk for chunked log-softmax.
+      vocab_chunk_size: see `logprobs.forward_token_logps` (0: automatic, <0: full logits).
     Returns:
       (loss, {"loss", "num_tokens", "perplexity"}).
     """

@@ -1,6 +1,7 @@
 """`align-jax run`: one whole method recipe, chosen and configured in gin.
 
-    align-jax run --gin_file=configs/runs/value_alignment_tiny.gin --output_dir=runs/demo
+    align-jax run --gin_file=configs/runs/value_alignment_demo.gin --output_dir=runs/demo
+    align-jax run --gin_file=configs/runs/value_alignment_tiny.gin --output_dir=runs/tiny
 """
 
 from collections.abc import Callable

@@ -27,7 +27,6 @@ and, with a `judge`, win rates against the base model's held-out responses
 (align_jax.eval.judge.pairwise_win_rate, both orders, length-controlled).
 """
 
-import json
 import logging
 import os
 import random
@@ -99,9 +98,10 @@ def sample_responses(model_dir: str, rows: Sequence[dict], *, max_new_tokens: in
     from align_jax.data.formatting import render_prompt
     from align_jax.generate import generate
     from align_jax.models.hf import load_hf
+    from align_jax.models.named import resolve_model_path
     from align_jax.tokenizer import load_tokenizer
     config, params = load_hf(model_dir)
-    tok = load_tokenizer(model_dir)
+    tok = load_tokenizer(resolve_model_path(model_dir))
     prompts = [render_prompt(tok, p, chat_template=not isinstance(p, str)).tolist()
                for row in rows for p in row["sample_prompts"]]
     out = generate(config, params, prompts, max_new_tokens=max_new_tokens,
@@ -150,9 +150,10 @@ def mi_bound(model_dir: str, records: Sequence[dict], *, seq_len: int,
     from align_jax.losses import logprobs
     from align_jax.losses.scorer import score_examples
     from align_jax.models.hf import load_hf
+    from align_jax.models.named import resolve_model_path
     from align_jax.tokenizer import load_tokenizer
     config, params = load_hf(model_dir)
-    tok = load_tokenizer(model_dir)
+    tok = load_tokenizer(resolve_model_path(model_dir))
     examples, _, _ = format_records(records, kind="sami", tokenizer=tok, seq_len=seq_len,
                                     truncation="truncate_prompt_left", on_error="skip")
     if not examples:
@@ -351,8 +352,8 @@ def sami(*, output_dir: str, init_from: str, constitutions: str, queries: str,
         report["iterations"][-1]["seconds"] = round(time.time() - t0, 1)
     from align_jax import distributed
     if distributed.is_main():
-        with open(os.path.join(out, "report.json"), "w") as f:
-            json.dump(report, f, indent=1)
+        from align_jax.atomic import atomic_write_json
+        atomic_write_json(os.path.join(out, "report.json"), report)
         _report_files(out, report)
     return report
 
@@ -374,8 +375,8 @@ def _report_files(out: str, report: dict) -> None:
               f"{r['mi_bound_stderr']:.4f} | {r['mi_bound_token_mean']:.4f} | "
               f"{r['mean_response_tokens']:.1f} | {r.get('kept_queries', '-')} | "
               f"{r.get('dropped', '-')} | {wr(r)} | {r.get('seconds', '-')} |" for r in rows]
-    with open(os.path.join(out, "report.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
+    from align_jax.atomic import atomic_write
+    atomic_write(os.path.join(out, "report.md"), "\n".join(lines) + "\n")
     fig, ax = plt.subplots(1, 3 if any("win_rate_vs_base" in r for r in rows) else 2,
                            figsize=(14, 3.5))
     it = [r["iteration"] for r in rows]

@@ -1,6 +1,7 @@
 """Value alignment from unstructured text: document -> data -> SFT -> DPO, with baselines.
 
-    align-jax run --gin_file=configs/runs/value_alignment_tiny.gin --output_dir=runs/demo
+    align-jax run --gin_file=configs/runs/value_alignment_demo.gin --output_dir=runs/demo
+    align-jax run --gin_file=configs/runs/value_alignment_tiny.gin --output_dir=runs/tiny
 
 Stages (each a folder of <output_dir>):
   data/    D_sft and D_pref: written by a teacher from the document's chunks (SDG), or given
@@ -16,7 +17,6 @@ Stages (each a folder of <output_dir>):
            accuracy, judged pairwise win rates, side-by-side answers, loss curves.
 """
 
-import json
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -59,30 +59,72 @@ def _say(msg: str) -> None:
 
 
 def _document_data(out: str, *, document: str, teacher: str | None, tokenizer,
-                   sdg_kwargs: Mapping[str, Any], sft_data, preference_data):
-    """(sft records, preference records, where they came from)."""
+                   sdg_kwargs: Mapping[str, Any], sft_data, preference_data,
+                   teacher_kwargs: Mapping[str, Any] | None = None):
+    """(sft records, preference records, where they came from, SDG summary or None).
+
+    With a teacher and data files, the SDG records and the files' records are pooled.
+    """
     if teacher is not None:
         from align_jax.sdg.backends import make_teacher
         from align_jax.sdg.pipeline import run_document_sdg
         sdg_dir = os.path.join(out, "sdg")
-        run_document_sdg([document], sdg_dir, teacher=make_teacher(teacher),
-                         tokenizer=tokenizer, **dict(sdg_kwargs))
+        summary = run_document_sdg([document], sdg_dir,
+                                   teacher=make_teacher(teacher, **dict(teacher_kwargs or {})),
+                                   tokenizer=tokenizer, **dict(sdg_kwargs))
         # The recipe makes its own held-out split by prompt, so it pools SDG's splits.
         sft = [r for split in ("train", "validation", "test")
                for r in _maybe(os.path.join(sdg_dir, "sft", f"{split}.jsonl"), "sft")]
         pref = [r for split in ("train", "validation", "test")
                 for r in _maybe(os.path.join(sdg_dir, "preference", f"{split}.jsonl"),
                                 "preference")]
+        origin = f"SDG with teacher {teacher} ({sdg_dir}: {len(sft)} SFT, {len(pref)} preference)"
+        if sft_data is not None:
+            given = _records(sft_data, "sft")
+            sft += given
+            origin += f" + {len(given)} SFT from {sft_data}"
+        if preference_data is not None:
+            given = _records(preference_data, "preference")
+            pref += given
+            origin += f" + {len(given)} preference from {preference_data}"
         if not sft or not pref:
             raise ValueError(f"SDG with teacher {teacher} wrote {len(sft)} SFT and {len(pref)} "
                              f"preference records: too few to train on (reasons in "
-                             f"{os.path.join(sdg_dir, 'rejects.jsonl')})")
-        return sft, pref, f"SDG with teacher {teacher} ({sdg_dir})"
+                             f"{os.path.join(sdg_dir, 'rejects.jsonl')}); add sft_data / "
+                             f"preference_data files to pool with them")
+        return sft, pref, origin, summary
     if sft_data is None or preference_data is None:
         raise ValueError("value_alignment: give a `teacher` for SDG, or both `sft_data` and "
                          "`preference_data` files")
     return (_records(sft_data, "sft"), _records(preference_data, "preference"),
-            f"given files {sft_data} and {preference_data} (no teacher)")
+            f"given files {sft_data} and {preference_data} (no teacher)", None)
+
+
+def sdg_counts(summary: Mapping[str, Any]) -> str:
+    """One markdown paragraph: records the teacher wrote and kept, and rejects by reason."""
+    kinds = summary.get("kinds", {})
+    wrote = ", ".join(f"{k} {v.get('raw', 0)} written / {v.get('kept', v.get('raw', 0))} kept"
+                      for k, v in kinds.items()) or "nothing"
+    rejects = [f"{stage}: " + ", ".join(f"{reason} {n}" for reason, n in sorted(d.items()))
+               for stage, d in sorted(summary.get("rejects", {}).items())]
+    return (f"SDG over {summary.get('num_chunks', '?')} chunk(s): {wrote}. Rejected: "
+            + ("; ".join(rejects) if rejects else "none") + ".")
+
+
+def _cell(text: str, limit: int = 300) -> str:
+    text = " ".join(str(text).split()).replace("|", "\\|")
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def side_by_side(records: Sequence[Mapping], base: Sequence[str],
+                 aligned: Sequence[str]) -> str:
+    """A markdown table: held-out question, reference answer, base and aligned answers."""
+    lines = ["## Base vs aligned (greedy answers to held-out questions)", "",
+             "| question | reference (document) | base | SFT+DPO |", "|---|---|---|---|"]
+    for r, b, a in zip(records, base, aligned):
+        lines.append(f"| {_cell(r['prompt'])} | {_cell(r.get('completion', ''))} | "
+                     f"{_cell(b)} | {_cell(a)} |")
+    return "\n".join(lines)
 
 
 def _maybe(path: str, schema: str) -> list[dict]:
@@ -93,6 +135,7 @@ def _maybe(path: str, schema: str) -> list[dict]:
 def value_alignment(*, output_dir: str, document: str, model: str | None = "tiny",
                     init_from: str | None = None, tokenizer: str | None = None,
                     teacher: str | None = None, sdg_kwargs: Mapping[str, Any] | None = None,
+                    teacher_kwargs: Mapping[str, Any] | None = None,
                     sft_data: str | None = None, preference_data: str | None = None,
                     heldout_fraction: float = 0.2, chunk_tokens: int = 128,
                     seq_len: int = 256, batch_size: int = 8, cft_steps: int = 60,
@@ -116,7 +159,10 @@ def value_alignment(*, output_dir: str, document: str, model: str | None = "tiny
       tokenizer: tokenizer dir; default init_from's, or one trained on the document.
       teacher: "local:<HF dir>" or "openai:<base URL>" to generate the data (SDG).
       sdg_kwargs: extra arguments of `align_jax.sdg.pipeline.run_document_sdg`.
-      sft_data, preference_data: ready-made D_sft / D_pref JSONL when there is no teacher.
+      teacher_kwargs: extra arguments of the teacher (`make_teacher`), e.g. max_len,
+        batch_size, shape_budget for a `local:` one.
+      sft_data, preference_data: ready-made D_sft / D_pref JSONL; with a teacher they are
+        pooled with what SDG writes.
       heldout_fraction: share of prompts kept out of training for evaluation.
       chunk_tokens: chunk size for the c-fine-tune baseline and RAG retrieval.
       seq_len, batch_size: training shapes.
@@ -142,6 +188,9 @@ def value_alignment(*, output_dir: str, document: str, model: str | None = "tiny
 
     out = os.path.abspath(output_dir)
     os.makedirs(out, exist_ok=True)
+    if init_from is not None:  # a named default ('smollm2-135m-instruct') or a .gguf file
+        from align_jax.models.named import resolve_model_path
+        init_from = resolve_model_path(init_from)
     if init_from is None and tokenizer is None:
         from align_jax import distributed
         tokenizer = os.path.join(out, "tokenizer")
@@ -159,9 +208,9 @@ def value_alignment(*, output_dir: str, document: str, model: str | None = "tiny
     _say(f"{document}: {len(doc.text.split())} words -> {len(chunks)} chunks of <= "
          f"{chunk_tokens} tokens")
 
-    sft_rows, pref_rows, origin = _document_data(
+    sft_rows, pref_rows, origin, sdg_summary = _document_data(
         out, document=document, teacher=teacher, tokenizer=tok, sdg_kwargs=sdg_kwargs or {},
-        sft_data=sft_data, preference_data=preference_data)
+        sft_data=sft_data, preference_data=preference_data, teacher_kwargs=teacher_kwargs)
     sft_train, sft_test = _split(sft_rows, heldout_fraction)
     pref_train, pref_test = _split(pref_rows, heldout_fraction)
     files = {name: _write_jsonl(os.path.join(out, "data", f"{name}.jsonl"), rows)
@@ -179,7 +228,8 @@ def value_alignment(*, output_dir: str, document: str, model: str | None = "tiny
                    batch_size=batch_size, num_steps=steps, mesh=mesh, rules=rules, seed=seed,
                    optimizer=OptimizerConfig(learning_rate=lr, warmup_steps=max(1, steps // 10),
                                              schedule="cosine"),
-                   save_every=max(steps, 1), progress=progress, **kw)
+                   save_every=max(steps, 1), progress=progress,
+                   log_every=max(1, min(10, steps // 10)), **kw)
         return os.path.join(out, name, "hf")
 
     cft = stage("cft", "lm", chunk_file, cft_steps, init=init_from, lr=learning_rate)
@@ -203,10 +253,22 @@ def value_alignment(*, output_dir: str, document: str, model: str | None = "tiny
         judge_template=judge_template, judge_kwargs=judge_kwargs, judge_systems=judge_systems,
         mesh=sharding.make_mesh(mesh) if mesh is not None else None, rules=rules)
     report["data_origin"] = origin
+    extra = [f"Data: {origin}."]
+    if sdg_summary is not None:
+        report["sdg"] = {"kinds": sdg_summary.get("kinds", {}),
+                         "rejects": sdg_summary.get("rejects", {})}
+        extra += ["", sdg_counts(sdg_summary)]
+    if "base" in report["samples"] and "sft+dpo" in report["samples"]:
+        extra += ["", side_by_side(sft_test[:num_samples], report["samples"]["base"],
+                                   report["samples"]["sft+dpo"])]
     from align_jax import distributed
     if distributed.is_main():
-        with open(os.path.join(out, "report.json"), "w") as f:
-            json.dump(report, f, indent=1)
+        from align_jax.atomic import atomic_write, atomic_write_json
+        md_path = os.path.join(out, "report.md")
+        with open(md_path, encoding="utf-8") as f:
+            md = f.read()
+        atomic_write(md_path, md + "\n" + "\n".join(extra) + "\n")
+        atomic_write_json(os.path.join(out, "report.json"), report)
     _say(f"report: {os.path.join(out, 'report.md')} and report.png")
     print(open(os.path.join(out, "report.md")).read())
     return report

@@ -10,6 +10,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+from align_jax.models.checks import int_field
 from align_jax.models.config import ModelConfig, RopeScaling
 
 _ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
@@ -26,6 +27,12 @@ def _get(hf: Mapping, key: str, source: str, default: Any = _MISSING) -> Any:
     if value is _MISSING:
         raise ValueError(f"{source}: required key {key!r} is missing")
     return value
+
+
+def _int(hf: Mapping, key: str, source: str, default: Any = _MISSING) -> Any:
+    """A required (or defaulted) integer field; a string or float names the field."""
+    _get(hf, key, source, default)  # a missing required key is named
+    return int_field(hf, key, source, None if default is _MISSING else default)
 
 
 def _rope_from_hf(hf: Mapping, source: str, max_position: int) -> tuple[float, RopeScaling | None]:
@@ -111,13 +118,15 @@ def config_from_hf(hf: Mapping, *, source: str = "config.json") -> ModelConfig:
     if family not in _ARCHITECTURES:
         raise ValueError(f"{source}: model_type={family!r} is not supported "
                          f"(supported: {sorted(_ARCHITECTURES)})")
-    embed_dim = int(_get(hf, "hidden_size", source))
-    num_heads = int(_get(hf, "num_attention_heads", source))
-    num_kv_heads = hf.get("num_key_value_heads")
-    head_dim = hf.get("head_dim")
-    max_position = int(hf.get("max_position_embeddings", 8192))
+    if not isinstance(hf, Mapping):
+        raise ValueError(f"{source}: expected a JSON object, found {type(hf).__name__}")
+    embed_dim = _int(hf, "hidden_size", source)
+    num_heads = _int(hf, "num_attention_heads", source)
+    num_kv_heads = _int(hf, "num_key_value_heads", source, None)
+    head_dim = _int(hf, "head_dim", source, None)
+    max_position = _int(hf, "max_position_embeddings", source, 8192)
     rope_theta, rope_scaling = _rope_from_hf(hf, source, max_position)
-    num_layers = int(_get(hf, "num_hidden_layers", source))
+    num_layers = _int(hf, "num_hidden_layers", source)
     attention_bias = bool(hf.get("attention_bias", False))
     bias = {
         "llama": dict(qkv_bias=attention_bias, out_bias=attention_bias,
@@ -132,13 +141,13 @@ def config_from_hf(hf: Mapping, *, source: str = "config.json") -> ModelConfig:
     try:
         return ModelConfig(
             family=family,
-            vocab_size=int(_get(hf, "vocab_size", source)),
+            vocab_size=_int(hf, "vocab_size", source),
             embed_dim=embed_dim,
             num_layers=num_layers,
             num_heads=num_heads,
             num_kv_heads=int(num_kv_heads if num_kv_heads is not None else num_heads),
             head_dim=int(head_dim if head_dim is not None else embed_dim // num_heads),
-            mlp_dim=int(_get(hf, "intermediate_size", source)),
+            mlp_dim=_int(hf, "intermediate_size", source),
             activation=_activation_from_hf(hf, family, source),
             norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
             norm_offset=1.0 if gemma else 0.0,

@@ -1,5 +1,7 @@
 """Layers of the decoder: RMSNorm, RoPE, attention masks and kernels, the gated MLP."""
 
+import functools
+import logging
 import math
 from collections.abc import Callable
 
@@ -9,10 +11,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from align_jax import axes, sharding
+from align_jax.models import blockwise
 from align_jax.models.config import ModelConfig
 
 # Finite, so a query with no visible key (a padding row) gives a uniform softmax, never NaN.
-_MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
+_MASK_VALUE = blockwise.MASK_VALUE
+_log = logging.getLogger(__name__)
 
 
 def _dtype(name: str) -> jnp.dtype:
@@ -109,20 +113,66 @@ def _attend_jax(q_BTNH, k_BSKH, v_BSKH, mask_BTS, scale, implementation):
         implementation=implementation)
 
 
+@functools.cache
+def _note(message: str) -> None:
+    # Once per distinct reason: attend() is traced once per layer stack and shape.
+    _log.info("attention: %s", message)
+
+
+def resolve_attention(config: ModelConfig, *, cached: bool, query_len: int,
+                      platform: str | None = None) -> str:
+    """The implementation `attend` runs: the config's, or for "auto" the platform's best.
+
+    Args:
+      config: the model (its `attention`, `dtype` and `head_dim` matter).
+      cached: whether this is a cached prefill/decode (keys from a KV cache, no segment ids).
+      query_len: T of this call.
+      platform: the backend; default `jax.default_backend()`.
+    Returns:
+      one of "xla", "jax", "cudnn", "splash", "blockwise".
+    """
+    if config.attention != "auto":
+        return config.attention
+    if cached and query_len == 1:
+        # One query per row: the scores are [B, N, 1, S], the reference is as small as any.
+        return "xla"
+    platform = platform or jax.default_backend()
+    if platform == "tpu" and not cached:
+        return "splash"
+    if platform == "gpu" and not cached:
+        if config.dtype in ("bfloat16", "float16"):
+            return "cudnn"
+        _note(f"cuDNN flash attention needs bfloat16/float16 compute, not {config.dtype}; "
+              "using blockwise attention")
+    return "blockwise"
+
+
 def attend(config: ModelConfig, q_BTNH, k_BSKH, v_BSKH, mask_BTS,
            segment_ids_BT=None) -> jax.Array:
     """Scaled dot-product attention with grouped kv heads, by the config's implementation.
 
     `segment_ids_BT` is given for full forwards (no cache); splash attention needs it, and
-    falls back to the XLA reference for cached prefill/decode.
+    falls back to the XLA reference for cached prefill/decode. "auto" resolves by
+    `resolve_attention`; when cuDNN rejects the inputs at trace time (head dim, GPU
+    generation), it falls back to blockwise attention and logs the reason once.
     """
-    if config.attention == "xla":
+    impl = resolve_attention(config, cached=segment_ids_BT is None, query_len=q_BTNH.shape[1])
+    if impl == "xla":
         return _attend_xla(q_BTNH, k_BSKH, v_BSKH, mask_BTS, config.scale)
-    if config.attention == "jax":
+    if impl == "blockwise":
+        return blockwise.attend(q_BTNH, k_BSKH, v_BSKH, mask_BTS, scale=config.scale)
+    if impl == "jax":
         return _attend_jax(q_BTNH, k_BSKH, v_BSKH, mask_BTS, config.scale, None)
-    if config.attention == "cudnn":
-        return _attend_jax(q_BTNH, k_BSKH, v_BSKH, mask_BTS, config.scale, "cudnn")
-    if config.attention == "splash":
+    if impl == "cudnn":
+        if config.attention == "cudnn":
+            return _attend_jax(q_BTNH, k_BSKH, v_BSKH, mask_BTS, config.scale, "cudnn")
+        try:
+            return _attend_jax(q_BTNH, k_BSKH, v_BSKH, mask_BTS, config.scale, "cudnn")
+        except (NotImplementedError, ValueError, RuntimeError) as e:
+            _note(f"cuDNN flash attention unavailable ({str(e).splitlines()[0]}); "
+                  "using blockwise attention")
+            return blockwise.attend(q_BTNH, k_BSKH, v_BSKH, mask_BTS, scale=config.scale)
+    if impl == "splash":
         if segment_ids_BT is None:
             return _attend_xla(q_BTNH, k_BSKH, v_BSKH, mask_BTS, config.scale)
         from align_jax.models import splash  # noqa: PLC0415  (imports Pallas)

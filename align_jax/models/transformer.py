@@ -20,6 +20,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from align_jax import axes, sharding
 from align_jax.models import layers
@@ -32,6 +33,9 @@ _REMAT_POLICIES = {
     "full": None,
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+    # Two [B, T, D] tensors a layer (named in Block): the backward recomputes the attention
+    # block from the layer input and the MLP block from the MLP input, nothing T x S or T x F.
+    "attn_mlp": jax.checkpoint_policies.save_only_these_names("attn_out", "mlp_in"),
 }
 
 
@@ -45,8 +49,8 @@ class Block(nn.Module):
         h_BTD = layers.RMSNorm(cfg, name="attn_norm")(x_BTD)
         h_BTD, new_cache = layers.Attention(cfg, self.lora_dropout, name="attn")(
             h_BTD, sin_cos, mask_BTS, segment_ids_BT, kv_cache, cache_index)
-        x_BTD = x_BTD + h_BTD
-        h_BTD = layers.RMSNorm(cfg, name="mlp_norm")(x_BTD)
+        x_BTD = x_BTD + checkpoint_name(h_BTD, "attn_out")
+        h_BTD = checkpoint_name(layers.RMSNorm(cfg, name="mlp_norm")(x_BTD), "mlp_in")
         h_BTD = layers.MLP(cfg, self.lora_dropout, name="mlp")(h_BTD)
         x_BTD = sharding.constrain(x_BTD + h_BTD, (axes.BATCH, axes.SEQ, axes.EMBED))
         return x_BTD, new_cache

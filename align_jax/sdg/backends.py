@@ -25,6 +25,7 @@ from collections.abc import Callable, Sequence
 import httpx
 import openai
 
+from align_jax.generate.batching import next_pow2
 from align_jax.generate.loop import generate
 from align_jax.generate.sampling import row_seed
 from align_jax.tokenizer import encode_prompt
@@ -51,7 +52,7 @@ class LocalTeacher:
 
     def __init__(self, model: str | os.PathLike | tuple, *, max_len: int | None = None,
                  batch_size: int | None = None, dtype: str = "float32", mesh=None,
-                 rules: str = "fsdp", tokenizer=None):
+                 rules: str = "fsdp", tokenizer=None, shape_budget: int | None = None):
         """Args:
           model: a Hugging Face checkpoint dir with tokenizer files, or (config, params,
             tokenizer).
@@ -60,16 +61,20 @@ class LocalTeacher:
           dtype: parameter dtype when loading a dir.
           mesh, rules: shard the model (see `generate`).
           tokenizer: a tokenizer dir to use instead of the checkpoint's own.
+          shape_budget: the token budget every call is compiled for (each call still stops
+            at its own max_tokens), so stages with different budgets share one compiled
+            prefill and decode; default: max_tokens rounded up to a power of two (>= 64).
         """
         if isinstance(model, (str, os.PathLike)):
             import jax.numpy as jnp
 
             from align_jax.models.hf import load_hf
+            from align_jax.models.named import resolve_model_path
             from align_jax.tokenizer import load_tokenizer
             self.name = os.fspath(model)
             self.config, self.params = load_hf(self.name, dtype=jnp.dtype(dtype), mesh=mesh,
                                                rules=rules)
-            self.tokenizer = load_tokenizer(tokenizer or self.name)
+            self.tokenizer = load_tokenizer(tokenizer or resolve_model_path(self.name))
         else:
             if len(model) != 3:
                 raise TypeError("LocalTeacher(model): give a checkpoint dir or a "
@@ -78,6 +83,7 @@ class LocalTeacher:
             self.name = "<in-memory model>"
         self.context_length = int(max_len or self.config.max_position)
         self.batch_size, self.mesh, self.rules = batch_size, mesh, rules
+        self.shape_budget = shape_budget
 
     def count_tokens(self, text: str) -> int:
         """Tokens of `text` in the checkpoint's tokenizer (no special tokens)."""
@@ -108,13 +114,16 @@ class LocalTeacher:
         if not ids:
             return []
         base = seed if seed is not None else secrets.randbits(32)
+        budget = self.shape_budget
+        if budget is None or budget < max_tokens:
+            budget = max(64, next_pow2(max_tokens))
         try:
             out = generate(self.config, self.params, ids, max_new_tokens=max_tokens,
                            temperature=temperature, top_p=top_p, tokenizer=self.tokenizer,
                            repetition_penalty=repetition_penalty,
                            seeds=[row_seed(base, i) for i in range(len(ids))],
                            max_len=self.context_length, batch_size=self.batch_size,
-                           mesh=self.mesh, rules=self.rules)
+                           mesh=self.mesh, rules=self.rules, shape_budget=budget)
         except ValueError as e:
             raise ValueError(f"local teacher {self.name}: {e}") from e
         return list(out.texts)
@@ -373,6 +382,8 @@ def make_teacher(spec: str, **kwargs):
         raise ValueError(f"teacher spec {spec!r}: expected 'local:<HF checkpoint dir>' or "
                          f"'openai:<base URL>'")
     if kind == "local":
+        from align_jax.models.named import resolve_model_path
+        target = resolve_model_path(target)  # a named default or a .gguf file
         if not os.path.isdir(target):
             raise FileNotFoundError(f"teacher spec {spec!r}: {target} is not a directory")
         # A config written for an endpoint stays usable with a local model: the HTTP options

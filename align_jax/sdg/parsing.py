@@ -99,6 +99,23 @@ def parse_list_items(text: str) -> list[str]:
     return items
 
 
+_QUESTION_LABEL = re.compile(r"^[\s*#>-]*(?:\[\d+\]|\d+[.)]|question\s*\d*\s*[:.)-])?\W*", re.I)
+
+
+def parse_question_lines(text: str) -> list[str]:
+    """Lines that are questions ("[1] "How ...?"", "Question 2: Why ...?"), labels and quotes
+    removed: what a small teacher writes when it ignores the requested format."""
+    out = []
+    for line in text.splitlines():
+        value = line.strip().strip("`").strip()
+        if not value.rstrip("\"' ").endswith("?"):
+            continue
+        value = _QUESTION_LABEL.sub("", value).strip().strip("\"'").strip()
+        if len(value.split()) >= 3:
+            out.append(value)
+    return out
+
+
 def parse_json_records(text: str, *, required: Sequence[str], optional: Sequence[str] = (),
                        list_key: str | None = None) -> tuple[list[dict], list[Reject]]:
     """JSON objects (JSONL, a JSON array, inside prose or fences) with the required fields.
@@ -109,7 +126,8 @@ def parse_json_records(text: str, *, required: Sequence[str], optional: Sequence
         case-insensitively; numbers are turned into strings).
       optional: string fields kept when present.
       list_key: when no JSON object is found at all, each item of a numbered/bulleted
-        list becomes {list_key: item} (the fallback for single-field outputs).
+        list becomes {list_key: item} (the fallback for single-field outputs), and failing
+        that each line that is a question (`parse_question_lines`).
     Returns:
       (items, rejects): items are dicts holding exactly the found fields, exact repeats
       within this text removed; rejects say why each other piece was dropped.
@@ -134,7 +152,7 @@ def parse_json_records(text: str, *, required: Sequence[str], optional: Sequence
         else:
             add(item)
     if not objects and list_key is not None:
-        for value in parse_list_items(text):
+        for value in parse_list_items(text) or parse_question_lines(text):
             # "Question: ..." inside a list item is a label, not content.
             value = re.sub(rf"^{re.escape(list_key)}\s*:\s*", "", value, flags=re.I).strip()
             if value:

@@ -11,6 +11,7 @@ what is generated are stored on the first run and must match on resume.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -63,6 +64,11 @@ def _check_settings(store: RunStore, settings: dict) -> None:
 def _template_fingerprint(templates: Mapping[str, Template]) -> dict:
     return {k: hashlib.sha256(t.body.encode()).hexdigest()[:12]
             for k, t in sorted(templates.items())}
+
+
+def round_unit(unit: str, r: int) -> str:
+    """The unit id of round r of a stage's unit (round 0 keeps the plain id)."""
+    return unit if r == 0 else f"{unit}/r{r}"
 
 
 def _run_batches(store: RunStore, items: Sequence, unit_of: Callable, run_batch: Callable, *,
@@ -137,6 +143,7 @@ def run_document_sdg(document_paths: Sequence[str | os.PathLike], out_dir: str |
                      preference_config: preference.PreferenceConfig | None = None,
                      split_fractions: Sequence[float] = (0.9, 0.05, 0.05),
                      near_duplicate_threshold: float | None = 0.8,
+                     max_chunks: int | None = None, rounds: int = 1,
                      progress: bool = True, verbose: bool = True) -> dict:
     """Generate D_sft ("instruct") and D_pref ("preference") from value documents.
 
@@ -157,11 +164,20 @@ def run_document_sdg(document_paths: Sequence[str | os.PathLike], out_dir: str |
       instruct_config, preference_config: sampling settings.
       split_fractions: train/validation/test shares, by chunk.
       near_duplicate_threshold: word-bigram Jaccard for near-duplicate removal.
+      max_chunks: use only the first this many chunks (a quick run on a small machine).
+      rounds: teacher calls per chunk and stage, each with its own seed (so new questions
+        and pairs); records are deduplicated across rounds by `finalize`, and each round of
+        each chunk is its own resumable unit ("instruct/<chunk>/r2"; round 0 keeps the id
+        "instruct/<chunk>").
       progress: show a tqdm bar.
       verbose: print the summary.
     Returns:
       The summary (also <out_dir>/summary.json).
     """
+    if max_chunks is not None and max_chunks < 1:
+        raise ValueError(f"max_chunks must be >= 1 or None, got {max_chunks}")
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
     unknown = sorted(set(stages) - set(STAGES))
     if unknown or not stages:
         raise ValueError(f"stages must be a non-empty subset of {STAGES}, got {list(stages)}")
@@ -184,25 +200,35 @@ def run_document_sdg(document_paths: Sequence[str | os.PathLike], out_dir: str |
                          chunk_tokens=chunk_tokens, overlap=overlap,
                          templates={r: tpls[r] for r in used},
                          reserve={r: chunk_roles[r] for r in used})
+    if max_chunks is not None:
+        chunks = chunks[:max_chunks]
     store = RunStore(out_dir)
     settings = {"kind": "documents", "sources": sorted({c.source for c in chunks}),
                 "chunk_ids": [c.id for c in chunks], "seed": seed, "concurrency": concurrency,
                 "stages": list(stages), "instruct": vars(i_cfg), "preference": vars(p_cfg),
+                "rounds": rounds,
                 "templates": _template_fingerprint({r: tpls[r] for r in used})}
     _check_settings(store, settings)
     for stage in stages:
-        if stage == "instruct":
-            def run_batch(batch, batch_seed):
-                return instruct.generate_instruct(teacher, batch, seed=batch_seed, config=i_cfg,
-                                                  templates=tpls)
-            unit_of = instruct.unit_id
-        else:
-            def run_batch(batch, batch_seed):
-                return preference.generate_preference(teacher, batch, seed=batch_seed,
-                                                      config=p_cfg, templates=tpls)
-            unit_of = preference.unit_id
-        _run_batches(store, chunks, unit_of, run_batch, seed=seed, batch_size=concurrency,
-                     desc=f"sdg {stage}", progress=progress)
+        generate_units = (instruct.generate_instruct if stage == "instruct"
+                          else preference.generate_preference)
+        stage_unit = instruct.unit_id if stage == "instruct" else preference.unit_id
+        config = i_cfg if stage == "instruct" else p_cfg
+        for r in range(rounds):
+            def unit_of(chunk, r=r, stage_unit=stage_unit):
+                return round_unit(stage_unit(chunk), r)
+
+            def run_batch(batch, batch_seed, r=r, generate_units=generate_units,
+                          config=config):
+                # The batch seed derives from the unit ids, which carry the round: every
+                # round samples afresh, and a resumed round redoes exactly what it did.
+                results = generate_units(teacher, batch, seed=batch_seed, config=config,
+                                         templates=tpls)
+                return [dataclasses.replace(res, unit=round_unit(res.unit, r))
+                        for res in results]
+            desc = f"sdg {stage}" + (f" round {r + 1}/{rounds}" if rounds > 1 else "")
+            _run_batches(store, chunks, unit_of, run_batch, seed=seed,
+                         batch_size=concurrency, desc=desc, progress=progress)
     count = (lambda s: len(tokenizer.encode(s))) if tokenizer is not None else teacher.count_tokens
     return finalize(store, kinds=("sft", "preference"), split_fractions=split_fractions,
                     near_threshold=near_duplicate_threshold, count_tokens=count,

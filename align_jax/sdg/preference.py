@@ -30,9 +30,15 @@ class PreferenceConfig:
     pair_temperature: float = 0.8
     pair_top_p: float = 0.95
     pair_max_tokens: int = 1536
-    # chosen and rejected this similar (word-bigram Jaccard) teach nothing.
-    max_pair_similarity: float = 0.8
+    # Pairs whose chosen and rejected are at least this similar (word-bigram Jaccard) are
+    # dropped; None keeps them (minimal faithful/unfaithful contrasts are what DPO learns
+    # from). Identical texts are always dropped.
+    max_pair_similarity: float | None = 0.8
     use_chat: bool = True
+
+
+def _same(a: str, b: str) -> bool:
+    return " ".join(a.lower().split()) == " ".join(b.lower().split())
 
 
 def unit_id(chunk: Chunk) -> str:
@@ -88,9 +94,12 @@ def generate_preference(teacher: Teacher, chunks: Sequence[Chunk], *, seed: int,
                 continue
             problem = next((p for p in (parsing.text_problem(item[f], markers=markers)
                                         for f in _FIELDS) if p), None)
-            if problem is None and jaccard(item["faithful"], item["unfaithful"]) >= \
-                    config.max_pair_similarity:
-                problem = "chosen_equals_rejected"
+            if problem is None:
+                if _same(item["faithful"], item["unfaithful"]):
+                    problem = "chosen_equals_rejected"
+                elif (config.max_pair_similarity is not None and jaccard(
+                        item["faithful"], item["unfaithful"]) >= config.max_pair_similarity):
+                    problem = "chosen_similar_to_rejected"
             if problem:
                 results[i].reject(problem, item["question"], step="pairs")
                 continue

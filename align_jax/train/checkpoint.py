@@ -6,7 +6,9 @@ A checkpoint step directory holds two items:
   data   {"iterator": <the data loader's get_state() dict or null>} as JSON
 """
 
+import logging
 import os
+import shutil
 from typing import Any
 
 import jax
@@ -14,6 +16,18 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from align_jax.train.state import TrainState
+
+log = logging.getLogger(__name__)
+
+
+class CorruptCheckpointError(ValueError):
+    """No checkpoint of the run folder could be read."""
+
+
+def _reason(e: BaseException) -> str:
+    """The first line of an error (orbax and TensorStore errors run to pages)."""
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:300] if text else ''}"
 
 
 class Checkpointer:
@@ -35,6 +49,7 @@ class Checkpointer:
             enable_async_checkpointing=async_save,
             create=True,
         )
+        self._options = options
         self._manager = ocp.CheckpointManager(self.directory, options=options,
                                               item_names=("state", "data"))
 
@@ -70,6 +85,42 @@ class Checkpointer:
                 state=ocp.args.StandardRestore(target.replace(ref_params=None)),
                 data=ocp.args.JsonRestore()))
         return out["state"], out["data"]["iterator"]
+
+    def restore_latest(self, target: TrainState, *, say=print) -> tuple[int | None, Any, Any]:
+        """Restores the newest readable checkpoint: (step, state, data_state), or Nones.
+
+        An unreadable step (truncated or bit-flipped array files, corrupt metadata) is moved
+        to `<directory>-corrupt/<step>` and the previous one is tried, saying so; when every
+        step is unreadable a one-line CorruptCheckpointError names the folder.
+        """
+        tried = []
+        while (step := self.latest_step()) is not None:
+            try:
+                state, data_state = self.restore(step, target)
+                if tried:
+                    say(f"resuming from step {step}, the newest readable checkpoint")
+                return step, state, data_state
+            except Exception as e:  # orbax/TensorStore raise many types; each means unreadable
+                path = os.path.join(self.directory, str(step))
+                aside = os.path.join(self.directory + "-corrupt", str(step))
+                say(f"checkpoint {path} is unreadable ({_reason(e)}); moved it to {aside} and "
+                    "trying the previous step")
+                tried.append(step)
+                self._set_aside(step, aside)
+        if tried:
+            raise CorruptCheckpointError(
+                f"{self.directory}: no readable checkpoint (steps {sorted(tried)} were moved to "
+                f"{self.directory}-corrupt); rerun with --overwrite to start over")
+        return None, None, None
+
+    def _set_aside(self, step: int, aside: str) -> None:
+        self._manager.close()
+        os.makedirs(os.path.dirname(aside), exist_ok=True)
+        if os.path.exists(aside):
+            shutil.rmtree(aside)
+        shutil.move(os.path.join(self.directory, str(step)), aside)
+        self._manager = ocp.CheckpointManager(self.directory, options=self._options,
+                                              item_names=("state", "data"))
 
     def data_state(self, step: int) -> Any:
         """The data loader state saved with `step` (reads only the JSON item)."""
@@ -107,11 +158,20 @@ def load_params(directory: str | os.PathLike, *, step: int | None = None) -> dic
         step = manager.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"{directory}: no checkpoint to load")
-        tree = manager.item_metadata(step)["state"].tree
-        item = {"params": tree["params"]}
-        restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
-        out = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-            item=item, restore_args=restore_args, partial_restore=True)))
+        if step not in manager.all_steps():
+            raise FileNotFoundError(f"{directory}: no checkpoint at step {step} "
+                                    f"(steps: {list(manager.all_steps())})")
+        try:
+            tree = manager.item_metadata(step)["state"].tree
+            item = {"params": tree["params"]}
+            restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
+            out = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+                item=item, restore_args=restore_args, partial_restore=True)))
+        except Exception as e:  # orbax/TensorStore raise many types; each means unreadable
+            others = [s for s in manager.all_steps() if s != step]
+            hint = f"; try an older step: {sorted(others)}" if others else ""
+            raise CorruptCheckpointError(
+                f"checkpoint {directory}/{step} is unreadable ({_reason(e)}){hint}") from e
         return out["state"]["params"]
     finally:
         manager.close()

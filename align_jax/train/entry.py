@@ -6,9 +6,9 @@
 optimizer, mesh); everything below it is plain library code.
 """
 
+import contextlib
 import dataclasses
 import functools
-import json
 import logging
 import os
 import shutil
@@ -16,10 +16,13 @@ from collections.abc import Mapping
 from typing import Any
 
 from align_jax import distributed, sharding
+from align_jax.atomic import atomic_write_json
 from align_jax.losses import objectives
 from align_jax.models.config import ModelConfig, get_config
 from align_jax.models.lora import lora_config
+from align_jax.models.named import resolve_model_path
 from align_jax.tokenizer import copy_tokenizer_files, load_tokenizer
+from align_jax.train import status as status_lib
 from align_jax.train.loop import train
 from align_jax.train.optim import OptimizerConfig
 
@@ -72,7 +75,8 @@ def train_main(*, output_dir: str, data: str, objective: str = "sft",
                loss_kwargs: Mapping[str, Any] | None = None, reference: str = "precomputed",
                vocab_chunk_size: int = 0, save_every: int = 1000, keep: int = 3,
                log_every: int = 10, seed: int = 0, export_hf: bool = True,
-               progress: bool = True, lora: Mapping[str, Any] | None = None) -> dict[str, Any]:
+               progress: bool = True, lora: Mapping[str, Any] | None = None,
+               overwrite: bool = False) -> dict[str, Any]:
     """Trains one objective and exports the result as a Hugging Face checkpoint.
 
     Args:
@@ -100,7 +104,8 @@ def train_main(*, output_dir: str, data: str, objective: str = "sft",
         initial params); an objective that cannot use the mode asked for takes its own (KTO:
         "params"). With LoRA, every reference is "adapters_off": the frozen base with the
         adapters switched off, scored in the same step (no second copy, no precompute pass).
-      vocab_chunk_size: >0 computes log-probs over vocabulary chunks (large vocabularies).
+      vocab_chunk_size: >0 computes log-probs over vocabulary chunks of this size; 0 does so
+        automatically above 32k entries (`losses.logprobs.resolve_vocab_chunk`); <0 never.
       save_every, keep, log_every, seed: checkpointing, logging and randomness.
       export_hf: write the final model and tokenizer to <output_dir>/hf.
       progress: show progress bars.
@@ -108,9 +113,83 @@ def train_main(*, output_dir: str, data: str, objective: str = "sft",
         {'rank': 8, 'alpha': 16, 'targets': ('q', 'v'), 'base_dtype': 'bfloat16'} (fields of
         `align_jax.models.lora.LoraConfig`). Only the adapters are updated and checkpointed;
         the export is the merged model (<output_dir>/hf) and the adapter (<output_dir>/peft).
+      overwrite: clear what an earlier run wrote into output_dir and start over (otherwise a
+        rerun with the same settings resumes and one with other settings is refused).
     Returns:
-      A summary dict (also written to <output_dir>/train_summary.json).
+      A summary dict (also written to <output_dir>/train_summary.json) whose "status" is
+      "completed"; SIGTERM/SIGINT save a checkpoint and raise RunInterrupted (exit code 75).
     """
+    args = dict(locals())
+    settings = {k: v for k, v in args.items() if k not in _NOT_SETTINGS}
+    _check_arguments(batch_size=batch_size, seq_len=seq_len, num_steps=num_steps,
+                     num_epochs=num_epochs, grad_accum=grad_accum, save_every=save_every,
+                     keep=keep, log_every=log_every)
+    import jax
+
+    from align_jax.run_lock import run_lock
+    with run_lock(output_dir if jax.process_index() == 0 else None):
+        resuming = status_lib.check_settings(output_dir, settings, overwrite=overwrite)
+        done = _completed(output_dir, export_hf) if resuming else None
+        if done is not None:
+            print(f"{output_dir}: already completed at step {done['num_steps']} with these "
+                  "settings; nothing to do (--overwrite to train again)", flush=True)
+            return done
+        with _signals_stop():
+            return _train_main(settings, **args)
+
+
+# Arguments that do not change what a run computes: a rerun may change them and resume.
+_NOT_SETTINGS = ("output_dir", "progress", "log_every", "save_every", "keep", "overwrite")
+
+
+def _check_arguments(**values: int | None) -> None:
+    """Types and ranges of the integer arguments, named (a gin typo is not a Python error)."""
+    for name, value in values.items():
+        if value is None and name == "num_steps":
+            continue
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"train_main.{name}={value!r}: expected an integer, got "
+                            f"{type(value).__name__}")
+        if value < 1:
+            raise ValueError(f"train_main.{name}={value}: must be >= 1")
+
+
+def _completed(output_dir: str, export_hf: bool) -> dict[str, Any] | None:
+    """The summary of a run that already completed (with its export), else None."""
+    status = status_lib.read_status(output_dir)
+    summary = status_lib.read_json(os.path.join(output_dir, "train_summary.json"))
+    if not status or status.get("status") != "completed" or not summary:
+        return None
+    if export_hf and not os.path.exists(os.path.join(output_dir, "hf", "config.json")):
+        return None
+    return summary
+
+
+@contextlib.contextmanager
+def _signals_stop():
+    """SIGTERM outside the step loop (loading, compiling, exporting) stops like Ctrl-C does:
+    a KeyboardInterrupt that leaves no half-written file (the loop saves instead)."""
+    import signal
+    import threading
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _train_main(settings, *, output_dir, data, objective, model, model_overrides, init_from,
+                tokenizer, seq_len, batch_size, pack, truncation, on_error, num_epochs,
+                num_steps, optimizer, grad_accum, mesh, rules, loss_kwargs, reference,
+                vocab_chunk_size, save_every, keep, log_every, seed, export_hf, progress,
+                lora=None, overwrite=False):
     from align_jax.data import make_loader
     from align_jax.runinfo import run_folder
 
@@ -133,6 +212,8 @@ def train_main(*, output_dir: str, data: str, objective: str = "sft",
         # same weights in the same step, for any mode the objective would otherwise use.
         ref_mode = "adapters_off"
     fmt = obj.data_format
+    if init_from is not None:  # a named default or a .gguf file -> its cached HF dir
+        init_from = resolve_model_path(init_from)
     tok_path = tokenizer or init_from
     if tok_path is None:
         raise ValueError("train_main: set `tokenizer` (or `init_from`, whose dir has one)")
@@ -147,60 +228,94 @@ def train_main(*, output_dir: str, data: str, objective: str = "sft",
     config = _model(model, model_overrides or {}, init_from, tok)
 
     with run_folder(output_dir):
-        if distributed.is_main():
+        main = distributed.is_main()
+        if main:
+            status_lib.record_settings(output_dir, settings)
             _write_model_files(output_dir, config, init_from, tok_path)
-        params_init: Any = init_from
-        annotate = None
-        if lora_spec is not None and distributed.is_main():
-            from align_jax.train.adapters import write_lora_file
-            write_lora_file(os.path.join(output_dir, "model"), lora_spec, init_from=init_from,
-                            seed=seed)
-        if ref_mode == "precomputed":
-            from align_jax.models.hf import load_hf
-            from align_jax.train.reference import attach_reference_logps
-            if init_from is None:
-                raise ValueError(f"train_main: objective {obj.name!r} needs a reference model: "
-                                 "set init_from (the SFT checkpoint), or for DPO use "
-                                 "loss_kwargs={'reference_free': True}")
-            config, params_init = load_hf(init_from)
-            annotate = functools.partial(
-                attach_reference_logps, precompute=obj.precompute_reference, config=config,
-                params=params_init, seq_len=seq_len,
-                batch_size=batch_size, cache_dir=os.path.join(output_dir, "cache"),
-                vocab_chunk_size=vocab_chunk_size,
-                mesh=sharding.make_mesh(mesh or sharding.MeshSpec()), rules=rules)
+            status_lib.write_status(output_dir, "running", step=None, num_steps=num_steps)
+        state = None
+        try:
+            params_init: Any = init_from
+            annotate = None
+            if lora_spec is not None and main:
+                from align_jax.train.adapters import write_lora_file
+                write_lora_file(os.path.join(output_dir, "model"), lora_spec,
+                                init_from=init_from, seed=seed)
+            if ref_mode == "precomputed":
+                from align_jax.models.hf import load_hf
+                from align_jax.train.reference import attach_reference_logps
+                if init_from is None:
+                    raise ValueError(f"train_main: objective {obj.name!r} needs a reference "
+                                     "model: set init_from (the SFT checkpoint), or for DPO "
+                                     "use loss_kwargs={'reference_free': True}")
+                config, params_init = load_hf(init_from)
+                annotate = functools.partial(
+                    attach_reference_logps, precompute=obj.precompute_reference, config=config,
+                    params=params_init, seq_len=seq_len,
+                    batch_size=batch_size, cache_dir=os.path.join(output_dir, "cache"),
+                    vocab_chunk_size=vocab_chunk_size,
+                    mesh=sharding.make_mesh(mesh or sharding.MeshSpec()), rules=rules)
 
-        peft_dir = (os.path.join(output_dir, "peft")
-                    if export_hf and lora_spec is not None else None)
-        make = functools.partial(
-            make_loader, data, kind=fmt, tokenizer=tok, seq_len=seq_len, batch_size=batch_size,
-            pack=pack and fmt.build_packed is not None, truncation=truncation, seed=seed,
-            on_error=on_error, annotate=annotate)
-        if num_steps is None:
-            num_steps = max(1, _steps_per_epoch(make) * num_epochs)
-        loader = make(num_epochs=None)
-        state = train(config=config, params_init=params_init, loss_fn=obj,
-                      loss_kwargs=loss_kwargs, data_iterator=loader,
-                      optimizer=optimizer or OptimizerConfig(), num_steps=num_steps,
-                      grad_accum=grad_accum, mesh_spec=mesh, rules=rules, workdir=output_dir,
-                      save_every=save_every, keep=keep, log_every=log_every, seed=seed,
-                      ref_params={"params": "initial", "adapters_off": "adapters_off"}.get(
-                          ref_mode, "none"),
-                      export_hf_dir=os.path.join(output_dir, "hf") if export_hf else None,
-                      progress=progress, lora=lora_spec, export_peft_dir=peft_dir)
-        loader.close()
-        if export_hf and distributed.is_main():
-            copy_tokenizer_files(tok_path, os.path.join(output_dir, "hf"))
-        summary = {"objective": obj.name, "num_steps": int(state.step),
+            peft_dir = (os.path.join(output_dir, "peft")
+                        if export_hf and lora_spec is not None else None)
+            make = functools.partial(
+                make_loader, data, kind=fmt, tokenizer=tok, seq_len=seq_len,
+                batch_size=batch_size, pack=pack and fmt.build_packed is not None,
+                truncation=truncation, seed=seed, on_error=on_error, annotate=annotate)
+            if num_steps is None:
+                num_steps = max(1, _steps_per_epoch(make) * num_epochs)
+            loader = make(num_epochs=None)
+            hf_dir = os.path.join(output_dir, "hf")
+            state = train(config=config, params_init=params_init, loss_fn=obj,
+                          loss_kwargs=loss_kwargs, data_iterator=loader,
+                          optimizer=optimizer or OptimizerConfig(), num_steps=num_steps,
+                          grad_accum=grad_accum, mesh_spec=mesh, rules=rules,
+                          workdir=output_dir, save_every=save_every, keep=keep,
+                          log_every=log_every, seed=seed,
+                          ref_params={"params": "initial", "adapters_off": "adapters_off"}.get(
+                              ref_mode, "none"),
+                          export_hf_dir=hf_dir if export_hf else None,
+                          export_tokenizer_dir=tok_path, progress=progress, lora=lora_spec,
+                          export_peft_dir=peft_dir)
+            loader.close()
+        except KeyboardInterrupt as e:
+            last = _last_checkpoint(output_dir)
+            if main:
+                status_lib.write_status(output_dir, "interrupted", step=last, num_steps=num_steps,
+                                        message=f"{e or 'SIGINT'} outside the step loop")
+            raise status_lib.RunInterrupted(
+                f"{output_dir}: interrupted ({e or 'SIGINT'}) before the run finished; the last "
+                f"checkpoint is step {last}; rerun the same command to resume") from None
+        except BaseException as e:
+            if main:
+                status_lib.write_status(output_dir, "failed",
+                                        step=_last_checkpoint(output_dir), num_steps=num_steps,
+                                        message=f"{type(e).__name__}: {str(e)[:500]}")
+            raise
+        step = int(state.step)
+        completed = step >= num_steps
+        summary = {"status": "completed" if completed else "interrupted",
+                   "objective": obj.name, "num_steps": num_steps, "step": step,
                    "data": {"load": loader.load_report.summary(),
                             "truncation": loader.truncation_report.summary(),
                             "examples": loader.num_examples},
-                   "hf_export": os.path.join(output_dir, "hf") if export_hf else None,
-                   "peft_export": peft_dir}
-        if distributed.is_main():
-            with open(os.path.join(output_dir, "train_summary.json"), "w") as f:
-                json.dump(summary, f, indent=1)
+                   "hf_export": hf_dir if export_hf and completed else None,
+                   "peft_export": peft_dir if completed else None}
+        if main:
+            atomic_write_json(os.path.join(output_dir, "train_summary.json"), summary)
+            status_lib.write_status(output_dir, summary["status"], step=step,
+                                    num_steps=num_steps)
+        if not completed:
+            raise status_lib.RunInterrupted(
+                f"{output_dir}: interrupted at step {step} of {num_steps}; a checkpoint was "
+                "saved; rerun the same command to resume")
     return summary
+
+
+def _last_checkpoint(output_dir: str) -> int | None:
+    path = os.path.join(output_dir, "checkpoints")
+    steps = [int(n) for n in os.listdir(path) if n.isdigit()] if os.path.isdir(path) else []
+    return max(steps, default=None)
 
 
 def _write_model_files(output_dir: str, config, init_from, tok_path) -> None:
@@ -212,8 +327,7 @@ def _write_model_files(output_dir: str, config, init_from, tok_path) -> None:
     if config is None:
         shutil.copy(os.path.join(init_from, "config.json"), model_dir)
     else:
-        with open(os.path.join(model_dir, "config.json"), "w") as f:
-            json.dump(config_to_hf(config), f, indent=1)
+        atomic_write_json(os.path.join(model_dir, "config.json"), config_to_hf(config))
     copy_tokenizer_files(tok_path, model_dir)
 
 

@@ -45,22 +45,34 @@ class NonFiniteLossError(FloatingPointError):
 
 
 class _Preemption:
-    """SIGTERM sets a flag that the loop polls between steps (installed on the main thread)."""
+    """SIGTERM (how a TPU VM or SLURM preempts) and SIGINT (Ctrl-C) set a flag that the loop
+    polls between steps, which then saves a checkpoint and returns. A second Ctrl-C stops at
+    once (KeyboardInterrupt) without waiting for the save. Installed on the main thread only."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
         self.event = threading.Event()
-        self._previous = None
+        self.name: str | None = None
+        self._previous: dict = {}
+
+    def _handle(self, signum, frame):
+        if signum == signal.SIGINT and self.event.is_set():
+            raise KeyboardInterrupt
+        self.name = signal.Signals(signum).name
+        self.event.set()
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, lambda *_: self.event.set())
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
         else:
             log.warning("train() is not on the main thread: SIGTERM will not save a checkpoint")
         return self
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
 
 
 def _shape_tree(tree: Any) -> Any:
@@ -147,7 +159,8 @@ def train(*, config: ModelConfig | str | None = None, params_init: Any = None,
           export_hf_dir: str | os.PathLike | None = None, progress: bool = True,
           operative_config: str | None = None,
           lora: "lora_lib.LoraConfig | Mapping[str, Any] | None" = None,
-          export_peft_dir: str | os.PathLike | None = None) -> TrainState:
+          export_peft_dir: str | os.PathLike | None = None,
+          export_tokenizer_dir: str | os.PathLike | None = None) -> TrainState:
     """Trains `config`'s model on `loss_fn` for `num_steps` updates, resuming if it can.
 
     Args:
@@ -173,13 +186,15 @@ def train(*, config: ModelConfig | str | None = None, params_init: Any = None,
         reference model (DPO with the SFT model as reference); with LoRA, "adapters_off" (or
         "initial", the same thing) scores the reference with the base, adapters off.
       export_hf_dir: when set, the final params (LoRA: merged) are saved there as Hugging
-        Face safetensors.
+        Face safetensors (written to a temporary folder and renamed into place when
+        complete; not written when the run stops early).
       progress: show a progress bar.
       operative_config: gin's operative config text, written to `<workdir>/config.gin`.
       lora: train LoRA adapters on a frozen base (`models.lora.LoraConfig` or a dict of its
         fields): state.params are the adapters, state.ref_params the base (see
         `train.adapters`).
       export_peft_dir: with LoRA, where the final adapters are saved in peft's format.
+      export_tokenizer_dir: tokenizer files copied into the export before it is renamed.
     Returns:
       the final TrainState; `state.step < num_steps` when SIGTERM cut the run short.
     """
@@ -225,7 +240,8 @@ def train(*, config: ModelConfig | str | None = None, params_init: Any = None,
         # Closing waits for the pending async save, so the last good checkpoint is complete
         # whatever stops the run.
         stack.callback(checkpointer.close)
-        start = checkpointer.latest_step()
+        start, state, data_state = checkpointer.restore_latest(
+            abstract_arrays(abstract, shardings), say=log.warning)
         if is_main:
             write_run_info(workdir, operative_config=operative_config, extra={
                 "resumed_from_step": start, "num_steps": num_steps, "grad_accum": grad_accum,
@@ -234,7 +250,6 @@ def train(*, config: ModelConfig | str | None = None, params_init: Any = None,
                 "lora": dataclasses.asdict(spec) if spec is not None else None,
                 "loss_fn": objective.name})
         if start is not None:
-            state, data_state = checkpointer.restore(start, abstract_arrays(abstract, shardings))
             if data_state is not None:
                 data_iterator.set_state(data_state)
             if with_ref:
@@ -284,7 +299,7 @@ def train(*, config: ModelConfig | str | None = None, params_init: Any = None,
             try:
                 host_batch = next(data_iterator)
             except StopIteration:
-                raise RuntimeError(
+                raise ValueError(
                     f"train(): the data iterator ran out after step {step} of {num_steps}; "
                     "give more data or fewer num_steps") from None
             data_state = data_iterator.get_state()
@@ -317,11 +332,11 @@ def train(*, config: ModelConfig | str | None = None, params_init: Any = None,
                 last_saved = step
         if pending is not None:
             report(pending)
-        if step < num_steps:  # SIGTERM
+        if step < num_steps:  # SIGTERM or SIGINT
             if last_saved != step:
                 checkpointer.save(step, state, data_state=data_state)
             checkpointer.wait()
-            logger.write_line(f"SIGTERM: saved a checkpoint at step {step} in "
+            logger.write_line(f"{preemption.name}: saved a checkpoint at step {step} in "
                               f"{checkpointer.directory}; stopping.")
             return state
         checkpointer.wait()
@@ -335,36 +350,49 @@ def train(*, config: ModelConfig | str | None = None, params_init: Any = None,
             merged = jax.jit(lambda base, a: jax.tree.map(
                 lambda x: x.astype(dtype), lora_lib.merge_lora(config, base, a)))(
                 state.ref_params, adapters)
-            export_hf(config, merged, export_hf_dir)
+            export_hf(config, merged, export_hf_dir, tokenizer_dir=export_tokenizer_dir)
     elif export_hf_dir is not None:
-        export_hf(config, state.params, export_hf_dir)
+        export_hf(config, state.params, export_hf_dir, tokenizer_dir=export_tokenizer_dir)
     return state
 
 
 def export_peft(config: ModelConfig, adapters: "lora_lib.Adapters",
                 path: str | os.PathLike) -> None:
-    """Saves LoRA adapters in peft's format at `path` (main process only)."""
+    """Saves LoRA adapters in peft's format at `path` (main process only; written to a
+    temporary folder and renamed into place when complete)."""
+    from align_jax.atomic import atomic_dir  # noqa: PLC0415
     weights = adapters.weights
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils  # noqa: PLC0415
         weights = multihost_utils.process_allgather(weights, tiled=True)
     if jax.process_index() == 0:
-        lora_lib.save_peft(config, adapters.replace(weights=jax.device_get(weights)),
-                           os.fspath(path))
+        with atomic_dir(path) as tmp:
+            lora_lib.save_peft(config, adapters.replace(weights=jax.device_get(weights)),
+                               os.fspath(tmp))
 
 
-def export_hf(config: ModelConfig, params: Any, path: str | os.PathLike) -> None:
+def export_hf(config: ModelConfig, params: Any, path: str | os.PathLike, *,
+              tokenizer_dir: str | os.PathLike | None = None) -> None:
     """Saves `params` as a Hugging Face checkpoint (safetensors) at `path` (main process only).
+
+    The files go to a temporary sibling folder renamed to `path` once complete, so `path` is
+    never a half-written export (an earlier export there is replaced whole).
 
     Args:
       config: the model.
       params: the (possibly sharded) parameter tree.
       path: the output dir.
+      tokenizer_dir: a tokenizer dir or .model file whose files are copied in too.
     """
+    from align_jax.atomic import atomic_dir  # noqa: PLC0415
     from align_jax.models.hf import save_hf  # noqa: PLC0415 (written by the models package)
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils  # noqa: PLC0415
         params = multihost_utils.process_allgather(params, tiled=True)
     host = jax.device_get(params)
     if jax.process_index() == 0:
-        save_hf(config, host, os.fspath(path))
+        with atomic_dir(path) as tmp:
+            save_hf(config, host, os.fspath(tmp))
+            if tokenizer_dir is not None:
+                from align_jax.tokenizer import copy_tokenizer_files  # noqa: PLC0415
+                copy_tokenizer_files(tokenizer_dir, os.fspath(tmp))

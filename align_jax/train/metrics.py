@@ -48,6 +48,30 @@ def _scalar(x: Any) -> float:
     return float(x)
 
 
+def drop_records_after(path: str, step: int) -> int:
+    """Removes records past `step` (and a torn last line) from a metrics file; returns how many.
+
+    A run killed after logging step 57 resumes from its checkpoint at 50 and logs 51-57 again:
+    the records after the checkpoint go, so every step appears once.
+    """
+    if not os.path.exists(path):
+        return 0
+    with open(path, encoding="utf-8", errors="replace") as f:
+        lines = f.readlines()
+    keep = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and record.get("step", 0) <= step:
+            keep.append(line if line.endswith("\n") else line + "\n")
+    if len(keep) != len(lines):
+        from align_jax.atomic import atomic_write
+        atomic_write(path, "".join(keep))
+    return len(lines) - len(keep)
+
+
 class MetricsLogger:
     """Writes one record per logged step and keeps the progress bar.
 
@@ -83,7 +107,9 @@ class MetricsLogger:
         if not enabled:
             return
         os.makedirs(workdir, exist_ok=True)
-        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+        path = os.path.join(workdir, "metrics.jsonl")
+        drop_records_after(path, start_step)
+        self._jsonl = open(path, "a", encoding="utf-8")
         if tensorboard:
             from tensorboardX import SummaryWriter
             self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))

@@ -146,3 +146,35 @@ def test_tfds_data_source(tmp_path):
     got = sorted((r.data["prompt"], r.data["chosen"], r.data["rejected"]) for r in records)
     assert got == [(r["prompt"], r["chosen"], r["rejected"]) for r in PREF]
     assert records[0].where.startswith("tiny_prefs[train][")
+
+
+def test_whitespace_texts_are_refused_or_skipped_with_file_line(tmp_path):
+    from align_jax.data.sources import DataError, LoadReport, read_jsonl
+    path = tmp_path / "sft.jsonl"
+    path.write_text('{"prompt": "Hi", "completion": "Hello"}\n'
+                    '{"prompt": "  \\n ", "completion": "Hello"}\n'
+                    '{"messages": [{"role": "user", "content": "Q"}, '
+                    '{"role": "assistant", "content": "\\t"}]}\n')
+    with pytest.raises(DataError, match=rf"{path}:2: field 'prompt' is empty or only whitespace"):
+        list(read_jsonl(str(path), schema="sft"))
+    report = LoadReport()
+    kept = list(read_jsonl(str(path), schema="sft", on_error="skip", report=report))
+    assert [r.where for r in kept] == [f"{path}:1"]
+    assert [s.where for s in report.skipped] == [f"{path}:2", f"{path}:3"]
+    assert "assistant" in report.skipped[1].reason
+
+
+def test_generate_prompts_name_file_line_and_field(tmp_path):
+    from align_jax.generate.entry import _read_prompts
+    bad_type = tmp_path / "a.jsonl"
+    bad_type.write_text('{"prompt": "ok"}\n{"prompt": 42}\n')
+    with pytest.raises(ValueError, match=rf"{bad_type}:2: field 'prompt' must be a string"):
+        _read_prompts(str(bad_type))
+    latin1 = tmp_path / "b.jsonl"
+    latin1.write_bytes(b'{"prompt": "ok"}\n{"prompt": "caf\xe9"}\n')
+    with pytest.raises(ValueError, match=rf"{latin1}:2: not valid UTF-8"):
+        _read_prompts(str(latin1))
+    blank = tmp_path / "c.jsonl"
+    blank.write_text('{"prompt": "   "}\n')
+    with pytest.raises(ValueError, match=rf"{blank}:1: field 'prompt' is empty"):
+        _read_prompts(str(blank))

@@ -232,3 +232,23 @@ def test_state_is_donated(models):
                           flags=flags, mesh=None, rules="fsdp")
     assert int(new.step) == 4
     assert state.cache["k"].is_deleted()
+
+
+def test_shape_budget_shares_compilations_and_changes_nothing(models):
+    cfg = dataclasses.replace(CONFIGS["llama"], max_position=100)  # fresh shapes to count
+    params = models["llama"][1]
+    plain = {n: loop.generate(cfg, params, PROMPTS, max_new_tokens=n, temperature=0.8, seed=3)
+             for n in (3, 7)}
+    before = loop.trace_counts()
+    shared = {n: loop.generate(cfg, params, PROMPTS, max_new_tokens=n, temperature=0.8, seed=3,
+                               shape_budget=16) for n in (3, 7)}
+    after = loop.trace_counts()
+    for n in (3, 7):
+        assert shared[n].tokens == plain[n].tokens
+        assert shared[n].finish_reasons == plain[n].finish_reasons
+        assert all(len(t) <= n for t in shared[n].tokens)
+    # Two budgets, one compiled prefill and one decode.
+    assert after["prefill"] - before.get("prefill", 0) == 1
+    assert after["decode"] - before.get("decode", 0) == 1
+    with pytest.raises(ValueError, match="shape_budget=2 is below max_new_tokens=3"):
+        loop.generate(cfg, params, PROMPTS, max_new_tokens=3, shape_budget=2)

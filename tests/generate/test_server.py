@@ -198,13 +198,13 @@ def test_concurrent_requests_share_one_generate_call(served, model, monkeypatch)
     app, _, client = served
     tok = model[0]
     calls = []
-    real = serving.generate
+    real = serving.generate_stream
 
     def counting(config, params, prompts, **kw):
         calls.append((len(prompts), kw["max_new_tokens"]))
         return real(config, params, prompts, **kw)
 
-    monkeypatch.setattr(serving, "generate", counting)
+    monkeypatch.setattr(serving, "generate_stream", counting)
     batcher = app.state.batcher
     monkeypatch.setattr(batcher, "window_s", 10.0)  # closes early: max_batch_size rows
     monkeypatch.setattr(batcher, "max_batch_size", 2)
@@ -290,14 +290,14 @@ def test_a_failing_request_does_not_take_its_batch_down(served, model, monkeypat
     app, srv, client = served
     tok = model[0]
     poison = tok.encode("poison pill", add_bos=True)
-    real = serving.generate
+    real = serving.generate_stream
 
     def fragile(config, params, prompts, **kw):
         if any(list(p) == poison for p in prompts):
             raise RuntimeError("device fell over")
         return real(config, params, prompts, **kw)
 
-    monkeypatch.setattr(serving, "generate", fragile)
+    monkeypatch.setattr(serving, "generate_stream", fragile)
     monkeypatch.setattr(app.state.batcher, "window_s", 10.0)
     monkeypatch.setattr(app.state.batcher, "max_batch_size", 2)
     barrier = threading.Barrier(2)

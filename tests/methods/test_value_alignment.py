@@ -54,3 +54,35 @@ def test_recipe_runs_every_stage_and_reports(tmp_path, monkeypatch):
     train = {json.loads(x)["prompt"] for x in open(out / "data" / "sft_train.jsonl")}
     test = {json.loads(x)["prompt"] for x in open(out / "data" / "sft_test.jsonl")}
     assert test and not (train & test)
+
+
+@pytest.mark.slow
+def test_demo_recipe_on_smollm2_with_fewer_steps(tmp_path, monkeypatch, smollm2_dir):
+    """`make demo`'s recipe (configs/runs/value_alignment_demo.gin), shortened: the real
+    SmolLM2 teacher writes records about one chunk, and a few SFT steps already lower the
+    held-out answer NLL of the real base model."""
+    monkeypatch.chdir(ROOT)
+    gin.clear_config()
+    out = tmp_path / "demo"
+    params = ["cft_steps=2", "sft_steps=6", "dpo_steps=2", "num_samples=2",
+              "max_new_tokens=12", "progress=False",
+              "sdg_kwargs={'max_chunks': 1, 'nex': 2, 'chunk_tokens': 256, 'overlap': 32, "
+              "'stages': ['instruct'], 'concurrency': 1, "
+              "'templates': {'instruct_questions': 'instruct_questions_small'}, "
+              "'instruct_config': @instruct.InstructConfig()}"]
+    code = cli.main(["run", "--gin_file=configs/runs/value_alignment_demo.gin",
+                     f"--output_dir={out}"] +
+                    [f"--gin_param=value_alignment.value_alignment.{s}" for s in params])
+    gin.clear_config()
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["models"]) == {"base", "c-fine-tuned", "sft", "sft+dpo"}
+    summary = json.loads((out / "sdg" / "summary.json").read_text())
+    assert summary["num_chunks"] == 1 and report["sdg"]["kinds"] == summary["kinds"]
+    base, sft = (report["models"][m]["answer_nll"]["nll_per_token"] for m in ("base", "sft"))
+    assert sft < base
+    md = (out / "report.md").read_text()
+    assert "| question | reference (document) | base | SFT+DPO |" in md
+    assert "SDG over 1 chunk(s)" in md
+    for name in ("report.png", "dpo/hf/model.safetensors", "dpo/hf/tokenizer.json"):
+        assert (out / name).exists(), name

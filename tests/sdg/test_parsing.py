@@ -133,3 +133,23 @@ def test_fuzz_truncated_jsonl_keeps_complete_lines(objs, cut):
             expected.append(q)
     # Every complete line's question is recovered (modulo dedup and whitespace-only values).
     assert [i["question"] for i in items][:len(expected)] == expected
+
+
+def test_question_lines_fallback_for_a_small_teacher():
+    # What SmolLM2-135M wrote for the instruct prompt: no JSON, no list, questions on lines.
+    text = ('A question:\n```\n[1] "How do we keep a code that is not fair?"\n\nThe answer:\n'
+            '[3] "The code is not fair."\n\nQuestion 2:\n[2] "What are the benefits of a code?"'
+            '\n**Question:** "Can I keep a gift?"\nWhy?\n')
+    items, rejects = parsing.parse_json_records(text, required=("question",),
+                                                list_key="question")
+    assert [i["question"] for i in items] == ["How do we keep a code that is not fair?",
+                                              "What are the benefits of a code?",
+                                              "Can I keep a gift?"]
+    assert rejects == []
+    # A numbered list still wins, and JSON wins over both.
+    assert [i["question"] for i in parsing.parse_json_records(
+        "1. Is it fair?\nIs this one a question line?", required=("question",),
+        list_key="question")[0]] == ["Is it fair?"]
+    assert parsing.parse_json_records('{"question": "Q one?"}\nIs it a line question?',
+                                      required=("question",), list_key="question")[0] == [
+        {"question": "Q one?"}]

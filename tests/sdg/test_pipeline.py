@@ -292,3 +292,39 @@ def test_principles_sdg_writes_constitutions(tmp_path):
     assert cons2 == _lines(os.path.join(ROOT, "examples", "constitutions.jsonl"))
     with pytest.raises(ValueError, match="principles_file, or teacher and task"):
         pipeline.run_principles_sdg(tmp_path)
+
+
+def test_rounds_sample_afresh_dedup_and_resume_per_round(tmp_path, small_doc):
+    one = _run(small_doc, tmp_path / "one", max_chunks=2)
+    teacher = ScriptedTeacher()
+    three = _run(small_doc, tmp_path / "three", teacher=teacher, max_chunks=2, rounds=3)
+    assert one["num_chunks"] == three["num_chunks"] == 2
+    units = [e["unit"] for e in _lines(tmp_path / "three" / "raw" / "manifest.jsonl")]
+    assert len(units) == len(set(units)) == 2 * 2 * 3
+    assert {u.rsplit("/", 1)[-1] for u in units if u.count("/") == 2} == {"r1", "r2"}
+    # Each round's calls carry their own seed.
+    sampled = [c["seed"] for c in teacher.calls if c["temperature"] > 0]
+    assert len(sampled) == len(set(sampled))
+    raw = three["kinds"]["sft"]["raw"]
+    assert raw > one["kinds"]["sft"]["raw"]
+    kept = three["kinds"]["sft"]
+    assert kept["kept"] + kept["exact_duplicates"] + kept["near_duplicates"] == raw
+    # Round 1 of the 3-round run is the 1-round run: same units, same seeds, same records.
+    first = [r for r in _lines(tmp_path / "three" / "raw" / "sft.jsonl")
+             if r["_unit"].count("/") == 1]
+    assert first == _lines(tmp_path / "one" / "raw" / "sft.jsonl")
+    # Resume: drop the last round's units from the manifest; a rerun redoes only them and
+    # ends with the same lines in every file (the redone units are appended last).
+    def lines_of(out):
+        return {k: sorted(v.splitlines()) for k, v in _snapshot(out).items()}
+    before = lines_of(tmp_path / "three")
+    manifest = tmp_path / "three" / "raw" / "manifest.jsonl"
+    kept_lines = [x for x in manifest.read_text().splitlines()
+                  if not json.loads(x)["unit"].endswith("/r2")]
+    manifest.write_text("\n".join(kept_lines) + "\n")
+    again = ScriptedTeacher()
+    _run(small_doc, tmp_path / "three", teacher=again, max_chunks=2, rounds=3)
+    assert 0 < len(again.calls) < len(teacher.calls)
+    assert lines_of(tmp_path / "three") == before
+    with pytest.raises(ValueError, match="rounds"):
+        _run(small_doc, tmp_path / "three", max_chunks=2, rounds=2)

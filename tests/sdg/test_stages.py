@@ -242,3 +242,31 @@ def test_aligner_triples_and_inspector_labels():
                                      "The cat sat on the mat today!") == "near_identical_rewrite"
     with pytest.raises(ValueError, match="unknown criterion"):
         aligner_data.generate_aligner(ScriptedTeacher(), questions, criterion="funny", seed=0)
+
+
+def test_pair_similarity_filter_is_optional():
+    chunks = [_chunk("Gifts over thirty euros must be refused.")]
+    minimal = {"question": "May I keep a 50 euro voucher from a supplier?",
+               "faithful": "No, you must refuse gifts over thirty euros from a supplier.",
+               "unfaithful": "Yes, you may keep gifts over thirty euros from a supplier."}
+    same = {"question": "Same?", "faithful": "Refuse it.", "unfaithful": "refuse  it."}
+
+    def fn(role, prompt):
+        if role == "values_filter":
+            return "Yes. Gifts."
+        return "\n".join(json.dumps(x) for x in (minimal, same))
+
+    # Independent check that the minimal contrast is above the default threshold.
+    def bigrams(text):
+        w = text.lower().split()
+        return set(zip(w, w[1:]))
+    a, b = bigrams(minimal["faithful"]), bigrams(minimal["unfaithful"])
+    assert len(a & b) / len(a | b) < 0.8 <= 1.0  # sanity of the fixture itself
+    strict = preference.PreferenceConfig(max_pair_similarity=0.4)
+    results = preference.generate_preference(FunctionTeacher(fn), chunks, seed=1, config=strict)
+    assert "preference" not in results[0].records
+    assert _reasons(results) == {"chosen_similar_to_rejected": 1, "chosen_equals_rejected": 1}
+    off = preference.PreferenceConfig(max_pair_similarity=None)
+    results = preference.generate_preference(FunctionTeacher(fn), chunks, seed=1, config=off)
+    assert [r["prompt"] for r in results[0].records["preference"]] == [minimal["question"]]
+    assert _reasons(results) == {"chosen_equals_rejected": 1}  # identical texts always go

@@ -1,0 +1,45 @@
+"""The server's request I/O: a bounded body read (413), client-disconnect watching, and JSON
+for long id lists rendered without holding the GIL for long (the event loop stays live)."""
+
+import asyncio
+
+import fastapi
+
+from align_jax.generate.openai_api import APIError
+
+# Default body limit: 16 bytes per token of the longest accepted prompt (ids as JSON, escaped
+# text), at least 1 MiB. A larger body cannot hold a prompt this server accepts.
+BODY_BYTES_PER_TOKEN = 16
+MIN_BODY_BYTES = 2**20
+
+
+async def read_body(request: fastapi.Request, limit: int) -> bytes:
+    """The request body, or APIError(413) once it passes `limit` bytes (before reading it
+    all when the client declares its length)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise APIError(413, f"request body of {int(declared)} bytes exceeds this server's "
+                       f"limit of {limit} bytes", code="request_too_large")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise APIError(413, f"request body exceeds this server's limit of {limit} bytes",
+                           code="request_too_large")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def json_ints(ids: list[int], piece: int = 2**15) -> str:
+    """A JSON list of ints, built in pieces so that other threads run in between."""
+    return "[" + ",".join(",".join(map(str, ids[i:i + piece]))
+                          for i in range(0, len(ids), piece)) + "]"
+
+
+async def cancel_on_disconnect(request: fastapi.Request, task: asyncio.Future) -> None:
+    """Cancels `task` when the client of `request` disconnects."""
+    while not task.done():
+        if await request.is_disconnected():
+            task.cancel()
+            return
+        await asyncio.sleep(0.1)

@@ -1,0 +1,117 @@
+"""The SmolLM2-135M-Instruct `local:` teacher on the example document (issue 8).
+
+Records/s of the SDG instruct stage, wall time including compilation (what a user waits for),
+each configuration in a fresh process:
+  before:     per-call shapes (batch = the call's prompts rounded to a power of two, budget =
+              the call's max_tokens): the question and answer calls compile their own
+              prefill and decode; no persistent compilation cache;
+  after:      one shape for every call (batch_size 4, shape_budget 256), no persistent cache;
+  after+warm: the same in a second process with JAX's persistent compilation cache filled by
+              the first (`align-jax` enables it under $ALIGN_JAX_CACHE/jax).
+Then the decode step in float32 vs bfloat16 weights (4 rows, 64 new tokens, compiled first).
+
+    python benchmarks/bench_teacher.py [--max_chunks 1]
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DOCUMENT = os.path.join(ROOT, "examples", "values_document.md")
+NAME = "smollm2-135m-instruct"
+
+
+def _sdg(out_dir, max_chunks, unified, cache_dir):
+    import jax
+
+    if cache_dir:
+        jax.config.update("jax_compilation_cache_dir", cache_dir)
+    from align_jax.sdg.backends import make_teacher
+    from align_jax.sdg.instruct import InstructConfig
+    from align_jax.sdg.pipeline import run_document_sdg
+
+    t0 = time.perf_counter()
+    kw = {"batch_size": 4, "shape_budget": 256} if unified else {}
+    teacher = make_teacher(f"local:{NAME}", max_len=1024, **kw)
+    load = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    summary = run_document_sdg([DOCUMENT], out_dir, teacher=teacher, tokenizer=teacher.tokenizer,
+                               nex=3, chunk_tokens=256, overlap=32, max_chunks=max_chunks,
+                               stages=("instruct",), concurrency=2, progress=False,
+                               verbose=False, instruct_config=InstructConfig(
+                                   question_max_tokens=160, answer_max_tokens=128))
+    took = time.perf_counter() - t1
+    from align_jax.generate import trace_counts
+    records = summary["kinds"].get("sft", {}).get("raw", 0)
+    return {"load_s": round(load, 1), "sdg_s": round(took, 1), "records": records,
+            "records_per_s": round(records / took, 4), "traces": trace_counts()}
+
+
+def _decode(dtype):
+    import jax
+    import jax.numpy as jnp
+
+    from align_jax.generate import generate
+    from align_jax.models import load_hf
+    from align_jax.tokenizer import load_tokenizer
+
+    config, params = load_hf(NAME, dtype=jnp.dtype(dtype))
+    tok = load_tokenizer(NAME)
+    prompt = tok.encode(tok.apply_chat_template(
+        [{"role": "user", "content": "Describe a bicycle repair shop."}],
+        add_generation_prompt=True))
+    prompts = [prompt] * 4
+
+    def run(n):
+        t = time.perf_counter()
+        out = generate(config, params, prompts, max_new_tokens=n, tokenizer=tok, ignore_eos=True)
+        jax.block_until_ready(out.tokens)
+        return time.perf_counter() - t
+
+    run(64)  # compile
+    short, long = min(run(8) for _ in range(2)), min(run(64) for _ in range(2))
+    return {"dtype": dtype, "decode_step_s": round((long - short) / 56, 4),
+            "prefill_plus_8_s": round(short, 3)}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser()
+    p.add_argument("--max_chunks", type=int, default=1)
+    p.add_argument("--child", nargs="*", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child:
+        kind, *rest = args.child
+        if kind == "sdg":
+            out_dir, unified, cache = rest
+            row = _sdg(out_dir, args.max_chunks, unified == "1", cache or None)
+        else:
+            row = _decode(rest[0])
+        print(json.dumps(row))
+        return
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        cache = os.path.join(tmp, "jax-cache")
+        runs = [("before", ["sdg", os.path.join(tmp, "a"), "0", ""]),
+                ("after", ["sdg", os.path.join(tmp, "b"), "1", cache]),
+                ("after+warm", ["sdg", os.path.join(tmp, "c"), "1", cache]),
+                ("decode float32", ["decode", "float32"]),
+                ("decode bfloat16", ["decode", "bfloat16"])]
+        for label, child in runs:
+            out = subprocess.run([sys.executable, __file__, "--max_chunks", str(args.max_chunks),
+                                  "--child", *child], cwd=ROOT, capture_output=True, text=True,
+                                 check=True, env={**os.environ, "PYTHONPATH": ROOT})
+            row = {"what": label, **json.loads(out.stdout.strip().splitlines()[-1])}
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    os.makedirs(os.path.join(ROOT, "benchmarks", "results"), exist_ok=True)
+    with open(os.path.join(ROOT, "benchmarks", "results", "teacher.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
