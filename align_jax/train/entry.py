@@ -124,6 +124,8 @@ def train_main(*, output_dir: str, data: str, objective: str = "sft",
     _check_arguments(batch_size=batch_size, seq_len=seq_len, num_steps=num_steps,
                      num_epochs=num_epochs, grad_accum=grad_accum, save_every=save_every,
                      keep=keep, log_every=log_every)
+    # The objective and its loss keywords are checked before the run folder is touched.
+    _objective_and_options(objective, loss_kwargs, vocab_chunk_size)
     import jax
 
     from align_jax.run_lock import run_lock
@@ -136,6 +138,19 @@ def train_main(*, output_dir: str, data: str, objective: str = "sft",
             return done
         with _signals_stop():
             return _train_main(settings, **args)
+
+
+def _objective_and_options(objective, loss_kwargs, vocab_chunk_size):
+    """The Objective record and its checked loss keywords: a misspelled keyword fails here,
+    naming the objective and the key, before any data is read or any file written."""
+    try:
+        obj = objectives.get_objective(objective)
+    except ValueError as e:
+        raise ValueError(f"train_main.{e}") from None
+    loss_kwargs = dict(loss_kwargs or {})
+    if vocab_chunk_size:
+        loss_kwargs["vocab_chunk_size"] = vocab_chunk_size
+    return obj, obj.check_options(loss_kwargs)
 
 
 # Arguments that do not change what a run computes: a rerun may change them and resume.
@@ -193,15 +208,7 @@ def _train_main(settings, *, output_dir, data, objective, model, model_overrides
     from align_jax.data import make_loader
     from align_jax.runinfo import run_folder
 
-    try:
-        obj = objectives.get_objective(objective)
-    except ValueError as e:
-        raise ValueError(f"train_main.{e}") from None
-    loss_kwargs = dict(loss_kwargs or {})
-    if vocab_chunk_size:
-        loss_kwargs["vocab_chunk_size"] = vocab_chunk_size
-    # Before any data is read: a misspelled keyword fails now, naming the objective and key.
-    loss_kwargs = obj.check_options(loss_kwargs)
+    obj, loss_kwargs = _objective_and_options(objective, loss_kwargs, vocab_chunk_size)
     lora_spec = lora_config(lora)
     if reference == "adapters_off" and lora_spec is None:
         raise ValueError("train_main.reference='adapters_off' needs train_main.lora=...")

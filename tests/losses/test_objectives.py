@@ -48,9 +48,9 @@ WEIGHTED = objectives.Objective(
         schema=({"prompt": "text", "completion": "text"},)))
 
 
-def _run(tmp_path, objective, data, **kw):
+def _run(tmp_path, objective, data, *, run="run", **kw):
     return entry.train_main(
-        output_dir=str(tmp_path / "run"), data=str(data), objective=objective, model="tiny",
+        output_dir=str(tmp_path / run), data=str(data), objective=objective, model="tiny",
         tokenizer=TOKENIZER, seq_len=32, batch_size=8, pack=False, num_steps=2, log_every=1,
         export_hf=False, progress=False, mesh=None, rules="dp", **kw)
 
@@ -76,7 +76,7 @@ def test_a_new_objective_is_one_record_and_trains(tmp_path):
     bad = _write(tmp_path / "bad.jsonl", [{"messages": [{"role": "user", "content": "x"},
                                                         {"role": "assistant", "content": "y"}]}])
     with pytest.raises(ValueError, match="bad.jsonl:1: missing field 'prompt'"):
-        _run(tmp_path, "test_weighted_sft", bad)
+        _run(tmp_path, "test_weighted_sft", bad, run="bad_run")
 
 
 def test_a_wrong_loss_keyword_fails_before_the_data_is_read(tmp_path):
