@@ -64,7 +64,8 @@ def test_demo_recipe_on_smollm2_with_fewer_steps(tmp_path, monkeypatch, smollm2_
     monkeypatch.chdir(ROOT)
     gin.clear_config()
     out = tmp_path / "demo"
-    params = ["cft_steps=2", "sft_steps=6", "dpo_steps=2", "num_samples=2",
+    # batch 8: the tests fake 8 CPU devices, and the demo's data axis takes them all.
+    params = ["cft_steps=2", "sft_steps=6", "dpo_steps=2", "num_samples=2", "batch_size=8",
               "max_new_tokens=12", "progress=False",
               "sdg_kwargs={'max_chunks': 1, 'nex': 2, 'chunk_tokens': 256, 'overlap': 32, "
               "'stages': ['instruct'], 'concurrency': 1, "
