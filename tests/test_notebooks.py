@@ -1,4 +1,9 @@
-"""Every notebook in colab/ runs top to bottom (code cells executed in order, one namespace)."""
+"""Every notebook in colab/ runs top to bottom (code cells executed in order, one namespace).
+
+Each notebook ends by assigning `CHECKS`, a dict of claim -> bool computed from its own results
+(losses, shapes, before/after numbers); the test fails on any false claim. Notebooks on the real
+SmolLM2 model or with long training runs are marked slow.
+"""
 
 import json
 import pathlib
@@ -8,9 +13,19 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 NOTEBOOKS = sorted((ROOT / "colab").glob("*.ipynb"))
+SLOW = {"quickstart_smollm2.ipynb", "sami.ipynb", "aligner_squad.ipynb", "own_document.ipynb"}
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def _params():
+    return [pytest.param(p, id=p.name, marks=[pytest.mark.slow] if p.name in SLOW else [])
+            for p in NOTEBOOKS]
+
+
+def test_every_notebook_is_listed():
+    assert {p.name for p in NOTEBOOKS} >= SLOW
+
+
+@pytest.mark.parametrize("path", _params())
 def test_notebook_runs(path, monkeypatch):
     matplotlib.use("Agg")
     monkeypatch.chdir(ROOT)
@@ -22,7 +37,7 @@ def test_notebook_runs(path, monkeypatch):
         assert not any(line.lstrip().startswith(("!", "%")) for line in source.splitlines()), \
             f"{path.name} cell {i}: shell/magic lines cannot run outside Jupyter"
         exec(compile(source, f"{path.name}[cell {i}]", "exec"), namespace)
-    # The notebook's own results are real numbers, not placeholders.
-    assert namespace["logits"].shape[-1] == namespace["config"].vocab_size
-    assert 0.0 <= namespace["acc"]["accuracy"] <= 1.0
-    assert namespace["out"].finish_reasons[0] in ("stop", "length")
+    checks = namespace.get("CHECKS")
+    assert isinstance(checks, dict) and checks, f"{path.name} defines no CHECKS dict"
+    failed = [name for name, ok in checks.items() if not ok]
+    assert not failed, f"{path.name}: checks failed: {failed}"
