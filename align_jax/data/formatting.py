@@ -144,9 +144,19 @@ def _tokenize(record: Record, *, kind: str, tokenizer, chat_template: bool):
         prompt_ids, completion_ids = aligner_example(tokenizer, data)
         return Example(prompt=prompt_ids, completions=(completion_ids,), where=where)
     if kind == "sami":
-        prompts = tuple(
-            render_prompt(tokenizer, f"{c}\n\n{data['prompt']}", chat_template=chat_template)
-            for c in data["constitutions"])
+        if "prompts" in data:
+            # Prompts rendered by the SAMI recipe (methods/sami_prompts.py): plain text is
+            # encoded as is (base models), chat messages through the chat template.
+            if len(data["prompts"]) != len(data["constitutions"]):
+                raise DataError(f"{where}: fields 'prompts' and 'constitutions' differ in "
+                                "length (sami schema)")
+            prompts = tuple(render_prompt(tokenizer, p, chat_template=not isinstance(p, str))
+                            for p in data["prompts"])
+        else:
+            prompts = tuple(
+                render_prompt(tokenizer, f"{c}\n\n{data['prompt']}",
+                              chat_template=chat_template)
+                for c in data["constitutions"])
         # Responses given as token ids are the sampler's own tokens: used exactly as sampled.
         responses = tuple(_ids(r) if not isinstance(r, str) else _completion(tokenizer, r)
                           for r in data["responses"])

@@ -10,10 +10,11 @@ step, so stopping never loses trained state.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
+
+from align_jax.jsonl import JsonlError, decode_line, numbered_lines
 
 ON_ERROR = ("raise", "skip")
 
@@ -210,28 +211,20 @@ def read_jsonl(path: str, *, schema: str, on_error: str = "raise",
     _check_on_error(on_error)
     report = LoadReport() if report is None else report
     num_records = 0
-    with open(path, "rb") as f:
-        for line_no, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue
-            where = f"{path}:{line_no}"
+    for line_no, raw in numbered_lines(path):
+        where = f"{path}:{line_no}"
+        try:
             try:
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError as e:
-                    raise DataError(f"{where}: not valid UTF-8 (byte {e.start})") from None
-                try:
-                    data = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(
-                        f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-                record = Record(data=validate_record(data, schema=schema, where=where), where=where)
-            except DataError as e:
-                _handle(e, on_error=on_error, report=report)
-                continue
-            num_records += 1
-            report.num_read += 1
-            yield record
+                data = decode_line(raw, where=where)
+            except JsonlError as e:
+                raise DataError(str(e)) from None
+            record = Record(data=validate_record(data, schema=schema, where=where), where=where)
+        except DataError as e:
+            _handle(e, on_error=on_error, report=report)
+            continue
+        num_records += 1
+        report.num_read += 1
+        yield record
     if num_records == 0 and not any(s.where.startswith(f"{path}:") for s in report.skipped):
         _handle(DataError(f"{path}:0: empty file (no records)"), on_error=on_error, report=report)
 

@@ -6,11 +6,12 @@ without the code.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+
+from align_jax.jsonl import read_jsonl
 
 
 def _pyplot():
@@ -23,8 +24,7 @@ def _pyplot():
 def _metrics(path: str) -> list[dict]:
     if not os.path.exists(path):
         return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return read_jsonl(path)
 
 
 def plot_overview(out_dir: str, report: Mapping, stages: Mapping[str, str]) -> str:

@@ -4,40 +4,31 @@
       --gin_param="entry.generate_main.prompts='examples/sft.jsonl'" --output_dir=runs/gen
 """
 
-import json
 import os
 from collections.abc import Sequence
+
+from align_jax.jsonl import decode_line, numbered_lines, write_jsonl
 
 
 def _read_prompts(path: str) -> list[dict]:
     """Prompt rows of a JSONL file; a bad line is a one-line error naming path:line."""
     from align_jax.tokenizer import validate_messages
     rows = []
-    with open(path, "rb") as f:
-        for n, raw in enumerate(f, 1):
+    for n, raw in numbered_lines(path):
+        row = decode_line(raw, where=f"{path}:{n}")
+        if not isinstance(row, dict) or not ("prompt" in row or "messages" in row):
+            raise ValueError(f"{path}:{n}: needs a 'prompt' string or a 'messages' list")
+        if "messages" in row:
             try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise ValueError(f"{path}:{n}: not valid UTF-8 (byte {e.start})") from None
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not JSON ({e.msg})") from None
-            if not isinstance(row, dict) or not ("prompt" in row or "messages" in row):
-                raise ValueError(f"{path}:{n}: needs a 'prompt' string or a 'messages' list")
-            if "messages" in row:
-                try:
-                    validate_messages(row["messages"])
-                except (TypeError, ValueError) as e:
-                    raise ValueError(f"{path}:{n}: field 'messages': {e}") from None
-            elif not isinstance(row["prompt"], str):
-                raise ValueError(f"{path}:{n}: field 'prompt' must be a string, got "
-                                 f"{type(row['prompt']).__name__}")
-            elif not row["prompt"].strip():
-                raise ValueError(f"{path}:{n}: field 'prompt' is empty or only whitespace")
-            rows.append(row)
+                validate_messages(row["messages"])
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"{path}:{n}: field 'messages': {e}") from None
+        elif not isinstance(row["prompt"], str):
+            raise ValueError(f"{path}:{n}: field 'prompt' must be a string, got "
+                             f"{type(row['prompt']).__name__}")
+        elif not row["prompt"].strip():
+            raise ValueError(f"{path}:{n}: field 'prompt' is empty or only whitespace")
+        rows.append(row)
     if not rows:
         raise ValueError(f"{path}: no prompts")
     return rows
@@ -58,7 +49,6 @@ def generate_main(*, output_dir: str, model_dir: str, prompts: str, chat: bool =
       max_new_tokens, temperature, top_p, top_k, seed, stop_strings: sampling.
       batch_size: rows per device batch.
     """
-    from align_jax.atomic import atomic_write
     from align_jax.generate import generate
     from align_jax.models.hf import load_hf
     from align_jax.models.named import resolve_model_path
@@ -81,9 +71,7 @@ def generate_main(*, output_dir: str, model_dir: str, prompts: str, chat: bool =
         path = os.path.join(output_dir, "completions.jsonl")
         from align_jax import distributed
         if distributed.is_main():
-            atomic_write(path, "".join(
-                json.dumps({**row, "completion": text, "finish_reason": reason},
-                           ensure_ascii=False) + "\n"
-                for row, text, reason in zip(rows, out.texts, out.finish_reasons)))
+            write_jsonl(path, ({**row, "completion": text, "finish_reason": reason}
+                               for row, text, reason in zip(rows, out.texts, out.finish_reasons)))
     print(f"wrote {len(rows)} completions to {path}")
     return 0

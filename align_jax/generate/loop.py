@@ -1,6 +1,6 @@
 """The generation loop: one jitted prefill, then one jitted `lax.while_loop` decode.
 
-    prompts --(batching: sort, bucket, left-pad)--> PromptBatch
+    prompts --(prompt_batches: sort, bucket, left-pad)--> PromptBatch
       --jit_prefill--> SamplingState (cache filled, first token drawn)
       --jit_decode (state donated; runs until every row is done, the budget is spent or
                     `end_step` is reached)--> SamplingState
@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from align_jax import axes, sharding
-from align_jax.generate import batching, sampling, stop
+from align_jax.generate import prompt_batches, sampling, stop
 from align_jax.models import transformer
 from align_jax.models.config import ModelConfig
 
@@ -246,7 +246,7 @@ def _check_finite(logprobs_BM, lengths_B, rows, indices) -> None:
                 f"{at}: the model's weights (or its config) hold NaN or inf")
 
 
-def _run_batch(config, params, batch: batching.PromptBatch, *, max_new_tokens, shape_budget,
+def _run_batch(config, params, batch: prompt_batches.PromptBatch, *, max_new_tokens, shape_budget,
                cache_len, sampler_kw, row_seeds, stop_ids, stop_strings, tokenizer, chunk, mesh,
                rules, partial=False, cancel=None) -> Iterator[Completion]:
     if cancel is not None and cancel():
@@ -332,8 +332,8 @@ def generate_stream(config: ModelConfig, params, prompts: Sequence[Sequence[int]
     other arguments.
     """
     max_len = int(max_len or config.max_position)
-    prompts = batching.validate_prompts(prompts, max_new_tokens=max_new_tokens, max_len=max_len,
-                                        vocab_size=config.vocab_size)
+    prompts = prompt_batches.validate_prompts(prompts, max_new_tokens=max_new_tokens,
+                                              max_len=max_len, vocab_size=config.vocab_size)
     stop_strings = stop.validate_stop_strings(stop_strings, tokenizer)
     if seeds is not None and len(seeds) != len(prompts):
         raise ValueError(f"seeds has {len(seeds)} entries for {len(prompts)} prompts")
@@ -342,7 +342,7 @@ def generate_stream(config: ModelConfig, params, prompts: Sequence[Sequence[int]
         repetition_penalty=repetition_penalty)
     shards = _batch_shards(mesh, rules)
     if batch_size is None:
-        batch_size = min(batching.next_pow2(len(prompts)), batching.DEFAULT_BATCH_SIZE)
+        batch_size = min(prompt_batches.next_pow2(len(prompts)), prompt_batches.DEFAULT_BATCH_SIZE)
     batch_size = -(-max(int(batch_size), 1) // shards) * shards
     if chunk_size is None:
         chunk_size = DEFAULT_STOP_CHUNK if stop_strings or partial else max_new_tokens
@@ -354,7 +354,7 @@ def generate_stream(config: ModelConfig, params, prompts: Sequence[Sequence[int]
     longest = max((len(p) for p in prompts), default=1)
     shape_budget = max(max_new_tokens, min(shape_budget, max_len - longest))
     pad_id = config.pad_token_id if config.pad_token_id is not None else 0
-    batches = batching.plan_batches(prompts, batch_size=batch_size,
+    batches = prompt_batches.plan_batches(prompts, batch_size=batch_size,
                                     cap=max_len - shape_budget, pad_id=pad_id)
     if batches:
         if mesh is None:

@@ -24,8 +24,8 @@ import threading
 import time
 from collections.abc import Callable
 
-from align_jax.generate.batching import next_pow2
 from align_jax.generate.loop import Completion, GenerationOutput, generate_stream
+from align_jax.generate.prompt_batches import next_pow2
 
 log = logging.getLogger(__name__)
 

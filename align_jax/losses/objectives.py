@@ -196,8 +196,10 @@ register_objective(Objective(
 # ahead of the shuffled order: frozen params only.
 register_objective(Objective(name="kto", loss=_adapt(kto_objective, ref=True), data="kto",
                              options=_options(kto_objective), references=("params",)))
-register_objective(Objective(name="sami", loss=_adapt(sami_objective, ref=False), data="sami",
-                             options=_options(sami_objective)))
+# SAMI's optional KL regulariser compares with the frozen initial params.
+register_objective(Objective(name="sami", loss=_adapt(sami_objective, ref=True), data="sami",
+                             options=_options(sami_objective), references=("params",),
+                             uses_reference=lambda o: bool(o.get("kl_coef"))))
 # Aligners: next-token NLL on `x [INIT] y [ALIGNED] y' [DONE]`, scored on y' and [DONE] only.
 register_objective(Objective(name="aligner", loss=_adapt(aligner_loss, ref=False),
                              data="aligner", options=_options(aligner_loss)))

@@ -87,16 +87,40 @@ def sami_logps(config: ModelConfig, params, batch, *, vocab_chunk_size: int = 0)
     return logps_BCC, mask_B
 
 
-def sami_objective(params, batch, *, config: ModelConfig, vocab_chunk_size: int = 0):
+def sami_kl_penalty(logps_BCC: jax.Array, ref_logps_BCC: jax.Array, *,
+                    mask_B: jax.Array | None = None) -> jax.Array:
+    """Sample estimate of KL(p_model(y|x,c) || p_base(y|x,c)) per response token: the mean over
+    queries and matched pairs (the diagonal, response j under its own constitution j) of the
+    per-token log-ratio log p_model - log p_base. The base's log-probs carry no gradient."""
+    diag = lambda m_BCC: jnp.diagonal(m_BCC, axis1=1, axis2=2)  # noqa: E731
+    ratio_BC = (diag(logps_BCC.astype(jnp.float32))
+                - jax.lax.stop_gradient(diag(ref_logps_BCC.astype(jnp.float32))))
+    return _wmean(jnp.mean(ratio_BC, axis=1), mask_B)
+
+
+def sami_objective(params, batch, *, config: ModelConfig, ref_params=None,
+                   kl_coef: float = 0.0, vocab_chunk_size: int = 0):
     """SAMI training loss on a [B, C, C, T] batch.
 
     Args:
       params: parameters (differentiated).
       batch: SAMI batch (see `sami_logps`).
       config: the model.
+      ref_params: the frozen initial parameters (train_main's "params" reference), used by the
+        KL regulariser only.
+      kl_coef: weight of `sami_kl_penalty` to the initial model (the paper's optional
+        regulariser; 0 turns it off and needs no reference).
       vocab_chunk_size: see `sami_logps`.
     Returns:
-      (loss, metrics of `sami_loss`).
+      (loss, metrics of `sami_loss`, plus `kl` when kl_coef > 0).
     """
     logps_BCC, mask_B = sami_logps(config, params, batch, vocab_chunk_size=vocab_chunk_size)
-    return sami_loss(logps_BCC, mask_B=mask_B)
+    loss, metrics = sami_loss(logps_BCC, mask_B=mask_B)
+    if kl_coef:
+        if ref_params is None:
+            raise ValueError("sami: kl_coef > 0 needs the frozen initial params (reference)")
+        ref_BCC, _ = sami_logps(config, ref_params, batch, vocab_chunk_size=vocab_chunk_size)
+        kl = sami_kl_penalty(logps_BCC, ref_BCC, mask_B=mask_B)
+        loss = loss + kl_coef * kl
+        metrics = {**metrics, "loss": loss, "kl": jax.lax.stop_gradient(kl)}
+    return loss, metrics

@@ -19,6 +19,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from align_jax import sharding
+from align_jax.jsonl import read_jsonl, write_jsonl
 from align_jax.train.optim import OptimizerConfig
 
 CRITERIA = ("ethical", "factuality", "helpful")
@@ -41,25 +42,7 @@ def _read_jsonl(path: str, schema: str | None = None) -> list[dict]:
     from align_jax.data.sources import load_records
     if schema is not None:
         return [r.data for r in load_records(path, schema=schema)[0]]
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{i}: not valid JSON ({e.msg})") from e
-    return rows
-
-
-def _write_jsonl(path: str, rows: Sequence[Mapping]) -> str:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
-    return path
+    return read_jsonl(path)
 
 
 def _data(out: str, *, aligner_data, inspector_data, teacher, sdg_kwargs) -> tuple[list, list]:
@@ -83,8 +66,8 @@ def _data(out: str, *, aligner_data, inspector_data, teacher, sdg_kwargs) -> tup
             records = [{"input": t["input"], "response": t[k],
                         "label": int(k != "initial_response"), "criterion": t["criterion"]}
                        for t in triples for k in ("initial_response", "aligned_response")]
-        _write_jsonl(a_file, triples)
-        _write_jsonl(i_file, records)
+        write_jsonl(a_file, triples)
+        write_jsonl(i_file, records)
     return _read_jsonl(a_file), _read_jsonl(i_file)
 
 
@@ -136,7 +119,7 @@ def _responses(out: str, *, responses, prompts, generate_from, max_new_tokens, m
         else:
             raise ValueError("aligners: give responses (JSONL of input/response) or prompts "
                              "and generate_from (a model to sample the responses from)")
-        _write_jsonl(path, [{"input": r["input"], "response": r["response"]} for r in rows])
+        write_jsonl(path, [{"input": r["input"], "response": r["response"]} for r in rows])
     return _read_jsonl(path)
 
 
@@ -244,7 +227,7 @@ def aligners(*, output_dir: str, criteria: Sequence[str] = CRITERIA,
     for c in active:
         d = os.path.join(out, "aligners", c)
         if not os.path.exists(os.path.join(d, "hf", "config.json")):
-            data = _write_jsonl(os.path.join(out, "data", f"aligner_{c}.jsonl"),
+            data = write_jsonl(os.path.join(out, "data", f"aligner_{c}.jsonl"),
                                 [t for t in triples if t["criterion"] == c])
             _say(f"stage aligner {c}: {aligner_steps} steps on {by_crit[c]} triples from {base}")
             train_main(output_dir=d, data=data, objective="aligner", init_from=base,
@@ -271,7 +254,7 @@ def aligners(*, output_dir: str, criteria: Sequence[str] = CRITERIA,
         _say(f"stage squad: {len(rows)} rows, threshold {threshold}")
         result = squad([r["input"] for r in rows], [r["response"] for r in rows],
                        inspectors=inspect_fns, aligners=align_fns, threshold=threshold)
-        _write_jsonl(squad_file, [
+        write_jsonl(squad_file, [
             {"input": r["input"], "response": r["response"], "aligned": y, "applied": list(a),
              "trace": result.trace(i), "order": list(result.order)}
             for i, (r, y, a) in enumerate(zip(rows, result.responses, result.applied))])

@@ -1,27 +1,43 @@
 """SAMI: teach a model to follow constitutions by maximising a mutual-information bound.
 
-    align-jax run --gin_file=configs/runs/sami_recipe_tiny.gin --output_dir=runs/sami
+    align-jax run --gin_file=configs/runs/sami_demo.gin --output_dir=runs/sami_demo
 
-Iteration k (1..N), after the paper's Algorithm 1:
+Iteration k (1..N), after the paper's Algorithm 1 (Fränken et al. 2024):
   1. sample: for each training query and C constitutions drawn from the pool, the model of
-     iteration k-1 (the base model for k = 1) writes one response per constitution;
-  2. train: starting again from the *base* model, take `steps_per_iteration * k` SAMI steps
-     (one per batch of queries) on those responses; the result is the model of iteration k.
+     iteration k-1 (the base model for k = 1) writes one response per constitution, greedily
+     by default (temperature 0, 350 tokens, the prompt format's stop strings); a query is kept
+     only when all its responses pass the filters (methods/sami_prompts.py);
+  2. train: starting from the base model (`init='base'`, the paper's algorithm box) or from
+     the model of iteration k-1 (`init='latest'`, the reference code), with a fresh optimizer,
+     take `steps_per_iteration * k` SAMI steps (one per batch of queries).
 Queries alternate between two halves of the query set from one iteration to the next, so a
-model never samples for the queries it was trained on. After every iteration, the bound
-    I(y; c | x) >= mean_j [ log p(y_j | x, c_j) - log mean_i p(y_j | x, c_i) ]
-is measured on held-out queries with responses sampled by that iteration's model.
+model never samples for the queries it was trained on. Prompts follow the paper's plain-text
+format (base models) or the chat template (instruct models), with each constitution's
+principles shuffled per prompt by a seeded generator.
+
+After every iteration, on held-out queries with responses sampled by that iteration's model
+under each of the C constitutions, the report gives
+    mi_bound             mean over queries and targets j of the InfoNCE bound
+                         log p(y_j|x,c_j) - log (1/C) sum_i p(y_j|x,c_i), with log p SUMMED over
+                         response tokens (a lower bound on I(y; c | x), at most log C), and its
+                         standard error over queries;
+    mi_bound_token_mean  the same with log p averaged over response tokens, the quantity the
+                         training loss (the paper's) works with: not a bound on I(y; c | x);
+and, with a `judge`, win rates against the base model's held-out responses
+(align_jax.eval.judge.pairwise_win_rate, both orders, length-controlled).
 """
 
 import logging
 import os
 import random
+import time
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from align_jax import sharding
+from align_jax.methods import sami_prompts
 from align_jax.train.optim import OptimizerConfig
 
 log = logging.getLogger(__name__)
@@ -31,12 +47,16 @@ def _say(msg: str) -> None:
     print(f"[sami] {msg}", flush=True)
 
 
-def constitution_texts(path: str) -> list[str]:
-    """Constitution records (DESIGN.md schema) as the numbered principle lists the model sees."""
-    from align_jax.data.formatting import constitution_text
+def load_constitutions(path: str) -> list[list[str]]:
+    """The principle lists of constitution records (DESIGN.md schema)."""
     from align_jax.data.sources import load_records
     records, _ = load_records(path, schema="constitution")
-    return [constitution_text(r.data) for r in records]
+    return [list(r.data["principles"]) for r in records]
+
+
+def constitution_texts(path: str) -> list[str]:
+    """Constitution records as the numbered principle lists (in their file order)."""
+    return [sami_prompts.numbered(p) for p in load_constitutions(path)]
 
 
 def _draws(num_queries: int, num_constitutions: int, c: int, rng: random.Random):
@@ -47,13 +67,33 @@ def _draws(num_queries: int, num_constitutions: int, c: int, rng: random.Random)
     return [rng.sample(range(num_constitutions), c) for _ in range(num_queries)]
 
 
-def sample_responses(model_dir: str, queries: Sequence[str], constitutions: Sequence[str],
-                     draws: Sequence[Sequence[int]], *, max_new_tokens: int,
-                     temperature: float, top_p: float, seed: int) -> list[dict]:
-    """SAMI records: each query with its C constitutions and one response sampled under each.
+def make_prompts(queries: Sequence[str], constitutions: Sequence[Sequence[str]],
+                 draws: Sequence[Sequence[int]], *, prompt_format: str, rng: random.Random,
+                 example_format: bool = False) -> list[dict]:
+    """Per query: the drawn constitutions (principles shuffled per prompt, independently per
+    constitution) as numbered texts, the prompts that training and scoring use and the prompts
+    the sampler sees (the same, plus the paper's example block when `example_format`)."""
+    rows = []
+    for q, draw in zip(queries, draws):
+        orders = [sami_prompts.shuffled_principles(constitutions[i], rng) for i in draw]
+        rows.append({
+            "prompt": q, "constitution_ids": list(draw),
+            "constitutions": [sami_prompts.numbered(o) for o in orders],
+            "prompts": [sami_prompts.sami_prompt(o, q, fmt=prompt_format, rng=None)
+                        for o in orders],
+            "sample_prompts": [sami_prompts.sami_prompt(o, q, fmt=prompt_format, rng=None,
+                                                        example_format=example_format)
+                               for o in orders]})
+    return rows
 
-    The prompt of (constitution, query) is rendered exactly as training renders it, and the
-    responses are kept as the sampler's token ids.
+
+def sample_responses(model_dir: str, rows: Sequence[dict], *, max_new_tokens: int = 350,
+                     temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
+                     stop_strings: Sequence[str] = ()) -> list[dict]:
+    """SAMI records: each row of `make_prompts` with one response per constitution.
+
+    Responses are kept as text (cut before any stop string) and re-encoded with EOS for
+    training, so a stop string never becomes part of a trained response.
     """
     from align_jax.data.formatting import render_prompt
     from align_jax.generate import generate
@@ -62,28 +102,52 @@ def sample_responses(model_dir: str, queries: Sequence[str], constitutions: Sequ
     from align_jax.tokenizer import load_tokenizer
     config, params = load_hf(model_dir)
     tok = load_tokenizer(resolve_model_path(model_dir))
-    prompts = [render_prompt(tok, f"{constitutions[i]}\n\n{q}").tolist()
-               for q, draw in zip(queries, draws) for i in draw]
+    prompts = [render_prompt(tok, p, chat_template=not isinstance(p, str)).tolist()
+               for row in rows for p in row["sample_prompts"]]
     out = generate(config, params, prompts, max_new_tokens=max_new_tokens,
-                   temperature=temperature, top_p=top_p, seed=seed, tokenizer=tok)
-    c = len(draws[0])
-    records = []
-    for n, (q, draw) in enumerate(zip(queries, draws)):
-        responses = [out.tokens[n * c + j] or [tok.eos_id] for j in range(c)]
-        records.append({"prompt": q, "constitutions": [constitutions[i] for i in draw],
-                        "responses": responses,
-                        "texts": [out.texts[n * c + j] for j in range(c)]})
+                   temperature=temperature, top_p=top_p, seed=seed, tokenizer=tok,
+                   stop_strings=tuple(stop_strings))
+    records, n = [], 0
+    for row in rows:
+        c = len(row["prompts"])
+        texts = [out.texts[n + j].strip() for j in range(c)]
+        records.append({**{k: v for k, v in row.items() if k != "sample_prompts"},
+                        "responses": texts, "texts": texts,
+                        "response_tokens": [len(out.tokens[n + j]) for j in range(c)]})
+        n += c
     return records
+
+
+def mi_per_query(logps_BCC) -> np.ndarray:
+    """InfoNCE bound per query, averaged over its C targets: [b, i, j] = log p(y_j | x, c_i),
+    target of column j is row j (`align_jax.eval.mi_lower_bound`, log-mean-exp over all C)."""
+    import jax
+    import jax.numpy as jnp
+
+    from align_jax.eval import mi_lower_bound
+    x = jnp.asarray(logps_BCC, jnp.float32)
+    c = x.shape[-1]
+    per_BC = jax.vmap(jax.vmap(mi_lower_bound, in_axes=(1, 0)), in_axes=(0, None))(
+        x, jnp.arange(c))
+    return np.asarray(jnp.mean(per_BC, axis=1), np.float64)
+
+
+def _mean_se(x: np.ndarray) -> tuple[float, float]:
+    se = float(np.std(x, ddof=1) / np.sqrt(len(x))) if len(x) > 1 else float("nan")
+    return float(np.mean(x)), se
 
 
 def mi_bound(model_dir: str, records: Sequence[dict], *, seq_len: int,
              batch_size: int = 8, mesh=None) -> dict[str, float]:
-    """Mean InfoNCE bound and response length of SAMI records under a model (scored over
-    `mesh` when given)."""
+    """The held-out MI bound of SAMI records under a model (scored over `mesh` when given):
+    `mi_bound` with summed response log-probs (the bound) and `mi_bound_token_mean` with
+    per-token means (the training loss's quantity), each with its standard error over queries.
+    """
+    import jax.numpy as jnp
+
     from align_jax.data import batching
     from align_jax.data.formatting import format_records
-    from align_jax.eval import mi_lower_bound_matrix
-    from align_jax.losses import sami_logps
+    from align_jax.losses import logprobs
     from align_jax.losses.scorer import score_examples
     from align_jax.models.hf import load_hf
     from align_jax.models.named import resolve_model_path
@@ -92,13 +156,58 @@ def mi_bound(model_dir: str, records: Sequence[dict], *, seq_len: int,
     tok = load_tokenizer(resolve_model_path(model_dir))
     examples, _, _ = format_records(records, kind="sami", tokenizer=tok, seq_len=seq_len,
                                     truncation="truncate_prompt_left", on_error="skip")
-    logps = score_examples(lambda p, b: sami_logps(config, p, b)[0], params, examples,
-                           build=batching.sami_batch, seq_len=seq_len, batch_size=batch_size,
-                           pad_id=tok.pad_id or 0, mesh=mesh)
-    bounds = [float(mi_lower_bound_matrix(m[None])) for m in logps]
-    lengths = [len(r) for rec in records for r in rec["responses"]]
-    return {"mi_bound": float(np.mean(bounds)), "queries": len(bounds),
-            "mean_response_tokens": float(np.mean(lengths))}
+    if not examples:
+        raise ValueError(f"sami: no held-out record fits seq_len {seq_len}")
+
+    def score(p, batch):
+        logps, mask = logprobs.forward_token_logps(config, p, batch, where="sami")
+        total = logprobs.masked_sum(logps, mask)
+        count = jnp.sum(mask.astype(jnp.float32), axis=-1)
+        return jnp.stack([total, count], axis=1)  # [B, 2, C, C]
+
+    rows = score_examples(score, params, examples, build=batching.sami_batch, seq_len=seq_len,
+                          batch_size=batch_size, pad_id=tok.pad_id or 0, mesh=mesh)
+    summed, counts = rows[:, 0], rows[:, 1]
+    bound, se = _mean_se(mi_per_query(summed))
+    token_bound, token_se = _mean_se(mi_per_query(summed / np.maximum(counts, 1.0)))
+    lengths = [n for rec in records for n in rec.get("response_tokens", [])]
+    return {"mi_bound": bound, "mi_bound_stderr": se, "mi_bound_token_mean": token_bound,
+            "mi_bound_token_mean_stderr": token_se, "queries": len(examples),
+            "mean_response_tokens": float(np.mean(lengths)) if lengths else float("nan")}
+
+
+def params_checksum(model_dir: str) -> float:
+    """A float64 checksum of a checkpoint's parameters (to tell which one an iteration
+    started from)."""
+    import jax
+
+    from align_jax.models.hf import load_hf
+    _, params = load_hf(model_dir)
+    leaves = jax.tree.leaves(params)
+    return float(sum(np.sum(np.asarray(x, np.float64) * (k + 1)) for k, x in enumerate(leaves)))
+
+
+def win_rates(held: Sequence[dict], base: Sequence[dict], constitutions: Sequence[Sequence[str]],
+              *, judge, template: str = "principles", seed: int = 0,
+              max_tokens: int = 512) -> dict:
+    """Win rate of `held` responses over `base` responses to the same held-out prompts, judged
+    per constitution (the judge is shown that constitution's principles)."""
+    from align_jax.eval.judge import pairwise_win_rate
+    groups: dict[int, tuple[list, list, list]] = {}
+    for rec, ref in zip(held, base):
+        for j, cid in enumerate(rec["constitution_ids"]):
+            g = groups.setdefault(cid, ([], [], []))
+            g[0].append(rec["prompt"])
+            g[1].append(rec["texts"][j])
+            g[2].append(ref["texts"][j])
+    out, total, weights = {}, 0.0, 0
+    for cid, (prompts, a, b) in sorted(groups.items()):
+        res = pairwise_win_rate(prompts, a, b, judge=judge, template=template, seed=seed,
+                                principles="\n".join(constitutions[cid]), max_tokens=max_tokens)
+        out[str(cid)] = res.summary()
+        total += res.win_rate * res.n_pairs
+        weights += res.n_pairs
+    return {"win_rate": total / max(weights, 1), "by_constitution": out}
 
 
 def _write(path: str, rows: Sequence[dict]) -> str:
@@ -114,9 +223,14 @@ def _write(path: str, rows: Sequence[dict]) -> str:
 
 def sami(*, output_dir: str, init_from: str, constitutions: str, queries: str,
          num_iterations: int = 3, steps_per_iteration: int = 2, batch_size: int = 8,
-         constitutions_per_query: int = 2, eval_queries: int = 8, max_new_tokens: int = 64,
-         temperature: float = 1.0, top_p: float = 1.0, learning_rate: float = 5e-7,
-         seq_len: int = 512, mesh: sharding.MeshSpec | None = None, rules: str = "fsdp",
+         constitutions_per_query: int = 2, eval_queries: int = 8, max_new_tokens: int = 350,
+         temperature: float = 0.0, top_p: float = 1.0, learning_rate: float = 5e-7,
+         prompt_format: str = "plain", example_format: bool = False,
+         filters: Sequence[str] = sami_prompts.DEFAULT_FILTERS, init: str = "base",
+         judge: str | None = None, judge_template: str = "principles",
+         judge_max_tokens: int = 512, kl_coef: float = 0.0, seq_len: int = 512,
+         vocab_chunk_size: int = 0,
+         mesh: sharding.MeshSpec | None = None, rules: str = "fsdp",
          seed: int = 0, progress: bool = True) -> dict[str, Any]:
     """Runs SAMI and returns the report (also <output_dir>/report.json, report.md, report.png).
 
@@ -129,17 +243,33 @@ def sami(*, output_dir: str, init_from: str, constitutions: str, queries: str,
       steps_per_iteration: N_b; iteration k takes N_b * k steps (the paper: 2, 4, 6).
       batch_size: queries per step (the paper: 128).
       constitutions_per_query: C (the paper: 2).
-      eval_queries: held-out queries for the MI bound.
-      max_new_tokens, temperature, top_p: response sampling.
+      eval_queries: held-out queries for the MI bound and the win rates.
+      max_new_tokens, temperature, top_p: response sampling (the paper: 350, greedy).
       learning_rate: constant, AdamW (the paper: 5e-7).
-      seq_len: rows of (constitution + query, response).
+      prompt_format: "plain" (the paper's text, base models) or "chat" (chat template).
+      example_format: plain format only: the paper's example block in sampling prompts.
+      filters: response filters (sami_prompts.FILTERS) a query's responses must all pass.
+      init: "base" retrains the base model each iteration (the paper's Algorithm 1);
+        "latest" continues from the previous iterate (the reference code). The optimizer
+        state starts fresh every iteration either way.
+      judge: teacher spec ("local:<dir>" or "openai:<url>") for win rates against the base
+        model after each iteration; None skips them.
+      judge_template: the judge template (align_jax.eval.judge), "principles" by default.
+      judge_max_tokens: the judge's token budget per verdict.
+      kl_coef: weight of the optional KL regulariser to the iteration's starting model (the
+        base model under init='base'; losses.sami.sami_kl_penalty); 0 is the paper's default.
+      seq_len: rows of (prompt, response).
+      vocab_chunk_size: training's chunked log-softmax over the vocabulary (0: full logits);
+        bounds the memory of large-vocabulary models.
       mesh, rules, seed, progress: as for `align-jax train`.
     """
     from align_jax.data.sources import load_records
     from align_jax.train.entry import train_main
 
+    if init not in ("base", "latest"):
+        raise ValueError(f"sami: init={init!r}; expected 'base' or 'latest'")
     out = os.path.abspath(output_dir)
-    cons = constitution_texts(constitutions)
+    cons = load_constitutions(constitutions)
     prompts = [r.data["prompt"] for r in load_records(queries, schema="query")[0]]
     rng = random.Random(seed)
     rng.shuffle(prompts)
@@ -149,39 +279,77 @@ def sami(*, output_dir: str, init_from: str, constitutions: str, queries: str,
         raise ValueError(f"sami: {len(prompts)} queries in {queries} are too few for "
                          f"{eval_queries} held out and two training halves")
     c = constitutions_per_query
-    held_draws = _draws(len(held), len(cons), c, rng)
-    sample_kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
+    # Held-out prompts (draws and shuffles) are fixed once, so every iteration and the base
+    # answer exactly the same prompts.
+    held_rows = make_prompts(held, cons, _draws(len(held), len(cons), c, rng),
+                             prompt_format=prompt_format, rng=random.Random(seed + 7919),
+                             example_format=example_format)
+    sample_kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                     stop_strings=sami_prompts.stop_strings(prompt_format))
+    teacher = None
+    if judge:
+        from align_jax.sdg.backends import make_teacher
+        teacher = make_teacher(judge)
+    shuffle_rng = random.Random(seed + 1)
+    held_records = {}
 
     def evaluate(name, model_dir, k):
-        recs = sample_responses(model_dir, held, cons, held_draws, seed=seed + 1000 + k,
-                                **sample_kw)
+        recs = sample_responses(model_dir, held_rows, seed=seed + 1000 + k, **sample_kw)
+        held_records[k] = recs
         _write(os.path.join(out, "eval", f"{name}.jsonl"), recs)
-        row = mi_bound(model_dir, recs, seq_len=seq_len)
-        _say(f"{name}: MI bound {row['mi_bound']:.4f} nats on {row['queries']} held-out "
-             f"queries, mean response {row['mean_response_tokens']:.1f} tokens")
+        row = mi_bound(model_dir, recs, seq_len=seq_len, mesh=None)
+        row["eval_dropped"] = sami_prompts.apply_filters(recs, filters)[1]
+        _say(f"{name}: MI bound {row['mi_bound']:.3f} +- {row['mi_bound_stderr']:.3f} nats "
+             f"(summed log p; per-token {row['mi_bound_token_mean']:.4f}) on {row['queries']} "
+             f"held-out queries, mean response {row['mean_response_tokens']:.1f} tokens")
+        if teacher is not None and k > 0:
+            row["win_rate_vs_base"] = win_rates(recs, held_records[0], cons, judge=teacher,
+                                                template=judge_template, seed=seed,
+                                                max_tokens=judge_max_tokens)
+            _say(f"{name}: win rate vs base {row['win_rate_vs_base']['win_rate']:.3f}")
         return row
 
-    report = {"iterations": [{"iteration": 0, "model": init_from,
-                              **evaluate("iter_0", init_from, 0)}]}
+    t0 = time.time()
+    report = {"init": init, "prompt_format": prompt_format, "filters": list(filters),
+              "mi_bound_note": "mi_bound: InfoNCE lower bound with log p summed over response "
+                               "tokens; mi_bound_token_mean: with per-token mean log p, as in "
+                               "the training loss (not a bound)",
+              "iterations": [{"iteration": 0, "model": init_from,
+                              "params_checksum": params_checksum(init_from),
+                              "seconds": 0.0, **evaluate("iter_0", init_from, 0)}]}
+    report["iterations"][0]["seconds"] = round(time.time() - t0, 1)
     sampler = init_from
     for k in range(1, num_iterations + 1):
         steps = steps_per_iteration * k
         half = halves[(k - 1) % 2]
         qs = [half[i % len(half)] for i in range(steps * batch_size)]
-        records = sample_responses(sampler, qs, cons, _draws(len(qs), len(cons), c, rng),
-                                   seed=seed + k, **sample_kw)
-        data = _write(os.path.join(out, f"iter_{k}", "data.jsonl"), records)
-        _say(f"iteration {k}: sampled {len(records)} x {c} responses with {sampler}; "
-             f"training the base model for {steps} steps")
+        rows = make_prompts(qs, cons, _draws(len(qs), len(cons), c, rng),
+                            prompt_format=prompt_format, rng=shuffle_rng,
+                            example_format=example_format)
+        records = sample_responses(sampler, rows, seed=seed + k, **sample_kw)
+        kept, dropped = sami_prompts.apply_filters(records, filters)
+        if not kept:
+            raise ValueError(f"sami: iteration {k}: the filters {list(filters)} dropped all "
+                             f"{len(records)} queries ({dropped})")
+        data = _write(os.path.join(out, f"iter_{k}", "data.jsonl"), kept)
+        start = init_from if init == "base" else sampler
+        _say(f"iteration {k}: sampled {len(records)} x {c} responses with {sampler}, kept "
+             f"{len(kept)} (dropped {dropped}); training {start} for {steps} steps")
         run_dir = os.path.join(out, f"iter_{k}", "train")
-        train_main(output_dir=run_dir, data=data, objective="sami", init_from=init_from,
+        train_main(output_dir=run_dir, data=data, objective="sami", init_from=start,
                    seq_len=seq_len, batch_size=batch_size, num_steps=steps,
+                   truncation="truncate_prompt_left", on_error="skip",
+                   loss_kwargs={"kl_coef": kl_coef} if kl_coef else None,
                    optimizer=OptimizerConfig(learning_rate=learning_rate, schedule="constant"),
-                   mesh=mesh, rules=rules, seed=seed, save_every=steps, log_every=1,
+                   vocab_chunk_size=vocab_chunk_size, mesh=mesh, rules=rules, seed=seed,
+                   save_every=steps, log_every=1,
                    progress=progress)
         sampler = os.path.join(run_dir, "hf")
-        report["iterations"].append({"iteration": k, "model": sampler, "steps": steps,
-                                     **evaluate(f"iter_{k}", sampler, k)})
+        report["iterations"].append({
+            "iteration": k, "model": sampler, "steps": steps, "init_from": start,
+            "init_checksum": params_checksum(start), "params_checksum": params_checksum(sampler),
+            "kept_queries": len(kept), "dropped": dropped, **evaluate(f"iter_{k}", sampler, k)})
+        report["iterations"][-1]["seconds"] = round(time.time() - t0, 1)
     from align_jax import distributed
     if distributed.is_main():
         from align_jax.atomic import atomic_write_json
@@ -195,18 +363,35 @@ def _report_files(out: str, report: dict) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     rows = report["iterations"]
-    lines = ["# SAMI report", "", "| iteration | steps | MI bound (nats) | mean response tokens |",
-             "|---|---|---|---|"]
+    wr = lambda r: (f"{r['win_rate_vs_base']['win_rate']:.3f}"  # noqa: E731
+                    if "win_rate_vs_base" in r else "-")
+    lines = ["# SAMI report", "",
+             f"init={report['init']}, prompt_format={report['prompt_format']}. "
+             + report["mi_bound_note"] + ".", "",
+             "| iteration | steps | MI bound (nats, summed) | +- se | per-token MI | "
+             "mean response tokens | kept | dropped | win rate vs base | seconds |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['iteration']} | {r.get('steps', 0)} | {r['mi_bound']:.4f} | "
-              f"{r['mean_response_tokens']:.1f} |" for r in rows]
+              f"{r['mi_bound_stderr']:.4f} | {r['mi_bound_token_mean']:.4f} | "
+              f"{r['mean_response_tokens']:.1f} | {r.get('kept_queries', '-')} | "
+              f"{r.get('dropped', '-')} | {wr(r)} | {r.get('seconds', '-')} |" for r in rows]
     from align_jax.atomic import atomic_write
     atomic_write(os.path.join(out, "report.md"), "\n".join(lines) + "\n")
-    fig, ax = plt.subplots(1, 2, figsize=(10, 3.5))
+    fig, ax = plt.subplots(1, 3 if any("win_rate_vs_base" in r for r in rows) else 2,
+                           figsize=(14, 3.5))
     it = [r["iteration"] for r in rows]
-    ax[0].plot(it, [r["mi_bound"] for r in rows], marker="o")
-    ax[0].set(title="conditional MI lower bound (held out)", xlabel="iteration", ylabel="nats")
+    ax[0].errorbar(it, [r["mi_bound"] for r in rows],
+                   yerr=[r["mi_bound_stderr"] for r in rows], marker="o", capsize=4)
+    ax[0].set(title="MI lower bound, held out (summed log p)", xlabel="iteration",
+              ylabel="nats")
     ax[1].plot(it, [r["mean_response_tokens"] for r in rows], marker="o")
     ax[1].set(title="mean response length", xlabel="iteration", ylabel="tokens")
+    if len(ax) == 3:
+        judged = [r for r in rows if "win_rate_vs_base" in r]
+        ax[2].plot([r["iteration"] for r in judged],
+                   [r["win_rate_vs_base"]["win_rate"] for r in judged], marker="o")
+        ax[2].axhline(0.5, color="gray", lw=0.5)
+        ax[2].set(title="win rate vs base", xlabel="iteration", ylim=(0, 1))
     fig.tight_layout()
     fig.savefig(os.path.join(out, "report.png"), dpi=110)
     plt.close(fig)

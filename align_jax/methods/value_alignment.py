@@ -23,6 +23,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from align_jax import sharding
+from align_jax.jsonl import write_jsonl
 from align_jax.train.optim import OptimizerConfig
 
 log = logging.getLogger(__name__)
@@ -35,7 +36,6 @@ def _records(path: str, schema: str) -> list[dict]:
 
 def _write_jsonl(path: str, rows: Sequence[Mapping]) -> str:
     from align_jax import distributed
-    from align_jax.sdg.store import write_jsonl
     # Multi-process: process 0 writes (a shared run folder), the others wait, then all read.
     if distributed.is_main():
         os.makedirs(os.path.dirname(path), exist_ok=True)

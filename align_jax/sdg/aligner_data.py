@@ -21,6 +21,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from align_jax.jsonl import iter_values
 from align_jax.sdg import parsing
 from align_jax.sdg.store import UnitResult, dedup_records, derive_seed
 from align_jax.sdg.teacher import Teacher, ask
@@ -79,18 +80,11 @@ def load_seed_questions(path: str | os.PathLike | None = None) -> list[dict]:
     """
     path = os.fspath(path or SEED_QUESTIONS)
     out = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                d = json.loads(line)
-            except ValueError as e:
-                raise ValueError(f"{path}:{lineno}: invalid JSON ({e})") from e
-            for field in ("question_type", "topic", "question"):
-                if not isinstance(d.get(field), str) or not d[field].strip():
-                    raise ValueError(f"{path}:{lineno}: field {field!r} must be a non-empty string")
-            out.append({k: d[k].strip() for k in ("question_type", "topic", "question")})
+    for where, d in iter_values(path):
+        for field in ("question_type", "topic", "question"):
+            if not isinstance(d, dict) or not isinstance(d.get(field), str) or not d[field].strip():
+                raise ValueError(f"{where}: field {field!r} must be a non-empty string")
+        out.append({k: d[k].strip() for k in ("question_type", "topic", "question")})
     if not out:
         raise ValueError(f"{path}: no seed questions")
     return out

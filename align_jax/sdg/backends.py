@@ -25,8 +25,8 @@ from collections.abc import Callable, Sequence
 import httpx
 import openai
 
-from align_jax.generate.batching import next_pow2
 from align_jax.generate.loop import generate
+from align_jax.generate.prompt_batches import next_pow2
 from align_jax.generate.sampling import row_seed
 from align_jax.tokenizer import encode_prompt
 

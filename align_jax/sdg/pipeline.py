@@ -20,9 +20,10 @@ from collections.abc import Callable, Mapping, Sequence
 import tqdm
 
 from align_jax.data import documents as documents_lib
+from align_jax.jsonl import write_jsonl
 from align_jax.sdg import aligner_data, instruct, preference
 from align_jax.sdg import principles as principles_lib
-from align_jax.sdg.store import RunStore, UnitResult, derive_seed, finalize, write_jsonl
+from align_jax.sdg.store import RunStore, UnitResult, derive_seed, finalize
 from align_jax.sdg.teacher import Teacher
 from align_jax.sdg.templates import Template, resolve_templates
 

@@ -13,6 +13,7 @@ import json
 import os
 from collections.abc import Mapping, Sequence
 
+from align_jax.jsonl import iter_values
 from align_jax.sdg import parsing
 from align_jax.sdg.teacher import Teacher, ask
 from align_jax.sdg.templates import Template, resolve_templates
@@ -99,13 +100,7 @@ def load_principles(path: str | os.PathLike) -> list[dict]:
             raise ValueError(f"{path}: invalid JSON ({e})") from e
         entries = [(f"{path}: entry {i}", d) for i, d in enumerate(data)]
     else:
-        for lineno, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                entries.append((f"{path}:{lineno}", json.loads(line)))
-            except ValueError as e:
-                raise ValueError(f"{path}:{lineno}: invalid JSON ({e})") from e
+        entries = list(iter_values(path))
     out = []
     for where, d in entries:
         if not isinstance(d, dict):

@@ -24,7 +24,9 @@ import json
 import os
 import re
 import statistics
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+
+from align_jax.jsonl import JsonlError, append_lines, decode_line, encode_line, write_jsonl
 
 MANIFEST = "manifest.jsonl"
 REJECTS = "rejects"
@@ -79,8 +81,8 @@ def _read_jsonl(path: str) -> tuple[list[dict], bool]:
             dropped = True
             continue
         try:
-            obj = json.loads(line)
-        except ValueError:
+            obj = decode_line(line, where=f"{path}:{i + 1}")
+        except JsonlError:
             dropped = True
             continue
         if isinstance(obj, dict):
@@ -88,31 +90,6 @@ def _read_jsonl(path: str) -> tuple[list[dict], bool]:
         else:
             dropped = True
     return out, dropped
-
-
-def write_jsonl(path: str, rows: Iterable[dict]) -> None:
-    """Replace `path` atomically by these rows as JSONL (tmp file, fsync, rename)."""
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(os.path.dirname(path))
-
-
-def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path or ".", os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 class RunStore:
@@ -176,21 +153,19 @@ class RunStore:
             by_kind.setdefault(REJECTS, []).extend(tagged_rejects)
         for kind, rows in by_kind.items():
             if kind == REJECTS:
-                lines = [json.dumps(r, ensure_ascii=False) for r in rows]
+                lines = [encode_line(r)[:-1] for r in rows]
             else:
-                lines = [json.dumps({**r, UNIT_KEY: unit}, ensure_ascii=False) for r in rows]
+                lines = [encode_line({**r, UNIT_KEY: unit})[:-1] for r in rows]
             self._append(self._path(kind), lines)
         entry = {"unit": unit, "counts": {k: len(v) for k, v in records.items()},
                  "rejects": len(tagged_rejects), **(info or {})}
-        self._append(os.path.join(self.raw_dir, MANIFEST), [json.dumps(entry)])
+        self._append(os.path.join(self.raw_dir, MANIFEST), [encode_line(entry)[:-1]])
         self.finished[unit] = entry
 
     @staticmethod
     def _append(path: str, lines: Sequence[str]) -> None:
-        with open(path, "a", encoding="utf-8") as f:
-            f.write("".join(line + "\n" for line in lines))
-            f.flush()
-            os.fsync(f.fileno())
+        """Appends encoded lines (no newline) in one fsynced write; the crash tests tear it here."""
+        append_lines(path, [line + "\n" for line in lines])
 
     def records(self, kind: str) -> list[dict]:
         """Committed records of a kind, in commit order, with the "_unit" tag."""

@@ -5,12 +5,13 @@ is `tokens/s x config.flops_per_token(seq_len) / (devices x peak FLOP/s)`, repor
 devices whose dense bf16 peak is known.
 """
 
-import json
 import math
 import os
 import time
 from collections.abc import Mapping
 from typing import Any
+
+from align_jax.jsonl import JsonlError, decode_line, encode_line
 
 # Dense bf16 peak FLOP/s per device (chip), by a substring of jax's `device_kind`. Longer keys
 # are tried first, so "TPU v5 lite" (v5e) wins over "TPU v5" (v5p).
@@ -61,8 +62,8 @@ def drop_records_after(path: str, step: int) -> int:
     keep = []
     for line in lines:
         try:
-            record = json.loads(line)
-        except ValueError:
+            record = decode_line(line, where=path)
+        except JsonlError:
             continue
         if isinstance(record, dict) and record.get("step", 0) <= step:
             keep.append(line if line.endswith("\n") else line + "\n")
@@ -155,7 +156,7 @@ class MetricsLogger:
         return record
 
     def _write(self, record: dict) -> None:
-        self._jsonl.write(json.dumps(record) + "\n")
+        self._jsonl.write(encode_line(record))
         self._jsonl.flush()
         step = record["step"]
         if self._tb is not None:

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from align_jax.generate import batching, loop
+from align_jax.generate import loop, prompt_batches
 from align_jax.models import transformer
 from align_jax.models.config import ModelConfig
 
@@ -39,7 +39,7 @@ def test_cached_decode_logits_equal_full_forward(models, name):
     """Drives the model exactly as the loop lays a batch out (left padding, shared index)."""
     cfg, params = models[name]
     steps = 8
-    (batch,) = batching.plan_batches(PROMPTS, batch_size=4, cap=64)
+    (batch,) = prompt_batches.plan_batches(PROMPTS, batch_size=4, cap=64)
     t = batch.tokens_BT.shape[1]
     step_fn = jax.jit(functools.partial(transformer.forward_with_cache, cfg))
     cache = transformer.init_cache(cfg, 4, t + steps)
@@ -190,7 +190,7 @@ def test_many_prompts_compile_few_shapes(models):
     before = loop.trace_counts()
     out = loop.generate(cfg, params, prompts, max_new_tokens=2, batch_size=16)
     after = loop.trace_counts()
-    buckets = {batching.bucket_length(n, cap=94) for n in lengths}
+    buckets = {prompt_batches.bucket_length(n, cap=94) for n in lengths}
     assert buckets == {16, 32, 64}
     for fn in ("prefill", "decode"):
         assert after.get(fn, 0) - before.get(fn, 0) <= len(buckets), (fn, before, after)
@@ -220,7 +220,7 @@ def test_one_new_token_and_repetition_penalty(models):
 
 def test_state_is_donated(models):
     cfg, params = models["llama"]
-    (batch,) = batching.plan_batches(PROMPTS, batch_size=4, cap=64)
+    (batch,) = prompt_batches.plan_batches(PROMPTS, batch_size=4, cap=64)
     from align_jax.generate import sampling  # noqa: PLC0415
     sampler, flags = sampling.make_sampling(4)
     stop_ids = jnp.full((8,), -1, jnp.int32)

@@ -135,3 +135,25 @@ def test_sami_objective_matches_numpy():
     np.testing.assert_allclose(metrics["diagonal_mean"],
                                np.mean([np.trace(m) / c for m in mat]), rtol=1e-5)
     assert float(jnp.abs(grads["embedding"]).sum()) > 0
+
+    # The optional KL regulariser to the frozen initial model: + kl_coef * mean over queries
+    # and matched pairs of the per-token log-ratio (numpy, from the reference model's logits).
+    ref = transformer.init_params(config, jax.random.key(1))
+    kl_loss, kl_metrics = jax.jit(functools.partial(losses.sami_objective, config=config,
+                                                    kl_coef=0.5))(params, batch, ref_params=ref)
+    xr = np.asarray(transformer.forward(config, ref, batch["tokens"].reshape(-1, t),
+                                        segment_ids_BT=batch["segment_ids"].reshape(-1, t)),
+                    np.float64)
+    lsr = xr - xr.max(-1, keepdims=True)
+    lsr = lsr - np.log(np.exp(lsr).sum(-1, keepdims=True))
+    lpr = np.take_along_axis(lsr, batch["targets"].reshape(-1, t)[..., None], -1)[..., 0]
+    mat_ref = ((lpr * mask).sum(-1) / mask.sum(-1)).reshape(b, c, c)
+    kl = np.mean([np.mean(np.diag(m) - np.diag(r)) for m, r in zip(mat, mat_ref)])
+    np.testing.assert_allclose(kl_metrics["kl"], kl, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(kl_loss, (0.5 * (rows + cols)).mean() + 0.5 * kl, rtol=1e-5)
+    from align_jax.losses.objectives import get_objective
+    sami_obj = get_objective("sami")
+    assert sami_obj.reference_mode("precomputed", {}) == "none"
+    assert sami_obj.reference_mode("precomputed", {"kl_coef": 0.1}) == "params"
+    with pytest.raises(ValueError, match="kl_coef > 0 needs"):
+        losses.sami_objective(params, batch, config=config, kl_coef=0.5)
