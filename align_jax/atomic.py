@@ -18,7 +18,8 @@ from typing import Any
 _TMP = ".{name}.tmp-{host}-{pid}"
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid runs on this host (stale temp files and locks)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -38,7 +39,7 @@ def _clean_stale(path: str) -> None:
         return
     for entry in sorted(entries, key=lambda e: not e.endswith(".old")):
         if entry.startswith(prefix) and entry[len(prefix):].split(".")[0].isdigit():
-            if not _pid_alive(int(entry[len(prefix):].split(".")[0])):
+            if not pid_alive(int(entry[len(prefix):].split(".")[0])):
                 stale = os.path.join(parent, entry)
                 if entry.endswith(".old") and not os.path.lexists(path):
                     # Killed between the two renames of `replace_dir`: the old folder returns.

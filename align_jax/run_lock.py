@@ -13,6 +13,8 @@ import os
 import socket
 import time
 
+from align_jax.atomic import pid_alive
+
 log = logging.getLogger(__name__)
 
 LOCK_NAME = ".lock"
@@ -20,16 +22,6 @@ LOCK_NAME = ".lock"
 
 class RunFolderBusyError(RuntimeError):
     """Another live process holds the run folder's lock."""
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _read(path: str) -> dict | None:
@@ -60,7 +52,7 @@ def acquire(folder: str | os.PathLike) -> str:
                 raise RunFolderBusyError(
                     f"{path}: this process already holds the run folder") from None
             same_host = holder is not None and holder.get("host") == me["host"]
-            if holder is None or (same_host and not _alive(int(holder.get("pid", -1)))):
+            if holder is None or (same_host and not pid_alive(int(holder.get("pid", -1)))):
                 who = "unreadable" if holder is None else f"pid {holder.get('pid')}, not running"
                 log.warning("%s: taking over a stale lock (%s)", path, who)
                 with contextlib.suppress(FileNotFoundError):
