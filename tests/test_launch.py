@@ -15,7 +15,10 @@ _SETTINGS = ("COORDINATOR_PORT", "COORDINATOR_ADDRESS", "INIT_TIMEOUT", "HEARTBE
 
 
 def _clean_env(**extra):
-    return {**{k: v for k, v in os.environ.items() if k not in _SETTINGS}, **extra}
+    # ALIGN_JAX_* of the test process itself (conftest turns the compilation cache off) would
+    # show in the scripts' dry-run listing of the settings they export.
+    return {**{k: v for k, v in os.environ.items()
+               if k not in _SETTINGS and not k.startswith("ALIGN_JAX_")}, **extra}
 
 
 def _pod(*args, **settings):

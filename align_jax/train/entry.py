@@ -131,7 +131,7 @@ def train_main(*, output_dir: str, data: str, objective: str = "sft",
     from align_jax.run_lock import run_lock
     with run_lock(output_dir if jax.process_index() == 0 else None):
         resuming = status_lib.check_settings(output_dir, settings, overwrite=overwrite)
-        done = _completed(output_dir, export_hf) if resuming else None
+        done = _completed(output_dir, export_hf, num_steps) if resuming else None
         if done is not None:
             print(f"{output_dir}: already completed at step {done['num_steps']} with these "
                   "settings; nothing to do (--overwrite to train again)", flush=True)
@@ -153,8 +153,10 @@ def _objective_and_options(objective, loss_kwargs, vocab_chunk_size):
     return obj, obj.check_options(loss_kwargs)
 
 
-# Arguments that do not change what a run computes: a rerun may change them and resume.
-_NOT_SETTINGS = ("output_dir", "progress", "log_every", "save_every", "keep", "overwrite")
+# Arguments a rerun may change and still resume: they do not change what a run computes, or
+# (num_steps, num_epochs) they say how far to go, so a longer rerun continues the same run.
+_NOT_SETTINGS = ("output_dir", "progress", "log_every", "save_every", "keep", "overwrite",
+                 "num_steps", "num_epochs")
 
 
 def _check_arguments(**values: int | None) -> None:
@@ -169,11 +171,14 @@ def _check_arguments(**values: int | None) -> None:
             raise ValueError(f"train_main.{name}={value}: must be >= 1")
 
 
-def _completed(output_dir: str, export_hf: bool) -> dict[str, Any] | None:
-    """The summary of a run that already completed (with its export), else None."""
+def _completed(output_dir: str, export_hf: bool, num_steps: int | None) -> dict[str, Any] | None:
+    """The summary of a run that already completed its `num_steps` (with its export), else
+    None (a rerun asking for more steps continues from the last checkpoint)."""
     status = status_lib.read_status(output_dir)
     summary = status_lib.read_json(os.path.join(output_dir, "train_summary.json"))
     if not status or status.get("status") != "completed" or not summary:
+        return None
+    if num_steps is not None and int(summary.get("num_steps", 0)) < num_steps:
         return None
     if export_hf and not os.path.exists(os.path.join(output_dir, "hf", "config.json")):
         return None

@@ -80,7 +80,7 @@ def test_every_run_file_parses_against_the_tiny_model():
     from align_jax.generate import server
     from align_jax.methods import aligners_recipe, recipes, sami, value_alignment
     from align_jax.sdg import entry as sdg_entry
-    from align_jax.train import entry
+    from align_jax.train import entry, plan
     def bindings(fn):
         # gin raises for a function that no parsed config has registered yet.
         try:
@@ -107,6 +107,9 @@ def test_every_run_file_parses_against_the_tiny_model():
                       or bindings(aligners_recipe.aligners))
             assert (recipe.get("document") or recipe.get("constitutions")
                     or recipe.get("aligner_data") or recipe.get("teacher")), path
+        elif bindings(plan.plan_main):
+            assert bindings(plan.plan_main)["method"] in plan.METHODS, path
+            assert bindings(plan.plan_main)["mesh"].shape(8), path
         else:
             assert bindings(server.serve_main)["host"] == "127.0.0.1", path
         checked += 1
