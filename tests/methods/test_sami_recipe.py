@@ -92,18 +92,16 @@ def test_sami_latest_continues_from_the_previous_iterate(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_sami_demo_runs_end_to_end(tmp_path, monkeypatch):
+def test_sami_demo_runs_end_to_end(tmp_path, monkeypatch, smollm2_dir):
     """configs/runs/sami_demo.gin on SmolLM2-135M-Instruct with fewer steps and tokens."""
     monkeypatch.chdir(ROOT)
-    try:
-        from align_jax.models.named import resolve_model_path
-        resolve_model_path("smollm2-135m-instruct")
-    except Exception as e:  # the pip package that ships the weights is not installed
-        pytest.skip(f"smollm2-135m-instruct unavailable: {e}")
-    # batch 8: the tests' 8 fake CPU devices all sit on the data axis of the cpu mesh.
+    # The tests fake 8 CPU devices in one process: the demo's cpu mesh would replicate the
+    # parameters and AdamW state on each (8 x ~2 GB), so shard them (fsdp) over the 8 instead;
+    # batch 8 fills the fsdp axis.
     report = _run(tmp_path, "demo", ["sami.sami.num_iterations=1", "sami.sami.max_new_tokens=8",
                                      "sami.sami.eval_queries=4", "sami.sami.batch_size=8",
-                                     "sami.sami.progress=False"],
+                                     "sharding.MeshSpec.data=1", "sharding.MeshSpec.fsdp=-1",
+                                     "sami.sami.rules='fsdp'", "sami.sami.progress=False"],
                   gin_file="configs/runs/sami_demo.gin")
     rows = report["iterations"]
     assert [r["iteration"] for r in rows] == [0, 1]
