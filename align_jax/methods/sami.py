@@ -23,10 +23,15 @@ under each of the C constitutions, the report gives
                          standard error over queries;
     mi_bound_token_mean  the same with log p averaged over response tokens, the quantity the
                          training loss (the paper's) works with: not a bound on I(y; c | x);
-and, with a `judge`, win rates against the base model's held-out responses
-(align_jax.eval.judge.pairwise_win_rate, both orders, length-controlled).
+the mean response length under each constitution (with the share cut at `max_new_tokens`),
+and, with a `judge`, win rates against the base model's held-out responses per constitution
+(align_jax.eval.judge.pairwise_win_rate, both orders, length-controlled) with the judge's
+position bias. Each iteration also records the wall and CPU seconds of its phases: train (make
+model k), sample (model k's held-out responses together with the training data of iteration
+k+1, one generation call), mi (the bound) and judge.
 """
 
+import contextlib
 import logging
 import os
 import random
@@ -52,6 +57,13 @@ def load_constitutions(path: str) -> list[list[str]]:
     from align_jax.data.sources import load_records
     records, _ = load_records(path, schema="constitution")
     return [list(r.data["principles"]) for r in records]
+
+
+def constitution_names(path: str) -> list[str]:
+    """The `id` of each constitution record (its file position when it has none)."""
+    from align_jax.data.sources import load_records
+    records, _ = load_records(path, schema="constitution")
+    return [str(r.data.get("id", i)) for i, r in enumerate(records)]
 
 
 def constitution_texts(path: str) -> list[str]:
@@ -89,30 +101,38 @@ def make_prompts(queries: Sequence[str], constitutions: Sequence[Sequence[str]],
 
 def sample_responses(model_dir: str, rows: Sequence[dict], *, max_new_tokens: int = 350,
                      temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
-                     stop_strings: Sequence[str] = ()) -> list[dict]:
+                     stop_strings: Sequence[str] = (), mesh=None,
+                     rules: str = "fsdp") -> list[dict]:
     """SAMI records: each row of `make_prompts` with one response per constitution.
 
-    Responses are kept as text (cut before any stop string) and re-encoded with EOS for
-    training, so a stop string never becomes part of a trained response.
+    A response that ended (EOS or a stop string) is kept as text (cut before any stop
+    string) and re-encoded with EOS for training and scoring, so a stop string never becomes
+    part of a trained response. A response cut at `max_new_tokens` is kept as the sampled
+    token ids, without EOS: a truncated response is not taught (or scored) as a finished one.
+    `texts` holds every response as text (filters, judge), `truncated` which were cut.
+    With a jax `mesh`, the model is loaded and sampled sharded by `rules`.
     """
     from align_jax.data.formatting import render_prompt
     from align_jax.generate import generate
     from align_jax.models.hf import load_hf
     from align_jax.models.named import resolve_model_path
     from align_jax.tokenizer import load_tokenizer
-    config, params = load_hf(model_dir)
+    config, params = load_hf(model_dir, mesh=mesh, rules=rules)
     tok = load_tokenizer(resolve_model_path(model_dir))
     prompts = [render_prompt(tok, p, chat_template=not isinstance(p, str)).tolist()
                for row in rows for p in row["sample_prompts"]]
     out = generate(config, params, prompts, max_new_tokens=max_new_tokens,
                    temperature=temperature, top_p=top_p, seed=seed, tokenizer=tok,
-                   stop_strings=tuple(stop_strings))
+                   stop_strings=tuple(stop_strings), mesh=mesh, rules=rules)
     records, n = [], 0
     for row in rows:
         c = len(row["prompts"])
         texts = [out.texts[n + j].strip() for j in range(c)]
+        cut = [out.finish_reasons[n + j] == "length" for j in range(c)]
         records.append({**{k: v for k, v in row.items() if k != "sample_prompts"},
-                        "responses": texts, "texts": texts,
+                        "responses": [list(out.tokens[n + j]) if cut[j] else texts[j]
+                                      for j in range(c)],
+                        "texts": texts, "truncated": cut,
                         "response_tokens": [len(out.tokens[n + j]) for j in range(c)]})
         n += c
     return records
@@ -138,7 +158,7 @@ def _mean_se(x: np.ndarray) -> tuple[float, float]:
 
 
 def mi_bound(model_dir: str, records: Sequence[dict], *, seq_len: int,
-             batch_size: int = 8, mesh=None) -> dict[str, float]:
+             batch_size: int = 8, mesh=None, rules: str = "fsdp") -> dict[str, float]:
     """The held-out MI bound of SAMI records under a model (scored over `mesh` when given):
     `mi_bound` with summed response log-probs (the bound) and `mi_bound_token_mean` with
     per-token means (the training loss's quantity), each with its standard error over queries.
@@ -152,7 +172,7 @@ def mi_bound(model_dir: str, records: Sequence[dict], *, seq_len: int,
     from align_jax.models.hf import load_hf
     from align_jax.models.named import resolve_model_path
     from align_jax.tokenizer import load_tokenizer
-    config, params = load_hf(model_dir)
+    config, params = load_hf(model_dir, mesh=mesh, rules=rules)
     tok = load_tokenizer(resolve_model_path(model_dir))
     examples, _, _ = format_records(records, kind="sami", tokenizer=tok, seq_len=seq_len,
                                     truncation="truncate_prompt_left", on_error="skip")
@@ -166,7 +186,8 @@ def mi_bound(model_dir: str, records: Sequence[dict], *, seq_len: int,
         return jnp.stack([total, count], axis=1)  # [B, 2, C, C]
 
     rows = score_examples(score, params, examples, build=batching.sami_batch, seq_len=seq_len,
-                          batch_size=batch_size, pad_id=tok.pad_id or 0, mesh=mesh)
+                          batch_size=batch_size, pad_id=tok.pad_id or 0, mesh=mesh,
+                          rules=rules)
     summed, counts = rows[:, 0], rows[:, 1]
     bound, se = _mean_se(mi_per_query(summed))
     token_bound, token_se = _mean_se(mi_per_query(summed / np.maximum(counts, 1.0)))
@@ -176,23 +197,50 @@ def mi_bound(model_dir: str, records: Sequence[dict], *, seq_len: int,
             "mean_response_tokens": float(np.mean(lengths)) if lengths else float("nan")}
 
 
-def params_checksum(model_dir: str) -> float:
-    """A float64 checksum of a checkpoint's parameters (to tell which one an iteration
-    started from)."""
+def params_checksum(model_dir: str, *, mesh=None, rules: str = "fsdp") -> float:
+    """A checksum of a checkpoint's parameters (to tell which one an iteration started
+    from): sum over leaves k of (k + 1) * sum(leaf), reduced on the devices (sharded over
+    `mesh` when given, so a model larger than one device works)."""
     import jax
+    import jax.numpy as jnp
 
     from align_jax.models.hf import load_hf
-    _, params = load_hf(model_dir)
-    leaves = jax.tree.leaves(params)
-    return float(sum(np.sum(np.asarray(x, np.float64) * (k + 1)) for k, x in enumerate(leaves)))
+    _, params = load_hf(model_dir, mesh=mesh, rules=rules)
+
+    @jax.jit
+    def total(leaves):
+        return sum((k + 1) * jnp.sum(x.astype(jnp.float32)) for k, x in enumerate(leaves))
+    return float(total(jax.tree.leaves(params)))
+
+
+def lengths_by_constitution(records: Sequence[dict], names: Sequence[str]) -> dict[str, dict]:
+    """Per constitution (by name): mean response tokens, its standard error, how many
+    responses there are and how many were cut at the token budget."""
+    groups: dict[int, list[tuple[int, bool]]] = {}
+    for rec in records:
+        cut = rec.get("truncated", [False] * len(rec["constitution_ids"]))
+        for cid, n, t in zip(rec["constitution_ids"], rec["response_tokens"], cut):
+            groups.setdefault(cid, []).append((n, bool(t)))
+    out = {}
+    for cid, rows in sorted(groups.items()):
+        mean, se = _mean_se(np.array([n for n, _ in rows], np.float64))
+        out[names[cid]] = {"mean": mean, "stderr": se, "n": len(rows),
+                           "truncated": sum(t for _, t in rows)}
+    return out
 
 
 def win_rates(held: Sequence[dict], base: Sequence[dict], constitutions: Sequence[Sequence[str]],
-              *, judge, template: str = "principles", seed: int = 0,
-              max_tokens: int = 512) -> dict:
+              *, judge, template: str = "principles", seed: int = 0, max_tokens: int = 512,
+              names: Sequence[str] | None = None) -> dict:
     """Win rate of `held` responses over `base` responses to the same held-out prompts, judged
-    per constitution (the judge is shown that constitution's principles)."""
+    per constitution (the judge is shown that constitution's principles).
+
+    Returns:
+      {"win_rate": pooled over constitutions, "position_bias": pooled share of pairs whose
+       two orders chose the same slot, "by_constitution": {name: WinRateResult.summary()}}.
+    """
     from align_jax.eval.judge import pairwise_win_rate
+    names = list(names) if names is not None else [str(i) for i in range(len(constitutions))]
     groups: dict[int, tuple[list, list, list]] = {}
     for rec, ref in zip(held, base):
         for j, cid in enumerate(rec["constitution_ids"]):
@@ -200,14 +248,33 @@ def win_rates(held: Sequence[dict], base: Sequence[dict], constitutions: Sequenc
             g[0].append(rec["prompt"])
             g[1].append(rec["texts"][j])
             g[2].append(ref["texts"][j])
-    out, total, weights = {}, 0.0, 0
+    out, total, weights, same, parsed = {}, 0.0, 0, 0.0, 0
     for cid, (prompts, a, b) in sorted(groups.items()):
         res = pairwise_win_rate(prompts, a, b, judge=judge, template=template, seed=seed,
                                 principles="\n".join(constitutions[cid]), max_tokens=max_tokens)
-        out[str(cid)] = res.summary()
+        out[names[cid]] = res.summary()
         total += res.win_rate * res.n_pairs
         weights += res.n_pairs
-    return {"win_rate": total / max(weights, 1), "by_constitution": out}
+        if res.position_bias_pairs:
+            same += res.position_bias * res.position_bias_pairs
+            parsed += res.position_bias_pairs
+    return {"win_rate": total / max(weights, 1),
+            "position_bias": same / parsed if parsed else float("nan"),
+            "by_constitution": out}
+
+
+@contextlib.contextmanager
+def _timed(row: dict, phase: str):
+    """Adds the wall and CPU (all threads of this process) seconds of a block to
+    row["phase_seconds"][phase] and row["phase_cpu_seconds"][phase]."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    try:
+        yield
+    finally:
+        for key, t0, now in (("phase_seconds", wall, time.perf_counter()),
+                             ("phase_cpu_seconds", cpu, time.process_time())):
+            d = row.setdefault(key, {})
+            d[phase] = round(d.get(phase, 0.0) + now - t0, 1)
 
 
 def _write(path: str, rows: Sequence[dict]) -> str:
@@ -261,7 +328,9 @@ def sami(*, output_dir: str, init_from: str, constitutions: str, queries: str,
       seq_len: rows of (prompt, response).
       vocab_chunk_size: training's chunked log-softmax over the vocabulary (0: full logits);
         bounds the memory of large-vocabulary models.
-      mesh, rules, seed, progress: as for `align-jax train`.
+      mesh, rules: the device mesh and sharding preset of training, sampling, the bound and
+        a `local:` judge (as for `align-jax train`).
+      seed, progress: as for `align-jax train`.
     """
     from align_jax.data.sources import load_records
     from align_jax.train.entry import train_main
@@ -279,6 +348,7 @@ def sami(*, output_dir: str, init_from: str, constitutions: str, queries: str,
         raise ValueError(f"sami: {len(prompts)} queries in {queries} are too few for "
                          f"{eval_queries} held out and two training halves")
     c = constitutions_per_query
+    names = constitution_names(constitutions)
     # Held-out prompts (draws and shuffles) are fixed once, so every iteration and the base
     # answer exactly the same prompts.
     held_rows = make_prompts(held, cons, _draws(len(held), len(cons), c, rng),
@@ -286,113 +356,98 @@ def sami(*, output_dir: str, init_from: str, constitutions: str, queries: str,
                              example_format=example_format)
     sample_kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                      stop_strings=sami_prompts.stop_strings(prompt_format))
+    # Sampling, scoring and a local judge run sharded like training (a 7B model on a pod
+    # fits on no single device).
+    jmesh = sharding.make_mesh(mesh) if mesh is not None else None
+    placed = dict(mesh=jmesh, rules=rules)
     teacher = None
     if judge:
         from align_jax.sdg.backends import make_teacher
-        teacher = make_teacher(judge)
+        teacher = make_teacher(judge, **(placed if judge.startswith("local:") else {}))
     shuffle_rng = random.Random(seed + 1)
-    held_records = {}
 
-    def evaluate(name, model_dir, k):
-        recs = sample_responses(model_dir, held_rows, seed=seed + 1000 + k, **sample_kw)
-        held_records[k] = recs
-        _write(os.path.join(out, "eval", f"{name}.jsonl"), recs)
-        row = mi_bound(model_dir, recs, seq_len=seq_len, mesh=None)
-        row["eval_dropped"] = sami_prompts.apply_filters(recs, filters)[1]
-        _say(f"{name}: MI bound {row['mi_bound']:.3f} +- {row['mi_bound_stderr']:.3f} nats "
+    def train_rows(k):
+        half = halves[(k - 1) % 2]
+        qs = [half[i % len(half)] for i in range(steps_per_iteration * k * batch_size)]
+        return make_prompts(qs, cons, _draws(len(qs), len(cons), c, rng),
+                            prompt_format=prompt_format, rng=shuffle_rng,
+                            example_format=example_format)
+
+    def sample_and_evaluate(row, model_dir, k, base_held):
+        # Model k writes the held-out responses and iteration k+1's training data in one
+        # generation call (one compiled decode, batches filled across both).
+        nxt = train_rows(k + 1) if k < num_iterations else []
+        with _timed(row, "sample"):
+            recs = sample_responses(model_dir, held_rows + nxt, seed=seed + k, **sample_kw,
+                                    **placed)
+        held_recs, train_recs = recs[:len(held_rows)], recs[len(held_rows):]
+        _write(os.path.join(out, "eval", f"iter_{k}.jsonl"), held_recs)
+        with _timed(row, "mi"):
+            row.update(mi_bound(model_dir, held_recs, seq_len=seq_len, **placed))
+        row["response_tokens_by_constitution"] = lengths_by_constitution(held_recs, names)
+        row["eval_dropped"] = sami_prompts.apply_filters(held_recs, filters)[1]
+        lengths = ", ".join(f"{n} {v['mean']:.1f} ({v['truncated']}/{v['n']} cut)"
+                            for n, v in row["response_tokens_by_constitution"].items())
+        _say(f"iter_{k}: MI bound {row['mi_bound']:.3f} +- {row['mi_bound_stderr']:.3f} nats "
              f"(summed log p; per-token {row['mi_bound_token_mean']:.4f}) on {row['queries']} "
-             f"held-out queries, mean response {row['mean_response_tokens']:.1f} tokens")
+             f"held-out queries; mean response tokens: {lengths}")
         if teacher is not None and k > 0:
-            row["win_rate_vs_base"] = win_rates(recs, held_records[0], cons, judge=teacher,
-                                                template=judge_template, seed=seed,
-                                                max_tokens=judge_max_tokens)
-            _say(f"{name}: win rate vs base {row['win_rate_vs_base']['win_rate']:.3f}")
-        return row
+            with _timed(row, "judge"):
+                row["win_rate_vs_base"] = win_rates(held_recs, base_held, cons, judge=teacher,
+                                                    template=judge_template, seed=seed,
+                                                    max_tokens=judge_max_tokens, names=names)
+            w = row["win_rate_vs_base"]
+            _say(f"iter_{k}: win rate vs base " + ", ".join(
+                f"{n} {v['win_rate']:.2f}" for n, v in w["by_constitution"].items())
+                + f" (position bias {w['position_bias']:.2f})")
+        return held_recs, train_recs
 
     t0 = time.time()
     report = {"init": init, "prompt_format": prompt_format, "filters": list(filters),
+              "constitutions": names, "max_new_tokens": max_new_tokens,
               "mi_bound_note": "mi_bound: InfoNCE lower bound with log p summed over response "
                                "tokens; mi_bound_token_mean: with per-token mean log p, as in "
                                "the training loss (not a bound)",
-              "iterations": [{"iteration": 0, "model": init_from,
-                              "params_checksum": params_checksum(init_from),
-                              "seconds": 0.0, **evaluate("iter_0", init_from, 0)}]}
-    report["iterations"][0]["seconds"] = round(time.time() - t0, 1)
+              "iterations": []}
+    row = {"iteration": 0, "model": init_from,
+           "params_checksum": params_checksum(init_from, **placed)}
+    base_held, train_recs = sample_and_evaluate(row, init_from, 0, None)
+    row["seconds"] = round(time.time() - t0, 1)
+    report["iterations"].append(row)
     sampler = init_from
     for k in range(1, num_iterations + 1):
         steps = steps_per_iteration * k
-        half = halves[(k - 1) % 2]
-        qs = [half[i % len(half)] for i in range(steps * batch_size)]
-        rows = make_prompts(qs, cons, _draws(len(qs), len(cons), c, rng),
-                            prompt_format=prompt_format, rng=shuffle_rng,
-                            example_format=example_format)
-        records = sample_responses(sampler, rows, seed=seed + k, **sample_kw)
-        kept, dropped = sami_prompts.apply_filters(records, filters)
+        row = {"iteration": k, "steps": steps}
+        kept, dropped = sami_prompts.apply_filters(train_recs, filters)
         if not kept:
             raise ValueError(f"sami: iteration {k}: the filters {list(filters)} dropped all "
-                             f"{len(records)} queries ({dropped})")
+                             f"{len(train_recs)} queries ({dropped})")
         data = _write(os.path.join(out, f"iter_{k}", "data.jsonl"), kept)
         start = init_from if init == "base" else sampler
-        _say(f"iteration {k}: sampled {len(records)} x {c} responses with {sampler}, kept "
+        _say(f"iteration {k}: sampled {len(train_recs)} x {c} responses with {sampler}, kept "
              f"{len(kept)} (dropped {dropped}); training {start} for {steps} steps")
         run_dir = os.path.join(out, f"iter_{k}", "train")
-        train_main(output_dir=run_dir, data=data, objective="sami", init_from=start,
-                   seq_len=seq_len, batch_size=batch_size, num_steps=steps,
-                   truncation="truncate_prompt_left", on_error="skip",
-                   loss_kwargs={"kl_coef": kl_coef} if kl_coef else None,
-                   optimizer=OptimizerConfig(learning_rate=learning_rate, schedule="constant"),
-                   vocab_chunk_size=vocab_chunk_size, mesh=mesh, rules=rules, seed=seed,
-                   save_every=steps, log_every=1,
-                   progress=progress)
+        with _timed(row, "train"):
+            train_main(output_dir=run_dir, data=data, objective="sami", init_from=start,
+                       seq_len=seq_len, batch_size=batch_size, num_steps=steps,
+                       truncation="truncate_prompt_left", on_error="skip",
+                       loss_kwargs={"kl_coef": kl_coef} if kl_coef else None,
+                       optimizer=OptimizerConfig(learning_rate=learning_rate,
+                                                 schedule="constant"),
+                       vocab_chunk_size=vocab_chunk_size, mesh=mesh, rules=rules, seed=seed,
+                       save_every=steps, log_every=1, progress=progress)
         sampler = os.path.join(run_dir, "hf")
-        report["iterations"].append({
-            "iteration": k, "model": sampler, "steps": steps, "init_from": start,
-            "init_checksum": params_checksum(start), "params_checksum": params_checksum(sampler),
-            "kept_queries": len(kept), "dropped": dropped, **evaluate(f"iter_{k}", sampler, k)})
-        report["iterations"][-1]["seconds"] = round(time.time() - t0, 1)
+        row.update(model=sampler, init_from=start,
+                   init_checksum=params_checksum(start, **placed),
+                   params_checksum=params_checksum(sampler, **placed), kept_queries=len(kept),
+                   dropped=dropped)
+        _, train_recs = sample_and_evaluate(row, sampler, k, base_held)
+        row["seconds"] = round(time.time() - t0, 1)
+        report["iterations"].append(row)
     from align_jax import distributed
     if distributed.is_main():
         from align_jax.atomic import atomic_write_json
+        from align_jax.methods import sami_report
         atomic_write_json(os.path.join(out, "report.json"), report)
-        _report_files(out, report)
+        print(sami_report.write_report(out, report))
     return report
-
-
-def _report_files(out: str, report: dict) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    rows = report["iterations"]
-    wr = lambda r: (f"{r['win_rate_vs_base']['win_rate']:.3f}"  # noqa: E731
-                    if "win_rate_vs_base" in r else "-")
-    lines = ["# SAMI report", "",
-             f"init={report['init']}, prompt_format={report['prompt_format']}. "
-             + report["mi_bound_note"] + ".", "",
-             "| iteration | steps | MI bound (nats, summed) | +- se | per-token MI | "
-             "mean response tokens | kept | dropped | win rate vs base | seconds |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['iteration']} | {r.get('steps', 0)} | {r['mi_bound']:.4f} | "
-              f"{r['mi_bound_stderr']:.4f} | {r['mi_bound_token_mean']:.4f} | "
-              f"{r['mean_response_tokens']:.1f} | {r.get('kept_queries', '-')} | "
-              f"{r.get('dropped', '-')} | {wr(r)} | {r.get('seconds', '-')} |" for r in rows]
-    from align_jax.atomic import atomic_write
-    atomic_write(os.path.join(out, "report.md"), "\n".join(lines) + "\n")
-    fig, ax = plt.subplots(1, 3 if any("win_rate_vs_base" in r for r in rows) else 2,
-                           figsize=(14, 3.5))
-    it = [r["iteration"] for r in rows]
-    ax[0].errorbar(it, [r["mi_bound"] for r in rows],
-                   yerr=[r["mi_bound_stderr"] for r in rows], marker="o", capsize=4)
-    ax[0].set(title="MI lower bound, held out (summed log p)", xlabel="iteration",
-              ylabel="nats")
-    ax[1].plot(it, [r["mean_response_tokens"] for r in rows], marker="o")
-    ax[1].set(title="mean response length", xlabel="iteration", ylabel="tokens")
-    if len(ax) == 3:
-        judged = [r for r in rows if "win_rate_vs_base" in r]
-        ax[2].plot([r["iteration"] for r in judged],
-                   [r["win_rate_vs_base"]["win_rate"] for r in judged], marker="o")
-        ax[2].axhline(0.5, color="gray", lw=0.5)
-        ax[2].set(title="win rate vs base", xlabel="iteration", ylim=(0, 1))
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, "report.png"), dpi=110)
-    plt.close(fig)
-    print(open(os.path.join(out, "report.md")).read())

@@ -153,3 +153,68 @@ def test_mi_bound_sums_log_probs_over_response_tokens(tmp_path):
         assert got[key] == pytest.approx(per.mean(), abs=2e-3)
         assert got[key + "_stderr"] == pytest.approx(per.std(ddof=1) / math.sqrt(2), abs=2e-3)
     assert got["mi_bound"] <= math.log(2) + 1e-5 and got["queries"] == 2
+
+
+class _Judge:
+    """A scripted judge: picks the slot whose response has more words, or always `slot`."""
+
+    context_length = 4096
+
+    def __init__(self, slot=None):
+        self.slot = slot
+
+    def count_tokens(self, text):
+        return len(text.split())
+
+    def chat(self, conversations, **kw):
+        out = []
+        for conv in conversations:
+            text = conv[-1]["content"]
+            a = text.split("Response A:")[1].split("Response B:")[0]
+            b = text.split("Response B:")[1].split("Which response")[0]
+            out.append(self.slot or ("A" if len(a.split()) > len(b.split()) else "B"))
+        return out
+
+    complete = chat
+
+
+def _held(texts_by_query):
+    return [{"prompt": f"q{i}", "constitution_ids": [0, 1], "texts": list(t),
+             "response_tokens": [len(x.split()) for x in t], "truncated": [False, len(t[1]) > 20]}
+            for i, t in enumerate(texts_by_query)]
+
+
+def test_win_rates_per_constitution_with_position_bias_and_lengths():
+    from align_jax.methods import sami_report
+    cons = [["Be brief."], ["Be long."]]
+    base = _held([("a b c", "a b c d"), ("a b", "a b c d e")])
+    new = _held([("a", "a b c d e f g h i j k l m n o p"), ("a b c", "a b")])
+    # The longer response wins, in both orders. Constitution 0: q0 new 1 word vs base 3 ->
+    # base, q1 3 vs 2 -> new; constitution 1: q0 16 vs 4 -> new, q1 2 vs 5 -> base.
+    got = sami.win_rates(new, base, cons, judge=_Judge(), template="principles_choice",
+                         max_tokens=4, names=["concise", "verbose"])
+    assert got["by_constitution"]["concise"]["win_rate"] == pytest.approx(0.5)
+    assert got["by_constitution"]["verbose"]["win_rate"] == pytest.approx(0.5)
+    assert got["position_bias"] == 0.0 and got["win_rate"] == pytest.approx(0.5)
+    always_a = sami.win_rates(new, base, cons, judge=_Judge("A"), template="principles_choice",
+                              max_tokens=4, names=["concise", "verbose"])
+    assert always_a["position_bias"] == 1.0 and always_a["win_rate"] == pytest.approx(0.5)
+    lengths = sami.lengths_by_constitution(new, ["concise", "verbose"])
+    assert lengths["concise"] == {"mean": 2.0, "stderr": pytest.approx(1.0), "n": 2,
+                                  "truncated": 0}
+    assert lengths["verbose"]["mean"] == 9.0 and lengths["verbose"]["truncated"] == 1
+    assert lengths["verbose"]["stderr"] == pytest.approx(np.std([16, 2], ddof=1) / math.sqrt(2))
+    report = {"init": "base", "prompt_format": "chat", "mi_bound_note": "note",
+              "constitutions": ["concise", "verbose"], "max_new_tokens": 16, "iterations": [
+                  {"iteration": 0, "mi_bound": 0.1, "mi_bound_stderr": 0.05,
+                   "mi_bound_token_mean": 0.01, "response_tokens_by_constitution": lengths,
+                   "phase_seconds": {"sample": 3.0, "mi": 1.0},
+                   "phase_cpu_seconds": {"sample": 2.0, "mi": 1.0}},
+                  {"iteration": 1, "steps": 2, "mi_bound": 0.5, "mi_bound_stderr": 0.1,
+                   "mi_bound_token_mean": 0.02, "response_tokens_by_constitution": lengths,
+                   "win_rate_vs_base": always_a, "phase_seconds": {"train": 5.0},
+                   "phase_cpu_seconds": {"train": 4.0}}]}
+    md = sami_report.markdown(report)
+    assert "| 1 | 2 | 0.5000 | 0.1000 | 0.0200 | 2.0 +- 1.0 (0/2) | 9.0 +- 7.0 (1/2) | " \
+           "0.50 +- 0.00 | 0.50 +- 0.00 | 1.00 |" in md
+    assert "| 0 | - | 3 / 2 | 1 / 1 | - | 4 / 3 |" in md and "| all |" in md

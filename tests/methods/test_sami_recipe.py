@@ -50,6 +50,20 @@ def test_sami_iterations(tmp_path, monkeypatch):
     q2 = {r["prompt"] for r in map(json.loads, open(out / "iter_2" / "data.jsonl"))}
     assert not q1 & q2
     assert (out / "report.png").exists() and (out / "report.md").exists()
+    # A response cut at the budget is kept as the sampled ids (no EOS appended), one that
+    # ended as text; the held-out lengths per constitution count both.
+    for r in data:
+        for resp, cut, n in zip(r["responses"], r["truncated"], r["response_tokens"]):
+            assert (isinstance(resp, list) and len(resp) == n == 8) if cut else \
+                isinstance(resp, str)
+    names = [json.loads(x)["id"] for x in open(ROOT / "examples" / "constitutions.jsonl")]
+    for r in rows:
+        lengths = r["response_tokens_by_constitution"]
+        assert set(lengths) <= set(names) and sum(v["n"] for v in lengths.values()) == 2 * 8
+        assert all(0 < v["mean"] <= 8 and 0 <= v["truncated"] <= v["n"]
+                   for v in lengths.values())
+        assert {"sample", "mi"} <= set(r["phase_seconds"]) <= {"train", "sample", "mi", "judge"}
+        assert ("train" in r["phase_cpu_seconds"]) == (r["iteration"] > 0)
     # init='base' (the default): every iteration starts from the base parameters, ends elsewhere.
     assert report["init"] == "base"
     base_sum = rows[0]["params_checksum"]
