@@ -35,6 +35,7 @@ import contextlib
 import logging
 import os
 import random
+import shutil
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -263,6 +264,16 @@ def win_rates(held: Sequence[dict], base: Sequence[dict], constitutions: Sequenc
             "by_constitution": out}
 
 
+def _drop_checkpoints(run_dir: str) -> None:
+    from align_jax import distributed
+    path = os.path.join(run_dir, "checkpoints")
+    # Every process has finished its part of the last checkpoint before process 0 removes it.
+    distributed.barrier(f"align_jax.sami.drop:{path}")
+    if distributed.is_main() and os.path.isdir(path):
+        shutil.rmtree(path)
+    distributed.barrier(f"align_jax.sami.dropped:{path}")
+
+
 @contextlib.contextmanager
 def _timed(row: dict, phase: str):
     """Adds the wall and CPU (all threads of this process) seconds of a block to
@@ -296,7 +307,7 @@ def sami(*, output_dir: str, init_from: str, constitutions: str, queries: str,
          filters: Sequence[str] = sami_prompts.DEFAULT_FILTERS, init: str = "base",
          judge: str | None = None, judge_template: str = "principles",
          judge_max_tokens: int = 512, kl_coef: float = 0.0, seq_len: int = 512,
-         vocab_chunk_size: int = 0,
+         vocab_chunk_size: int = 0, keep_checkpoints: bool = False,
          mesh: sharding.MeshSpec | None = None, rules: str = "fsdp",
          seed: int = 0, progress: bool = True) -> dict[str, Any]:
     """Runs SAMI and returns the report (also <output_dir>/report.json, report.md, report.png).
@@ -328,6 +339,10 @@ def sami(*, output_dir: str, init_from: str, constitutions: str, queries: str,
       seq_len: rows of (prompt, response).
       vocab_chunk_size: training's chunked log-softmax over the vocabulary (0: full logits);
         bounds the memory of large-vocabulary models.
+      keep_checkpoints: keep each iteration's orbax checkpoints (parameters and optimizer
+        state: 12 bytes a parameter in float32). By default they are removed once the
+        iteration's hf/ export (its model) is written: the next iteration starts a fresh
+        optimizer, and a rerun skips a completed iteration by its export.
       mesh, rules: the device mesh and sharding preset of training, sampling, the bound and
         a `local:` judge (as for `align-jax train`).
       seed, progress: as for `align-jax train`.
@@ -436,6 +451,8 @@ def sami(*, output_dir: str, init_from: str, constitutions: str, queries: str,
                                                  schedule="constant"),
                        vocab_chunk_size=vocab_chunk_size, mesh=mesh, rules=rules, seed=seed,
                        save_every=steps, log_every=1, progress=progress)
+        if not keep_checkpoints:
+            _drop_checkpoints(run_dir)
         sampler = os.path.join(run_dir, "hf")
         row.update(model=sampler, init_from=start,
                    init_checksum=params_checksum(start, **placed),

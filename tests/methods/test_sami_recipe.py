@@ -42,6 +42,9 @@ def test_sami_iterations(tmp_path, monkeypatch):
         # Iteration k trains the base model for 2k steps on 2k batches of fresh samples.
         metrics = [json.loads(x) for x in open(out / f"iter_{k}" / "train" / "metrics.jsonl")]
         assert metrics[-1]["step"] == 2 * k
+        # The iteration's model is its export; its orbax checkpoints are removed.
+        assert (out / f"iter_{k}" / "train" / "hf" / "config.json").exists()
+        assert not (out / f"iter_{k}" / "train" / "checkpoints").exists()
         data = [json.loads(x) for x in open(out / f"iter_{k}" / "data.jsonl")]
         assert len(data) == 2 * k * 8 and all(len(r["responses"]) == 2 for r in data)
         assert all(c0 != c1 for c0, c1 in (r["constitutions"] for r in data))
