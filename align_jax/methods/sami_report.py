@@ -105,7 +105,9 @@ def plot(report: dict, path: str) -> None:
             ax[2].errorbar([p[0] for p in pts], [p[1]["win_rate"] for p in pts],
                            yerr=[p[1]["stderr"] for p in pts], marker="o", capsize=4, label=n)
         ax[2].axhline(0.5, color="gray", lw=0.5)
-        ax[2].set(title="win rate vs base (judged)", xlabel="iteration", ylim=(0, 1))
+        bias = judged[-1]["win_rate_vs_base"].get("position_bias", float("nan"))
+        ax[2].set(title=f"win rate vs base (judged; position bias {_num(bias, '.2f')})",
+                  xlabel="iteration", ylim=(0, 1))
         ax[2].legend(fontsize=8)
     for a in ax:
         a.set_xticks(it)
