@@ -125,8 +125,11 @@ def test_sami_demo_runs_end_to_end(tmp_path, monkeypatch, smollm2_dir):
     for r in rows:
         assert math.isfinite(r["mi_bound"]) and r["mi_bound"] <= math.log(2) + 1e-5
         assert math.isfinite(r["mi_bound_stderr"]) and r["mean_response_tokens"] > 0
+        assert set(r["response_tokens_by_constitution"]) == {"concise", "verbose"}
     for r in rows[1:]:
         wr = r["win_rate_vs_base"]
-        assert 0.0 <= wr["win_rate"] <= 1.0 and wr["by_constitution"]
+        assert 0.0 <= wr["win_rate"] <= 1.0 and set(wr["by_constitution"]) == {"concise",
+                                                                               "verbose"}
+        assert 0.0 <= wr["position_bias"] <= 1.0
     md = (tmp_path / "demo" / "report.md").read_text()
-    assert "win rate vs base" in md and "+- se" in md
+    assert "win rate vs base: concise" in md and "tokens: verbose (cut)" in md and "+- se" in md
