@@ -30,10 +30,15 @@ async def read_body(request: fastapi.Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def json_ints(ids: list[int], piece: int = 2**15) -> str:
-    """A JSON list of ints, built in pieces so that other threads run in between."""
-    return "[" + ",".join(",".join(map(str, ids[i:i + piece]))
+def json_ints(ids, piece: int = 2**15) -> str:
+    """A JSON list of ints (a list or a 1-D integer array), built in pieces so that other
+    threads run in between."""
+    return "[" + ",".join(",".join(map(str, _as_list(ids[i:i + piece])))
                           for i in range(0, len(ids), piece)) + "]"
+
+
+def _as_list(ids) -> list[int]:
+    return ids.tolist() if hasattr(ids, "tolist") else ids
 
 
 async def cancel_on_disconnect(request: fastapi.Request, task: asyncio.Future) -> None:
