@@ -130,12 +130,14 @@ def _make_job(state: ServerState, req: SamplingFields, prompts: list[list[int]],
                stop=tuple([req.stop] if isinstance(req.stop, str) else req.stop or ()))
 
 
-def _encode_messages(state: ServerState, messages, *, body_bytes: int):
+def _encode(state: ServerState, encode, prompts: list, *, raw: bytes, param: str) -> list:
+    """`state.encoder.encode`, with its errors as OpenAI errors."""
     try:
-        return state.encoder.encode(prompt_encoder(chat_template=True),
-                                    [message_dicts(messages)], body_bytes=body_bytes)[0]
-    except (ValueError, TypeError) as e:
-        raise APIError(400, f"messages: {e}", param="messages") from None
+        return state.encoder.encode(encode, prompts, body_bytes=len(raw))
+    except (ValueError, TypeError) as e:  # e.g. a chat template that rejects the messages
+        raise APIError(400, f"{param}: {e}", param=param) from None
+    except RuntimeError as e:  # the tokenizer process died
+        raise APIError(500, str(e), type="server_error") from None
 
 
 def prepare_completion(state: ServerState, raw: bytes):
@@ -152,8 +154,8 @@ def prepare_completion(state: ServerState, raw: bytes):
     elif p and all(isinstance(x, int) for x in p):
         p = [p]
     texts = [x for x in p if isinstance(x, str)]
-    encoded = iter(state.encoder.encode(prompt_encoder(chat_template=False), texts,
-                                        body_bytes=len(raw)))
+    encoded = iter(_encode(state, prompt_encoder(chat_template=False), texts, raw=raw,
+                           param="prompt"))
     prompts = _check_prompts(state, [next(encoded) if isinstance(x, str) else x for x in p],
                              param="prompt")
     return req, prompts, _make_job(state, req, prompts, req.max_tokens, default_max=16,
@@ -170,8 +172,9 @@ def prepare_chat(state: ServerState, raw: bytes):
     if req.max_tokens is not None and req.max_completion_tokens is not None:
         raise APIError(400, "give max_tokens or max_completion_tokens, not both",
                        param="max_tokens")
-    ids = _check_prompts(state, [_encode_messages(state, req.messages, body_bytes=len(raw))],
-                         param="messages")[0]
+    encoded = _encode(state, prompt_encoder(chat_template=True), [message_dicts(req.messages)],
+                      raw=raw, param="messages")
+    ids = _check_prompts(state, encoded, param="messages")[0]
     job = _make_job(state, req, [ids], req.max_tokens if req.max_tokens is not None
                     else req.max_completion_tokens, default_max=state.max_new,
                     prompt_param="messages")
@@ -184,10 +187,11 @@ def tokenize_json(state: ServerState, raw: bytes) -> str:
     if (req.prompt is None) == (req.messages is None):
         raise APIError(400, "give exactly one of prompt or messages", param="prompt")
     if req.prompt is not None:
-        ids = state.encoder.encode(
-            text_encoder(add_bos=req.add_special_tokens), [req.prompt], body_bytes=len(raw))[0]
+        ids = _encode(state, text_encoder(add_bos=req.add_special_tokens), [req.prompt],
+                      raw=raw, param="prompt")[0]
     else:
-        ids = _encode_messages(state, req.messages, body_bytes=len(raw))
+        ids = _encode(state, prompt_encoder(chat_template=True), [message_dicts(req.messages)],
+                      raw=raw, param="messages")[0]
     # Rendered in pieces: a 4 MB prompt is millions of ids, and one json.dumps of them would
     # hold the GIL (and so the event loop) for seconds.
     return (f'{{"tokens": {json_ints(ids)}, "count": {len(ids)}, '
