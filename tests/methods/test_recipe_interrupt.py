@@ -19,28 +19,50 @@ from align_jax.train.status import EXIT_INTERRUPTED, RunInterrupted
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
-def test_an_interrupted_stage_stops_the_recipe_before_the_next(tmp_path, monkeypatch):
-    """The stage logic alone: train_main is a fake that is interrupted in SFT."""
+def test_an_interrupted_stage_stops_the_recipe_and_a_changed_base_retrains_later_ones(
+        tmp_path, monkeypatch):
+    """The stage logic alone, with a fake train_main: interrupted in SFT, DPO never starts;
+    rerun, every stage runs once more (completed ones skip inside train_main) and the report
+    follows; after SFT is trained again, DPO starts over (overwrite) instead of counting as
+    completed on the old SFT model."""
     monkeypatch.chdir(ROOT)
-    calls = []
+    calls, interrupt = [], {"sft"}
 
-    def fake_train_main(*, output_dir, **kwargs):
-        calls.append(os.path.basename(output_dir))
-        if calls[-1] == "sft":
+    def fake_train_main(*, output_dir, overwrite, **kwargs):
+        calls.append((os.path.basename(output_dir), overwrite))
+        if calls[-1][0] in interrupt:
             raise RunInterrupted(f"{output_dir}: interrupted at step 3 of 4")
+        export = pathlib.Path(output_dir, "hf", "config.json")
+        if overwrite or not export.exists():  # as train_main: a completed run is left alone
+            export.parent.mkdir(parents=True, exist_ok=True)
+            export.write_text(output_dir)
         return {"status": "completed"}
 
-    def no_report(*args, **kwargs):
-        raise AssertionError("the report ran after an interrupted stage")
+    def fake_report(out, **kwargs):
+        pathlib.Path(out, "report.md").write_text("# report\n")
+        return {"samples": {}}
 
     monkeypatch.setattr("align_jax.train.entry.train_main", fake_train_main)
-    monkeypatch.setattr("align_jax.eval.report.evaluate_models", no_report)
+    monkeypatch.setattr("align_jax.eval.report.evaluate_models", fake_report)
+    out = tmp_path / "va"
     recipe = functools.partial(value_alignment, document="examples/values_document.md",
                                sft_data="examples/sft.jsonl",
                                preference_data="examples/preference.jsonl", progress=False)
     with pytest.raises(RunInterrupted, match="interrupted at step 3"):
-        recipes.run(recipe=recipe, output_dir=str(tmp_path / "va"))
-    assert calls == ["cft", "sft"]  # DPO never started
+        recipes.run(recipe=recipe, output_dir=str(out))
+    assert calls == [("cft", False), ("sft", False)]  # DPO never started
+    assert not (out / "report.md").exists()
+
+    calls.clear()
+    interrupt.clear()
+    recipes.run(recipe=recipe, output_dir=str(out))
+    assert calls == [("cft", False), ("sft", False), ("dpo", False)]
+    assert (out / "report.md").exists() and (out / "report.json").exists()
+
+    calls.clear()
+    os.utime(out / "sft" / "hf" / "config.json", ns=(1, 1))  # SFT exported anew
+    recipes.run(recipe=recipe, output_dir=str(out))
+    assert calls == [("cft", False), ("sft", False), ("dpo", True)]
 
 
 def test_a_signal_outside_a_stage_is_an_interruption(tmp_path):
