@@ -149,7 +149,7 @@ def check_layout(path: str) -> None:
         for i in range(n_tensors):
             name = cur.string(f"the name of tensor #{i}")
             n_dims = cur.take("I", f"the rank of tensor {name!r}")
-            if not 1 <= n_dims <= _MAX_DIMS:
+            if n_dims > _MAX_DIMS:
                 raise cur.fail(f"tensor {name!r} has {n_dims} dimensions (at most {_MAX_DIMS}; "
                                "corrupt header)")
             dims = [cur.take("Q", f"the shape of tensor {name!r}") for _ in range(n_dims)]
@@ -161,16 +161,16 @@ def check_layout(path: str) -> None:
         for name, dims, type_id, offset in infos:
             n = _tensor_bytes(cur, name, dims, type_id)
             begin, end = start + offset, start + offset + n
-            if begin >= size and n:
+            if offset != expected and begin >= size:
                 raise cur.fail(f"tensor {name!r} data offset {offset} (byte {begin}) is beyond "
                                f"the end of the file ({size} bytes)")
-            if end > size:
-                raise cur.fail(f"truncated in the tensor data: tensor {name!r} needs bytes "
-                               f"{begin} to {end}, but the file ends at byte {size}")
             if offset != expected:
                 raise cur.fail(f"tensor {name!r} starts at data offset {offset}, but "
                                f"{previous} ends at {expected}: a shape or type in the "
                                "header does not match the data (corrupt header)")
+            if end > size:  # where a consistent header says the data is: the file is cut
+                raise cur.fail(f"truncated in the tensor data: tensor {name!r} needs bytes "
+                               f"{begin} to {end}, but the file ends at byte {size}")
             expected += -(-n // alignment) * alignment
             kind = gguf.GGMLQuantizationType(type_id).name
             previous = f"tensor {name!r} before it (shape {list(reversed(dims))}, {kind})"

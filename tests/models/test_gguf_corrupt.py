@@ -58,6 +58,9 @@ DAMAGE = {
                         r"truncated in the metadata: .*tokenizer.ggml.tokens"),
     "cut_in_tensor_infos": (lambda d, r: d[:r.tensors[3].field.offset + 5],
                             r"truncated in the tensor infos: .*tensor #3"),
+    "cut_at_data_start": (lambda d, r: d[:r.data_offset],
+                          r"truncated in the tensor data: tensor 'token_embd.weight' needs "
+                          r"bytes \d+ to \d+, but the file ends at byte \d+"),
     "cut_in_tensor_data": (lambda d, r: d[:-1000],
                            r"truncated in the tensor data: tensor 'blk.1.ffn_down.weight' "
                            r"needs bytes \d+ to \d+, but the file ends at byte \d+"),
