@@ -297,6 +297,6 @@ def value_alignment(*, output_dir: str, document: str, model: str | None = "tiny
             md = f.read()
         atomic_write(md_path, md + "\n" + "\n".join(extra) + "\n")
         atomic_write_json(os.path.join(out, "report.json"), report)
-    _say(f"report: {os.path.join(out, 'report.md')} and report.png")
-    print(open(os.path.join(out, "report.md")).read())
+        _say(f"report: {os.path.join(out, 'report.md')} and report.png")
+        print(open(os.path.join(out, "report.md")).read())
     return report
