@@ -39,7 +39,8 @@ def eval_main(*, output_dir: str, models: Mapping[str, str], sft_test: str | Non
       retrieval: "semantic" (all-MiniLM-L6-v2, BM25 when missing), "bm25" or "tfidf".
       num_questions: held-out questions every system answers (default all).
       bertscore_model: encoder for BERTScore (None skips it).
-      judge: "local:..." or "openai:..." teacher for pairwise win rates (None skips them).
+      judge: "local:..." or "openai:..." teacher, or "letters:<dir or name>" (a local judge
+        read from its letter probabilities), for pairwise win rates (None skips them).
       judge_template, judge_kwargs: see `align_jax.eval.judge.win_rate_matrix`.
       judge_systems: systems the judge compares (default all).
     """

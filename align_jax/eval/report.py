@@ -31,7 +31,10 @@ def plot(out_dir: str, report: Mapping, stages: Mapping[str, str]) -> str:
 
 def _judge(judge, matrix_inputs, *, template, judge_kwargs):
     from align_jax.eval.judge import win_rate_matrix
-    if isinstance(judge, str):
+    if isinstance(judge, str) and judge.startswith("letters:"):
+        from align_jax.eval.letter_judge import LetterJudge
+        judge = LetterJudge(judge.partition(":")[2])
+    elif isinstance(judge, str):
         from align_jax.sdg.backends import make_teacher
         judge = make_teacher(judge)
     return win_rate_matrix(*matrix_inputs, judge=judge, template=template, **judge_kwargs)
@@ -62,7 +65,8 @@ def evaluate_models(out_dir: str, *, models: Mapping[str, str], tokenizer, sft_t
       stages: run sub-folder -> model name, for the loss curves.
       num_questions: held-out questions answered by every system (default all).
       bertscore_model: encoder for BERTScore (dir, named model or loaded); None skips it.
-      judge: a Teacher or "local:..."/"openai:..." spec for the pairwise win rates; None skips.
+      judge: a Teacher, a LetterJudge, or a "local:..."/"openai:..."/"letters:..." spec
+        for the pairwise win rates (letters: see `align_jax.eval.letter_judge`); None skips.
       judge_template, judge_kwargs: see `align_jax.eval.judge.win_rate_matrix`.
       judge_systems: the systems the judge compares (default all; a small judge on a CPU
         may only afford a few).

@@ -199,7 +199,9 @@ def value_alignment(*, output_dir: str, document: str, model: str | None = "tiny
         is not installed), "bm25" or "tfidf".
       num_questions: held-out questions every system answers (default all).
       bertscore_model: encoder for BERTScore; None skips it.
-      judge: "local:<dir or name>" / "openai:<URL>" for pairwise win rates; None skips them.
+      judge: "local:<dir or name>" / "openai:<URL>" (written verdicts) or
+        "letters:<dir or name>" (a small local judge read from P("A") vs P("B"), see
+        `align_jax.eval.letter_judge`) for pairwise win rates; None skips them.
       judge_template, judge_kwargs: see `align_jax.eval.judge.win_rate_matrix`.
       judge_systems: systems the judge compares (default all), e.g. ("base", "sft+dpo").
     """
