@@ -232,7 +232,7 @@ def train_inspector(records: Sequence[Mapping[str, Any]], *, encoder_dir: str, o
         del rng, ref_params
         return losses.classification_objective(params, batch, apply_fn=apply_fn)
     abstract = state_lib.abstract_state(encoder.abstract_params(config), tx=tx)
-    shardings = state_lib.state_shardings(abstract, mesh_, rules)
+    shardings = state_lib.train_state_shardings(abstract, mesh_, rules)
     params = jax.device_put(params, shardings.params)
     state = compile_lib.init_train_state(params, tx=tx, seed=seed, state_shardings=shardings)
     step = compile_lib.jit_train_step(loss=loss, tx=tx, schedule=schedule, grad_accum=1,

@@ -235,7 +235,7 @@ def load_encoder(path, *, dtype=jnp.float32, mesh=None, rules: str = "fsdp",
             host[path_] = np.asarray(_get(fresh, path_)).astype(target)
             continue
         raise ValueError(f"{weights}: missing tensor {key!r}")
-    shardings = (sharding.state_shardings(abstract, mesh, rules) if mesh is not None else None)
+    shardings = (sharding.tree_shardings(abstract, mesh, rules) if mesh is not None else None)
     params: Params = {}
     for path_, x in host.items():
         if shardings is None:

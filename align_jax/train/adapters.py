@@ -23,7 +23,7 @@ from align_jax.models import transformer
 from align_jax.models.config import ModelConfig
 from align_jax.train import compile as compile_lib
 from align_jax.train import step as step_lib
-from align_jax.train.state import TrainState, abstract_arrays, abstract_state, state_shardings
+from align_jax.train.state import TrainState, abstract_arrays, abstract_state, train_state_shardings
 
 LORA_FILE = "lora.json"
 
@@ -82,7 +82,7 @@ def compiled_step_memory(config: ModelConfig, loss: step_lib.LossFn, *,
     """
     mesh = mesh or sharding.make_mesh(sharding.MeshSpec(data=1), devices=jax.devices()[:1])
     abstract = abstract_run_state(config, tx=tx, lora=lora, with_ref=reference)
-    shardings = state_shardings(abstract, mesh, rules)
+    shardings = train_state_shardings(abstract, mesh, rules)
     if lora is not None:
         loss = bind_lora_loss(loss, lora, reference=reference)
     step = compile_lib.jit_train_step(loss=loss, tx=tx, schedule=None, grad_accum=1, mesh=mesh,

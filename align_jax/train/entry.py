@@ -284,8 +284,7 @@ def _train_main(settings, *, output_dir, data, objective, model, model_overrides
                           grad_accum=grad_accum, mesh_spec=mesh, rules=rules,
                           workdir=output_dir, save_every=save_every, keep=keep,
                           log_every=log_every, seed=seed,
-                          ref_params={"params": "initial", "adapters_off": "adapters_off"}.get(
-                              ref_mode, "none"),
+                          reference=ref_mode,
                           export_hf_dir=hf_dir if export_hf else None,
                           export_tokenizer_dir=tok_path, progress=progress, lora=lora_spec,
                           export_peft_dir=peft_dir)

@@ -37,7 +37,7 @@ from align_jax.models import transformer
 from align_jax.models.config import ModelConfig, get_config
 from align_jax.train import compile as compile_lib
 from align_jax.train.optim import OptimizerConfig, make_optimizer
-from align_jax.train.state import abstract_state, state_shardings
+from align_jax.train.state import abstract_state, train_state_shardings
 
 GiB = 1024 ** 3
 # Memory per device, in bytes, as the vendor states it.
@@ -203,7 +203,7 @@ def plan_memory(config: ModelConfig, *, method: str = "sft", batch_size: int, se
     mesh, real = _mesh(spec, num_devices)
     tx, schedule = make_optimizer(optimizer or OptimizerConfig(), num_steps=1000)
     abstract = abstract_state(transformer.abstract_params(config), tx=tx, with_ref=with_ref)
-    shardings = state_shardings(abstract, mesh, rules)
+    shardings = train_state_shardings(abstract, mesh, rules)
     arrays = nn.unbox(abstract)
     batch_sh = NamedSharding(mesh, compile_lib.batch_shardings(mesh, rules).spec) if real \
         else NamedSharding(mesh, sharding.logical_to_spec(("batch",), rules))
