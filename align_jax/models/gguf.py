@@ -48,7 +48,7 @@ _NAMES = {
 
 def _open(path: str):
     """A GGUFReader over `path`, with one-line errors for a missing, foreign or cut file."""
-    import gguf
+    import gguf  # optional: only .gguf files need the gguf package
 
     if not os.path.isfile(path):
         raise FileNotFoundError(f"GGUF file {path} does not exist")
@@ -143,7 +143,7 @@ def _unpermute_rope(w: np.ndarray, heads: int) -> np.ndarray:
 
 
 def _dequantize(tensor, path: str) -> np.ndarray:
-    import gguf
+    import gguf  # optional: only .gguf files need the gguf package
 
     kind = tensor.tensor_type.name
     if kind not in _QUANT_TYPES:
@@ -215,7 +215,7 @@ def load_gguf(path: str | os.PathLike, *, dtype=jnp.float32) -> tuple[ModelConfi
 
 def _save_gguf_tokenizer(path: str, out_dir: str) -> None:
     """The tokenizer (with chat template) rebuilt from the GGUF metadata, saved to out_dir."""
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # heavy: only the GGUF tokenizer conversion
 
     try:
         tok = AutoTokenizer.from_pretrained(os.path.dirname(os.path.abspath(path)),

@@ -21,6 +21,8 @@ import sys
 import tempfile
 import zipfile
 
+from align_jax.models.gguf import gguf_to_hf
+
 __all__ = ["NAMED_MODELS", "cache_dir", "resolve_model_path"]
 
 
@@ -91,7 +93,6 @@ def _atomic_build(target: str, build, message: str) -> str:
 
 
 def _convert_gguf(source: str, target: str) -> str:
-    from align_jax.models.gguf import gguf_to_hf
 
     def build(tmp):
         gguf_to_hf(source, os.path.join(tmp, "model"))

@@ -21,6 +21,7 @@ from align_jax import sharding
 from align_jax.models import lora as lora_lib
 from align_jax.models import transformer
 from align_jax.models.config import ModelConfig
+from align_jax.models.hf import load_hf
 from align_jax.train import compile as compile_lib
 from align_jax.train import step as step_lib
 from align_jax.train.state import TrainState, abstract_arrays, abstract_state, train_state_shardings
@@ -124,7 +125,6 @@ def read_lora_file(model_dir: str) -> tuple[lora_lib.LoraConfig, dict[str, Any]]
 
 def rebuild_base(config: ModelConfig, spec: lora_lib.LoraConfig, base: dict[str, Any]) -> Any:
     """The frozen base of a LoRA run, as `train` built it (from `lora.json`'s "base")."""
-    from align_jax.models.hf import load_hf  # noqa: PLC0415
 
     frozen = base_config(dataclasses.replace(config, param_dtype="float32"), spec)
     dtype = jax.numpy.dtype(frozen.param_dtype)

@@ -20,13 +20,17 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from align_jax import distributed, sharding
+from align_jax.atomic import atomic_dir
 from align_jax.losses import objectives
 from align_jax.models import lora as lora_lib
 from align_jax.models import transformer
 from align_jax.models.config import ModelConfig, get_config
+from align_jax.models.hf import load_hf, save_hf
 from align_jax.runinfo import write_run_info
+from align_jax.tokenizer import copy_tokenizer_files
 from align_jax.train import adapters as adapters_lib
 from align_jax.train import compile as compile_lib
 from align_jax.train.checkpoint import Checkpointer
@@ -86,7 +90,6 @@ def _resolve_model(config: ModelConfig | str | None, params_init: Any, *, mesh, 
     if isinstance(config, str):
         config = get_config(config)
     if isinstance(params_init, (str, os.PathLike)):
-        from align_jax.models.hf import load_hf  # noqa: PLC0415 (optional heavy import)
         # Loaded straight into the sharded layout: a model larger than one device never lands
         # on one device.
         hf_config, params = load_hf(os.fspath(params_init), mesh=mesh, rules=rules)
@@ -370,10 +373,8 @@ def export_peft(config: ModelConfig, adapters: "lora_lib.Adapters",
                 path: str | os.PathLike) -> None:
     """Saves LoRA adapters in peft's format at `path` (main process only; written to a
     temporary folder and renamed into place when complete)."""
-    from align_jax.atomic import atomic_dir  # noqa: PLC0415
     weights = adapters.weights
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils  # noqa: PLC0415
         weights = multihost_utils.process_allgather(weights, tiled=True)
     if jax.process_index() == 0:
         with atomic_dir(path) as tmp:
@@ -394,15 +395,11 @@ def export_hf(config: ModelConfig, params: Any, path: str | os.PathLike, *,
       path: the output dir.
       tokenizer_dir: a tokenizer dir or .model file whose files are copied in too.
     """
-    from align_jax.atomic import atomic_dir  # noqa: PLC0415
-    from align_jax.models.hf import save_hf  # noqa: PLC0415 (written by the models package)
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils  # noqa: PLC0415
         params = multihost_utils.process_allgather(params, tiled=True)
     host = jax.device_get(params)
     if jax.process_index() == 0:
         with atomic_dir(path) as tmp:
             save_hf(config, host, os.fspath(tmp))
             if tokenizer_dir is not None:
-                from align_jax.tokenizer import copy_tokenizer_files  # noqa: PLC0415
                 copy_tokenizer_files(tokenizer_dir, os.fspath(tmp))

@@ -35,6 +35,7 @@ from align_jax import sharding
 from align_jax.losses import objectives
 from align_jax.models import transformer
 from align_jax.models.config import ModelConfig, get_config
+from align_jax.models.hf_config import config_from_hf
 from align_jax.train import compile as compile_lib
 from align_jax.train.optim import OptimizerConfig, make_optimizer
 from align_jax.train.state import abstract_state, train_state_shardings
@@ -313,7 +314,6 @@ def plan_main(*, model: str, method: str = "sft", batch_size: int = 8, seq_len: 
 @functools.cache
 def _load_config(model: str) -> ModelConfig:
     if os.path.isdir(model):
-        from align_jax.models.hf_config import config_from_hf  # noqa: PLC0415
         with open(os.path.join(model, "config.json"), encoding="utf-8") as f:
             return config_from_hf(json.load(f), source=os.path.join(model, "config.json"))
     return get_config(model)

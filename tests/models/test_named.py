@@ -59,7 +59,7 @@ def test_interrupted_conversion_leaves_nothing_behind(fake_package, tmp_path, mo
         open(os.path.join(dst, "config.json"), "w").write("{}")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("align_jax.models.gguf.gguf_to_hf", fail)
+    monkeypatch.setattr(named, "gguf_to_hf", fail)
     with pytest.raises(KeyboardInterrupt):
         named.resolve_model_path("tiny-named")
     assert os.listdir(tmp_path / "cache" / "models") == []
