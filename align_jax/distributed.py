@@ -148,7 +148,6 @@ def initialize(*, coordinator_address: str | None = None, port: int | None = Non
       DistributedError: jax refused the settings. When the processes do not all join within
         init_timeout, the process exits (status 1) naming the settings and what to check.
     """
-
     settings = resolve(coordinator_address=coordinator_address, port=port,
                        num_processes=num_processes, process_id=process_id,
                        init_timeout=init_timeout, heartbeat_timeout=heartbeat_timeout)
@@ -278,7 +277,6 @@ def check_same_config(text: str) -> None:
 
 def config_text(command: str, gin_config: str) -> str:
     """What `check_same_config` compares: the command, library versions and gin bindings."""
-
     # The process id is the one binding that differs between processes by design.
     bindings = "\n".join(line for line in gin_config.splitlines()
                          if not re.match(r"\s*(distributed\.)?initialize\.process_id\s*=", line))

@@ -52,7 +52,6 @@ def eval_main(*, output_dir: str, models: Mapping[str, str], sft_test: str | Non
       judge_template, judge_kwargs: see `align_jax.eval.judge.win_rate_matrix`.
       judge_systems: systems the judge compares (default all).
     """
-
     if not models:
         raise ValueError("eval_main.models is empty: map names to checkpoint dirs")
     tok = load_tokenizer(resolve_model_path(next(iter(models.values()))))

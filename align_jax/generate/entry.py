@@ -54,7 +54,6 @@ def generate_main(*, output_dir: str, model_dir: str, prompts: str, chat: bool =
       max_new_tokens, temperature, top_p, top_k, seed, stop_strings: sampling.
       batch_size: rows per device batch.
     """
-
     rows = _read_prompts(prompts)
     with run_folder(output_dir):
         config, params = load_hf(model_dir)

@@ -135,7 +135,6 @@ def align(config, params, tokenizer, inputs: Sequence[str], responses: Sequence[
     Returns:
       y' per row, stripped.
     """
-
     if len(inputs) != len(responses):
         raise ValueError(f"align: {len(inputs)} inputs but {len(responses)} responses")
     if not inputs:

@@ -90,8 +90,6 @@ def _aligner_base(out: str, *, aligner_base: str, texts: Sequence[str], seed: in
 
 def _tiny_decoder(path: str, texts: Sequence[str], *, preset: str, seed: int) -> str:
     """A random `preset` decoder and a sentencepiece tokenizer trained on `texts` (tiny runs)."""
-
-
     tok_dir = os.path.join(path, "tokenizer")
     tok = train_tokenizer(list(texts), tok_dir, vocab_size=512)
     config = dataclasses.replace(get_config(preset), vocab_size=tok.vocab_size,
@@ -174,7 +172,6 @@ def aligners(*, output_dir: str, criteria: Sequence[str] = CRITERIA,
     Returns:
       The report dict (also report.json).
     """
-
     out = os.path.abspath(output_dir)
     os.makedirs(out, exist_ok=True)
     triples, records = _data(out, aligner_data=aligner_data, inspector_data=inspector_data,

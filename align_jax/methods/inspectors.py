@@ -201,7 +201,6 @@ def train_inspector(records: Sequence[Mapping[str, Any]], *, encoder_dir: str, o
     Returns:
       metrics: accuracy, roc_auc, ece, calibration bins, train/held-out sizes, final loss.
     """
-
     rows = [dict(r) for r in records if criterion is None or r["criterion"] == criterion]
     if not rows:
         raise ValueError(f"train_inspector: no records of criterion {criterion!r}")

@@ -132,7 +132,6 @@ def sample_responses(model_dir: str, rows: Sequence[dict], *, max_new_tokens: in
 def mi_per_query(logps_BCC) -> np.ndarray:
     """InfoNCE bound per query, averaged over its C targets: [b, i, j] = log p(y_j | x, c_i),
     target of column j is row j (`align_jax.eval.mi_lower_bound`, log-mean-exp over all C)."""
-
     x = jnp.asarray(logps_BCC, jnp.float32)
     c = x.shape[-1]
     per_BC = jax.vmap(jax.vmap(mi_lower_bound, in_axes=(1, 0)), in_axes=(0, None))(
@@ -179,7 +178,6 @@ def mi_bound(model_dir: str, records: Sequence[dict], *, seq_len: int,
 def params_checksum(model_dir: str) -> float:
     """A float64 checksum of a checkpoint's parameters (to tell which one an iteration
     started from)."""
-
     _, params = load_hf(model_dir)
     leaves = jax.tree.leaves(params)
     return float(sum(np.sum(np.asarray(x, np.float64) * (k + 1)) for k, x in enumerate(leaves)))
@@ -258,7 +256,6 @@ def sami(*, output_dir: str, init_from: str, constitutions: str, queries: str,
         bounds the memory of large-vocabulary models.
       mesh, rules, seed, progress: as for `align-jax train`.
     """
-
     if init not in ("base", "latest"):
         raise ValueError(f"sami: init={init!r}; expected 'base' or 'latest'")
     out = os.path.abspath(output_dir)

@@ -187,7 +187,6 @@ def value_alignment(*, output_dir: str, document: str, model: str | None = "tiny
       judge_template, judge_kwargs: see `align_jax.eval.judge.win_rate_matrix`.
       judge_systems: systems the judge compares (default all), e.g. ("base", "sft+dpo").
     """
-
     out = os.path.abspath(output_dir)
     os.makedirs(out, exist_ok=True)
     if init_from is not None:  # a named default ('smollm2-135m-instruct') or a .gguf file

@@ -264,7 +264,6 @@ def save_peft(config: ModelConfig, adapters: Adapters, path: str | os.PathLike, 
       path: output dir (created).
       base_model_name_or_path: recorded in the config for peft's convenience.
     """
-
     spec = adapters.spec
     host = jax.device_get(adapters.weights)
     tensors = {}

@@ -93,7 +93,6 @@ def _atomic_build(target: str, build, message: str) -> str:
 
 
 def _convert_gguf(source: str, target: str) -> str:
-
     def build(tmp):
         gguf_to_hf(source, os.path.join(tmp, "model"))
         for name in os.listdir(os.path.join(tmp, "model")):

@@ -69,7 +69,6 @@ class LocalTeacher:
             prefill and decode; default: max_tokens rounded up to a power of two (>= 64).
         """
         if isinstance(model, (str, os.PathLike)):
-
             self.name = os.fspath(model)
             self.config, self.params = load_hf(self.name, dtype=jnp.dtype(dtype), mesh=mesh,
                                                rules=rules)

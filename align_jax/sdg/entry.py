@@ -42,7 +42,6 @@ def sdg_main(*, output_dir: str, task: str = "document", teacher: str | None = N
       seed: global seed (a resumed run with the same seed writes the same records).
       progress: progress bar.
     """
-
     if task not in TASKS:
         raise ValueError(f"sdg_main.task={task!r}: choose one of {TASKS}")
     if teacher is None and not (task == "principles" and principles_file):

@@ -125,7 +125,6 @@ def read_lora_file(model_dir: str) -> tuple[lora_lib.LoraConfig, dict[str, Any]]
 
 def rebuild_base(config: ModelConfig, spec: lora_lib.LoraConfig, base: dict[str, Any]) -> Any:
     """The frozen base of a LoRA run, as `train` built it (from `lora.json`'s "base")."""
-
     frozen = base_config(dataclasses.replace(config, param_dtype="float32"), spec)
     dtype = jax.numpy.dtype(frozen.param_dtype)
     if base.get("init_from"):

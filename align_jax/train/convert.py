@@ -69,7 +69,6 @@ def convert_main(*, output_dir: str, run_dir: str | None = None, step: int | Non
         raise ValueError(f"convert_main.export='peft': {run_dir} is not a LoRA run "
                          f"({model_dir}/lora.json is missing)")
     if lora_run is not None:
-
         spec, base = lora_run
         adapters = lora.Adapters(weights=params, spec=spec)
         if export == "peft":
