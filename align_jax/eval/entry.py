@@ -73,5 +73,5 @@ def eval_main(*, output_dir: str, models: Mapping[str, str], sft_test: str | Non
                                  judge_systems=judge_systems)
         if distributed.is_main():
             atomic_write_json(os.path.join(output_dir, "report.json"), report)
-    print(open(os.path.join(output_dir, "report.md")).read())
+            print(open(os.path.join(output_dir, "report.md")).read())
     return 0

@@ -6,11 +6,14 @@ accuracy), metrics.png (reference metrics per system) and winrate.png (the heatm
 """
 
 import csv
+import io
 import os
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from align_jax import distributed
+from align_jax.atomic import atomic_write
 from align_jax.eval.answers import (
     RAG_SUFFIX,
     evaluate_generation,
@@ -112,9 +115,13 @@ def evaluate_models(out_dir: str, *, models: Mapping[str, str], tokenizer, sft_t
                 **{k: np.asarray(m[k]).tolist()
                    for k in ("win_rate", "ci_low", "ci_high", "lc_win_rate")},
                 "pairs": {f"{a} vs {b}": r.summary() for (a, b), r in m["results"].items()}}
-            plot_win_rates(os.path.join(out_dir, "winrate.png"), m,
-                           judge=report["win_rates"]["judge"])
-        plot_metrics(os.path.join(out_dir, "metrics.png"), gen["metrics"])
+    if not distributed.is_main():  # every process computed the report; process 0 writes it
+        return report
+    if "win_rates" in report:
+        plot_win_rates(os.path.join(out_dir, "winrate.png"), m,
+                       judge=report["win_rates"]["judge"])
+    if "generation" in report:
+        plot_metrics(os.path.join(out_dir, "metrics.png"), report["generation"]["metrics"])
         _write_csv(os.path.join(out_dir, "report.csv"), report)
     _write_markdown(out_dir, report, [q["prompt"] for q in questions[:num_samples]], reference,
                     [q.get("completion", "") for q in questions[:num_samples]])
@@ -131,11 +138,12 @@ def _fmt(x) -> str:
 
 def _write_csv(path, report):
     header, rows = metric_table(report)
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(header)
-        w.writerows([[r[0]] + [None if not np.isfinite(x) else float(x) for x in r[1:]]
-                     for r in rows])
+    buf = io.StringIO(newline="")
+    w = csv.writer(buf)
+    w.writerow(header)
+    w.writerows([[r[0]] + [None if not np.isfinite(x) else float(x) for x in r[1:]]
+                 for r in rows])
+    atomic_write(path, buf.getvalue())
 
 
 def _win_rate_lines(wr) -> list[str]:
@@ -202,8 +210,7 @@ def _write_markdown(out_dir, report, prompts, reference, refs):
                   f"| *reference* | {_cell(refs[i])} |"]
         for name, texts in report["samples"].items():
             lines.append(f"| {name} | {_cell(texts[i])} |")
-    with open(os.path.join(out_dir, "report.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
+    atomic_write(os.path.join(out_dir, "report.md"), "\n".join(lines) + "\n")
 
 
 def _cell(text: str) -> str:

@@ -22,6 +22,7 @@ from typing import Any
 import jax
 
 from align_jax import sharding
+from align_jax.atomic import atomic_write
 from align_jax.data.sources import load_records
 from align_jax.generate import generate
 from align_jax.jsonl import read_jsonl, write_jsonl
@@ -289,8 +290,7 @@ def _report(out, rows, criteria, *, threshold, inspector_metrics, num_samples) -
         lines += [f"### Row {i} (aligners: {', '.join(r['applied']) or 'none'})", "",
                   f"**Input:** {r['input']}", "", f"**Before:** {r['response']}", "",
                   f"**After:** {r['aligned']}", ""]
-    with open(os.path.join(out, "report.md"), "w", encoding="utf-8") as f:
-        f.write("\n".join(lines) + "\n")
+    atomic_write(os.path.join(out, "report.md"), "\n".join(lines) + "\n")
     report = {"rows": n, "threshold": threshold, "order": order, "pass_before": pass_before,
               "pass_after": pass_after, "rows_touched": dict(touched),
               "inspectors": {c: {k: v for k, v in m.items() if k != "bins"}

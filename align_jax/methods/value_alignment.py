@@ -36,6 +36,7 @@ from align_jax.sdg.store import split_of
 from align_jax.tokenizer import load_tokenizer
 from align_jax.train.entry import build_tokenizer, train_main
 from align_jax.train.optim import OptimizerConfig
+from align_jax.train.status import read_json
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +134,25 @@ def side_by_side(records: Sequence[Mapping], base: Sequence[str],
     return "\n".join(lines)
 
 
+def _base_changed(stage_dir: str, init: str | None) -> bool:
+    """Whether the stage's base model changed since the stage last ran (an earlier stage was
+    trained further or again), so that its folder must start over instead of counting as
+    completed or resuming; records the current base in <stage_dir>/recipe_base.json."""
+    if init is None:
+        return False
+    # Every export is a new folder (renamed into place whole), so its config.json's identity
+    # changes with the weights.
+    config = os.path.join(init, "config.json")
+    stat = os.stat(config) if os.path.isfile(config) else None
+    mark = {"init": init, "size": stat and stat.st_size, "mtime_ns": stat and stat.st_mtime_ns}
+    path = os.path.join(stage_dir, "recipe_base.json")
+    old = read_json(path)
+    distributed.barrier(f"align_jax.value_alignment.base:{stage_dir}")  # all read, then write
+    if distributed.is_main():
+        atomic_write_json(path, mark)
+    return old is not None and old != mark
+
+
 def _maybe(path: str, schema: str) -> list[dict]:
     # An empty split file is normal for a small SDG run.
     return _records(path, schema) if os.path.exists(path) and os.path.getsize(path) else []
@@ -193,10 +213,12 @@ def value_alignment(*, output_dir: str, document: str, model: str | None = "tiny
         init_from = resolve_model_path(init_from)
     if init_from is None and tokenizer is None:
         tokenizer = os.path.join(out, "tokenizer")
+        built = os.path.exists(os.path.join(tokenizer, "tokenizer.json"))
         if distributed.is_main():
             build_tokenizer(document, tokenizer)
         distributed.barrier("align_jax.value_alignment.tokenizer")
-        _say(f"trained a sentencepiece tokenizer on {document} -> {tokenizer}")
+        _say(f"{'reused the' if built else 'trained a'} sentencepiece tokenizer on {document}"
+             f" -> {tokenizer}")
     tok_path = tokenizer or init_from
     tok = load_tokenizer(tok_path)
 
@@ -221,7 +243,11 @@ def value_alignment(*, output_dir: str, document: str, model: str | None = "tiny
     def stage(name, objective, data, steps, *, init, lr, **kw):
         _say(f"stage {name}: {objective} on {os.path.basename(data)} for {steps} steps"
              f" from {init or model + ' (random init)'}")
+        restart = _base_changed(os.path.join(out, name), init)
+        if restart:
+            _say(f"stage {name}: its base {init} changed since the stage ran: training it again")
         train_main(output_dir=os.path.join(out, name), data=data, objective=objective,
+                   overwrite=restart,
                    model=None if init else model, init_from=init,
                    tokenizer=None if init else tok_path, seq_len=seq_len,
                    batch_size=batch_size, num_steps=steps, mesh=mesh, rules=rules, seed=seed,
@@ -265,6 +291,6 @@ def value_alignment(*, output_dir: str, document: str, model: str | None = "tiny
             md = f.read()
         atomic_write(md_path, md + "\n" + "\n".join(extra) + "\n")
         atomic_write_json(os.path.join(out, "report.json"), report)
-    _say(f"report: {os.path.join(out, 'report.md')} and report.png")
-    print(open(os.path.join(out, "report.md")).read())
+        _say(f"report: {os.path.join(out, 'report.md')} and report.png")
+        print(open(os.path.join(out, "report.md")).read())
     return report

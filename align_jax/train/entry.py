@@ -6,21 +6,18 @@
 optimizer, mesh); everything below it is plain library code.
 """
 
-import contextlib
 import dataclasses
 import functools
 import logging
 import os
 import shutil
-import signal
-import threading
 from collections.abc import Mapping
 from typing import Any
 
 import jax
 
 from align_jax import distributed, sharding
-from align_jax.atomic import atomic_write_json
+from align_jax.atomic import atomic_dir, atomic_write_json
 from align_jax.losses import objectives
 from align_jax.models.config import ModelConfig, get_config
 from align_jax.models.hf import config_to_hf, load_hf
@@ -144,7 +141,7 @@ def train_main(*, output_dir: str, data: str, objective: str = "sft",
             print(f"{output_dir}: already completed at step {done['num_steps']} with these "
                   "settings; nothing to do (--overwrite to train again)", flush=True)
             return done
-        with _signals_stop():
+        with status_lib.sigterm_as_keyboard_interrupt():
             return _train_main(settings, **args)
 
 
@@ -191,24 +188,6 @@ def _completed(output_dir: str, export_hf: bool, num_steps: int | None) -> dict[
     if export_hf and not os.path.exists(os.path.join(output_dir, "hf", "config.json")):
         return None
     return summary
-
-
-@contextlib.contextmanager
-def _signals_stop():
-    """SIGTERM outside the step loop (loading, compiling, exporting) stops like Ctrl-C does:
-    a KeyboardInterrupt that leaves no half-written file (the loop saves instead)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def stop(signum, frame):
-        raise KeyboardInterrupt(signal.Signals(signum).name)
-
-    previous = signal.signal(signal.SIGTERM, stop)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def _train_main(settings, *, output_dir, data, objective, model, model_overrides, init_from,
@@ -296,10 +275,10 @@ def _train_main(settings, *, output_dir, data, objective, model, model_overrides
             last = _last_checkpoint(output_dir)
             if main:
                 status_lib.write_status(output_dir, "interrupted", step=last, num_steps=num_steps,
-                                        message=f"{e or 'SIGINT'} outside the step loop")
+                                        message=f"{str(e) or 'SIGINT'} outside the step loop")
             raise status_lib.RunInterrupted(
-                f"{output_dir}: interrupted ({e or 'SIGINT'}) before the run finished; the last "
-                f"checkpoint is step {last}; rerun the same command to resume") from None
+                f"{output_dir}: interrupted ({str(e) or 'SIGINT'}) before the run finished; the "
+                f"last checkpoint is step {last}; rerun the same command to resume") from None
         except BaseException as e:
             if main:
                 status_lib.write_status(output_dir, "failed",
@@ -345,12 +324,15 @@ def _write_model_files(output_dir: str, config, init_from, tok_path) -> None:
 
 
 def build_tokenizer(text_path: str, out_dir: str, *, vocab_size: int = 512) -> str:
-    """Trains a sentencepiece tokenizer on a text file (once; reused when present)."""
+    """Trains a sentencepiece tokenizer on a text file (once; reused when present).
+
+    The folder is written whole or not at all (a rerun after an interruption trains again)."""
     if os.path.exists(os.path.join(out_dir, "tokenizer.json")):
         return out_dir
     if not os.path.isfile(text_path):
         raise FileNotFoundError(f"tokenizer=train:{text_path}: no such text file")
     with open(text_path, encoding="utf-8") as f:
         lines = [line for line in f.read().splitlines() if line.strip()]
-    train_tokenizer(lines, out_dir, vocab_size=vocab_size)
+    with atomic_dir(out_dir) as tmp:
+        train_tokenizer(lines, os.fspath(tmp), vocab_size=vocab_size)
     return out_dir
