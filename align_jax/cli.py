@@ -13,9 +13,6 @@ import pathlib
 import re
 import sys
 
-from align_jax import ginconf
-from align_jax.run_lock import RunFolderBusyError
-
 COMMANDS = {
     # command: (module, entry function, one-line help)
     "run": ("align_jax.methods.recipes", "run", "a whole method recipe (SDG, SFT, DPO, eval)"),
@@ -39,9 +36,11 @@ _INCLUDE = re.compile(r"^\s*include\s+['\"](.+)['\"]\s*$")
 def _gin_imports(files: list[str], search: list[str], seen: set | None = None) -> list[str]:
     """The import lines of gin files and of the files they include, in order, once each."""
     seen = set() if seen is None else seen
+    # Local: `import align_jax.cli` (and `--help`) loads only the standard library modules above.
+    from align_jax.ginconf import resolve
     out: list[str] = []
     for name in files:
-        path = ginconf.resolve(name, search)
+        path = resolve(name, search)
         if not os.path.isfile(path) or os.path.abspath(path) in seen:
             continue
         seen.add(os.path.abspath(path))
@@ -152,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "bench":
         return importlib.import_module(module_name).main() or 0
     import gin  # local: only a command run needs gin, `--help` stays fast
+
+    from align_jax import ginconf  # local: see _gin_imports
     enable_compilation_cache()
     root = pathlib.Path(__file__).resolve().parent.parent
     folders = ginconf.search_folders(args.gin_search_path, str(root))
@@ -207,7 +208,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"align-jax {args.command}: {e}", file=sys.stderr)
             return 1
     configured = gin.get_configurable(entry)
-    # Local: importing the train package loads jax.
+    # Local: run_lock imports logging and socket, the train package jax.
+    from align_jax.run_lock import RunFolderBusyError
     from align_jax.train.status import EXIT_INTERRUPTED, RunInterrupted
     try:
         result = configured()
