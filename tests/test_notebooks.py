@@ -19,7 +19,9 @@ from run_notebook import code_cells
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 NOTEBOOKS = sorted((ROOT / "colab").glob("*.ipynb"))
-# Each takes over 30 s here, even the tiny quickstart (40 SFT + 20 DPO steps, three compiles).
+# Wall times of these runs on 2 CPU cores shared with other jobs: quickstart 119 s (57 s of CPU:
+# 40 SFT + 20 DPO steps, three compiles), sami 101 s, aligner_squad 332 s, quickstart_smollm2
+# 418 s, own_document 759 s (peak 5.8 GB resident).
 SLOW = {"quickstart.ipynb", "quickstart_smollm2.ipynb", "sami.ipynb", "aligner_squad.ipynb",
         "own_document.ipynb"}
 
