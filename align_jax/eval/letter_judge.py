@@ -26,7 +26,9 @@ from align_jax.data import batching
 from align_jax.data.formatting import Example
 from align_jax.losses.logprobs import forward_token_logps
 from align_jax.losses.scorer import score_examples
-from align_jax.tokenizer import encode_prompt
+from align_jax.models.hf import load_hf
+from align_jax.models.named import resolve_model_path
+from align_jax.tokenizer import encode_prompt, load_tokenizer
 
 
 class LetterJudge:
@@ -54,9 +56,6 @@ class LetterJudge:
             self.config, self.params, self.tokenizer = model
             self.name = "judge"
         else:
-            from align_jax.models.hf import load_hf
-            from align_jax.models.named import resolve_model_path
-            from align_jax.tokenizer import load_tokenizer
             self.name = str(model)
             path = resolve_model_path(str(model))
             self.config, self.params = load_hf(path, dtype=jnp.dtype(dtype))

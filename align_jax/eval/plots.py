@@ -17,7 +17,7 @@ from align_jax.jsonl import read_jsonl
 
 
 def _pyplot():
-    import matplotlib
+    import matplotlib  # heavy: only report plots need it
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     return plt

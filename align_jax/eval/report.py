@@ -20,8 +20,13 @@ from align_jax.eval.answers import (
     load_bertscore_model,
     metric_table,
 )
+from align_jax.eval.judge import win_rate_matrix
+from align_jax.eval.letter_judge import LetterJudge
 from align_jax.eval.plots import plot_metrics, plot_overview, plot_win_rates
+from align_jax.eval.retrieval import with_retrieval
 from align_jax.eval.scoring import answer_nll, preference_accuracy
+from align_jax.models.hf import load_hf
+from align_jax.sdg.backends import make_teacher
 
 
 def plot(out_dir: str, report: Mapping, stages: Mapping[str, str]) -> str:
@@ -30,12 +35,9 @@ def plot(out_dir: str, report: Mapping, stages: Mapping[str, str]) -> str:
 
 
 def _judge(judge, matrix_inputs, *, template, judge_kwargs):
-    from align_jax.eval.judge import win_rate_matrix
     if isinstance(judge, str) and judge.startswith("letters:"):
-        from align_jax.eval.letter_judge import LetterJudge
         judge = LetterJudge(judge.partition(":")[2])
     elif isinstance(judge, str):
-        from align_jax.sdg.backends import make_teacher
         judge = make_teacher(judge)
     return win_rate_matrix(*matrix_inputs, judge=judge, template=template, **judge_kwargs)
 
@@ -75,8 +77,6 @@ def evaluate_models(out_dir: str, *, models: Mapping[str, str], tokenizer, sft_t
     Returns:
       The report dict.
     """
-    from align_jax.eval.retrieval import with_retrieval
-    from align_jax.models.hf import load_hf
     report = {"models": {}, "samples": {}}
     loaded = {}
     questions = list(sft_test)[:num_questions] if num_questions else list(sft_test)

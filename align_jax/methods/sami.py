@@ -34,10 +34,27 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
-from align_jax import sharding
+from align_jax import distributed, sharding
+from align_jax.atomic import atomic_write, atomic_write_json
+from align_jax.data import batching
+from align_jax.data.formatting import format_records, render_prompt
+from align_jax.data.sources import load_records
+from align_jax.eval import mi_lower_bound
+from align_jax.eval.judge import pairwise_win_rate
+from align_jax.generate import generate
+from align_jax.losses import logprobs
+from align_jax.losses.scorer import score_examples
 from align_jax.methods import sami_prompts
+from align_jax.models.hf import load_hf
+from align_jax.models.named import resolve_model_path
+from align_jax.sdg.backends import make_teacher
+from align_jax.sdg.store import write_jsonl
+from align_jax.tokenizer import load_tokenizer
+from align_jax.train.entry import train_main
 from align_jax.train.optim import OptimizerConfig
 
 log = logging.getLogger(__name__)
@@ -49,7 +66,6 @@ def _say(msg: str) -> None:
 
 def load_constitutions(path: str) -> list[list[str]]:
     """The principle lists of constitution records (DESIGN.md schema)."""
-    from align_jax.data.sources import load_records
     records, _ = load_records(path, schema="constitution")
     return [list(r.data["principles"]) for r in records]
 
@@ -95,11 +111,6 @@ def sample_responses(model_dir: str, rows: Sequence[dict], *, max_new_tokens: in
     Responses are kept as text (cut before any stop string) and re-encoded with EOS for
     training, so a stop string never becomes part of a trained response.
     """
-    from align_jax.data.formatting import render_prompt
-    from align_jax.generate import generate
-    from align_jax.models.hf import load_hf
-    from align_jax.models.named import resolve_model_path
-    from align_jax.tokenizer import load_tokenizer
     config, params = load_hf(model_dir)
     tok = load_tokenizer(resolve_model_path(model_dir))
     prompts = [render_prompt(tok, p, chat_template=not isinstance(p, str)).tolist()
@@ -121,10 +132,6 @@ def sample_responses(model_dir: str, rows: Sequence[dict], *, max_new_tokens: in
 def mi_per_query(logps_BCC) -> np.ndarray:
     """InfoNCE bound per query, averaged over its C targets: [b, i, j] = log p(y_j | x, c_i),
     target of column j is row j (`align_jax.eval.mi_lower_bound`, log-mean-exp over all C)."""
-    import jax
-    import jax.numpy as jnp
-
-    from align_jax.eval import mi_lower_bound
     x = jnp.asarray(logps_BCC, jnp.float32)
     c = x.shape[-1]
     per_BC = jax.vmap(jax.vmap(mi_lower_bound, in_axes=(1, 0)), in_axes=(0, None))(
@@ -143,15 +150,7 @@ def mi_bound(model_dir: str, records: Sequence[dict], *, seq_len: int,
     `mi_bound` with summed response log-probs (the bound) and `mi_bound_token_mean` with
     per-token means (the training loss's quantity), each with its standard error over queries.
     """
-    import jax.numpy as jnp
 
-    from align_jax.data import batching
-    from align_jax.data.formatting import format_records
-    from align_jax.losses import logprobs
-    from align_jax.losses.scorer import score_examples
-    from align_jax.models.hf import load_hf
-    from align_jax.models.named import resolve_model_path
-    from align_jax.tokenizer import load_tokenizer
     config, params = load_hf(model_dir)
     tok = load_tokenizer(resolve_model_path(model_dir))
     examples, _, _ = format_records(records, kind="sami", tokenizer=tok, seq_len=seq_len,
@@ -179,9 +178,6 @@ def mi_bound(model_dir: str, records: Sequence[dict], *, seq_len: int,
 def params_checksum(model_dir: str) -> float:
     """A float64 checksum of a checkpoint's parameters (to tell which one an iteration
     started from)."""
-    import jax
-
-    from align_jax.models.hf import load_hf
     _, params = load_hf(model_dir)
     leaves = jax.tree.leaves(params)
     return float(sum(np.sum(np.asarray(x, np.float64) * (k + 1)) for k, x in enumerate(leaves)))
@@ -192,7 +188,6 @@ def win_rates(held: Sequence[dict], base: Sequence[dict], constitutions: Sequenc
               max_tokens: int = 512) -> dict:
     """Win rate of `held` responses over `base` responses to the same held-out prompts, judged
     per constitution (the judge is shown that constitution's principles)."""
-    from align_jax.eval.judge import pairwise_win_rate
     groups: dict[int, tuple[list, list, list]] = {}
     for rec, ref in zip(held, base):
         for j, cid in enumerate(rec["constitution_ids"]):
@@ -211,8 +206,6 @@ def win_rates(held: Sequence[dict], base: Sequence[dict], constitutions: Sequenc
 
 
 def _write(path: str, rows: Sequence[dict]) -> str:
-    from align_jax import distributed
-    from align_jax.sdg.store import write_jsonl
     # Multi-process: process 0 writes (a shared run folder), the others wait, then all read.
     if distributed.is_main():
         os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -263,9 +256,6 @@ def sami(*, output_dir: str, init_from: str, constitutions: str, queries: str,
         bounds the memory of large-vocabulary models.
       mesh, rules, seed, progress: as for `align-jax train`.
     """
-    from align_jax.data.sources import load_records
-    from align_jax.train.entry import train_main
-
     if init not in ("base", "latest"):
         raise ValueError(f"sami: init={init!r}; expected 'base' or 'latest'")
     out = os.path.abspath(output_dir)
@@ -288,7 +278,6 @@ def sami(*, output_dir: str, init_from: str, constitutions: str, queries: str,
                      stop_strings=sami_prompts.stop_strings(prompt_format))
     teacher = None
     if judge:
-        from align_jax.sdg.backends import make_teacher
         teacher = make_teacher(judge)
     shuffle_rng = random.Random(seed + 1)
     held_records = {}
@@ -350,16 +339,14 @@ def sami(*, output_dir: str, init_from: str, constitutions: str, queries: str,
             "init_checksum": params_checksum(start), "params_checksum": params_checksum(sampler),
             "kept_queries": len(kept), "dropped": dropped, **evaluate(f"iter_{k}", sampler, k)})
         report["iterations"][-1]["seconds"] = round(time.time() - t0, 1)
-    from align_jax import distributed
     if distributed.is_main():
-        from align_jax.atomic import atomic_write_json
         atomic_write_json(os.path.join(out, "report.json"), report)
         _report_files(out, report)
     return report
 
 
 def _report_files(out: str, report: dict) -> None:
-    import matplotlib
+    import matplotlib  # heavy: only the report's figure needs it
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     rows = report["iterations"]
@@ -375,7 +362,6 @@ def _report_files(out: str, report: dict) -> None:
               f"{r['mi_bound_stderr']:.4f} | {r['mi_bound_token_mean']:.4f} | "
               f"{r['mean_response_tokens']:.1f} | {r.get('kept_queries', '-')} | "
               f"{r.get('dropped', '-')} | {wr(r)} | {r.get('seconds', '-')} |" for r in rows]
-    from align_jax.atomic import atomic_write
     atomic_write(os.path.join(out, "report.md"), "\n".join(lines) + "\n")
     fig, ax = plt.subplots(1, 3 if any("win_rate_vs_base" in r for r in rows) else 2,
                            figsize=(14, 3.5))

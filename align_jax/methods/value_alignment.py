@@ -22,20 +22,30 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from align_jax import sharding
+from align_jax import distributed, sharding
+from align_jax.atomic import atomic_write, atomic_write_json
+from align_jax.data.documents import chunk_document, load_document
+from align_jax.data.sources import load_records
+from align_jax.eval.report import evaluate_models
+from align_jax.eval.retrieval import make_retriever
 from align_jax.jsonl import write_jsonl
+from align_jax.models.named import resolve_model_path
+from align_jax.sdg.backends import make_teacher
+from align_jax.sdg.pipeline import run_document_sdg
+from align_jax.sdg.store import split_of
+from align_jax.tokenizer import load_tokenizer
+from align_jax.train.entry import build_tokenizer, train_main
 from align_jax.train.optim import OptimizerConfig
+from align_jax.train.status import read_json
 
 log = logging.getLogger(__name__)
 
 
 def _records(path: str, schema: str) -> list[dict]:
-    from align_jax.data.sources import load_records
     return [r.data for r in load_records(path, schema=schema)[0]]
 
 
 def _write_jsonl(path: str, rows: Sequence[Mapping]) -> str:
-    from align_jax import distributed
     # Multi-process: process 0 writes (a shared run folder), the others wait, then all read.
     if distributed.is_main():
         os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -46,7 +56,6 @@ def _write_jsonl(path: str, rows: Sequence[Mapping]) -> str:
 
 def _split(rows: list[dict], heldout: float) -> tuple[list[dict], list[dict]]:
     """Deterministic split by prompt: the same prompt is never on both sides."""
-    from align_jax.sdg.store import split_of
     train, test = [], []
     for r in rows:
         side = split_of(r["prompt"], (1 - heldout, heldout, 0.0))
@@ -66,8 +75,6 @@ def _document_data(out: str, *, document: str, teacher: str | None, tokenizer,
     With a teacher and data files, the SDG records and the files' records are pooled.
     """
     if teacher is not None:
-        from align_jax.sdg.backends import make_teacher
-        from align_jax.sdg.pipeline import run_document_sdg
         sdg_dir = os.path.join(out, "sdg")
         summary = run_document_sdg([document], sdg_dir,
                                    teacher=make_teacher(teacher, **dict(teacher_kwargs or {})),
@@ -131,9 +138,6 @@ def _base_changed(stage_dir: str, init: str | None) -> bool:
     """Whether the stage's base model changed since the stage last ran (an earlier stage was
     trained further or again), so that its folder must start over instead of counting as
     completed or resuming; records the current base in <stage_dir>/recipe_base.json."""
-    from align_jax import distributed
-    from align_jax.atomic import atomic_write_json
-    from align_jax.train.status import read_json
     if init is None:
         return False
     # Every export is a new folder (renamed into place whole), so its config.json's identity
@@ -205,18 +209,11 @@ def value_alignment(*, output_dir: str, document: str, model: str | None = "tiny
       judge_template, judge_kwargs: see `align_jax.eval.judge.win_rate_matrix`.
       judge_systems: systems the judge compares (default all), e.g. ("base", "sft+dpo").
     """
-    from align_jax.data.documents import chunk_document, load_document
-    from align_jax.eval.retrieval import make_retriever
-    from align_jax.tokenizer import load_tokenizer
-    from align_jax.train.entry import build_tokenizer, train_main
-
     out = os.path.abspath(output_dir)
     os.makedirs(out, exist_ok=True)
     if init_from is not None:  # a named default ('smollm2-135m-instruct') or a .gguf file
-        from align_jax.models.named import resolve_model_path
         init_from = resolve_model_path(init_from)
     if init_from is None and tokenizer is None:
-        from align_jax import distributed
         tokenizer = os.path.join(out, "tokenizer")
         built = os.path.exists(os.path.join(tokenizer, "tokenizer.json"))
         if distributed.is_main():
@@ -269,7 +266,6 @@ def value_alignment(*, output_dir: str, document: str, model: str | None = "tiny
     dpo = stage("dpo", "dpo", files["preference_train"], dpo_steps, init=sft,
                 lr=dpo_learning_rate, loss_kwargs={"beta": beta}, reference="precomputed")
 
-    from align_jax.eval.report import evaluate_models
     models = {"base": base, "c-fine-tuned": cft, "sft": sft, "sft+dpo": dpo}
     if init_from is None:
         models.pop("base")  # the same model as c-fine-tuned
@@ -291,9 +287,7 @@ def value_alignment(*, output_dir: str, document: str, model: str | None = "tiny
     if "base" in report["samples"] and "sft+dpo" in report["samples"]:
         extra += ["", side_by_side(sft_test[:num_samples], report["samples"]["base"],
                                    report["samples"]["sft+dpo"])]
-    from align_jax import distributed
     if distributed.is_main():
-        from align_jax.atomic import atomic_write, atomic_write_json
         md_path = os.path.join(out, "report.md")
         with open(md_path, encoding="utf-8") as f:
             md = f.read()

@@ -17,8 +17,8 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
+from align_jax.atomic import atomic_dir
 from align_jax.models.config import ModelConfig
-from align_jax.models.gguf_layout import check_layout
 from align_jax.models.hf_config import config_from_hf
 from align_jax.models.hf_tensors import _set_path, _tensors, _to_ours, save_hf
 
@@ -46,8 +46,11 @@ _NAMES = {
 
 def _open(path: str):
     """A GGUFReader over `path`, with one-line errors for a missing, foreign or damaged file."""
+    # Local: `import align_jax.models` stays free of the gguf package (optional; the GPU
+    # bench machine lacks it); gguf_layout imports it too.
     import gguf
 
+    from align_jax.models.gguf_layout import check_layout
     if not os.path.isfile(path):
         raise FileNotFoundError(f"GGUF file {path} does not exist")
     check_layout(path)
@@ -142,7 +145,7 @@ def _unpermute_rope(w: np.ndarray, heads: int) -> np.ndarray:
 
 
 def _dequantize(tensor, path: str) -> np.ndarray:
-    import gguf
+    import gguf  # local: see _open
 
     kind = tensor.tensor_type.name
     if kind not in _QUANT_TYPES:
@@ -214,7 +217,7 @@ def load_gguf(path: str | os.PathLike, *, dtype=jnp.float32) -> tuple[ModelConfi
 
 def _save_gguf_tokenizer(path: str, out_dir: str) -> None:
     """The tokenizer (with chat template) rebuilt from the GGUF metadata, saved to out_dir."""
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # heavy: only the GGUF tokenizer conversion
 
     try:
         tok = AutoTokenizer.from_pretrained(os.path.dirname(os.path.abspath(path)),
@@ -236,8 +239,6 @@ def gguf_to_hf(path: str | os.PathLike, out_dir: str | os.PathLike, *,
     Returns:
       out_dir.
     """
-    from align_jax.atomic import atomic_dir
-
     path, out_dir = os.fspath(path), os.fspath(out_dir)
     config, params = load_gguf(path, dtype=dtype)
     with atomic_dir(out_dir) as tmp:

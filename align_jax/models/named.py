@@ -19,6 +19,9 @@ import os
 import sys
 import zipfile
 
+from align_jax.atomic import atomic_dir
+from align_jax.models.gguf import gguf_to_hf
+
 __all__ = ["NAMED_MODELS", "cache_dir", "resolve_model_path"]
 
 
@@ -70,8 +73,6 @@ def _atomic_build(target: str, build, message: str) -> str:
     """Runs build(tmp_dir) in a staging folder renamed to target when complete, unless target
     already exists (`align_jax.atomic.atomic_dir`: a build killed mid-way leaves only a
     staging folder, removed by the next build, never an entry that looks complete)."""
-    from align_jax.atomic import atomic_dir
-
     if os.path.isdir(target):
         return target
     print(message, file=sys.stderr, flush=True)
@@ -87,8 +88,6 @@ def _atomic_build(target: str, build, message: str) -> str:
 
 
 def _convert_gguf(source: str, target: str) -> str:
-    from align_jax.models.gguf import gguf_to_hf
-
     def build(tmp):
         gguf_to_hf(source, os.path.join(tmp, "model"))
         for name in os.listdir(os.path.join(tmp, "model")):

@@ -14,16 +14,24 @@ import shutil
 from collections.abc import Mapping
 from typing import Any
 
+import jax
+
 from align_jax import distributed, sharding
-from align_jax.atomic import atomic_write_json
+from align_jax.atomic import atomic_dir, atomic_write_json
 from align_jax.losses import objectives
 from align_jax.models.config import ModelConfig, get_config
+from align_jax.models.hf import config_to_hf, load_hf
 from align_jax.models.lora import lora_config
 from align_jax.models.named import resolve_model_path
+from align_jax.run_lock import run_lock
+from align_jax.runinfo import run_folder
 from align_jax.tokenizer import copy_tokenizer_files, load_tokenizer
+from align_jax.tokenizer_training import train_tokenizer
 from align_jax.train import status as status_lib
+from align_jax.train.adapters import write_lora_file
 from align_jax.train.loop import train
 from align_jax.train.optim import OptimizerConfig
+from align_jax.train.reference import attach_reference_logps
 
 log = logging.getLogger(__name__)
 
@@ -125,9 +133,7 @@ def train_main(*, output_dir: str, data: str, objective: str = "sft",
                      keep=keep, log_every=log_every)
     # The objective and its loss keywords are checked before the run folder is touched.
     _objective_and_options(objective, loss_kwargs, vocab_chunk_size)
-    import jax
 
-    from align_jax.run_lock import run_lock
     with run_lock(output_dir if jax.process_index() == 0 else None):
         resuming = status_lib.check_settings(output_dir, settings, overwrite=overwrite)
         done = _completed(output_dir, export_hf, num_steps) if resuming else None
@@ -189,8 +195,8 @@ def _train_main(settings, *, output_dir, data, objective, model, model_overrides
                 num_steps, optimizer, grad_accum, mesh, rules, loss_kwargs, reference,
                 vocab_chunk_size, save_every, keep, log_every, seed, export_hf, progress,
                 lora=None, overwrite=False):
+    # Local: the loaders import grain (seconds), needed only once a run starts.
     from align_jax.data import make_loader
-    from align_jax.runinfo import run_folder
 
     obj, loss_kwargs = _objective_and_options(objective, loss_kwargs, vocab_chunk_size)
     lora_spec = lora_config(lora)
@@ -229,12 +235,9 @@ def _train_main(settings, *, output_dir, data, objective, model, model_overrides
             params_init: Any = init_from
             annotate = None
             if lora_spec is not None and main:
-                from align_jax.train.adapters import write_lora_file
                 write_lora_file(os.path.join(output_dir, "model"), lora_spec,
                                 init_from=init_from, seed=seed)
             if ref_mode == "precomputed":
-                from align_jax.models.hf import load_hf
-                from align_jax.train.reference import attach_reference_logps
                 if init_from is None:
                     raise ValueError(f"train_main: objective {obj.name!r} needs a reference "
                                      "model: set init_from (the SFT checkpoint), or for DPO "
@@ -263,8 +266,7 @@ def _train_main(settings, *, output_dir, data, objective, model, model_overrides
                           grad_accum=grad_accum, mesh_spec=mesh, rules=rules,
                           workdir=output_dir, save_every=save_every, keep=keep,
                           log_every=log_every, seed=seed,
-                          ref_params={"params": "initial", "adapters_off": "adapters_off"}.get(
-                              ref_mode, "none"),
+                          reference=ref_mode,
                           export_hf_dir=hf_dir if export_hf else None,
                           export_tokenizer_dir=tok_path, progress=progress, lora=lora_spec,
                           export_peft_dir=peft_dir)
@@ -312,7 +314,6 @@ def _last_checkpoint(output_dir: str) -> int | None:
 def _write_model_files(output_dir: str, config, init_from, tok_path) -> None:
     """<output_dir>/model: config.json and tokenizer files, so any checkpoint of the run can
     be exported later (`align-jax convert`)."""
-    from align_jax.models.hf import config_to_hf
     model_dir = os.path.join(output_dir, "model")
     os.makedirs(model_dir, exist_ok=True)
     if config is None:
@@ -326,8 +327,6 @@ def build_tokenizer(text_path: str, out_dir: str, *, vocab_size: int = 512) -> s
     """Trains a sentencepiece tokenizer on a text file (once; reused when present).
 
     The folder is written whole or not at all (a rerun after an interruption trains again)."""
-    from align_jax.atomic import atomic_dir
-    from align_jax.tokenizer_training import train_tokenizer
     if os.path.exists(os.path.join(out_dir, "tokenizer.json")):
         return out_dir
     if not os.path.isfile(text_path):

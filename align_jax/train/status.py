@@ -16,6 +16,8 @@ import dataclasses
 import json
 import os
 import shutil
+import signal
+import threading
 from collections.abc import Mapping
 from typing import Any
 
@@ -48,8 +50,6 @@ def sigterm_as_keyboard_interrupt():
     caller turns the KeyboardInterrupt into RunInterrupted. The loop installs its own handler
     (save, then stop) and restores this one after. Only the main thread can set handlers.
     """
-    import signal
-    import threading
     if threading.current_thread() is not threading.main_thread():
         yield
         return

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-import align_jax.generate as generate_module
+from align_jax.eval import answers as answers_lib
 from align_jax.eval import bleu, rouge
 from align_jax.eval.judge import parse_verdict
 from align_jax.eval.report import evaluate_models
@@ -56,12 +56,12 @@ class LongerJudge:
 def test_report_scores_every_system_and_writes_files(checkpoints, tmp_path, monkeypatch):
     models, tok = checkpoints
     calls = []
-    real = generate_module.generate
+    real = answers_lib.generate
 
     def counting(config, params, prompts, **kw):
         calls.append(len(prompts))
         return real(config, params, prompts, **kw)
-    monkeypatch.setattr(generate_module, "generate", counting)
+    monkeypatch.setattr(answers_lib, "generate", counting)
     sft_test = [{"prompt": "Can I accept a gift from a supplier?",
                  "completion": "Only small tokens of thanks; never cash."},
                 {"prompt": "Who speaks to journalists?",

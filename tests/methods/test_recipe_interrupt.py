@@ -42,8 +42,8 @@ def test_an_interrupted_stage_stops_the_recipe_and_a_changed_base_retrains_later
         pathlib.Path(out, "report.md").write_text("# report\n")
         return {"samples": {}}
 
-    monkeypatch.setattr("align_jax.train.entry.train_main", fake_train_main)
-    monkeypatch.setattr("align_jax.eval.report.evaluate_models", fake_report)
+    monkeypatch.setattr("align_jax.methods.value_alignment.train_main", fake_train_main)
+    monkeypatch.setattr("align_jax.methods.value_alignment.evaluate_models", fake_report)
     out = tmp_path / "va"
     recipe = functools.partial(value_alignment, document="examples/values_document.md",
                                sft_data="examples/sft.jsonl",

@@ -12,7 +12,6 @@ import pytest
 import torch
 from gguf_files import tiny_llama, write_tiny_gguf
 
-import align_jax.models.gguf as gguf_import
 from align_jax.models import forward, load_hf, named
 from align_jax.sdg.backends import make_teacher
 from align_jax.tokenizer import load_tokenizer
@@ -62,15 +61,15 @@ def test_interrupted_conversion_leaves_nothing_behind(fake_package, tmp_path, mo
         open(os.path.join(dst, "config.json"), "w").write("{}")
         raise KeyboardInterrupt
 
-    real = gguf_import.gguf_to_hf
-    monkeypatch.setattr(gguf_import, "gguf_to_hf", fail)
+    real = named.gguf_to_hf
+    monkeypatch.setattr(named, "gguf_to_hf", fail)
     with pytest.raises(KeyboardInterrupt):
         named.resolve_model_path("tiny-named")
     models = tmp_path / "cache" / "models"
     assert os.listdir(models) == []
     # A conversion killed outright (SIGKILL) leaves its staging folder under a temp name,
     # never the entry's name; the next conversion removes it and writes the whole entry.
-    monkeypatch.setattr(gguf_import, "gguf_to_hf", real)
+    monkeypatch.setattr(named, "gguf_to_hf", real)
     dead = subprocess.Popen([sys.executable, "-c", ""])
     dead.wait()
     stale = models / f".tiny-named-9.9.tmp-{socket.gethostname()}-{dead.pid}"
