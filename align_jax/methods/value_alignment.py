@@ -167,6 +167,7 @@ def value_alignment(*, output_dir: str, document: str, model: str | None = "tiny
                     seq_len: int = 256, batch_size: int = 8, cft_steps: int = 60,
                     sft_steps: int = 60, dpo_steps: int = 30, learning_rate: float = 3e-3,
                     dpo_learning_rate: float = 1e-3, beta: float = 0.1,
+                    rpo_alpha: float = 0.0,
                     mesh: sharding.MeshSpec | None = None, rules: str = "dp",
                     num_samples: int = 3, max_new_tokens: int = 40, seed: int = 0,
                     progress: bool = True, retrieval: str = "semantic",
@@ -195,6 +196,8 @@ def value_alignment(*, output_dir: str, document: str, model: str | None = "tiny
       cft_steps, sft_steps, dpo_steps: updates per stage.
       learning_rate, dpo_learning_rate: peak rates (AdamW, cosine, 10% warmup).
       beta: DPO's beta.
+      rpo_alpha: weight of the chosen answers' NLL added to the DPO loss (RPO); 0 is plain
+        DPO. A small model trained on a few dozen pairs keeps fluent answers with it.
       mesh, rules: device mesh and sharding preset for every stage.
       num_samples, max_new_tokens: answers shown side by side; answer budget (greedy).
       seed: seed of every stage.
@@ -263,8 +266,9 @@ def value_alignment(*, output_dir: str, document: str, model: str | None = "tiny
     # From scratch, the document-pretrained model is the only sensible base for SFT.
     base = init_from or cft
     sft = stage("sft", "sft", files["sft_train"], sft_steps, init=base, lr=learning_rate)
+    dpo_kwargs = {"beta": beta, **({"rpo_alpha": rpo_alpha} if rpo_alpha else {})}
     dpo = stage("dpo", "dpo", files["preference_train"], dpo_steps, init=sft,
-                lr=dpo_learning_rate, loss_kwargs={"beta": beta}, reference="precomputed")
+                lr=dpo_learning_rate, loss_kwargs=dpo_kwargs, reference="precomputed")
 
     models = {"base": base, "c-fine-tuned": cft, "sft": sft, "sft+dpo": dpo}
     if init_from is None:
