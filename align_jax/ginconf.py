@@ -39,7 +39,7 @@ def resolve(name: str, folders: Sequence[str]) -> str:
 
 def install_search_path(folders: Sequence[str]) -> None:
     """Makes gin look for includes in `folders`, in order, instead of the working dir first."""
-    import gin
+    import gin  # local: the CLI imports this module and `--help` stays free of gin
     # gin only appends search prefixes after its built-in '' (the working directory); the
     # list is replaced here so that the shipped configs are found before a same-named file
     # in the working directory.
@@ -162,7 +162,7 @@ _MACRO = re.compile(r"%([A-Za-z_][\w./]*)")
 def check_macros(files: Sequence[str], param_lines: Sequence[str],
                  folders: Sequence[str]) -> str | None:
     """A one-line message for the first `%NAME` used but never defined."""
-    import gin
+    import gin  # local: see install_search_path
     sources = [(f"--gin_param={line!r}", line) for line in param_lines]
     for path in _all_files(files, folders):
         with open(path, encoding="utf-8", errors="replace") as f:
@@ -183,7 +183,7 @@ def check_bindings(fn, name: str, files: Sequence[str], param_lines: Sequence[st
                    folders: Sequence[str]) -> str | None:
     """A one-line message for an undefined macro or the first binding of `fn` (gin name
     `name`) of the wrong type."""
-    import gin
+    import gin  # local: see install_search_path
     bad = check_macros(files, param_lines, folders)
     if bad:
         return bad

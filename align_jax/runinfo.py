@@ -15,6 +15,10 @@ import sys
 from collections.abc import Mapping
 from typing import Any
 
+import jax
+
+from align_jax import distributed
+
 
 def _git_state() -> tuple[str | None, bool | None]:
     root = pathlib.Path(__file__).resolve().parent.parent
@@ -41,7 +45,6 @@ _VERSIONS = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy")
 
 def run_info() -> dict[str, Any]:
     """Git commit, library versions and devices: the part of run_info.json every run shares."""
-    import jax
     commit, dirty = _git_state()
     devices = jax.devices()
     versions = {name: _version(name) for name in _VERSIONS}
@@ -77,7 +80,6 @@ def write_run_info(workdir: str | os.PathLike, *, extra: Mapping[str, Any] | Non
             info = {}
     info.update(run_info())
     info.update(dict(extra or {}))
-    from align_jax import distributed
     if not distributed.is_main():  # multi-process: process 0 writes the run's files
         return info
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -90,9 +92,7 @@ def write_run_info(workdir: str | os.PathLike, *, extra: Mapping[str, Any] | Non
 
 
 def _write_gin(output_dir: str | os.PathLike, *, operative: bool) -> None:
-    import gin
-
-    from align_jax import distributed
+    import gin  # local: the train package imports this module, and it runs without gin
     if not distributed.is_main():
         return
     out = pathlib.Path(output_dir)

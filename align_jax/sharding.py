@@ -148,12 +148,14 @@ def _is_box(x: Any) -> bool:
     return isinstance(x, nn.LogicallyPartitioned)
 
 
-def state_shardings(abstract_tree: Any, mesh: Mesh, rules: str | Rules) -> Any:
+def tree_shardings(abstract_tree: Any, mesh: Mesh, rules: str | Rules) -> Any:
     """NamedShardings for a tree whose leaves are boxed (`nn.LogicallyPartitioned`) or plain.
 
     Boxed leaves are sharded by their logical names under `rules`; plain leaves (step counters,
     scalars) are replicated. The result has the *unboxed* tree structure, ready for
-    `jax.jit(..., out_shardings=...)` of a function that returns unboxed values.
+    `jax.jit(..., out_shardings=...)` of a function that returns unboxed values. For a whole
+    TrainState (whose factored optimizer moments lose rank) use
+    `train.state.train_state_shardings`.
     """
 
     def one(x):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -207,7 +208,7 @@ def _render_jinja(template: str, messages: list[dict[str, str]], add_generation_
                   **special_tokens: str) -> str:
     # Same environment settings as transformers' chat template renderer, so one template string
     # renders identically through either backend.
-    import jinja2
+    import jinja2  # local: only Hugging Face chat templates need jinja2
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     def raise_exception(message):
@@ -232,7 +233,7 @@ class _SentencePieceTokenizer(Tokenizer):
             with open(path, "rb") as f:
                 # Imported here: the model, loss and train-step modules (and the GPU
                 # benchmark, on a machine without sentencepiece) import this module.
-                import sentencepiece as spm  # noqa: PLC0415
+                import sentencepiece as spm  # local: only .model tokenizers need it
                 self._sp = spm.SentencePieceProcessor(model_proto=f.read())
         except (OSError, RuntimeError) as e:
             raise ValueError(f"{path}: not a readable sentencepiece model ({e})") from e
@@ -393,6 +394,7 @@ _VOCAB_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", 
 def _load_hf(path: str):
     """AutoTokenizer over a dir whose JSON files parse; never a silent fallback that drops
     the configured special tokens or template."""
+    # Heavy: only Hugging Face tokenizer dirs need transformers.
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
     for name in ("tokenizer_config.json", "tokenizer.json", "special_tokens_map.json"):
         _read_json(os.path.join(path, name))  # a corrupt file is a ValueError naming it
@@ -430,7 +432,6 @@ def copy_tokenizer_files(src: str | os.PathLike, dst: str | os.PathLike) -> list
 
     Files already in `dst` are kept. Returns the names copied.
     """
-    import shutil
     src = os.fspath(src)
     os.makedirs(dst, exist_ok=True)
     if os.path.isfile(src):

@@ -79,6 +79,7 @@ def _bpe_merges(vocab: dict[str, int], skip: set[str]) -> list[tuple[str, str]]:
 
 def _to_hf_tokenizer(sp: spm.SentencePieceProcessor, model_type: str):
     """Builds a `tokenizers.Tokenizer` that encodes exactly like `sp` (identity normalisation)."""
+    # Heavy: only the Hugging Face export of a trained tokenizer needs them.
     from tokenizers import AddedToken, decoders, models, normalizers, processors
     from tokenizers import Tokenizer as HFTokenizer
 
@@ -172,7 +173,7 @@ def train_tokenizer(texts: Iterable[str], out_dir: str | os.PathLike, *, vocab_s
         f.write(proto.getvalue())
     sp = spm.SentencePieceProcessor(model_proto=proto.getvalue())
 
-    from transformers import PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast  # heavy: only the HF export
     hf = PreTrainedTokenizerFast(
         tokenizer_object=_to_hf_tokenizer(sp, model_type), bos_token=_BOS, eos_token=_EOS,
         unk_token=_UNK, pad_token=_PAD, chat_template=chat_template,

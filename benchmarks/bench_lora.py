@@ -24,7 +24,7 @@ from align_jax.models import transformer
 from align_jax.models.config import get_config
 from align_jax.train import adapters, optim
 from align_jax.train import compile as compile_lib
-from align_jax.train.state import state_shardings
+from align_jax.train.state import train_state_shardings
 from benchmarks import common
 from benchmarks.bench_train import _config, _dpo_batch, _sft_batch
 
@@ -50,7 +50,7 @@ def measured(config, kind, batch, *, lora, iters, device):
     tx, _ = optim.make_optimizer(optim.OptimizerConfig(learning_rate=1e-5), num_steps=1000)
     reference = kind == "dpo"
     abstract = adapters.abstract_run_state(config, tx=tx, lora=lora, with_ref=reference)
-    shardings = state_shardings(abstract, mesh, rules)
+    shardings = train_state_shardings(abstract, mesh, rules)
     params = transformer.init_params(config, jax.random.key(0), mesh=mesh, rules=rules)
     if lora is None:
         ref = jax.tree.map(lambda x: x.copy(), params) if reference else None

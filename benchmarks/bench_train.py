@@ -89,7 +89,7 @@ def _setup_jax(config, loss_fn, *, with_ref=False, loss_kwargs=None, device=None
     tx, schedule = optim.make_optimizer(optim.OptimizerConfig(learning_rate=LR), num_steps=1000)
     abstract = state_lib.abstract_state(transformer.abstract_params(config), tx=tx,
                                         with_ref=with_ref)
-    shardings = state_lib.state_shardings(abstract, mesh, rules)
+    shardings = state_lib.train_state_shardings(abstract, mesh, rules)
     params = transformer.init_params(config, jax.random.key(0), mesh=mesh, rules=rules)
     ref = jax.tree.map(lambda x: x.copy(), params) if with_ref else None
     state = compile_lib.init_train_state(params, tx=tx, seed=0, state_shardings=shardings,

@@ -109,7 +109,7 @@ def jax_train(args, shape, sizes) -> dict:
     tx, schedule = optim.make_optimizer(optim.OptimizerConfig(learning_rate=1e-5),
                                         num_steps=100)
     abstract = state_lib.abstract_state(transformer.abstract_params(config), tx=tx)
-    shardings = state_lib.state_shardings(abstract, mesh, "fsdp")
+    shardings = state_lib.train_state_shardings(abstract, mesh, "fsdp")
     params = transformer.init_params(config, jax.random.key(0), mesh=mesh)
     state = compile_lib.init_train_state(params, tx=tx, seed=0, state_shardings=shardings)
     step = compile_lib.jit_train_step(

@@ -27,7 +27,7 @@ def test_gpu_bench_imports_nothing_the_device_lacks():
             "import align_jax.models.transformer, align_jax.losses, align_jax.train.step\n"
             "import align_jax.train.compile, align_jax.generate.loop\n"
             "bad = {m.split('.')[0] for m in sys.modules} & {'gin', 'grain', 'datasets',"
-            " 'tensorflow', 'sentencepiece', 'tokenizers'}\n"
+            " 'tensorflow', 'sentencepiece', 'tokenizers', 'gguf'}\n"
             "print(sorted(bad))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                          env=dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu"))

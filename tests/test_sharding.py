@@ -39,7 +39,7 @@ def test_logical_to_spec_uses_each_mesh_axis_once():
 
 
 def _specs(mesh, rules):
-    shardings = sharding.state_shardings(transformer.abstract_params(CFG), mesh, rules)
+    shardings = sharding.tree_shardings(transformer.abstract_params(CFG), mesh, rules)
     flat = jax.tree_util.tree_flatten_with_path(shardings)[0]
     return {jax.tree_util.keystr(path): [list(e) if isinstance(e, tuple) else e
                                          for e in s.spec] for path, s in flat}
@@ -76,7 +76,7 @@ def test_sharded_forward_equals_single_device(rules):
     mesh = sharding.make_mesh(sharding.MeshSpec(data=2, fsdp=2, tensor=2))
     params = transformer.init_params(CFG, rng, mesh=mesh, rules=rules)
     q = params["layers"]["attn"]["q_proj"]
-    assert q.sharding.spec == sharding.state_shardings(
+    assert q.sharding.spec == sharding.tree_shardings(
         transformer.abstract_params(CFG), mesh, rules)["layers"]["attn"]["q_proj"].spec
     fn = transformer.jit_forward(CFG, mesh=mesh, rules=rules)
     out = fn(params, tokens, pos, seg)

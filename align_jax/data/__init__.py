@@ -50,6 +50,7 @@ __all__ = [
 
 def __getattr__(name):
     if name in ("Loader", "make_loader"):
+        # Local: grain (and jax) load only when a loader is made, not for records and batches.
         from align_jax.data import loaders
         return getattr(loaders, name)
     raise AttributeError(f"module 'align_jax.data' has no attribute {name!r}")

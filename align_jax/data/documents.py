@@ -116,7 +116,7 @@ def html_to_text(markup: str) -> str:
 
 
 def _read_pdf(path: str) -> str:
-    import pypdf  # Imported here: only PDF inputs pay for it.
+    import pypdf  # optional: only PDF inputs pay for it
     try:
         reader = pypdf.PdfReader(path)
         pages = [page.extract_text() or "" for page in reader.pages]

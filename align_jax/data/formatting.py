@@ -15,6 +15,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from align_jax.data.aligner_text import aligner_example
 from align_jax.data.sources import DataError, Record, Skipped
 from align_jax.tokenizer import encode_prompt
 
@@ -140,7 +141,6 @@ def _tokenize(record: Record, *, kind: str, tokenizer, chat_template: bool):
                        where=where)
     if kind == "aligner":
         # `x [INIT] y [ALIGNED]` -> y' [DONE]: the loss covers y' and the [DONE] marker only.
-        from align_jax.data.aligner_text import aligner_example
         prompt_ids, completion_ids = aligner_example(tokenizer, data)
         return Example(prompt=prompt_ids, completions=(completion_ids,), where=where)
     if kind == "sami":

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 import grain
+import jax
 import numpy as np
 
 from align_jax.data import batching
@@ -129,7 +130,6 @@ def _grouping(fmt: DataFormat, *, pack, batch_size, seq_len, pad_id, max_pairs, 
 def _shard_info(shard):
     if shard is not None:
         return shard
-    import jax  # pylint: disable=g-import-not-at-top
     return jax.process_index(), jax.process_count()
 
 

@@ -272,7 +272,7 @@ def read_rows(rows: Iterable[Any], *, name: str, schema: str, on_error: str = "r
 
 
 def _hf_dataset(spec: str, split: str | None):
-    import datasets  # pylint: disable=g-import-not-at-top
+    import datasets  # heavy, optional: only Hugging Face dataset sources
 
     data_files_ext = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
     ext = os.path.splitext(spec)[1].lower()
@@ -316,7 +316,7 @@ def load_records(spec: Any, *, schema: str, on_error: str = "raise", split: str 
             records = list(read_rows(rows, name=f"{name}[{split or 'train'}]", schema=schema,
                                      on_error=on_error, report=report))
         elif spec.startswith("tfds:"):
-            import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+            import tensorflow_datasets as tfds  # heavy, optional: only tfds: sources
             name = spec[5:]
             source = tfds.data_source(name, split=split or "train", data_dir=data_dir)
             rows = (source[i] for i in range(len(source)))

@@ -14,7 +14,12 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from align_jax.eval.bertscore import bertscore
 from align_jax.eval.metrics import bleu, rouge
+from align_jax.eval.retrieval import resolve_embedder
+from align_jax.generate import generate
+from align_jax.models.encoder import load_encoder
+from align_jax.tokenizer import encode_prompt, load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +28,6 @@ RAG_SUFFIX = " + RAG"
 
 def chat_prompt_ids(tokenizer, prompt: str, *, max_prompt_tokens: int) -> list[int]:
     """The prompt as a single user turn through the chat template, left-truncated."""
-    from align_jax.tokenizer import encode_prompt
     return encode_prompt(tokenizer, prompt)[-max_prompt_tokens:]
 
 
@@ -42,7 +46,6 @@ def generate_answers(config, params, tokenizer, prompt_sets: Mapping[str, Sequen
     Returns:
       system name -> answers, in prompt order.
     """
-    from align_jax.generate import generate
     names = list(prompt_sets)
     flat = [p for n in names for p in prompt_sets[n]]
     if not flat:
@@ -70,14 +73,11 @@ def load_bertscore_model(model):
     """
     if model is None or isinstance(model, tuple):
         return model
-    from align_jax.eval.retrieval import resolve_embedder
     try:
         path = resolve_embedder(model)
     except FileNotFoundError as e:
         log.warning("BERTScore skipped: %s", e)
         return None
-    from align_jax.models.encoder import load_encoder
-    from align_jax.tokenizer import load_tokenizer
     config, params = load_encoder(path)
     return config, params, load_tokenizer(path)
 
@@ -96,7 +96,6 @@ def score_answers(answers: Mapping[str, Sequence[str]], references: Sequence[str
       system -> {"bleu", "rouge1", "rouge2", "rougeL", "rougeLsum", and with a model
       "bertscore_precision", "bertscore_recall", "bertscore_f1"}.
     """
-    from align_jax.eval.bertscore import bertscore
     out = {name: {"bleu": bleu(hyps, references), **rouge(hyps, references)}
            for name, hyps in answers.items()}
     if bertscore_model is not None and answers:

@@ -29,6 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from align_jax.tokenizer import load_tokenizer
+
 _PAD = 8
 
 
@@ -65,8 +67,8 @@ def _load(model):
 
 @functools.lru_cache(maxsize=2)
 def _load_path(path: str):
+    # Local: `import align_jax.eval` (metrics, MI bound) stays free of flax and the models.
     from align_jax.models.encoder import load_encoder
-    from align_jax.tokenizer import load_tokenizer
     config, params = load_encoder(path)
     return config, params, load_tokenizer(path)
 
@@ -83,7 +85,7 @@ def _rows(n: int, batch_size: int) -> int:
 
 def _embed_all(config, params, tokenizer, texts, *, layer, batch_size, max_length):
     """Per unique text: (ids, embeddings [len, D] float32 numpy)."""
-    from align_jax.models.encoder import encode
+    from align_jax.models.encoder import encode  # local: see _load_path
     ids = {t: tokenizer.encode_pair(t.strip(), max_length=max_length)[0] for t in texts}
     order = sorted(ids, key=lambda t: -len(ids[t]))  # similar lengths share a batch
     out = {}

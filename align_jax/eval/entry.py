@@ -10,11 +10,20 @@
 import os
 from collections.abc import Mapping
 
+from align_jax import distributed
+from align_jax.atomic import atomic_write_json
+from align_jax.data.documents import chunk_documents, load_documents
+from align_jax.data.sources import load_records
+from align_jax.eval.report import evaluate_models
+from align_jax.eval.retrieval import make_retriever
+from align_jax.models.named import resolve_model_path
+from align_jax.runinfo import run_folder
+from align_jax.tokenizer import load_tokenizer
+
 
 def _read(path: str | None, schema: str) -> list[dict]:
     if path is None:
         return []
-    from align_jax.data.sources import load_records
     return [r.data for r in load_records(path, schema=schema)[0]]
 
 
@@ -39,22 +48,16 @@ def eval_main(*, output_dir: str, models: Mapping[str, str], sft_test: str | Non
       retrieval: "semantic" (all-MiniLM-L6-v2, BM25 when missing), "bm25" or "tfidf".
       num_questions: held-out questions every system answers (default all).
       bertscore_model: encoder for BERTScore (None skips it).
-      judge: "local:..." or "openai:..." teacher for pairwise win rates (None skips them).
+      judge: "local:..." or "openai:..." teacher, or "letters:<dir or name>" (a local judge
+        read from its letter probabilities), for pairwise win rates (None skips them).
       judge_template, judge_kwargs: see `align_jax.eval.judge.win_rate_matrix`.
       judge_systems: systems the judge compares (default all).
     """
-    from align_jax.eval.report import evaluate_models
-    from align_jax.models.named import resolve_model_path
-    from align_jax.runinfo import run_folder
-    from align_jax.tokenizer import load_tokenizer
-
     if not models:
         raise ValueError("eval_main.models is empty: map names to checkpoint dirs")
     tok = load_tokenizer(resolve_model_path(next(iter(models.values()))))
     retriever = None
     if documents:
-        from align_jax.data.documents import chunk_documents, load_documents
-        from align_jax.eval.retrieval import make_retriever
         chunks = chunk_documents(load_documents(documents), tok, chunk_tokens=chunk_tokens,
                                  overlap=chunk_tokens // 8)
         retriever = make_retriever([c.text for c in chunks], kind=retrieval)
@@ -69,9 +72,7 @@ def eval_main(*, output_dir: str, models: Mapping[str, str], sft_test: str | Non
                                  bertscore_model=bertscore_model, judge=judge,
                                  judge_template=judge_template, judge_kwargs=judge_kwargs,
                                  judge_systems=judge_systems)
-        from align_jax import distributed
         if distributed.is_main():
-            from align_jax.atomic import atomic_write_json
             atomic_write_json(os.path.join(output_dir, "report.json"), report)
-    print(open(os.path.join(output_dir, "report.md")).read())
+            print(open(os.path.join(output_dir, "report.md")).read())
     return 0

@@ -4,9 +4,11 @@ Every pair of responses is judged twice, once in each order (A|B and B|A), by an
 (`local:` checkpoint or `openai:` endpoint) under an editable rubric template from
 configs/judge_templates/ (or a path). The judge must end with "[RESULT] A" or "[RESULT] B";
 anything else is a tie (scored 0.5), counted in `parse_failures` and kept in `judgements`.
+A `LetterJudge` (`align_jax.eval.letter_judge`: a small local model read from its
+probabilities of "A" and "B") gives soft judgements instead: P(slot A) for system A's slot.
 
 Statistics (all for system A over system B; a pair's score is the mean of its two
-judgements, each 1 for A, 0 for B, 0.5 for a tie):
+judgements, each 1 for A, 0 for B, 0.5 for a tie, or the letter judge's probability):
   win_rate        mean pair score; `stderr` its standard error over pairs, `ci` the normal
                   95% interval clipped to [0, 1].
   position_bias   the share of pairs (both verdicts parsed) whose two orders chose the same
@@ -125,15 +127,24 @@ def _prompts(template, prompts, first, second, *, references, rubric, principles
     return out
 
 
-def _stats(texts_ab: Sequence[str], texts_ba: Sequence[str], responses_a, responses_b
-           ) -> WinRateResult:
-    """Statistics from the judge's texts for order A|B and order B|A."""
+def _stats(texts_ab: Sequence[str], texts_ba: Sequence[str], responses_a, responses_b, *,
+           p_ab: np.ndarray | None = None, p_ba: np.ndarray | None = None) -> WinRateResult:
+    """Statistics from the judge's texts for order A|B and order B|A.
+
+    With `p_ab`/`p_ba` (a letter judge's P(slot A) per judgement) the scores are those
+    probabilities instead of parsed verdicts, and a verdict is the likelier slot.
+    """
     n = len(texts_ab)
-    v_ab = [parse_verdict(t) for t in texts_ab]
-    v_ba = [parse_verdict(t) for t in texts_ba]
-    # Scores for system A: in order B|A, slot "B" holds system A.
-    s_ab = np.array([{"A": 1.0, "B": 0.0}.get(v, 0.5) for v in v_ab])
-    s_ba = np.array([{"A": 0.0, "B": 1.0}.get(v, 0.5) for v in v_ba])
+    if p_ab is None:
+        v_ab = [parse_verdict(t) for t in texts_ab]
+        v_ba = [parse_verdict(t) for t in texts_ba]
+        # Scores for system A: in order B|A, slot "B" holds system A.
+        s_ab = np.array([{"A": 1.0, "B": 0.0}.get(v, 0.5) for v in v_ab])
+        s_ba = np.array([{"A": 0.0, "B": 1.0}.get(v, 0.5) for v in v_ba])
+    else:
+        s_ab, s_ba = np.asarray(p_ab, float), 1.0 - np.asarray(p_ba, float)
+        slot = lambda p: "A" if p > 0.5 else "B" if p < 0.5 else None  # noqa: E731
+        v_ab, v_ba = [slot(p) for p in p_ab], [slot(p) for p in p_ba]
     pair = (s_ab + s_ba) / 2
     nan = float("nan")
     win = float(pair.mean()) if n else nan
@@ -235,14 +246,21 @@ def win_rate_matrix(prompts: Sequence[str], responses: Mapping[str, Sequence[str
     for a, b in pairs:
         batch += _prompts(template, prompts, responses[a], responses[b], **kw)
         batch += _prompts(template, prompts, responses[b], responses[a], **kw)
-    texts = ask(judge, batch, use_chat=use_chat, temperature=temperature,
-                max_tokens=max_tokens, seed=seed)
+    probs = None
+    if hasattr(judge, "letter_probabilities"):  # eval.letter_judge.LetterJudge
+        probs = np.asarray(judge.letter_probabilities(batch, use_chat=use_chat), float)
+        texts = [f"P(A)={p:.4f}" for p in probs]
+    else:
+        texts = ask(judge, batch, use_chat=use_chat, temperature=temperature,
+                    max_tokens=max_tokens, seed=seed)
     n, s = len(prompts), len(names)
     out = {"names": names, "results": {}}
     mats = {k: np.full((s, s), 0.5) for k in ("win_rate", "ci_low", "ci_high", "lc_win_rate")}
     for k, (a, b) in enumerate(pairs):
-        chunk = texts[2 * n * k: 2 * n * (k + 1)]
-        res = _stats(chunk[:n], chunk[n:], responses[a], responses[b])
+        lo, hi = 2 * n * k, 2 * n * (k + 1)
+        chunk = texts[lo:hi]
+        soft = {} if probs is None else {"p_ab": probs[lo:lo + n], "p_ba": probs[lo + n:hi]}
+        res = _stats(chunk[:n], chunk[n:], responses[a], responses[b], **soft)
         out["results"][(a, b)] = res
         i, j = names.index(a), names.index(b)
         mats["win_rate"][i, j], mats["win_rate"][j, i] = res.win_rate, 1 - res.win_rate

@@ -54,7 +54,7 @@ def bleu(hyps: Sequence[str], refs: Sequence[str | Sequence[str]], *,
     Returns:
       BLEU on sacrebleu's 0-100 scale; 0.0 for no examples.
     """
-    from sacrebleu.metrics import BLEU
+    from sacrebleu.metrics import BLEU  # optional metric: loads only when BLEU is asked for
     groups = _references(hyps, refs)
     if not groups:
         return 0.0
@@ -84,7 +84,7 @@ def rouge(hyps: Sequence[str], refs: Sequence[str | Sequence[str]], *,
       {"rouge1", "rouge2", "rougeL", "rougeLsum"}: mean F-measures in [0, 1] (0.0 each for
       no examples).
     """
-    from rouge_score import rouge_scorer
+    from rouge_score import rouge_scorer  # optional metric: loads only when ROUGE is asked for
     groups = _references(hyps, refs)
     scorer = rouge_scorer.RougeScorer(list(_ROUGE_TYPES), use_stemmer=use_stemmer)
     totals = dict.fromkeys(_ROUGE_TYPES, 0.0)

@@ -6,19 +6,30 @@ without the code.
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from align_jax.atomic import atomic_write
 from align_jax.jsonl import read_jsonl
 
 
 def _pyplot():
-    import matplotlib
+    import matplotlib  # heavy: only report plots need it
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     return plt
+
+
+def _save(fig, path: str) -> str:
+    """Writes the figure as PNG atomically (a reader never sees half a picture); closes it."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    _pyplot().close(fig)
+    atomic_write(path, buf.getvalue())
+    return path
 
 
 def _metrics(path: str) -> list[dict]:
@@ -37,7 +48,7 @@ def plot_overview(out_dir: str, report: Mapping, stages: Mapping[str, str]) -> s
             axes[0].plot([r["step"] for r in rows], [r["loss"] for r in rows], label=label)
     axes[0].set(title="training loss per stage", xlabel="optimizer step",
                 ylabel="loss (nats / token; DPO: nats / pair)")
-    if stages:
+    if axes[0].lines:
         axes[0].legend(title="stage")
     names = list(report["models"])
     nll = [report["models"][n]["answer_nll"]["nll_per_token"] for n in names]
@@ -59,9 +70,7 @@ def plot_overview(out_dir: str, report: Mapping, stages: Mapping[str, str]) -> s
     axes[2].legend()
     fig.tight_layout()
     path = os.path.join(out_dir, "report.png")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_metrics(path: str, metrics: Mapping[str, Mapping[str, float]]) -> str:
@@ -82,9 +91,7 @@ def plot_metrics(path: str, metrics: Mapping[str, Mapping[str, float]]) -> str:
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in ("tab:blue", "tab:orange")]
     axes[0][0].legend(handles, ["question only", "+ retrieved chunk (RAG)"])
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_win_rates(path: str, matrix: Mapping, *, judge: str = "") -> str:
@@ -110,6 +117,4 @@ def plot_win_rates(path: str, matrix: Mapping, *, judge: str = "") -> str:
                  (f"\njudge: {judge}" if judge else ""))
     fig.colorbar(im, ax=ax, label="win rate of A over B (ties count 1/2)")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)

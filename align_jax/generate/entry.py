@@ -7,12 +7,17 @@
 import os
 from collections.abc import Sequence
 
+from align_jax import distributed
+from align_jax.generate import generate
 from align_jax.jsonl import decode_line, numbered_lines, write_jsonl
+from align_jax.models.hf import load_hf
+from align_jax.models.named import resolve_model_path
+from align_jax.runinfo import run_folder
+from align_jax.tokenizer import load_tokenizer, validate_messages
 
 
 def _read_prompts(path: str) -> list[dict]:
     """Prompt rows of a JSONL file; a bad line is a one-line error naming path:line."""
-    from align_jax.tokenizer import validate_messages
     rows = []
     for n, raw in numbered_lines(path):
         row = decode_line(raw, where=f"{path}:{n}")
@@ -49,12 +54,6 @@ def generate_main(*, output_dir: str, model_dir: str, prompts: str, chat: bool =
       max_new_tokens, temperature, top_p, top_k, seed, stop_strings: sampling.
       batch_size: rows per device batch.
     """
-    from align_jax.generate import generate
-    from align_jax.models.hf import load_hf
-    from align_jax.models.named import resolve_model_path
-    from align_jax.runinfo import run_folder
-    from align_jax.tokenizer import load_tokenizer
-
     rows = _read_prompts(prompts)
     with run_folder(output_dir):
         config, params = load_hf(model_dir)
@@ -69,7 +68,6 @@ def generate_main(*, output_dir: str, model_dir: str, prompts: str, chat: bool =
                        temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
                        stop_strings=tuple(stop_strings), tokenizer=tok, batch_size=batch_size)
         path = os.path.join(output_dir, "completions.jsonl")
-        from align_jax import distributed
         if distributed.is_main():
             write_jsonl(path, ({**row, "completion": text, "finish_reason": reason}
                                for row, text, reason in zip(rows, out.texts, out.finish_reasons)))

@@ -30,16 +30,26 @@ async def read_body(request: fastapi.Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def json_ints(ids: list[int], piece: int = 2**15) -> str:
-    """A JSON list of ints, built in pieces so that other threads run in between."""
-    return "[" + ",".join(",".join(map(str, ids[i:i + piece]))
+def json_ints(ids, piece: int = 2**15) -> str:
+    """A JSON list of ints (a list or a 1-D integer array), built in pieces so that other
+    threads run in between."""
+    return "[" + ",".join(",".join(map(str, _as_list(ids[i:i + piece])))
                           for i in range(0, len(ids), piece)) + "]"
 
 
+def _as_list(ids) -> list[int]:
+    return ids.tolist() if hasattr(ids, "tolist") else ids
+
+
 async def cancel_on_disconnect(request: fastapi.Request, task: asyncio.Future) -> None:
-    """Cancels `task` when the client of `request` disconnects."""
+    """Cancels `task` as soon as the client of `request` disconnects.
+
+    Call it once the body is read: the server's next ASGI message is then the disconnect
+    (uvicorn sends it when the connection is lost), so this waits on it instead of polling.
+    """
     while not task.done():
-        if await request.is_disconnected():
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
             task.cancel()
             return
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(0.05)  # not expected after the body; never spin on it

@@ -360,7 +360,7 @@ def generate_stream(config: ModelConfig, params, prompts: Sequence[Sequence[int]
         if mesh is None:
             params = jax.device_put(params)
         else:
-            params = jax.device_put(params, sharding.state_shardings(
+            params = jax.device_put(params, sharding.tree_shardings(
                 transformer.abstract_params(config), mesh, rules))
     run = dict(max_new_tokens=max_new_tokens, shape_budget=shape_budget, sampler_kw=sampler_kw,
                stop_ids=_stop_ids(config, tokenizer, stop_token_ids, ignore_eos),

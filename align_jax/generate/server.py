@@ -6,13 +6,16 @@ POST /tokenize (vLLM's shape, so teachers can count tokens remotely) and GET /he
 Extensions accepted in the body: top_k (0 or -1 = off), min_p, repetition_penalty.
 Errors use OpenAI's shape {"error": {"message", "type", "param", "code"}} (openai_api.py).
 
-Handlers read the body (at most `max_body_bytes`, else 413), then parse, validate and
-tokenize it in a worker thread (`asyncio.to_thread`), so a large request never blocks the
-event loop (GET /health stays fast), then hand a job to the `Batcher`'s worker thread
-(serving.py), which batches concurrent requests into shared `generate` calls and settles each
-request's asyncio future; generation never runs on the event loop. A client that goes away
-(a closed stream, a dropped connection) cancels its job: a queued job is dropped and a
-running generation whose clients all left stops at its next chunk boundary.
+The handlers are module-level functions over one `ServerState` (validation.py), kept in
+`app.state.server`. They read the body (at most `max_body_bytes`, else 413), then parse,
+validate and tokenize it in a worker thread (`asyncio.to_thread`; bodies over 256 KiB are
+tokenized in a child process, encode_pool.py, since converting millions of ids to Python
+objects holds the GIL), so a large request never blocks the event loop (GET /health stays
+fast), then hand a job to the `Batcher`'s worker thread (serving.py), which batches
+concurrent requests into shared `generate` calls and settles each request's asyncio future;
+generation never runs on the event loop. A client that goes away (a closed stream, a dropped
+connection) cancels its job: a queued job is dropped and a running generation whose clients
+all left stops at its next chunk boundary.
 
 Streaming is live: a streaming request's rows are decoded in chunks of `STREAM_CHUNK` steps,
 and after each chunk the text that can no longer change is sent as a delta; the deltas
@@ -23,10 +26,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import logging
 import os
-import secrets
 import socket
 import threading
 import time
@@ -37,26 +38,22 @@ import uvicorn
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from align_jax.generate.encode_pool import EncodePool
 from align_jax.generate.http_io import (
     BODY_BYTES_PER_TOKEN,
     MIN_BODY_BYTES,
     cancel_on_disconnect,
-    json_ints,
     read_body,
 )
-from align_jax.generate.openai_api import (
-    APIError,
-    ChatRequest,
-    CompletionRequest,
-    SamplingFields,
-    TokenizeRequest,
-    message_dicts,
-    parse_body,
-    sse,
-)
-from align_jax.generate.sampling import row_seed, settings_arrays
+from align_jax.generate.openai_api import APIError, sse
 from align_jax.generate.serving import Batcher, Cancelled, Job, Row
-from align_jax.tokenizer import encode_prompt
+from align_jax.generate.validation import (
+    ServerState,
+    authorize,
+    prepare_chat,
+    prepare_completion,
+    tokenize_json,
+)
 
 log = logging.getLogger(__name__)
 
@@ -81,309 +78,248 @@ def make_app(config, params, tokenizer, *, model_name: str, api_key: str | None 
       max_body_bytes: largest accepted request body (413 beyond); default
         max(1 MiB, 16 bytes x max_prompt_tokens).
     Returns:
-      The app; `app.state.batcher` is its `Batcher`.
+      The app; `app.state.batcher` is its `Batcher`, `app.state.server` its `ServerState`.
     """
     max_len = int(max_len or config.max_position)
     max_prompt = int(max_prompt_tokens or max_len - 1)
-    max_new = int(max_new_tokens_limit or min(4096, max_len - 1))
-    max_body_bytes = int(max_body_bytes or max(MIN_BODY_BYTES, BODY_BYTES_PER_TOKEN * max_prompt))
-    batcher = Batcher(config, params, tokenizer, max_len=max_len, max_batch_size=max_batch_size,
-                      batch_window_s=batch_window_s, mesh=mesh, rules=rules)
-    started = int(time.time())
-
-    @contextlib.asynccontextmanager
-    async def lifespan(_):
-        batcher.start()
-        yield
-        batcher.stop()
-
-    app = fastapi.FastAPI(title="align-jax", lifespan=lifespan)
-    app.state.batcher = batcher
-
-    @app.exception_handler(APIError)
-    async def _api_error(_, e: APIError):
-        return e.response()
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request, e: StarletteHTTPException):
-        return APIError(e.status_code, f"{request.method} {request.url.path}: {e.detail}",
-                        code=str(e.status_code)).response()
-
-    def authorize(request: fastapi.Request) -> None:
-        if api_key is None:
-            return
-        got = request.headers.get("authorization", "")
-        if not hmac.compare_digest(got.encode(), f"Bearer {api_key}".encode()):
-            raise APIError(401, "missing or incorrect API key (send 'Authorization: Bearer "
-                           "<key>')", code="invalid_api_key")
-
-    def check_common(req: SamplingFields) -> None:
-        if req.model is not None and req.model != model_name:
-            raise APIError(404, f"model {req.model!r} does not exist; this server serves "
-                           f"{model_name!r}", param="model", code="model_not_found")
-        if req.n != 1:
-            raise APIError(400, f"n={req.n} is not supported; only n=1", param="n")
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(req, name):
-                raise APIError(400, f"{name} is not supported (use repetition_penalty)",
-                               param=name)
-        if req.logit_bias:
-            raise APIError(400, "logit_bias is not supported", param="logit_bias")
-        stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-        if any(not s for s in stops) or len(stops) > 16:
-            raise APIError(400, "stop must be up to 16 non-empty strings", param="stop")
-
-    def make_job(req: SamplingFields, prompts: list[list[int]], max_tokens: int | None,
-                 default_max: int, prompt_param: str) -> Job:
-        longest = max(len(p) for p in prompts)
-        if longest > max_prompt:
-            raise APIError(400, f"the prompt has {longest} tokens; this server accepts at most "
-                           f"{max_prompt}", param=prompt_param, code="context_length_exceeded")
-        if max_tokens is None:
-            max_tokens = max(1, min(default_max, max_len - longest))
-        if not 1 <= max_tokens <= max_new:
-            raise APIError(400, f"max_tokens={max_tokens} is out of range: it must be between "
-                           f"1 and {max_new}", param="max_tokens")
-        if longest + max_tokens > max_len:
-            raise APIError(400, f"the prompt ({longest} tokens) + max_tokens ({max_tokens}) "
-                           f"exceeds the context length {max_len}; shorten the prompt or "
-                           f"lower max_tokens", param=prompt_param,
-                           code="context_length_exceeded")
-        seed = req.seed if req.seed is not None else secrets.randbits(32)
-        sampling = dict(temperature=req.temperature, top_k=max(req.top_k, 0), top_p=req.top_p,
-                        min_p=req.min_p, repetition_penalty=req.repetition_penalty)
-        try:  # the checks generate makes, here: a bad value is a 400, not a worker error
-            settings_arrays(1, **sampling)
-        except (ValueError, OverflowError) as e:
-            raise APIError(400, str(e)) from None
-        return Job(prompts=prompts, max_tokens=max_tokens, seeds=[row_seed(seed, i) for i in
-                                                                  range(len(prompts))],
-                   sampling=sampling,
-                   stop=tuple([req.stop] if isinstance(req.stop, str) else req.stop or ()),
-                   deliver=None)
-
-    async def run(job: Job, request: fastapi.Request | None = None) -> list[Row]:
-        task = asyncio.ensure_future(batcher.run(job))
-        watch = (asyncio.ensure_future(cancel_on_disconnect(request, task))
-                 if request is not None else None)
-        try:
-            return await task
-        except asyncio.CancelledError:
-            if request is None or not task.cancelled():
-                raise
-            raise APIError(499, "the client closed the request", code="client_closed"
-                           ) from None
-        except Cancelled:
-            raise APIError(499, "the client closed the request", code="client_closed"
-                           ) from None
-        except ValueError as e:
-            raise APIError(400, str(e)) from None
-        except Exception as e:  # noqa: BLE001
-            raise APIError(500, f"generation failed: {type(e).__name__}: {e}",
-                           type="server_error") from None
-        finally:
-            if watch is not None:
-                watch.cancel()
-
-    def usage(prompts, rows) -> dict:
-        p, c = sum(len(x) for x in prompts), sum(len(r.tokens) for r in rows)
-        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
-
-    def answer(req, prompts, rows, *, chat: bool):
-        """The whole answer as one JSON response."""
-        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-        head = {"id": rid, "created": int(time.time()), "model": model_name}
-        if chat:
-            choices = [{"index": i, "message": {"role": "assistant", "content": r.text},
-                        "finish_reason": r.finish_reason, "logprobs": None}
-                       for i, r in enumerate(rows)]
-        else:
-            choices = [{"index": i, "text": r.text, "finish_reason": r.finish_reason,
-                        "logprobs": None} for i, r in enumerate(rows)]
-        return JSONResponse({**head, "object": "chat.completion" if chat else
-                             "text_completion", "choices": choices,
-                             "usage": usage(prompts, rows)})
-
-    def stream_answer(req, prompts, job: Job, *, chat: bool):
-        """Server-sent events, live: each row's new text is sent at every decode chunk."""
-        loop = asyncio.get_running_loop()
-        updates: asyncio.Queue = asyncio.Queue()
-        job.on_partial = lambda row, text: loop.call_soon_threadsafe(
-            updates.put_nowait, (row, text))
-        task = asyncio.ensure_future(run(job))
-        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-        head = {"id": rid, "created": int(time.time()), "model": model_name,
-                "object": "chat.completion.chunk" if chat else "text_completion"}
-
-        def choice(i, piece, reason):
-            if chat:
-                delta = {} if piece is None else {"content": piece}
-                return {"index": i, "delta": delta, "finish_reason": reason, "logprobs": None}
-            return {"index": i, "text": piece or "", "finish_reason": reason,
-                    "logprobs": None}
-
-        async def events():
-            try:
-                async for event in _events():
-                    yield event
-            finally:
-                # Normal end, or the client went away (the generator is closed): stop the
-                # job's generation if it is still running.
-                if not task.done():
-                    job.cancelled.set()
-                    task.cancel()
-
-        async def _events():
-            sent = [""] * len(prompts)
-
-            def delta(i, text):
-                # Partial texts only grow; anything else waits for the final text.
-                if len(text) > len(sent[i]) and text.startswith(sent[i]):
-                    piece, sent[i] = text[len(sent[i]):], text
-                    return sse({**head, "choices": [choice(i, piece, None)]})
-                return None
-
-            if chat:
-                for i in range(len(prompts)):
-                    yield sse({**head, "choices": [{
-                        "index": i, "delta": {"role": "assistant", "content": ""},
-                        "finish_reason": None, "logprobs": None}]})
-            while not task.done() or not updates.empty():
-                getter = asyncio.ensure_future(updates.get())
-                done, _ = await asyncio.wait({getter, task},
-                                             return_when=asyncio.FIRST_COMPLETED)
-                if getter in done:
-                    event = delta(*getter.result())
-                    if event:
-                        yield event
-                else:
-                    getter.cancel()
-            try:
-                rows = task.result()
-            except APIError as e:
-                # The response has started: the error travels as an event.
-                yield sse({"error": {"message": e.message, "type": e.type, "param": e.param,
-                                     "code": e.code}})
-                yield "data: [DONE]\n\n"
-                return
-            for i, r in enumerate(rows):
-                if r.text.startswith(sent[i]):
-                    if len(r.text) > len(sent[i]):
-                        yield sse({**head, "choices": [choice(i, r.text[len(sent[i]):], None)]})
-                else:
-                    batcher.once.warn("stream-diverged",
-                                      "streamed text of row %d diverged from its final text", i)
-                yield sse({**head, "choices": [choice(i, None, r.finish_reason)]})
-            if req.stream_options is not None and req.stream_options.include_usage:
-                yield sse({**head, "choices": [], "usage": usage(prompts, rows)})
-            yield "data: [DONE]\n\n"
-
-        return StreamingResponse(events(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache"})
-
-    @app.get("/health")
-    async def health():
-        return {"status": "ok"}
-
-    @app.get("/v1/models")
-    async def models(request: fastapi.Request):
-        authorize(request)
-        return {"object": "list", "data": [
-            {"id": model_name, "object": "model", "created": started, "owned_by": "align-jax",
-             "max_model_len": max_len}]}
-
-    @app.get("/v1/models/{name:path}")
-    async def model(name: str, request: fastapi.Request):
-        authorize(request)
-        if name != model_name:
-            raise APIError(404, f"model {name!r} does not exist", param="model",
-                           code="model_not_found")
-        return {"id": model_name, "object": "model", "created": started,
-                "owned_by": "align-jax", "max_model_len": max_len}
-
-    @app.post("/v1/completions")
-    async def completions(request: fastapi.Request):
-        authorize(request)
-        raw = await read_body(request, max_body_bytes)
-        req, prompts, job = await asyncio.to_thread(prepare_completion, raw)
-        if req.stream:
-            return stream_answer(req, prompts, job, chat=False)
-        return answer(req, prompts, await run(job, request), chat=False)
-
-    def prepare_completion(raw: bytes):
-        """Parse, validate and tokenize (in a worker thread)."""
-        req = parse_body(CompletionRequest, raw)
-        check_common(req)
-        for name, ok in (("echo", not req.echo), ("logprobs", req.logprobs is None),
-                         ("best_of", req.best_of in (None, 1)), ("suffix", req.suffix is None)):
-            if not ok:
-                raise APIError(400, f"{name} is not supported", param=name)
-        p = req.prompt
-        if isinstance(p, str):
-            prompts = [encode_prompt(tokenizer, p, chat_template=False)]
-        elif p and all(isinstance(x, int) for x in p):
-            prompts = [list(p)]
-        else:
-            prompts = [encode_prompt(tokenizer, x, chat_template=False) if isinstance(x, str)
-                       else list(x) for x in p]
-        if not prompts or any(not x for x in prompts):
-            raise APIError(400, "prompt is empty", param="prompt")
-        bad = [t for x in prompts for t in x if not 0 <= t < config.vocab_size]
-        if bad:
-            raise APIError(400, f"prompt token id {bad[0]} is outside [0, {config.vocab_size})",
-                           param="prompt")
-        return req, prompts, make_job(req, prompts, req.max_tokens, 16, "prompt")
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: fastapi.Request):
-        authorize(request)
-        raw = await read_body(request, max_body_bytes)
-        req, ids, job = await asyncio.to_thread(prepare_chat, raw)
-        if req.stream:
-            return stream_answer(req, [ids], job, chat=True)
-        return answer(req, [ids], await run(job, request), chat=True)
-
-    def prepare_chat(raw: bytes):
-        """Parse, validate and render + tokenize the conversation (in a worker thread)."""
-        req = parse_body(ChatRequest, raw)
-        check_common(req)
-        if req.logprobs or req.top_logprobs:
-            raise APIError(400, "logprobs are not supported", param="logprobs")
-        if req.max_tokens is not None and req.max_completion_tokens is not None:
-            raise APIError(400, "give max_tokens or max_completion_tokens, not both",
-                           param="max_tokens")
-        try:
-            ids = encode_prompt(tokenizer, message_dicts(req.messages))
-        except (ValueError, TypeError) as e:
-            raise APIError(400, f"messages: {e}", param="messages") from None
-        job = make_job(req, [ids], req.max_tokens if req.max_tokens is not None
-                       else req.max_completion_tokens, max_new, "messages")
-        return req, ids, job
-
-    @app.post("/tokenize")
-    async def tokenize(request: fastapi.Request):
-        authorize(request)
-        raw = await read_body(request, max_body_bytes)
-        return await asyncio.to_thread(tokenize_body, raw)
-
-    def tokenize_body(raw: bytes) -> fastapi.Response:
-        req = parse_body(TokenizeRequest, raw)
-        if (req.prompt is None) == (req.messages is None):
-            raise APIError(400, "give exactly one of prompt or messages", param="prompt")
-        if req.prompt is not None:
-            ids = tokenizer.encode(req.prompt, add_bos=req.add_special_tokens)
-        else:
-            try:
-                ids = encode_prompt(tokenizer, message_dicts(req.messages))
-            except (ValueError, TypeError) as e:
-                raise APIError(400, f"messages: {e}", param="messages") from None
-        # Rendered here, off the event loop, in pieces: a 4 MB prompt is millions of ids, and
-        # one json.dumps of them would hold the GIL (and so the event loop) for seconds.
-        return fastapi.Response(
-            f'{{"tokens": {json_ints(ids)}, "count": {len(ids)}, "max_model_len": {max_len}}}',
-            media_type="application/json")
-
+    state = ServerState(
+        config=config, tokenizer=tokenizer, model_name=model_name, api_key=api_key,
+        batcher=Batcher(config, params, tokenizer, max_len=max_len,
+                        max_batch_size=max_batch_size, batch_window_s=batch_window_s,
+                        mesh=mesh, rules=rules),
+        encoder=EncodePool(tokenizer), max_len=max_len, max_prompt=max_prompt,
+        max_new=int(max_new_tokens_limit or min(4096, max_len - 1)),
+        max_body_bytes=int(max_body_bytes or max(MIN_BODY_BYTES,
+                                                 BODY_BYTES_PER_TOKEN * max_prompt)),
+        started=int(time.time()))
+    app = fastapi.FastAPI(title="align-jax", lifespan=_lifespan)
+    app.state.server, app.state.batcher = state, state.batcher
+    app.add_exception_handler(APIError, _api_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_api_route("/health", health, methods=["GET"])
+    app.add_api_route("/v1/models", list_models, methods=["GET"])
+    app.add_api_route("/v1/models/{name:path}", get_model, methods=["GET"])
+    app.add_api_route("/v1/completions", completions, methods=["POST"])
+    app.add_api_route("/v1/chat/completions", chat_completions, methods=["POST"])
+    app.add_api_route("/tokenize", tokenize, methods=["POST"])
     return app
+
+
+@contextlib.asynccontextmanager
+async def _lifespan(app: fastapi.FastAPI):
+    state: ServerState = app.state.server
+    state.batcher.start()
+    try:
+        yield
+    finally:
+        state.batcher.stop()
+        state.encoder.close()
+
+
+async def _api_error(_, e: APIError):
+    return e.response()
+
+
+async def _http_error(request: fastapi.Request, e: StarletteHTTPException):
+    return APIError(e.status_code, f"{request.method} {request.url.path}: {e.detail}",
+                    code=str(e.status_code)).response()
+
+
+def _state(request: fastapi.Request) -> ServerState:
+    return request.app.state.server
+
+
+# ----------------------------------------------------------------------------- handlers
+
+
+async def health():
+    """GET /health: answers as long as the event loop runs."""
+    return {"status": "ok"}
+
+
+async def list_models(request: fastapi.Request):
+    """GET /v1/models: the one served model."""
+    state = _state(request)
+    authorize(state, request.headers)
+    return {"object": "list", "data": [_model_card(state)]}
+
+
+async def get_model(name: str, request: fastapi.Request):
+    """GET /v1/models/{name}."""
+    state = _state(request)
+    authorize(state, request.headers)
+    if name != state.model_name:
+        raise APIError(404, f"model {name!r} does not exist", param="model",
+                       code="model_not_found")
+    return _model_card(state)
+
+
+def _model_card(state: ServerState) -> dict:
+    return {"id": state.model_name, "object": "model", "created": state.started,
+            "owned_by": "align-jax", "max_model_len": state.max_len}
+
+
+async def completions(request: fastapi.Request):
+    """POST /v1/completions."""
+    state = _state(request)
+    authorize(state, request.headers)
+    raw = await read_body(request, state.max_body_bytes)
+    req, prompts, job = await asyncio.to_thread(prepare_completion, state, raw)
+    if req.stream:
+        return _stream_answer(state, req, prompts, job, chat=False)
+    return _answer(state, prompts, await _run(state, job, request), chat=False)
+
+
+async def chat_completions(request: fastapi.Request):
+    """POST /v1/chat/completions."""
+    state = _state(request)
+    authorize(state, request.headers)
+    raw = await read_body(request, state.max_body_bytes)
+    req, ids, job = await asyncio.to_thread(prepare_chat, state, raw)
+    if req.stream:
+        return _stream_answer(state, req, [ids], job, chat=True)
+    return _answer(state, [ids], await _run(state, job, request), chat=True)
+
+
+async def tokenize(request: fastapi.Request):
+    """POST /tokenize (vLLM's shape): {tokens, count, max_model_len}."""
+    state = _state(request)
+    authorize(state, request.headers)
+    raw = await read_body(request, state.max_body_bytes)
+    return fastapi.Response(await asyncio.to_thread(tokenize_json, state, raw),
+                            media_type="application/json")
+
+
+# ----------------------------------------------------------------------------- answers
+
+
+async def _run(state: ServerState, job: Job, request: fastapi.Request | None = None
+               ) -> list[Row]:
+    """The job's rows; with `request`, the job is cancelled when its client disconnects."""
+    task = asyncio.ensure_future(state.batcher.run(job))
+    watch = (asyncio.ensure_future(cancel_on_disconnect(request, task))
+             if request is not None else None)
+    try:
+        return await task
+    except asyncio.CancelledError:
+        if request is None or not task.cancelled():
+            raise
+        raise APIError(499, "the client closed the request", code="client_closed") from None
+    except Cancelled:
+        raise APIError(499, "the client closed the request", code="client_closed") from None
+    except ValueError as e:
+        raise APIError(400, str(e)) from None
+    except Exception as e:  # noqa: BLE001
+        raise APIError(500, f"generation failed: {type(e).__name__}: {e}",
+                       type="server_error") from None
+    finally:
+        if watch is not None:
+            watch.cancel()
+
+
+def _usage(prompts, rows) -> dict:
+    p, c = sum(len(x) for x in prompts), sum(len(r.tokens) for r in rows)
+    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+
+def _head(state: ServerState, *, chat: bool) -> dict:
+    return {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
+            "created": int(time.time()), "model": state.model_name}
+
+
+def _answer(state: ServerState, prompts, rows: list[Row], *, chat: bool) -> JSONResponse:
+    """The whole answer as one JSON response."""
+    if chat:
+        choices = [{"index": i, "message": {"role": "assistant", "content": r.text},
+                    "finish_reason": r.finish_reason, "logprobs": None}
+                   for i, r in enumerate(rows)]
+    else:
+        choices = [{"index": i, "text": r.text, "finish_reason": r.finish_reason,
+                    "logprobs": None} for i, r in enumerate(rows)]
+    return JSONResponse({**_head(state, chat=chat),
+                         "object": "chat.completion" if chat else "text_completion",
+                         "choices": choices, "usage": _usage(prompts, rows)})
+
+
+def _stream_answer(state: ServerState, req, prompts, job: Job, *, chat: bool
+                   ) -> StreamingResponse:
+    """Server-sent events, live: each row's new text is sent at every decode chunk."""
+    loop = asyncio.get_running_loop()
+    updates: asyncio.Queue = asyncio.Queue()
+    job.on_partial = lambda row, text: loop.call_soon_threadsafe(
+        updates.put_nowait, (row, text))
+    task = asyncio.ensure_future(_run(state, job))
+    head = {**_head(state, chat=chat),
+            "object": "chat.completion.chunk" if chat else "text_completion"}
+
+    async def events():
+        try:
+            async for event in _events(state, req, prompts, task, updates, head, chat=chat):
+                yield event
+        finally:
+            # Normal end, or the client went away (the generator is closed): stop the
+            # job's generation if it is still running.
+            if not task.done():
+                job.cancelled.set()
+                task.cancel()
+
+    return StreamingResponse(events(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache"})
+
+
+def _choice(i: int, piece: str | None, reason: str | None, *, chat: bool) -> dict:
+    if chat:
+        delta = {} if piece is None else {"content": piece}
+        return {"index": i, "delta": delta, "finish_reason": reason, "logprobs": None}
+    return {"index": i, "text": piece or "", "finish_reason": reason, "logprobs": None}
+
+
+async def _events(state: ServerState, req, prompts, task: asyncio.Future,
+                  updates: asyncio.Queue, head: dict, *, chat: bool):
+    """The events of one streamed answer: partial texts while `task` runs, then the rest."""
+    sent = [""] * len(prompts)
+
+    def delta(i, text):
+        # Partial texts only grow; anything else waits for the final text.
+        if len(text) > len(sent[i]) and text.startswith(sent[i]):
+            piece, sent[i] = text[len(sent[i]):], text
+            return sse({**head, "choices": [_choice(i, piece, None, chat=chat)]})
+        return None
+
+    if chat:
+        for i in range(len(prompts)):
+            yield sse({**head, "choices": [{
+                "index": i, "delta": {"role": "assistant", "content": ""},
+                "finish_reason": None, "logprobs": None}]})
+    while not task.done() or not updates.empty():
+        getter = asyncio.ensure_future(updates.get())
+        done, _ = await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
+        if getter in done:
+            event = delta(*getter.result())
+            if event:
+                yield event
+        else:
+            getter.cancel()
+    try:
+        rows = task.result()
+    except APIError as e:
+        # The response has started: the error travels as an event.
+        yield sse({"error": {"message": e.message, "type": e.type, "param": e.param,
+                             "code": e.code}})
+        yield "data: [DONE]\n\n"
+        return
+    for i, r in enumerate(rows):
+        if r.text.startswith(sent[i]):
+            if len(r.text) > len(sent[i]):
+                yield sse({**head, "choices": [_choice(i, r.text[len(sent[i]):], None,
+                                                       chat=chat)]})
+        else:
+            state.batcher.once.warn("stream-diverged",
+                                    "streamed text of row %d diverged from its final text", i)
+        yield sse({**head, "choices": [_choice(i, None, r.finish_reason, chat=chat)]})
+    if req.stream_options is not None and req.stream_options.include_usage:
+        yield sse({**head, "choices": [], "usage": _usage(prompts, rows)})
+    yield "data: [DONE]\n\n"
 
 
 class _Server(uvicorn.Server):

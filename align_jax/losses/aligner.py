@@ -8,6 +8,7 @@ a batch whose `loss_mask` covers exactly the tokens of y' and the [DONE] marker
 from `x [INIT] y [ALIGNED]`, cut at [DONE], EOS or the token budget.
 """
 
+import dataclasses
 import json
 import os
 import shutil
@@ -17,6 +18,7 @@ import numpy as np
 
 from align_jax.data.aligner_text import DONE, MARKERS, aligner_example, marker_ids, prompt_text
 from align_jax.losses.sft import sft_loss
+from align_jax.models.hf import load_hf, save_hf
 
 __all__ = ["DONE", "MARKERS", "add_marker_tokens", "aligner_example", "aligner_loss",
            "marker_ids", "prompt_text"]
@@ -38,9 +40,7 @@ def add_marker_tokens(src: str, dst: str, *, seed: int = 0) -> str:
     Returns:
       dst.
     """
-    from transformers import AutoTokenizer
-
-    from align_jax.models.hf import load_hf, save_hf
+    from transformers import AutoTokenizer  # heavy: only adding the marker tokens needs it
 
     hf_tok = AutoTokenizer.from_pretrained(src, local_files_only=True)
     vocab = hf_tok.get_vocab()
@@ -61,7 +61,6 @@ def add_marker_tokens(src: str, dst: str, *, seed: int = 0) -> str:
             cols = head.mean(1, keepdims=True) + 0.02 * head.std() * rng.standard_normal(
                 (head.shape[0], grow))
             params["lm_head"] = np.concatenate([head, cols.astype(head.dtype)], axis=1)
-        import dataclasses
         config = dataclasses.replace(config, vocab_size=needed)
     os.makedirs(dst, exist_ok=True)
     save_hf(config, params, dst)

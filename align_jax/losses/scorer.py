@@ -18,6 +18,7 @@ from typing import Any
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
+from tqdm import tqdm
 
 from align_jax import sharding
 
@@ -85,7 +86,6 @@ def score_examples(score_fn: Callable[[Any, dict], Any], params: Any, examples: 
     order = sorted(range(len(examples)), key=lambda i: lengths[i])
     starts = range(0, len(order), batch_size)
     if progress:
-        from tqdm import tqdm  # only for the progress bar
         starts = tqdm(starts, desc=progress, unit="batch", leave=False)
     out = None
     for start in starts:

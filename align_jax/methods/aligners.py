@@ -13,6 +13,9 @@ from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
+from align_jax.data.aligner_text import DONE, marker_ids, prompt_ids
+from align_jax.generate import generate
+
 Inspector = Callable[[Sequence[str], Sequence[str]], Sequence[float]]
 Aligner = Callable[[Sequence[str], Sequence[str]], Sequence[str]]
 
@@ -132,9 +135,6 @@ def align(config, params, tokenizer, inputs: Sequence[str], responses: Sequence[
     Returns:
       y' per row, stripped.
     """
-    from align_jax.data.aligner_text import DONE, marker_ids, prompt_ids
-    from align_jax.generate import generate
-
     if len(inputs) != len(responses):
         raise ValueError(f"align: {len(inputs)} inputs but {len(responses)} responses")
     if not inputs:

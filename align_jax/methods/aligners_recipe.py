@@ -13,25 +13,32 @@ Stages and what marks them done (a rerun skips a stage whose output exists):
 """
 
 import collections
+import dataclasses
 import json
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import jax
+
 from align_jax import sharding
+from align_jax.atomic import atomic_write
+from align_jax.data.sources import load_records
+from align_jax.generate import generate
 from align_jax.jsonl import read_jsonl, write_jsonl
+from align_jax.losses.aligner import add_marker_tokens
+from align_jax.methods import inspectors as insp
+from align_jax.methods.aligners import align, squad
+from align_jax.models import get_config, init_params, load_hf, save_hf
+from align_jax.models.named import resolve_model_path
+from align_jax.sdg.backends import make_teacher
+from align_jax.sdg.pipeline import run_aligner_sdg
+from align_jax.tokenizer import copy_tokenizer_files, encode_prompt, load_tokenizer
+from align_jax.tokenizer_training import train_tokenizer
+from align_jax.train.entry import train_main
 from align_jax.train.optim import OptimizerConfig
 
 CRITERIA = ("ethical", "factuality", "helpful")
-
-
-def _resolve(path: str) -> str:
-    """A named default (e.g. "all-minilm-l6-v2") as a checkpoint dir, when the registry exists."""
-    try:
-        from align_jax.models.named import resolve_model_path
-    except ImportError:  # the named-model registry lands with the real-models work
-        return path
-    return resolve_model_path(path)
 
 
 def _say(msg: str) -> None:
@@ -39,7 +46,6 @@ def _say(msg: str) -> None:
 
 
 def _read_jsonl(path: str, schema: str | None = None) -> list[dict]:
-    from align_jax.data.sources import load_records
     if schema is not None:
         return [r.data for r in load_records(path, schema=schema)[0]]
     return read_jsonl(path)
@@ -52,8 +58,6 @@ def _data(out: str, *, aligner_data, inspector_data, teacher, sdg_kwargs) -> tup
             if teacher is None:
                 raise ValueError("aligners: give aligner_data (a JSONL of aligner triples) or "
                                  "a teacher to generate it")
-            from align_jax.sdg.backends import make_teacher
-            from align_jax.sdg.pipeline import run_aligner_sdg
             sdg_dir = os.path.join(out, "sdg")
             _say(f"stage sdg: aligner triples from {teacher} -> {sdg_dir}")
             run_aligner_sdg(sdg_dir, teacher=make_teacher(teacher), **dict(sdg_kwargs or {}))
@@ -72,13 +76,12 @@ def _data(out: str, *, aligner_data, inspector_data, teacher, sdg_kwargs) -> tup
 
 
 def _aligner_base(out: str, *, aligner_base: str, texts: Sequence[str], seed: int) -> str:
-    from align_jax.losses.aligner import add_marker_tokens
     dst = os.path.join(out, "aligner_base")
     if os.path.exists(os.path.join(dst, "aligner_markers.json")):
         return dst
     src = aligner_base
     if not aligner_base.startswith("tiny"):
-        src = _resolve(aligner_base)
+        src = resolve_model_path(aligner_base)
     else:
         src = _tiny_decoder(os.path.join(out, "tiny_decoder"), texts, preset=aligner_base,
                             seed=seed)
@@ -88,13 +91,6 @@ def _aligner_base(out: str, *, aligner_base: str, texts: Sequence[str], seed: in
 
 def _tiny_decoder(path: str, texts: Sequence[str], *, preset: str, seed: int) -> str:
     """A random `preset` decoder and a sentencepiece tokenizer trained on `texts` (tiny runs)."""
-    import dataclasses
-
-    import jax
-
-    from align_jax.models import get_config, init_params, save_hf
-    from align_jax.tokenizer import copy_tokenizer_files
-    from align_jax.tokenizer_training import train_tokenizer
     tok_dir = os.path.join(path, "tokenizer")
     tok = train_tokenizer(list(texts), tok_dir, vocab_size=512)
     config = dataclasses.replace(get_config(preset), vocab_size=tok.vocab_size,
@@ -124,9 +120,6 @@ def _responses(out: str, *, responses, prompts, generate_from, max_new_tokens, m
 
 
 def _sample(prompts: str, model_dir: str, *, max_new_tokens: int, mesh) -> list[dict]:
-    from align_jax.generate import generate
-    from align_jax.models import load_hf
-    from align_jax.tokenizer import encode_prompt, load_tokenizer
     rows = _read_jsonl(prompts)
     questions = [r.get("input", r.get("prompt")) for r in rows]
     for i, q in enumerate(questions, 1):
@@ -180,12 +173,6 @@ def aligners(*, output_dir: str, criteria: Sequence[str] = CRITERIA,
     Returns:
       The report dict (also report.json).
     """
-    from align_jax.methods import inspectors as insp
-    from align_jax.methods.aligners import align, squad
-    from align_jax.models import load_hf
-    from align_jax.tokenizer import load_tokenizer
-    from align_jax.train.entry import train_main
-
     out = os.path.abspath(output_dir)
     os.makedirs(out, exist_ok=True)
     triples, records = _data(out, aligner_data=aligner_data, inspector_data=inspector_data,
@@ -202,7 +189,7 @@ def aligners(*, output_dir: str, criteria: Sequence[str] = CRITERIA,
     texts = [t[k] for t in triples for k in ("input", "initial_response", "aligned_response")]
     texts += [r[k] for r in rows for k in ("input", "response")]
 
-    enc_dir = _resolve(encoder)
+    enc_dir = resolve_model_path(encoder)
     if encoder == "tiny":
         enc_dir = insp.build_tiny_encoder(texts, os.path.join(out, "tiny_encoder"),
                                           max_length=inspector_max_length, seed=seed)
@@ -303,8 +290,7 @@ def _report(out, rows, criteria, *, threshold, inspector_metrics, num_samples) -
         lines += [f"### Row {i} (aligners: {', '.join(r['applied']) or 'none'})", "",
                   f"**Input:** {r['input']}", "", f"**Before:** {r['response']}", "",
                   f"**After:** {r['aligned']}", ""]
-    with open(os.path.join(out, "report.md"), "w", encoding="utf-8") as f:
-        f.write("\n".join(lines) + "\n")
+    atomic_write(os.path.join(out, "report.md"), "\n".join(lines) + "\n")
     report = {"rows": n, "threshold": threshold, "order": order, "pass_before": pass_before,
               "pass_after": pass_after, "rows_touched": dict(touched),
               "inspectors": {c: {k: v for k, v in m.items() if k != "bins"}

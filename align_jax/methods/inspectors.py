@@ -22,6 +22,9 @@ import numpy as np
 from align_jax import losses, sharding
 from align_jax.models import encoder
 from align_jax.tokenizer import copy_tokenizer_files, load_tokenizer
+from align_jax.train import compile as compile_lib
+from align_jax.train import state as state_lib
+from align_jax.train.optim import OptimizerConfig, make_optimizer
 
 
 def roc_auc(labels: Sequence[int], scores: Sequence[float]) -> float:
@@ -65,7 +68,7 @@ def calibration(labels: Sequence[int], scores: Sequence[float], *, num_bins: int
 
 
 def _reliability_plot(bins, path: str, title: str) -> None:
-    import matplotlib
+    import matplotlib  # heavy: only the reliability plot needs it
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(4, 4))
@@ -134,7 +137,7 @@ def build_tiny_encoder(texts: Sequence[str], out_dir: str, *, embed_dim: int = 3
     model.safetensors, tokenizer files) that `encoder.load_encoder` and transformers read.
     Returns out_dir (reused when it already holds a model).
     """
-    import tokenizers
+    import tokenizers  # heavy: only building a tiny test encoder needs them
     import transformers
     from tokenizers import models, normalizers, pre_tokenizers, processors
 
@@ -198,10 +201,6 @@ def train_inspector(records: Sequence[Mapping[str, Any]], *, encoder_dir: str, o
     Returns:
       metrics: accuracy, roc_auc, ece, calibration bins, train/held-out sizes, final loss.
     """
-    from align_jax.train import compile as compile_lib
-    from align_jax.train import state as state_lib
-    from align_jax.train.optim import OptimizerConfig, make_optimizer
-
     rows = [dict(r) for r in records if criterion is None or r["criterion"] == criterion]
     if not rows:
         raise ValueError(f"train_inspector: no records of criterion {criterion!r}")
@@ -232,7 +231,7 @@ def train_inspector(records: Sequence[Mapping[str, Any]], *, encoder_dir: str, o
         del rng, ref_params
         return losses.classification_objective(params, batch, apply_fn=apply_fn)
     abstract = state_lib.abstract_state(encoder.abstract_params(config), tx=tx)
-    shardings = state_lib.state_shardings(abstract, mesh_, rules)
+    shardings = state_lib.train_state_shardings(abstract, mesh_, rules)
     params = jax.device_put(params, shardings.params)
     state = compile_lib.init_train_state(params, tx=tx, seed=seed, state_shardings=shardings)
     step = compile_lib.jit_train_step(loss=loss, tx=tx, schedule=schedule, grad_accum=1,

@@ -2,12 +2,32 @@
 
     align-jax run --gin_file=configs/runs/value_alignment_demo.gin --output_dir=runs/demo
     align-jax run --gin_file=configs/runs/value_alignment_tiny.gin --output_dir=runs/tiny
+
+A recipe is a sequence of stages, each an `align-jax train` run in its own folder. SIGTERM or
+SIGINT during a stage saves that stage's checkpoint and stops the whole recipe (later stages
+are not started) with RunInterrupted, exit code 75; during the recipe's other work (data,
+evaluation) it stops the same way. Rerunning the same command skips the completed stages
+(`train_main` finds them completed with the same settings) and resumes the interrupted one.
 """
 
 from collections.abc import Callable
 from typing import Any
 
+from align_jax.train import status as status_lib
+
 
 def run(*, recipe: Callable[..., Any], output_dir: str) -> Any:
-    """Calls the recipe bound in gin (e.g. value_alignment.value_alignment) with output_dir."""
-    return recipe(output_dir=output_dir)
+    """Calls the recipe bound in gin (e.g. value_alignment.value_alignment) with output_dir.
+
+    Raises:
+      RunInterrupted (exit code 75) when SIGTERM or SIGINT stopped it; rerun to resume.
+    """
+    try:
+        with status_lib.sigterm_as_keyboard_interrupt():
+            return recipe(output_dir=output_dir)
+    except KeyboardInterrupt as e:
+        # A stage's own interruption arrives as RunInterrupted (its checkpoint saved); this is
+        # a signal between stages, where finished stages are all there is to keep.
+        raise status_lib.RunInterrupted(
+            f"{output_dir}: interrupted ({str(e) or 'SIGINT'}) outside a training stage; completed "
+            "stages are kept; rerun the same command to resume") from None

@@ -40,10 +40,27 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
-from align_jax import sharding
-from align_jax.methods import sami_prompts
+from align_jax import distributed, sharding
+from align_jax.atomic import atomic_write_json
+from align_jax.data import batching
+from align_jax.data.formatting import format_records, render_prompt
+from align_jax.data.sources import load_records
+from align_jax.eval import mi_lower_bound
+from align_jax.eval.judge import pairwise_win_rate
+from align_jax.generate import generate
+from align_jax.losses import logprobs
+from align_jax.losses.scorer import score_examples
+from align_jax.methods import sami_prompts, sami_report
+from align_jax.models.hf import load_hf
+from align_jax.models.named import resolve_model_path
+from align_jax.sdg.backends import make_teacher
+from align_jax.sdg.store import write_jsonl
+from align_jax.tokenizer import load_tokenizer
+from align_jax.train.entry import train_main
 from align_jax.train.optim import OptimizerConfig
 
 log = logging.getLogger(__name__)
@@ -55,14 +72,12 @@ def _say(msg: str) -> None:
 
 def load_constitutions(path: str) -> list[list[str]]:
     """The principle lists of constitution records (DESIGN.md schema)."""
-    from align_jax.data.sources import load_records
     records, _ = load_records(path, schema="constitution")
     return [list(r.data["principles"]) for r in records]
 
 
 def constitution_names(path: str) -> list[str]:
     """The `id` of each constitution record (its file position when it has none)."""
-    from align_jax.data.sources import load_records
     records, _ = load_records(path, schema="constitution")
     return [str(r.data.get("id", i)) for i, r in enumerate(records)]
 
@@ -113,11 +128,6 @@ def sample_responses(model_dir: str, rows: Sequence[dict], *, max_new_tokens: in
     `texts` holds every response as text (filters, judge), `truncated` which were cut.
     With a jax `mesh`, the model is loaded and sampled sharded by `rules`.
     """
-    from align_jax.data.formatting import render_prompt
-    from align_jax.generate import generate
-    from align_jax.models.hf import load_hf
-    from align_jax.models.named import resolve_model_path
-    from align_jax.tokenizer import load_tokenizer
     config, params = load_hf(model_dir, mesh=mesh, rules=rules)
     tok = load_tokenizer(resolve_model_path(model_dir))
     prompts = [render_prompt(tok, p, chat_template=not isinstance(p, str)).tolist()
@@ -142,10 +152,6 @@ def sample_responses(model_dir: str, rows: Sequence[dict], *, max_new_tokens: in
 def mi_per_query(logps_BCC) -> np.ndarray:
     """InfoNCE bound per query, averaged over its C targets: [b, i, j] = log p(y_j | x, c_i),
     target of column j is row j (`align_jax.eval.mi_lower_bound`, log-mean-exp over all C)."""
-    import jax
-    import jax.numpy as jnp
-
-    from align_jax.eval import mi_lower_bound
     x = jnp.asarray(logps_BCC, jnp.float32)
     c = x.shape[-1]
     per_BC = jax.vmap(jax.vmap(mi_lower_bound, in_axes=(1, 0)), in_axes=(0, None))(
@@ -164,15 +170,7 @@ def mi_bound(model_dir: str, records: Sequence[dict], *, seq_len: int,
     `mi_bound` with summed response log-probs (the bound) and `mi_bound_token_mean` with
     per-token means (the training loss's quantity), each with its standard error over queries.
     """
-    import jax.numpy as jnp
 
-    from align_jax.data import batching
-    from align_jax.data.formatting import format_records
-    from align_jax.losses import logprobs
-    from align_jax.losses.scorer import score_examples
-    from align_jax.models.hf import load_hf
-    from align_jax.models.named import resolve_model_path
-    from align_jax.tokenizer import load_tokenizer
     config, params = load_hf(model_dir, mesh=mesh, rules=rules)
     tok = load_tokenizer(resolve_model_path(model_dir))
     examples, _, _ = format_records(records, kind="sami", tokenizer=tok, seq_len=seq_len,
@@ -202,10 +200,6 @@ def params_checksum(model_dir: str, *, mesh=None, rules: str = "fsdp") -> float:
     """A checksum of a checkpoint's parameters (to tell which one an iteration started
     from): sum over leaves k of (k + 1) * sum(leaf), reduced on the devices (sharded over
     `mesh` when given, so a model larger than one device works)."""
-    import jax
-    import jax.numpy as jnp
-
-    from align_jax.models.hf import load_hf
     _, params = load_hf(model_dir, mesh=mesh, rules=rules)
 
     @jax.jit
@@ -240,7 +234,6 @@ def win_rates(held: Sequence[dict], base: Sequence[dict], constitutions: Sequenc
       {"win_rate": pooled over constitutions, "position_bias": pooled share of pairs whose
        two orders chose the same slot, "by_constitution": {name: WinRateResult.summary()}}.
     """
-    from align_jax.eval.judge import pairwise_win_rate
     names = list(names) if names is not None else [str(i) for i in range(len(constitutions))]
     groups: dict[int, tuple[list, list, list]] = {}
     for rec, ref in zip(held, base):
@@ -265,7 +258,6 @@ def win_rates(held: Sequence[dict], base: Sequence[dict], constitutions: Sequenc
 
 
 def _drop_checkpoints(run_dir: str) -> None:
-    from align_jax import distributed
     path = os.path.join(run_dir, "checkpoints")
     # Every process has finished its part of the last checkpoint before process 0 removes it.
     distributed.barrier(f"align_jax.sami.drop:{path}")
@@ -289,8 +281,6 @@ def _timed(row: dict, phase: str):
 
 
 def _write(path: str, rows: Sequence[dict]) -> str:
-    from align_jax import distributed
-    from align_jax.sdg.store import write_jsonl
     # Multi-process: process 0 writes (a shared run folder), the others wait, then all read.
     if distributed.is_main():
         os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -347,9 +337,6 @@ def sami(*, output_dir: str, init_from: str, constitutions: str, queries: str,
         a `local:` judge (as for `align-jax train`).
       seed, progress: as for `align-jax train`.
     """
-    from align_jax.data.sources import load_records
-    from align_jax.train.entry import train_main
-
     if init not in ("base", "latest"):
         raise ValueError(f"sami: init={init!r}; expected 'base' or 'latest'")
     out = os.path.abspath(output_dir)
@@ -371,13 +358,12 @@ def sami(*, output_dir: str, init_from: str, constitutions: str, queries: str,
                              example_format=example_format)
     sample_kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                      stop_strings=sami_prompts.stop_strings(prompt_format))
-    # Sampling, scoring and a local judge run sharded like training (a 7B model on a pod
-    # fits on no single device).
+    # Sampling, scoring and a local judge run sharded like training (a 7B model fits on no
+    # single device).
     jmesh = sharding.make_mesh(mesh) if mesh is not None else None
     placed = dict(mesh=jmesh, rules=rules)
     teacher = None
     if judge:
-        from align_jax.sdg.backends import make_teacher
         teacher = make_teacher(judge, **(placed if judge.startswith("local:") else {}))
     shuffle_rng = random.Random(seed + 1)
 
@@ -461,10 +447,7 @@ def sami(*, output_dir: str, init_from: str, constitutions: str, queries: str,
         _, train_recs = sample_and_evaluate(row, sampler, k, base_held)
         row["seconds"] = round(time.time() - t0, 1)
         report["iterations"].append(row)
-    from align_jax import distributed
     if distributed.is_main():
-        from align_jax.atomic import atomic_write_json
-        from align_jax.methods import sami_report
         atomic_write_json(os.path.join(out, "report.json"), report)
         print(sami_report.write_report(out, report))
     return report

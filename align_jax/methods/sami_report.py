@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 import os
 
+from align_jax.atomic import atomic_write
+
 PHASES = ("train", "sample", "mi", "judge")
 
 
@@ -74,7 +76,7 @@ def markdown(report: dict) -> str:
 def plot(report: dict, path: str) -> None:
     """report.png: MI bound (+- se), response length per constitution (+- se) and win rates
     against the base model per constitution (+- se), by iteration."""
-    import matplotlib
+    import matplotlib  # heavy: only the report's figure needs it
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     rows, names = report["iterations"], _names(report)
@@ -118,7 +120,6 @@ def plot(report: dict, path: str) -> None:
 
 def write_report(out: str, report: dict) -> str:
     """Writes <out>/report.md and <out>/report.png; returns the markdown."""
-    from align_jax.atomic import atomic_write
     text = markdown(report)
     atomic_write(os.path.join(out, "report.md"), text)
     plot(report, os.path.join(out, "report.png"))

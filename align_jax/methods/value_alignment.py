@@ -22,20 +22,30 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from align_jax import sharding
+from align_jax import distributed, sharding
+from align_jax.atomic import atomic_write, atomic_write_json
+from align_jax.data.documents import chunk_document, load_document
+from align_jax.data.sources import load_records
+from align_jax.eval.report import evaluate_models
+from align_jax.eval.retrieval import make_retriever
 from align_jax.jsonl import write_jsonl
+from align_jax.models.named import resolve_model_path
+from align_jax.sdg.backends import make_teacher
+from align_jax.sdg.pipeline import run_document_sdg
+from align_jax.sdg.store import split_of
+from align_jax.tokenizer import load_tokenizer
+from align_jax.train.entry import build_tokenizer, train_main
 from align_jax.train.optim import OptimizerConfig
+from align_jax.train.status import read_json
 
 log = logging.getLogger(__name__)
 
 
 def _records(path: str, schema: str) -> list[dict]:
-    from align_jax.data.sources import load_records
     return [r.data for r in load_records(path, schema=schema)[0]]
 
 
 def _write_jsonl(path: str, rows: Sequence[Mapping]) -> str:
-    from align_jax import distributed
     # Multi-process: process 0 writes (a shared run folder), the others wait, then all read.
     if distributed.is_main():
         os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -46,7 +56,6 @@ def _write_jsonl(path: str, rows: Sequence[Mapping]) -> str:
 
 def _split(rows: list[dict], heldout: float) -> tuple[list[dict], list[dict]]:
     """Deterministic split by prompt: the same prompt is never on both sides."""
-    from align_jax.sdg.store import split_of
     train, test = [], []
     for r in rows:
         side = split_of(r["prompt"], (1 - heldout, heldout, 0.0))
@@ -66,8 +75,6 @@ def _document_data(out: str, *, document: str, teacher: str | None, tokenizer,
     With a teacher and data files, the SDG records and the files' records are pooled.
     """
     if teacher is not None:
-        from align_jax.sdg.backends import make_teacher
-        from align_jax.sdg.pipeline import run_document_sdg
         sdg_dir = os.path.join(out, "sdg")
         summary = run_document_sdg([document], sdg_dir,
                                    teacher=make_teacher(teacher, **dict(teacher_kwargs or {})),
@@ -127,6 +134,25 @@ def side_by_side(records: Sequence[Mapping], base: Sequence[str],
     return "\n".join(lines)
 
 
+def _base_changed(stage_dir: str, init: str | None) -> bool:
+    """Whether the stage's base model changed since the stage last ran (an earlier stage was
+    trained further or again), so that its folder must start over instead of counting as
+    completed or resuming; records the current base in <stage_dir>/recipe_base.json."""
+    if init is None:
+        return False
+    # Every export is a new folder (renamed into place whole), so its config.json's identity
+    # changes with the weights.
+    config = os.path.join(init, "config.json")
+    stat = os.stat(config) if os.path.isfile(config) else None
+    mark = {"init": init, "size": stat and stat.st_size, "mtime_ns": stat and stat.st_mtime_ns}
+    path = os.path.join(stage_dir, "recipe_base.json")
+    old = read_json(path)
+    distributed.barrier(f"align_jax.value_alignment.base:{stage_dir}")  # all read, then write
+    if distributed.is_main():
+        atomic_write_json(path, mark)
+    return old is not None and old != mark
+
+
 def _maybe(path: str, schema: str) -> list[dict]:
     # An empty split file is normal for a small SDG run.
     return _records(path, schema) if os.path.exists(path) and os.path.getsize(path) else []
@@ -141,6 +167,7 @@ def value_alignment(*, output_dir: str, document: str, model: str | None = "tiny
                     seq_len: int = 256, batch_size: int = 8, cft_steps: int = 60,
                     sft_steps: int = 60, dpo_steps: int = 30, learning_rate: float = 3e-3,
                     dpo_learning_rate: float = 1e-3, beta: float = 0.1,
+                    rpo_alpha: float = 0.0,
                     mesh: sharding.MeshSpec | None = None, rules: str = "dp",
                     num_samples: int = 3, max_new_tokens: int = 40, seed: int = 0,
                     progress: bool = True, retrieval: str = "semantic",
@@ -169,6 +196,8 @@ def value_alignment(*, output_dir: str, document: str, model: str | None = "tiny
       cft_steps, sft_steps, dpo_steps: updates per stage.
       learning_rate, dpo_learning_rate: peak rates (AdamW, cosine, 10% warmup).
       beta: DPO's beta.
+      rpo_alpha: weight of the chosen answers' NLL added to the DPO loss (RPO); 0 is plain
+        DPO. A small model trained on a few dozen pairs keeps fluent answers with it.
       mesh, rules: device mesh and sharding preset for every stage.
       num_samples, max_new_tokens: answers shown side by side; answer budget (greedy).
       seed: seed of every stage.
@@ -177,27 +206,24 @@ def value_alignment(*, output_dir: str, document: str, model: str | None = "tiny
         is not installed), "bm25" or "tfidf".
       num_questions: held-out questions every system answers (default all).
       bertscore_model: encoder for BERTScore; None skips it.
-      judge: "local:<dir or name>" / "openai:<URL>" for pairwise win rates; None skips them.
+      judge: "local:<dir or name>" / "openai:<URL>" (written verdicts) or
+        "letters:<dir or name>" (a small local judge read from P("A") vs P("B"), see
+        `align_jax.eval.letter_judge`) for pairwise win rates; None skips them.
       judge_template, judge_kwargs: see `align_jax.eval.judge.win_rate_matrix`.
       judge_systems: systems the judge compares (default all), e.g. ("base", "sft+dpo").
     """
-    from align_jax.data.documents import chunk_document, load_document
-    from align_jax.eval.retrieval import make_retriever
-    from align_jax.tokenizer import load_tokenizer
-    from align_jax.train.entry import build_tokenizer, train_main
-
     out = os.path.abspath(output_dir)
     os.makedirs(out, exist_ok=True)
     if init_from is not None:  # a named default ('smollm2-135m-instruct') or a .gguf file
-        from align_jax.models.named import resolve_model_path
         init_from = resolve_model_path(init_from)
     if init_from is None and tokenizer is None:
-        from align_jax import distributed
         tokenizer = os.path.join(out, "tokenizer")
+        built = os.path.exists(os.path.join(tokenizer, "tokenizer.json"))
         if distributed.is_main():
             build_tokenizer(document, tokenizer)
         distributed.barrier("align_jax.value_alignment.tokenizer")
-        _say(f"trained a sentencepiece tokenizer on {document} -> {tokenizer}")
+        _say(f"{'reused the' if built else 'trained a'} sentencepiece tokenizer on {document}"
+             f" -> {tokenizer}")
     tok_path = tokenizer or init_from
     tok = load_tokenizer(tok_path)
 
@@ -222,7 +248,11 @@ def value_alignment(*, output_dir: str, document: str, model: str | None = "tiny
     def stage(name, objective, data, steps, *, init, lr, **kw):
         _say(f"stage {name}: {objective} on {os.path.basename(data)} for {steps} steps"
              f" from {init or model + ' (random init)'}")
+        restart = _base_changed(os.path.join(out, name), init)
+        if restart:
+            _say(f"stage {name}: its base {init} changed since the stage ran: training it again")
         train_main(output_dir=os.path.join(out, name), data=data, objective=objective,
+                   overwrite=restart,
                    model=None if init else model, init_from=init,
                    tokenizer=None if init else tok_path, seq_len=seq_len,
                    batch_size=batch_size, num_steps=steps, mesh=mesh, rules=rules, seed=seed,
@@ -236,10 +266,10 @@ def value_alignment(*, output_dir: str, document: str, model: str | None = "tiny
     # From scratch, the document-pretrained model is the only sensible base for SFT.
     base = init_from or cft
     sft = stage("sft", "sft", files["sft_train"], sft_steps, init=base, lr=learning_rate)
+    dpo_kwargs = {"beta": beta, **({"rpo_alpha": rpo_alpha} if rpo_alpha else {})}
     dpo = stage("dpo", "dpo", files["preference_train"], dpo_steps, init=sft,
-                lr=dpo_learning_rate, loss_kwargs={"beta": beta}, reference="precomputed")
+                lr=dpo_learning_rate, loss_kwargs=dpo_kwargs, reference="precomputed")
 
-    from align_jax.eval.report import evaluate_models
     models = {"base": base, "c-fine-tuned": cft, "sft": sft, "sft+dpo": dpo}
     if init_from is None:
         models.pop("base")  # the same model as c-fine-tuned
@@ -261,14 +291,12 @@ def value_alignment(*, output_dir: str, document: str, model: str | None = "tiny
     if "base" in report["samples"] and "sft+dpo" in report["samples"]:
         extra += ["", side_by_side(sft_test[:num_samples], report["samples"]["base"],
                                    report["samples"]["sft+dpo"])]
-    from align_jax import distributed
     if distributed.is_main():
-        from align_jax.atomic import atomic_write, atomic_write_json
         md_path = os.path.join(out, "report.md")
         with open(md_path, encoding="utf-8") as f:
             md = f.read()
         atomic_write(md_path, md + "\n" + "\n".join(extra) + "\n")
         atomic_write_json(os.path.join(out, "report.json"), report)
-    _say(f"report: {os.path.join(out, 'report.md')} and report.png")
-    print(open(os.path.join(out, "report.md")).read())
+        _say(f"report: {os.path.join(out, 'report.md')} and report.png")
+        print(open(os.path.join(out, "report.md")).read())
     return report

@@ -15,6 +15,7 @@ import json
 import os
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -235,7 +236,7 @@ def load_encoder(path, *, dtype=jnp.float32, mesh=None, rules: str = "fsdp",
             host[path_] = np.asarray(_get(fresh, path_)).astype(target)
             continue
         raise ValueError(f"{weights}: missing tensor {key!r}")
-    shardings = (sharding.state_shardings(abstract, mesh, rules) if mesh is not None else None)
+    shardings = (sharding.tree_shardings(abstract, mesh, rules) if mesh is not None else None)
     params: Params = {}
     for path_, x in host.items():
         if shardings is None:
@@ -250,7 +251,6 @@ def load_encoder(path, *, dtype=jnp.float32, mesh=None, rules: str = "fsdp",
 def save_encoder(config: EncoderConfig, params: Params, path) -> None:
     """Writes config.json + model.safetensors that transformers' AutoModel (or
     AutoModelForSequenceClassification, when the config has a head) loads."""
-    import flax.linen as nn
     path = os.fspath(path)
     params = nn.unbox(params)
     prefix = f"{config.model_type}." if config.num_labels else ""

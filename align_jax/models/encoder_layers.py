@@ -225,5 +225,5 @@ def init_encoder(config: EncoderConfig, rng: jax.Array, *, mesh=None,
 
     if mesh is None:
         return jax.jit(init)(rng)
-    shardings = sharding.state_shardings(abstract_params(config), mesh, rules)
+    shardings = sharding.tree_shardings(abstract_params(config), mesh, rules)
     return jax.jit(init, out_shardings=shardings)(rng)

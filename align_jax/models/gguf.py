@@ -12,20 +12,18 @@ tokenizer with its chat template, rebuilt from the GGUF metadata by transformers
 
 import dataclasses
 import os
-import shutil
-import tempfile
 from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
 
+from align_jax.atomic import atomic_dir
 from align_jax.models.config import ModelConfig
 from align_jax.models.hf_config import config_from_hf
 from align_jax.models.hf_tensors import _set_path, _tensors, _to_ours, save_hf
 
 __all__ = ["gguf_to_hf", "load_gguf", "read_gguf_config"]
 
-_MAGIC = b"GGUF"
 _ARCHITECTURES = ("llama",)
 _QUANT_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1",
                 "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
@@ -47,36 +45,36 @@ _NAMES = {
 
 
 def _open(path: str):
-    """A GGUFReader over `path`, with one-line errors for a missing, foreign or cut file."""
+    """A GGUFReader over `path`, with one-line errors for a missing, foreign or damaged file."""
+    # Local: `import align_jax.models` stays free of the gguf package (optional; the GPU
+    # bench machine lacks it); gguf_layout imports it too.
     import gguf
 
+    from align_jax.models.gguf_layout import check_layout
     if not os.path.isfile(path):
         raise FileNotFoundError(f"GGUF file {path} does not exist")
-    with open(path, "rb") as fh:
-        magic = fh.read(4)
-    if magic != _MAGIC:
-        raise ValueError(f"{path}: not a GGUF file (starts with {magic!r}, expected {_MAGIC!r})")
-    size = os.path.getsize(path)
+    check_layout(path)
     try:
-        reader = gguf.GGUFReader(path)
-    except Exception as e:  # the reader's own errors are asserts, struct and reshape errors
-        raise ValueError(f"{path}: truncated or corrupt GGUF file ({size} bytes; "
-                         f"{type(e).__name__}: {e})") from e
-    for t in reader.tensors:
-        end = int(t.data_offset) + int(t.n_bytes)
-        if end > size:
-            raise ValueError(f"{path}: truncated: tensor {t.name!r} ends at byte {end} but the "
-                             f"file has {size} bytes")
-    return reader
+        return gguf.GGUFReader(path)
+    except Exception as e:  # what the layout check does not cover (the reader's asserts)
+        raise ValueError(f"{path}: corrupt GGUF file ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''})") from e
 
 
-def _field(reader, key: str, path: str, default: Any = ...) -> Any:
+def _field(reader, key: str, path: str, default: Any = ..., *, kind: type | None = None) -> Any:
+    """Metadata value `key`; `kind` int or float checks it is a number of that kind."""
     field = reader.get_field(key)
     if field is None:
         if default is ...:
             raise ValueError(f"{path}: metadata key {key!r} is missing")
         return default
-    return field.contents()
+    value = field.contents()
+    numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is int and not (numeric and float(value).is_integer()):
+        raise ValueError(f"{path}: metadata key {key!r} is {value!r}, expected an integer")
+    if kind is float and not numeric:
+        raise ValueError(f"{path}: metadata key {key!r} is {value!r}, expected a number")
+    return kind(value) if kind is not None else value
 
 
 def _hf_config(reader, path: str) -> dict[str, Any]:
@@ -93,35 +91,39 @@ def _hf_config(reader, path: str) -> dict[str, Any]:
     if scaling not in (None, "none"):
         raise ValueError(f"{path}: metadata {arch}.rope.scaling.type={scaling!r} is not "
                          "supported")
-    heads = int(_field(reader, f"{arch}.attention.head_count", path))
-    embed = int(_field(reader, f"{arch}.embedding_length", path))
+    def count(key, default=...):
+        value = _field(reader, f"{arch}.{key}", path, default, kind=int)
+        if value < 1:
+            raise ValueError(f"{path}: metadata key '{arch}.{key}' is {value}, expected >= 1")
+        return value
+
+    heads = count("attention.head_count")
+    embed = count("embedding_length")
     tokens = reader.get_field("tokenizer.ggml.tokens")
-    vocab = _field(reader, f"{arch}.vocab_size", path,
-                   len(tokens.data) if tokens is not None else ...)
-    head_dim = int(_field(reader, f"{arch}.attention.key_length", path, embed // heads))
-    rope_dims = int(_field(reader, f"{arch}.rope.dimension_count", path, head_dim))
+    vocab = count("vocab_size", len(tokens.data) if tokens is not None else ...)
+    head_dim = count("attention.key_length", embed // heads or ...)
+    rope_dims = count("rope.dimension_count", head_dim)
     if rope_dims != head_dim:
         raise ValueError(f"{path}: metadata {arch}.rope.dimension_count={rope_dims} differs "
                          f"from the head dim {head_dim}; partial RoPE is not supported")
 
     def token_id(name):
-        value = _field(reader, f"tokenizer.ggml.{name}_token_id", path, None)
-        return None if value is None else int(value)
+        return _field(reader, f"tokenizer.ggml.{name}_token_id", path, None, kind=int)
 
     eos = token_id("eos")
     pad = token_id("padding")
     return {
         "model_type": "llama", "architectures": ["LlamaForCausalLM"],
-        "vocab_size": int(vocab), "hidden_size": embed,
-        "intermediate_size": int(_field(reader, f"{arch}.feed_forward_length", path)),
-        "num_hidden_layers": int(_field(reader, f"{arch}.block_count", path)),
+        "vocab_size": vocab, "hidden_size": embed,
+        "intermediate_size": count("feed_forward_length"),
+        "num_hidden_layers": count("block_count"),
         "num_attention_heads": heads,
-        "num_key_value_heads": int(_field(reader, f"{arch}.attention.head_count_kv", path,
-                                          heads)),
+        "num_key_value_heads": count("attention.head_count_kv", heads),
         "head_dim": head_dim,
-        "rms_norm_eps": float(_field(reader, f"{arch}.attention.layer_norm_rms_epsilon", path)),
-        "rope_theta": float(_field(reader, f"{arch}.rope.freq_base", path, 10_000.0)),
-        "max_position_embeddings": int(_field(reader, f"{arch}.context_length", path, 4096)),
+        "rms_norm_eps": _field(reader, f"{arch}.attention.layer_norm_rms_epsilon", path,
+                               kind=float),
+        "rope_theta": _field(reader, f"{arch}.rope.freq_base", path, 10_000.0, kind=float),
+        "max_position_embeddings": count("context_length", 4096),
         "tie_word_embeddings": "output.weight" not in names,
         "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
         "bos_token_id": token_id("bos"), "eos_token_id": eos,
@@ -143,7 +145,7 @@ def _unpermute_rope(w: np.ndarray, heads: int) -> np.ndarray:
 
 
 def _dequantize(tensor, path: str) -> np.ndarray:
-    import gguf
+    import gguf  # local: see _open
 
     kind = tensor.tensor_type.name
     if kind not in _QUANT_TYPES:
@@ -215,7 +217,7 @@ def load_gguf(path: str | os.PathLike, *, dtype=jnp.float32) -> tuple[ModelConfi
 
 def _save_gguf_tokenizer(path: str, out_dir: str) -> None:
     """The tokenizer (with chat template) rebuilt from the GGUF metadata, saved to out_dir."""
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # heavy: only the GGUF tokenizer conversion
 
     try:
         tok = AutoTokenizer.from_pretrained(os.path.dirname(os.path.abspath(path)),
@@ -231,23 +233,15 @@ def gguf_to_hf(path: str | os.PathLike, out_dir: str | os.PathLike, *,
     """Writes the GGUF file `path` as a Hugging Face checkpoint directory `out_dir`.
 
     The directory is written next to `out_dir` under a temporary name and renamed into place
-    once complete, so a crash never leaves a half-written checkpoint at `out_dir`.
+    once complete (`align_jax.atomic.atomic_dir`), so a crash never leaves a half-written
+    checkpoint at `out_dir`, and an earlier one there stays until the new one is whole.
 
     Returns:
       out_dir.
     """
     path, out_dir = os.fspath(path), os.fspath(out_dir)
     config, params = load_gguf(path, dtype=dtype)
-    parent = os.path.dirname(os.path.abspath(out_dir))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
-    try:
-        save_hf(config, params, tmp)
-        _save_gguf_tokenizer(path, tmp)
-        if os.path.isdir(out_dir):
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with atomic_dir(out_dir) as tmp:
+        save_hf(config, params, os.fspath(tmp))
+        _save_gguf_tokenizer(path, os.fspath(tmp))
     return out_dir

@@ -119,7 +119,7 @@ def load_hf(path: str, *, dtype=jnp.float32, mesh: jax.sharding.Mesh | None = No
     config = dataclasses.replace(config, dtype=name, param_dtype=name, **ids)
     shardings = None
     if mesh is not None:
-        shardings = sharding.state_shardings(transformer.abstract_params(config), mesh, rules)
+        shardings = sharding.tree_shardings(transformer.abstract_params(config), mesh, rules)
     return config, _load_tensors(config, path, shardings)
 
 

@@ -175,7 +175,7 @@ def attend(config: ModelConfig, q_BTNH, k_BSKH, v_BSKH, mask_BTS,
     if impl == "splash":
         if segment_ids_BT is None:
             return _attend_xla(q_BTNH, k_BSKH, v_BSKH, mask_BTS, config.scale)
-        from align_jax.models import splash  # noqa: PLC0415  (imports Pallas)
+        from align_jax.models import splash  # local: imports Pallas, only for splash attention
         return splash.attend(config, q_BTNH, k_BSKH, v_BSKH, segment_ids_BT)
     raise ValueError(f"unknown attention implementation {config.attention!r}")
 

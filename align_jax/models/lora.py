@@ -27,6 +27,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from safetensors.numpy import save_file
 
 from align_jax import axes
 from align_jax.models.config import ModelConfig
@@ -263,8 +264,6 @@ def save_peft(config: ModelConfig, adapters: Adapters, path: str | os.PathLike, 
       path: output dir (created).
       base_model_name_or_path: recorded in the config for peft's convenience.
     """
-    from safetensors.numpy import save_file  # noqa: PLC0415
-
     spec = adapters.spec
     host = jax.device_get(adapters.weights)
     tensors = {}

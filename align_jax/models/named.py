@@ -16,10 +16,11 @@ import hashlib
 import importlib.metadata
 import importlib.util
 import os
-import shutil
 import sys
-import tempfile
 import zipfile
+
+from align_jax.atomic import atomic_dir
+from align_jax.models.gguf import gguf_to_hf
 
 __all__ = ["NAMED_MODELS", "cache_dir", "resolve_model_path"]
 
@@ -69,30 +70,24 @@ def _package_file(name: str, model: NamedModel) -> str:
 
 
 def _atomic_build(target: str, build, message: str) -> str:
-    """Runs build(tmp_dir) and renames tmp_dir to target, unless target already exists."""
+    """Runs build(tmp_dir) in a staging folder renamed to target when complete, unless target
+    already exists (`align_jax.atomic.atomic_dir`: a build killed mid-way leaves only a
+    staging folder, removed by the next build, never an entry that looks complete)."""
     if os.path.isdir(target):
         return target
-    parent = os.path.dirname(target)
-    os.makedirs(parent, exist_ok=True)
     print(message, file=sys.stderr, flush=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
-    try:
-        build(tmp)
+    with atomic_dir(target) as tmp:
+        build(os.fspath(tmp))
+        tmp.commit = False  # one rename, which never replaces a finished entry
         try:
-            os.rename(tmp, target)
+            os.rename(os.fspath(tmp), target)
         except OSError:
             if not os.path.isdir(target):  # not a concurrent build that finished first
                 raise
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
 
 
 def _convert_gguf(source: str, target: str) -> str:
-    from align_jax.models.gguf import gguf_to_hf
-
     def build(tmp):
         gguf_to_hf(source, os.path.join(tmp, "model"))
         for name in os.listdir(os.path.join(tmp, "model")):

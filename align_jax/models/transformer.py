@@ -242,7 +242,7 @@ def init_params(config: ModelConfig, rng: jax.Array, *, mesh=None,
     init = lambda r: nn.unbox(_init_boxed(config, r))  # noqa: E731
     if mesh is None:
         return jax.jit(init)(rng)
-    shardings = sharding.state_shardings(abstract_params(config), mesh, rules)
+    shardings = sharding.tree_shardings(abstract_params(config), mesh, rules)
     return jax.jit(init, out_shardings=shardings)(rng)
 
 
@@ -266,7 +266,7 @@ def jit_forward(config: ModelConfig, *, mesh=None, rules: str = "fsdp"):
 
     if mesh is None:
         return jax.jit(fn)
-    param_shardings = sharding.state_shardings(abstract_params(config), mesh, rules)
+    param_shardings = sharding.tree_shardings(abstract_params(config), mesh, rules)
     batch = sharding.batch_sharding(mesh, rules, 2)
     out = sharding.named_sharding((axes.BATCH, axes.SEQ, axes.VOCAB), mesh, rules)
     return jax.jit(fn, in_shardings=(param_shardings, batch, batch, batch), out_shardings=out)

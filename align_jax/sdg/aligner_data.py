@@ -26,6 +26,7 @@ from align_jax.sdg import parsing
 from align_jax.sdg.store import UnitResult, dedup_records, derive_seed
 from align_jax.sdg.teacher import Teacher, ask
 from align_jax.sdg.templates import TEMPLATE_DIR, Template, resolve_templates
+from align_jax.tokenizer import load_tokenizer
 
 CRITERIA = ("ethical", "factuality", "helpful")
 TEMPLATES = {"aligner_topics": "aligner_topics", "aligner_questions": "aligner_questions",
@@ -221,8 +222,8 @@ def similar_by_embedding(texts: Sequence[str], encoder_dir: str, *,
     """Which texts to keep: each is dropped when its sentence embedding (mean-pooled,
     normalised; `models.encoder.embed_sentences`) has cosine >= threshold with a kept earlier one.
     """
+    # Local: `import align_jax.sdg` stays free of jax; only this option embeds.
     from align_jax.models import encoder
-    from align_jax.tokenizer import load_tokenizer
     if not texts:
         return []
     config, params = encoder.load_encoder(encoder_dir)

@@ -23,12 +23,15 @@ import urllib.parse
 from collections.abc import Callable, Sequence
 
 import httpx
+import jax.numpy as jnp
 import openai
 
 from align_jax.generate.loop import generate
 from align_jax.generate.prompt_batches import next_pow2
 from align_jax.generate.sampling import row_seed
-from align_jax.tokenizer import encode_prompt
+from align_jax.models.hf import load_hf
+from align_jax.models.named import resolve_model_path
+from align_jax.tokenizer import encode_prompt, load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -66,11 +69,6 @@ class LocalTeacher:
             prefill and decode; default: max_tokens rounded up to a power of two (>= 64).
         """
         if isinstance(model, (str, os.PathLike)):
-            import jax.numpy as jnp
-
-            from align_jax.models.hf import load_hf
-            from align_jax.models.named import resolve_model_path
-            from align_jax.tokenizer import load_tokenizer
             self.name = os.fspath(model)
             self.config, self.params = load_hf(self.name, dtype=jnp.dtype(dtype), mesh=mesh,
                                                rules=rules)
@@ -183,7 +181,6 @@ class OpenAITeacher:
                                      max_retries=0)
         self._http = httpx.Client(timeout=timeout, headers={"Authorization": f"Bearer {key}"})
         if isinstance(tokenizer, (str, os.PathLike)):
-            from align_jax.tokenizer import load_tokenizer
             tokenizer = load_tokenizer(tokenizer)
         self._tokenizer = tokenizer
         self._remote_count = True
@@ -382,7 +379,6 @@ def make_teacher(spec: str, **kwargs):
         raise ValueError(f"teacher spec {spec!r}: expected 'local:<HF checkpoint dir>' or "
                          f"'openai:<base URL>'")
     if kind == "local":
-        from align_jax.models.named import resolve_model_path
         target = resolve_model_path(target)  # a named default or a .gguf file
         if not os.path.isdir(target):
             raise FileNotFoundError(f"teacher spec {spec!r}: {target} is not a directory")

@@ -8,6 +8,11 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from align_jax.runinfo import run_folder
+from align_jax.sdg import pipeline
+from align_jax.sdg.backends import TeacherError, make_teacher
+from align_jax.tokenizer import load_tokenizer
+
 TASKS = ("document", "aligner", "principles")
 
 
@@ -37,10 +42,6 @@ def sdg_main(*, output_dir: str, task: str = "document", teacher: str | None = N
       seed: global seed (a resumed run with the same seed writes the same records).
       progress: progress bar.
     """
-    from align_jax.runinfo import run_folder
-    from align_jax.sdg import pipeline
-    from align_jax.sdg.backends import TeacherError, make_teacher
-
     if task not in TASKS:
         raise ValueError(f"sdg_main.task={task!r}: choose one of {TASKS}")
     if teacher is None and not (task == "principles" and principles_file):
@@ -54,7 +55,6 @@ def sdg_main(*, output_dir: str, task: str = "document", teacher: str | None = N
                     raise ValueError("sdg_main.documents is empty: name the value documents")
                 tok = None
                 if tokenizer:
-                    from align_jax.tokenizer import load_tokenizer
                     tok = load_tokenizer(tokenizer)
                 pipeline.run_document_sdg(list(documents), output_dir, teacher=t, tokenizer=tok,
                                           nex=nex, keyword=keyword, templates=templates,

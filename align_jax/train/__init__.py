@@ -10,7 +10,7 @@ from align_jax.train.state import (
                                    abstract_arrays,
                                    abstract_state,
                                    init_state,
-                                   state_shardings,
+                                   train_state_shardings,
 )
 from align_jax.train.step import accumulate_gradients, train_step
 
@@ -18,6 +18,6 @@ __all__ = [
     "Checkpointer", "MetricsLogger", "NonFiniteLossError", "OptimizerConfig", "TrainState",
     "abstract_arrays", "abstract_state", "accumulate_gradients", "batch_shardings",
     "export_hf", "init_state", "init_train_state", "jit_train_step", "load_params",
-    "make_optimizer", "make_schedule", "mfu", "peak_flops", "state_shardings", "train",
+    "make_optimizer", "make_schedule", "mfu", "peak_flops", "train", "train_state_shardings",
     "train_step", "weight_decay_mask", "write_run_info",
 ]

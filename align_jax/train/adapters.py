@@ -21,9 +21,10 @@ from align_jax import sharding
 from align_jax.models import lora as lora_lib
 from align_jax.models import transformer
 from align_jax.models.config import ModelConfig
+from align_jax.models.hf import load_hf
 from align_jax.train import compile as compile_lib
 from align_jax.train import step as step_lib
-from align_jax.train.state import TrainState, abstract_arrays, abstract_state, state_shardings
+from align_jax.train.state import TrainState, abstract_arrays, abstract_state, train_state_shardings
 
 LORA_FILE = "lora.json"
 
@@ -82,7 +83,7 @@ def compiled_step_memory(config: ModelConfig, loss: step_lib.LossFn, *,
     """
     mesh = mesh or sharding.make_mesh(sharding.MeshSpec(data=1), devices=jax.devices()[:1])
     abstract = abstract_run_state(config, tx=tx, lora=lora, with_ref=reference)
-    shardings = state_shardings(abstract, mesh, rules)
+    shardings = train_state_shardings(abstract, mesh, rules)
     if lora is not None:
         loss = bind_lora_loss(loss, lora, reference=reference)
     step = compile_lib.jit_train_step(loss=loss, tx=tx, schedule=None, grad_accum=1, mesh=mesh,
@@ -124,8 +125,6 @@ def read_lora_file(model_dir: str) -> tuple[lora_lib.LoraConfig, dict[str, Any]]
 
 def rebuild_base(config: ModelConfig, spec: lora_lib.LoraConfig, base: dict[str, Any]) -> Any:
     """The frozen base of a LoRA run, as `train` built it (from `lora.json`'s "base")."""
-    from align_jax.models.hf import load_hf  # noqa: PLC0415
-
     frozen = base_config(dataclasses.replace(config, param_dtype="float32"), spec)
     dtype = jax.numpy.dtype(frozen.param_dtype)
     if base.get("init_from"):

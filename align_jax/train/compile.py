@@ -44,7 +44,7 @@ def jit_train_step(*, loss: step_lib.LossFn, tx: optax.GradientTransformation,
       grad_accum: microbatches per step.
       mesh: the device mesh.
       rules: the sharding preset or rule table.
-      state_shardings: from `state.state_shardings`.
+      state_shardings: from `state.train_state_shardings`.
     Returns:
       `step(state, batch) -> (state, metrics)`; `state` is donated (do not reuse it), `batch`
       must already be placed with `batch_shardings(mesh, rules)`.
@@ -71,7 +71,7 @@ def init_train_state(params: Any, *, tx: optax.GradientTransformation, seed: int
       params: the initial parameters, already placed with the params' shardings.
       tx: the optimizer.
       seed: the run's seed.
-      state_shardings: from `state.state_shardings`.
+      state_shardings: from `state.train_state_shardings`.
       ref_params: a separate copy of the reference parameters, or None.
     Returns:
       the TrainState at step 0.

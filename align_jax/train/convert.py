@@ -13,7 +13,17 @@ A LoRA run (with `<run_dir>/model/lora.json`) exports the base with the adapters
 import json
 import os
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+
+from align_jax.atomic import atomic_dir
+from align_jax.models import lora
+from align_jax.models.gguf import gguf_to_hf
+from align_jax.models.hf import config_from_hf, save_hf
+from align_jax.tokenizer import copy_tokenizer_files
+from align_jax.train.adapters import read_lora_file, rebuild_base
+from align_jax.train.checkpoint import load_params
 
 
 def convert_main(*, output_dir: str, run_dir: str | None = None, step: int | None = None,
@@ -37,14 +47,9 @@ def convert_main(*, output_dir: str, run_dir: str | None = None, step: int | Non
         raise ValueError("convert_main: give either run_dir (a training folder) or gguf "
                          "(a .gguf file)")
     if gguf is not None:
-        from align_jax.models.gguf import gguf_to_hf
         gguf_to_hf(gguf, output_dir)
         print(f"wrote {output_dir} from {gguf}")
         return 0
-    from align_jax.atomic import atomic_dir
-    from align_jax.models.hf import config_from_hf, save_hf
-    from align_jax.tokenizer import copy_tokenizer_files
-    from align_jax.train.checkpoint import load_params
 
     model_dir = os.path.join(run_dir, "model")
     cfg_path = os.path.join(model_dir, "config.json")
@@ -59,17 +64,11 @@ def convert_main(*, output_dir: str, run_dir: str | None = None, step: int | Non
     if export not in ("merged", "peft"):
         raise ValueError(f"convert_main.export={export!r}: choose 'merged' or 'peft'")
     params = load_params(os.path.join(run_dir, "checkpoints"), step=step)
-    from align_jax.train.adapters import read_lora_file
     lora_run = read_lora_file(model_dir)
     if lora_run is None and export == "peft":
         raise ValueError(f"convert_main.export='peft': {run_dir} is not a LoRA run "
                          f"({model_dir}/lora.json is missing)")
     if lora_run is not None:
-        import jax
-        import jax.numpy as jnp
-
-        from align_jax.models import lora
-        from align_jax.train.adapters import rebuild_base
         spec, base = lora_run
         adapters = lora.Adapters(weights=params, spec=spec)
         if export == "peft":

@@ -6,7 +6,6 @@
 optimizer, mesh); everything below it is plain library code.
 """
 
-import contextlib
 import dataclasses
 import functools
 import logging
@@ -15,16 +14,24 @@ import shutil
 from collections.abc import Mapping
 from typing import Any
 
+import jax
+
 from align_jax import distributed, sharding
-from align_jax.atomic import atomic_write_json
+from align_jax.atomic import atomic_dir, atomic_write_json
 from align_jax.losses import objectives
 from align_jax.models.config import ModelConfig, get_config
+from align_jax.models.hf import config_to_hf, load_hf
 from align_jax.models.lora import lora_config
 from align_jax.models.named import resolve_model_path
+from align_jax.run_lock import run_lock
+from align_jax.runinfo import run_folder
 from align_jax.tokenizer import copy_tokenizer_files, load_tokenizer
+from align_jax.tokenizer_training import train_tokenizer
 from align_jax.train import status as status_lib
+from align_jax.train.adapters import write_lora_file
 from align_jax.train.loop import train
 from align_jax.train.optim import OptimizerConfig
+from align_jax.train.reference import attach_reference_logps
 
 log = logging.getLogger(__name__)
 
@@ -126,9 +133,7 @@ def train_main(*, output_dir: str, data: str, objective: str = "sft",
                      keep=keep, log_every=log_every)
     # The objective and its loss keywords are checked before the run folder is touched.
     _objective_and_options(objective, loss_kwargs, vocab_chunk_size)
-    import jax
 
-    from align_jax.run_lock import run_lock
     with run_lock(output_dir if jax.process_index() == 0 else None):
         resuming = status_lib.check_settings(output_dir, settings, overwrite=overwrite)
         done = _completed(output_dir, export_hf, num_steps) if resuming else None
@@ -136,7 +141,7 @@ def train_main(*, output_dir: str, data: str, objective: str = "sft",
             print(f"{output_dir}: already completed at step {done['num_steps']} with these "
                   "settings; nothing to do (--overwrite to train again)", flush=True)
             return done
-        with _signals_stop():
+        with status_lib.sigterm_as_keyboard_interrupt():
             return _train_main(settings, **args)
 
 
@@ -185,33 +190,13 @@ def _completed(output_dir: str, export_hf: bool, num_steps: int | None) -> dict[
     return summary
 
 
-@contextlib.contextmanager
-def _signals_stop():
-    """SIGTERM outside the step loop (loading, compiling, exporting) stops like Ctrl-C does:
-    a KeyboardInterrupt that leaves no half-written file (the loop saves instead)."""
-    import signal
-    import threading
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def stop(signum, frame):
-        raise KeyboardInterrupt(signal.Signals(signum).name)
-
-    previous = signal.signal(signal.SIGTERM, stop)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def _train_main(settings, *, output_dir, data, objective, model, model_overrides, init_from,
                 tokenizer, seq_len, batch_size, pack, truncation, on_error, num_epochs,
                 num_steps, optimizer, grad_accum, mesh, rules, loss_kwargs, reference,
                 vocab_chunk_size, save_every, keep, log_every, seed, export_hf, progress,
                 lora=None, overwrite=False):
+    # Local: the loaders import grain (seconds), needed only once a run starts.
     from align_jax.data import make_loader
-    from align_jax.runinfo import run_folder
 
     obj, loss_kwargs = _objective_and_options(objective, loss_kwargs, vocab_chunk_size)
     lora_spec = lora_config(lora)
@@ -250,12 +235,9 @@ def _train_main(settings, *, output_dir, data, objective, model, model_overrides
             params_init: Any = init_from
             annotate = None
             if lora_spec is not None and main:
-                from align_jax.train.adapters import write_lora_file
                 write_lora_file(os.path.join(output_dir, "model"), lora_spec,
                                 init_from=init_from, seed=seed)
             if ref_mode == "precomputed":
-                from align_jax.models.hf import load_hf
-                from align_jax.train.reference import attach_reference_logps
                 if init_from is None:
                     raise ValueError(f"train_main: objective {obj.name!r} needs a reference "
                                      "model: set init_from (the SFT checkpoint), or for DPO "
@@ -284,8 +266,7 @@ def _train_main(settings, *, output_dir, data, objective, model, model_overrides
                           grad_accum=grad_accum, mesh_spec=mesh, rules=rules,
                           workdir=output_dir, save_every=save_every, keep=keep,
                           log_every=log_every, seed=seed,
-                          ref_params={"params": "initial", "adapters_off": "adapters_off"}.get(
-                              ref_mode, "none"),
+                          reference=ref_mode,
                           export_hf_dir=hf_dir if export_hf else None,
                           export_tokenizer_dir=tok_path, progress=progress, lora=lora_spec,
                           export_peft_dir=peft_dir)
@@ -294,10 +275,10 @@ def _train_main(settings, *, output_dir, data, objective, model, model_overrides
             last = _last_checkpoint(output_dir)
             if main:
                 status_lib.write_status(output_dir, "interrupted", step=last, num_steps=num_steps,
-                                        message=f"{e or 'SIGINT'} outside the step loop")
+                                        message=f"{str(e) or 'SIGINT'} outside the step loop")
             raise status_lib.RunInterrupted(
-                f"{output_dir}: interrupted ({e or 'SIGINT'}) before the run finished; the last "
-                f"checkpoint is step {last}; rerun the same command to resume") from None
+                f"{output_dir}: interrupted ({str(e) or 'SIGINT'}) before the run finished; the "
+                f"last checkpoint is step {last}; rerun the same command to resume") from None
         except BaseException as e:
             if main:
                 status_lib.write_status(output_dir, "failed",
@@ -333,7 +314,6 @@ def _last_checkpoint(output_dir: str) -> int | None:
 def _write_model_files(output_dir: str, config, init_from, tok_path) -> None:
     """<output_dir>/model: config.json and tokenizer files, so any checkpoint of the run can
     be exported later (`align-jax convert`)."""
-    from align_jax.models.hf import config_to_hf
     model_dir = os.path.join(output_dir, "model")
     os.makedirs(model_dir, exist_ok=True)
     if config is None:
@@ -344,13 +324,15 @@ def _write_model_files(output_dir: str, config, init_from, tok_path) -> None:
 
 
 def build_tokenizer(text_path: str, out_dir: str, *, vocab_size: int = 512) -> str:
-    """Trains a sentencepiece tokenizer on a text file (once; reused when present)."""
-    from align_jax.tokenizer_training import train_tokenizer
+    """Trains a sentencepiece tokenizer on a text file (once; reused when present).
+
+    The folder is written whole or not at all (a rerun after an interruption trains again)."""
     if os.path.exists(os.path.join(out_dir, "tokenizer.json")):
         return out_dir
     if not os.path.isfile(text_path):
         raise FileNotFoundError(f"tokenizer=train:{text_path}: no such text file")
     with open(text_path, encoding="utf-8") as f:
         lines = [line for line in f.read().splitlines() if line.strip()]
-    train_tokenizer(lines, out_dir, vocab_size=vocab_size)
+    with atomic_dir(out_dir) as tmp:
+        train_tokenizer(lines, os.fspath(tmp), vocab_size=vocab_size)
     return out_dir

@@ -20,24 +20,29 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from align_jax import distributed, sharding
+from align_jax.atomic import atomic_dir
 from align_jax.losses import objectives
 from align_jax.models import lora as lora_lib
 from align_jax.models import transformer
 from align_jax.models.config import ModelConfig, get_config
+from align_jax.models.hf import load_hf, save_hf
 from align_jax.runinfo import write_run_info
+from align_jax.tokenizer import copy_tokenizer_files
 from align_jax.train import adapters as adapters_lib
 from align_jax.train import compile as compile_lib
 from align_jax.train.checkpoint import Checkpointer
 from align_jax.train.metrics import MetricsLogger
 from align_jax.train.optim import OptimizerConfig, make_optimizer
-from align_jax.train.state import TrainState, abstract_arrays, state_shardings
+from align_jax.train.state import TrainState, abstract_arrays, train_state_shardings
 
 log = logging.getLogger(__name__)
 
 _FINITE_KEYS = ("loss", "grad_norm", "update_norm", "param_norm")
-_REF_MODES = ("none", "initial", "adapters_off")
+# How the reference model of a reference-based objective (DPO, KTO, SAMI) is made.
+REFERENCES = ("none", "precomputed", "params", "adapters_off")
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -85,7 +90,6 @@ def _resolve_model(config: ModelConfig | str | None, params_init: Any, *, mesh, 
     if isinstance(config, str):
         config = get_config(config)
     if isinstance(params_init, (str, os.PathLike)):
-        from align_jax.models.hf import load_hf  # noqa: PLC0415 (optional heavy import)
         # Loaded straight into the sharded layout: a model larger than one device never lands
         # on one device.
         hf_config, params = load_hf(os.fspath(params_init), mesh=mesh, rules=rules)
@@ -155,7 +159,7 @@ def train(*, config: ModelConfig | str | None = None, params_init: Any = None,
           optimizer: OptimizerConfig = OptimizerConfig(), num_steps: int, grad_accum: int = 1,
           mesh_spec: sharding.MeshSpec | None = None, rules: str | sharding.Rules = "fsdp",
           workdir: str | os.PathLike, save_every: int = 1000, keep: int = 3,
-          log_every: int = 10, seed: int = 0, ref_params: str = "none",
+          log_every: int = 10, seed: int = 0, reference: str = "none",
           export_hf_dir: str | os.PathLike | None = None, progress: bool = True,
           operative_config: str | None = None,
           lora: "lora_lib.LoraConfig | Mapping[str, Any] | None" = None,
@@ -182,9 +186,11 @@ def train(*, config: ModelConfig | str | None = None, params_init: Any = None,
       keep: checkpoints to keep.
       log_every: write metrics every this many steps.
       seed: params init (when random) and the step's randomness.
-      ref_params: "none", or "initial" to keep a frozen copy of the initial params as the
-        reference model (DPO with the SFT model as reference); with LoRA, "adapters_off" (or
-        "initial", the same thing) scores the reference with the base, adapters off.
+      reference: how the objective's reference model is made: "none" (no reference);
+        "precomputed" (every batch carries the reference log-probs as `ref_logps`, no second
+        model in memory); "params" (a frozen copy of the initial params in
+        `state.ref_params`, e.g. DPO with the SFT model as reference); "adapters_off" (LoRA
+        only: the frozen base with the adapters off; with LoRA "params" means the same).
       export_hf_dir: when set, the final params (LoRA: merged) are saved there as Hugging
         Face safetensors (written to a temporary folder and renamed into place when
         complete; not written when the run stops early).
@@ -198,11 +204,11 @@ def train(*, config: ModelConfig | str | None = None, params_init: Any = None,
     Returns:
       the final TrainState; `state.step < num_steps` when SIGTERM cut the run short.
     """
-    if ref_params not in _REF_MODES:
-        raise ValueError(f"train(ref_params={ref_params!r}): choose one of {_REF_MODES}")
+    if reference not in REFERENCES:
+        raise ValueError(f"train(reference={reference!r}): choose one of {REFERENCES}")
     spec = lora_lib.lora_config(lora)
-    if ref_params == "adapters_off" and spec is None:
-        raise ValueError("train(ref_params='adapters_off') needs lora=...")
+    if reference == "adapters_off" and spec is None:
+        raise ValueError("train(reference='adapters_off') needs lora=...")
     objective = objectives.as_objective(loss_fn)
     loss_kwargs = objective.check_options(loss_kwargs or {})
     if not (hasattr(data_iterator, "get_state") and hasattr(data_iterator, "set_state")):
@@ -220,11 +226,13 @@ def train(*, config: ModelConfig | str | None = None, params_init: Any = None,
         log.info("train(): param_dtype %s -> float32 master params", config.param_dtype)
         config = dataclasses.replace(config, param_dtype="float32")
     tx, schedule = make_optimizer(optimizer, num_steps=num_steps)
-    with_ref = ref_params == "initial" or spec is not None
+    frozen_reference = reference in ("params", "adapters_off")
+    # With LoRA the state always holds the frozen base (as ref_params), reference or not.
+    with_ref = frozen_reference or spec is not None
     # With LoRA the frozen base may be held in a lower precision than the float32 adapters.
     frozen = adapters_lib.base_config(config, spec) if spec is not None else config
     abstract = adapters_lib.abstract_run_state(config, tx=tx, lora=spec, with_ref=with_ref)
-    shardings = state_shardings(abstract, mesh, rules)
+    shardings = train_state_shardings(abstract, mesh, rules)
     is_main = jax.process_index() == 0
 
     def initial():
@@ -245,7 +253,7 @@ def train(*, config: ModelConfig | str | None = None, params_init: Any = None,
         if is_main:
             write_run_info(workdir, operative_config=operative_config, extra={
                 "resumed_from_step": start, "num_steps": num_steps, "grad_accum": grad_accum,
-                "seed": seed, "rules": rules, "mesh": dict(mesh.shape), "ref_params": ref_params,
+                "seed": seed, "rules": rules, "mesh": dict(mesh.shape), "reference": reference,
                 "optimizer": vars(optimizer), "model": vars(config),
                 "lora": dataclasses.asdict(spec) if spec is not None else None,
                 "loss_fn": objective.name})
@@ -269,7 +277,7 @@ def train(*, config: ModelConfig | str | None = None, params_init: Any = None,
 
         loss = objective.bind(config=config, options=loss_kwargs)
         if spec is not None:
-            loss = adapters_lib.bind_lora_loss(loss, spec, reference=ref_params != "none")
+            loss = adapters_lib.bind_lora_loss(loss, spec, reference=frozen_reference)
         step_fn = compile_lib.jit_train_step(
             loss=loss, tx=tx, schedule=schedule, grad_accum=grad_accum, mesh=mesh, rules=rules,
             state_shardings=shardings)
@@ -303,6 +311,11 @@ def train(*, config: ModelConfig | str | None = None, params_init: Any = None,
                     f"train(): the data iterator ran out after step {step} of {num_steps}; "
                     "give more data or fewer num_steps") from None
             data_state = data_iterator.get_state()
+            if reference == "precomputed" and step == (start or 0) \
+                    and "ref_logps" not in host_batch:
+                raise ValueError("train(reference='precomputed'): the batches carry no "
+                                 f"'ref_logps' (keys: {sorted(host_batch)}); attach the "
+                                 "reference log-probs (train.reference) or use 'params'")
             tokens, seq_len = _batch_tokens(host_batch)
             if seq_len != seq_len_seen:
                 seq_len_seen = seq_len
@@ -360,10 +373,8 @@ def export_peft(config: ModelConfig, adapters: "lora_lib.Adapters",
                 path: str | os.PathLike) -> None:
     """Saves LoRA adapters in peft's format at `path` (main process only; written to a
     temporary folder and renamed into place when complete)."""
-    from align_jax.atomic import atomic_dir  # noqa: PLC0415
     weights = adapters.weights
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils  # noqa: PLC0415
         weights = multihost_utils.process_allgather(weights, tiled=True)
     if jax.process_index() == 0:
         with atomic_dir(path) as tmp:
@@ -384,15 +395,11 @@ def export_hf(config: ModelConfig, params: Any, path: str | os.PathLike, *,
       path: the output dir.
       tokenizer_dir: a tokenizer dir or .model file whose files are copied in too.
     """
-    from align_jax.atomic import atomic_dir  # noqa: PLC0415
-    from align_jax.models.hf import save_hf  # noqa: PLC0415 (written by the models package)
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils  # noqa: PLC0415
         params = multihost_utils.process_allgather(params, tiled=True)
     host = jax.device_get(params)
     if jax.process_index() == 0:
         with atomic_dir(path) as tmp:
             save_hf(config, host, os.fspath(tmp))
             if tokenizer_dir is not None:
-                from align_jax.tokenizer import copy_tokenizer_files  # noqa: PLC0415
                 copy_tokenizer_files(tokenizer_dir, os.fspath(tmp))

@@ -11,6 +11,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+from align_jax.atomic import atomic_write
 from align_jax.jsonl import JsonlError, decode_line, encode_line
 
 # Dense bf16 peak FLOP/s per device (chip), by a substring of jax's `device_kind`. Longer keys
@@ -68,7 +69,6 @@ def drop_records_after(path: str, step: int) -> int:
         if isinstance(record, dict) and record.get("step", 0) <= step:
             keep.append(line if line.endswith("\n") else line + "\n")
     if len(keep) != len(lines):
-        from align_jax.atomic import atomic_write
         atomic_write(path, "".join(keep))
     return len(lines) - len(keep)
 
@@ -112,10 +112,11 @@ class MetricsLogger:
         drop_records_after(path, start_step)
         self._jsonl = open(path, "a", encoding="utf-8")
         if tensorboard:
+            # Heavy (seconds to import): only the main process of a run writes TensorBoard.
             from tensorboardX import SummaryWriter
             self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
         if progress:
-            from tqdm.auto import tqdm
+            from tqdm.auto import tqdm  # local: `import align_jax.train` stays free of tqdm
             self._bar = tqdm(total=num_steps, initial=start_step, unit="step", dynamic_ncols=True)
 
     def record(self, step: int, metrics: Mapping[str, Any], *, tokens: int) -> dict | None:

@@ -35,9 +35,10 @@ from align_jax import sharding
 from align_jax.losses import objectives
 from align_jax.models import transformer
 from align_jax.models.config import ModelConfig, get_config
+from align_jax.models.hf_config import config_from_hf
 from align_jax.train import compile as compile_lib
 from align_jax.train.optim import OptimizerConfig, make_optimizer
-from align_jax.train.state import abstract_state, state_shardings
+from align_jax.train.state import abstract_state, train_state_shardings
 
 GiB = 1024 ** 3
 # Memory per device, in bytes, as the vendor states it.
@@ -203,7 +204,7 @@ def plan_memory(config: ModelConfig, *, method: str = "sft", batch_size: int, se
     mesh, real = _mesh(spec, num_devices)
     tx, schedule = make_optimizer(optimizer or OptimizerConfig(), num_steps=1000)
     abstract = abstract_state(transformer.abstract_params(config), tx=tx, with_ref=with_ref)
-    shardings = state_shardings(abstract, mesh, rules)
+    shardings = train_state_shardings(abstract, mesh, rules)
     arrays = nn.unbox(abstract)
     batch_sh = NamedSharding(mesh, compile_lib.batch_shardings(mesh, rules).spec) if real \
         else NamedSharding(mesh, sharding.logical_to_spec(("batch",), rules))
@@ -313,7 +314,6 @@ def plan_main(*, model: str, method: str = "sft", batch_size: int = 8, seq_len: 
 @functools.cache
 def _load_config(model: str) -> ModelConfig:
     if os.path.isdir(model):
-        from align_jax.models.hf_config import config_from_hf  # noqa: PLC0415
         with open(os.path.join(model, "config.json"), encoding="utf-8") as f:
             return config_from_hf(json.load(f), source=os.path.join(model, "config.json"))
     return get_config(model)

@@ -4,6 +4,7 @@ The reference model then never sits in memory during training, and a resumed run
 values back from a cache file keyed by the examples and the reference params.
 """
 
+import dataclasses
 import functools
 import hashlib
 import logging
@@ -73,5 +74,4 @@ def attach_reference_logps(examples: list[Example], *, precompute, config: Model
 
 
 def _with(example: Example, values) -> Example:
-    import dataclasses
     return dataclasses.replace(example, ref_logps=(float(values[0]), float(values[1])))

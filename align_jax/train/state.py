@@ -2,7 +2,7 @@
 
 The state is built abstractly first: `abstract_state` runs the optimizer's init under
 `jax.eval_shape` over the *boxed* abstract parameters (`nn.LogicallyPartitioned` leaves), so the
-optimizer moments carry the same logical axes as the parameters they track; `state_shardings`
+optimizer moments carry the same logical axes as the parameters they track; `train_state_shardings`
 then turns the boxes into NamedShardings. Nothing full-size is allocated on one device.
 """
 
@@ -96,7 +96,8 @@ def _clean_boxes(tree: Any) -> Any:
     return jax.tree.map(one, tree, is_leaf=_is_box)
 
 
-def state_shardings(abstract: TrainState, mesh: Mesh, rules: str | sharding.Rules) -> TrainState:
+def train_state_shardings(abstract: TrainState, mesh: Mesh,
+                          rules: str | sharding.Rules) -> TrainState:
     """NamedShardings with the unboxed structure of `abstract` (for jit in/out shardings).
 
     Args:
@@ -106,7 +107,7 @@ def state_shardings(abstract: TrainState, mesh: Mesh, rules: str | sharding.Rule
     Returns:
       a TrainState of NamedShardings.
     """
-    return sharding.state_shardings(_clean_boxes(abstract), mesh, rules)
+    return sharding.tree_shardings(_clean_boxes(abstract), mesh, rules)
 
 
 def abstract_arrays(abstract: TrainState, shardings: TrainState) -> TrainState:

@@ -11,10 +11,13 @@ Exit codes of `align-jax` (for schedulers that requeue on them): 0 completed, 1 
 saving a checkpoint: rerun the same command to resume.
 """
 
+import contextlib
 import dataclasses
 import json
 import os
 import shutil
+import signal
+import threading
 from collections.abc import Mapping
 from typing import Any
 
@@ -36,6 +39,29 @@ class RunInterrupted(Exception):
     """SIGTERM/SIGINT stopped training after a checkpoint was saved; rerun to resume."""
 
     exit_code = EXIT_INTERRUPTED
+
+
+@contextlib.contextmanager
+def sigterm_as_keyboard_interrupt():
+    """SIGTERM inside the block raises KeyboardInterrupt("SIGTERM"), as Ctrl-C does.
+
+    Outside the train step loop (loading, compiling, exporting, a recipe's other work) a
+    preemption then unwinds like Ctrl-C: atomic writes leave no half-written file, and the
+    caller turns the KeyboardInterrupt into RunInterrupted. The loop installs its own handler
+    (save, then stop) and restores this one after. Only the main thread can set handlers.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 class SettingsChangedError(ValueError):

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-import align_jax.generate as generate_module
+from align_jax.eval import answers as answers_lib
 from align_jax.eval import bleu, rouge
 from align_jax.eval.judge import parse_verdict
 from align_jax.eval.report import evaluate_models
@@ -56,12 +56,12 @@ class LongerJudge:
 def test_report_scores_every_system_and_writes_files(checkpoints, tmp_path, monkeypatch):
     models, tok = checkpoints
     calls = []
-    real = generate_module.generate
+    real = answers_lib.generate
 
     def counting(config, params, prompts, **kw):
         calls.append(len(prompts))
         return real(config, params, prompts, **kw)
-    monkeypatch.setattr(generate_module, "generate", counting)
+    monkeypatch.setattr(answers_lib, "generate", counting)
     sft_test = [{"prompt": "Can I accept a gift from a supplier?",
                  "completion": "Only small tokens of thanks; never cash."},
                 {"prompt": "Who speaks to journalists?",
@@ -108,3 +108,26 @@ def test_report_scores_every_system_and_writes_files(checkpoints, tmp_path, monk
     json.dumps(report)  # the whole report is JSON-serialisable
     assert report["generation"]["settings"] == {"decoding": "greedy", "max_new_tokens": 6,
                                                 "questions": 3}
+
+
+def test_only_process_zero_writes_the_report(checkpoints, tmp_path, monkeypatch):
+    """In a multi-process run every process computes the report; only process 0 writes it."""
+    import align_jax.distributed as distributed
+    models, tok = checkpoints
+    sft_test = [{"prompt": "Must I report a near miss?", "completion": "Yes, the same day."}]
+    pref_test = [{"prompt": "Gift?", "chosen": "Refuse it.", "rejected": "Keep it."}]
+    kw = dict(models={"sft": models["sft"]}, tokenizer=tok, sft_test=sft_test,
+              pref_test=pref_test, retriever=None, rag_models=(), seq_len=64,
+              num_samples=1, max_new_tokens=2, bertscore_model=None,
+              stages={"sft": "sft"})
+    monkeypatch.setattr(distributed, "is_main", lambda: False)
+    other = evaluate_models(str(tmp_path / "other"), **kw)
+    assert not (tmp_path / "other").exists() or not any((tmp_path / "other").iterdir())
+    monkeypatch.setattr(distributed, "is_main", lambda: True)
+    main = evaluate_models(str(tmp_path / "main"), **kw)
+    assert other["answers"] == main["answers"]
+    assert other["models"]["sft"]["answer_nll"] == main["models"]["sft"]["answer_nll"]
+    written = sorted(p.name for p in (tmp_path / "main").iterdir())
+    assert written == ["metrics.png", "report.csv", "report.md", "report.png"]
+    # Written atomically: no temporary files are left beside them.
+    assert not [p for p in (tmp_path / "main").iterdir() if p.name.startswith(".")]

@@ -349,7 +349,7 @@ def test_sharded_objective_equals_single_device(tiny):
     (want, _), g_want = _value_and_grad(config, **_RPO)(params, batch, ref_params=ref_params)
     place = lambda tree: jax.tree.map(  # noqa: E731
         lambda x, s: jax.device_put(x, s), tree,
-        sharding.state_shardings(transformer.abstract_params(config), mesh, "fsdp_tp"))
+        sharding.tree_shardings(transformer.abstract_params(config), mesh, "fsdp_tp"))
     sharded_batch = {k: jax.device_put(v, sharding.batch_sharding(mesh, "fsdp_tp", v.ndim))
                      for k, v in batch.items()}
     fn = functools.partial(losses.dpo_objective, config=config, **_RPO)

@@ -93,8 +93,8 @@ def test_sharded_equals_single_device(checkpoints):
     single = np.asarray(transformer.forward(config, params, tokens, lora=adapters))
 
     mesh = sharding.make_mesh(sharding.MeshSpec(data=2, fsdp=4, tensor=1))
-    p_shard = sharding.state_shardings(transformer.abstract_params(config), mesh, "fsdp")
-    a_shard = sharding.state_shardings(lora.abstract_lora(config, adapters.spec), mesh, "fsdp")
+    p_shard = sharding.tree_shardings(transformer.abstract_params(config), mesh, "fsdp")
+    a_shard = sharding.tree_shardings(lora.abstract_lora(config, adapters.spec), mesh, "fsdp")
     params_s = jax.device_put(params, p_shard)
     weights_s = jax.device_put(adapters.weights, a_shard)
     # A's embed axis is split over fsdp, the rank axis is whole.

@@ -3,6 +3,8 @@ cache, reused after; a missing package names the pip command."""
 
 import json
 import os
+import socket
+import subprocess
 import sys
 
 import numpy as np
@@ -59,10 +61,24 @@ def test_interrupted_conversion_leaves_nothing_behind(fake_package, tmp_path, mo
         open(os.path.join(dst, "config.json"), "w").write("{}")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("align_jax.models.gguf.gguf_to_hf", fail)
+    real = named.gguf_to_hf
+    monkeypatch.setattr(named, "gguf_to_hf", fail)
     with pytest.raises(KeyboardInterrupt):
         named.resolve_model_path("tiny-named")
-    assert os.listdir(tmp_path / "cache" / "models") == []
+    models = tmp_path / "cache" / "models"
+    assert os.listdir(models) == []
+    # A conversion killed outright (SIGKILL) leaves its staging folder under a temp name,
+    # never the entry's name; the next conversion removes it and writes the whole entry.
+    monkeypatch.setattr(named, "gguf_to_hf", real)
+    dead = subprocess.Popen([sys.executable, "-c", ""])
+    dead.wait()
+    stale = models / f".tiny-named-9.9.tmp-{socket.gethostname()}-{dead.pid}"
+    stale.mkdir()
+    (stale / "config.json").write_text("{}")
+    path = named.resolve_model_path("tiny-named")
+    assert os.listdir(models) == ["tiny-named-9.9"]
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(os.listdir(path))
+    assert load_hf(path)[0].vocab_size == fake_package.config.vocab_size
 
 
 def test_missing_package_error_names_the_pip_command(monkeypatch):

@@ -22,7 +22,7 @@ from align_jax.models.config import get_config
 from align_jax.train import compile as compile_lib
 from align_jax.train import plan
 from align_jax.train.optim import OptimizerConfig, make_optimizer
-from align_jax.train.state import abstract_state, state_shardings
+from align_jax.train.state import abstract_state, train_state_shardings
 
 
 def _rss(field: str) -> int:
@@ -40,7 +40,7 @@ def main(batch_size: int, seq_len: int) -> None:
     mesh = sharding.make_mesh(sharding.MeshSpec(), devices=jax.devices()[:1])
     tx, schedule = make_optimizer(OptimizerConfig(), num_steps=1000)
     abstract = abstract_state(transformer.abstract_params(config), tx=tx)
-    shardings = state_shardings(abstract, mesh, "fsdp")
+    shardings = train_state_shardings(abstract, mesh, "fsdp")
     batch = {k: np.ones(v.shape, v.dtype) for k, v in plan.abstract_batch(
         "sft", batch_size=batch_size, seq_len=seq_len).items()}
     rng = np.random.default_rng(0)

@@ -160,7 +160,6 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous(tmp_path, caplog, 
 
 
 def test_convert_failing_midway_leaves_the_old_export(tmp_path, monkeypatch):
-    from align_jax.models import hf
     from align_jax.train import convert
     run = tmp_path / "run"
     _tiny_run(run, 2)
@@ -176,7 +175,7 @@ def test_convert_failing_midway_leaves_the_old_export(tmp_path, monkeypatch):
             f.write(b"\0" * 100)
         raise OSError("disk full")
 
-    monkeypatch.setattr(hf, "save_hf", dies_midway)
+    monkeypatch.setattr(convert, "save_hf", dies_midway)
     with pytest.raises(OSError, match="disk full"):
         convert.convert_main(run_dir=str(run), output_dir=str(out))
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before

@@ -152,7 +152,7 @@ def test_reference_params_survive_resume_and_export(tmp_path):
     kwargs = dict(config=tiny_config(), loss_fn=ref_aware_loss,
                   optimizer=OptimizerConfig(learning_rate=1e-2, schedule="constant"),
                   mesh_spec=sharding.MeshSpec(data=2, fsdp=4), rules="fsdp", workdir=workdir,
-                  save_every=3, log_every=1, ref_params="initial", progress=False, seed=5)
+                  save_every=3, log_every=1, reference="params", progress=False, seed=5)
     first = train(data_iterator=CountingIterator(), num_steps=3, **kwargs)
     first_ref = jax.device_get(first.ref_params)
     data = CountingIterator()
@@ -173,6 +173,26 @@ def test_reference_params_survive_resume_and_export(tmp_path):
     _, exported = load_hf(str(tmp_path / "hf"))
     for a, b in zip(jax.tree.leaves(exported), jax.tree.leaves(jax.device_get(second.params))):
         np.testing.assert_array_equal(np.asarray(a), b)
+
+
+def test_reference_mode_is_checked(tmp_path):
+    kwargs = dict(config=tiny_config(), loss_fn=nll_loss, num_steps=2, workdir=tmp_path / "run",
+                  mesh_spec=sharding.MeshSpec(data=8), rules="dp", progress=False)
+    with pytest.raises(ValueError, match=r"train\(reference='initial'\): choose one of"):
+        train(data_iterator=CountingIterator(), reference="initial", **kwargs)
+    with pytest.raises(ValueError, match="reference='adapters_off'.*needs lora"):
+        train(data_iterator=CountingIterator(), reference="adapters_off", **kwargs)
+
+
+@pytest.mark.slow  # builds the state (about 7 s on 2 CPU cores) before it reads a batch
+def test_precomputed_reference_needs_ref_logps_in_the_batches(tmp_path):
+    kwargs = dict(config=tiny_config(), loss_fn=nll_loss, num_steps=2, workdir=tmp_path / "run",
+                  mesh_spec=sharding.MeshSpec(data=8), rules="dp", progress=False)
+    # "precomputed" means every batch carries ref_logps: one without them stops before step 1.
+    data = CountingIterator()
+    with pytest.raises(ValueError, match="batches carry no 'ref_logps'"):
+        train(data_iterator=data, reference="precomputed", **kwargs)
+    assert data.index == 1 and not _metric_steps(tmp_path / "run")
 
 
 def test_peak_flops_table_and_mfu():

@@ -24,7 +24,7 @@ OPT = optim.OptimizerConfig(learning_rate=1e-3, warmup_steps=1, weight_decay=0.1
 def _setup(mesh, rules, *, loss_fn=nll_loss, grad_accum=1, seed=0, opt=OPT):
     tx, schedule = optim.make_optimizer(opt, num_steps=10)
     abstract = state_lib.abstract_state(transformer.abstract_params(CFG), tx=tx)
-    shardings = state_lib.state_shardings(abstract, mesh, rules)
+    shardings = state_lib.train_state_shardings(abstract, mesh, rules)
     params = transformer.init_params(CFG, jax.random.key(seed), mesh=mesh, rules=rules)
     state = compile_lib.init_train_state(params, tx=tx, seed=seed, state_shardings=shardings)
     loss = objectives.as_objective(loss_fn).bind(config=CFG)
@@ -116,7 +116,7 @@ def test_opt_state_shares_param_shardings():
     mesh = sharding.make_mesh(sharding.MeshSpec(data=2, fsdp=2, tensor=2))
     tx, _ = optim.make_optimizer(OPT, num_steps=10)
     abstract = state_lib.abstract_state(transformer.abstract_params(CFG), tx=tx, with_ref=True)
-    shardings = state_lib.state_shardings(abstract, mesh, "fsdp_tp")
+    shardings = state_lib.train_state_shardings(abstract, mesh, "fsdp_tp")
     adam = shardings.opt_state[1]  # chain: clip, adam, decay, lr
     assert isinstance(adam, optax.ScaleByAdamState)
     assert adam.mu == shardings.params and adam.nu == shardings.params
@@ -127,7 +127,8 @@ def test_opt_state_shares_param_shardings():
     tx, _ = optim.make_optimizer(optim.OptimizerConfig(name="adafactor"), num_steps=10)
     big = tiny_config(embed_dim=256, mlp_dim=512, num_heads=4, head_dim=64)
     abstract = state_lib.abstract_state(transformer.abstract_params(big), tx=tx)
-    specs = [s.spec for s in jax.tree.leaves(state_lib.state_shardings(abstract, mesh, "fsdp"))]
+    shardings = state_lib.train_state_shardings(abstract, mesh, "fsdp")
+    specs = [s.spec for s in jax.tree.leaves(shardings)]
     assert jax.sharding.PartitionSpec() in specs
 
 

@@ -1,0 +1,198 @@
+"""The server's request validation: its state, and OpenAI bodies -> token ids and a `Job`.
+
+Every function here runs in a worker thread (the handlers in server.py call them through
+`asyncio.to_thread`), never on the event loop, and raises `APIError` with a 4xx status for a
+bad request. Large bodies are encoded in a child process (encode_pool.py), and their ids are
+checked as arrays, so that a multi-megabyte prompt never holds the GIL for long.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hmac
+import secrets
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from align_jax.generate.encode_pool import EncodePool, prompt_encoder, text_encoder
+from align_jax.generate.http_io import json_ints
+from align_jax.generate.openai_api import (
+    APIError,
+    ChatRequest,
+    CompletionRequest,
+    SamplingFields,
+    TokenizeRequest,
+    message_dicts,
+    parse_body,
+)
+from align_jax.generate.sampling import row_seed, settings_arrays
+from align_jax.generate.serving import Batcher, Job
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ServerState:
+    """What the handlers share: the model, its limits, the batcher and the encoder.
+
+    Attributes:
+      config, tokenizer: the model's config and tokenizer.
+      batcher: the `Batcher` that runs generation.  encoder: encodes prompts (large bodies in a
+        child process).
+      model_name: the id clients pass as `model`.  api_key: the bearer token, or None.
+      max_len: context length.  max_prompt: longest accepted prompt, in tokens.
+      max_new: largest accepted max_tokens.  max_body_bytes: largest accepted body (413).
+      started: creation time (unix seconds), reported by /v1/models.
+    """
+
+    config: object
+    tokenizer: object
+    batcher: Batcher
+    encoder: EncodePool
+    model_name: str
+    api_key: str | None
+    max_len: int
+    max_prompt: int
+    max_new: int
+    max_body_bytes: int
+    started: int
+
+
+def authorize(state: ServerState, headers: Mapping[str, str]) -> None:
+    """Raises APIError(401) unless the headers carry the server's API key (if it has one)."""
+    if state.api_key is None:
+        return
+    got = headers.get("authorization", "")
+    if not hmac.compare_digest(got.encode(), f"Bearer {state.api_key}".encode()):
+        raise APIError(401, "missing or incorrect API key (send 'Authorization: Bearer "
+                       "<key>')", code="invalid_api_key")
+
+
+def _check_common(state: ServerState, req: SamplingFields) -> None:
+    if req.model is not None and req.model != state.model_name:
+        raise APIError(404, f"model {req.model!r} does not exist; this server serves "
+                       f"{state.model_name!r}", param="model", code="model_not_found")
+    if req.n != 1:
+        raise APIError(400, f"n={req.n} is not supported; only n=1", param="n")
+    for name in ("presence_penalty", "frequency_penalty"):
+        if getattr(req, name):
+            raise APIError(400, f"{name} is not supported (use repetition_penalty)",
+                           param=name)
+    if req.logit_bias:
+        raise APIError(400, "logit_bias is not supported", param="logit_bias")
+    stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    if any(not s for s in stops) or len(stops) > 16:
+        raise APIError(400, "stop must be up to 16 non-empty strings", param="stop")
+
+
+def _check_prompts(state: ServerState, prompts: Sequence, *, param: str) -> list[list[int]]:
+    """Length and id-range checks (vectorized: a prompt may be millions of ids) -> lists."""
+    if not prompts or any(len(x) == 0 for x in prompts):
+        raise APIError(400, "prompt is empty", param=param)
+    longest = max(len(p) for p in prompts)
+    if longest > state.max_prompt:
+        raise APIError(400, f"the prompt has {longest} tokens; this server accepts at most "
+                       f"{state.max_prompt}", param=param, code="context_length_exceeded")
+    out = []
+    for p in prompts:
+        try:
+            ids = np.asarray(p, dtype=np.int64)
+            bad = ids[(ids < 0) | (ids >= state.config.vocab_size)]
+        except OverflowError:  # beyond int64: certainly out of range
+            bad = np.asarray([t for t in p if not 0 <= t < state.config.vocab_size], object)
+        if bad.size:
+            raise APIError(400, f"prompt token id {bad[0]} is outside "
+                           f"[0, {state.config.vocab_size})", param=param)
+        out.append(ids.tolist())
+    return out
+
+
+def _make_job(state: ServerState, req: SamplingFields, prompts: list[list[int]],
+              max_tokens: int | None, *, default_max: int, prompt_param: str) -> Job:
+    longest = max(len(p) for p in prompts)
+    if max_tokens is None:
+        max_tokens = max(1, min(default_max, state.max_len - longest))
+    if not 1 <= max_tokens <= state.max_new:
+        raise APIError(400, f"max_tokens={max_tokens} is out of range: it must be between "
+                       f"1 and {state.max_new}", param="max_tokens")
+    if longest + max_tokens > state.max_len:
+        raise APIError(400, f"the prompt ({longest} tokens) + max_tokens ({max_tokens}) "
+                       f"exceeds the context length {state.max_len}; shorten the prompt or "
+                       f"lower max_tokens", param=prompt_param, code="context_length_exceeded")
+    seed = req.seed if req.seed is not None else secrets.randbits(32)
+    sampling = dict(temperature=req.temperature, top_k=max(req.top_k, 0), top_p=req.top_p,
+                    min_p=req.min_p, repetition_penalty=req.repetition_penalty)
+    try:  # the checks generate makes, here: a bad value is a 400, not a worker error
+        settings_arrays(1, **sampling)
+    except (ValueError, OverflowError) as e:
+        raise APIError(400, str(e)) from None
+    return Job(prompts=prompts, max_tokens=max_tokens,
+               seeds=[row_seed(seed, i) for i in range(len(prompts))], sampling=sampling,
+               stop=tuple([req.stop] if isinstance(req.stop, str) else req.stop or ()))
+
+
+def _encode(state: ServerState, encode, prompts: list, *, raw: bytes, param: str) -> list:
+    """`state.encoder.encode`, with its errors as OpenAI errors."""
+    try:
+        return state.encoder.encode(encode, prompts, body_bytes=len(raw))
+    except (ValueError, TypeError) as e:  # e.g. a chat template that rejects the messages
+        raise APIError(400, f"{param}: {e}", param=param) from None
+    except RuntimeError as e:  # the tokenizer process died
+        raise APIError(500, str(e), type="server_error") from None
+
+
+def prepare_completion(state: ServerState, raw: bytes):
+    """Parses, validates and tokenizes a /v1/completions body -> (request, prompts, job)."""
+    req = parse_body(CompletionRequest, raw)
+    _check_common(state, req)
+    for name, ok in (("echo", not req.echo), ("logprobs", req.logprobs is None),
+                     ("best_of", req.best_of in (None, 1)), ("suffix", req.suffix is None)):
+        if not ok:
+            raise APIError(400, f"{name} is not supported", param=name)
+    p = req.prompt
+    if isinstance(p, str):
+        p = [p]
+    elif p and all(isinstance(x, int) for x in p):
+        p = [p]
+    texts = [x for x in p if isinstance(x, str)]
+    encoded = iter(_encode(state, prompt_encoder(chat_template=False), texts, raw=raw,
+                           param="prompt"))
+    prompts = _check_prompts(state, [next(encoded) if isinstance(x, str) else x for x in p],
+                             param="prompt")
+    return req, prompts, _make_job(state, req, prompts, req.max_tokens, default_max=16,
+                                   prompt_param="prompt")
+
+
+def prepare_chat(state: ServerState, raw: bytes):
+    """Parses, validates and renders + tokenizes a /v1/chat/completions body
+    -> (request, prompt ids, job)."""
+    req = parse_body(ChatRequest, raw)
+    _check_common(state, req)
+    if req.logprobs or req.top_logprobs:
+        raise APIError(400, "logprobs are not supported", param="logprobs")
+    if req.max_tokens is not None and req.max_completion_tokens is not None:
+        raise APIError(400, "give max_tokens or max_completion_tokens, not both",
+                       param="max_tokens")
+    encoded = _encode(state, prompt_encoder(chat_template=True), [message_dicts(req.messages)],
+                      raw=raw, param="messages")
+    ids = _check_prompts(state, encoded, param="messages")[0]
+    job = _make_job(state, req, [ids], req.max_tokens if req.max_tokens is not None
+                    else req.max_completion_tokens, default_max=state.max_new,
+                    prompt_param="messages")
+    return req, ids, job
+
+
+def tokenize_json(state: ServerState, raw: bytes) -> str:
+    """Parses and tokenizes a /tokenize body -> the JSON answer {tokens, count, max_model_len}."""
+    req = parse_body(TokenizeRequest, raw)
+    if (req.prompt is None) == (req.messages is None):
+        raise APIError(400, "give exactly one of prompt or messages", param="prompt")
+    if req.prompt is not None:
+        ids = _encode(state, text_encoder(add_bos=req.add_special_tokens), [req.prompt],
+                      raw=raw, param="prompt")[0]
+    else:
+        ids = _encode(state, prompt_encoder(chat_template=True), [message_dicts(req.messages)],
+                      raw=raw, param="messages")[0]
+    # Rendered in pieces: a 4 MB prompt is millions of ids, and one json.dumps of them would
+    # hold the GIL (and so the event loop) for seconds.
+    return (f'{{"tokens": {json_ints(ids)}, "count": {len(ids)}, '
+            f'"max_model_len": {state.max_len}}}')
