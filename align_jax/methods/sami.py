@@ -51,6 +51,7 @@ from align_jax.data.formatting import format_records, render_prompt
 from align_jax.data.sources import load_records
 from align_jax.eval import mi_lower_bound
 from align_jax.eval.judge import pairwise_win_rate
+from align_jax.eval.letter_judge import LetterJudge
 from align_jax.generate import generate
 from align_jax.losses import logprobs
 from align_jax.losses.scorer import score_examples
@@ -320,10 +321,12 @@ def sami(*, output_dir: str, init_from: str, constitutions: str, queries: str,
       init: "base" retrains the base model each iteration (the paper's Algorithm 1);
         "latest" continues from the previous iterate (the reference code). The optimizer
         state starts fresh every iteration either way.
-      judge: teacher spec ("local:<dir>" or "openai:<url>") for win rates against the base
-        model after each iteration; None skips them.
+      judge: for win rates against the base model after each iteration: a teacher spec
+        ("local:<dir>" or "openai:<url>") that writes its verdicts, or "letters:<dir or
+        name>", a small local judge read from its P("A") vs P("B")
+        (`align_jax.eval.letter_judge`); None skips them.
       judge_template: the judge template (align_jax.eval.judge), "principles" by default.
-      judge_max_tokens: the judge's token budget per verdict.
+      judge_max_tokens: a writing judge's token budget per verdict.
       kl_coef: weight of the optional KL regulariser to the iteration's starting model (the
         base model under init='base'; losses.sami.sami_kl_penalty); 0 is the paper's default.
       seq_len: rows of (prompt, response).
@@ -364,7 +367,10 @@ def sami(*, output_dir: str, init_from: str, constitutions: str, queries: str,
     placed = dict(mesh=jmesh, rules=rules)
     teacher = None
     if judge:
-        teacher = make_teacher(judge, **(placed if judge.startswith("local:") else {}))
+        if judge.startswith("letters:"):
+            teacher = LetterJudge(judge.partition(":")[2], mesh=jmesh)
+        else:
+            teacher = make_teacher(judge, **(placed if judge.startswith("local:") else {}))
     shuffle_rng = random.Random(seed + 1)
 
     def train_rows(k):
