@@ -40,7 +40,7 @@ class LetterJudge:
     """
 
     def __init__(self, model, *, seq_len: int = 2048, batch_size: int = 8, mesh=None,
-                 dtype: str = "float32"):
+                 rules: str = "fsdp", dtype: str = "float32"):
         """Loads the judge.
 
         Args:
@@ -49,7 +49,9 @@ class LetterJudge:
           seq_len: the longest prompt scored; longer ones are cut on the left (the
             question at the end of the template stays).
           batch_size: judgements per forward.
-          mesh: a device mesh to score over, or None.
+          mesh: a device mesh to score over (a model loaded here is placed on it with the
+            `rules` preset, like the policy), or None.
+          rules: the sharding preset of a model loaded from a path.
           dtype: the judge's parameter dtype when loaded from a path.
         """
         if isinstance(model, tuple):
@@ -58,7 +60,8 @@ class LetterJudge:
         else:
             self.name = str(model)
             path = resolve_model_path(str(model))
-            self.config, self.params = load_hf(path, dtype=jnp.dtype(dtype))
+            self.config, self.params = load_hf(path, dtype=jnp.dtype(dtype), mesh=mesh,
+                                               rules=rules)
             self.tokenizer = load_tokenizer(path)
         self.context_length = seq_len
         self.batch_size = batch_size

@@ -368,10 +368,7 @@ def sami(*, output_dir: str, init_from: str, constitutions: str, queries: str,
     teacher = None
     if judge:
         if judge.startswith("letters:"):
-            # Loaded sharded like the policy (LetterJudge would replicate a model it loads).
-            path = resolve_model_path(judge.partition(":")[2])
-            teacher = LetterJudge((*load_hf(path, mesh=jmesh, rules=rules),
-                                   load_tokenizer(path)), mesh=jmesh)
+            teacher = LetterJudge(judge.partition(":")[2], **placed)
         else:
             teacher = make_teacher(judge, **(placed if judge.startswith("local:") else {}))
     shuffle_rng = random.Random(seed + 1)

@@ -17,14 +17,20 @@ from align_jax.tokenizer_training import train_tokenizer
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
-def test_sami_iterations(tmp_path, monkeypatch):
-    monkeypatch.chdir(ROOT)
+def _tiny_base(tmp_path):
+    """A random tiny model with a tokenizer trained on the example document, saved as HF."""
     base = tmp_path / "base"
     lines = [x for x in (ROOT / "examples" / "values_document.md").read_text().splitlines() if x]
     tok = train_tokenizer(lines, base, vocab_size=400)
     cfg = get_config("tiny", vocab_size=tok.vocab_size, bos_token_id=tok.bos_id,
                      eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
     save_hf(cfg, init_params(cfg, jax.random.key(0)), str(base))
+    return base
+
+
+def test_sami_iterations(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    base = _tiny_base(tmp_path)
     gin.clear_config()
     out = tmp_path / "sami"
     params = [f"HF_CHECKPOINT='{base}'", "sami.sami.num_iterations=2",
@@ -89,12 +95,7 @@ def _run(tmp_path, name, params, gin_file="configs/runs/sami_recipe_tiny.gin"):
 @pytest.mark.slow
 def test_sami_latest_continues_from_the_previous_iterate(tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)
-    base = tmp_path / "base"
-    lines = [x for x in (ROOT / "examples" / "values_document.md").read_text().splitlines() if x]
-    tok = train_tokenizer(lines, base, vocab_size=400)
-    cfg = get_config("tiny", vocab_size=tok.vocab_size, bos_token_id=tok.bos_id,
-                     eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
-    save_hf(cfg, init_params(cfg, jax.random.key(0)), str(base))
+    base = _tiny_base(tmp_path)
     rows = _run(tmp_path, "latest", [f"HF_CHECKPOINT='{base}'", "sami.sami.num_iterations=3",
                                      "sami.sami.steps_per_iteration=1", "sami.sami.init='latest'",
                                      "sami.sami.max_new_tokens=4", "sami.sami.progress=False"]
