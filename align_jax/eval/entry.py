@@ -10,7 +10,7 @@
 import os
 from collections.abc import Mapping
 
-from align_jax import distributed
+from align_jax import distributed, sharding
 from align_jax.atomic import atomic_write_json
 from align_jax.data.documents import chunk_documents, load_documents
 from align_jax.data.sources import load_records
@@ -34,7 +34,8 @@ def eval_main(*, output_dir: str, models: Mapping[str, str], sft_test: str | Non
               retrieval: str = "semantic", num_questions: int | None = None,
               bertscore_model: str | None = "all-minilm-l6-v2", judge: str | None = None,
               judge_template: str = "relative", judge_kwargs: Mapping | None = None,
-              judge_systems: tuple[str, ...] | None = None) -> int:
+              judge_systems: tuple[str, ...] | None = None,
+              mesh: sharding.MeshSpec | None = None, rules: str = "fsdp") -> int:
     """Scores every model (name -> HF dir; all share the first model's tokenizer).
 
     Args:
@@ -52,6 +53,8 @@ def eval_main(*, output_dir: str, models: Mapping[str, str], sft_test: str | Non
         read from its letter probabilities), for pairwise win rates (None skips them).
       judge_template, judge_kwargs: see `align_jax.eval.judge.win_rate_matrix`.
       judge_systems: systems the judge compares (default all).
+      mesh, rules: device mesh (default: every device, as `align-jax train`) and sharding
+        preset: the models are loaded onto it and scored and generated over it.
     """
     if not models:
         raise ValueError("eval_main.models is empty: map names to checkpoint dirs")
@@ -71,7 +74,9 @@ def eval_main(*, output_dir: str, models: Mapping[str, str], sft_test: str | Non
                                  max_new_tokens=max_new_tokens, num_questions=num_questions,
                                  bertscore_model=bertscore_model, judge=judge,
                                  judge_template=judge_template, judge_kwargs=judge_kwargs,
-                                 judge_systems=judge_systems)
+                                 judge_systems=judge_systems,
+                                 mesh=sharding.make_mesh(mesh or sharding.MeshSpec()),
+                                 rules=rules)
         if distributed.is_main():
             atomic_write_json(os.path.join(output_dir, "report.json"), report)
             print(open(os.path.join(output_dir, "report.md")).read())

@@ -25,10 +25,15 @@ import numpy as np
 from align_jax.data import batching
 from align_jax.data.formatting import Example
 from align_jax.losses.logprobs import forward_token_logps
-from align_jax.losses.scorer import score_examples
+from align_jax.losses.scorer import bind, score_examples
 from align_jax.models.hf import load_hf
 from align_jax.models.named import resolve_model_path
 from align_jax.tokenizer import encode_prompt, load_tokenizer
+
+
+def _letter_logps(config, params, batch):
+    logps, _ = forward_token_logps(config, params, batch, where="LetterJudge")
+    return logps.sum(-1)  # [B, 2]: log P(A | x), log P(B | x)
 
 
 class LetterJudge:
@@ -95,14 +100,8 @@ class LetterJudge:
             ids = np.asarray(ids[-(self.context_length - 1):], np.int32)
             examples.append(Example(prompt=ids, completions=(np.array([a], np.int32),
                                                              np.array([b], np.int32))))
-        config = self.config
-
-        def letter_logps(params, batch):
-            logps, _ = forward_token_logps(config, params, batch, where="LetterJudge")
-            return logps.sum(-1)  # [B, 2]: log P(A | x), log P(B | x)
-
         pad = self.tokenizer.pad_id if self.tokenizer.pad_id is not None else 0
-        logps = score_examples(letter_logps, self.params, examples,
+        logps = score_examples(bind(_letter_logps, self.config), self.params, examples,
                                build=batching.pad_pair_batch, seq_len=self.context_length,
                                batch_size=self.batch_size, pad_id=pad, mesh=self.mesh)
         logps = np.asarray(logps, np.float64).reshape(len(examples), 2)

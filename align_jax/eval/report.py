@@ -24,7 +24,7 @@ from align_jax.eval.judge import win_rate_matrix
 from align_jax.eval.letter_judge import LetterJudge
 from align_jax.eval.plots import plot_metrics, plot_overview, plot_win_rates
 from align_jax.eval.retrieval import with_retrieval
-from align_jax.eval.scoring import answer_nll, preference_accuracy
+from align_jax.eval.scoring import answer_nll, margin_summary, preference_margins
 from align_jax.models.hf import load_hf
 from align_jax.sdg.backends import make_teacher
 
@@ -34,9 +34,9 @@ def plot(out_dir: str, report: Mapping, stages: Mapping[str, str]) -> str:
     return plot_overview(out_dir, report, stages)
 
 
-def _judge(judge, matrix_inputs, *, template, judge_kwargs):
+def _judge(judge, matrix_inputs, *, template, judge_kwargs, mesh=None, rules="fsdp"):
     if isinstance(judge, str) and judge.startswith("letters:"):
-        judge = LetterJudge(judge.partition(":")[2])
+        judge = LetterJudge(judge.partition(":")[2], mesh=mesh, rules=rules)
     elif isinstance(judge, str):
         judge = make_teacher(judge)
     return win_rate_matrix(*matrix_inputs, judge=judge, template=template, **judge_kwargs)
@@ -72,31 +72,33 @@ def evaluate_models(out_dir: str, *, models: Mapping[str, str], tokenizer, sft_t
       judge_template, judge_kwargs: see `align_jax.eval.judge.win_rate_matrix`.
       judge_systems: the systems the judge compares (default all; a small judge on a CPU
         may only afford a few).
-      mesh, rules: a jax Mesh: scoring (the shared scorer) and generation are sharded over
-        it, with the `rules` preset for generation.
+      mesh, rules: a jax Mesh: the models are loaded onto it and scoring (the shared scorer)
+        and generation are sharded over it, with the `rules` preset, as in training.
     Returns:
       The report dict.
     """
     report = {"models": {}, "samples": {}}
-    loaded = {}
+    loaded, margins = {}, {}
     questions = list(sft_test)[:num_questions] if num_questions else list(sft_test)
-    rag_questions = with_retrieval(questions, retriever) if retriever is not None else None
+    # Retrieval once for all RAG models; the questions are the first records of sft_test.
+    rag_test = (with_retrieval(sft_test, retriever)
+                if retriever is not None and any(n in rag_models for n in models) else None)
+    rag_questions = rag_test[:len(questions)] if rag_test is not None else None
+    score = dict(tokenizer=tokenizer, seq_len=seq_len, mesh=mesh, rules=rules)
     for name, path in models.items():
-        config, params = load_hf(path)
+        # Laid out on the mesh once, by the preset: scoring and generation both use it.
+        config, params = load_hf(path, mesh=mesh, rules=rules)
         loaded[name] = (config, params)
-        row = {"answer_nll": answer_nll(config, params, tokenizer, sft_test, seq_len=seq_len,
-                                        mesh=mesh),
-               "preference": preference_accuracy(config, params, tokenizer, pref_test,
-                                                 seq_len=seq_len, mesh=mesh)}
-        if retriever is not None and name in rag_models:
-            row["answer_nll_rag"] = answer_nll(config, params, tokenizer,
-                                               with_retrieval(sft_test, retriever),
-                                               seq_len=seq_len, mesh=mesh)
+        margins[name] = preference_margins(config, params, records=pref_test, **score)
+        row = {"answer_nll": answer_nll(config, params, records=sft_test, **score),
+               "preference": margin_summary(*margins[name])}
+        if rag_test is not None and name in rag_models:
+            row["answer_nll_rag"] = answer_nll(config, params, records=rag_test, **score)
         report["models"][name] = row
     if reference is not None and all(n in loaded for n in reference):
-        report["implicit_reward"] = preference_accuracy(
-            *loaded[reference[0]], tokenizer, pref_test, seq_len=seq_len,
-            reference=loaded[reference[1]], mesh=mesh)
+        # DPO's implicit reward from the margins already scored: log-ratio differences.
+        (policy, skipped), (ref, _) = margins[reference[0]], margins[reference[1]]
+        report["implicit_reward"] = margin_summary(policy - ref, skipped)
     if questions:
         gen = evaluate_generation(loaded, tokenizer, questions, rag_records=rag_questions,
                                   rag_models=rag_models, max_new_tokens=max_new_tokens,
@@ -112,7 +114,8 @@ def evaluate_models(out_dir: str, *, models: Mapping[str, str], tokenizer, sft_t
                              f"among the systems {list(gen['answers'])}")
         if judge is not None and len(judged) > 1:
             m = _judge(judge, (gen["prompts"], judged), template=judge_template,
-                       judge_kwargs={"references": gen["references"], **(judge_kwargs or {})})
+                       judge_kwargs={"references": gen["references"], **(judge_kwargs or {})},
+                       mesh=mesh, rules=rules)
             report["win_rates"] = {
                 "judge": judge if isinstance(judge, str) else type(judge).__name__,
                 "template": str(judge_template), "names": m["names"],

@@ -1,7 +1,9 @@
 """Held-out scores of a model: answer log-likelihood and preference accuracy.
 
 Both are exact quantities of the model on records it did not train on, computed with one
-jitted forward per batch (the same log-prob code as the losses).
+jitted forward per batch (the same log-prob code as the losses), through the shared scorer
+(`align_jax.losses.scorer`): one compilation per config and bucket shape for the whole process,
+whatever the number of models and calls.
 """
 
 import jax.numpy as jnp
@@ -10,15 +12,13 @@ import numpy as np
 from align_jax.data import batching
 from align_jax.data.formatting import format_records
 from align_jax.losses.logprobs import forward_token_logps
-from align_jax.losses.scorer import score_examples
+from align_jax.losses.scorer import bind, score_examples
 from align_jax.models.config import ModelConfig
 
 
-def _sums(config: ModelConfig):
-    def sums(params, batch):
-        logps, mask = forward_token_logps(config, params, batch, where="eval")
-        return jnp.stack([logps.sum(-1), mask.sum(-1)], axis=-1)
-    return sums
+def _sums(config: ModelConfig, params, batch):
+    logps, mask = forward_token_logps(config, params, batch, where="eval")
+    return jnp.stack([logps.sum(-1), mask.sum(-1)], axis=-1)
 
 
 def _sft_batch(examples, **kw):
@@ -34,7 +34,7 @@ def _examples(records, *, kind, tokenizer, seq_len):
 
 
 def answer_nll(config: ModelConfig, params, tokenizer, records, *, seq_len: int,
-               batch_size: int = 8, mesh=None) -> dict[str, float]:
+               batch_size: int = 8, mesh=None, rules: str = "dp") -> dict[str, float]:
     """Mean negative log-likelihood per answer token of SFT records' completions.
 
     Args:
@@ -43,42 +43,61 @@ def answer_nll(config: ModelConfig, params, tokenizer, records, *, seq_len: int,
       records: dicts with `prompt` and `completion`.
       seq_len: rows are truncated on the prompt side to this length.
       batch_size: rows per forward.
-      mesh: the device mesh to score over (`losses.scorer`), or None.
+      mesh, rules: the device mesh to score over and the sharding preset of the batch and
+        the activations (`losses.scorer`); mesh None runs on the default device.
     Returns:
       {"nll_per_token", "perplexity", "examples", "skipped"}.
     """
     examples, skipped = _examples(records, kind="sft", tokenizer=tokenizer, seq_len=seq_len)
-    sums = score_examples(_sums(config), params, examples, build=_sft_batch, seq_len=seq_len,
-                          batch_size=batch_size, mesh=mesh)
+    sums = score_examples(bind(_sums, config), params, examples, build=_sft_batch,
+                          seq_len=seq_len, batch_size=batch_size, mesh=mesh, rules=rules)
     total = -float(sums[:, 0].sum()) if len(sums) else 0.0
     nll = total / max(float(sums[:, 1].sum()) if len(sums) else 0.0, 1.0)
     return {"nll_per_token": nll, "perplexity": float(np.exp(min(nll, 50.0))),
             "examples": len(examples), "skipped": skipped}
 
 
+def preference_margins(config: ModelConfig, params, tokenizer, records, *, seq_len: int,
+                       batch_size: int = 8, mesh=None, rules: str = "dp"
+                       ) -> tuple[np.ndarray, int]:
+    """log p(chosen | x) - log p(rejected | x) per preference record that fits `seq_len`.
+
+    Returns:
+      (margins [kept records] in record order, number of records skipped). The kept records
+      depend only on the tokenizer and seq_len, so two models' margins align.
+    """
+    examples, skipped = _examples(records, kind="preference", tokenizer=tokenizer,
+                                  seq_len=seq_len)
+    if not examples:
+        return np.zeros(0), skipped
+    s = score_examples(bind(_sums, config), params, examples, build=batching.pad_pair_batch,
+                       seq_len=seq_len, batch_size=batch_size, mesh=mesh, rules=rules)[..., 0]
+    return s[:, 0] - s[:, 1], skipped
+
+
+def margin_summary(margins: np.ndarray, skipped: int) -> dict[str, float]:
+    """{"accuracy": share of margins > 0, "mean_margin", "examples", "skipped"}."""
+    m = np.asarray(margins)
+    return {"accuracy": float(np.mean(m > 0)) if len(m) else float("nan"),
+            "mean_margin": float(np.mean(m)) if len(m) else float("nan"),
+            "examples": len(m), "skipped": skipped}
+
+
 def preference_accuracy(config: ModelConfig, params, tokenizer, records, *, seq_len: int,
-                        batch_size: int = 8, reference=None, mesh=None) -> dict[str, float]:
+                        batch_size: int = 8, reference=None, mesh=None, rules: str = "dp"
+                        ) -> dict[str, float]:
     """How often the model gives the chosen answer a higher log-likelihood than the rejected.
 
     With `reference` = (config, params) the comparison uses DPO's implicit reward,
-    log p(y|x) - log p_ref(y|x); otherwise raw log-likelihoods. `mesh`: as in answer_nll.
+    log p(y|x) - log p_ref(y|x); otherwise raw log-likelihoods. `mesh`, `rules`: as in
+    answer_nll.
 
     Returns:
       {"accuracy", "mean_margin", "examples", "skipped"}.
     """
-    examples, skipped = _examples(records, kind="preference", tokenizer=tokenizer,
-                                  seq_len=seq_len)
-
-    def margins(cfg, prm):
-        if not examples:
-            return np.zeros(0)
-        s = score_examples(_sums(cfg), prm, examples, build=batching.pad_pair_batch,
-                           seq_len=seq_len, batch_size=batch_size, mesh=mesh)[..., 0]
-        return s[:, 0] - s[:, 1]
-
-    m = margins(config, params)
+    kw = dict(tokenizer=tokenizer, records=records, seq_len=seq_len, batch_size=batch_size,
+              mesh=mesh, rules=rules)
+    m, skipped = preference_margins(config, params, **kw)
     if reference is not None:
-        m = m - margins(*reference)
-    return {"accuracy": float(np.mean(m > 0)) if len(m) else float("nan"),
-            "mean_margin": float(np.mean(m)) if len(m) else float("nan"),
-            "examples": len(examples), "skipped": skipped}
+        m = m - preference_margins(*reference, **kw)[0]
+    return margin_summary(m, skipped)

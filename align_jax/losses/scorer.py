@@ -3,14 +3,23 @@
 Evaluation (answer NLL, preference accuracy), DPO's reference precompute and SAMI's mutual
 information bound all score many tokenised examples with one jitted function of
 (params, batch). `score_examples` does it once for all of them: examples are sorted by length
-and cut into batches whose row length is the smallest bucket (a power of two, at most
-`seq_len`) that fits them, so short examples do not pay for the longest; each batch's leading
+and cut into batches whose row length is the smallest bucket that fits them (a power of two or
+1.5 times one, at most `seq_len`: at most a third of a row is padding, and a handful of
+shapes compile), so short examples do not pay for the longest; each batch's leading
 axis is split over the mesh's batch axes exactly as the train step's batches are; the rows
-come back in the examples' order.
+come back in the examples' order. The host builds the next batches while the device scores
+(results are fetched two batches behind).
+
+jax.jit caches compilations per function object, so a score_fn made afresh for every call (a
+closure over the model's config, a new functools.partial) compiles again on every call; build
+it with `bind(fn, config, ...)` instead: equal arguments give the same object, so repeated
+calls, and models with equal configs, share one compilation per batch shape.
 """
 
 from __future__ import annotations
 
+import collections
+import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -26,6 +35,24 @@ from align_jax import sharding
 Builder = Callable[..., dict[str, np.ndarray]]
 
 
+@functools.lru_cache(maxsize=256)
+def _bound(fn, *args, **kwargs):
+    return functools.partial(fn, *args, **kwargs)
+
+
+def bind(fn: Callable, *args, **kwargs) -> functools.partial:
+    """`functools.partial(fn, *args, **kwargs)`, the same object for equal arguments.
+
+    Use it for `score_examples`' score_fn so that its compilations are reused across calls
+    (see the module docstring). Arguments should be hashable (a ModelConfig is); with an
+    unhashable one this is a fresh partial, which compiles on every call.
+    """
+    try:
+        return _bound(fn, *args, **kwargs)
+    except TypeError:  # unhashable arguments
+        return functools.partial(fn, *args, **kwargs)
+
+
 def _length(example) -> int:
     if hasattr(example, "prompts"):  # a SamiExample
         return max(len(p) for p in example.prompts) + max(len(r) for r in example.responses)
@@ -33,7 +60,11 @@ def _length(example) -> int:
 
 
 def _bucket(length: int, *, seq_len: int, min_bucket: int) -> int:
-    return min(seq_len, max(min_bucket, 1 << max(0, math.ceil(math.log2(max(length, 1))))))
+    """The smallest 2^k or 3 * 2^(k-1) >= length (and >= min_bucket), at most seq_len."""
+    p = 1 << max(0, math.ceil(math.log2(max(length, 1))))
+    if p >= 4 and length <= 3 * p // 4:
+        p = 3 * p // 4
+    return min(seq_len, max(min_bucket, p))
 
 
 def _place_params(params, mesh: Mesh):
@@ -54,7 +85,8 @@ def score_examples(score_fn: Callable[[Any, dict], Any], params: Any, examples: 
 
     Args:
       score_fn: `score_fn(params, batch) -> array [B, ...]`, one row per batch row (e.g. the
-        summed log-probs of each sequence); jitted here (once per bucket shape).
+        summed log-probs of each sequence); jitted here (once per bucket shape, and once per
+        process when it is the same object each call: a module-level function or `bind`).
       params: the model's parameters.
       examples: tokenised examples (`Example` or `SamiExample`) that `build` takes.
       build: padded batch builder `build(examples, *, batch_size, seq_len, pad_id)`.
@@ -87,7 +119,16 @@ def score_examples(score_fn: Callable[[Any, dict], Any], params: Any, examples: 
     starts = range(0, len(order), batch_size)
     if progress:
         starts = tqdm(starts, desc=progress, unit="batch", leave=False)
-    out = None
+    out, pending = None, collections.deque()
+
+    def fetch():
+        nonlocal out
+        idx, scored = pending.popleft()
+        rows = np.asarray(jax.device_get(scored))[:len(idx)]
+        if out is None:
+            out = np.zeros((len(examples),) + rows.shape[1:], rows.dtype)
+        out[idx] = rows
+
     for start in starts:
         idx = order[start:start + batch_size]
         t = _bucket(max(lengths[i] for i in idx), seq_len=seq_len, min_bucket=min_bucket)
@@ -96,8 +137,9 @@ def score_examples(score_fn: Callable[[Any, dict], Any], params: Any, examples: 
         if batch_put is not None:
             batch = jax.device_put(batch, batch_put)
         with sharding.use_mesh(mesh, rules):
-            rows = np.asarray(jax.device_get(jitted(params, batch)))[:len(idx)]
-        if out is None:
-            out = np.zeros((len(examples),) + rows.shape[1:], rows.dtype)
-        out[idx] = rows
+            pending.append((idx, jitted(params, batch)))  # dispatched; runs asynchronously
+        if len(pending) > 2:
+            fetch()
+    while pending:
+        fetch()
     return out

@@ -54,7 +54,7 @@ from align_jax.eval.judge import pairwise_win_rate
 from align_jax.eval.letter_judge import LetterJudge
 from align_jax.generate import generate
 from align_jax.losses import logprobs
-from align_jax.losses.scorer import score_examples
+from align_jax.losses.scorer import bind, score_examples
 from align_jax.methods import sami_prompts, sami_report
 from align_jax.models.hf import load_hf
 from align_jax.models.named import resolve_model_path
@@ -165,6 +165,13 @@ def _mean_se(x: np.ndarray) -> tuple[float, float]:
     return float(np.mean(x)), se
 
 
+def _mi_sums(config, params, batch):
+    logps, mask = logprobs.forward_token_logps(config, params, batch, where="sami")
+    total = logprobs.masked_sum(logps, mask)
+    count = jnp.sum(mask.astype(jnp.float32), axis=-1)
+    return jnp.stack([total, count], axis=1)  # [B, 2, C, C]
+
+
 def mi_bound(model_dir: str, records: Sequence[dict], *, seq_len: int,
              batch_size: int = 8, mesh=None, rules: str = "fsdp") -> dict[str, float]:
     """The held-out MI bound of SAMI records under a model (scored over `mesh` when given):
@@ -178,16 +185,9 @@ def mi_bound(model_dir: str, records: Sequence[dict], *, seq_len: int,
                                     truncation="truncate_prompt_left", on_error="skip")
     if not examples:
         raise ValueError(f"sami: no held-out record fits seq_len {seq_len}")
-
-    def score(p, batch):
-        logps, mask = logprobs.forward_token_logps(config, p, batch, where="sami")
-        total = logprobs.masked_sum(logps, mask)
-        count = jnp.sum(mask.astype(jnp.float32), axis=-1)
-        return jnp.stack([total, count], axis=1)  # [B, 2, C, C]
-
-    rows = score_examples(score, params, examples, build=batching.sami_batch, seq_len=seq_len,
-                          batch_size=batch_size, pad_id=tok.pad_id or 0, mesh=mesh,
-                          rules=rules)
+    rows = score_examples(bind(_mi_sums, config), params, examples, build=batching.sami_batch,
+                          seq_len=seq_len, batch_size=batch_size, pad_id=tok.pad_id or 0,
+                          mesh=mesh, rules=rules)
     summed, counts = rows[:, 0], rows[:, 1]
     bound, se = _mean_se(mi_per_query(summed))
     token_bound, token_se = _mean_se(mi_per_query(summed / np.maximum(counts, 1.0)))

@@ -281,7 +281,7 @@ def value_alignment(*, output_dir: str, document: str, model: str | None = "tiny
         stages={"cft": "c-fine-tuned", "sft": "sft", "dpo": "sft+dpo"},
         num_questions=num_questions, bertscore_model=bertscore_model, judge=judge,
         judge_template=judge_template, judge_kwargs=judge_kwargs, judge_systems=judge_systems,
-        mesh=sharding.make_mesh(mesh) if mesh is not None else None, rules=rules)
+        mesh=sharding.make_mesh(mesh or sharding.MeshSpec()), rules=rules)
     report["data_origin"] = origin
     extra = [f"Data: {origin}."]
     if sdg_summary is not None:

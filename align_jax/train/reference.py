@@ -5,7 +5,6 @@ values back from a cache file keyed by the examples and the reference params.
 """
 
 import dataclasses
-import functools
 import hashlib
 import logging
 import os
@@ -15,7 +14,7 @@ import numpy as np
 
 from align_jax.data import batching
 from align_jax.data.formatting import Example
-from align_jax.losses.scorer import score_examples
+from align_jax.losses.scorer import bind, score_examples
 from align_jax.models.config import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -61,7 +60,7 @@ def attach_reference_logps(examples: list[Example], *, precompute, config: Model
             log.info("reference log-probs read from %s", path)
             return [_with(ex, v) for ex, v in zip(examples, values)]
     values = score_examples(
-        functools.partial(precompute, config, vocab_chunk_size=vocab_chunk_size), params,
+        bind(precompute, config, vocab_chunk_size=vocab_chunk_size), params,
         examples, build=batching.pad_pair_batch, seq_len=seq_len, batch_size=batch_size,
         mesh=mesh, rules=rules, progress="reference log-probs").astype(np.float32)
     if path is not None and jax.process_index() == 0:

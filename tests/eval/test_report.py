@@ -10,11 +10,13 @@ import pytest
 
 from align_jax.eval import answers as answers_lib
 from align_jax.eval import bleu, rouge
+from align_jax.eval import report as report_lib
 from align_jax.eval.judge import parse_verdict
 from align_jax.eval.report import evaluate_models
 from align_jax.eval.retrieval import BM25Retriever
+from align_jax.eval.scoring import preference_accuracy
 from align_jax.models.config import get_config
-from align_jax.models.hf import save_hf
+from align_jax.models.hf import load_hf, save_hf
 from align_jax.models.transformer import init_params
 from align_jax.tokenizer_training import train_tokenizer
 
@@ -62,6 +64,13 @@ def test_report_scores_every_system_and_writes_files(checkpoints, tmp_path, monk
         calls.append(len(prompts))
         return real(config, params, prompts, **kw)
     monkeypatch.setattr(answers_lib, "generate", counting)
+    retrievals = []
+    real_retrieval = report_lib.with_retrieval
+
+    def counting_retrieval(records, retriever):
+        retrievals.append(len(records))
+        return real_retrieval(records, retriever)
+    monkeypatch.setattr(report_lib, "with_retrieval", counting_retrieval)
     sft_test = [{"prompt": "Can I accept a gift from a supplier?",
                  "completion": "Only small tokens of thanks; never cash."},
                 {"prompt": "Who speaks to journalists?",
@@ -74,10 +83,19 @@ def test_report_scores_every_system_and_writes_files(checkpoints, tmp_path, monk
     report = evaluate_models(str(tmp_path), models=models, tokenizer=tok, sft_test=sft_test,
                              pref_test=pref_test, retriever=retriever,
                              rag_models=("sft", "dpo"), seq_len=128, num_samples=2,
-                             max_new_tokens=6, bertscore_model=None, judge=LongerJudge())
+                             max_new_tokens=6, bertscore_model=None, judge=LongerJudge(),
+                             reference=("dpo", "sft"))
     systems = ["sft", "sft + RAG", "dpo", "dpo + RAG"]
-    # One batched generation per model, holding both of its systems' prompts.
-    assert calls == [6, 6]
+    # One batched generation per model, holding both of its systems' prompts; one retrieval
+    # for every RAG model, its NLL and its answers.
+    assert calls == [6, 6] and retrievals == [3]
+    # The implicit reward comes from the margins already scored; it equals scoring anew.
+    (c_dpo, p_dpo), (c_sft, p_sft) = (load_hf(models[n]) for n in ("dpo", "sft"))
+    want = preference_accuracy(c_dpo, p_dpo, tok, pref_test, seq_len=128,
+                               reference=(c_sft, p_sft))
+    assert report["implicit_reward"] == pytest.approx(want)
+    assert report["models"]["dpo"]["preference"] == pytest.approx(
+        preference_accuracy(c_dpo, p_dpo, tok, pref_test, seq_len=128))
     answers = report["answers"]
     assert list(answers) == systems and all(len(a) == 3 for a in answers.values())
     refs = [r["completion"] for r in sft_test]

@@ -1,0 +1,272 @@
+"""Evaluation at scale (issue 11, item 5): the whole `evaluate_models` vs the generation in it.
+
+N held-out questions (synthetic, deterministic: sentences of the example document as reference
+answers, preference pairs against another sentence), M models (tiny random Llama-style
+checkpoints saved as Hugging Face dirs, the train section's 4-layer width-256 shape), each
+also run with the retrieved passage in the prompt ("+ RAG"), so S = 2M systems, as the
+value-alignment paper's table (4 models x without/with RAG = 8 systems).
+
+Side by side in one process:
+  (a) generation alone: the `generate_answers` calls `evaluate_models` makes (one per model,
+      the plain and the RAG prompts together, same batch size and max_new_tokens), models
+      already in memory, compilation warmed up;
+  (b) the whole `evaluate_models`: loading the checkpoints, answer NLL (plain and RAG),
+      preference accuracy, DPO's implicit reward, retrieval, generation, BLEU, ROUGE,
+      BERTScore (a tiny local BERT, or --bertscore-model) and the report files.
+overhead = (b - a) / a. (b) runs twice: the first run also compiles the scorers (a fixed
+cost per process and shape); the second is the steady state. The breakdown times each
+component inside (b) by wrapping the functions `evaluate_models` calls.
+
+`--model smollm2-135m-instruct` evaluates the real model (and its tokenizer) under M names
+instead, with all-MiniLM-L6-v2 for BERTScore and retrieval unless told otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import os
+import re
+import shutil
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from align_jax.data.documents import chunk_documents, load_documents
+from align_jax.eval import answers as answers_lib
+from align_jax.eval import report as report_lib
+from align_jax.eval.retrieval import SemanticRetriever, with_retrieval
+from align_jax.generate import trace_counts
+from align_jax.models import transformer
+from align_jax.models.config import get_config
+from align_jax.models.hf import load_hf, save_hf
+from align_jax.models.named import resolve_model_path
+from align_jax.tokenizer import load_tokenizer
+from align_jax.tokenizer_training import train_tokenizer
+from benchmarks import common
+from benchmarks.bench_generate import CPU_CONFIG
+
+DOCUMENT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                        "examples", "values_document.md")
+TOPICS = ("gifts", "conflicts of interest", "reporting", "the press", "safety", "privacy",
+          "expenses", "suppliers", "complaints", "training", "meetings", "records")
+
+# What the breakdown times: component -> (module, function) wrapped during (b).
+COMPONENTS = {
+    "load checkpoints": (report_lib, "load_hf"),
+    "answer NLL": (report_lib, "answer_nll"),
+    "preference accuracy": (report_lib, "preference_margins"),
+    "retrieval": (report_lib, "with_retrieval"),
+    "generation": (answers_lib, "generate"),
+    "BLEU": (answers_lib, "bleu"),
+    "ROUGE": (answers_lib, "rouge"),
+    "BERTScore load": (report_lib, "load_bertscore_model"),
+    "BERTScore": (answers_lib, "bertscore"),
+    "report files": (report_lib, "_write_markdown"),
+    "csv": (report_lib, "_write_csv"),
+    "plots": (report_lib, "plot_metrics"),
+}
+
+
+def _sentences(text: str) -> list[str]:
+    words = " ".join(x for x in text.splitlines() if x and not x.startswith("#"))
+    return [s.strip() for s in re.split(r"(?<=[.!?])\s+", words) if len(s.split()) >= 6]
+
+
+def build_records(n: int, seed: int = 0) -> tuple[list[dict], list[dict], list[str]]:
+    """(SFT records, preference records, document lines): deterministic for (n, seed)."""
+    text = open(DOCUMENT, encoding="utf-8").read()
+    sents = _sentences(text)
+    rng = np.random.default_rng(seed)
+    sft, pref = [], []
+    for i in range(n):
+        ref = sents[int(rng.integers(len(sents)))]
+        other = sents[int(rng.integers(len(sents)))]
+        topic = TOPICS[i % len(TOPICS)]
+        prompt = (f"Question {i + 1}: what does the handbook ask of employees about {topic}, "
+                  f"and why?")
+        sft.append({"prompt": prompt, "completion": ref})
+        pref.append({"prompt": prompt, "chosen": ref, "rejected": other})
+    return sft, pref, [x for x in text.splitlines() if x]
+
+
+def tiny_bert(path: str, lines: list[str], *, hidden: int = 128, layers: int = 4) -> str:
+    """A random BERT (WordPiece vocabulary of the document's words) saved for BERTScore."""
+    import torch
+    import transformers
+    words = sorted({w.lower() for w in re.findall(r"[A-Za-z]+", " ".join(lines))})
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", ",", "?", ":"] + words
+    tok = transformers.BertTokenizer(vocab={w: i for i, w in enumerate(vocab)},
+                                     model_max_length=512)
+    tok.save_pretrained(path)
+    config = transformers.BertConfig(vocab_size=len(vocab), hidden_size=hidden,
+                                     num_hidden_layers=layers, num_attention_heads=4,
+                                     intermediate_size=4 * hidden, max_position_embeddings=512)
+    torch.manual_seed(0)
+    transformers.BertModel(config).eval().save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def tiny_models(base: str, lines: list[str], count: int) -> tuple[dict[str, str], object]:
+    """`count` random 4-layer width-256 checkpoints sharing one trained tokenizer."""
+    tok = train_tokenizer(lines, os.path.join(base, "tok"), vocab_size=1024)
+    cfg = get_config("small_20m", **{**CPU_CONFIG, "vocab_size": tok.vocab_size},
+                     bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
+    models = {}
+    for k in range(count):
+        path = os.path.join(base, f"model{k}")
+        train_tokenizer(lines, path, vocab_size=1024)  # each checkpoint dir carries its tokenizer
+        save_hf(cfg, transformer.init_params(cfg, jax.random.key(k)), path)
+        models[f"model{k}"] = path
+    return models, tok
+
+
+@contextlib.contextmanager
+def timed_components(seconds: collections.Counter):
+    """Wraps every COMPONENTS function so its wall time adds to seconds[component]."""
+    saved = []
+    for comp, (module, name) in COMPONENTS.items():
+        fn = getattr(module, name)
+
+        def wrapper(*a, _fn=fn, _comp=comp, **kw):
+            t0 = time.perf_counter()
+            try:
+                return _fn(*a, **kw)
+            finally:
+                seconds[_comp] += time.perf_counter() - t0
+        saved.append((module, name, fn))
+        setattr(module, name, wrapper)
+    try:
+        yield seconds
+    finally:
+        for module, name, fn in reversed(saved):
+            setattr(module, name, fn)
+
+
+@contextlib.contextmanager
+def compile_seconds():
+    """Seconds XLA spent compiling inside the block (jax's backend-compile events)."""
+    box = {"seconds": 0.0, "count": 0, "on": True}
+
+    def listener(event, duration, **_):
+        if box["on"] and event == "/jax/core/compile/backend_compile_duration":
+            box["seconds"] += duration
+            box["count"] += 1
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield box
+    finally:
+        box["on"] = False
+
+
+def generation_only(loaded, tok, prompts, rag_prompts, *, max_new_tokens):
+    """(a): exactly the generate_answers calls evaluate_generation makes."""
+    out = {}
+    for name, (config, params) in loaded.items():
+        sets = {name: prompts, name + report_lib.RAG_SUFFIX: rag_prompts}
+        out.update(answers_lib.generate_answers(config, params, tok, sets,
+                                                max_new_tokens=max_new_tokens))
+    return out
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--questions", type=int, default=200, help="held-out questions N")
+    parser.add_argument("--models", type=int, default=4,
+                        help="models M; each also runs with RAG, so 2M systems")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--seq-len", type=int, default=512, help="scoring length")
+    parser.add_argument("--model", default=None,
+                        help="a real checkpoint or named model evaluated under M names "
+                             "(default: M tiny random models)")
+    parser.add_argument("--bertscore-model", default=None,
+                        help="encoder for BERTScore and retrieval (default: a tiny random "
+                             "BERT; all-minilm-l6-v2 with --model)")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
+    args = parser.parse_args(argv)
+
+    sft, pref, lines = build_records(args.questions)
+    base = tempfile.mkdtemp(prefix="bench_eval_")
+    try:
+        if args.model is None:
+            models, tok = tiny_models(base, lines, args.models)
+            encoder = args.bertscore_model or tiny_bert(os.path.join(base, "bert"), lines)
+        else:
+            path = resolve_model_path(args.model)
+            models = {f"{args.model}#{k}": path for k in range(args.models)}
+            tok = load_tokenizer(path)
+            encoder = args.bertscore_model or "all-minilm-l6-v2"
+        label = args.model or f"tiny {CPU_CONFIG['num_layers']}x{CPU_CONFIG['embed_dim']}"
+        chunks = chunk_documents(load_documents([DOCUMENT]), tok, chunk_tokens=128, overlap=16)
+        retriever = SemanticRetriever([c.text for c in chunks], model=resolve_model_path(encoder))
+        names = list(models)
+        kw = dict(models=models, tokenizer=tok, sft_test=sft, pref_test=pref,
+                  retriever=retriever, rag_models=tuple(names),
+                  reference=(names[-1], names[0]) if len(names) > 1 else None,
+                  seq_len=args.seq_len, max_new_tokens=args.max_new_tokens,
+                  bertscore_model=encoder)
+
+        # (a) generation alone: warm-up (compiles), then timed.
+        loaded = {n: load_hf(p) for n, p in models.items()}
+        prompts = [r["prompt"] for r in sft]
+        rag_prompts = [r["prompt"] for r in with_retrieval(sft, retriever)]
+        before = trace_counts()
+        generation_only(loaded, tok, prompts, rag_prompts, max_new_tokens=args.max_new_tokens)
+        t0 = time.perf_counter()
+        answers = generation_only(loaded, tok, prompts, rag_prompts,
+                                  max_new_tokens=args.max_new_tokens)
+        gen_s = time.perf_counter() - t0
+        gen_traces = {k: v - before.get(k, 0) for k, v in trace_counts().items()}
+        del loaded
+
+        # (b) the whole evaluation, twice: cold (scorers compile) and steady.
+        runs = []
+        for run in ("first", "steady"):
+            out_dir = os.path.join(base, f"report_{run}")
+            os.makedirs(out_dir)
+            seconds = collections.Counter()
+            with timed_components(seconds), compile_seconds() as comp:
+                t0 = time.perf_counter()
+                report = report_lib.evaluate_models(out_dir, **kw)
+                total = time.perf_counter() - t0
+            assert report["answers"] == answers, "evaluate_models answered differently"
+            runs.append((run, total, seconds, comp))
+
+        systems, n = 2 * len(models), args.questions
+        rows = [{"what": f"generation alone ({label}, N={n}, S={systems}, "
+                         f"new={args.max_new_tokens})", "seconds": gen_s,
+                 "ms per question": 1e3 * gen_s / n, "share of generation": 1.0}]
+        for run, total, _, comp in runs:
+            rows.append({"what": f"evaluate_models, {run} run (XLA compiles: {comp['count']}, "
+                                 f"{comp['seconds']:.1f} s)",
+                         "seconds": total, "ms per question": 1e3 * total / n,
+                         "share of generation": total / gen_s})
+        run, total, seconds, _ = runs[-1]
+        breakdown = []
+        for comp in list(COMPONENTS) + ["other"]:
+            s = seconds[comp] if comp != "other" else total - sum(seconds.values())
+            breakdown.append({"component (steady run)": comp, "seconds": s,
+                              "ms per question": 1e3 * s / n, "share of generation": s / gen_s})
+        print(common.table(rows))
+        print()
+        print(common.table(breakdown))
+        overhead = {r: (t - gen_s) / gen_s for r, t, _, _ in runs}
+        print(f"\noverhead (b - a) / a: first run {overhead['first']:+.1%}, steady run "
+              f"{overhead['steady']:+.1%}; generation traces in (a)'s warm-up: {gen_traces}")
+        common.save("eval", rows + breakdown + [{"overhead_first": overhead["first"],
+                                                 "overhead_steady": overhead["steady"],
+                                                 "questions": n, "systems": systems}])
+    finally:
+        if args.keep:
+            print(f"kept {base}")
+        else:
+            shutil.rmtree(base, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    jnp.zeros(())  # initialise the backend before the timers
+    main()
