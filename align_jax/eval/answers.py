@@ -4,10 +4,15 @@ A system is a model with or without the RAG passage in the prompt. All of one mo
 prompts (its plain and its RAG questions) go through `align_jax.generate` in one call, so
 the device sees one batched generation per model; decoding is greedy unless told otherwise
 and the settings are recorded with the answers.
+
+BLEU and ROUGE are host work (Python): a model's answers are scored in a background thread
+while the device generates the next model's answers, and the last model's while BERTScore
+runs, so they add little to the generation's time (see benchmarks/bench_eval.py).
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import time
 from collections.abc import Mapping, Sequence
@@ -82,6 +87,29 @@ def load_bertscore_model(model):
     return config, params, load_tokenizer(path)
 
 
+def _text_metrics(answers: Mapping[str, Sequence[str]], references: Sequence[str]
+                  ) -> dict[str, dict[str, float]]:
+    return {name: {"bleu": bleu(hyps, references), **rouge(hyps, references)}
+            for name, hyps in answers.items()}
+
+
+def _bertscore_metrics(answers: Mapping[str, Sequence[str]], references: Sequence[str], *,
+                       model, layer: int | None) -> dict[str, dict[str, float]]:
+    if model is None or not answers:
+        return {}
+    # One call for all systems: each reference is encoded once and the batches are full.
+    # (Without idf the pairs are independent, so this equals one call per system.)
+    n = len(references)
+    bs = bertscore([h for hyps in answers.values() for h in hyps],
+                   list(references) * len(answers), model=model, layer=layer)["per_pair"]
+    out = {}
+    for k, name in enumerate(answers):
+        part = {m: bs[m][k * n:(k + 1) * n] for m in ("precision", "recall", "f1")}
+        out[name] = {f"bertscore_{m}": float(v.mean()) if n else float("nan")
+                     for m, v in part.items()}
+    return out
+
+
 def score_answers(answers: Mapping[str, Sequence[str]], references: Sequence[str], *,
                   bertscore_model=None, bertscore_layer: int | None = None
                   ) -> dict[str, dict[str, float]]:
@@ -96,19 +124,10 @@ def score_answers(answers: Mapping[str, Sequence[str]], references: Sequence[str
       system -> {"bleu", "rouge1", "rouge2", "rougeL", "rougeLsum", and with a model
       "bertscore_precision", "bertscore_recall", "bertscore_f1"}.
     """
-    out = {name: {"bleu": bleu(hyps, references), **rouge(hyps, references)}
-           for name, hyps in answers.items()}
-    if bertscore_model is not None and answers:
-        # One call for all systems: each reference is encoded once and the batches are full.
-        # (Without idf the pairs are independent, so this equals one call per system.)
-        n = len(references)
-        bs = bertscore([h for hyps in answers.values() for h in hyps],
-                       list(references) * len(answers), model=bertscore_model,
-                       layer=bertscore_layer)["per_pair"]
-        for k, name in enumerate(answers):
-            part = {m: bs[m][k * n:(k + 1) * n] for m in ("precision", "recall", "f1")}
-            out[name].update({f"bertscore_{m}": float(v.mean()) if n else float("nan")
-                              for m, v in part.items()})
+    out = _text_metrics(answers, references)
+    for name, m in _bertscore_metrics(answers, references, model=bertscore_model,
+                                      layer=bertscore_layer).items():
+        out[name].update(m)
     return out
 
 
@@ -128,20 +147,31 @@ def evaluate_generation(models: Mapping[str, tuple], tokenizer, records: Sequenc
       bertscore_model: loaded BERTScore encoder or None.
       mesh, rules: sharding of generation.
     Returns:
-      {"answers": system -> answers, "metrics": system -> metrics, "prompts", "references",
-       "settings": decoding settings, "seconds": {"generation", "metrics"}}.
+      {"answers": system -> answers, "metrics": system -> metrics (as `score_answers`),
+       "prompts", "references", "settings": decoding settings, "seconds": {"generation",
+       "metrics": what scoring added after the generation}}.
     """
     prompts = [r["prompt"] for r in records]
     refs = [r["completion"] for r in records]
-    answers, t0 = {}, time.perf_counter()
-    for name, (config, params) in models.items():
-        sets = {name: prompts}
-        if rag_records is not None and name in rag_models:
-            sets[name + RAG_SUFFIX] = [r["prompt"] for r in rag_records]
-        answers.update(generate_answers(config, params, tokenizer, sets,
-                                        max_new_tokens=max_new_tokens, mesh=mesh, rules=rules))
-    t1 = time.perf_counter()
-    metrics = score_answers(answers, refs, bertscore_model=bertscore_model) if refs else {}
+    answers, text, t0 = {}, [], time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="eval-metrics") as host:
+        for name, (config, params) in models.items():
+            sets = {name: prompts}
+            if rag_records is not None and name in rag_models:
+                sets[name + RAG_SUFFIX] = [r["prompt"] for r in rag_records]
+            got = generate_answers(config, params, tokenizer, sets,
+                                   max_new_tokens=max_new_tokens, mesh=mesh, rules=rules)
+            answers.update(got)
+            if refs:  # BLEU and ROUGE of these systems while the next model generates
+                text.append(host.submit(_text_metrics, got, refs))
+        t1 = time.perf_counter()
+        bert = _bertscore_metrics(answers, refs, model=bertscore_model,
+                                  layer=None) if refs else {}
+        metrics = {}
+        for future in text:
+            metrics.update(future.result())
+    for name, m in bert.items():
+        metrics[name].update(m)
     t2 = time.perf_counter()
     return {"answers": answers, "metrics": metrics, "prompts": prompts, "references": refs,
             "settings": {"decoding": "greedy", "max_new_tokens": max_new_tokens,

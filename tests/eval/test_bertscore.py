@@ -95,3 +95,26 @@ def test_baseline_rescaling_matches_the_package(tiny_bert, tmp_path):
         bertscore(HYPS, REFS, model=tiny_bert, rescale_with_baseline=True)
     with pytest.raises(ValueError, match="layer 9 is out of range 0..3"):
         bertscore(HYPS, REFS, model=tiny_bert, layer=9)
+
+
+def test_evaluate_generation_scores_every_system_with_bertscore(tiny_bert, monkeypatch):
+    """BLEU/ROUGE run in a host thread while the next model generates, BERTScore after: the
+    merged metrics equal each metric computed directly."""
+    from align_jax.eval import answers as answers_lib
+    from align_jax.eval import bleu, rouge
+    fixed = {"m0": HYPS, "m1": list(reversed(HYPS))}
+    monkeypatch.setattr(answers_lib, "generate_answers",
+                        lambda config, params, tok, sets, **kw: {n: fixed[n] for n in sets})
+    loaded = answers_lib.load_bertscore_model(tiny_bert)
+    out = answers_lib.evaluate_generation(
+        {"m0": (None, None), "m1": (None, None)}, None,
+        [{"prompt": f"q{i}", "completion": r} for i, r in enumerate(REFS)],
+        bertscore_model=loaded)
+    assert list(out["metrics"]) == ["m0", "m1"]
+    for name, hyps in fixed.items():
+        m = out["metrics"][name]
+        assert m["bleu"] == pytest.approx(bleu(hyps, REFS))
+        assert m["rougeL"] == pytest.approx(rouge(hyps, REFS)["rougeL"])
+        want = bertscore(hyps, REFS, model=loaded)
+        assert m["bertscore_f1"] == pytest.approx(want["f1"], abs=1e-6)
+        assert m["bertscore_precision"] == pytest.approx(want["precision"], abs=1e-6)

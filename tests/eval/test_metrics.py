@@ -83,3 +83,26 @@ def test_rouge_multiple_references_take_best_and_empty_scores_zero():
     got = rouge(["", HYPS[0]], [REFS[1], REFS[0]])
     assert got["rouge1"] == pytest.approx(rouge([HYPS[0]], [REFS[0]])["rouge1"] / 2)
     assert rouge([], []) == dict.fromkeys(["rouge1", "rouge2", "rougeL", "rougeLsum"], 0.0)
+
+
+def test_rouge_memoised_tokenizer_equals_the_package():
+    """rouge() tokenizes through a memoised copy of rouge-score's tokenizer: same tokens,
+    same scores as the package's own default tokenizer, references repeated or not."""
+    from rouge_score import tokenizers
+
+    from align_jax.eval.metrics import _Tokenizer
+    rng = np.random.default_rng(0)
+    words = ("Running runs ran the THE gifts gift's Policies policy, reporting REPORTED 50 "
+             "$50 dollars! cats' caresses generously-given e-mail naïve 3.14 relational "
+             "conditional hopefulness. Why? yes").split()
+    texts = [" ".join(rng.choice(words, size=int(rng.integers(0, 30)))) for _ in range(40)]
+    hyps, refs = texts[:20], texts[20:]
+    for stem in (True, False):
+        ours, theirs = _Tokenizer(stem), tokenizers.DefaultTokenizer(stem)
+        assert all(ours.tokenize(t) == theirs.tokenize(t) for t in texts + texts)
+        scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL", "rougeLsum"],
+                                          use_stemmer=stem)
+        got = rouge(hyps, refs, use_stemmer=stem, split_sentences=False)
+        for k in got:
+            want = np.mean([scorer.score(r, h)[k].fmeasure for h, r in zip(hyps, refs)])
+            assert got[k] == pytest.approx(want, abs=1e-12), (stem, k)
