@@ -88,7 +88,7 @@ def test_aligner_training_reproduces_its_triples_greedily(base_dir, tmp_path):
     data.write_text("".join(json.dumps(t) + "\n" for t in TRIPLES) * 32)
     summary = train_main(output_dir=str(tmp_path / "run"), data=str(data), objective="aligner",
                          init_from=base_dir, seq_len=64, batch_size=8, pack=False,
-                         num_steps=80, rules="dp", progress=False, save_every=80,
+                         num_steps=50, rules="dp", progress=False, save_every=50,
                          optimizer=OptimizerConfig(learning_rate=1e-2, warmup_steps=5))
     assert summary["status"] == "completed"
     hf = str(tmp_path / "run" / "hf")
