@@ -124,7 +124,8 @@ def enable_compilation_cache() -> str | None:
     """Keeps compiled programs across runs in `<cache_dir()>/jax` (JAX's persistent cache).
 
     A second `align-jax` run with the same shapes loads its prefill, decode and train step
-    instead of compiling them (tens of seconds each for a 30-layer model on a CPU). An
+    instead of compiling them (tens of seconds each for a 30-layer model on a CPU); so does a
+    program compiled again within one run (the aligners recipe's per-criterion aligners). An
     explicit JAX_COMPILATION_CACHE_DIR, or ALIGN_JAX_COMPILATION_CACHE=0, wins.
     Returns the folder used, or None.
     """
@@ -133,10 +134,15 @@ def enable_compilation_cache() -> str | None:
         return None
     # Local: `align-jax --help` and importing this module stay free of jax.
     import jax
+    from jax.experimental.compilation_cache import compilation_cache
 
     from align_jax.models.named import cache_dir  # local: the models package loads flax
     path = os.path.join(cache_dir(), "jax")
-    jax.config.update("jax_compilation_cache_dir", path)
+    if jax.config.jax_compilation_cache_dir != path:
+        jax.config.update("jax_compilation_cache_dir", path)
+        # JAX decides once per process whether the cache is on: an in-process caller that
+        # compiled before (a notebook, a test) gets it from its next compilation on.
+        compilation_cache.reset_cache()
     return path
 
 

@@ -1,6 +1,8 @@
-"""The aligner's text format: `x [INIT] y [ALIGNED] y' [DONE]`, the markers as special tokens.
+"""The aligner's text format: `[INPUT] x [INIT] y [ALIGNED] y' [DONE]`, the four markers as
+special tokens.
 
-The prompt is `x [INIT] y [ALIGNED]` (BOS first when the tokenizer has one); the completion is
+The prompt is `[INPUT] x [INIT] y [ALIGNED]` (BOS first when the tokenizer has one): [INPUT]
+opens the question x, [INIT] the initial response y, [ALIGNED] the aligned one. The completion is
 y' followed by the [DONE] marker, with no EOS, so the loss (`losses.aligner`) covers exactly y'
 and [DONE]. `losses.aligner.add_marker_tokens` prepares a base model's vocabulary.
 """
@@ -10,12 +12,13 @@ from typing import Any
 
 import numpy as np
 
-INIT, ALIGNED, DONE = "[INIT]", "[ALIGNED]", "[DONE]"
-MARKERS = (INIT, ALIGNED, DONE)
+INPUT, INIT, ALIGNED, DONE = "[INPUT]", "[INIT]", "[ALIGNED]", "[DONE]"
+MARKERS = (INPUT, INIT, ALIGNED, DONE)
+
 
 def prompt_text(x: str, y: str) -> str:
-    """The aligner's prompt: `x [INIT] y [ALIGNED]`."""
-    return f"{x} {INIT} {y} {ALIGNED}"
+    """The aligner's prompt: `[INPUT] x [INIT] y [ALIGNED]`."""
+    return f"{INPUT} {x} {INIT} {y} {ALIGNED}"
 
 
 def marker_ids(tokenizer) -> dict[str, int]:

@@ -99,7 +99,7 @@ def get_format(kind: str | DataFormat) -> DataFormat:
     return FORMATS[kind]
 
 
-# "aligner": triples rendered `x [INIT] y [ALIGNED]` -> `y' [DONE]` (data.aligner_text).
+# "aligner": triples rendered `[INPUT] x [INIT] y [ALIGNED]` -> `y' [DONE]` (data.aligner_text).
 for _name, _schema in (("lm", "text"), ("sft", "sft"), ("aligner", "aligner")):
     register_format(DataFormat(name=_name, schema=_schema, kind=_name, build=_pad_sequences,
                                build_packed=_pack_sequences, pack_length=_sequence_length))

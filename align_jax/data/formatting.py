@@ -140,7 +140,7 @@ def _tokenize(record: Record, *, kind: str, tokenizer, chat_template: bool):
         return Example(prompt=_ids(bos), completions=(_completion(tokenizer, data["text"]),),
                        where=where)
     if kind == "aligner":
-        # `x [INIT] y [ALIGNED]` -> y' [DONE]: the loss covers y' and the [DONE] marker only.
+        # `[INPUT] x [INIT] y [ALIGNED]` -> y' [DONE]: the loss covers y' and [DONE] only.
         prompt_ids, completion_ids = aligner_example(tokenizer, data)
         return Example(prompt=prompt_ids, completions=(completion_ids,), where=where)
     if kind == "sami":

@@ -61,10 +61,14 @@ def plot_overview(out_dir: str, report: Mapping, stages: Mapping[str, str]) -> s
                 ylabel="nats / answer token")
     axes[1].set_xticklabels(names, rotation=15)
     axes[1].legend()
-    acc = [report["models"][n]["preference"]["accuracy"] for n in names]
-    axes[2].bar(x, acc, 0.5, label="log p(chosen) > log p(rejected)")
+    acc = np.array([report["models"][n]["preference"]["accuracy"] for n in names])
+    pairs = max(report["models"][n]["preference"].get("examples", 0) for n in names)
+    # Binomial standard error of each accuracy over the held-out pairs.
+    err = np.sqrt(acc * (1 - acc) / pairs) if pairs else None
+    axes[2].bar(x, acc, 0.5, yerr=err, capsize=4,
+                label="log p(chosen) > log p(rejected), +- 1 s.e.")
     axes[2].axhline(0.5, color="gray", linestyle="--", linewidth=1, label="chance")
-    axes[2].set(title="held-out preference accuracy", xticks=x, ylim=(0, 1),
+    axes[2].set(title=f"held-out preference accuracy ({pairs} pairs)", xticks=x, ylim=(0, 1),
                 ylabel="share of pairs")
     axes[2].set_xticklabels(names, rotation=15)
     axes[2].legend()

@@ -1,11 +1,11 @@
-"""The aligner objective: next-token NLL of y' and [DONE] given `x [INIT] y [ALIGNED]`.
+"""The aligner objective: next-token NLL of y' and [DONE] given `[INPUT] x [INIT] y [ALIGNED]`.
 
-An aligner is any decoder fine-tuned on the text `x [INIT] y [ALIGNED] y' [DONE]`, with the
-markers added to its vocabulary as special tokens (`add_marker_tokens` grows the embedding and
-an untied output matrix, and exports a checkpoint transformers reads). The loss is `sft_loss` on
-a batch whose `loss_mask` covers exactly the tokens of y' and the [DONE] marker
+An aligner is any decoder fine-tuned on the text `[INPUT] x [INIT] y [ALIGNED] y' [DONE]`, with
+the four markers added to its vocabulary as special tokens (`add_marker_tokens` grows the
+embedding and an untied output matrix, and exports a checkpoint transformers reads). The loss
+is `sft_loss` on a batch whose `loss_mask` covers exactly the tokens of y' and the [DONE] marker
 (`data.aligner_text.aligner_example` builds it). Inference (`methods.aligners.align`): greedy
-from `x [INIT] y [ALIGNED]`, cut at [DONE], EOS or the token budget.
+from `[INPUT] x [INIT] y [ALIGNED]`, cut at [DONE], EOS or the token budget.
 """
 
 import dataclasses

@@ -200,6 +200,6 @@ register_objective(Objective(name="kto", loss=_adapt(kto_objective, ref=True), d
 register_objective(Objective(name="sami", loss=_adapt(sami_objective, ref=True), data="sami",
                              options=_options(sami_objective), references=("params",),
                              uses_reference=lambda o: bool(o.get("kl_coef"))))
-# Aligners: next-token NLL on `x [INIT] y [ALIGNED] y' [DONE]`, scored on y' and [DONE] only.
+# Aligners: next-token NLL on `[INPUT] x [INIT] y [ALIGNED] y' [DONE]`, scored on y', [DONE].
 register_objective(Objective(name="aligner", loss=_adapt(aligner_loss, ref=False),
                              data="aligner", options=_options(aligner_loss)))

@@ -124,7 +124,8 @@ def squad(inputs: Sequence[str], responses: Sequence[str], *,
 
 def align(config, params, tokenizer, inputs: Sequence[str], responses: Sequence[str], *,
           max_new_tokens: int = 256, mesh=None, batch_size: int | None = None) -> list[str]:
-    """Aligned responses: greedy from `x [INIT] y [ALIGNED]`, cut at [DONE], EOS or the budget.
+    """Aligned responses: greedy from `[INPUT] x [INIT] y [ALIGNED]`, cut at [DONE], EOS or the
+    budget.
 
     Args:
       config, params, tokenizer: a trained aligner (its tokenizer has the markers).

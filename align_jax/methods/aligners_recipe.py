@@ -25,6 +25,7 @@ from align_jax import sharding
 from align_jax.atomic import atomic_write
 from align_jax.data.sources import load_records
 from align_jax.generate import generate
+from align_jax.generate.prompt_batches import DEFAULT_BATCH_SIZE, next_pow2
 from align_jax.jsonl import read_jsonl, write_jsonl
 from align_jax.losses.aligner import add_marker_tokens
 from align_jax.methods import inspectors as insp
@@ -96,7 +97,7 @@ def _tiny_decoder(path: str, texts: Sequence[str], *, preset: str, seed: int) ->
     config = dataclasses.replace(get_config(preset), vocab_size=tok.vocab_size,
                                  bos_token_id=tok.bos_id, eos_token_id=tok.eos_id,
                                  pad_token_id=tok.pad_id)
-    save_hf(config, init_params(config, jax.random.PRNGKey(seed)), path)
+    save_hf(config, init_params(config, jax.random.PRNGKey(seed), optimize=False), path)
     copy_tokenizer_files(tok_dir, path)
     return path
 
@@ -231,11 +232,17 @@ def aligners(*, output_dir: str, criteria: Sequence[str] = CRITERIA,
         inspect_fns = {c: insp.make_inspector(inspector_dirs[c]) for c in active}
         mesh_ = sharding.make_mesh(mesh) if mesh is not None else None
 
+        # Every aligner decodes in batches of one size (the squad's, as generate would pick
+        # for all rows), whatever number of rows it rewrites: the aligners share one config,
+        # so one prefill and one decode compile serve all of them.
+        batch = min(next_pow2(len(rows)), DEFAULT_BATCH_SIZE)
+
         def make_aligner(path):
             config, params = load_hf(path)
             tok = load_tokenizer(path)
             return lambda xs, ys: align(config, params, tok, xs, ys,
-                                        max_new_tokens=max_new_tokens, mesh=mesh_)
+                                        max_new_tokens=max_new_tokens, mesh=mesh_,
+                                        batch_size=batch)
 
         align_fns = {c: make_aligner(aligner_dirs[c]) for c in active}
         _say(f"stage squad: {len(rows)} rows, threshold {threshold}")

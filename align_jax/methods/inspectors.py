@@ -84,6 +84,11 @@ def _reliability_plot(bins, path: str, title: str) -> None:
     plt.close(fig)
 
 
+def _pad(x, rows: int, length: int, fill: int = 0) -> np.ndarray:
+    """x [b, t] padded to [rows, length] (b <= rows, t <= length) with `fill`."""
+    return np.pad(x, ((0, rows - x.shape[0]), (0, length - x.shape[1])), constant_values=fill)
+
+
 def _batches(tok, rows, *, max_length, batch_size, length):
     """Fixed-shape batches [batch_size, length]; missing rows get label -1 (ignored)."""
     for start in range(0, len(rows), batch_size):
@@ -93,11 +98,9 @@ def _batches(tok, rows, *, max_length, batch_size, length):
             max_length=max_length, pad_to_multiple=length)
         labels = np.full((batch_size,), -1, np.int32)
         labels[:len(chunk)] = [int(r["label"]) for r in chunk]
-        pad = batch_size - len(chunk)
-        fix = (lambda x, pad=pad, fill=0: np.pad(x, ((0, pad), (0, length - x.shape[1])),
-                                                  constant_values=fill))
-        yield {"tokens": fix(tokens, fill=tok.pad_id or 0), "attention_mask": fix(mask),
-               "token_type_ids": fix(types), "labels": labels}
+        yield {"tokens": _pad(tokens, batch_size, length, tok.pad_id or 0),
+               "attention_mask": _pad(mask, batch_size, length),
+               "token_type_ids": _pad(types, batch_size, length), "labels": labels}
 
 
 def _apply(config, params, batch):
@@ -107,16 +110,24 @@ def _apply(config, params, batch):
 
 def score_pairs(config, params, tok, inputs: Sequence[str], responses: Sequence[str], *,
                 batch_size: int = 32, max_length: int | None = None) -> np.ndarray:
-    """P(aligned) = softmax(logits)[:, 1] for each (input, response) pair."""
+    """P(aligned) = softmax(logits)[:, 1] for each (input, response) pair.
+
+    Every batch is padded to `batch_size` rows and to a power-of-two length (at least 16, at
+    most max_length), so scoring any number of rows compiles one classifier per length bucket
+    (the squad re-scores after every stage; held-out evaluation scores a few rows).
+    """
     out = []
     max_length = max_length or config.max_length
     for start in range(0, len(inputs), batch_size):
         tokens, mask, types = encoder.tokenize_batch(
             tok, list(inputs[start:start + batch_size]), list(responses[start:start + batch_size]),
             max_length=max_length)
-        logits = encoder.classify(config, params, tokens, attention_mask_BT=mask,
-                                  token_type_ids_BT=types)
-        out.append(np.asarray(jax.nn.softmax(logits, axis=-1)[:, 1]))
+        n, t = tokens.shape
+        length = max(t, min(max(16, 1 << (t - 1).bit_length()), max_length))
+        logits = encoder.classify(config, params, _pad(tokens, batch_size, length, tok.pad_id or 0),
+                                  attention_mask_BT=_pad(mask, batch_size, length),
+                                  token_type_ids_BT=_pad(types, batch_size, length))
+        out.append(np.asarray(jax.nn.softmax(logits, axis=-1)[:n, 1]))
     return np.concatenate(out) if out else np.zeros((0,), np.float32)
 
 
@@ -161,8 +172,31 @@ def build_tiny_encoder(texts: Sequence[str], out_dir: str, *, embed_dim: int = 3
                                    num_layers=num_layers, num_heads=num_heads,
                                    mlp_dim=2 * embed_dim, max_positions=max_length,
                                    max_length=max_length)
-    encoder.save_encoder(config, encoder.init_encoder(config, jax.random.PRNGKey(seed)), out_dir)
+    encoder.save_encoder(config, encoder.init_encoder(config, jax.random.PRNGKey(seed),
+                                                     optimize=False), out_dir)
     return out_dir
+
+
+@functools.lru_cache(maxsize=4)
+def _trainer(config: encoder.EncoderConfig, *, learning_rate: float, weight_decay: float,
+             num_steps: int, mesh, rules):
+    """(optimizer, state shardings, jitted train step) of an inspector run. Cached: the recipe
+    fine-tunes one inspector per criterion from the same encoder with the same settings, and
+    one step function compiles once for all of them."""
+    tx, schedule = make_optimizer(OptimizerConfig(
+        learning_rate=learning_rate, schedule="linear", weight_decay=weight_decay),
+        num_steps=num_steps)
+    apply_fn = functools.partial(_apply, config)
+
+    def loss(params, batch, *, rng, ref_params):  # the train step's calling convention
+        del rng, ref_params
+        return losses.classification_objective(params, batch, apply_fn=apply_fn)
+
+    abstract = state_lib.abstract_state(encoder.abstract_params(config), tx=tx)
+    shardings = state_lib.train_state_shardings(abstract, mesh, rules)
+    step = compile_lib.jit_train_step(loss=loss, tx=tx, schedule=schedule, grad_accum=1,
+                                      mesh=mesh, rules=rules, state_shardings=shardings)
+    return tx, shardings, step
 
 
 def split_records(records: Sequence[Mapping[str, Any]], *, heldout_fraction: float,
@@ -217,25 +251,18 @@ def train_inspector(records: Sequence[Mapping[str, Any]], *, encoder_dir: str, o
     mesh_ = sharding.make_mesh(mesh or sharding.MeshSpec())
     shards = mesh_.shape["data"] * mesh_.shape["fsdp"]
     batch_size = -(-batch_size // shards) * shards
+    # Batches are padded to the longest pair of every record given (all criteria), so the
+    # inspectors of one run share their shapes and, with equal step counts, one compiled step.
     longest = max(len(tok.encode_pair(r["input"], r["response"], max_length=max_length)[0])
-                  for r in train_rows)
+                  for r in records)
     length = -(-longest // 8) * 8
     steps_per_epoch = -(-len(train_rows) // batch_size)
     num_steps = max(1, steps_per_epoch * num_epochs)
-    tx, schedule = make_optimizer(OptimizerConfig(
-        learning_rate=learning_rate, schedule="linear", weight_decay=weight_decay),
-        num_steps=num_steps)
-    apply_fn = functools.partial(_apply, config)
-
-    def loss(params, batch, *, rng, ref_params):  # the train step's calling convention
-        del rng, ref_params
-        return losses.classification_objective(params, batch, apply_fn=apply_fn)
-    abstract = state_lib.abstract_state(encoder.abstract_params(config), tx=tx)
-    shardings = state_lib.train_state_shardings(abstract, mesh_, rules)
+    tx, shardings, step = _trainer(config, learning_rate=learning_rate,
+                                   weight_decay=weight_decay, num_steps=num_steps, mesh=mesh_,
+                                   rules=rules)
     params = jax.device_put(params, shardings.params)
     state = compile_lib.init_train_state(params, tx=tx, seed=seed, state_shardings=shardings)
-    step = compile_lib.jit_train_step(loss=loss, tx=tx, schedule=schedule, grad_accum=1,
-                                      mesh=mesh_, rules=rules, state_shardings=shardings)
     batch_sharding = compile_lib.batch_shardings(mesh_, rules)
     rng = np.random.default_rng(seed)
     last = {}

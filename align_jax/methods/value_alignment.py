@@ -163,7 +163,8 @@ def value_alignment(*, output_dir: str, document: str, model: str | None = "tiny
                     teacher: str | None = None, sdg_kwargs: Mapping[str, Any] | None = None,
                     teacher_kwargs: Mapping[str, Any] | None = None,
                     sft_data: str | None = None, preference_data: str | None = None,
-                    heldout_fraction: float = 0.2, chunk_tokens: int = 128,
+                    preference_test: str | None = None, heldout_fraction: float = 0.2,
+                    chunk_tokens: int = 128,
                     seq_len: int = 256, batch_size: int = 8, cft_steps: int = 60,
                     sft_steps: int = 60, dpo_steps: int = 30, learning_rate: float = 3e-3,
                     dpo_learning_rate: float = 1e-3, beta: float = 0.1,
@@ -190,6 +191,9 @@ def value_alignment(*, output_dir: str, document: str, model: str | None = "tiny
         batch_size, shape_budget for a `local:` one.
       sft_data, preference_data: ready-made D_sft / D_pref JSONL; with a teacher they are
         pooled with what SDG writes.
+      preference_test: a held-out D_pref JSONL; when given, every preference record above
+        trains (those whose prompt is also in this file are dropped) and these pairs are the
+        held-out preference set.
       heldout_fraction: share of prompts kept out of training for evaluation.
       chunk_tokens: chunk size for the c-fine-tune baseline and RAG retrieval.
       seq_len, batch_size: training shapes.
@@ -238,7 +242,15 @@ def value_alignment(*, output_dir: str, document: str, model: str | None = "tiny
         out, document=document, teacher=teacher, tokenizer=tok, sdg_kwargs=sdg_kwargs or {},
         sft_data=sft_data, preference_data=preference_data, teacher_kwargs=teacher_kwargs)
     sft_train, sft_test = _split(sft_rows, heldout_fraction)
-    pref_train, pref_test = _split(pref_rows, heldout_fraction)
+    if preference_test is None:
+        pref_train, pref_test = _split(pref_rows, heldout_fraction)
+    else:
+        pref_test = _records(preference_test, "preference")
+        test_prompts = {r["prompt"] for r in pref_test}
+        pref_train = [r for r in pref_rows if r["prompt"] not in test_prompts]
+        if len(pref_train) < len(pref_rows):
+            _say(f"dropped {len(pref_rows) - len(pref_train)} training preference records whose "
+                 f"prompt is in {preference_test}")
     files = {name: _write_jsonl(os.path.join(out, "data", f"{name}.jsonl"), rows)
              for name, rows in (("sft_train", sft_train), ("sft_test", sft_test),
                                 ("preference_train", pref_train), ("preference_test", pref_test))}

@@ -221,7 +221,7 @@ def load_encoder(path, *, dtype=jnp.float32, mesh=None, rules: str = "fsdp",
             path_, layout = wanted[key]
             host[path_] = np.ascontiguousarray(
                 _to_ours(st.get_tensor(original), layout, config)).astype(target, copy=False)
-    fresh = None
+    head_rng = None
     abstract = encoder.abstract_params(config)
     for key, (path_, _) in wanted.items():
         if path_ in host:
@@ -231,9 +231,10 @@ def load_encoder(path, *, dtype=jnp.float32, mesh=None, rules: str = "fsdp",
                                  f"{host[path_].shape}, expected {tuple(expected)}")
             continue
         if path_[0] in ("classifier", "classifier_dense", "pooler") and num_labels:
-            if fresh is None:
-                fresh = jax.device_get(encoder.init_encoder(config, jax.random.PRNGKey(seed)))
-            host[path_] = np.asarray(_get(fresh, path_)).astype(target)
+            if head_rng is None:
+                head_rng = np.random.default_rng(seed)
+            host[path_] = _fresh_head_tensor(head_rng, path_, _get(abstract, path_).value.shape,
+                                             target)
             continue
         raise ValueError(f"{weights}: missing tensor {key!r}")
     shardings = (sharding.tree_shardings(abstract, mesh, rules) if mesh is not None else None)
@@ -246,6 +247,15 @@ def load_encoder(path, *, dtype=jnp.float32, mesh=None, rules: str = "fsdp",
                                                  lambda index, x=x: x[index])
         _set(params, path_, value)
     return config, params
+
+
+def _fresh_head_tensor(rng: np.random.Generator, path_, shape, dtype) -> np.ndarray:
+    """A new head tensor as the model initialises it (kernels normal(0.02), biases zero), drawn
+    on the host: initialising the whole encoder to get a few head matrices compiles a random
+    init of every parameter (seconds per shape on a CPU)."""
+    if path_[-1] == "bias":
+        return np.zeros(shape, dtype)
+    return (0.02 * rng.standard_normal(shape)).astype(dtype)
 
 
 def save_encoder(config: EncoderConfig, params: Params, path) -> None:

@@ -216,14 +216,22 @@ def abstract_params(config: EncoderConfig):
 
 
 def init_encoder(config: EncoderConfig, rng: jax.Array, *, mesh=None,
-                 rules: str = "fsdp") -> Params:
-    """Random parameters (normal(0.02) weights, zero biases, unit norms), sharded when `mesh`."""
+                 rules: str = "fsdp", optimize: bool = True) -> Params:
+    """Random parameters (normal(0.02) weights, zero biases, unit norms), sharded when `mesh`.
+
+    optimize=False compiles the init without XLA's backend optimisations (faster for small
+    encoders on a CPU, see `transformer.init_params`).
+    """
     tokens = jnp.zeros((1, 2), jnp.int32)
 
     def init(rng):
         return nn.unbox(Encoder(config).init(rng, tokens, tokens + 1, tokens)["params"])
 
     if mesh is None:
-        return jax.jit(init)(rng)
-    shardings = sharding.tree_shardings(abstract_params(config), mesh, rules)
-    return jax.jit(init, out_shardings=shardings)(rng)
+        jitted = jax.jit(init)
+    else:
+        shardings = sharding.tree_shardings(abstract_params(config), mesh, rules)
+        jitted = jax.jit(init, out_shardings=shardings)
+    if optimize:
+        return jitted(rng)
+    return jitted.lower(rng).compile(compiler_options={"xla_backend_optimization_level": 0})(rng)

@@ -30,7 +30,7 @@ def test_recipe_runs_every_stage_and_reports(tmp_path, monkeypatch):
     gin.clear_config()
     out = tmp_path / "demo"
     steps = ["cft_steps=12", "sft_steps=12", "dpo_steps=8", "num_samples=1", "max_new_tokens=4",
-             "progress=False"]
+             "progress=False", "preference_test='examples/preference_heldout.jsonl'"]
     code = cli.main(["run", "--gin_file=configs/runs/value_alignment_tiny.gin",
                      f"--output_dir={out}"] +
                     [f"--gin_param=value_alignment.value_alignment.{s}" for s in steps])
@@ -54,6 +54,15 @@ def test_recipe_runs_every_stage_and_reports(tmp_path, monkeypatch):
     train = {json.loads(x)["prompt"] for x in open(out / "data" / "sft_train.jsonl")}
     test = {json.loads(x)["prompt"] for x in open(out / "data" / "sft_test.jsonl")}
     assert test and not (train & test)
+    # A given held-out preference file is the preference test set; every other pair trains.
+    def prompts(path):
+        return [json.loads(x)["prompt"] for x in open(path)]
+    heldout = prompts(ROOT / "examples" / "preference_heldout.jsonl")
+    assert prompts(out / "data" / "preference_test.jsonl") == heldout
+    pref_train = prompts(out / "data" / "preference_train.jsonl")
+    assert pref_train == prompts(ROOT / "examples" / "preference.jsonl")
+    assert not set(pref_train) & set(heldout)
+    assert report["models"]["sft"]["preference"]["examples"] == len(heldout)
 
 
 @pytest.mark.slow

@@ -130,6 +130,15 @@ def test_fresh_head_and_sharded_equals_single(tmp_path):
     _tiny("base", tmp_path)
     config, params = encoder.load_encoder(tmp_path, num_labels=2)
     assert config.num_labels == 2 and params["classifier"]["kernel"].shape == (32, 2)
+    # The fresh head is drawn as the model initialises one: kernels normal(0.02), zero biases,
+    # the same for the same seed.
+    kernel = np.asarray(params["classifier"]["kernel"])
+    assert 0.015 < kernel.std() < 0.025 and abs(kernel.mean()) < 0.006
+    assert not np.any(params["classifier"]["bias"])
+    _, again = encoder.load_encoder(tmp_path, num_labels=2)
+    _, other = encoder.load_encoder(tmp_path, num_labels=2, seed=1)
+    np.testing.assert_array_equal(again["classifier"]["kernel"], params["classifier"]["kernel"])
+    assert not np.array_equal(other["classifier"]["kernel"], params["classifier"]["kernel"])
     mesh = sharding.make_mesh(sharding.MeshSpec(data=2, fsdp=2, tensor=2))
     config_s, params_s = encoder.load_encoder(tmp_path, num_labels=2, mesh=mesh, rules="fsdp_tp")
     assert params_s["layer_0"]["up"].sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")

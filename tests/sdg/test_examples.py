@@ -39,9 +39,23 @@ def test_example_files_follow_schemas():
         assert bad["response"] == a["initial_response"]
         assert good["response"] == a["aligned_response"]
         assert bad["input"] == good["input"] == a["input"]
-    for name in ("sft.jsonl", "preference.jsonl"):
+    for name in ("sft.jsonl", "preference.jsonl", "preference_heldout.jsonl"):
         prompts = [r["prompt"] for r in _rows(name)]
         assert len(set(prompts)) == len(prompts)
+
+
+def test_held_out_example_sets_share_no_prompt_with_training_data():
+    heldout = _rows("preference_heldout.jsonl")
+    assert len(heldout) >= 40
+    assert all(_strings(r, ("prompt", "chosen", "rejected")) and r["chosen"] != r["rejected"]
+               for r in heldout)
+    assert not {r["prompt"] for r in heldout} & {r["prompt"] for r in _rows("preference.jsonl")}
+    # Length cannot pass for alignment: the chosen answer is the shorter one in many pairs.
+    shorter = sum(len(r["chosen"]) < len(r["rejected"]) for r in heldout)
+    assert 0.4 <= shorter / len(heldout) <= 0.6
+    squad = _rows("squad_heldout.jsonl")
+    assert len(squad) >= 18 and all(_strings(r, ("input", "response")) for r in squad)
+    assert not {r["input"] for r in squad} & {r["input"] for r in _rows("aligner.jsonl")}
 
 
 def test_example_constitutions_are_all_combinations_of_the_principles():
