@@ -5,12 +5,15 @@ each configuration in a fresh process:
   before:     per-call shapes (batch = the call's prompts rounded to a power of two, budget =
               the call's max_tokens): the question and answer calls compile their own
               prefill and decode; no persistent compilation cache;
-  after:      one shape for every call (batch_size 4, shape_budget 256), no persistent cache;
+  after:      one shape for every call (batch_size 2, shape_budget 128, as `make demo`), no
+              persistent cache;
   after+warm: the same in a second process with JAX's persistent compilation cache filled by
               the first (`align-jax` enables it under $ALIGN_JAX_CACHE/jax).
-Then the decode step in float32 vs bfloat16 weights (4 rows, 64 new tokens, compiled first).
+Every run uses `make demo`'s SDG settings (the small-teacher numbered-list question template,
+3 questions per chunk, 128-token budgets). Then the decode step in float32 vs bfloat16 weights
+(4 rows, 64 new tokens, compiled first).
 
-    python benchmarks/bench_teacher.py [--max_chunks 1]
+    python benchmarks/bench_teacher.py [--max_chunks 3]
 """
 
 import argparse
@@ -36,15 +39,17 @@ def _sdg(out_dir, max_chunks, unified, cache_dir):
     from align_jax.sdg.pipeline import run_document_sdg
 
     t0 = time.perf_counter()
-    kw = {"batch_size": 4, "shape_budget": 256} if unified else {}
+    kw = {"batch_size": 2, "shape_budget": 128} if unified else {}
     teacher = make_teacher(f"local:{NAME}", max_len=1024, **kw)
     load = time.perf_counter() - t0
     t1 = time.perf_counter()
     summary = run_document_sdg([DOCUMENT], out_dir, teacher=teacher, tokenizer=teacher.tokenizer,
                                nex=3, chunk_tokens=256, overlap=32, max_chunks=max_chunks,
-                               stages=("instruct",), concurrency=2, progress=False,
-                               verbose=False, instruct_config=InstructConfig(
-                                   question_max_tokens=160, answer_max_tokens=128))
+                               stages=("instruct",), concurrency=1, progress=False,
+                               verbose=False,
+                               templates={"instruct_questions": "instruct_questions_small"},
+                               instruct_config=InstructConfig(
+                                   question_max_tokens=128, answer_max_tokens=128))
     took = time.perf_counter() - t1
     from align_jax.generate import trace_counts
     records = summary["kinds"].get("sft", {}).get("raw", 0)
@@ -58,10 +63,12 @@ def _decode(dtype):
 
     from align_jax.generate import generate
     from align_jax.models import load_hf
+    from align_jax.models.named import resolve_model_path
     from align_jax.tokenizer import load_tokenizer
 
-    config, params = load_hf(NAME, dtype=jnp.dtype(dtype))
-    tok = load_tokenizer(NAME)
+    path = resolve_model_path(NAME)
+    config, params = load_hf(path, dtype=jnp.dtype(dtype))
+    tok = load_tokenizer(path)
     prompt = tok.encode(tok.apply_chat_template(
         [{"role": "user", "content": "Describe a bicycle repair shop."}],
         add_generation_prompt=True))
@@ -81,7 +88,7 @@ def _decode(dtype):
 
 def main(argv=None):
     p = argparse.ArgumentParser()
-    p.add_argument("--max_chunks", type=int, default=1)
+    p.add_argument("--max_chunks", type=int, default=3)
     p.add_argument("--child", nargs="*", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:

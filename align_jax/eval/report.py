@@ -8,6 +8,7 @@ accuracy), metrics.png (reference metrics per system) and winrate.png (the heatm
 import csv
 import io
 import os
+import time
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -27,6 +28,11 @@ from align_jax.eval.retrieval import with_retrieval
 from align_jax.eval.scoring import answer_nll, margin_summary, preference_margins
 from align_jax.models.hf import load_hf
 from align_jax.sdg.backends import make_teacher
+
+
+def _say(msg: str) -> None:
+    if distributed.is_main():
+        print(f"[eval] {msg}", flush=True)
 
 
 def plot(out_dir: str, report: Mapping, stages: Mapping[str, str]) -> str:
@@ -86,6 +92,7 @@ def evaluate_models(out_dir: str, *, models: Mapping[str, str], tokenizer, sft_t
     rag_questions = rag_test[:len(questions)] if rag_test is not None else None
     score = dict(tokenizer=tokenizer, seq_len=seq_len, mesh=mesh, rules=rules)
     for name, path in models.items():
+        t0 = time.perf_counter()
         # Laid out on the mesh once, by the preset: scoring and generation both use it.
         config, params = load_hf(path, mesh=mesh, rules=rules)
         loaded[name] = (config, params)
@@ -95,17 +102,25 @@ def evaluate_models(out_dir: str, *, models: Mapping[str, str], tokenizer, sft_t
         if rag_test is not None and name in rag_models:
             row["answer_nll_rag"] = answer_nll(config, params, records=rag_test, **score)
         report["models"][name] = row
+        _say(f"{name}: answer NLL on {len(sft_test)} held-out records"
+             f"{' (and with RAG)' if 'answer_nll_rag' in row else ''}, preference accuracy on "
+             f"{len(pref_test)} pairs ({time.perf_counter() - t0:.0f} s)")
     if reference is not None and all(n in loaded for n in reference):
         # DPO's implicit reward from the margins already scored: log-ratio differences.
         (policy, skipped), (ref, _) = margins[reference[0]], margins[reference[1]]
         report["implicit_reward"] = margin_summary(policy - ref, skipped)
     if questions:
+        t0 = time.perf_counter()
+        systems = len(loaded) + sum(n in rag_models for n in loaded) * (rag_questions is not None)
+        _say(f"generating: {systems} systems answer {len(questions)} questions (greedy, at most "
+             f"{max_new_tokens} new tokens), then BLEU, ROUGE, BERTScore")
         gen = evaluate_generation(loaded, tokenizer, questions, rag_records=rag_questions,
                                   rag_models=rag_models, max_new_tokens=max_new_tokens,
                                   bertscore_model=load_bertscore_model(bertscore_model),
                                   mesh=mesh, rules=rules)
         report["generation"] = {k: gen[k] for k in ("metrics", "settings", "seconds")}
         report["answers"] = gen["answers"]
+        _say(f"generation and reference metrics: {time.perf_counter() - t0:.0f} s")
         report["samples"] = {s: a[:num_samples] for s, a in gen["answers"].items()}
         judged = {s: a for s, a in gen["answers"].items()
                   if judge_systems is None or s in judge_systems}
@@ -113,6 +128,10 @@ def evaluate_models(out_dir: str, *, models: Mapping[str, str], tokenizer, sft_t
             raise ValueError(f"judge_systems {sorted(set(judge_systems) - set(judged))} are not "
                              f"among the systems {list(gen['answers'])}")
         if judge is not None and len(judged) > 1:
+            t0 = time.perf_counter()
+            pairs = len(judged) * (len(judged) - 1) // 2
+            _say(f"judge {judge if isinstance(judge, str) else type(judge).__name__}: "
+                 f"{pairs} system pairs x {len(questions)} questions, both orders")
             m = _judge(judge, (gen["prompts"], judged), template=judge_template,
                        judge_kwargs={"references": gen["references"], **(judge_kwargs or {})},
                        mesh=mesh, rules=rules)
@@ -122,6 +141,7 @@ def evaluate_models(out_dir: str, *, models: Mapping[str, str], tokenizer, sft_t
                 **{k: np.asarray(m[k]).tolist()
                    for k in ("win_rate", "ci_low", "ci_high", "lc_win_rate")},
                 "pairs": {f"{a} vs {b}": r.summary() for (a, b), r in m["results"].items()}}
+            _say(f"judge: {time.perf_counter() - t0:.0f} s")
     if not distributed.is_main():  # every process computed the report; process 0 writes it
         return report
     if "win_rates" in report:
