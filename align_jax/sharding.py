@@ -166,6 +166,24 @@ def tree_shardings(abstract_tree: Any, mesh: Mesh, rules: str | Rules) -> Any:
     return jax.tree.map(one, abstract_tree, is_leaf=_is_box)
 
 
+
+def run_init(init, rng: jax.Array, abstract_tree: Any, *, mesh: Mesh | None = None,
+             rules: str | Rules = "fsdp", optimize: bool = True) -> Any:
+    """Runs `init(rng)` jitted, its outputs laid out by `tree_shardings` when `mesh` is given.
+
+    optimize=False compiles it without XLA's backend optimisations: an init runs once, and on
+    a CPU optimising the random draw of every parameter shape takes most of a small model's
+    init time (about 1 s per shape); the values may then differ in the last bit.
+    """
+    if mesh is None:
+        jitted = jax.jit(init)
+    else:
+        jitted = jax.jit(init, out_shardings=tree_shardings(abstract_tree, mesh, rules))
+    if optimize:
+        return jitted(rng)
+    options = {"xla_backend_optimization_level": 0}
+    return jitted.lower(rng).compile(compiler_options=options)(rng)
+
 def batch_sharding(mesh: Mesh, rules: str | Rules, ndim: int = 2) -> NamedSharding:
     """Sharding of a [B, ...] input batch: batch split, everything else replicated."""
     return named_sharding((axes.BATCH,) + (None,) * (ndim - 1), mesh, rules)

@@ -227,11 +227,5 @@ def init_encoder(config: EncoderConfig, rng: jax.Array, *, mesh=None,
     def init(rng):
         return nn.unbox(Encoder(config).init(rng, tokens, tokens + 1, tokens)["params"])
 
-    if mesh is None:
-        jitted = jax.jit(init)
-    else:
-        shardings = sharding.tree_shardings(abstract_params(config), mesh, rules)
-        jitted = jax.jit(init, out_shardings=shardings)
-    if optimize:
-        return jitted(rng)
-    return jitted.lower(rng).compile(compiler_options={"xla_backend_optimization_level": 0})(rng)
+    return sharding.run_init(init, rng, abstract_params(config), mesh=mesh, rules=rules,
+                             optimize=optimize)

@@ -237,26 +237,14 @@ def abstract_params(config: ModelConfig):
 
 
 # XLA options of an init compiled with optimize=False (see init_params).
-_UNOPTIMIZED = {"xla_backend_optimization_level": 0}
-
-
 def init_params(config: ModelConfig, rng: jax.Array, *, mesh=None, rules: str = "fsdp",
                 optimize: bool = True) -> Params:
     """Random params; with a mesh, each is created directly in its sharded layout.
 
-    optimize=False compiles the init without XLA's backend optimisations: it runs once, and
-    on a CPU optimising the random draw of every parameter shape takes most of a small
-    model's init time (about 1 s per shape); the values may then differ in the last bit.
+    optimize=False: compiled without XLA's backend optimisations (`sharding.run_init`).
     """
-    init = lambda r: nn.unbox(_init_boxed(config, r))  # noqa: E731
-    if mesh is None:
-        jitted = jax.jit(init)
-    else:
-        shardings = sharding.tree_shardings(abstract_params(config), mesh, rules)
-        jitted = jax.jit(init, out_shardings=shardings)
-    if optimize:
-        return jitted(rng)
-    return jitted.lower(rng).compile(compiler_options=_UNOPTIMIZED)(rng)
+    return sharding.run_init(lambda r: nn.unbox(_init_boxed(config, r)), rng,
+                             abstract_params(config), mesh=mesh, rules=rules, optimize=optimize)
 
 
 def param_count(params_or_abstract) -> int:
