@@ -5,8 +5,8 @@ each configuration in a fresh process:
   before:     per-call shapes (batch = the call's prompts rounded to a power of two, budget =
               the call's max_tokens): the question and answer calls compile their own
               prefill and decode; no persistent compilation cache;
-  after:      one shape for every call (batch_size 2, shape_budget 128, as `make demo`), no
-              persistent cache;
+  after:      one budget for every call (shape_budget 128, batches of at most 4 rows bucketed
+              to powers of two, as `make demo`), no persistent cache;
   after+warm: the same in a second process with JAX's persistent compilation cache filled by
               the first (`align-jax` enables it under $ALIGN_JAX_CACHE/jax).
 Every run uses `make demo`'s SDG settings (the small-teacher numbered-list question template,
@@ -39,7 +39,7 @@ def _sdg(out_dir, max_chunks, unified, cache_dir):
     from align_jax.sdg.pipeline import run_document_sdg
 
     t0 = time.perf_counter()
-    kw = {"batch_size": 2, "shape_budget": 128} if unified else {}
+    kw = {"batch_size": 4, "shape_budget": 128} if unified else {}
     teacher = make_teacher(f"local:{NAME}", max_len=1024, **kw)
     load = time.perf_counter() - t0
     t1 = time.perf_counter()

@@ -60,7 +60,9 @@ class LocalTeacher:
           model: a Hugging Face checkpoint dir with tokenizer files, or (config, params,
             tokenizer).
           max_len: context length; default the config's max_position.
-          batch_size: rows per compiled batch (see `generate`).
+          batch_size: the most rows per compiled batch (see `generate`); a call with fewer
+            prompts runs at the next power of two, so the compiled shapes are the powers of
+            two up to batch_size and a one-prompt call does not pay for a full batch.
           dtype: parameter dtype when loading a dir.
           mesh, rules: shard the model (see `generate`).
           tokenizer: a tokenizer dir to use instead of the checkpoint's own.
@@ -115,12 +117,13 @@ class LocalTeacher:
         budget = self.shape_budget
         if budget is None or budget < max_tokens:
             budget = max(64, next_pow2(max_tokens))
+        batch_size = self.batch_size and min(self.batch_size, next_pow2(len(ids)))
         try:
             out = generate(self.config, self.params, ids, max_new_tokens=max_tokens,
                            temperature=temperature, top_p=top_p, tokenizer=self.tokenizer,
                            repetition_penalty=repetition_penalty,
                            seeds=[row_seed(base, i) for i in range(len(ids))],
-                           max_len=self.context_length, batch_size=self.batch_size,
+                           max_len=self.context_length, batch_size=batch_size,
                            mesh=self.mesh, rules=self.rules, shape_budget=budget)
         except ValueError as e:
             raise ValueError(f"local teacher {self.name}: {e}") from e

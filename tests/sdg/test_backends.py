@@ -18,6 +18,7 @@ from align_jax.generate import server
 from align_jax.models.config import get_config
 from align_jax.models.hf import save_hf
 from align_jax.models.transformer import init_params
+from align_jax.sdg import backends
 from align_jax.sdg.backends import LocalTeacher, OpenAITeacher, TeacherError, make_teacher
 from align_jax.sdg.teacher import Teacher, ask
 from align_jax.tokenizer_training import train_tokenizer
@@ -81,6 +82,22 @@ def test_local_and_openai_backends_draw_the_same_seeded_samples(teachers):
     a = local.complete(PROMPTS, seed=5, **kw)
     assert remote.complete(PROMPTS, seed=5, **kw) == a
     assert local.complete(PROMPTS, seed=6, **kw) != a
+
+
+def test_local_teacher_buckets_batches_up_to_its_batch_size(teachers, checkpoint, monkeypatch):
+    local, _ = teachers
+    capped = make_teacher(f"local:{checkpoint}", batch_size=4, shape_budget=16)
+    seen = []
+    real = backends.generate
+    monkeypatch.setattr(backends, "generate",
+                        lambda *a, **kw: seen.append(kw["batch_size"]) or real(*a, **kw))
+    kw = dict(temperature=0.0, max_tokens=8)
+    for n in (1, 3, 2, 6):
+        prompts = (PROMPTS * 2)[:n]
+        # Bucketing changes the padding only: the greedy texts equal an unbucketed teacher's.
+        assert capped.complete(prompts, **kw) == local.complete(prompts, **kw)
+    # Rows per compiled batch: the next power of two, at most batch_size (None: unbucketed).
+    assert seen == [1, None, 4, None, 2, None, 4, None]
 
 
 def test_make_teacher_rejects_bad_specs(tmp_path):
