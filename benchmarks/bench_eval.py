@@ -11,7 +11,9 @@ Side by side in one process:
       the plain and the RAG prompts together, same batch size and max_new_tokens), models
       already in memory, compilation warmed up;
   (b) the whole `evaluate_models`: loading the checkpoints, answer NLL (plain and RAG),
-      preference accuracy, DPO's implicit reward, retrieval, generation, BLEU, ROUGE,
+      preference accuracy, DPO's implicit reward (scored from the generation's own prefills
+      where the prompt is a generated one, by `score_continuations` otherwise), retrieval,
+      generation, BLEU, ROUGE,
       BERTScore (a tiny local BERT, or --bertscore-model) and the report files.
 overhead = (b - a) / a, in wall and in CPU seconds (user + sys of the process: the better
 guide on a machine shared with other jobs). (b) runs twice: the first run also compiles the
@@ -66,6 +68,9 @@ COMPONENTS = {
     "answer NLL": [(report_lib, "answer_nll")],
     "preference accuracy": [(report_lib, "preference_margins"),
                             (report_lib, "preference_accuracy")],
+    # Since the prefill-shared scoring: completions whose prompt is not a generated one.
+    # (The others are scored inside "generation", from its own prefill.)
+    "scoring, prompts not generated": [(answers_lib, "score_continuations")],
     "retrieval": [(report_lib, "with_retrieval")],
     "generation": [(answers_lib, "generate")],
     "BLEU": [(answers_lib, "bleu")],
@@ -83,8 +88,12 @@ def _sentences(text: str) -> list[str]:
     return [s.strip() for s in re.split(r"(?<=[.!?])\s+", words) if len(s.split()) >= 6]
 
 
-def build_records(n: int, seed: int = 0) -> tuple[list[dict], list[dict], list[str]]:
-    """(SFT records, preference records, document lines): deterministic for (n, seed)."""
+def build_records(n: int, seed: int = 0, *, distinct_pref_prompts: bool = False
+                  ) -> tuple[list[dict], list[dict], list[str]]:
+    """(SFT records, preference records, document lines): deterministic for (n, seed).
+
+    The preference pairs ask the held-out questions themselves, or with
+    `distinct_pref_prompts` questions of their own (as the demo's held-out pairs do)."""
     text = open(DOCUMENT, encoding="utf-8").read()
     sents = _sentences(text)
     rng = np.random.default_rng(seed)
@@ -96,7 +105,8 @@ def build_records(n: int, seed: int = 0) -> tuple[list[dict], list[dict], list[s
         prompt = (f"Question {i + 1}: what does the handbook ask of employees about {topic}, "
                   f"and why?")
         sft.append({"prompt": prompt, "completion": ref})
-        pref.append({"prompt": prompt, "chosen": ref, "rejected": other})
+        pref.append({"prompt": f"In one sentence: {prompt}" if distinct_pref_prompts else prompt,
+                     "chosen": ref, "rejected": other})
     return sft, pref, [x for x in text.splitlines() if x]
 
 
@@ -211,10 +221,13 @@ def main(argv=None):
     parser.add_argument("--bertscore-model", default=None,
                         help="encoder for BERTScore and retrieval (default: a tiny random "
                              "BERT; all-minilm-l6-v2 with --model)")
+    parser.add_argument("--distinct-pref-prompts", action="store_true",
+                        help="preference pairs on prompts that are not the held-out questions")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
     args = parser.parse_args(argv)
 
-    sft, pref, lines = build_records(args.questions)
+    sft, pref, lines = build_records(args.questions,
+                                     distinct_pref_prompts=args.distinct_pref_prompts)
     base = tempfile.mkdtemp(prefix="bench_eval_")
     try:
         if args.model is None:
@@ -267,8 +280,9 @@ def main(argv=None):
             return {key: what, "wall s": t[0], "CPU s": t[1], "CPU ms per question": 1e3 * t[1] / n,
                     "share of generation (wall)": t[0] / gen[0],
                     "share of generation (CPU)": t[1] / gen[1]}
+        prefs = "distinct" if args.distinct_pref_prompts else "the questions'"
         rows = [row(f"(a) generation alone ({label}, N={n}, S={systems}, "
-                    f"new={args.max_new_tokens})", "what", gen)]
+                    f"new={args.max_new_tokens}, preference prompts: {prefs})", "what", gen)]
         for run, total, _, comp, _ in runs:
             rows.append(row(f"(b) evaluate_models, {run} run (XLA compiles: {comp['count']}, "
                             f"{comp['seconds']:.1f} s)", "what", total))
@@ -282,7 +296,9 @@ def main(argv=None):
         print(common.table(breakdown))
         overhead = {r: (t - gen) / gen for r, t, _, _, _ in runs}
         # The same within (b): everything but generation over (b)'s own generation time
-        # (insensitive to the machine's load changing between (a) and (b)).
+        # (insensitive to the machine's load changing between (a) and (b)). Since the
+        # prefill-shared scoring, (b)'s generation also scores the completions of its own
+        # prompts, so this understates the overhead; (b - a) / a is the measure.
         inside = (total - seconds["generation"]) / seconds["generation"]
         print(f"\noverhead (b - a) / a, wall | CPU: first run {overhead['first'][0]:+.1%} | "
               f"{overhead['first'][1]:+.1%}, steady run {overhead['steady'][0]:+.1%} | "
@@ -291,6 +307,7 @@ def main(argv=None):
               f"(a)'s warm-up: {gen_traces}")
         common.save("eval", rows + breakdown + [{
             "questions": n, "systems": systems, "max_new_tokens": args.max_new_tokens,
+            "distinct_pref_prompts": bool(args.distinct_pref_prompts),
             **{f"overhead_{r}_{k}": float(v[i]) for r, v in overhead.items()
                for i, k in enumerate(("wall", "cpu"))},
             "overhead_within_steady_wall": float(inside[0]),

@@ -11,7 +11,9 @@ each configuration in a fresh process:
               the first (`align-jax` enables it under $ALIGN_JAX_CACHE/jax).
 Every run uses `make demo`'s SDG settings (the small-teacher numbered-list question template,
 3 questions per chunk, 128-token budgets). Then the decode step in float32 vs bfloat16 weights
-(4 rows, 64 new tokens, compiled first).
+(4 rows, 64 new tokens, compiled first), and a profile of one float32 decode step: the whole
+step with 128, 512 and 2,048 cache slots (attention reads every allocated slot), the same
+without the unembedding, and the unembedding alone.
 
     python benchmarks/bench_teacher.py [--max_chunks 3]
 """
@@ -86,6 +88,57 @@ def _decode(dtype):
             "prefill_plus_8_s": round(short, 3)}
 
 
+def _profile():
+    """One float32 decode step of 4 rows, split: the whole step at several cache lengths,
+    the same step without the unembedding, and the unembedding alone (49,152 x 576)."""
+    import functools
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from align_jax.models import load_hf, transformer
+    from align_jax.models.named import resolve_model_path
+
+    config, params = load_hf(resolve_model_path(NAME))
+    decoder = transformer.Decoder(config)
+    b = 4
+
+    def step(params, cache, hidden_only):
+        tok = jnp.ones((b, 1), jnp.int32)
+        pos = jnp.full((b, 1), cache["segment_ids"].shape[1] - 1, jnp.int32)
+        h, cache = decoder.apply({"params": params}, tok, pos, jnp.ones_like(tok), cache,
+                                 method=transformer.Decoder.hidden)
+        if hidden_only:
+            return h, cache
+        w = decoder.apply({"params": params}, method=transformer.Decoder.unembed_matrix)
+        return jnp.einsum("BTD,DV->BTV", h, w, preferred_element_type=jnp.float32), cache
+
+    def unembed(params, h):
+        w = decoder.apply({"params": params}, method=transformer.Decoder.unembed_matrix)
+        return jnp.einsum("BD,DV->BV", h, w, preferred_element_type=jnp.float32)
+
+    def best_ms(fn, *a, n=20):
+        jax.block_until_ready(fn(*a))
+        times = []
+        for _ in range(n):
+            t = time.perf_counter()
+            jax.block_until_ready(fn(*a))
+            times.append(time.perf_counter() - t)
+        return round(1e3 * float(np.median(times)), 2)
+
+    row = {}
+    for s in (128, 512, 2048):
+        cache = transformer.init_cache(config, b, s)
+        cache["index"] = jnp.int32(s - 1)  # the step writes the last slot; attention reads all
+        for hidden_only in (False, True):
+            fn = jax.jit(functools.partial(step, hidden_only=hidden_only))
+            key = f"{'hidden_only' if hidden_only else 'step'}_cache{s}_ms"
+            row[key] = best_ms(fn, params, cache)
+    row["unembed_only_ms"] = best_ms(jax.jit(unembed), params, jnp.ones((b, config.embed_dim)))
+    return row
+
+
 def main(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("--max_chunks", type=int, default=3)
@@ -96,6 +149,8 @@ def main(argv=None):
         if kind == "sdg":
             out_dir, unified, cache = rest
             row = _sdg(out_dir, args.max_chunks, unified == "1", cache or None)
+        elif kind == "profile":
+            row = _profile()
         else:
             row = _decode(rest[0])
         print(json.dumps(row))
@@ -107,7 +162,8 @@ def main(argv=None):
                 ("after", ["sdg", os.path.join(tmp, "b"), "1", cache]),
                 ("after+warm", ["sdg", os.path.join(tmp, "c"), "1", cache]),
                 ("decode float32", ["decode", "float32"]),
-                ("decode bfloat16", ["decode", "bfloat16"])]
+                ("decode bfloat16", ["decode", "bfloat16"]),
+                ("decode step profile, float32, 4 rows", ["profile"])]
         for label, child in runs:
             out = subprocess.run([sys.executable, __file__, "--max_chunks", str(args.max_chunks),
                                   "--child", *child], cwd=ROOT, capture_output=True, text=True,

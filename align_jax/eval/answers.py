@@ -22,7 +22,8 @@ import numpy as np
 from align_jax.eval.bertscore import bertscore
 from align_jax.eval.metrics import bleu, rouge
 from align_jax.eval.retrieval import resolve_embedder
-from align_jax.generate import generate
+from align_jax.eval.scoring import ScoreSet
+from align_jax.generate import generate, score_continuations
 from align_jax.models.encoder import load_encoder
 from align_jax.tokenizer import encode_prompt, load_tokenizer
 
@@ -51,23 +52,82 @@ def generate_answers(config, params, tokenizer, prompt_sets: Mapping[str, Sequen
     Returns:
       system name -> answers, in prompt order.
     """
+    return answer_and_score(config, params, tokenizer, prompt_sets, {},
+                            max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
+                            batch_size=batch_size, mesh=mesh, rules=rules)[0]
+
+
+def answer_and_score(config, params, tokenizer, prompt_sets: Mapping[str, Sequence[str]],
+                     score_sets: Mapping[str, ScoreSet], *, max_new_tokens: int,
+                     temperature: float = 0.0, seed: int = 0, batch_size: int | None = None,
+                     mesh=None, rules: str = "fsdp"
+                     ) -> tuple[dict[str, list[str]], dict[str, list[tuple[float, ...]]]]:
+    """One model's answers to several prompt sets and its scores of held-out completions.
+
+    Every prompt is run once: a scored example whose prompt ids are those of a generated
+    prompt (a held-out question and its reference answer, a preference pair on the same
+    question) is scored from that generation's own prefill; the others go through
+    `score_continuations`, one prompt pass for all of a prompt's completions.
+
+    Args:
+      config, params, tokenizer, prompt_sets: as in `generate_answers`.
+      score_sets: name -> `ScoreSet` (formatted held-out records) to score.
+      max_new_tokens, temperature, seed, batch_size, mesh, rules: as in `generate_answers`.
+    Returns:
+      (system name -> answers in prompt order, set name -> log p(completion | prompt) of each
+      example's completions, in example order; `ScoreSet.summary` reads them).
+    """
     names = list(prompt_sets)
     flat = [p for n in names for p in prompt_sets[n]]
-    if not flat:
-        return {n: [] for n in names}
     budget = int(config.max_position) - max_new_tokens
-    if budget < 1:
+    if flat and budget < 1:
         raise ValueError(f"max_new_tokens {max_new_tokens} leaves no room for a prompt in the "
                          f"model's {config.max_position} positions")
     ids = [chat_prompt_ids(tokenizer, p, max_prompt_tokens=budget) for p in flat]
-    out = generate(config, params, ids, max_new_tokens=max_new_tokens, temperature=temperature,
-                   seed=seed, tokenizer=tokenizer, batch_size=batch_size, mesh=mesh,
-                   rules=rules)
-    texts, result, start = list(out.texts), {}, 0
+    # Where each scored example's completions go: a generated row, or a score-only prompt.
+    rows = {}
+    for i, p in enumerate(ids):
+        rows.setdefault(tuple(p), i)
+    gen_conts = [[] for _ in ids]
+    only_prompts, only_conts, only_rows = [], [], {}
+    placed = {}  # (set, example) -> (True if generated, prompt index, first continuation)
+    for set_name, score_set in score_sets.items():
+        for j, ex in enumerate(score_set.examples):
+            key = tuple(int(t) for t in ex.prompt)
+            if key in rows:
+                conts, where = gen_conts[rows[key]], (True, rows[key])
+            else:
+                if key not in only_rows:
+                    only_rows[key] = len(only_prompts)
+                    only_prompts.append(list(key))
+                    only_conts.append([])
+                conts, where = only_conts[only_rows[key]], (False, only_rows[key])
+            placed[set_name, j] = (*where, len(conts))
+            conts.extend([int(t) for t in c] for c in ex.completions)
+    score_gen = any(gen_conts)
+    texts, gen_scores = [], []
+    if flat:
+        out = generate(config, params, ids, max_new_tokens=max_new_tokens,
+                       temperature=temperature, seed=seed, tokenizer=tokenizer,
+                       batch_size=batch_size, mesh=mesh, rules=rules,
+                       continuations=gen_conts if score_gen else None)
+        texts, gen_scores = list(out.texts), out.continuation_logps or []
+    only_scores = (score_continuations(config, params, only_prompts, only_conts,
+                                       batch_size=batch_size, mesh=mesh, rules=rules)
+                   if only_prompts else [])
+    answers, start = {}, 0
     for n in names:
-        result[n] = [t.strip() for t in texts[start:start + len(prompt_sets[n])]]
+        answers[n] = [t.strip() for t in texts[start:start + len(prompt_sets[n])]]
         start += len(prompt_sets[n])
-    return result
+    scores = {}
+    for set_name, score_set in score_sets.items():
+        got = []
+        for j, ex in enumerate(score_set.examples):
+            generated, index, first = placed[set_name, j]
+            row = (gen_scores if generated else only_scores)[index]
+            got.append(tuple(row[first:first + len(ex.completions)]))
+        scores[set_name] = got
+    return answers, scores
 
 
 def load_bertscore_model(model):
@@ -134,7 +194,9 @@ def score_answers(answers: Mapping[str, Sequence[str]], references: Sequence[str
 def evaluate_generation(models: Mapping[str, tuple], tokenizer, records: Sequence[Mapping], *,
                         rag_records: Sequence[Mapping] | None = None,
                         rag_models: Sequence[str] = (), max_new_tokens: int = 64,
-                        bertscore_model=None, mesh=None, rules: str = "fsdp") -> dict:
+                        bertscore_model=None, mesh=None, rules: str = "fsdp",
+                        score_sets: Mapping[str, Mapping[str, ScoreSet]] | None = None,
+                        say=None) -> dict:
     """Generates every system's answers to the held-out questions and scores them.
 
     Args:
@@ -146,24 +208,36 @@ def evaluate_generation(models: Mapping[str, tuple], tokenizer, records: Sequenc
       max_new_tokens: answer budget (greedy decoding).
       bertscore_model: loaded BERTScore encoder or None.
       mesh, rules: sharding of generation.
+      score_sets: model name -> {set name: ScoreSet}: held-out completions each model also
+        scores (teacher-forced), from the same prompt passes as its answers
+        (`answer_and_score`).
+      say: called with a progress line after each model.
     Returns:
       {"answers": system -> answers, "metrics": system -> metrics (as `score_answers`),
-       "prompts", "references", "settings": decoding settings, "seconds": {"generation",
-       "metrics": what scoring added after the generation}}.
+       "scores": model -> set name -> log-probs (as `answer_and_score`), "prompts",
+       "references", "settings": decoding settings, "seconds": {"generation", "metrics":
+       what scoring added after the generation}}.
     """
     prompts = [r["prompt"] for r in records]
     refs = [r["completion"] for r in records]
-    answers, text, t0 = {}, [], time.perf_counter()
+    answers, scores, text, t0 = {}, {}, [], time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="eval-metrics") as host:
         for name, (config, params) in models.items():
+            t = time.perf_counter()
             sets = {name: prompts}
             if rag_records is not None and name in rag_models:
                 sets[name + RAG_SUFFIX] = [r["prompt"] for r in rag_records]
-            got = generate_answers(config, params, tokenizer, sets,
-                                   max_new_tokens=max_new_tokens, mesh=mesh, rules=rules)
+            got, scores[name] = answer_and_score(
+                config, params, tokenizer, sets, (score_sets or {}).get(name, {}),
+                max_new_tokens=max_new_tokens, mesh=mesh, rules=rules)
             answers.update(got)
             if refs:  # BLEU and ROUGE of these systems while the next model generates
                 text.append(host.submit(_text_metrics, got, refs))
+            if say is not None:
+                scored = ", ".join(f"{len(v)} {k}" for k, v in scores[name].items())
+                say(f"{name}: {len(sets)} system(s) x {len(prompts)} answers"
+                    f"{f', scored {scored}' if scored else ''} "
+                    f"({time.perf_counter() - t:.0f} s)")
         t1 = time.perf_counter()
         bert = _bertscore_metrics(answers, refs, model=bertscore_model,
                                   layer=None) if refs else {}
@@ -173,7 +247,8 @@ def evaluate_generation(models: Mapping[str, tuple], tokenizer, records: Sequenc
     for name, m in bert.items():
         metrics[name].update(m)
     t2 = time.perf_counter()
-    return {"answers": answers, "metrics": metrics, "prompts": prompts, "references": refs,
+    return {"answers": answers, "metrics": metrics, "scores": scores, "prompts": prompts,
+            "references": refs,
             "settings": {"decoding": "greedy", "max_new_tokens": max_new_tokens,
                          "questions": len(prompts)},
             "seconds": {"generation": t1 - t0, "metrics": t2 - t1}}

@@ -25,7 +25,7 @@ from align_jax.eval.judge import win_rate_matrix
 from align_jax.eval.letter_judge import LetterJudge
 from align_jax.eval.plots import plot_metrics, plot_overview, plot_win_rates
 from align_jax.eval.retrieval import with_retrieval
-from align_jax.eval.scoring import answer_nll, margin_summary, preference_margins
+from align_jax.eval.scoring import ScoreSet, margin_summary
 from align_jax.models.hf import load_hf
 from align_jax.sdg.backends import make_teacher
 
@@ -84,43 +84,53 @@ def evaluate_models(out_dir: str, *, models: Mapping[str, str], tokenizer, sft_t
       The report dict.
     """
     report = {"models": {}, "samples": {}}
-    loaded, margins = {}, {}
     questions = list(sft_test)[:num_questions] if num_questions else list(sft_test)
     # Retrieval once for all RAG models; the questions are the first records of sft_test.
     rag_test = (with_retrieval(sft_test, retriever)
                 if retriever is not None and any(n in rag_models for n in models) else None)
     rag_questions = rag_test[:len(questions)] if rag_test is not None else None
-    score = dict(tokenizer=tokenizer, seq_len=seq_len, mesh=mesh, rules=rules)
+    # The held-out completions, formatted once; every model scores them from the prompt
+    # passes of its own answers (a prompt that is not a question is run once for all of its
+    # completions): `answer_and_score`.
+    fmt = dict(tokenizer=tokenizer, seq_len=seq_len)
+    sets = {"answer_nll": ScoreSet.make(sft_test, kind="sft", **fmt),
+            "preference": ScoreSet.make(pref_test, kind="preference", **fmt)}
+    rag_set = ScoreSet.make(rag_test, kind="sft", **fmt) if rag_test is not None else None
+    loaded, score_sets = {}, {}
     for name, path in models.items():
-        t0 = time.perf_counter()
         # Laid out on the mesh once, by the preset: scoring and generation both use it.
-        config, params = load_hf(path, mesh=mesh, rules=rules)
-        loaded[name] = (config, params)
-        margins[name] = preference_margins(config, params, records=pref_test, **score)
-        row = {"answer_nll": answer_nll(config, params, records=sft_test, **score),
+        loaded[name] = load_hf(path, mesh=mesh, rules=rules)
+        score_sets[name] = dict(sets)
+        if rag_set is not None and name in rag_models:
+            score_sets[name]["answer_nll_rag"] = rag_set
+    t0 = time.perf_counter()
+    systems = len(loaded) + sum(n in rag_models for n in loaded) * (rag_questions is not None)
+    _say(f"generating: {systems} systems answer {len(questions)} questions (greedy, at most "
+         f"{max_new_tokens} new tokens) and score {len(sets['answer_nll'].examples)} reference "
+         f"answers{' (and with RAG)' if rag_set is not None else ''} and "
+         f"{len(sets['preference'].examples)} preference pairs; then BLEU, ROUGE, BERTScore")
+    gen = evaluate_generation(loaded, tokenizer, questions, rag_records=rag_questions,
+                              rag_models=rag_models, max_new_tokens=max_new_tokens,
+                              bertscore_model=(load_bertscore_model(bertscore_model)
+                                               if questions else None),
+                              mesh=mesh, rules=rules, score_sets=score_sets, say=_say)
+    margins = {}
+    for name, got in gen["scores"].items():
+        margins[name] = sets["preference"].summary(got["preference"])
+        row = {"answer_nll": sets["answer_nll"].summary(got["answer_nll"]),
                "preference": margin_summary(*margins[name])}
-        if rag_test is not None and name in rag_models:
-            row["answer_nll_rag"] = answer_nll(config, params, records=rag_test, **score)
+        if "answer_nll_rag" in got:
+            row["answer_nll_rag"] = rag_set.summary(got["answer_nll_rag"])
         report["models"][name] = row
-        _say(f"{name}: answer NLL on {len(sft_test)} held-out records"
-             f"{' (and with RAG)' if 'answer_nll_rag' in row else ''}, preference accuracy on "
-             f"{len(pref_test)} pairs ({time.perf_counter() - t0:.0f} s)")
     if reference is not None and all(n in loaded for n in reference):
         # DPO's implicit reward from the margins already scored: log-ratio differences.
         (policy, skipped), (ref, _) = margins[reference[0]], margins[reference[1]]
         report["implicit_reward"] = margin_summary(policy - ref, skipped)
     if questions:
-        t0 = time.perf_counter()
-        systems = len(loaded) + sum(n in rag_models for n in loaded) * (rag_questions is not None)
-        _say(f"generating: {systems} systems answer {len(questions)} questions (greedy, at most "
-             f"{max_new_tokens} new tokens), then BLEU, ROUGE, BERTScore")
-        gen = evaluate_generation(loaded, tokenizer, questions, rag_records=rag_questions,
-                                  rag_models=rag_models, max_new_tokens=max_new_tokens,
-                                  bertscore_model=load_bertscore_model(bertscore_model),
-                                  mesh=mesh, rules=rules)
         report["generation"] = {k: gen[k] for k in ("metrics", "settings", "seconds")}
         report["answers"] = gen["answers"]
-        _say(f"generation and reference metrics: {time.perf_counter() - t0:.0f} s")
+        _say(f"generation, held-out scores and reference metrics: "
+             f"{time.perf_counter() - t0:.0f} s")
         report["samples"] = {s: a[:num_samples] for s, a in gen["answers"].items()}
         judged = {s: a for s, a in gen["answers"].items()
                   if judge_systems is None or s in judge_systems}

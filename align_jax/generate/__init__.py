@@ -8,6 +8,7 @@ from align_jax.generate.loop import (
     generate_stream,
     jit_decode,
     jit_prefill,
+    score_continuations,
     trace_counts,
 )
 from align_jax.generate.sampling import (
@@ -22,5 +23,5 @@ from align_jax.generate.stop import cut_at_stop
 __all__ = [
     "Completion", "GenerationOutput", "SamplingFlags", "SamplingParams", "SamplingState",
     "apply_repetition_penalty", "cut_at_stop", "generate", "generate_stream", "jit_decode",
-    "jit_prefill", "make_sampling", "sample", "trace_counts",
+    "jit_prefill", "make_sampling", "sample", "score_continuations", "trace_counts",
 ]

@@ -27,6 +27,7 @@ import numpy as np
 
 from align_jax import axes, sharding
 from align_jax.generate import prompt_batches, sampling, stop
+from align_jax.losses import logprobs as logprobs_lib
 from align_jax.models import transformer
 from align_jax.models.config import ModelConfig
 
@@ -35,6 +36,9 @@ from align_jax.models.config import ModelConfig
 _TRACES: collections.Counter = collections.Counter()
 
 DEFAULT_STOP_CHUNK = 32
+# Scored continuations are padded to a multiple of this: one compiled shape per call, with
+# less padding than a power of two (an evaluation's calls all share one longest answer).
+CONTINUATION_ROUND = 16
 
 
 def trace_counts() -> dict[str, int]:
@@ -56,6 +60,9 @@ class SamplingState:
     done_B:       bool, the row stopped (or is a filler row).
     stopped_B:    bool, the row stopped on a stop token (vs. ran out of budget).
     seen_BV:      bool presence mask (prompt + generated) for the repetition penalty, or None.
+    continuation_logps_BK: float32, log p(continuation k | prompt) of up to K given
+                  continuations per row, scored from the prefill's cache (see
+                  `score_continuations`), or None when none were given.
     """
 
     tokens_BM: jax.Array
@@ -67,6 +74,7 @@ class SamplingState:
     done_B: jax.Array
     stopped_B: jax.Array
     seen_BV: jax.Array | None
+    continuation_logps_BK: jax.Array | None = None
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -83,16 +91,19 @@ class Completion:
     logprobs: list[float]
     finish_reason: str | None
     text: str | None = None
+    continuation_logps: tuple[float, ...] | None = None
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class GenerationOutput:
-    """Results in the order of the prompts. texts is None without a tokenizer."""
+    """Results in the order of the prompts. texts is None without a tokenizer;
+    continuation_logps is None unless continuations were given to score."""
 
     tokens: list[list[int]]
     logprobs: list[list[float]]
     finish_reasons: list[str]
     texts: list[str] | None = None
+    continuation_logps: list[tuple[float, ...]] | None = None
 
 
 def _constrain_cache(cache):
@@ -121,9 +132,39 @@ def _record(state: SamplingState, tokens_B, logprobs_B, stop_ids_E) -> SamplingS
         seen_BV=seen_BV)
 
 
-def _prefill(params, tokens_BT, positions_BT, segment_ids_BT, active_B, sampler, stop_ids_E, *,
-             config: ModelConfig, flags: sampling.SamplingFlags, max_new_tokens: int,
-             cache_len: int, mesh, rules) -> SamplingState:
+def _continuation_logps(decoder, params, config: ModelConfig, h_last_BD, w_DV, cache, next_pos_B,
+                        cont_BKA, cont_mask_BKA) -> jax.Array:
+    """log p(continuation | prompt) [B, K] for K right-padded continuations of each prompt.
+
+    Each continuation extends a copy of the prompt's cache: its first token is scored by the
+    prompt's last hidden state, the rest by the continuation's own hidden states, so the
+    prompt is run once for all K (and for the generation that follows).
+    """
+    _, k, a = cont_BKA.shape
+    chunk = logprobs_lib.resolve_vocab_chunk(config.vocab_size, 0)
+    sums = []
+    for j in range(k):
+        tokens_BA, mask_BA = cont_BKA[:, j], cont_mask_BKA[:, j]
+        positions_BA = next_pos_B[:, None] + jnp.arange(a, dtype=jnp.int32)[None]
+        h_BAD, _ = decoder.apply({"params": params}, tokens_BA, positions_BA,
+                                 mask_BA.astype(jnp.int32), cache,
+                                 method=transformer.Decoder.hidden)
+        # The hidden state before each continuation token scores it.
+        h_BAD = jnp.concatenate([h_last_BD[:, None], h_BAD[:, :-1]], axis=1)
+        if chunk:
+            logps_BA = logprobs_lib.chunked_token_logps(h_BAD, w_DV, tokens_BA, chunk_size=chunk)
+        else:
+            logits_BAV = jnp.einsum("BAD,DV->BAV", h_BAD, w_DV,
+                                    preferred_element_type=jnp.float32)
+            logps_BA = logprobs_lib.token_logps(logits_BAV, tokens_BA)
+        sums.append(jnp.sum(jnp.where(mask_BA, logps_BA, 0.0), axis=-1))
+    return jnp.stack(sums, axis=1)
+
+
+def _prefill(params, tokens_BT, positions_BT, segment_ids_BT, active_B, sampler, stop_ids_E,
+             cont_BKA=None, cont_mask_BKA=None, *, config: ModelConfig,
+             flags: sampling.SamplingFlags, max_new_tokens: int, cache_len: int, mesh,
+             rules) -> SamplingState:
     del mesh, rules  # Static only so that each mesh/preset gets its own compiled version.
     _TRACES["prefill"] += 1
     b, t = tokens_BT.shape
@@ -133,9 +174,9 @@ def _prefill(params, tokens_BT, positions_BT, segment_ids_BT, active_B, sampler,
     # materialising [B, T, V] logits for long prompts and large vocabularies.
     h_BTD, cache = decoder.apply({"params": params}, tokens_BT, positions_BT, segment_ids_BT,
                                  cache, method=transformer.Decoder.hidden)
-    w_DV = decoder.apply({"params": params}, method=transformer.Decoder.unembed_matrix)
-    logits_BV = jnp.einsum("BD,DV->BV", h_BTD[:, -1], w_DV.astype(config.dtype),
-                           preferred_element_type=jnp.float32)
+    w_DV = decoder.apply({"params": params},
+                         method=transformer.Decoder.unembed_matrix).astype(config.dtype)
+    logits_BV = jnp.einsum("BD,DV->BV", h_BTD[:, -1], w_DV, preferred_element_type=jnp.float32)
     logits_BV = sharding.constrain(logits_BV, (axes.BATCH, axes.VOCAB))
     seen_BV = None
     if flags.repetition_penalty:
@@ -150,6 +191,10 @@ def _prefill(params, tokens_BT, positions_BT, segment_ids_BT, active_B, sampler,
         next_pos_B=jnp.max(positions_BT, axis=1) + 1,
         lengths_B=jnp.zeros((b,), jnp.int32), done_B=~active_B,
         stopped_B=jnp.zeros((b,), bool), seen_BV=seen_BV)
+    if cont_BKA is not None:
+        state = state.replace(continuation_logps_BK=_continuation_logps(
+            decoder, params, config, h_BTD[:, -1], w_DV, cache, state.next_pos_B, cont_BKA,
+            cont_mask_BKA))
     tokens_B, logprobs_B = sampling.sample(logits_BV, sampler, flags, step=state.step,
                                            seen_BV=seen_BV)
     return _record(state, tokens_B, logprobs_B, stop_ids_E)
@@ -218,11 +263,13 @@ def _decode_text(tokenizer, ids) -> str:
     return tokenizer.decode([int(t) for t in ids])
 
 
-def _finish(tokenizer, index, toks, lps, reason, stopped_on_token, text=None) -> Completion:
+def _finish(tokenizer, index, toks, lps, reason, stopped_on_token, text=None,
+            scores=None) -> Completion:
     if tokenizer is not None and text is None:
         text = _decode_text(tokenizer, toks[:-1] if stopped_on_token else toks)
     return Completion(index=index, tokens=[int(t) for t in toks],
-                      logprobs=[float(x) for x in lps], finish_reason=reason, text=text)
+                      logprobs=[float(x) for x in lps], finish_reason=reason, text=text,
+                      continuation_logps=scores)
 
 
 def _stable_text(tokenizer, toks, stop_strings) -> str | None:
@@ -246,11 +293,54 @@ def _check_finite(logprobs_BM, lengths_B, rows, indices) -> None:
                 f"{at}: the model's weights (or its config) hold NaN or inf")
 
 
-def _run_batch(config, params, batch: prompt_batches.PromptBatch, *, max_new_tokens, shape_budget,
-               cache_len, sampler_kw, row_seeds, stop_ids, stop_strings, tokenizer, chunk, mesh,
-               rules, partial=False, cancel=None) -> Iterator[Completion]:
-    if cancel is not None and cancel():
-        return
+@dataclasses.dataclass(frozen=True)
+class _Continuations:
+    """Continuations to score, one tuple of token-id lists per prompt, laid out as [K, A]."""
+
+    items: list[list[list[int]]]
+    k: int  # most continuations of one prompt
+    a: int  # padded continuation length (a multiple of CONTINUATION_ROUND)
+
+    @classmethod
+    def make(cls, continuations, n_prompts: int, prompts, *, max_len: int, vocab_size: int):
+        if len(continuations) != n_prompts:
+            raise ValueError(f"continuations has {len(continuations)} entries for {n_prompts} "
+                             "prompts")
+        items = []
+        for i, conts in enumerate(continuations):
+            row = []
+            for j, c in enumerate(conts):
+                c = [int(t) for t in c]
+                if not c:
+                    raise ValueError(f"continuation {j} of prompt {i} is empty")
+                bad = [t for t in c if not 0 <= t < vocab_size]
+                if bad:
+                    raise ValueError(f"continuation {j} of prompt {i} has token id {bad[0]} "
+                                     f"outside [0, {vocab_size})")
+                if len(prompts[i]) + len(c) > max_len:
+                    raise ValueError(f"prompt {i} ({len(prompts[i])} tokens) and its "
+                                     f"continuation {j} ({len(c)} tokens) exceed max_len="
+                                     f"{max_len}")
+                row.append(c)
+            items.append(row)
+        longest = max((len(c) for row in items for c in row), default=1)
+        return cls(items=items, k=max(1, max(map(len, items), default=1)),
+                   a=-(-longest // CONTINUATION_ROUND) * CONTINUATION_ROUND)
+
+    def arrays(self, batch: prompt_batches.PromptBatch, pad_id: int):
+        """([B, K, A] tokens, [B, K, A] bool mask) for a batch's rows (filler rows empty)."""
+        b = len(batch.active_B)
+        tokens = np.full((b, self.k, self.a), pad_id, np.int32)
+        mask = np.zeros((b, self.k, self.a), bool)
+        for row, i in enumerate(batch.indices):
+            for j, c in enumerate(self.items[i]):
+                tokens[row, j, :len(c)], mask[row, j, :len(c)] = c, True
+        return tokens, mask
+
+
+def _prepare(config, params, batch: prompt_batches.PromptBatch, *, sampler_kw, row_seeds,
+             stop_ids, cont, mesh, rules):
+    """Device arrays for one batch's prefill: (prefill args, sampler, flags)."""
     seeds, salts = row_seeds
     n_rows = len(batch.active_B)
     pad = n_rows - len(batch.indices)
@@ -259,25 +349,47 @@ def _run_batch(config, params, batch: prompt_batches.PromptBatch, *, max_new_tok
                 for k, v in sampler_kw.items()}
     sampler, flags = sampling.make_sampling(
         n_rows, seeds=list(seeds) + [0] * pad, salts=list(salts) + [0] * pad, **settings)
-    arrays = _place((batch.tokens_BT, batch.positions_BT, batch.segment_ids_BT, batch.active_B,
-                     sampler), mesh, rules)
+    host = [batch.tokens_BT, batch.positions_BT, batch.segment_ids_BT, batch.active_B, sampler]
+    pad_id = config.pad_token_id if config.pad_token_id is not None else 0
+    scored = cont.arrays(batch, pad_id) if cont is not None else ()
+    arrays = _place((*host, *scored), mesh, rules)
     stop_ids = jax.device_put(stop_ids, None if mesh is None else sharding.replicated(mesh))
+    args = (*arrays[:5], stop_ids, *arrays[5:])
+    return args, arrays[4], flags
+
+
+def _row_scores(cont, scores_BK, batch, row) -> tuple[float, ...] | None:
+    if cont is None:
+        return None
+    return tuple(float(x) for x in scores_BK[row, :len(cont.items[batch.indices[row]])])
+
+
+def _run_batch(config, params, batch: prompt_batches.PromptBatch, *, max_new_tokens, shape_budget,
+               cache_len, sampler_kw, row_seeds, stop_ids, stop_strings, tokenizer, chunk, mesh,
+               rules, partial=False, cancel=None, cont=None) -> Iterator[Completion]:
+    if cancel is not None and cancel():
+        return
+    args, sampler, flags = _prepare(config, params, batch, sampler_kw=sampler_kw,
+                                    row_seeds=row_seeds, stop_ids=stop_ids, cont=cont, mesh=mesh,
+                                    rules=rules)
+    stop_ids = args[5]
     with sharding.use_mesh(mesh, rules):
-        state = jit_prefill(params, *arrays, stop_ids, config=config, flags=flags,
+        state = jit_prefill(params, *args, config=config, flags=flags,
                             max_new_tokens=shape_budget, cache_len=cache_len, mesh=mesh,
                             rules=rules)
         pending = set(range(len(batch.indices)))
-        step = 1
+        step, scores_BK = 1, None
         while pending:
             if cancel is not None and cancel():
                 return
             end = min(step + chunk, max_new_tokens)
-            state = jit_decode(params, state, arrays[-1], stop_ids, jnp.int32(end),
+            state = jit_decode(params, state, sampler, stop_ids, jnp.int32(end),
                                config=config, flags=flags, mesh=mesh, rules=rules)
             # The one host sync per chunk.
-            step, done_B, stopped_B, lengths_B, tokens_BM, logprobs_BM = jax.device_get(
+            step, done_B, stopped_B, lengths_B, tokens_BM, logprobs_BM, scores = jax.device_get(
                 (state.step, state.done_B, state.stopped_B, state.lengths_B, state.tokens_BM,
-                 state.logprobs_BM))
+                 state.logprobs_BM, state.continuation_logps_BK if scores_BK is None else None))
+            scores_BK = scores if scores_BK is None else scores_BK
             step = int(step)
             _check_finite(logprobs_BM, lengths_B, pending, batch.indices)
             newly_done = []
@@ -286,16 +398,19 @@ def _run_batch(config, params, batch: prompt_batches.PromptBatch, *, max_new_tok
                 toks, lps = tokens_BM[row, :n], logprobs_BM[row, :n]
                 cut = stop.cut_at_stop(toks, lambda ids: _decode_text(tokenizer, ids),
                                        stop_strings) if stop_strings else None
+                scores = _row_scores(cont, scores_BK, batch, row)
                 if cut is not None:
                     m, text = cut
                     done = _finish(tokenizer, batch.indices[row], toks[:m], lps[:m], "stop",
-                                   False, text)
+                                   False, text, scores)
                     newly_done.append(row)
                 elif done_B[row]:
                     done = _finish(tokenizer, batch.indices[row], toks, lps,
-                                   "stop" if stopped_B[row] else "length", bool(stopped_B[row]))
+                                   "stop" if stopped_B[row] else "length", bool(stopped_B[row]),
+                                   scores=scores)
                 elif step >= max_new_tokens:
-                    done = _finish(tokenizer, batch.indices[row], toks, lps, "length", False)
+                    done = _finish(tokenizer, batch.indices[row], toks, lps, "length", False,
+                                   scores=scores)
                 else:
                     if partial:
                         yield Completion(index=batch.indices[row], tokens=[int(t) for t in toks],
@@ -319,7 +434,9 @@ def generate_stream(config: ModelConfig, params, prompts: Sequence[Sequence[int]
                     chunk_size: int | None = None, ignore_eos: bool = False,
                     partial: bool = False,
                     shape_budget: int | None = None,
-                    cancel: Callable[[], bool] | None = None) -> Iterator[Completion]:
+                    cancel: Callable[[], bool] | None = None,
+                    continuations: Sequence[Sequence[Sequence[int]]] | None = None
+                    ) -> Iterator[Completion]:
     """Like `generate`, but yields a `Completion` for each prompt as soon as it finishes.
 
     Completion is observed at chunk boundaries: the device runs `chunk_size` decode steps
@@ -328,8 +445,8 @@ def generate_stream(config: ModelConfig, params, prompts: Sequence[Sequence[int]
     prompt's index. With `partial`, every unfinished prompt is also reported at each chunk
     boundary (finish_reason None): what a token-streaming server sends. `cancel`, polled at
     each chunk boundary, stops the generation when it returns True (the unfinished prompts
-    yield nothing): how a server stops work for clients that left. See `generate` for the
-    other arguments.
+    yield nothing): how a server stops work for clients that left. With `continuations`, each
+    finished Completion carries `continuation_logps`. See `generate` for the other arguments.
     """
     max_len = int(max_len or config.max_position)
     prompts = prompt_batches.validate_prompts(prompts, max_new_tokens=max_new_tokens,
@@ -340,10 +457,7 @@ def generate_stream(config: ModelConfig, params, prompts: Sequence[Sequence[int]
     sampler_kw = sampling.settings_arrays(
         len(prompts), temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
         repetition_penalty=repetition_penalty)
-    shards = _batch_shards(mesh, rules)
-    if batch_size is None:
-        batch_size = min(prompt_batches.next_pow2(len(prompts)), prompt_batches.DEFAULT_BATCH_SIZE)
-    batch_size = -(-max(int(batch_size), 1) // shards) * shards
+    batch_size = _batch_size(len(prompts), batch_size, mesh, rules)
     if chunk_size is None:
         chunk_size = DEFAULT_STOP_CHUNK if stop_strings or partial else max_new_tokens
     shape_budget = max_new_tokens if shape_budget is None else int(shape_budget)
@@ -353,21 +467,93 @@ def generate_stream(config: ModelConfig, params, prompts: Sequence[Sequence[int]
     # A larger shape never pushes the longest prompt out of the cache.
     longest = max((len(p) for p in prompts), default=1)
     shape_budget = max(max_new_tokens, min(shape_budget, max_len - longest))
+    cont = None if continuations is None else _Continuations.make(
+        continuations, len(prompts), prompts, max_len=max_len, vocab_size=config.vocab_size)
+    batches, params = _plan(config, params, prompts, batch_size=batch_size,
+                            cap=max_len - shape_budget, mesh=mesh, rules=rules)
+    run = dict(max_new_tokens=max_new_tokens, shape_budget=shape_budget, sampler_kw=sampler_kw,
+               stop_ids=_stop_ids(config, tokenizer, stop_token_ids, ignore_eos),
+               stop_strings=stop_strings, tokenizer=tokenizer, chunk=max(1, int(chunk_size)),
+               mesh=mesh, rules=rules, partial=partial, cancel=cancel, cont=cont)
+    # Validation above runs eagerly; the work below runs as the caller iterates.
+    return _stream(config, params, batches, seed=seed, seeds=seeds, run=run)
+
+
+def _plan(config, params, prompts, *, batch_size, cap, mesh, rules):
+    """(left-padded batches, params placed on the mesh or the default device)."""
     pad_id = config.pad_token_id if config.pad_token_id is not None else 0
-    batches = prompt_batches.plan_batches(prompts, batch_size=batch_size,
-                                    cap=max_len - shape_budget, pad_id=pad_id)
+    batches = prompt_batches.plan_batches(prompts, batch_size=batch_size, cap=cap, pad_id=pad_id)
     if batches:
         if mesh is None:
             params = jax.device_put(params)
         else:
             params = jax.device_put(params, sharding.tree_shardings(
                 transformer.abstract_params(config), mesh, rules))
-    run = dict(max_new_tokens=max_new_tokens, shape_budget=shape_budget, sampler_kw=sampler_kw,
-               stop_ids=_stop_ids(config, tokenizer, stop_token_ids, ignore_eos),
-               stop_strings=stop_strings, tokenizer=tokenizer, chunk=max(1, int(chunk_size)),
-               mesh=mesh, rules=rules, partial=partial, cancel=cancel)
-    # Validation above runs eagerly; the work below runs as the caller iterates.
-    return _stream(config, params, batches, seed=seed, seeds=seeds, run=run)
+    return batches, params
+
+
+def _batch_size(n_prompts: int, batch_size: int | None, mesh, rules) -> int:
+    shards = _batch_shards(mesh, rules)
+    if batch_size is None:
+        batch_size = min(prompt_batches.next_pow2(n_prompts), prompt_batches.DEFAULT_BATCH_SIZE)
+    return -(-max(int(batch_size), 1) // shards) * shards
+
+
+def _cache_len(t: int, shape_budget: int, cont) -> int:
+    # The last drawn token is never fed back, so generation needs T + budget - 1 slots;
+    # scored continuations extend the prompt's cache by up to A slots.
+    return t + max(shape_budget - 1, cont.a if cont is not None else 0, 0)
+
+
+def score_continuations(config: ModelConfig, params, prompts: Sequence[Sequence[int]],
+                        continuations: Sequence[Sequence[Sequence[int]]], *, mesh=None,
+                        rules="fsdp", batch_size: int | None = None,
+                        max_len: int | None = None) -> list[tuple[float, ...]]:
+    """log p(continuation | prompt) under the model for given continuations of each prompt.
+
+    Each prompt is run once (the prefill of `generate`, left-padded and bucketed the same way)
+    and every continuation of it extends that prompt's KV cache, so a preference pair's
+    chosen and rejected answers share one pass over their prompt. `generate(...,
+    continuations=...)` scores continuations from its own prefill in the same way, at no
+    extra prompt pass.
+
+    Args:
+      config, params: the model.
+      prompts: token id lists (each at least one token).
+      continuations: for each prompt, its continuations (token id lists, each non-empty);
+        prompt + continuation must fit max_len.
+      mesh, rules, batch_size, max_len: as in `generate`.
+    Returns:
+      for each prompt, the summed log-prob of each of its continuations (float32 math).
+    """
+    max_len = int(max_len or config.max_position)
+    prompts = prompt_batches.validate_prompts(prompts, max_new_tokens=1, max_len=max_len,
+                                              vocab_size=config.vocab_size)
+    cont = _Continuations.make(continuations, len(prompts), prompts, max_len=max_len,
+                               vocab_size=config.vocab_size)
+    batch_size = _batch_size(len(prompts), batch_size, mesh, rules)
+    batches, params = _plan(config, params, prompts, batch_size=batch_size,
+                            cap=max_len - 1, mesh=mesh, rules=rules)
+    sampler_kw = sampling.settings_arrays(len(prompts), temperature=0.0, top_k=0, top_p=1.0,
+                                          min_p=0.0, repetition_penalty=1.0)
+    stop_ids = _stop_ids(config, None, (), True)
+    out: list[tuple[float, ...] | None] = [None] * len(prompts)
+    pending = []
+    with sharding.use_mesh(mesh, rules):
+        for batch in batches:
+            args, _, flags = _prepare(config, params, batch, sampler_kw=sampler_kw,
+                                      row_seeds=([0] * len(batch.indices), list(batch.indices)),
+                                      stop_ids=stop_ids, cont=cont, mesh=mesh, rules=rules)
+            state = jit_prefill(params, *args, config=config, flags=flags, max_new_tokens=1,
+                                cache_len=_cache_len(batch.tokens_BT.shape[1], 1, cont),
+                                mesh=mesh, rules=rules)
+            pending.append((batch, state.continuation_logps_BK))
+    # One host sync at the end: the batches were all dispatched first.
+    for batch, scores_BK in pending:
+        scores_BK = np.asarray(jax.device_get(scores_BK))
+        for row in range(len(batch.indices)):
+            out[batch.indices[row]] = _row_scores(cont, scores_BK, batch, row)
+    return out
 
 
 def _stream(config, params, batches, *, seed, seeds, run) -> Iterator[Completion]:
@@ -378,9 +564,7 @@ def _stream(config, params, batches, *, seed, seeds, run) -> Iterator[Completion
             row_seeds = ([int(seeds[i]) for i in batch.indices], [0] * len(batch.indices))
         else:
             row_seeds = ([int(seed)] * len(batch.indices), list(batch.indices))
-        t = batch.tokens_BT.shape[1]
-        # The last drawn token is never fed back, so the cache needs T + budget - 1 slots.
-        cache_len = t + max(run["shape_budget"] - 1, 0)
+        cache_len = _cache_len(batch.tokens_BT.shape[1], run["shape_budget"], run["cont"])
         yield from _run_batch(config, params, batch, cache_len=cache_len,
                               row_seeds=row_seeds, **run)
 
@@ -392,7 +576,9 @@ def generate(config: ModelConfig, params, prompts: Sequence[Sequence[int]], *,
              seeds: Sequence[int] | None = None, mesh=None, rules="fsdp",
              batch_size: int | None = None, max_len: int | None = None,
              chunk_size: int | None = None, ignore_eos: bool = False,
-             shape_budget: int | None = None) -> GenerationOutput:
+             shape_budget: int | None = None,
+             continuations: Sequence[Sequence[Sequence[int]]] | None = None
+             ) -> GenerationOutput:
     """Generates continuations of token-id prompts with a KV cache.
 
     Args:
@@ -415,6 +601,11 @@ def generate(config: ModelConfig, params, prompts: Sequence[Sequence[int]], *,
       shape_budget: the token budget compiled into the loop's shapes (>= max_new_tokens;
         default max_new_tokens). Calls with different budgets but one shape_budget share
         their compilations; rows still stop after max_new_tokens.
+      continuations: optional, for each prompt a list of token-id continuations to score
+        (teacher-forced) from the prefill's own cache: `continuation_logps[i][j]` is
+        log p(continuations[i][j] | prompts[i]), as `score_continuations` gives, while the
+        generated text is unchanged. An evaluation that both answers and scores held-out
+        questions runs each prompt once.
     Returns:
       GenerationOutput in prompt order; see the module docstring for what tokens, texts and
       logprobs contain.
@@ -426,10 +617,12 @@ def generate(config: ModelConfig, params, prompts: Sequence[Sequence[int]], *,
             stop_token_ids=stop_token_ids, stop_strings=stop_strings, tokenizer=tokenizer,
             seed=seed, seeds=seeds, mesh=mesh, rules=rules, batch_size=batch_size,
             max_len=max_len, chunk_size=chunk_size, ignore_eos=ignore_eos,
-            shape_budget=shape_budget):
+            shape_budget=shape_budget, continuations=continuations):
         results[c.index] = c
     order = [results[i] for i in range(len(results))]
     return GenerationOutput(
         tokens=[c.tokens for c in order], logprobs=[c.logprobs for c in order],
         finish_reasons=[c.finish_reason for c in order],
-        texts=[c.text for c in order] if tokenizer is not None else None)
+        texts=[c.text for c in order] if tokenizer is not None else None,
+        continuation_logps=([c.continuation_logps for c in order]
+                            if continuations is not None else None))

@@ -103,8 +103,9 @@ def test_evaluate_generation_scores_every_system_with_bertscore(tiny_bert, monke
     from align_jax.eval import answers as answers_lib
     from align_jax.eval import bleu, rouge
     fixed = {"m0": HYPS, "m1": list(reversed(HYPS))}
-    monkeypatch.setattr(answers_lib, "generate_answers",
-                        lambda config, params, tok, sets, **kw: {n: fixed[n] for n in sets})
+    monkeypatch.setattr(answers_lib, "answer_and_score",
+                        lambda config, params, tok, sets, score_sets, **kw:
+                        ({n: fixed[n] for n in sets}, {}))
     loaded = answers_lib.load_bertscore_model(tiny_bert)
     out = answers_lib.evaluate_generation(
         {"m0": (None, None), "m1": (None, None)}, None,

@@ -14,7 +14,7 @@ from align_jax.eval import report as report_lib
 from align_jax.eval.judge import parse_verdict
 from align_jax.eval.report import evaluate_models
 from align_jax.eval.retrieval import BM25Retriever
-from align_jax.eval.scoring import preference_accuracy
+from align_jax.eval.scoring import answer_nll, preference_accuracy
 from align_jax.models.config import get_config
 from align_jax.models.hf import load_hf, save_hf
 from align_jax.models.transformer import init_params
@@ -64,6 +64,13 @@ def test_report_scores_every_system_and_writes_files(checkpoints, tmp_path, monk
         calls.append(len(prompts))
         return real(config, params, prompts, **kw)
     monkeypatch.setattr(answers_lib, "generate", counting)
+    scored_alone = []
+    real_scoring = answers_lib.score_continuations
+
+    def counting_scoring(config, params, prompts, continuations, **kw):
+        scored_alone.append([len(c) for c in continuations])
+        return real_scoring(config, params, prompts, continuations, **kw)
+    monkeypatch.setattr(answers_lib, "score_continuations", counting_scoring)
     retrievals = []
     real_retrieval = report_lib.with_retrieval
 
@@ -89,13 +96,25 @@ def test_report_scores_every_system_and_writes_files(checkpoints, tmp_path, monk
     # One batched generation per model, holding both of its systems' prompts; one retrieval
     # for every RAG model, its NLL and its answers.
     assert calls == [6, 6] and retrievals == [3]
-    # The implicit reward comes from the margins already scored; it equals scoring anew.
+    # The plain reference answers were scored from those generations' own prefills. Prompt
+    # passes of their own: the preference prompt (not a question; one pass for its pair) and
+    # the three RAG prompts, cut on the left to fit seq_len=128 with their answers (136-139
+    # tokens), so not the prompts that were generated from.
+    assert scored_alone == [[2, 1, 1, 1], [2, 1, 1, 1]]
+    # Same numbers as the scorer's whole-row forward passes (an independent path).
     (c_dpo, p_dpo), (c_sft, p_sft) = (load_hf(models[n]) for n in ("dpo", "sft"))
+    rag_test = report_lib.with_retrieval(sft_test, retriever)
+    for name, (c, p) in (("sft", (c_sft, p_sft)), ("dpo", (c_dpo, p_dpo))):
+        row = report["models"][name]
+        for key, records in (("answer_nll", sft_test), ("answer_nll_rag", rag_test)):
+            want = answer_nll(c, p, tok, records, seq_len=128)
+            assert row[key] == pytest.approx(want, rel=1e-5), (name, key)
+    # The implicit reward comes from the margins already scored; it equals scoring anew.
     want = preference_accuracy(c_dpo, p_dpo, tok, pref_test, seq_len=128,
                                reference=(c_sft, p_sft))
-    assert report["implicit_reward"] == pytest.approx(want)
+    assert report["implicit_reward"] == pytest.approx(want, abs=1e-4)
     assert report["models"]["dpo"]["preference"] == pytest.approx(
-        preference_accuracy(c_dpo, p_dpo, tok, pref_test, seq_len=128))
+        preference_accuracy(c_dpo, p_dpo, tok, pref_test, seq_len=128), abs=1e-4)
     answers = report["answers"]
     assert list(answers) == systems and all(len(a) == 3 for a in answers.values())
     refs = [r["completion"] for r in sft_test]
