@@ -67,7 +67,8 @@ def answer_and_score(config, params, tokenizer, prompt_sets: Mapping[str, Sequen
     Every prompt is run once: a scored example whose prompt ids are those of a generated
     prompt (a held-out question and its reference answer, a preference pair on the same
     question) is scored from that generation's own prefill; the others go through
-    `score_continuations`, one prompt pass for all of a prompt's completions.
+    `score_continuations`, one prompt pass for all of a prompt's completions. A completion
+    that several examples give for the same prompt is scored once.
 
     Args:
       config, params, tokenizer, prompt_sets: as in `generate_answers`.
@@ -88,9 +89,9 @@ def answer_and_score(config, params, tokenizer, prompt_sets: Mapping[str, Sequen
     rows = {}
     for i, p in enumerate(ids):
         rows.setdefault(tuple(p), i)
-    gen_conts = [[] for _ in ids]
+    gen_conts = [{} for _ in ids]  # continuation -> its position among the row's
     only_prompts, only_conts, only_rows = [], [], {}
-    placed = {}  # (set, example) -> (True if generated, prompt index, first continuation)
+    placed = {}  # (set, example) -> (True if generated, prompt index, continuation positions)
     for set_name, score_set in score_sets.items():
         for j, ex in enumerate(score_set.examples):
             key = tuple(int(t) for t in ex.prompt)
@@ -100,10 +101,15 @@ def answer_and_score(config, params, tokenizer, prompt_sets: Mapping[str, Sequen
                 if key not in only_rows:
                     only_rows[key] = len(only_prompts)
                     only_prompts.append(list(key))
-                    only_conts.append([])
+                    only_conts.append({})
                 conts, where = only_conts[only_rows[key]], (False, only_rows[key])
-            placed[set_name, j] = (*where, len(conts))
-            conts.extend([int(t) for t in c] for c in ex.completions)
+            # An answer that two sets share for one prompt (a reference that is also the
+            # chosen answer) is scored once.
+            placed[set_name, j] = (*where, [conts.setdefault(tuple(int(t) for t in c),
+                                                             len(conts))
+                                            for c in ex.completions])
+    gen_conts = [[list(c) for c in row] for row in gen_conts]
+    only_conts = [[list(c) for c in row] for row in only_conts]
     score_gen = any(gen_conts)
     texts, gen_scores = [], []
     if flat:
@@ -122,10 +128,10 @@ def answer_and_score(config, params, tokenizer, prompt_sets: Mapping[str, Sequen
     scores = {}
     for set_name, score_set in score_sets.items():
         got = []
-        for j, ex in enumerate(score_set.examples):
-            generated, index, first = placed[set_name, j]
+        for j in range(len(score_set.examples)):
+            generated, index, positions = placed[set_name, j]
             row = (gen_scores if generated else only_scores)[index]
-            got.append(tuple(row[first:first + len(ex.completions)]))
+            got.append(tuple(row[k] for k in positions))
         scores[set_name] = got
     return answers, scores
 

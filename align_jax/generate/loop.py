@@ -132,8 +132,21 @@ def _record(state: SamplingState, tokens_B, logprobs_B, stop_ids_E) -> SamplingS
         seen_BV=seen_BV)
 
 
+def _resize_slots(cache, slots: int):
+    """The cache cut or zero-padded (empty slots) to `slots` slots."""
+    have = cache["segment_ids"].shape[1]
+    if have >= slots:
+        return {**{n: cache[n][:, :, :slots] for n in ("k", "v")},
+                "segment_ids": cache["segment_ids"][:, :slots], "index": cache["index"]}
+    pad = slots - have
+    return {**{n: jnp.pad(cache[n], [(0, 0), (0, 0), (0, pad)] + [(0, 0)] * (cache[n].ndim - 3))
+               for n in ("k", "v")},
+            "segment_ids": jnp.pad(cache["segment_ids"], ((0, 0), (0, pad))),
+            "index": cache["index"]}
+
+
 def _continuation_logps(decoder, params, config: ModelConfig, h_last_BD, w_DV, cache, next_pos_B,
-                        cont_BKA, cont_mask_BKA) -> jax.Array:
+                        cont_BKA, cont_mask_BKA, *, prompt_len: int) -> jax.Array:
     """log p(continuation | prompt) [B, K] for K right-padded continuations of each prompt.
 
     Each continuation extends a copy of the prompt's cache: its first token is scored by the
@@ -142,6 +155,9 @@ def _continuation_logps(decoder, params, config: ModelConfig, h_last_BD, w_DV, c
     """
     _, k, a = cont_BKA.shape
     chunk = logprobs_lib.resolve_vocab_chunk(config.vocab_size, 0)
+    # The extension's own copy of the cache holds exactly the prompt and the continuation:
+    # the generation's decode slots would only add attention work (or be too few).
+    cache = _resize_slots(cache, prompt_len + a)
     sums = []
     for j in range(k):
         tokens_BA, mask_BA = cont_BKA[:, j], cont_mask_BKA[:, j]
@@ -194,7 +210,7 @@ def _prefill(params, tokens_BT, positions_BT, segment_ids_BT, active_B, sampler,
     if cont_BKA is not None:
         state = state.replace(continuation_logps_BK=_continuation_logps(
             decoder, params, config, h_BTD[:, -1], w_DV, cache, state.next_pos_B, cont_BKA,
-            cont_mask_BKA))
+            cont_mask_BKA, prompt_len=t))
     tokens_B, logprobs_B = sampling.sample(logits_BV, sampler, flags, step=state.step,
                                            seen_BV=seen_BV)
     return _record(state, tokens_B, logprobs_B, stop_ids_E)
@@ -295,11 +311,15 @@ def _check_finite(logprobs_BM, lengths_B, rows, indices) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class _Continuations:
-    """Continuations to score, one tuple of token-id lists per prompt, laid out as [K, A]."""
+    """Continuations to score, one list of token-id lists per prompt.
+
+    A batch lays its rows' continuations out as [B, K, A]: K the most continuations of one
+    of its rows, A its longest continuation rounded up to CONTINUATION_ROUND. `sort_key`
+    groups prompts with alike (K, A) into the same batches (within a prompt bucket), so
+    little of the extension is padding.
+    """
 
     items: list[list[list[int]]]
-    k: int  # most continuations of one prompt
-    a: int  # padded continuation length (a multiple of CONTINUATION_ROUND)
 
     @classmethod
     def make(cls, continuations, n_prompts: int, prompts, *, max_len: int, vocab_size: int):
@@ -323,18 +343,23 @@ class _Continuations:
                                      f"{max_len}")
                 row.append(c)
             items.append(row)
-        longest = max((len(c) for row in items for c in row), default=1)
-        return cls(items=items, k=max(1, max(map(len, items), default=1)),
-                   a=-(-longest // CONTINUATION_ROUND) * CONTINUATION_ROUND)
+        return cls(items=items)
+
+    def sort_key(self) -> list[tuple[int, int]]:
+        return [(len(row), max(map(len, row), default=0)) for row in self.items]
 
     def arrays(self, batch: prompt_batches.PromptBatch, pad_id: int):
         """([B, K, A] tokens, [B, K, A] bool mask) for a batch's rows (filler rows empty)."""
+        rows = [self.items[i] for i in batch.indices]
+        k = max(1, max(map(len, rows), default=1))
+        longest = max((len(c) for row in rows for c in row), default=1)
+        a = -(-longest // CONTINUATION_ROUND) * CONTINUATION_ROUND
         b = len(batch.active_B)
-        tokens = np.full((b, self.k, self.a), pad_id, np.int32)
-        mask = np.zeros((b, self.k, self.a), bool)
-        for row, i in enumerate(batch.indices):
-            for j, c in enumerate(self.items[i]):
-                tokens[row, j, :len(c)], mask[row, j, :len(c)] = c, True
+        tokens = np.full((b, k, a), pad_id, np.int32)
+        mask = np.zeros((b, k, a), bool)
+        for r, row in enumerate(rows):
+            for j, c in enumerate(row):
+                tokens[r, j, :len(c)], mask[r, j, :len(c)] = c, True
         return tokens, mask
 
 
@@ -470,7 +495,8 @@ def generate_stream(config: ModelConfig, params, prompts: Sequence[Sequence[int]
     cont = None if continuations is None else _Continuations.make(
         continuations, len(prompts), prompts, max_len=max_len, vocab_size=config.vocab_size)
     batches, params = _plan(config, params, prompts, batch_size=batch_size,
-                            cap=max_len - shape_budget, mesh=mesh, rules=rules)
+                            cap=max_len - shape_budget, mesh=mesh, rules=rules,
+                            order_key=cont.sort_key() if cont is not None else None)
     run = dict(max_new_tokens=max_new_tokens, shape_budget=shape_budget, sampler_kw=sampler_kw,
                stop_ids=_stop_ids(config, tokenizer, stop_token_ids, ignore_eos),
                stop_strings=stop_strings, tokenizer=tokenizer, chunk=max(1, int(chunk_size)),
@@ -479,10 +505,11 @@ def generate_stream(config: ModelConfig, params, prompts: Sequence[Sequence[int]
     return _stream(config, params, batches, seed=seed, seeds=seeds, run=run)
 
 
-def _plan(config, params, prompts, *, batch_size, cap, mesh, rules):
+def _plan(config, params, prompts, *, batch_size, cap, mesh, rules, order_key=None):
     """(left-padded batches, params placed on the mesh or the default device)."""
     pad_id = config.pad_token_id if config.pad_token_id is not None else 0
-    batches = prompt_batches.plan_batches(prompts, batch_size=batch_size, cap=cap, pad_id=pad_id)
+    batches = prompt_batches.plan_batches(prompts, batch_size=batch_size, cap=cap, pad_id=pad_id,
+                                          order_key=order_key)
     if batches:
         if mesh is None:
             params = jax.device_put(params)
@@ -499,10 +526,10 @@ def _batch_size(n_prompts: int, batch_size: int | None, mesh, rules) -> int:
     return -(-max(int(batch_size), 1) // shards) * shards
 
 
-def _cache_len(t: int, shape_budget: int, cont) -> int:
-    # The last drawn token is never fed back, so generation needs T + budget - 1 slots;
-    # scored continuations extend the prompt's cache by up to A slots.
-    return t + max(shape_budget - 1, cont.a if cont is not None else 0, 0)
+def _cache_len(t: int, shape_budget: int) -> int:
+    # The last drawn token is never fed back, so generation needs T + budget - 1 slots.
+    # (Scored continuations pad their own copy of the cache when they need more.)
+    return t + max(shape_budget - 1, 0)
 
 
 def score_continuations(config: ModelConfig, params, prompts: Sequence[Sequence[int]],
@@ -533,7 +560,7 @@ def score_continuations(config: ModelConfig, params, prompts: Sequence[Sequence[
                                vocab_size=config.vocab_size)
     batch_size = _batch_size(len(prompts), batch_size, mesh, rules)
     batches, params = _plan(config, params, prompts, batch_size=batch_size,
-                            cap=max_len - 1, mesh=mesh, rules=rules)
+                            cap=max_len - 1, mesh=mesh, rules=rules, order_key=cont.sort_key())
     sampler_kw = sampling.settings_arrays(len(prompts), temperature=0.0, top_k=0, top_p=1.0,
                                           min_p=0.0, repetition_penalty=1.0)
     stop_ids = _stop_ids(config, None, (), True)
@@ -545,7 +572,7 @@ def score_continuations(config: ModelConfig, params, prompts: Sequence[Sequence[
                                       row_seeds=([0] * len(batch.indices), list(batch.indices)),
                                       stop_ids=stop_ids, cont=cont, mesh=mesh, rules=rules)
             state = jit_prefill(params, *args, config=config, flags=flags, max_new_tokens=1,
-                                cache_len=_cache_len(batch.tokens_BT.shape[1], 1, cont),
+                                cache_len=_cache_len(batch.tokens_BT.shape[1], 1),
                                 mesh=mesh, rules=rules)
             pending.append((batch, state.continuation_logps_BK))
     # One host sync at the end: the batches were all dispatched first.
@@ -564,7 +591,7 @@ def _stream(config, params, batches, *, seed, seeds, run) -> Iterator[Completion
             row_seeds = ([int(seeds[i]) for i in batch.indices], [0] * len(batch.indices))
         else:
             row_seeds = ([int(seed)] * len(batch.indices), list(batch.indices))
-        cache_len = _cache_len(batch.tokens_BT.shape[1], run["shape_budget"], run["cont"])
+        cache_len = _cache_len(batch.tokens_BT.shape[1], run["shape_budget"])
         yield from _run_batch(config, params, batch, cache_len=cache_len,
                               row_seeds=row_seeds, **run)
 

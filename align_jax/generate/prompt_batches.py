@@ -69,7 +69,8 @@ def bucket_length(n: int, *, cap: int, min_bucket: int = MIN_BUCKET) -> int:
 
 
 def plan_batches(prompts: Sequence[Sequence[int]], *, batch_size: int, cap: int,
-                 pad_id: int = 0, min_bucket: int = MIN_BUCKET) -> list[PromptBatch]:
+                 pad_id: int = 0, min_bucket: int = MIN_BUCKET,
+                 order_key: Sequence | None = None) -> list[PromptBatch]:
     """Sorts prompts by length and lays them out as left-padded batches of `batch_size` rows.
 
     Args:
@@ -77,10 +78,18 @@ def plan_batches(prompts: Sequence[Sequence[int]], *, batch_size: int, cap: int,
       batch_size: rows per batch (filler rows complete the last batch).
       cap: the longest padded prompt length allowed (max_len - max_new_tokens).
       pad_id: token id written in pad slots (never attended).
+      order_key: optional, one sortable value per prompt: prompts are then sorted by their
+        padded length first and by this key within it, so batches hold alike rows (e.g.
+        rows whose scored continuations are alike in number and length).
     Returns:
       the batches, shortest prompts first.
     """
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    if order_key is None:
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    else:
+        order = sorted(range(len(prompts)), key=lambda i: (
+            bucket_length(len(prompts[i]), cap=cap, min_bucket=min_bucket), order_key[i],
+            len(prompts[i])))
     batches = []
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]

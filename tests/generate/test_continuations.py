@@ -15,7 +15,7 @@ from test_loop import BASE
 from test_loop import CONFIGS as LOOP_CONFIGS
 
 from align_jax import sharding
-from align_jax.generate import generate, score_continuations
+from align_jax.generate import generate, prompt_batches, score_continuations
 from align_jax.losses import logprobs
 from align_jax.models import transformer
 
@@ -91,9 +91,26 @@ def test_generate_scores_from_its_prefill_and_text_is_unchanged(models):
     alone = score_continuations(cfg, params, PROMPTS, CONTINUATIONS, batch_size=4)
     for got, want in zip(scored.continuation_logps, alone):
         np.testing.assert_allclose(got, want, atol=1e-5)
-    # A continuation longer than the generation budget (19 > 6) still fit the cache.
+    # A continuation longer than the generation budget (19 > 6) got a longer copy of the
+    # cache; with a budget of 40 the extension uses a cut copy. Same scores either way.
     np.testing.assert_allclose(scored.continuation_logps[1], _references(cfg, params)[1],
                                atol=2e-4)
+    longer = generate(cfg, params, PROMPTS, max_new_tokens=40, batch_size=4,
+                      continuations=CONTINUATIONS)
+    for got, want in zip(longer.continuation_logps, alone):
+        np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_batches_group_alike_continuations():
+    """Within a prompt bucket, rows are ordered by (number, longest) of their continuations,
+    so a batch's [K, A] layout is mostly real tokens; without a key, by prompt length."""
+    prompts = [[1] * n for n in (3, 5, 4, 6, 20)]
+    key = [(1, 30), (2, 5), (1, 4), (2, 40), (1, 1)]
+    batches = prompt_batches.plan_batches(prompts, batch_size=2, cap=64, order_key=key)
+    # 3-6 tokens share the 16 bucket, 20 tokens is alone in the 32 bucket.
+    assert [b.indices for b in batches] == [(2, 0), (1, 3), (4,)]
+    plain = prompt_batches.plan_batches(prompts, batch_size=2, cap=64)
+    assert [b.indices for b in plain] == [(0, 2), (1, 3), (4,)]
 
 
 def test_sharded_scores_equal_single_device(models):
