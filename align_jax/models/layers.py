@@ -228,7 +228,13 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x_BTD, sin_cos, mask_BTS, segment_ids_BT, kv_cache=None,
-                 cache_index=None):
+                 cache_index=None, layer=None):
+        """Returns (y [B, T, D], the updated cache or None).
+
+        `kv_cache` is the whole stacked cache {"k", "v": [L, B, S, K, H]}; this call writes its
+        keys/values at [layer, :, cache_index] (in place when the cache is a scan carry or a
+        donated buffer) and attends over that layer's slice.
+        """
         cfg = self.config
         d, n, k, h = cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         q_BTNH = self._proj("q", x_BTD, (d, n, h), (axes.EMBED, axes.HEADS, axes.HEAD_DIM),
@@ -245,12 +251,16 @@ class Attention(nn.Module):
             k_BSKH, v_BSKH, new_cache = k_BTKH, v_BTKH, None
         else:
             # Write this call's keys/values at the shared slot index (prompts are left-padded).
-            k_BSKH = jax.lax.dynamic_update_slice_in_dim(
-                kv_cache["k"], k_BTKH.astype(kv_cache["k"].dtype), cache_index, axis=1)
-            v_BSKH = jax.lax.dynamic_update_slice_in_dim(
-                kv_cache["v"], v_BTKH.astype(kv_cache["v"].dtype), cache_index, axis=1)
-            new_cache = {"k": k_BSKH, "v": v_BSKH}
-            k_BSKH, v_BSKH = k_BSKH.astype(cfg.dtype), v_BSKH.astype(cfg.dtype)
+            zero = jnp.zeros((), jnp.int32)
+            start = (jnp.asarray(layer, jnp.int32), zero, jnp.asarray(cache_index, jnp.int32),
+                     zero, zero)
+            new_cache = {
+                name: jax.lax.dynamic_update_slice(
+                    kv_cache[name], new_BTKH.astype(kv_cache[name].dtype)[None], start)
+                for name, new_BTKH in (("k", k_BTKH), ("v", v_BTKH))}
+            k_BSKH, v_BSKH = (
+                jax.lax.dynamic_index_in_dim(new_cache[name], layer, axis=0, keepdims=False)
+                .astype(cfg.dtype) for name in ("k", "v"))
         out_BTNH = attend(cfg, q_BTNH, k_BSKH, v_BSKH, mask_BTS,
                           segment_ids_BT if kv_cache is None else None)
         o = param_with_axes(self, "o_proj", _kernel_init(cfg.init_std), (n, h, d),

@@ -44,16 +44,20 @@ class Block(nn.Module):
     lora_dropout: float = 0.0
 
     @nn.compact
-    def __call__(self, x_BTD, sin_cos, mask_BTS, segment_ids_BT, cache_index, kv_cache):
+    def __call__(self, carry, sin_cos, mask_BTS, segment_ids_BT, cache_index, layer):
+        """One layer. `carry` is (x [B, T, D], the whole stacked KV cache or None); the cache
+        is carried through the layer scan and this layer's new keys/values are written into
+        it in place (at [layer, :, cache_index]), so a decode step never copies the cache."""
         cfg = self.config
+        x_BTD, kv_cache = carry
         h_BTD = layers.RMSNorm(cfg, name="attn_norm")(x_BTD)
-        h_BTD, new_cache = layers.Attention(cfg, self.lora_dropout, name="attn")(
-            h_BTD, sin_cos, mask_BTS, segment_ids_BT, kv_cache, cache_index)
+        h_BTD, kv_cache = layers.Attention(cfg, self.lora_dropout, name="attn")(
+            h_BTD, sin_cos, mask_BTS, segment_ids_BT, kv_cache, cache_index, layer)
         x_BTD = x_BTD + checkpoint_name(h_BTD, "attn_out")
         h_BTD = checkpoint_name(layers.RMSNorm(cfg, name="mlp_norm")(x_BTD), "mlp_in")
         h_BTD = layers.MLP(cfg, self.lora_dropout, name="mlp")(h_BTD)
         x_BTD = sharding.constrain(x_BTD + h_BTD, (axes.BATCH, axes.SEQ, axes.EMBED))
-        return x_BTD, new_cache
+        return (x_BTD, kv_cache), None
 
 
 def positions_from_segments(segment_ids_BT: jax.Array) -> jax.Array:
@@ -117,7 +121,11 @@ class Decoder(nn.Module):
             mask_BTS = layers.attention_mask(q_slot_T, k_slot_S, segment_ids_BT, k_seg_BS,
                                              window=cfg.sliding_window)
             kv = {"k": cache["k"], "v": cache["v"]}
-        x_BTD, new_kv = self.layers(x_BTD, sin_cos, mask_BTS, segment_ids_BT, index, kv)
+        # The cache rides in the scan's carry (updated in place), not as per-layer xs/ys: a
+        # scanned cache would come back as a freshly stacked copy on every decode step.
+        layer_L = jnp.arange(cfg.num_layers, dtype=jnp.int32)
+        (x_BTD, new_kv), _ = self.layers((x_BTD, kv), sin_cos, mask_BTS, segment_ids_BT, index,
+                                         layer_L)
         new_cache = None
         if cache is not None:
             new_cache = {"k": new_kv["k"], "v": new_kv["v"], "segment_ids": k_seg_BS,
