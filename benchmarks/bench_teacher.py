@@ -12,8 +12,9 @@ each configuration in a fresh process:
 Every run uses `make demo`'s SDG settings (the small-teacher numbered-list question template,
 3 questions per chunk, 128-token budgets). Then the decode step in float32 vs bfloat16 weights
 (4 rows, 64 new tokens, compiled first), and a profile of one float32 decode step: the whole
-step with 128, 512 and 2,048 cache slots (attention reads every allocated slot), the same
-without the unembedding, and the unembedding alone.
+step with 128, 512 and 2,048 cache slots (attention reads every allocated slot; the donated
+cache is updated in place, one slot per layer), the same without the unembedding, and the
+unembedding alone.
 
     python benchmarks/bench_teacher.py [--max_chunks 3]
 """
