@@ -26,8 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from align_jax import axes, sharding
+from align_jax.generate import continuations as continuations_lib
 from align_jax.generate import prompt_batches, sampling, stop
-from align_jax.losses import logprobs as logprobs_lib
 from align_jax.models import transformer
 from align_jax.models.config import ModelConfig
 
@@ -36,11 +36,6 @@ from align_jax.models.config import ModelConfig
 _TRACES: collections.Counter = collections.Counter()
 
 DEFAULT_STOP_CHUNK = 32
-# Scored continuations are padded to a multiple of this: one compiled shape per call, with
-# less padding than a power of two (an evaluation's calls all share one longest answer).
-CONTINUATION_ROUND = 16
-
-
 def trace_counts() -> dict[str, int]:
     """How many times prefill and decode have been traced (compiled) in this process."""
     return dict(_TRACES)
@@ -132,51 +127,6 @@ def _record(state: SamplingState, tokens_B, logprobs_B, stop_ids_E) -> SamplingS
         seen_BV=seen_BV)
 
 
-def _resize_slots(cache, slots: int):
-    """The cache cut or zero-padded (empty slots) to `slots` slots."""
-    have = cache["segment_ids"].shape[1]
-    if have >= slots:
-        return {**{n: cache[n][:, :, :slots] for n in ("k", "v")},
-                "segment_ids": cache["segment_ids"][:, :slots], "index": cache["index"]}
-    pad = slots - have
-    return {**{n: jnp.pad(cache[n], [(0, 0), (0, 0), (0, pad)] + [(0, 0)] * (cache[n].ndim - 3))
-               for n in ("k", "v")},
-            "segment_ids": jnp.pad(cache["segment_ids"], ((0, 0), (0, pad))),
-            "index": cache["index"]}
-
-
-def _continuation_logps(decoder, params, config: ModelConfig, h_last_BD, w_DV, cache, next_pos_B,
-                        cont_BKA, cont_mask_BKA, *, prompt_len: int) -> jax.Array:
-    """log p(continuation | prompt) [B, K] for K right-padded continuations of each prompt.
-
-    Each continuation extends a copy of the prompt's cache: its first token is scored by the
-    prompt's last hidden state, the rest by the continuation's own hidden states, so the
-    prompt is run once for all K (and for the generation that follows).
-    """
-    _, k, a = cont_BKA.shape
-    chunk = logprobs_lib.resolve_vocab_chunk(config.vocab_size, 0)
-    # The extension's own copy of the cache holds exactly the prompt and the continuation:
-    # the generation's decode slots would only add attention work (or be too few).
-    cache = _resize_slots(cache, prompt_len + a)
-    sums = []
-    for j in range(k):
-        tokens_BA, mask_BA = cont_BKA[:, j], cont_mask_BKA[:, j]
-        positions_BA = next_pos_B[:, None] + jnp.arange(a, dtype=jnp.int32)[None]
-        h_BAD, _ = decoder.apply({"params": params}, tokens_BA, positions_BA,
-                                 mask_BA.astype(jnp.int32), cache,
-                                 method=transformer.Decoder.hidden)
-        # The hidden state before each continuation token scores it.
-        h_BAD = jnp.concatenate([h_last_BD[:, None], h_BAD[:, :-1]], axis=1)
-        if chunk:
-            logps_BA = logprobs_lib.chunked_token_logps(h_BAD, w_DV, tokens_BA, chunk_size=chunk)
-        else:
-            logits_BAV = jnp.einsum("BAD,DV->BAV", h_BAD, w_DV,
-                                    preferred_element_type=jnp.float32)
-            logps_BA = logprobs_lib.token_logps(logits_BAV, tokens_BA)
-        sums.append(jnp.sum(jnp.where(mask_BA, logps_BA, 0.0), axis=-1))
-    return jnp.stack(sums, axis=1)
-
-
 def _prefill(params, tokens_BT, positions_BT, segment_ids_BT, active_B, sampler, stop_ids_E,
              cont_BKA=None, cont_mask_BKA=None, *, config: ModelConfig,
              flags: sampling.SamplingFlags, max_new_tokens: int, cache_len: int, mesh,
@@ -208,7 +158,7 @@ def _prefill(params, tokens_BT, positions_BT, segment_ids_BT, active_B, sampler,
         lengths_B=jnp.zeros((b,), jnp.int32), done_B=~active_B,
         stopped_B=jnp.zeros((b,), bool), seen_BV=seen_BV)
     if cont_BKA is not None:
-        state = state.replace(continuation_logps_BK=_continuation_logps(
+        state = state.replace(continuation_logps_BK=continuations_lib.continuation_logps(
             decoder, params, config, h_BTD[:, -1], w_DV, cache, state.next_pos_B, cont_BKA,
             cont_mask_BKA, prompt_len=t))
     tokens_B, logprobs_B = sampling.sample(logits_BV, sampler, flags, step=state.step,
@@ -309,60 +259,6 @@ def _check_finite(logprobs_BM, lengths_B, rows, indices) -> None:
                 f"{at}: the model's weights (or its config) hold NaN or inf")
 
 
-@dataclasses.dataclass(frozen=True)
-class _Continuations:
-    """Continuations to score, one list of token-id lists per prompt.
-
-    A batch lays its rows' continuations out as [B, K, A]: K the most continuations of one
-    of its rows, A its longest continuation rounded up to CONTINUATION_ROUND. `sort_key`
-    groups prompts with alike (K, A) into the same batches (within a prompt bucket), so
-    little of the extension is padding.
-    """
-
-    items: list[list[list[int]]]
-
-    @classmethod
-    def make(cls, continuations, n_prompts: int, prompts, *, max_len: int, vocab_size: int):
-        if len(continuations) != n_prompts:
-            raise ValueError(f"continuations has {len(continuations)} entries for {n_prompts} "
-                             "prompts")
-        items = []
-        for i, conts in enumerate(continuations):
-            row = []
-            for j, c in enumerate(conts):
-                c = [int(t) for t in c]
-                if not c:
-                    raise ValueError(f"continuation {j} of prompt {i} is empty")
-                bad = [t for t in c if not 0 <= t < vocab_size]
-                if bad:
-                    raise ValueError(f"continuation {j} of prompt {i} has token id {bad[0]} "
-                                     f"outside [0, {vocab_size})")
-                if len(prompts[i]) + len(c) > max_len:
-                    raise ValueError(f"prompt {i} ({len(prompts[i])} tokens) and its "
-                                     f"continuation {j} ({len(c)} tokens) exceed max_len="
-                                     f"{max_len}")
-                row.append(c)
-            items.append(row)
-        return cls(items=items)
-
-    def sort_key(self) -> list[tuple[int, int]]:
-        return [(len(row), max(map(len, row), default=0)) for row in self.items]
-
-    def arrays(self, batch: prompt_batches.PromptBatch, pad_id: int):
-        """([B, K, A] tokens, [B, K, A] bool mask) for a batch's rows (filler rows empty)."""
-        rows = [self.items[i] for i in batch.indices]
-        k = max(1, max(map(len, rows), default=1))
-        longest = max((len(c) for row in rows for c in row), default=1)
-        a = -(-longest // CONTINUATION_ROUND) * CONTINUATION_ROUND
-        b = len(batch.active_B)
-        tokens = np.full((b, k, a), pad_id, np.int32)
-        mask = np.zeros((b, k, a), bool)
-        for r, row in enumerate(rows):
-            for j, c in enumerate(row):
-                tokens[r, j, :len(c)], mask[r, j, :len(c)] = c, True
-        return tokens, mask
-
-
 def _prepare(config, params, batch: prompt_batches.PromptBatch, *, sampler_kw, row_seeds,
              stop_ids, cont, mesh, rules):
     """Device arrays for one batch's prefill: (prefill args, sampler, flags)."""
@@ -381,12 +277,6 @@ def _prepare(config, params, batch: prompt_batches.PromptBatch, *, sampler_kw, r
     stop_ids = jax.device_put(stop_ids, None if mesh is None else sharding.replicated(mesh))
     args = (*arrays[:5], stop_ids, *arrays[5:])
     return args, arrays[4], flags
-
-
-def _row_scores(cont, scores_BK, batch, row) -> tuple[float, ...] | None:
-    if cont is None:
-        return None
-    return tuple(float(x) for x in scores_BK[row, :len(cont.items[batch.indices[row]])])
 
 
 def _run_batch(config, params, batch: prompt_batches.PromptBatch, *, max_new_tokens, shape_budget,
@@ -423,7 +313,7 @@ def _run_batch(config, params, batch: prompt_batches.PromptBatch, *, max_new_tok
                 toks, lps = tokens_BM[row, :n], logprobs_BM[row, :n]
                 cut = stop.cut_at_stop(toks, lambda ids: _decode_text(tokenizer, ids),
                                        stop_strings) if stop_strings else None
-                scores = _row_scores(cont, scores_BK, batch, row)
+                scores = continuations_lib.row_scores(cont, scores_BK, batch, row)
                 if cut is not None:
                     m, text = cut
                     done = _finish(tokenizer, batch.indices[row], toks[:m], lps[:m], "stop",
@@ -492,7 +382,7 @@ def generate_stream(config: ModelConfig, params, prompts: Sequence[Sequence[int]
     # A larger shape never pushes the longest prompt out of the cache.
     longest = max((len(p) for p in prompts), default=1)
     shape_budget = max(max_new_tokens, min(shape_budget, max_len - longest))
-    cont = None if continuations is None else _Continuations.make(
+    cont = None if continuations is None else continuations_lib.Continuations.make(
         continuations, len(prompts), prompts, max_len=max_len, vocab_size=config.vocab_size)
     batches, params = _plan(config, params, prompts, batch_size=batch_size,
                             cap=max_len - shape_budget, mesh=mesh, rules=rules,
@@ -556,8 +446,8 @@ def score_continuations(config: ModelConfig, params, prompts: Sequence[Sequence[
     max_len = int(max_len or config.max_position)
     prompts = prompt_batches.validate_prompts(prompts, max_new_tokens=1, max_len=max_len,
                                               vocab_size=config.vocab_size)
-    cont = _Continuations.make(continuations, len(prompts), prompts, max_len=max_len,
-                               vocab_size=config.vocab_size)
+    cont = continuations_lib.Continuations.make(continuations, len(prompts), prompts,
+                                                max_len=max_len, vocab_size=config.vocab_size)
     batch_size = _batch_size(len(prompts), batch_size, mesh, rules)
     batches, params = _plan(config, params, prompts, batch_size=batch_size,
                             cap=max_len - 1, mesh=mesh, rules=rules, order_key=cont.sort_key())
@@ -579,7 +469,7 @@ def score_continuations(config: ModelConfig, params, prompts: Sequence[Sequence[
     for batch, scores_BK in pending:
         scores_BK = np.asarray(jax.device_get(scores_BK))
         for row in range(len(batch.indices)):
-            out[batch.indices[row]] = _row_scores(cont, scores_BK, batch, row)
+            out[batch.indices[row]] = continuations_lib.row_scores(cont, scores_BK, batch, row)
     return out
 
 
