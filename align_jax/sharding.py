@@ -184,6 +184,43 @@ def run_init(init, rng: jax.Array, abstract_tree: Any, *, mesh: Mesh | None = No
     options = {"xla_backend_optimization_level": 0}
     return jitted.lower(rng).compile(compiler_options=options)(rng)
 
+def put(tree: Any, shardings: Any) -> Any:
+    """Host values (the same on every process) onto `shardings`, in one process or many.
+
+    In one process this is `jax.device_put`. Across processes jax only places host data that
+    it can check is equal everywhere (a collective per array), and not arrays already committed
+    to a local device; here each process supplies its own devices' slices of its (equal) host
+    copy, with no check, as `load_hf` does for checkpoints. PRNG key arrays are placed through
+    their key data. Arrays already spread over several processes are resharded by
+    `jax.device_put`. `shardings` is one sharding for every leaf or a matching tree.
+    """
+    if jax.process_count() == 1:
+        return jax.device_put(tree, shardings)
+
+    def one(x, s):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return jax.device_put(x, s)
+        if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            return jax.random.wrap_key_data(one(jax.random.key_data(x), s),
+                                            impl=jax.random.key_impl(x))
+        host = np.asarray(x)
+        return jax.make_array_from_callback(host.shape, s, lambda index: host[index])
+    if isinstance(shardings, jax.sharding.Sharding):
+        return jax.tree.map(lambda x: one(x, shardings), tree)
+    return jax.tree.map(one, tree, shardings)
+
+
+def fetch(tree: Any) -> Any:
+    """Numpy copies of jax arrays on every process, also of arrays spread over several
+    processes (gathered first; a collective that every process must call)."""
+    def one(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            from jax.experimental import multihost_utils
+            return multihost_utils.process_allgather(x, tiled=True)
+        return x
+    return jax.device_get(jax.tree.map(one, tree))
+
+
 def batch_sharding(mesh: Mesh, rules: str | Rules, ndim: int = 2) -> NamedSharding:
     """Sharding of a [B, ...] input batch: batch split, everything else replicated."""
     return named_sharding((axes.BATCH,) + (None,) * (ndim - 1), mesh, rules)

@@ -255,3 +255,100 @@ def test_settings_from_arguments_environment_and_defaults():
         distributed.resolve(environ={"ALIGN_JAX_NUM_PROCESSES": "x"})
     with pytest.raises(distributed.DistributedError, match="process_id=4 with num_processes=4"):
         distributed.resolve(environ={**env, "ALIGN_JAX_PROCESS_ID": "4"})
+
+
+# Sampled generation, generation with scored continuations and score_continuations on a
+# data x fsdp mesh: prompts and sampler state go onto devices of both processes, results come
+# back gathered to every process.
+GENERATE = """
+import json, os, sys
+import jax
+import numpy as np
+if int(os.environ.get("NPROC", "1")) > 1:
+    jax.distributed.initialize(os.environ["COORD"], num_processes=2,
+                               process_id=int(os.environ["PID"]))
+from align_jax import sharding
+from align_jax.generate import generate, score_continuations
+from align_jax.models import transformer
+from align_jax.models.config import get_config
+cfg = get_config("tiny", vocab_size=300, max_position=128)
+mesh = sharding.make_mesh(sharding.MeshSpec(data=-1, fsdp=2))
+params = sharding.put(transformer.init_params(cfg, jax.random.key(0)),
+                      sharding.tree_shardings(transformer.abstract_params(cfg), mesh, "fsdp"))
+rng = np.random.default_rng(0)
+prompts = [rng.integers(3, 300, size=int(rng.integers(3, 20))).tolist() for _ in range(13)]
+out = generate(cfg, params, prompts, max_new_tokens=6, temperature=0.7, seed=3, mesh=mesh,
+               rules="fsdp", continuations=[[[5, 6, 7]] for _ in prompts])
+scores = score_continuations(cfg, params, prompts, [[[5, 6, 7], [8]] for _ in prompts],
+                             mesh=mesh, rules="fsdp")
+json.dump({"tokens": out.tokens, "logprobs": out.logprobs,
+           "continuations": out.continuation_logps, "scores": scores},
+          open(sys.argv[1] + "." + os.environ.get("PID", "one") + ".json", "w"))
+"""
+
+
+def test_generation_on_two_processes_equals_one_process(tmp_path):
+    script = tmp_path / "generate.py"
+    script.write_text(GENERATE)
+    out = str(tmp_path / "out")
+    port = _free_port()
+    procs = [subprocess.Popen([sys.executable, str(script), out], cwd=ROOT, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              env=_env(4, NPROC=2, PID=i, COORD=f"127.0.0.1:{port}"))
+             for i in range(2)]
+    res = subprocess.run([sys.executable, str(script), out], cwd=ROOT, env=_env(8),
+                         capture_output=True, text=True, timeout=TIMEOUT)
+    assert res.returncode == 0, res.stderr[-3000:]
+    for rc, err in _wait(procs):
+        assert rc == 0, err[-3000:]
+    one = json.loads(open(out + ".one.json").read())
+    for pid in (0, 1):
+        two = json.loads(open(f"{out}.{pid}.json").read())
+        assert two["tokens"] == one["tokens"], pid
+        for key in ("logprobs", "continuations", "scores"):
+            for a, b in zip(two[key], one[key]):
+                np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=key)
+
+
+@pytest.mark.slow
+def test_sami_recipe_on_two_processes_equals_one_process(tmp_path):
+    """The SAMI recipe (sample, train, MI bound) through the real CLI on 2 x 4 devices."""
+    import jax
+
+    from align_jax.models.config import get_config
+    from align_jax.models.hf import save_hf
+    from align_jax.models.transformer import init_params
+    from align_jax.tokenizer_training import train_tokenizer
+    base = tmp_path / "base"
+    lines = [x for x in (ROOT / "examples" / "values_document.md").read_text().splitlines() if x]
+    tok = train_tokenizer(lines, base, vocab_size=400)
+    cfg = get_config("tiny", vocab_size=tok.vocab_size, bos_token_id=tok.bos_id,
+                     eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
+    save_hf(cfg, init_params(cfg, jax.random.key(0)), str(base))
+
+    def cmd(out, flag):
+        params = [f"HF_CHECKPOINT='{base}'", "sami.sami.num_iterations=1",
+                  "sami.sami.max_new_tokens=8", "sami.sami.progress=False"]
+        return [sys.executable, "-m", "align_jax.cli", "run",
+                "--gin_file=configs/runs/sami_recipe_tiny.gin", f"--output_dir={out}",
+                *flag, *[f"--gin_param={p}" for p in params]]
+    port = _free_port()
+    procs = [subprocess.Popen(cmd(tmp_path / "two", ["--distributed"]), cwd=ROOT, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              env=_env(4, ALIGN_JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+                                       ALIGN_JAX_NUM_PROCESSES=2, ALIGN_JAX_PROCESS_ID=i,
+                                       ALIGN_JAX_INIT_TIMEOUT=300))
+             for i in range(2)]
+    res = subprocess.run(cmd(tmp_path / "one", []), cwd=ROOT, env=_env(8), capture_output=True,
+                         text=True, timeout=TIMEOUT)
+    assert res.returncode == 0, res.stderr[-3000:]
+    for rc, err in _wait(procs):
+        assert rc == 0, err[-3000:]
+    # The same samples (the generation), the same training and the same bound.
+    data = "iter_1/data.jsonl"
+    assert (tmp_path / "two" / data).read_text() == (tmp_path / "one" / data).read_text()
+    two, one = (json.loads((tmp_path / d / "report.json").read_text())["iterations"]
+                for d in ("two", "one"))
+    for a, b in zip(two, one):
+        np.testing.assert_allclose(a["mi_bound"], b["mi_bound"], atol=1e-5)
+        np.testing.assert_allclose(a["params_checksum"], b["params_checksum"], rtol=1e-6)

@@ -221,7 +221,7 @@ def _place(tree, mesh, rules):
     """Puts [B, ...] host arrays on the mesh, batch axis sharded (or on the default device)."""
     if mesh is None:
         return jax.device_put(tree)
-    return jax.tree.map(lambda x: jax.device_put(x, sharding.named_sharding(
+    return jax.tree.map(lambda x: sharding.put(x, sharding.named_sharding(
         (axes.BATCH,) + (None,) * (np.ndim(x) - 1), mesh, rules, shape=np.shape(x))), tree)
 
 
@@ -274,7 +274,8 @@ def _prepare(config, params, batch: prompt_batches.PromptBatch, *, sampler_kw, r
     pad_id = config.pad_token_id if config.pad_token_id is not None else 0
     scored = cont.arrays(batch, pad_id) if cont is not None else ()
     arrays = _place((*host, *scored), mesh, rules)
-    stop_ids = jax.device_put(stop_ids, None if mesh is None else sharding.replicated(mesh))
+    stop_ids = (jax.device_put(stop_ids) if mesh is None
+                else sharding.put(stop_ids, sharding.replicated(mesh)))
     args = (*arrays[:5], stop_ids, *arrays[5:])
     return args, arrays[4], flags
 
@@ -301,7 +302,7 @@ def _run_batch(config, params, batch: prompt_batches.PromptBatch, *, max_new_tok
             state = jit_decode(params, state, sampler, stop_ids, jnp.int32(end),
                                config=config, flags=flags, mesh=mesh, rules=rules)
             # The one host sync per chunk.
-            step, done_B, stopped_B, lengths_B, tokens_BM, logprobs_BM, scores = jax.device_get(
+            step, done_B, stopped_B, lengths_B, tokens_BM, logprobs_BM, scores = sharding.fetch(
                 (state.step, state.done_B, state.stopped_B, state.lengths_B, state.tokens_BM,
                  state.logprobs_BM, state.continuation_logps_BK if scores_BK is None else None))
             scores_BK = scores if scores_BK is None else scores_BK
@@ -337,7 +338,7 @@ def _run_batch(config, params, batch: prompt_batches.PromptBatch, *, max_new_tok
             if newly_done and pending:
                 done_B = np.array(done_B)
                 done_B[newly_done] = True
-                state = state.replace(done_B=jax.device_put(done_B, state.done_B.sharding))
+                state = state.replace(done_B=sharding.put(done_B, state.done_B.sharding))
 
 
 def generate_stream(config: ModelConfig, params, prompts: Sequence[Sequence[int]], *,
@@ -404,7 +405,7 @@ def _plan(config, params, prompts, *, batch_size, cap, mesh, rules, order_key=No
         if mesh is None:
             params = jax.device_put(params)
         else:
-            params = jax.device_put(params, sharding.tree_shardings(
+            params = sharding.put(params, sharding.tree_shardings(
                 transformer.abstract_params(config), mesh, rules))
     return batches, params
 
@@ -467,7 +468,7 @@ def score_continuations(config: ModelConfig, params, prompts: Sequence[Sequence[
             pending.append((batch, state.continuation_logps_BK))
     # One host sync at the end: the batches were all dispatched first.
     for batch, scores_BK in pending:
-        scores_BK = np.asarray(jax.device_get(scores_BK))
+        scores_BK = np.asarray(sharding.fetch(scores_BK))
         for row in range(len(batch.indices)):
             out[batch.indices[row]] = continuations_lib.row_scores(cont, scores_BK, batch, row)
     return out

@@ -73,7 +73,7 @@ def _place_params(params, mesh: Mesh):
         s = getattr(x, "sharding", None)
         if isinstance(s, NamedSharding) and s.mesh == mesh:
             return x
-        return jax.device_put(x, sharding.replicated(mesh))
+        return sharding.put(x, sharding.replicated(mesh))
     return jax.tree.map(one, params)
 
 
@@ -124,7 +124,7 @@ def score_examples(score_fn: Callable[[Any, dict], Any], params: Any, examples: 
     def fetch():
         nonlocal out
         idx, scored = pending.popleft()
-        rows = np.asarray(jax.device_get(scored))[:len(idx)]
+        rows = np.asarray(sharding.fetch(scored))[:len(idx)]
         if out is None:
             out = np.zeros((len(examples),) + rows.shape[1:], rows.dtype)
         out[idx] = rows
@@ -135,7 +135,7 @@ def score_examples(score_fn: Callable[[Any, dict], Any], params: Any, examples: 
         batch = build([examples[i] for i in idx], batch_size=batch_size, seq_len=t,
                       pad_id=pad_id)
         if batch_put is not None:
-            batch = jax.device_put(batch, batch_put)
+            batch = sharding.put(batch, batch_put)
         with sharding.use_mesh(mesh, rules):
             pending.append((idx, jitted(params, batch)))  # dispatched; runs asynchronously
         if len(pending) > 2:
