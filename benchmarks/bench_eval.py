@@ -15,6 +15,8 @@ Side by side in one process:
       where the prompt is a generated one, by `score_continuations` otherwise), retrieval,
       generation, BLEU, ROUGE,
       BERTScore (a tiny local BERT, or --bertscore-model) and the report files.
+`--teacher-forced off` leaves the held-out NLL and preferences out of (b) (the papers'
+evaluation alone: generated answers, reference metrics); `both` times (b) each way.
 overhead = (b - a) / a, in wall and in CPU seconds (user + sys of the process: the better
 guide on a machine shared with other jobs). (b) runs twice: the first run also compiles the
 scorers (a fixed cost per process and shape); the second is the steady state. The breakdown
@@ -223,6 +225,10 @@ def main(argv=None):
                              "BERT; all-minilm-l6-v2 with --model)")
     parser.add_argument("--distinct-pref-prompts", action="store_true",
                         help="preference pairs on prompts that are not the held-out questions")
+    parser.add_argument("--teacher-forced", choices=("on", "off", "both"), default="on",
+                        help="(b) with the teacher-forced held-out scores (answer NLL, "
+                             "preferences), without them (the generated-answer evaluation "
+                             "alone), or both, one after the other")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
     args = parser.parse_args(argv)
 
@@ -261,18 +267,22 @@ def main(argv=None):
         gen_traces = {k: v - before.get(k, 0) for k, v in trace_counts().items()}
         del loaded
 
-        # (b) the whole evaluation, twice: cold (scorers compile) and steady.
+        # (b) the whole evaluation, twice per mode: cold (scorers compile) and steady.
+        modes = ("off", "on") if args.teacher_forced == "both" else (args.teacher_forced,)
         runs = []
-        for run in ("first", "steady"):
-            out_dir = os.path.join(base, f"report_{run}")
-            os.makedirs(out_dir)
-            seconds = collections.defaultdict(lambda: np.zeros(2))
-            with timed_components(seconds) as background, compile_seconds() as comp:
-                t0 = _clock()
-                report = report_lib.evaluate_models(out_dir, **kw)
-                total = _clock() - t0
-            assert report["answers"] == answers, "evaluate_models answered differently"
-            runs.append((run, total, seconds, comp, background))
+        for mode in modes:
+            for run in ("first", "steady"):
+                out_dir = os.path.join(base, f"report_{mode}_{run}")
+                os.makedirs(out_dir)
+                seconds = collections.defaultdict(lambda: np.zeros(2))
+                with timed_components(seconds) as background, compile_seconds() as comp:
+                    t0 = _clock()
+                    report = report_lib.evaluate_models(out_dir, **kw,
+                                                        teacher_forced=mode == "on")
+                    total = _clock() - t0
+                assert report["answers"] == answers, "evaluate_models answered differently"
+                runs.append((f"teacher-forced {mode}, {run}", total, seconds, comp,
+                             background))
 
         systems, n = 2 * len(models), args.questions
 
@@ -284,34 +294,38 @@ def main(argv=None):
         rows = [row(f"(a) generation alone ({label}, N={n}, S={systems}, "
                     f"new={args.max_new_tokens}, preference prompts: {prefs})", "what", gen)]
         for run, total, _, comp, _ in runs:
-            rows.append(row(f"(b) evaluate_models, {run} run (XLA compiles: {comp['count']}, "
+            rows.append(row(f"(b) evaluate_models, {run} (XLA compiles: {comp['count']}, "
                             f"{comp['seconds']:.1f} s)", "what", total))
-        _, total, seconds, _, background = runs[-1]
-        breakdown = [row(c + (" (host thread, during generation)" if c in background else ""),
-                         "component (steady run)", seconds[c]) for c in COMPONENTS]
-        breakdown.append(row("other", "component (steady run)",
-                             total - sum(seconds[c] for c in COMPONENTS if c not in background)))
         print(common.table(rows))
+        summary = {"questions": n, "systems": systems, "max_new_tokens": args.max_new_tokens,
+                   "distinct_pref_prompts": bool(args.distinct_pref_prompts)}
+        breakdowns = []
+        for name, total, seconds, _, background in runs:
+            overhead = (total - gen) / gen
+            summary.update({f"overhead ({name}) {k}": float(overhead[i])
+                            for i, k in enumerate(("wall", "cpu"))})
+            if not name.endswith("steady"):
+                continue
+            key = f"component ({name} run)"
+            breakdown = [row(c + (" (host thread, during generation)" if c in background
+                                  else ""), key, seconds[c]) for c in COMPONENTS]
+            breakdown.append(row("other", key, total - sum(
+                seconds[c] for c in COMPONENTS if c not in background)))
+            print()
+            print(common.table(breakdown))
+            breakdowns += breakdown
+            # The same within (b): everything but generation over (b)'s own generation time
+            # (insensitive to the machine's load changing between (a) and (b)). With the
+            # teacher-forced scores on, (b)'s generation also scores the completions of its
+            # own prompts, so this understates their cost; (b - a) / a is the measure.
+            inside = (total - seconds["generation"]) / seconds["generation"]
+            summary.update({f"overhead within ({name}) {k}": float(inside[i])
+                            for i, k in enumerate(("wall", "cpu"))})
         print()
-        print(common.table(breakdown))
-        overhead = {r: (t - gen) / gen for r, t, _, _, _ in runs}
-        # The same within (b): everything but generation over (b)'s own generation time
-        # (insensitive to the machine's load changing between (a) and (b)). Since the
-        # prefill-shared scoring, (b)'s generation also scores the completions of its own
-        # prompts, so this understates the overhead; (b - a) / a is the measure.
-        inside = (total - seconds["generation"]) / seconds["generation"]
-        print(f"\noverhead (b - a) / a, wall | CPU: first run {overhead['first'][0]:+.1%} | "
-              f"{overhead['first'][1]:+.1%}, steady run {overhead['steady'][0]:+.1%} | "
-              f"{overhead['steady'][1]:+.1%}; within the steady run, (b - its generation) / "
-              f"its generation: {inside[0]:+.1%} | {inside[1]:+.1%}; generation traces in "
-              f"(a)'s warm-up: {gen_traces}")
-        common.save("eval", rows + breakdown + [{
-            "questions": n, "systems": systems, "max_new_tokens": args.max_new_tokens,
-            "distinct_pref_prompts": bool(args.distinct_pref_prompts),
-            **{f"overhead_{r}_{k}": float(v[i]) for r, v in overhead.items()
-               for i, k in enumerate(("wall", "cpu"))},
-            "overhead_within_steady_wall": float(inside[0]),
-            "overhead_within_steady_cpu": float(inside[1])}])
+        for k, v in summary.items():
+            print(f"{k}: {v:+.1%}" if k.startswith("overhead") else f"{k}: {v}")
+        print(f"generation traces in (a)'s warm-up: {gen_traces}")
+        common.save("eval", rows + breakdowns + [summary])
     finally:
         if args.keep:
             print(f"kept {base}")

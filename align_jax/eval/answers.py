@@ -262,7 +262,8 @@ def evaluate_generation(models: Mapping[str, tuple], tokenizer, records: Sequenc
 
 def metric_table(report: Mapping) -> tuple[list[str], list[list]]:
     """(header, rows) of the papers' table: one row per system, reference metrics, NLL and
-    preference accuracy (of the system's model; NLL with the passage for RAG systems)."""
+    preference accuracy (of the system's model; NLL with the passage for RAG systems; both
+    columns left out when no model was scored teacher-forced)."""
     header = ["system", "BLEU", "ROUGE-1", "ROUGE-2", "ROUGE-L", "ROUGE-Lsum", "BERTScore P",
               "BERTScore R", "BERTScore F1", "answer NLL", "preference accuracy"]
     rows = []
@@ -276,4 +277,6 @@ def metric_table(report: Mapping) -> tuple[list[str], list[list]]:
                      m.get("bertscore_precision", np.nan), m.get("bertscore_recall", np.nan),
                      m.get("bertscore_f1", np.nan), nll.get("nll_per_token", np.nan),
                      mrow.get("preference", {}).get("accuracy", np.nan)])
+    if not any(report.get("models", {}).values()):
+        header, rows = header[:-2], [r[:-2] for r in rows]
     return header, rows

@@ -35,7 +35,8 @@ def eval_main(*, output_dir: str, models: Mapping[str, str], sft_test: str | Non
               bertscore_model: str | None = "all-minilm-l6-v2", judge: str | None = None,
               judge_template: str = "relative", judge_kwargs: Mapping | None = None,
               judge_systems: tuple[str, ...] | None = None,
-              mesh: sharding.MeshSpec | None = None, rules: str = "fsdp") -> int:
+              mesh: sharding.MeshSpec | None = None, rules: str = "fsdp",
+              teacher_forced: bool = True) -> int:
     """Scores every model (name -> HF dir; all share the first model's tokenizer).
 
     Args:
@@ -55,6 +56,9 @@ def eval_main(*, output_dir: str, models: Mapping[str, str], sft_test: str | Non
       judge_systems: systems the judge compares (default all).
       mesh, rules: device mesh (default: every device, as `align-jax train`) and sharding
         preset: the models are loaded onto it and scored and generated over it.
+      teacher_forced: also score the held-out records teacher-forced (answer NLL,
+        preference accuracy); False keeps only the generated-answer evaluation, which costs
+        the generation plus a few percent (see `evaluate_models`).
     """
     if not models:
         raise ValueError("eval_main.models is empty: map names to checkpoint dirs")
@@ -76,7 +80,7 @@ def eval_main(*, output_dir: str, models: Mapping[str, str], sft_test: str | Non
                                  judge_template=judge_template, judge_kwargs=judge_kwargs,
                                  judge_systems=judge_systems,
                                  mesh=sharding.make_mesh(mesh or sharding.MeshSpec()),
-                                 rules=rules)
+                                 rules=rules, teacher_forced=teacher_forced)
         if distributed.is_main():
             atomic_write_json(os.path.join(output_dir, "report.json"), report)
             print(open(os.path.join(output_dir, "report.md")).read())

@@ -39,9 +39,13 @@ def _metrics(path: str) -> list[dict]:
 
 
 def plot_overview(out_dir: str, report: Mapping, stages: Mapping[str, str]) -> str:
-    """report.png: training loss per stage, held-out answer NLL and preference accuracy."""
+    """report.png: training loss per stage, held-out answer NLL and preference accuracy
+    (the loss alone when the models were not scored teacher-forced)."""
     plt = _pyplot()
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    names = [n for n, row in report["models"].items() if row]  # scored teacher-forced
+    fig, axes = plt.subplots(1, 3 if names else 1, figsize=(15 if names else 6, 4),
+                             squeeze=False)
+    axes = axes[0]
     for folder, label in stages.items():
         rows = [r for r in _metrics(os.path.join(out_dir, folder, "metrics.jsonl")) if "loss" in r]
         if rows:
@@ -50,7 +54,9 @@ def plot_overview(out_dir: str, report: Mapping, stages: Mapping[str, str]) -> s
                 ylabel="loss (nats / token; DPO: nats / pair)")
     if axes[0].lines:
         axes[0].legend(title="stage")
-    names = list(report["models"])
+    if not names:
+        fig.tight_layout()
+        return _save(fig, os.path.join(out_dir, "report.png"))
     nll = [report["models"][n]["answer_nll"]["nll_per_token"] for n in names]
     rag = [report["models"][n].get("answer_nll_rag", {}).get("nll_per_token", np.nan)
            for n in names]

@@ -56,7 +56,7 @@ def evaluate_models(out_dir: str, *, models: Mapping[str, str], tokenizer, sft_t
                     bertscore_model="all-minilm-l6-v2", judge=None,
                     judge_template: str = "relative", judge_kwargs: Mapping | None = None,
                     judge_systems: Sequence[str] | None = None, mesh=None,
-                    rules: str = "fsdp") -> dict:
+                    rules: str = "fsdp", teacher_forced: bool = True) -> dict:
     """Scores each model (name -> HF dir) on the held-out records and writes the report.
 
     Args:
@@ -80,6 +80,11 @@ def evaluate_models(out_dir: str, *, models: Mapping[str, str], tokenizer, sft_t
         may only afford a few).
       mesh, rules: a jax Mesh: the models are loaded onto it and scoring (the shared scorer)
         and generation are sharded over it, with the `rules` preset, as in training.
+      teacher_forced: also score the held-out records teacher-forced (answer NLL with and
+        without RAG, preference accuracy, DPO's implicit reward). They share the generation's
+        prompt passes but cost a forward over every scored answer token: on a CPU ~20-30% of
+        the generation (benchmarks/RESULTS.md); False leaves the papers' evaluation
+        (generated answers, reference metrics, judge) at the generation plus a few percent.
     Returns:
       The report dict.
     """
@@ -93,9 +98,11 @@ def evaluate_models(out_dir: str, *, models: Mapping[str, str], tokenizer, sft_t
     # passes of its own answers (a prompt that is not a question is run once for all of its
     # completions): `answer_and_score`.
     fmt = dict(tokenizer=tokenizer, seq_len=seq_len)
-    sets = {"answer_nll": ScoreSet.make(sft_test, kind="sft", **fmt),
-            "preference": ScoreSet.make(pref_test, kind="preference", **fmt)}
-    rag_set = ScoreSet.make(rag_test, kind="sft", **fmt) if rag_test is not None else None
+    sets = ({"answer_nll": ScoreSet.make(sft_test, kind="sft", **fmt),
+             "preference": ScoreSet.make(pref_test, kind="preference", **fmt)}
+            if teacher_forced else {})
+    rag_set = (ScoreSet.make(rag_test, kind="sft", **fmt)
+               if rag_test is not None and teacher_forced else None)
     loaded, score_sets = {}, {}
     for name, path in models.items():
         # Laid out on the mesh once, by the preset: scoring and generation both use it.
@@ -105,10 +112,11 @@ def evaluate_models(out_dir: str, *, models: Mapping[str, str], tokenizer, sft_t
             score_sets[name]["answer_nll_rag"] = rag_set
     t0 = time.perf_counter()
     systems = len(loaded) + sum(n in rag_models for n in loaded) * (rag_questions is not None)
+    scored = (f" and score {len(sets['answer_nll'].examples)} reference answers"
+              f"{' (and with RAG)' if rag_set is not None else ''} and "
+              f"{len(sets['preference'].examples)} preference pairs" if sets else "")
     _say(f"generating: {systems} systems answer {len(questions)} questions (greedy, at most "
-         f"{max_new_tokens} new tokens) and score {len(sets['answer_nll'].examples)} reference "
-         f"answers{' (and with RAG)' if rag_set is not None else ''} and "
-         f"{len(sets['preference'].examples)} preference pairs; then BLEU, ROUGE, BERTScore")
+         f"{max_new_tokens} new tokens){scored}; then BLEU, ROUGE, BERTScore")
     gen = evaluate_generation(loaded, tokenizer, questions, rag_records=rag_questions,
                               rag_models=rag_models, max_new_tokens=max_new_tokens,
                               bertscore_model=(load_bertscore_model(bertscore_model)
@@ -116,13 +124,16 @@ def evaluate_models(out_dir: str, *, models: Mapping[str, str], tokenizer, sft_t
                               mesh=mesh, rules=rules, score_sets=score_sets, say=_say)
     margins = {}
     for name, got in gen["scores"].items():
+        if not sets:
+            report["models"][name] = {}
+            continue
         margins[name] = sets["preference"].summary(got["preference"])
         row = {"answer_nll": sets["answer_nll"].summary(got["answer_nll"]),
                "preference": margin_summary(*margins[name])}
         if "answer_nll_rag" in got:
             row["answer_nll_rag"] = rag_set.summary(got["answer_nll_rag"])
         report["models"][name] = row
-    if reference is not None and all(n in loaded for n in reference):
+    if reference is not None and all(n in margins for n in reference):
         # DPO's implicit reward from the margins already scored: log-ratio differences.
         (policy, skipped), (ref, _) = margins[reference[0]], margins[reference[1]]
         report["implicit_reward"] = margin_summary(policy - ref, skipped)
@@ -213,16 +224,31 @@ def _write_markdown(out_dir, report, prompts, reference, refs):
         lines += [f"Every system answers the same {s['questions']} held-out questions "
                   f"({s['decoding']} decoding, at most {s['max_new_tokens']} new tokens); "
                   f"answers are scored against the reference answers. BLEU is corpus "
-                  f"SacreBLEU (0-100); ROUGE and BERTScore are mean F-measures (0-1). "
-                  f"Answer NLL is per answer token (lower is better; RAG rows with the "
-                  f"passage in the prompt); preference accuracy is the model's.", "",
+                  f"SacreBLEU (0-100); ROUGE and BERTScore are mean F-measures (0-1)."
+                  + (" Answer NLL is per answer token (lower is better; RAG rows with the "
+                     "passage in the prompt); preference accuracy is the model's."
+                     if "answer NLL" in header else ""), "",
                   "| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
         lines += ["| " + " | ".join(_fmt(x) for x in r) + " |" for r in rows]
-        lines += ["", "Pictures: metrics.png (reference metrics), report.png (training curves, "
-                      "NLL, preference accuracy)."]
+        lines += ["", "Pictures: metrics.png (reference metrics), report.png (training curves"
+                      + (", NLL, preference accuracy)." if "answer NLL" in header else ").")]
     if "win_rates" in report:
         lines += _win_rate_lines(report["win_rates"])
-    lines += ["", "## Teacher-forced scores per model", "",
+    if not any(report["models"].values()):
+        lines += ["", "Teacher-forced scores (answer NLL, preference accuracy) were not "
+                      "computed (teacher_forced=False)."]
+    else:
+        lines += _teacher_forced_lines(report, reference)
+    for i, p in enumerate(prompts):
+        lines += ["", f"## Sample {i + 1}: {p}", "", "| system | answer |", "|---|---|",
+                  f"| *reference* | {_cell(refs[i])} |"]
+        for name, texts in report["samples"].items():
+            lines.append(f"| {name} | {_cell(texts[i])} |")
+    atomic_write(os.path.join(out_dir, "report.md"), "\n".join(lines) + "\n")
+
+
+def _teacher_forced_lines(report, reference) -> list[str]:
+    lines = ["", "## Teacher-forced scores per model", "",
               "Held-out records (never trained on). NLL is per answer token; preference "
               "accuracy is how often log p(chosen) > log p(rejected).", "",
               "| model | answer NLL | answer NLL + RAG | preference accuracy | mean margin |",
@@ -242,12 +268,7 @@ def _write_markdown(out_dir, report, prompts, reference, refs):
     if first is not None:
         lines += ["", f"{first['answer_nll']['examples']} held-out SFT records, "
                       f"{first['preference']['examples']} held-out preference pairs."]
-    for i, p in enumerate(prompts):
-        lines += ["", f"## Sample {i + 1}: {p}", "", "| system | answer |", "|---|---|",
-                  f"| *reference* | {_cell(refs[i])} |"]
-        for name, texts in report["samples"].items():
-            lines.append(f"| {name} | {_cell(texts[i])} |")
-    atomic_write(os.path.join(out_dir, "report.md"), "\n".join(lines) + "\n")
+    return lines
 
 
 def _cell(text: str) -> str:

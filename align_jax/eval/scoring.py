@@ -66,9 +66,14 @@ class ScoreSet:
             m = np.asarray([s[0] - s[1] for s in sums], np.float64)
             return m, self.skipped
         tokens = sum(len(e.completions[0]) for e in self.examples)
-        nll = -float(sum(s[0] for s in sums)) / max(float(tokens), 1.0)
-        return {"nll_per_token": nll, "perplexity": float(np.exp(min(nll, 50.0))),
-                "examples": len(self.examples), "skipped": self.skipped}
+        return _nll_summary(float(sum(s[0] for s in sums)), tokens, len(self.examples),
+                            self.skipped)
+
+
+def _nll_summary(logp: float, tokens: float, examples: int, skipped: int) -> dict:
+    nll = -logp / max(float(tokens), 1.0)
+    return {"nll_per_token": nll, "perplexity": float(np.exp(min(nll, 50.0))),
+            "examples": examples, "skipped": skipped}
 
 
 def _examples(records, *, kind, tokenizer, seq_len):
@@ -96,10 +101,10 @@ def answer_nll(config: ModelConfig, params, tokenizer, records, *, seq_len: int,
     examples, skipped = _examples(records, kind="sft", tokenizer=tokenizer, seq_len=seq_len)
     sums = score_examples(bind(_sums, config), params, examples, build=_sft_batch,
                           seq_len=seq_len, batch_size=batch_size, mesh=mesh, rules=rules)
-    total = -float(sums[:, 0].sum()) if len(sums) else 0.0
-    nll = total / max(float(sums[:, 1].sum()) if len(sums) else 0.0, 1.0)
-    return {"nll_per_token": nll, "perplexity": float(np.exp(min(nll, 50.0))),
-            "examples": len(examples), "skipped": skipped}
+    if not len(sums):
+        return _nll_summary(0.0, 0.0, 0, skipped)
+    return _nll_summary(float(sums[:, 0].sum()), float(sums[:, 1].sum()), len(examples),
+                        skipped)
 
 
 def preference_margins(config: ModelConfig, params, tokenizer, records, *, seq_len: int,

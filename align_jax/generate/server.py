@@ -161,24 +161,27 @@ def _model_card(state: ServerState) -> dict:
 
 async def completions(request: fastapi.Request):
     """POST /v1/completions."""
-    state = _state(request)
-    authorize(state, request.headers)
-    raw = await read_body(request, state.max_body_bytes)
-    req, prompts, job = await asyncio.to_thread(prepare_completion, state, raw)
-    if req.stream:
-        return _stream_answer(state, req, prompts, job, chat=False)
-    return _answer(state, prompts, await _run(state, job, request), chat=False)
+    return await _complete(request, chat=False)
 
 
 async def chat_completions(request: fastapi.Request):
     """POST /v1/chat/completions."""
+    return await _complete(request, chat=True)
+
+
+async def _complete(request: fastapi.Request, *, chat: bool):
+    """Both endpoints: parse the body off the event loop, then stream or answer at once."""
     state = _state(request)
     authorize(state, request.headers)
     raw = await read_body(request, state.max_body_bytes)
-    req, ids, job = await asyncio.to_thread(prepare_chat, state, raw)
+    if chat:
+        req, ids, job = await asyncio.to_thread(prepare_chat, state, raw)
+        prompts = [ids]
+    else:
+        req, prompts, job = await asyncio.to_thread(prepare_completion, state, raw)
     if req.stream:
-        return _stream_answer(state, req, [ids], job, chat=True)
-    return _answer(state, [ids], await _run(state, job, request), chat=True)
+        return _stream_answer(state, req, prompts, job, chat=chat)
+    return _answer(state, prompts, await _run(state, job, request), chat=chat)
 
 
 async def tokenize(request: fastapi.Request):

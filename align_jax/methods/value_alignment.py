@@ -176,7 +176,8 @@ def value_alignment(*, output_dir: str, document: str, model: str | None = "tiny
                     bertscore_model: str | None = "all-minilm-l6-v2", judge: str | None = None,
                     judge_template: str = "relative",
                     judge_kwargs: Mapping[str, Any] | None = None,
-                    judge_systems: Sequence[str] | None = None) -> dict[str, Any]:
+                    judge_systems: Sequence[str] | None = None,
+                    teacher_forced: bool = True) -> dict[str, Any]:
     """Runs the whole method and its baselines; returns the report dict.
 
     Args:
@@ -215,6 +216,8 @@ def value_alignment(*, output_dir: str, document: str, model: str | None = "tiny
         `align_jax.eval.letter_judge`) for pairwise win rates; None skips them.
       judge_template, judge_kwargs: see `align_jax.eval.judge.win_rate_matrix`.
       judge_systems: systems the judge compares (default all), e.g. ("base", "sft+dpo").
+      teacher_forced: also score the held-out records teacher-forced (answer NLL,
+        preference accuracy, DPO's implicit reward); see `evaluate_models`.
     """
     out = os.path.abspath(output_dir)
     os.makedirs(out, exist_ok=True)
@@ -293,7 +296,8 @@ def value_alignment(*, output_dir: str, document: str, model: str | None = "tiny
         stages={"cft": "c-fine-tuned", "sft": "sft", "dpo": "sft+dpo"},
         num_questions=num_questions, bertscore_model=bertscore_model, judge=judge,
         judge_template=judge_template, judge_kwargs=judge_kwargs, judge_systems=judge_systems,
-        mesh=sharding.make_mesh(mesh or sharding.MeshSpec()), rules=rules)
+        mesh=sharding.make_mesh(mesh or sharding.MeshSpec()), rules=rules,
+        teacher_forced=teacher_forced)
     report["data_origin"] = origin
     extra = [f"Data: {origin}."]
     if sdg_summary is not None:

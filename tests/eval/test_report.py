@@ -168,3 +168,42 @@ def test_only_process_zero_writes_the_report(checkpoints, tmp_path, monkeypatch)
     assert written == ["metrics.png", "report.csv", "report.md", "report.png"]
     # Written atomically: no temporary files are left beside them.
     assert not [p for p in (tmp_path / "main").iterdir() if p.name.startswith(".")]
+
+
+def test_without_teacher_forced_scores(checkpoints, tmp_path, monkeypatch):
+    """teacher_forced=False: the same answers and reference metrics, no scoring pass at all,
+    and a report without the NLL and preference columns."""
+    models, tok = checkpoints
+    continuations, scored_alone = [], []
+    real = answers_lib.generate
+
+    def counting(config, params, prompts, **kw):
+        continuations.append(kw.get("continuations"))
+        return real(config, params, prompts, **kw)
+    monkeypatch.setattr(answers_lib, "generate", counting)
+    real_scoring = answers_lib.score_continuations
+
+    def counting_scoring(*a, **kw):
+        scored_alone.append(len(a[2]))
+        return real_scoring(*a, **kw)
+    monkeypatch.setattr(answers_lib, "score_continuations", counting_scoring)
+    sft_test = [{"prompt": "Must I report a near miss?", "completion": "Yes, the same day."},
+                {"prompt": "Gift?", "completion": "Refuse it."}]
+    pref_test = [{"prompt": "Cash?", "chosen": "Refuse it.", "rejected": "Keep it."}]
+    kw = dict(models=models, tokenizer=tok, sft_test=sft_test, pref_test=pref_test,
+              retriever=None, rag_models=(), seq_len=64, num_samples=1, max_new_tokens=3,
+              bertscore_model=None, reference=("dpo", "sft"), stages={"sft": "sft"})
+    off = evaluate_models(str(tmp_path / "off"), **kw, teacher_forced=False)
+    assert continuations == [None, None] and scored_alone == []
+    assert off["models"] == {"sft": {}, "dpo": {}} and "implicit_reward" not in off
+    on = evaluate_models(str(tmp_path / "on"), **kw)
+    assert scored_alone == [1, 1]  # with them: the preference prompt, per model
+    assert on["answers"] == off["answers"]
+    assert on["generation"]["metrics"] == off["generation"]["metrics"]
+    with open(tmp_path / "off" / "report.csv") as f:
+        header = next(csv.reader(f))
+    assert header[-1] == "BERTScore F1" and "answer NLL" not in header
+    md = (tmp_path / "off" / "report.md").read_text()
+    assert "not computed (teacher_forced=False)" in md and "Answer NLL" not in md
+    assert "## Teacher-forced scores" in (tmp_path / "on" / "report.md").read_text()
+    assert (tmp_path / "off" / "report.png").stat().st_size > 5_000
