@@ -313,18 +313,8 @@ def test_generation_on_two_processes_equals_one_process(tmp_path):
 @pytest.mark.slow
 def test_sami_recipe_on_two_processes_equals_one_process(tmp_path):
     """The SAMI recipe (sample, train, MI bound) through the real CLI on 2 x 4 devices."""
-    import jax
-
-    from align_jax.models.config import get_config
-    from align_jax.models.hf import save_hf
-    from align_jax.models.transformer import init_params
-    from align_jax.tokenizer_training import train_tokenizer
-    base = tmp_path / "base"
-    lines = [x for x in (ROOT / "examples" / "values_document.md").read_text().splitlines() if x]
-    tok = train_tokenizer(lines, base, vocab_size=400)
-    cfg = get_config("tiny", vocab_size=tok.vocab_size, bos_token_id=tok.bos_id,
-                     eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
-    save_hf(cfg, init_params(cfg, jax.random.key(0)), str(base))
+    from tiny_checkpoints import tiny_document_model
+    base = tiny_document_model(tmp_path / "base")
 
     def cmd(out, flag):
         params = [f"HF_CHECKPOINT='{base}'", "sami.sami.num_iterations=1",

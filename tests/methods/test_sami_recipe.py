@@ -5,27 +5,17 @@ import math
 import pathlib
 
 import gin
-import jax
 import pytest
+from tiny_checkpoints import tiny_document_model
 
 from align_jax import cli
-from align_jax.models.config import get_config
-from align_jax.models.hf import save_hf
-from align_jax.models.transformer import init_params
-from align_jax.tokenizer_training import train_tokenizer
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def _tiny_base(tmp_path):
     """A random tiny model with a tokenizer trained on the example document, saved as HF."""
-    base = tmp_path / "base"
-    lines = [x for x in (ROOT / "examples" / "values_document.md").read_text().splitlines() if x]
-    tok = train_tokenizer(lines, base, vocab_size=400)
-    cfg = get_config("tiny", vocab_size=tok.vocab_size, bos_token_id=tok.bos_id,
-                     eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
-    save_hf(cfg, init_params(cfg, jax.random.key(0)), str(base))
-    return base
+    return tiny_document_model(tmp_path / "base")
 
 
 def test_sami_iterations(tmp_path, monkeypatch):
