@@ -310,18 +310,11 @@ def test_generation_on_two_processes_equals_one_process(tmp_path):
                 np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=key)
 
 
-@pytest.mark.slow
-def test_sami_recipe_on_two_processes_equals_one_process(tmp_path):
-    """The SAMI recipe (sample, train, MI bound) through the real CLI on 2 x 4 devices."""
-    from tiny_checkpoints import tiny_document_model
-    base = tiny_document_model(tmp_path / "base")
-
+def _recipe_on_two_and_one(tmp_path, gin_file, params):
+    """`align-jax run` of a recipe on 2 processes x 4 devices and on 1 x 8: (two, one) dirs."""
     def cmd(out, flag):
-        params = [f"HF_CHECKPOINT='{base}'", "sami.sami.num_iterations=1",
-                  "sami.sami.max_new_tokens=8", "sami.sami.progress=False"]
-        return [sys.executable, "-m", "align_jax.cli", "run",
-                "--gin_file=configs/runs/sami_recipe_tiny.gin", f"--output_dir={out}",
-                *flag, *[f"--gin_param={p}" for p in params]]
+        return [sys.executable, "-m", "align_jax.cli", "run", f"--gin_file={gin_file}",
+                f"--output_dir={out}", *flag, *[f"--gin_param={p}" for p in params]]
     port = _free_port()
     procs = [subprocess.Popen(cmd(tmp_path / "two", ["--distributed"]), cwd=ROOT, text=True,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -334,11 +327,42 @@ def test_sami_recipe_on_two_processes_equals_one_process(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     for rc, err in _wait(procs):
         assert rc == 0, err[-3000:]
+    return tmp_path / "two", tmp_path / "one"
+
+
+@pytest.mark.slow
+def test_sami_recipe_on_two_processes_equals_one_process(tmp_path):
+    """The SAMI recipe (sample, train, MI bound) through the real CLI on 2 x 4 devices."""
+    from tiny_checkpoints import tiny_document_model
+    base = tiny_document_model(tmp_path / "base")
+    two, one = _recipe_on_two_and_one(
+        tmp_path, "configs/runs/sami_recipe_tiny.gin",
+        [f"HF_CHECKPOINT='{base}'", "sami.sami.num_iterations=1", "sami.sami.max_new_tokens=8",
+         "sami.sami.progress=False"])
     # The same samples (the generation), the same training and the same bound.
     data = "iter_1/data.jsonl"
-    assert (tmp_path / "two" / data).read_text() == (tmp_path / "one" / data).read_text()
-    two, one = (json.loads((tmp_path / d / "report.json").read_text())["iterations"]
-                for d in ("two", "one"))
-    for a, b in zip(two, one):
+    assert (two / data).read_text() == (one / data).read_text()
+    rows_two, rows_one = (json.loads((d / "report.json").read_text())["iterations"]
+                          for d in (two, one))
+    for a, b in zip(rows_two, rows_one):
         np.testing.assert_allclose(a["mi_bound"], b["mi_bound"], atol=1e-5)
         np.testing.assert_allclose(a["params_checksum"], b["params_checksum"], rtol=1e-6)
+
+
+@pytest.mark.slow
+def test_value_alignment_recipe_on_two_processes_equals_one_process(tmp_path):
+    """The main job (c-fine-tune, SFT, DPO, evaluation with RAG and BERTScore) on 2 x 4."""
+    steps = [f"value_alignment.value_alignment.{k}=2"
+             for k in ("cft_steps", "sft_steps", "dpo_steps")]
+    two, one = _recipe_on_two_and_one(
+        tmp_path, "configs/runs/value_alignment_tiny.gin",
+        [*steps, "value_alignment.value_alignment.max_new_tokens=4",
+         "value_alignment.value_alignment.progress=False"])
+    a, b = (json.loads((d / "report.json").read_text()) for d in (two, one))
+    assert a["answers"] == b["answers"]
+    for system, metrics in b["generation"]["metrics"].items():
+        assert a["generation"]["metrics"][system] == pytest.approx(metrics, rel=1e-5), system
+    for name, row in b["models"].items():
+        assert a["models"][name]["answer_nll"]["nll_per_token"] == pytest.approx(
+            row["answer_nll"]["nll_per_token"], rel=1e-5)
+        assert a["models"][name]["preference"] == pytest.approx(row["preference"], abs=1e-4)
