@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Issue 14's GPU figures, align_jax next to torch eager on the same device, in one run:
 # SFT and DPO steps of llama3_1b (8 x 2048 tokens, bf16 compute) under several attention and
-# remat settings, and greedy decode at batch 1 and 64. Each measurement runs in its own
+# remat settings, greedy decode at batch 1 and 64, and (issue 11) greedy answers with and
+# without 3 held-out answers scored from their prefill, batch 64. Each measurement runs in its own
 # process (JAX and torch never share one); the table goes to $OUT_DIR/report.md.
-#   bash benchmarks/gpu.sh            # the device run (< 6 minutes on an H200)
+#   bash benchmarks/gpu.sh            # the device run (< 6 minutes on an H200 before
+#                                     # jax-score was added; not yet run with it)
 #   bash benchmarks/gpu.sh --smoke    # tiny model and shapes: checks the script on a CPU
 # Needs only jax, flax, optax, orbax, numpy, torch and transformers.
 set -euo pipefail
@@ -45,6 +47,7 @@ bench jax-train --method sft --attention auto --remat none
 bench jax-train --method dpo --attention auto --remat none
 bench jax-decode --batch 1
 bench jax-decode --batch 64
+bench jax-score --batch 64
 if [[ "${WITH_XLA:-0}" == 1 ]]; then
   # The old default (fails to compile at 8 x 2048 on an H200: scores kept for every layer).
   bench jax-train --method sft --attention xla --remat dots

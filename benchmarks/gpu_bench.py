@@ -2,6 +2,7 @@
 
     python benchmarks/gpu_bench.py jax-train --method sft --attention auto --remat full
     python benchmarks/gpu_bench.py jax-decode --batch 64
+    python benchmarks/gpu_bench.py jax-score --batch 64   # issue 11: scores during generation
     python benchmarks/gpu_bench.py torch-train --method dpo
     python benchmarks/gpu_bench.py torch-decode --batch 1
     python benchmarks/gpu_bench.py report OUT_DIR        # results/*.json -> a markdown table
@@ -30,8 +31,10 @@ import numpy as np
 
 PEAK_FLOPS = 989e12
 HBM_BYTES_PER_S = 4.8e12
-FULL = dict(seq=2048, sft_batch=8, dpo_pairs=4, prompt=128, new=256, steps=8, warmup=2)
-SMOKE = dict(seq=64, sft_batch=2, dpo_pairs=1, prompt=8, new=8, steps=2, warmup=1)
+FULL = dict(seq=2048, sft_batch=8, dpo_pairs=4, prompt=128, new=256, steps=8, warmup=2,
+            eval_new=64, answer=40)
+SMOKE = dict(seq=64, sft_batch=2, dpo_pairs=1, prompt=8, new=8, steps=2, warmup=1,
+             eval_new=8, answer=6)
 SMOKE_MODEL = dict(vocab_size=512, embed_dim=64, num_layers=2, num_heads=4, num_kv_heads=2,
                    head_dim=16, mlp_dim=128)
 
@@ -160,6 +163,47 @@ def jax_decode(args, shape, sizes) -> dict:
     return _decode_record(shape, sizes, args.batch, dt, compile_s=compile_s)
 
 
+def jax_score(args, shape, sizes) -> dict:
+    """Issue 11's evaluation on a device: greedy answers (eval_new tokens) alone, then the same
+    generation also scoring 3 held-out answers per prompt (~`answer` tokens each) from its own
+    prefill, as `evaluate_models` does; the share is what the teacher-forced scores add."""
+    import jax
+
+    from align_jax.generate.loop import generate
+    from align_jax.models import transformer
+
+    config = _jax_config(shape, dtype="bfloat16", param_dtype="bfloat16",
+                         attention=args.attention, bos_token_id=None, eos_token_id=None)
+    params = transformer.init_params(config, jax.random.key(0))
+    rng = np.random.default_rng(1)
+    prompts = rng.integers(0, shape["vocab_size"], (args.batch, sizes["prompt"])).tolist()
+    lengths = (sizes["answer"] - 4, sizes["answer"], sizes["answer"] + 4)
+    answers = [[rng.integers(0, shape["vocab_size"], n).tolist() for n in lengths]
+               for _ in prompts]
+    new = sizes["eval_new"]
+
+    def run(continuations=None):
+        return generate(config, params, prompts, max_new_tokens=new, batch_size=args.batch,
+                        max_len=sizes["prompt"] + max(new, max(lengths)), ignore_eos=True,
+                        chunk_size=new, continuations=continuations)
+    seconds, compile_s = {}, 0.0
+    for name, conts in (("generation", None), ("scored", answers)):
+        t0 = time.perf_counter()
+        out = run(conts)
+        compile_s += time.perf_counter() - t0
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            out = run(conts)
+            times.append(time.perf_counter() - t0)
+        seconds[name] = min(times)
+    assert len(out.continuation_logps[0]) == 3
+    share = seconds["scored"] / seconds["generation"] - 1
+    return dict(tokens_per_s=args.batch * new / seconds["generation"],
+                generation_s=seconds["generation"], scored_s=seconds["scored"],
+                scoring_share=share, compile_s=compile_s)
+
+
 def _decode_record(shape, sizes, batch, seconds, **extra) -> dict:
     """Tokens/s and the bandwidth fraction (prefill included in the time, as users see it)."""
     d, h, f = shape["embed_dim"], shape["head_dim"], shape["mlp_dim"]
@@ -282,6 +326,11 @@ def report(out_dir: str) -> str:
             what = f"{r['method'].upper()} {r.get('attention', '')} remat {r.get('remat', '')}"
             base = torch_tps.get(r["method"])
             util = f"MFU {100 * r['mfu']:.1f}%" if "mfu" in r else ""
+        elif r["kind"] == "score":
+            what = (f"greedy answers + 3 scored answers, batch {r['batch']} (teacher-forced "
+                    f"scores: {100 * r['scoring_share']:+.1f}% of the generation)"
+                    if "scoring_share" in r else f"scored answers, batch {r['batch']}")
+            base, util = None, ""
         else:
             what = f"greedy decode, batch {r['batch']}"
             base = torch_dec.get(r["batch"])
@@ -299,6 +348,7 @@ def report(out_dir: str) -> str:
 
 
 COMMANDS = {"jax-train": ("jax", "train", jax_train), "jax-decode": ("jax", "decode", jax_decode),
+            "jax-score": ("jax", "score", jax_score),
             "torch-train": ("torch", "train", torch_train),
             "torch-decode": ("torch", "decode", torch_decode)}
 
