@@ -22,6 +22,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from align_jax import axes
@@ -215,7 +216,6 @@ def fetch(tree: Any) -> Any:
     processes (gathered first; a collective that every process must call)."""
     def one(x):
         if isinstance(x, jax.Array) and not x.is_fully_addressable:
-            from jax.experimental import multihost_utils
             return multihost_utils.process_allgather(x, tiled=True)
         return x
     return jax.device_get(jax.tree.map(one, tree))

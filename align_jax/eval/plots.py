@@ -54,33 +54,34 @@ def plot_overview(out_dir: str, report: Mapping, stages: Mapping[str, str]) -> s
                 ylabel="loss (nats / token; DPO: nats / pair)")
     if axes[0].lines:
         axes[0].legend(title="stage")
-    if not names:
-        fig.tight_layout()
-        return _save(fig, os.path.join(out_dir, "report.png"))
-    nll = [report["models"][n]["answer_nll"]["nll_per_token"] for n in names]
-    rag = [report["models"][n].get("answer_nll_rag", {}).get("nll_per_token", np.nan)
-           for n in names]
+    if names:
+        _held_out_panels(axes[1], axes[2], report["models"], names)
+    fig.tight_layout()
+    return _save(fig, os.path.join(out_dir, "report.png"))
+
+
+def _held_out_panels(ax_nll, ax_acc, models: Mapping, names: list[str]) -> None:
+    """Held-out answer NLL (plain and RAG) and preference accuracy per model."""
+    nll = [models[n]["answer_nll"]["nll_per_token"] for n in names]
+    rag = [models[n].get("answer_nll_rag", {}).get("nll_per_token", np.nan) for n in names]
     x = np.arange(len(names))
-    axes[1].bar(x - 0.2, nll, 0.4, label="question only")
-    axes[1].bar(x + 0.2, rag, 0.4, label="+ 1 retrieved chunk (RAG)")
-    axes[1].set(title="held-out answer NLL (lower is better)", xticks=x,
-                ylabel="nats / answer token")
-    axes[1].set_xticklabels(names, rotation=15)
-    axes[1].legend()
-    acc = np.array([report["models"][n]["preference"]["accuracy"] for n in names])
-    pairs = max(report["models"][n]["preference"].get("examples", 0) for n in names)
+    ax_nll.bar(x - 0.2, nll, 0.4, label="question only")
+    ax_nll.bar(x + 0.2, rag, 0.4, label="+ 1 retrieved chunk (RAG)")
+    ax_nll.set(title="held-out answer NLL (lower is better)", xticks=x,
+               ylabel="nats / answer token")
+    ax_nll.set_xticklabels(names, rotation=15)
+    ax_nll.legend()
+    acc = np.array([models[n]["preference"]["accuracy"] for n in names])
+    pairs = max(models[n]["preference"].get("examples", 0) for n in names)
     # Binomial standard error of each accuracy over the held-out pairs.
     err = np.sqrt(acc * (1 - acc) / pairs) if pairs else None
-    axes[2].bar(x, acc, 0.5, yerr=err, capsize=4,
-                label="log p(chosen) > log p(rejected), +- 1 s.e.")
-    axes[2].axhline(0.5, color="gray", linestyle="--", linewidth=1, label="chance")
-    axes[2].set(title=f"held-out preference accuracy ({pairs} pairs)", xticks=x, ylim=(0, 1),
-                ylabel="share of pairs")
-    axes[2].set_xticklabels(names, rotation=15)
-    axes[2].legend()
-    fig.tight_layout()
-    path = os.path.join(out_dir, "report.png")
-    return _save(fig, path)
+    ax_acc.bar(x, acc, 0.5, yerr=err, capsize=4,
+               label="log p(chosen) > log p(rejected), +- 1 s.e.")
+    ax_acc.axhline(0.5, color="gray", linestyle="--", linewidth=1, label="chance")
+    ax_acc.set(title=f"held-out preference accuracy ({pairs} pairs)", xticks=x, ylim=(0, 1),
+               ylabel="share of pairs")
+    ax_acc.set_xticklabels(names, rotation=15)
+    ax_acc.legend()
 
 
 def plot_metrics(path: str, metrics: Mapping[str, Mapping[str, float]]) -> str:

@@ -82,9 +82,10 @@ def evaluate_models(out_dir: str, *, models: Mapping[str, str], tokenizer, sft_t
         and generation are sharded over it, with the `rules` preset, as in training.
       teacher_forced: also score the held-out records teacher-forced (answer NLL with and
         without RAG, preference accuracy, DPO's implicit reward). They share the generation's
-        prompt passes but cost a forward over every scored answer token: on a CPU ~20-30% of
-        the generation (benchmarks/RESULTS.md); False leaves the papers' evaluation
-        (generated answers, reference metrics, judge) at the generation plus a few percent.
+        prompt passes but cost a forward over every scored answer token: on a CPU they add
+        ~11-15% to the generation of 1,000 questions x 8 systems (benchmarks/RESULTS.md);
+        False leaves the papers' evaluation (generated answers, reference metrics, judge)
+        at the generation plus ~4%.
     Returns:
       The report dict.
     """
