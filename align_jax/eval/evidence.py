@@ -190,6 +190,8 @@ def _expected(records: Sequence[Mapping]) -> list[str]:
 
 
 def _subset(values: np.ndarray, mask: np.ndarray, boot_for) -> dict:
+    # Accuracy on the questions of one expected answer: resampled among those questions
+    # alone (their count is fixed by the set, not a random share of each resample).
     return boot_for(int(mask.sum())).mean(values[mask]).interval().as_dict()
 
 
