@@ -75,8 +75,13 @@ COMPONENTS = {
     "scoring, prompts not generated": [(answers_lib, "score_continuations")],
     "retrieval": [(report_lib, "with_retrieval")],
     "generation": [(answers_lib, "generate")],
-    "BLEU": [(answers_lib, "bleu")],
-    "ROUGE": [(answers_lib, "rouge")],
+    # Per-sentence statistics and per-answer scores since the bootstrap intervals (the
+    # corpus values are computed from them); the names before, for older code.
+    "BLEU": [(answers_lib, "bleu_statistics"), (answers_lib, "bleu")],
+    "ROUGE": [(answers_lib, "rouge_scores"), (answers_lib, "rouge")],
+    "intervals and evidence": [(report_lib, "interval_table"), (report_lib, "replicates"),
+                               (report_lib, "preference_evidence"),
+                               (report_lib, "yes_no_evidence")],
     "BERTScore load": [(report_lib, "load_bertscore_model")],
     "BERTScore": [(answers_lib, "bertscore")],
     "report.md": [(report_lib, "_write_markdown")],

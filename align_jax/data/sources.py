@@ -96,7 +96,11 @@ _CHECKS = {
     "bool_list": (_is_bool_list, "a list of booleans"),
     "id": (lambda v: isinstance(v, (str, int)) and not isinstance(v, bool), "a string or int"),
     "responses": (_is_responses, "a list of strings or of token-id lists"),
+    "yes_no": (lambda v: isinstance(v, str) and v.strip().lower() in ("yes", "no"),
+               '"yes" or "no"'),
 }
+# Checks whose message shows the bad value itself (a wrong word, not a wrong type).
+_SHOW_VALUE = {"yes_no"}
 
 # schema -> alternatives, each a dict field -> check; a record must match one alternative.
 SCHEMAS: dict[str, tuple[dict[str, str], ...]] = {
@@ -113,6 +117,9 @@ SCHEMAS: dict[str, tuple[dict[str, str], ...]] = {
     # In-memory SAMI examples: one query, C constitution texts, C responses (text or token ids),
     # response j sampled under constitution j.
     "sami": ({"prompt": "text", "constitutions": "str_list", "responses": "responses"},),
+    # Yes/no held-out questions (answer correctness read from a generated answer's opening);
+    # optional `pair_id` (minimal pairs whose answers flip) and `section` ride along.
+    "yes_no": ({"question": "text", "answer": "yes_no"},),
 }
 
 
@@ -150,8 +157,10 @@ def validate_record(data: Any, *, schema: str | tuple[Mapping[str, str], ...],
             if field not in data:
                 problems.append(f"missing field {field!r}")
             elif not _CHECKS[check][0](data[field]):
-                problems.append(f"field {field!r} must be {_CHECKS[check][1]}, "
-                                f"got {type(data[field]).__name__}")
+                value = data[field]
+                got = (repr(value) if check in _SHOW_VALUE and isinstance(value, str)
+                       else type(value).__name__)
+                problems.append(f"field {field!r} must be {_CHECKS[check][1]}, got {got}")
         if not problems:
             problems = _blank_texts(data, alternative)
         if not problems:

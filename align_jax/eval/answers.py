@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from align_jax.eval.bertscore import bertscore
-from align_jax.eval.metrics import bleu, rouge
+from align_jax.eval.metrics import bleu_from_statistics, bleu_statistics, rouge_scores
 from align_jax.eval.retrieval import resolve_embedder
 from align_jax.eval.scoring import ScoreSet
 from align_jax.generate import generate, score_continuations
@@ -30,6 +30,8 @@ from align_jax.tokenizer import encode_prompt, load_tokenizer
 log = logging.getLogger(__name__)
 
 RAG_SUFFIX = " + RAG"
+# The prompt-set name of a system's yes/no questions inside one `answer_and_score` call.
+_YES_NO = " [yes/no]"
 
 
 def chat_prompt_ids(tokenizer, prompt: str, *, max_prompt_tokens: int) -> list[int]:
@@ -60,7 +62,8 @@ def generate_answers(config, params, tokenizer, prompt_sets: Mapping[str, Sequen
 def answer_and_score(config, params, tokenizer, prompt_sets: Mapping[str, Sequence[str]],
                      score_sets: Mapping[str, ScoreSet], *, max_new_tokens: int,
                      temperature: float = 0.0, seed: int = 0, batch_size: int | None = None,
-                     mesh=None, rules: str = "fsdp"
+                     mesh=None, rules: str = "fsdp",
+                     budgets: Mapping[str, int] | None = None
                      ) -> tuple[dict[str, list[str]], dict[str, list[tuple[float, ...]]]]:
     """One model's answers to several prompt sets and its scores of held-out completions.
 
@@ -74,14 +77,23 @@ def answer_and_score(config, params, tokenizer, prompt_sets: Mapping[str, Sequen
       config, params, tokenizer, prompt_sets: as in `generate_answers`.
       score_sets: name -> `ScoreSet` (formatted held-out records) to score.
       max_new_tokens, temperature, seed, batch_size, mesh, rules: as in `generate_answers`.
+      budgets: prompt set name -> its own smaller answer budget (yes/no questions need only
+        the opening): those sets are generated in one more `generate` call, compiled for
+        `max_new_tokens` (`shape_budget`) so that its shapes can repeat the first call's;
+        their prompts are prefilled apart from the scored completions.
     Returns:
       (system name -> answers in prompt order, set name -> log p(completion | prompt) of each
       example's completions, in example order; `ScoreSet.summary` reads them).
     """
-    names = list(prompt_sets)
+    budgets = dict(budgets or {})
+    for n, b in budgets.items():
+        if n not in prompt_sets or not 1 <= int(b) <= max_new_tokens:
+            raise ValueError(f"budgets[{n!r}] = {b}: expected a prompt set's budget in "
+                             f"1..max_new_tokens={max_new_tokens}")
+    names = [n for n in prompt_sets if n not in budgets]
     flat = [p for n in names for p in prompt_sets[n]]
     budget = int(config.max_position) - max_new_tokens
-    if flat and budget < 1:
+    if (flat or budgets) and budget < 1:
         raise ValueError(f"max_new_tokens {max_new_tokens} leaves no room for a prompt in the "
                          f"model's {config.max_position} positions")
     ids = [chat_prompt_ids(tokenizer, p, max_prompt_tokens=budget) for p in flat]
@@ -125,6 +137,20 @@ def answer_and_score(config, params, tokenizer, prompt_sets: Mapping[str, Sequen
     for n in names:
         answers[n] = [t.strip() for t in texts[start:start + len(prompt_sets[n])]]
         start += len(prompt_sets[n])
+    for b in sorted(set(budgets.values())):
+        short = [n for n in budgets if budgets[n] == b]
+        prompts = [chat_prompt_ids(tokenizer, p, max_prompt_tokens=budget)
+                   for n in short for p in prompt_sets[n]]
+        out = (generate(config, params, prompts, max_new_tokens=int(b),
+                        shape_budget=max_new_tokens, temperature=temperature, seed=seed,
+                        tokenizer=tokenizer, batch_size=batch_size, mesh=mesh, rules=rules)
+               if prompts else None)
+        start = 0
+        for n in short:
+            answers[n] = [t.strip() for t in out.texts[start:start + len(prompt_sets[n])]] \
+                if out is not None else []
+            start += len(prompt_sets[n])
+    answers = {n: answers[n] for n in prompt_sets}
     scores = {}
     for set_name, score_set in score_sets.items():
         got = []
@@ -153,27 +179,47 @@ def load_bertscore_model(model):
     return config, params, load_tokenizer(path)
 
 
+def _text_parts(answers: Mapping[str, Sequence[str]], references: Sequence[str]
+                ) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, np.ndarray]]]:
+    """(system -> BLEU and mean ROUGE, system -> per-question parts for the bootstrap)."""
+    metrics, items = {}, {}
+    for name, hyps in answers.items():
+        stats = bleu_statistics(hyps, references)
+        per = rouge_scores(hyps, references)
+        metrics[name] = {"bleu": bleu_from_statistics(stats.sum(0)) if len(stats) else 0.0,
+                         **{k: float(v.mean()) if len(v) else 0.0 for k, v in per.items()}}
+        items[name] = {"bleu_stats": stats, "rougeL": per["rougeL"]}
+    return metrics, items
+
+
 def _text_metrics(answers: Mapping[str, Sequence[str]], references: Sequence[str]
                   ) -> dict[str, dict[str, float]]:
-    return {name: {"bleu": bleu(hyps, references), **rouge(hyps, references)}
-            for name, hyps in answers.items()}
+    return _text_parts(answers, references)[0]
 
 
-def _bertscore_metrics(answers: Mapping[str, Sequence[str]], references: Sequence[str], *,
-                       model, layer: int | None) -> dict[str, dict[str, float]]:
+def _bertscore_parts(answers: Mapping[str, Sequence[str]], references: Sequence[str], *,
+                     model, layer: int | None
+                     ) -> tuple[dict[str, dict[str, float]], dict[str, np.ndarray]]:
+    """(system -> mean BERTScore P/R/F1, system -> per-question F1)."""
     if model is None or not answers:
-        return {}
+        return {}, {}
     # One call for all systems: each reference is encoded once and the batches are full.
     # (Without idf the pairs are independent, so this equals one call per system.)
     n = len(references)
     bs = bertscore([h for hyps in answers.values() for h in hyps],
                    list(references) * len(answers), model=model, layer=layer)["per_pair"]
-    out = {}
+    out, f1 = {}, {}
     for k, name in enumerate(answers):
         part = {m: bs[m][k * n:(k + 1) * n] for m in ("precision", "recall", "f1")}
         out[name] = {f"bertscore_{m}": float(v.mean()) if n else float("nan")
                      for m, v in part.items()}
-    return out
+        f1[name] = np.asarray(part["f1"], np.float64)
+    return out, f1
+
+
+def _bertscore_metrics(answers: Mapping[str, Sequence[str]], references: Sequence[str], *,
+                       model, layer: int | None) -> dict[str, dict[str, float]]:
+    return _bertscore_parts(answers, references, model=model, layer=layer)[0]
 
 
 def score_answers(answers: Mapping[str, Sequence[str]], references: Sequence[str], *,
@@ -202,7 +248,9 @@ def evaluate_generation(models: Mapping[str, tuple], tokenizer, records: Sequenc
                         rag_models: Sequence[str] = (), max_new_tokens: int = 64,
                         bertscore_model=None, mesh=None, rules: str = "fsdp",
                         score_sets: Mapping[str, Mapping[str, ScoreSet]] | None = None,
-                        say=None) -> dict:
+                        say=None, yes_no_prompts: Sequence[str] = (),
+                        yes_no_rag_prompts: Sequence[str] | None = None,
+                        yes_no_max_new_tokens: int | None = None) -> dict:
     """Generates every system's answers to the held-out questions and scores them.
 
     Args:
@@ -218,65 +266,103 @@ def evaluate_generation(models: Mapping[str, tuple], tokenizer, records: Sequenc
         scores (teacher-forced), from the same prompt passes as its answers
         (`answer_and_score`).
       say: called with a progress line after each model.
+      yes_no_prompts: yes/no questions (instruction included) every system also answers,
+        in the same `answer_and_score` call as its other prompts.
+      yes_no_rag_prompts: the same with the retrieved passage, for the RAG systems.
+      yes_no_max_new_tokens: their answer budget (default max_new_tokens; at most that).
     Returns:
       {"answers": system -> answers, "metrics": system -> metrics (as `score_answers`),
-       "scores": model -> set name -> log-probs (as `answer_and_score`), "prompts",
-       "references", "settings": decoding settings, "seconds": {"generation", "metrics":
-       what scoring added after the generation}}.
+       "items": system -> per-question parts ("bleu_stats" [N, 10], "rougeL" [N], with
+       BERTScore "bertscore_f1" [N]), "yes_no_answers": system -> answers to the yes/no
+       prompts (when given), "scores": model -> set name -> log-probs (as
+       `answer_and_score`), "prompts", "references", "settings": decoding settings,
+       "seconds": {"generation", "metrics": what scoring added after the generation}}.
     """
     prompts = [r["prompt"] for r in records]
     refs = [r["completion"] for r in records]
-    answers, scores, text, t0 = {}, {}, [], time.perf_counter()
+    yes_no_budget = min(int(yes_no_max_new_tokens or max_new_tokens), max_new_tokens)
+    answers, yes_no, scores, text, t0 = {}, {}, {}, [], time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="eval-metrics") as host:
         for name, (config, params) in models.items():
             t = time.perf_counter()
             sets = {name: prompts}
-            if rag_records is not None and name in rag_models:
+            rag = rag_records is not None and name in rag_models
+            if rag:
                 sets[name + RAG_SUFFIX] = [r["prompt"] for r in rag_records]
+            systems = list(sets)
+            budgets = {}
+            if yes_no_prompts:
+                for system in systems:
+                    if system != name and yes_no_rag_prompts is None:
+                        continue
+                    key = system + _YES_NO
+                    sets[key] = list(yes_no_prompts if system == name else yes_no_rag_prompts)
+                    budgets[key] = yes_no_budget
             got, scores[name] = answer_and_score(
                 config, params, tokenizer, sets, (score_sets or {}).get(name, {}),
-                max_new_tokens=max_new_tokens, mesh=mesh, rules=rules)
-            answers.update(got)
+                max_new_tokens=max_new_tokens, mesh=mesh, rules=rules, budgets=budgets)
+            mine = {s: got[s] for s in systems}
+            answers.update(mine)
+            yes_no.update({s: got[s + _YES_NO] for s in systems if s + _YES_NO in got})
             if refs:  # BLEU and ROUGE of these systems while the next model generates
-                text.append(host.submit(_text_metrics, got, refs))
+                text.append(host.submit(_text_parts, mine, refs))
             if say is not None:
                 scored = ", ".join(f"{len(v)} {k}" for k, v in scores[name].items())
-                say(f"{name}: {len(sets)} system(s) x {len(prompts)} answers"
+                asked = f" + {len(yes_no_prompts)} yes/no answers" if yes_no_prompts else ""
+                say(f"{name}: {len(systems)} system(s) x {len(prompts)} answers{asked}"
                     f"{f', scored {scored}' if scored else ''} "
                     f"({time.perf_counter() - t:.0f} s)")
         t1 = time.perf_counter()
-        bert = _bertscore_metrics(answers, refs, model=bertscore_model,
-                                  layer=None) if refs else {}
-        metrics = {}
+        bert, f1 = _bertscore_parts(answers, refs, model=bertscore_model,
+                                    layer=None) if refs else ({}, {})
+        metrics, items = {}, {}
         for future in text:
-            metrics.update(future.result())
+            m, i = future.result()
+            metrics.update(m)
+            items.update(i)
     for name, m in bert.items():
         metrics[name].update(m)
+        items[name]["bertscore_f1"] = f1[name]
     t2 = time.perf_counter()
-    return {"answers": answers, "metrics": metrics, "scores": scores, "prompts": prompts,
-            "references": refs,
-            "settings": {"decoding": "greedy", "max_new_tokens": max_new_tokens,
-                         "questions": len(prompts)},
-            "seconds": {"generation": t1 - t0, "metrics": t2 - t1}}
+    out = {"answers": answers, "metrics": metrics, "items": items, "scores": scores,
+           "prompts": prompts, "references": refs,
+           "settings": {"decoding": "greedy", "max_new_tokens": max_new_tokens,
+                        "questions": len(prompts)},
+           "seconds": {"generation": t1 - t0, "metrics": t2 - t1}}
+    if yes_no_prompts:
+        out["yes_no_answers"] = yes_no
+        out["settings"]["yes_no_max_new_tokens"] = yes_no_budget
+    return out
 
 
 def metric_table(report: Mapping) -> tuple[list[str], list[list]]:
     """(header, rows) of the papers' table: one row per system, reference metrics, NLL and
     preference accuracy (of the system's model; NLL with the passage for RAG systems; both
-    columns left out when no model was scored teacher-forced)."""
+    columns left out when no model was scored teacher-forced), and yes/no accuracy when the
+    report has a yes/no section."""
     header = ["system", "BLEU", "ROUGE-1", "ROUGE-2", "ROUGE-L", "ROUGE-Lsum", "BERTScore P",
               "BERTScore R", "BERTScore F1", "answer NLL", "preference accuracy"]
     rows = []
     gen = report.get("generation", {})
-    for system, m in gen.get("metrics", {}).items():
+    metrics = gen.get("metrics", {})
+    yes_no = report.get("yes_no", {}).get("rows", {})
+    for system in list(report.get("answers", {})) or list(metrics):
+        m = metrics.get(system, {})
         model = system[:-len(RAG_SUFFIX)] if system.endswith(RAG_SUFFIX) else system
         mrow = report["models"].get(model, {})
         nll = (mrow.get("answer_nll_rag") if system.endswith(RAG_SUFFIX)
                else mrow.get("answer_nll")) or {}
-        rows.append([system, m["bleu"], m["rouge1"], m["rouge2"], m["rougeL"], m["rougeLsum"],
-                     m.get("bertscore_precision", np.nan), m.get("bertscore_recall", np.nan),
-                     m.get("bertscore_f1", np.nan), nll.get("nll_per_token", np.nan),
-                     mrow.get("preference", {}).get("accuracy", np.nan)])
+        rows.append([system] + [m.get(k, np.nan) for k in (
+            "bleu", "rouge1", "rouge2", "rougeL", "rougeLsum", "bertscore_precision",
+            "bertscore_recall", "bertscore_f1")] +
+            [nll.get("nll_per_token", np.nan),
+             mrow.get("preference", {}).get("accuracy", np.nan)] +
+            ([yes_no.get(system, {}).get("accuracy", {}).get("estimate", np.nan)]
+             if yes_no else []))
     if not any(report.get("models", {}).values()):
-        header, rows = header[:-2], [r[:-2] for r in rows]
+        keep = [i for i, h in enumerate(header) if h not in ("answer NLL", "preference accuracy")]
+        header, rows = ([header[i] for i in keep],
+                        [[r[i] for i in keep] + r[len(header):] for r in rows])
+    if yes_no:
+        header = header + ["yes/no accuracy"]
     return header, rows

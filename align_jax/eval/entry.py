@@ -4,6 +4,7 @@
       --gin_param="entry.eval_main.models={'sft': 'runs/demo/sft/hf', 'dpo': 'runs/demo/dpo/hf'}" \
       --gin_param="entry.eval_main.sft_test='runs/demo/data/sft_test.jsonl'" \
       --gin_param="entry.eval_main.preference_test='runs/demo/data/preference_test.jsonl'" \
+      --gin_param="entry.eval_main.yes_no_test='examples/yes_no_heldout.jsonl'" \
       --output_dir=runs/eval
 """
 
@@ -14,7 +15,7 @@ from align_jax import distributed, sharding
 from align_jax.atomic import atomic_write_json
 from align_jax.data.documents import chunk_documents, load_documents
 from align_jax.data.sources import load_records
-from align_jax.eval.report import evaluate_models
+from align_jax.eval.report import YES_NO_INSTRUCTION, evaluate_models
 from align_jax.eval.retrieval import make_retriever
 from align_jax.models.named import resolve_model_path
 from align_jax.runinfo import run_folder
@@ -36,7 +37,9 @@ def eval_main(*, output_dir: str, models: Mapping[str, str], sft_test: str | Non
               judge_template: str = "relative", judge_kwargs: Mapping | None = None,
               judge_systems: tuple[str, ...] | None = None,
               mesh: sharding.MeshSpec | None = None, rules: str = "fsdp",
-              teacher_forced: bool = True) -> int:
+              teacher_forced: bool = True, yes_no_test: str | None = None,
+              yes_no_instruction: str | None = YES_NO_INSTRUCTION,
+              yes_no_max_new_tokens: int = 24, base_model: str | None = None) -> int:
     """Scores every model (name -> HF dir; all share the first model's tokenizer).
 
     Args:
@@ -59,9 +62,18 @@ def eval_main(*, output_dir: str, models: Mapping[str, str], sft_test: str | Non
       teacher_forced: also score the held-out records teacher-forced (answer NLL,
         preference accuracy); False keeps only the generated-answer evaluation, which costs
         the generation plus a few percent (see `evaluate_models`).
+      yes_no_test: yes/no questions (`question`, `answer` "yes"/"no"; optional `pair_id`,
+        `section`): every system answers them; accuracy against the constant answers.
+      yes_no_instruction: appended to each yes/no question (None: the question alone).
+      yes_no_max_new_tokens: budget of the yes/no answers (at most max_new_tokens).
+      base_model: the model differences are measured against (default "base" when it is one
+        of the models, else the first).
     """
     if not models:
         raise ValueError("eval_main.models is empty: map names to checkpoint dirs")
+    # Every record file is read and checked before any model loads.
+    sft, pref, yes_no = (_read(sft_test, "sft"), _read(preference_test, "preference"),
+                         _read(yes_no_test, "yes_no"))
     tok = load_tokenizer(resolve_model_path(next(iter(models.values()))))
     retriever = None
     if documents:
@@ -70,8 +82,7 @@ def eval_main(*, output_dir: str, models: Mapping[str, str], sft_test: str | Non
         retriever = make_retriever([c.text for c in chunks], kind=retrieval)
     with run_folder(output_dir):
         report = evaluate_models(output_dir, models=dict(models), tokenizer=tok,
-                                 sft_test=_read(sft_test, "sft"),
-                                 pref_test=_read(preference_test, "preference"),
+                                 sft_test=sft, pref_test=pref,
                                  retriever=retriever,
                                  rag_models=tuple(models if rag_models is None else rag_models),
                                  seq_len=seq_len, num_samples=num_samples,
@@ -80,7 +91,11 @@ def eval_main(*, output_dir: str, models: Mapping[str, str], sft_test: str | Non
                                  judge_template=judge_template, judge_kwargs=judge_kwargs,
                                  judge_systems=judge_systems,
                                  mesh=sharding.make_mesh(mesh or sharding.MeshSpec()),
-                                 rules=rules, teacher_forced=teacher_forced)
+                                 rules=rules, teacher_forced=teacher_forced,
+                                 yes_no_test=yes_no,
+                                 yes_no_instruction=yes_no_instruction,
+                                 yes_no_max_new_tokens=yes_no_max_new_tokens,
+                                 base_model=base_model)
         if distributed.is_main():
             atomic_write_json(os.path.join(output_dir, "report.json"), report)
             print(open(os.path.join(output_dir, "report.md")).read())

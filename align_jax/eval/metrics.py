@@ -13,6 +13,10 @@ the papers quote. What the wrappers decide, and the tests pin down:
   newlines are first split into sentences at ". ", "! ", "? " (as the summarization
   literature does before rougeLsum) unless `split_sentences=False`.
 - An empty hypothesis scores 0 (it is kept in the mean, never dropped).
+- For bootstrap intervals over questions: `bleu_statistics` gives each sentence's sufficient
+  statistics (hypothesis and closest-reference lengths, matched and total n-grams of each
+  order, sacrebleu's own counts) and `bleu_from_statistics` the corpus BLEU of any sum of
+  them; `rouge_scores` gives each pair's F-measures. The corpus values equal `bleu` / `rouge`.
 
 Speed (evaluation scores thousands of answers per system, on the host): ROUGE tokenizes with
 rouge-score's own `tokenize` and Porter stemmer, memoised per word and per text, so the
@@ -25,6 +29,8 @@ from __future__ import annotations
 import functools
 import re
 from collections.abc import Sequence
+
+import numpy as np
 
 _ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
@@ -64,11 +70,47 @@ def bleu(hyps: Sequence[str], refs: Sequence[str | Sequence[str]], *,
     groups = _references(hyps, refs)
     if not groups:
         return 0.0
-    width = max(len(g) for g in groups)
     # sacrebleu wants reference *streams*; None marks a missing reference of a shorter group.
-    streams = [[g[k] if k < len(g) else None for g in groups] for k in range(width)]
     return float(BLEU(tokenize=tokenize, lowercase=lowercase).corpus_score(
-        list(hyps), streams).score)
+        list(hyps), _streams(groups)).score)
+
+
+def _streams(groups: list[list[str]]) -> list[list[str | None]]:
+    width = max(len(g) for g in groups)
+    return [[g[k] if k < len(g) else None for g in groups] for k in range(width)]
+
+
+def bleu_statistics(hyps: Sequence[str], refs: Sequence[str | Sequence[str]], *,
+                    tokenize: str = "13a", lowercase: bool = False) -> np.ndarray:
+    """Per sentence, sacrebleu's sufficient statistics of corpus BLEU.
+
+    Args:
+      hyps, refs, tokenize, lowercase: as in `bleu`.
+    Returns:
+      int64 [N, 10]: hypothesis length, closest reference length, then matched 1..4-grams,
+      then total 1..4-grams. Their column sums give `bleu` through `bleu_from_statistics`.
+    """
+    from sacrebleu.metrics import BLEU
+    groups = _references(hyps, refs)
+    if not groups:
+        return np.zeros((0, 10), np.int64)
+    metric = BLEU(tokenize=tokenize, lowercase=lowercase)
+    # sacrebleu's per-segment statistics (the counts corpus_score sums; its documented use
+    # is re-computation in statistical tests), read in one pass over the corpus.
+    stats = metric._extract_corpus_statistics(list(hyps), _streams(groups))
+    return np.asarray(stats, np.int64).reshape(len(groups), 10)
+
+
+def bleu_from_statistics(stats) -> float:
+    """Corpus BLEU (0-100, sacrebleu's default exponential smoothing) from summed statistics.
+
+    Args:
+      stats: [10] column sums of `bleu_statistics` rows (any multiset of sentences).
+    """
+    from sacrebleu.metrics import BLEU
+    s = [int(round(float(x))) for x in np.asarray(stats).reshape(10)]
+    return float(BLEU.compute_bleu(correct=s[2:6], total=s[6:10], sys_len=s[0],
+                                   ref_len=s[1], smooth_method="exp").score)
 
 
 def _sentences(text: str) -> str:
@@ -103,6 +145,29 @@ class _Tokenizer:
         return list(_rouge_tokens(text, self.use_stemmer))
 
 
+def rouge_scores(hyps: Sequence[str], refs: Sequence[str | Sequence[str]], *,
+                 use_stemmer: bool = True, split_sentences: bool = True
+                 ) -> dict[str, np.ndarray]:
+    """ROUGE-1/2/L/Lsum F-measure of each hypothesis against its references.
+
+    Args:
+      hyps, refs, use_stemmer, split_sentences: as in `rouge`.
+    Returns:
+      {"rouge1", "rouge2", "rougeL", "rougeLsum"}: float64 [N] F-measures in [0, 1].
+    """
+    from rouge_score import rouge_scorer  # optional metric: loads only when ROUGE is asked for
+    groups = _references(hyps, refs)
+    scorer = rouge_scorer.RougeScorer(list(_ROUGE_TYPES), use_stemmer=use_stemmer,
+                                      tokenizer=_Tokenizer(use_stemmer))
+    out = {k: np.zeros(len(groups), np.float64) for k in _ROUGE_TYPES}
+    prep = _sentences if split_sentences else (lambda s: s)
+    for i, (h, group) in enumerate(zip(hyps, groups)):
+        scores = scorer.score_multi([prep(r) for r in group], prep(h))
+        for k in _ROUGE_TYPES:
+            out[k][i] = scores[k].fmeasure
+    return out
+
+
 def rouge(hyps: Sequence[str], refs: Sequence[str | Sequence[str]], *,
           use_stemmer: bool = True, split_sentences: bool = True) -> dict[str, float]:
     """Mean ROUGE-1/2/L/Lsum F-measures of the hypotheses against their references.
@@ -116,15 +181,5 @@ def rouge(hyps: Sequence[str], refs: Sequence[str | Sequence[str]], *,
       {"rouge1", "rouge2", "rougeL", "rougeLsum"}: mean F-measures in [0, 1] (0.0 each for
       no examples).
     """
-    from rouge_score import rouge_scorer  # optional metric: loads only when ROUGE is asked for
-    groups = _references(hyps, refs)
-    scorer = rouge_scorer.RougeScorer(list(_ROUGE_TYPES), use_stemmer=use_stemmer,
-                                      tokenizer=_Tokenizer(use_stemmer))
-    totals = dict.fromkeys(_ROUGE_TYPES, 0.0)
-    prep = _sentences if split_sentences else (lambda s: s)
-    for h, group in zip(hyps, groups):
-        scores = scorer.score_multi([prep(r) for r in group], prep(h))
-        for k in _ROUGE_TYPES:
-            totals[k] += scores[k].fmeasure
-    n = max(len(groups), 1)
-    return {k: v / n for k, v in totals.items()}
+    per = rouge_scores(hyps, refs, use_stemmer=use_stemmer, split_sentences=split_sentences)
+    return {k: float(v.mean()) if len(v) else 0.0 for k, v in per.items()}

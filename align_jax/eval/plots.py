@@ -38,13 +38,27 @@ def _metrics(path: str) -> list[dict]:
     return read_jsonl(path)
 
 
+def _yerr(cells: Sequence) -> np.ndarray | None:
+    """Asymmetric error bars [2, n] from interval dicts (0 where an interval is missing)."""
+    if not any(cells):
+        return None
+    err = np.zeros((2, len(cells)))
+    for i, c in enumerate(cells):
+        if c and np.isfinite(c.get("ci_low", np.nan)) and np.isfinite(c.get("estimate", np.nan)):
+            err[:, i] = (max(c["estimate"] - c["ci_low"], 0.0),
+                         max(c["ci_high"] - c["estimate"], 0.0))
+    return err
+
+
 def plot_overview(out_dir: str, report: Mapping, stages: Mapping[str, str]) -> str:
     """report.png: training loss per stage, held-out answer NLL and preference accuracy
-    (the loss alone when the models were not scored teacher-forced)."""
+    (the loss alone when the models were not scored teacher-forced), and yes/no accuracy
+    when the report has a yes/no section; 95% bootstrap intervals as error bars."""
     plt = _pyplot()
     names = [n for n, row in report["models"].items() if row]  # scored teacher-forced
-    fig, axes = plt.subplots(1, 3 if names else 1, figsize=(15 if names else 6, 4),
-                             squeeze=False)
+    yes_no = report.get("yes_no")
+    panels = 1 + 2 * bool(names) + bool(yes_no)
+    fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 4), squeeze=False)
     axes = axes[0]
     for folder, label in stages.items():
         rows = [r for r in _metrics(os.path.join(out_dir, folder, "metrics.jsonl")) if "loss" in r]
@@ -54,53 +68,95 @@ def plot_overview(out_dir: str, report: Mapping, stages: Mapping[str, str]) -> s
                 ylabel="loss (nats / token; DPO: nats / pair)")
     if axes[0].lines:
         axes[0].legend(title="stage")
+    intervals = report.get("intervals", {})
     if names:
-        _held_out_panels(axes[1], axes[2], report["models"], names)
+        _held_out_panels(axes[1], axes[2], report, names, intervals)
+    if yes_no:
+        _yes_no_panel(axes[-1], yes_no, [s for s in intervals if s in yes_no["rows"]])
     fig.tight_layout()
     return _save(fig, os.path.join(out_dir, "report.png"))
 
 
-def _held_out_panels(ax_nll, ax_acc, models: Mapping, names: list[str]) -> None:
-    """Held-out answer NLL (plain and RAG) and preference accuracy per model."""
+def _held_out_panels(ax_nll, ax_acc, report: Mapping, names: list[str],
+                     intervals: Mapping) -> None:
+    """Held-out answer NLL (plain and RAG) and preference accuracy per model, with the
+    best shortcut rule's accuracy as a line."""
+    models = report["models"]
+    rag_names = [n + " + RAG" for n in names]
     nll = [models[n]["answer_nll"]["nll_per_token"] for n in names]
     rag = [models[n].get("answer_nll_rag", {}).get("nll_per_token", np.nan) for n in names]
     x = np.arange(len(names))
-    ax_nll.bar(x - 0.2, nll, 0.4, label="question only")
-    ax_nll.bar(x + 0.2, rag, 0.4, label="+ 1 retrieved chunk (RAG)")
+    ax_nll.bar(x - 0.2, nll, 0.4, label="question only", capsize=3,
+               yerr=_yerr([intervals.get(n, {}).get("answer_nll") for n in names]))
+    ax_nll.bar(x + 0.2, rag, 0.4, label="+ 1 retrieved chunk (RAG)", capsize=3,
+               yerr=_yerr([intervals.get(n, {}).get("answer_nll") for n in rag_names]))
     ax_nll.set(title="held-out answer NLL (lower is better)", xticks=x,
                ylabel="nats / answer token")
     ax_nll.set_xticklabels(names, rotation=15)
     ax_nll.legend()
     acc = np.array([models[n]["preference"]["accuracy"] for n in names])
     pairs = max(models[n]["preference"].get("examples", 0) for n in names)
-    # Binomial standard error of each accuracy over the held-out pairs.
-    err = np.sqrt(acc * (1 - acc) / pairs) if pairs else None
-    ax_acc.bar(x, acc, 0.5, yerr=err, capsize=4,
-               label="log p(chosen) > log p(rejected), +- 1 s.e.")
+    ax_acc.bar(x, acc, 0.5, capsize=4,
+               yerr=_yerr([intervals.get(n, {}).get("preference_accuracy") for n in names]),
+               label="log p(chosen) > log p(rejected), 95% interval")
     ax_acc.axhline(0.5, color="gray", linestyle="--", linewidth=1, label="chance")
+    ev = report.get("preference_evidence")
+    if ev:
+        best = ev["best_shortcut"]
+        ax_acc.axhline(ev["rows"][best]["estimate"], color="tab:red", linestyle=":",
+                       linewidth=1.5, label=f"best shortcut: {best}")
     ax_acc.set(title=f"held-out preference accuracy ({pairs} pairs)", xticks=x, ylim=(0, 1),
                ylabel="share of pairs")
     ax_acc.set_xticklabels(names, rotation=15)
-    ax_acc.legend()
+    ax_acc.legend(fontsize=8)
 
 
-def plot_metrics(path: str, metrics: Mapping[str, Mapping[str, float]]) -> str:
-    """Reference metrics of every system's generated answers, one panel per metric."""
+def _yes_no_panel(ax, yes_no: Mapping, systems: Sequence[str]) -> None:
+    """Yes/no accuracy per system (95% intervals) against the better constant answer."""
+    rows = yes_no["rows"]
+    x = np.arange(len(systems))
+    cells = [rows[s]["accuracy"] for s in systems]
+    colors = ["tab:orange" if s.endswith("+ RAG") else "tab:blue" for s in systems]
+    ax.bar(x, [c["estimate"] for c in cells], 0.6, color=colors, capsize=4,
+           yerr=_yerr(cells))
+    best = yes_no["best_constant"]
+    ax.axhline(rows[best]["accuracy"]["estimate"], color="tab:red", linestyle=":",
+               linewidth=1.5, label=f"{best} (constant answer)")
+    ax.set(title=f"yes/no accuracy ({yes_no['questions']} questions, "
+                 f"yes share {yes_no['yes_share']:.2f})", xticks=x, ylim=(0, 1),
+           ylabel="share answered right (unclear = wrong)")
+    ax.set_xticklabels(systems, rotation=30, ha="right")
+    ax.legend(fontsize=8)
+
+
+def plot_metrics(path: str, metrics: Mapping[str, Mapping[str, float]], *,
+                 intervals: Mapping | None = None, yes_no: Mapping | None = None) -> str:
+    """Reference metrics of every system's generated answers, one panel per metric, with
+    95% bootstrap intervals as error bars when given, and a yes/no accuracy panel."""
     plt = _pyplot()
     panels = [("bleu", "SacreBLEU", "BLEU (0-100)"), ("rougeL", "ROUGE-L F1", "F-measure (0-1)"),
               ("bertscore_f1", "BERTScore F1", "F1 (cosine, 0-1)")]
     panels = [p for p in panels if any(p[0] in m for m in metrics.values())]
     systems = list(metrics)
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    n_panels = len(panels) + bool(yes_no)
+    fig, axes = plt.subplots(1, max(n_panels, 1), figsize=(5 * max(n_panels, 1), 4),
+                             squeeze=False)
     colors = ["tab:orange" if s.endswith("+ RAG") else "tab:blue" for s in systems]
     for ax, (key, title, unit) in zip(axes[0], panels):
         vals = [metrics[s].get(key, np.nan) for s in systems]
-        ax.bar(np.arange(len(systems)), vals, color=colors)
+        err = _yerr([(intervals or {}).get(s, {}).get(key) for s in systems])
+        ax.bar(np.arange(len(systems)), vals, color=colors, yerr=err, capsize=3)
         ax.set(title=f"{title} of generated answers vs references", ylabel=unit,
                xticks=np.arange(len(systems)))
         ax.set_xticklabels(systems, rotation=30, ha="right")
+    if yes_no:
+        _yes_no_panel(axes[0][len(panels)], yes_no,
+                      [s for s in (intervals or yes_no["rows"]) if s in yes_no["rows"]
+                       and yes_no["rows"][s]["kind"] == "system"])
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in ("tab:blue", "tab:orange")]
-    axes[0][0].legend(handles, ["question only", "+ retrieved chunk (RAG)"])
+    if panels:
+        axes[0][0].legend(handles, ["question only", "+ retrieved chunk (RAG)"],
+                          title="bars: 95% interval" if intervals else None)
     fig.tight_layout()
     return _save(fig, path)
 

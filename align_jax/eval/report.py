@@ -1,8 +1,12 @@
 """Evaluate several checkpoints on the same held-out records; write the report.
 
-report.md (the papers' table of systems x metrics, the judged win-rate matrix, side-by-side
-answers), report.csv (the table), report.json, report.png (training curves, NLL, preference
-accuracy), metrics.png (reference metrics per system) and winrate.png (the heatmap).
+report.md (the papers' table of systems x metrics with bootstrap intervals and the
+differences against the base system, preference accuracy against shortcut rules, yes/no
+answer correctness against constant answers, the judged win-rate matrix, side-by-side
+answers), report.csv (the table, intervals as columns, shortcut and constant rows),
+report.json, report.png (training curves, NLL, preference and yes/no accuracy with error
+bars), metrics.png (reference metrics and yes/no accuracy per system, with error bars) and
+winrate.png (the heatmap).
 """
 
 import csv
@@ -15,12 +19,20 @@ import numpy as np
 
 from align_jax import distributed
 from align_jax.atomic import atomic_write
+from align_jax.eval import evidence_report
 from align_jax.eval.answers import (
     RAG_SUFFIX,
     evaluate_generation,
     load_bertscore_model,
     metric_table,
 )
+from align_jax.eval.evidence import (
+    margin_choices,
+    preference_evidence,
+    yes_no_evidence,
+    yes_no_prompt,
+)
+from align_jax.eval.intervals import HEADLINE, csv_columns, interval_table, replicates
 from align_jax.eval.judge import win_rate_matrix
 from align_jax.eval.letter_judge import LetterJudge
 from align_jax.eval.plots import plot_metrics, plot_overview, plot_win_rates
@@ -28,6 +40,9 @@ from align_jax.eval.retrieval import with_retrieval
 from align_jax.eval.scoring import ScoreSet, margin_summary
 from align_jax.models.hf import load_hf
 from align_jax.sdg.backends import make_teacher
+
+# What a base chat model is asked after each yes/no question, so that it opens with the word.
+YES_NO_INSTRUCTION = "Answer yes or no first, then explain briefly."
 
 
 def _say(msg: str) -> None:
@@ -56,7 +71,10 @@ def evaluate_models(out_dir: str, *, models: Mapping[str, str], tokenizer, sft_t
                     bertscore_model="all-minilm-l6-v2", judge=None,
                     judge_template: str = "relative", judge_kwargs: Mapping | None = None,
                     judge_systems: Sequence[str] | None = None, mesh=None,
-                    rules: str = "fsdp", teacher_forced: bool = True) -> dict:
+                    rules: str = "fsdp", teacher_forced: bool = True,
+                    yes_no_test: Sequence[Mapping] | None = None,
+                    yes_no_instruction: str | None = YES_NO_INSTRUCTION,
+                    yes_no_max_new_tokens: int = 24, base_model: str | None = None) -> dict:
     """Scores each model (name -> HF dir) on the held-out records and writes the report.
 
     Args:
@@ -86,14 +104,37 @@ def evaluate_models(out_dir: str, *, models: Mapping[str, str], tokenizer, sft_t
         ~11-15% to the generation of 1,000 questions x 8 systems (benchmarks/RESULTS.md);
         False leaves the papers' evaluation (generated answers, reference metrics, judge)
         at the generation plus ~4%.
+      yes_no_test: yes/no questions (`question`, `answer` "yes"/"no", optional `pair_id`):
+        every system (RAG ones with the question's retrieved chunk) answers each greedily;
+        the polarity read from the answer's opening is scored against the expected answer,
+        next to the constant answers (`align_jax.eval.evidence`).
+      yes_no_instruction: appended to each yes/no question (None: the question alone).
+      yes_no_max_new_tokens: budget of those answers (at most max_new_tokens).
+      base_model: the model every system is compared with (paired bootstrap intervals of
+        the differences); default "base" when it is a model, else the first model.
     Returns:
       The report dict.
     """
     report = {"models": {}, "samples": {}}
+    pref_test = list(pref_test)
     questions = list(sft_test)[:num_questions] if num_questions else list(sft_test)
-    # Retrieval once for all RAG models; the questions are the first records of sft_test.
-    rag_test = (with_retrieval(sft_test, retriever)
-                if retriever is not None and any(n in rag_models for n in models) else None)
+    yes_no = [dict(r) for r in yes_no_test or ()]
+    base = base_model or ("base" if "base" in models else next(iter(models), None))
+    if base is not None and base not in models:
+        raise ValueError(f"base_model {base!r} is not among the models {list(models)}")
+    report["base_system"] = base
+    report["base_reason"] = ("given as base_model" if base_model else "the base model"
+                             if base == "base" else "the first model: no model named 'base' "
+                             "in this run")
+    # Retrieval once for all RAG models (the held-out records, then the yes/no questions);
+    # the questions are the first records of sft_test.
+    rag_yes_no = None
+    if retriever is not None and any(n in rag_models for n in models):
+        found = with_retrieval(list(sft_test) + [{"prompt": r["question"]} for r in yes_no],
+                               retriever)
+        rag_test, rag_yes_no = found[:len(sft_test)], found[len(sft_test):]
+    else:
+        rag_test = None
     rag_questions = rag_test[:len(questions)] if rag_test is not None else None
     # The held-out completions, formatted once; every model scores them from the prompt
     # passes of its own answers (a prompt that is not a question is run once for all of its
@@ -116,13 +157,20 @@ def evaluate_models(out_dir: str, *, models: Mapping[str, str], tokenizer, sft_t
     scored = (f" and score {len(sets['answer_nll'].examples)} reference answers"
               f"{' (and with RAG)' if rag_set is not None else ''} and "
               f"{len(sets['preference'].examples)} preference pairs" if sets else "")
+    asked = (f" and {len(yes_no)} yes/no questions (at most "
+             f"{min(yes_no_max_new_tokens, max_new_tokens)} new tokens)" if yes_no else "")
     _say(f"generating: {systems} systems answer {len(questions)} questions (greedy, at most "
-         f"{max_new_tokens} new tokens){scored}; then BLEU, ROUGE, BERTScore")
-    gen = evaluate_generation(loaded, tokenizer, questions, rag_records=rag_questions,
-                              rag_models=rag_models, max_new_tokens=max_new_tokens,
-                              bertscore_model=(load_bertscore_model(bertscore_model)
-                                               if questions else None),
-                              mesh=mesh, rules=rules, score_sets=score_sets, say=_say)
+         f"{max_new_tokens} new tokens){asked}{scored}; then BLEU, ROUGE, BERTScore")
+    gen = evaluate_generation(
+        loaded, tokenizer, questions, rag_records=rag_questions, rag_models=rag_models,
+        max_new_tokens=max_new_tokens,
+        bertscore_model=load_bertscore_model(bertscore_model) if questions else None,
+        mesh=mesh, rules=rules, score_sets=score_sets, say=_say,
+        yes_no_prompts=[yes_no_prompt(r["question"], yes_no_instruction) for r in yes_no],
+        yes_no_rag_prompts=(None if rag_yes_no is None else
+                            [yes_no_prompt(r["prompt"], yes_no_instruction)
+                             for r in rag_yes_no]),
+        yes_no_max_new_tokens=yes_no_max_new_tokens)
     margins = {}
     for name, got in gen["scores"].items():
         if not sets:
@@ -134,16 +182,33 @@ def evaluate_models(out_dir: str, *, models: Mapping[str, str], tokenizer, sft_t
         if "answer_nll_rag" in got:
             row["answer_nll_rag"] = rag_set.summary(got["answer_nll_rag"])
         report["models"][name] = row
+    implicit = None
     if reference is not None and all(n in margins for n in reference):
         # DPO's implicit reward from the margins already scored: log-ratio differences.
         (policy, skipped), (ref, _) = margins[reference[0]], margins[reference[1]]
         report["implicit_reward"] = margin_summary(policy - ref, skipped)
-    if questions:
+        implicit = (f"implicit reward ({reference[0]} vs {reference[1]})", policy - ref)
+    if yes_no:
+        report["yes_no"] = {
+            "instruction": yes_no_instruction,
+            "max_new_tokens": gen["settings"]["yes_no_max_new_tokens"],
+            **yes_no_evidence(yes_no, gen["yes_no_answers"], base=base)}
+    if sets and len(sets["preference"].examples):
+        pairs = [pref_test[i] for i in sets["preference"].kept]
+        rows = {n: margin_choices(m) for n, (m, _) in margins.items()}
+        if implicit is not None:
+            rows[implicit[0]] = margin_choices(implicit[1])
+        report["preference_evidence"] = preference_evidence(pairs, rows, base=base)
+    report["intervals"] = interval_table(
+        replicates(gen, sets, rag_set=rag_set, margins=margins, yes_no=report.get("yes_no")),
+        base=base)
+    if questions or yes_no:
         report["generation"] = {k: gen[k] for k in ("metrics", "settings", "seconds")}
         report["answers"] = gen["answers"]
         _say(f"generation, held-out scores and reference metrics: "
              f"{time.perf_counter() - t0:.0f} s")
         report["samples"] = {s: a[:num_samples] for s, a in gen["answers"].items()}
+    if questions:
         judged = {s: a for s, a in gen["answers"].items()
                   if judge_systems is None or s in judge_systems}
         if judge_systems is not None and len(judged) != len(set(judge_systems)):
@@ -170,13 +235,22 @@ def evaluate_models(out_dir: str, *, models: Mapping[str, str], tokenizer, sft_t
         plot_win_rates(os.path.join(out_dir, "winrate.png"), m,
                        judge=report["win_rates"]["judge"])
     if "generation" in report:
-        plot_metrics(os.path.join(out_dir, "metrics.png"), report["generation"]["metrics"])
+        plot_metrics(os.path.join(out_dir, "metrics.png"), report["generation"]["metrics"],
+                     intervals=report["intervals"], yes_no=report.get("yes_no"))
         _write_csv(os.path.join(out_dir, "report.csv"), report)
     _write_markdown(out_dir, report, [q["prompt"] for q in questions[:num_samples]], reference,
-                    [q.get("completion", "") for q in questions[:num_samples]])
+                    [q.get("completion", "") for q in questions[:num_samples]],
+                    aligned=_aligned(models, reference))
     if stages:
         plot(out_dir, report, stages)
     return report
+
+
+def _aligned(models: Mapping[str, str], reference) -> str | None:
+    """The aligned system of the per-question table: DPO's policy, else the last model."""
+    if reference is not None and reference[0] in models:
+        return reference[0]
+    return next(reversed(list(models)), None)
 
 
 def _fmt(x) -> str:
@@ -186,12 +260,43 @@ def _fmt(x) -> str:
 
 
 def _write_csv(path, report):
+    """One row per system (kind "system"): the metrics, then per headline metric its interval
+    and its difference against the base system with that interval; then the shortcut rules
+    (preference accuracy) and the constant answers (yes/no accuracy) as rows of their kinds."""
     header, rows = metric_table(report)
+    keys = [k for k in HEADLINE if any(k in r for r in report["intervals"].values())]
+    extra, cells = csv_columns(report["intervals"], keys)
+    yn = report.get("yes_no") or {}
+    yn_parts = [(f"yes_no_{k}{suffix}", k, f) for k in (
+        ("accuracy_yes", "accuracy_no", "unclear") if yn else ())
+        for suffix, f in (("", "estimate"), ("_ci_low", "ci_low"), ("_ci_high", "ci_high"))]
+
+    def yes_no_cells(name):
+        r = yn.get("rows", {}).get(name, {})
+        return {col: r.get(k, {}).get(f) for col, k, f in yn_parts}
+
+    out = [{**dict(zip(header, r)), "kind": "system", **dict(zip(extra, cells[r[0]])),
+            **yes_no_cells(r[0]), "base system": report.get("base_system")} for r in rows]
+    for name, r in report.get("preference_evidence", {}).get("rows", {}).items():
+        if r["kind"] == "shortcut":
+            out.append({"system": name, "kind": "shortcut", "preference accuracy": r["estimate"],
+                        "preference_accuracy_ci_low": r["ci_low"],
+                        "preference_accuracy_ci_high": r["ci_high"]})
+    for name, r in yn.get("rows", {}).items():
+        if r["kind"] == "constant":
+            a = r["accuracy"]
+            out.append({"system": name, "kind": "constant answer",
+                        "yes/no accuracy": a["estimate"], "yes_no_accuracy_ci_low": a["ci_low"],
+                        "yes_no_accuracy_ci_high": a["ci_high"], **yes_no_cells(name)})
+    columns = [header[0], "kind", *header[1:], *extra, *(c for c, _, _ in yn_parts),
+               "base system"]
     buf = io.StringIO(newline="")
     w = csv.writer(buf)
-    w.writerow(header)
-    w.writerows([[r[0]] + [None if not np.isfinite(x) else float(x) for x in r[1:]]
-                 for r in rows])
+    w.writerow(columns)
+    for row in out:
+        w.writerow([x if x is None or isinstance(x, str)
+                    else (float(x) if np.isfinite(x) else None)
+                    for x in (row.get(c) for c in columns)])
     atomic_write(path, buf.getvalue())
 
 
@@ -216,23 +321,33 @@ def _win_rate_lines(wr) -> list[str]:
     return lines
 
 
-def _write_markdown(out_dir, report, prompts, reference, refs):
+def _write_markdown(out_dir, report, prompts, reference, refs, *, aligned=None):
     lines = ["# Value alignment report", ""]
     gen = report.get("generation")
+    base = report.get("base_system")
     if gen:
         s = gen["settings"]
-        header, rows = metric_table(report)
+        header, _ = metric_table(report)
         lines += [f"Every system answers the same {s['questions']} held-out questions "
                   f"({s['decoding']} decoding, at most {s['max_new_tokens']} new tokens); "
                   f"answers are scored against the reference answers. BLEU is corpus "
                   f"SacreBLEU (0-100); ROUGE and BERTScore are mean F-measures (0-1)."
                   + (" Answer NLL is per answer token (lower is better; RAG rows with the "
                      "passage in the prompt); preference accuracy is the model's."
-                     if "answer NLL" in header else ""), "",
-                  "| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
-        lines += ["| " + " | ".join(_fmt(x) for x in r) + " |" for r in rows]
-        lines += ["", "Pictures: metrics.png (reference metrics), report.png (training curves"
+                     if "answer NLL" in header else "")
+                  + (" Yes/no accuracy: see its section below." if "yes_no" in report else "")
+                  + (f" Differences are against {base} ({report['base_reason']})."
+                     if base else ""), ""]
+        lines += evidence_report.headline_lines(report, base=base)
+        lines += evidence_report.other_metric_lines(gen["metrics"])
+        lines += ["", "Pictures: metrics.png (reference metrics"
+                      + (", yes/no accuracy" if "yes_no" in report else "")
+                      + ", 95% intervals as error bars), report.png (training curves"
                       + (", NLL, preference accuracy)." if "answer NLL" in header else ").")]
+    if "preference_evidence" in report:
+        lines += evidence_report.preference_lines(report["preference_evidence"])
+    if "yes_no" in report:
+        lines += evidence_report.yes_no_lines(report["yes_no"], aligned=aligned)
     if "win_rates" in report:
         lines += _win_rate_lines(report["win_rates"])
     if not any(report["models"].values()):
@@ -251,7 +366,7 @@ def _write_markdown(out_dir, report, prompts, reference, refs):
 def _teacher_forced_lines(report, reference) -> list[str]:
     lines = ["", "## Teacher-forced scores per model", "",
               "Held-out records (never trained on). NLL is per answer token; preference "
-              "accuracy is how often log p(chosen) > log p(rejected).", "",
+              "accuracy is how often log p(chosen) > log p(rejected) (a tie counts 1/2).", "",
               "| model | answer NLL | answer NLL + RAG | preference accuracy | mean margin |",
               "|---|---|---|---|---|"]
     for name, row in report["models"].items():

@@ -20,6 +20,7 @@ import numpy as np
 
 from align_jax.data import batching
 from align_jax.data.formatting import format_records
+from align_jax.data.sources import Record
 from align_jax.losses.logprobs import forward_token_logps
 from align_jax.losses.scorer import bind, score_examples
 from align_jax.models.config import ModelConfig
@@ -43,18 +44,27 @@ class ScoreSet:
     kind: "sft" or "preference".
     examples: the records that fit `seq_len` (prompt cut on the left as in `answer_nll`).
     skipped: records that could not be formatted or fitted.
+    kept: the index in the given records of each example (so per-example scores line up
+      with the records, e.g. with shortcut rules over the same preference pairs).
     """
 
     kind: str
     examples: Sequence
     skipped: int
+    kept: tuple[int, ...] = ()
 
     @classmethod
     def make(cls, records, *, kind: str, tokenizer, seq_len: int) -> "ScoreSet":
         if kind not in ("sft", "preference"):
             raise ValueError(f"ScoreSet kind must be 'sft' or 'preference', got {kind!r}")
+        records = [r if isinstance(r, Record) else Record(data=r, where=f"records[{i}]")
+                   for i, r in enumerate(records)]
+        index = {r.where: i for i, r in enumerate(records)}
+        if len(index) != len(records):
+            raise ValueError("ScoreSet.make: records must have distinct `where` provenance")
         examples, skipped = _examples(records, kind=kind, tokenizer=tokenizer, seq_len=seq_len)
-        return cls(kind=kind, examples=examples, skipped=skipped)
+        return cls(kind=kind, examples=examples, skipped=skipped,
+                   kept=tuple(index[e.where] for e in examples))
 
     def summary(self, sums: Sequence[Sequence[float]]):
         """From log p(completion | prompt) per example (as `answer_and_score` returns them):
@@ -68,6 +78,14 @@ class ScoreSet:
         tokens = sum(len(e.completions[0]) for e in self.examples)
         return _nll_summary(float(sum(s[0] for s in sums)), tokens, len(self.examples),
                             self.skipped)
+
+    def per_example(self, sums: Sequence[Sequence[float]]) -> tuple[np.ndarray, np.ndarray]:
+        """For "sft": (answer NLL [N], answer tokens [N]) of each example, whose ratio of sums
+        is `summary`'s nll_per_token (what a bootstrap over records resamples)."""
+        if self.kind != "sft" or len(sums) != len(self.examples):
+            raise ValueError(f"per_example needs the {len(self.examples)} scores of an sft set")
+        return (np.array([-s[0] for s in sums], np.float64),
+                np.array([len(e.completions[0]) for e in self.examples], np.float64))
 
 
 def _nll_summary(logp: float, tokens: float, examples: int, skipped: int) -> dict:
@@ -126,9 +144,10 @@ def preference_margins(config: ModelConfig, params, tokenizer, records, *, seq_l
 
 
 def margin_summary(margins: np.ndarray, skipped: int) -> dict[str, float]:
-    """{"accuracy": share of margins > 0, "mean_margin", "examples", "skipped"}."""
+    """{"accuracy": share of margins > 0, a margin of exactly 0 counting 1/2 (the model
+    cannot tell the answers apart), "mean_margin", "examples", "skipped"}."""
     m = np.asarray(margins)
-    return {"accuracy": float(np.mean(m > 0)) if len(m) else float("nan"),
+    return {"accuracy": float(np.mean((m > 0) + 0.5 * (m == 0))) if len(m) else float("nan"),
             "mean_margin": float(np.mean(m)) if len(m) else float("nan"),
             "examples": len(m), "skipped": skipped}
 

@@ -26,7 +26,7 @@ from align_jax import distributed, sharding
 from align_jax.atomic import atomic_write, atomic_write_json
 from align_jax.data.documents import chunk_document, load_document
 from align_jax.data.sources import load_records
-from align_jax.eval.report import evaluate_models
+from align_jax.eval.report import YES_NO_INSTRUCTION, evaluate_models
 from align_jax.eval.retrieval import make_retriever
 from align_jax.jsonl import write_jsonl
 from align_jax.models.named import resolve_model_path
@@ -177,7 +177,9 @@ def value_alignment(*, output_dir: str, document: str, model: str | None = "tiny
                     judge_template: str = "relative",
                     judge_kwargs: Mapping[str, Any] | None = None,
                     judge_systems: Sequence[str] | None = None,
-                    teacher_forced: bool = True) -> dict[str, Any]:
+                    teacher_forced: bool = True, yes_no_test: str | None = None,
+                    yes_no_instruction: str | None = YES_NO_INSTRUCTION,
+                    yes_no_max_new_tokens: int = 24) -> dict[str, Any]:
     """Runs the whole method and its baselines; returns the report dict.
 
     Args:
@@ -218,6 +220,10 @@ def value_alignment(*, output_dir: str, document: str, model: str | None = "tiny
       judge_systems: systems the judge compares (default all), e.g. ("base", "sft+dpo").
       teacher_forced: also score the held-out records teacher-forced (answer NLL,
         preference accuracy, DPO's implicit reward); see `evaluate_models`.
+      yes_no_test: held-out yes/no questions (JSONL: `question`, `answer` "yes"/"no"): every
+        system answers them; accuracy next to the constant answers (`evaluate_models`).
+      yes_no_instruction: appended to each yes/no question (None: the question alone).
+      yes_no_max_new_tokens: budget of those answers (at most max_new_tokens).
     """
     out = os.path.abspath(output_dir)
     os.makedirs(out, exist_ok=True)
@@ -234,6 +240,8 @@ def value_alignment(*, output_dir: str, document: str, model: str | None = "tiny
     tok_path = tokenizer or init_from
     tok = load_tokenizer(tok_path)
 
+    # Read (and checked) before any training: a bad record stops the run at once.
+    yes_no = _records(yes_no_test, "yes_no") if yes_no_test else None
     doc = load_document(document)
     chunks = chunk_document(doc, tok, chunk_tokens=chunk_tokens, overlap=chunk_tokens // 8)
     chunk_file = _write_jsonl(os.path.join(out, "data", "chunks.jsonl"),
@@ -297,7 +305,9 @@ def value_alignment(*, output_dir: str, document: str, model: str | None = "tiny
         num_questions=num_questions, bertscore_model=bertscore_model, judge=judge,
         judge_template=judge_template, judge_kwargs=judge_kwargs, judge_systems=judge_systems,
         mesh=sharding.make_mesh(mesh or sharding.MeshSpec()), rules=rules,
-        teacher_forced=teacher_forced)
+        teacher_forced=teacher_forced,
+        yes_no_test=yes_no, yes_no_instruction=yes_no_instruction,
+        yes_no_max_new_tokens=yes_no_max_new_tokens)
     report["data_origin"] = origin
     extra = [f"Data: {origin}."]
     if sdg_summary is not None:

@@ -133,7 +133,9 @@ def test_report_scores_every_system_and_writes_files(checkpoints, tmp_path, monk
     assert parse_verdict("[RESULT] A") == "A"
     with open(tmp_path / "report.csv") as f:
         rows = list(csv.DictReader(f))
-    assert [r["system"] for r in rows] == systems
+    assert [r["system"] for r in rows if r["kind"] == "system"] == systems
+    # The shortcut rules follow the systems, as rows of their own (preference accuracy only).
+    assert [r["kind"] for r in rows[len(systems):]] == ["shortcut"] * 4
     assert float(rows[1]["BLEU"]) == pytest.approx(report["generation"]["metrics"]["sft + RAG"]
                                                    ["bleu"])
     assert rows[0]["answer NLL"] and rows[0]["BERTScore F1"] == ""
@@ -202,8 +204,146 @@ def test_without_teacher_forced_scores(checkpoints, tmp_path, monkeypatch):
     assert on["generation"]["metrics"] == off["generation"]["metrics"]
     with open(tmp_path / "off" / "report.csv") as f:
         header = next(csv.reader(f))
-    assert header[-1] == "BERTScore F1" and "answer NLL" not in header
+    assert "BERTScore F1" in header and "answer NLL" not in header
+    assert not [h for h in header if "nll" in h.lower() or "preference" in h]
     md = (tmp_path / "off" / "report.md").read_text()
     assert "not computed (teacher_forced=False)" in md and "Answer NLL" not in md
     assert "## Teacher-forced scores" in (tmp_path / "on" / "report.md").read_text()
     assert (tmp_path / "off" / "report.png").stat().st_size > 5_000
+    # The yes/no section needs only generated answers: it works without the scoring passes.
+    yn = evaluate_models(str(tmp_path / "yn"), **kw, teacher_forced=False,
+                         yes_no_test=YES_NO_TEST, yes_no_max_new_tokens=2)
+    assert "preference_evidence" not in yn and scored_alone == [1, 1]
+    assert set(yn["intervals"]["dpo"]) == {"bleu", "rougeL", "yes_no_accuracy"}
+    assert yn["yes_no"]["rows"]["always yes"]["accuracy"]["estimate"] == 0.5
+    md = (tmp_path / "yn" / "report.md").read_text()
+    assert "## Yes/no answers (4 questions" in md and "shortcut rules" not in md
+
+
+YES_NO_TEST = [{"question": "Must I report a near miss?", "answer": "yes", "pair_id": "a"},
+               {"question": "May I skip reporting a near miss?", "answer": "no", "pair_id": "a"},
+               {"question": "Can I accept cash from a supplier?", "answer": "no"},
+               {"question": "Can I refuse a gift?", "answer": "yes"}]
+
+
+def test_report_with_yes_no_questions_shortcuts_and_intervals(checkpoints, tmp_path,
+                                                              monkeypatch):
+    """The evidence sections: every system answers the yes/no questions (RAG ones with the
+    passage) at their own budget; intervals for every headline metric and every difference
+    against the first model; shortcut and constant-answer rows in report.md and report.csv."""
+    from align_jax.eval.bootstrap import Bootstrap
+    from align_jax.eval.evidence import answer_polarity
+    models, tok = checkpoints
+    calls = []
+    real = answers_lib.generate
+
+    def recording(config, params, prompts, **kw):
+        out = real(config, params, prompts, **kw)
+        calls.append((prompts, kw, out.texts))
+        return out
+    monkeypatch.setattr(answers_lib, "generate", recording)
+    sft_test = [{"prompt": "Must I report a near miss?", "completion": "Yes, the same day."},
+                {"prompt": "Who speaks to journalists?", "completion": "The board chair."},
+                {"prompt": "Gift?", "completion": "Refuse it."}]
+    pref_test = [{"prompt": "Gift?", "chosen": "No. Refuse it.", "rejected": "Yes, keep it."},
+                 {"prompt": "Roof?", "chosen": "Never alone.", "rejected": "Go, it is quick."},
+                 {"prompt": "Stop?", "chosen": "Yes, always.", "rejected": "No, finish it."}]
+    retriever = BM25Retriever(["Report every near miss within the same working day.",
+                               "Gifts over thirty euros are refused."])
+    report = evaluate_models(str(tmp_path), models=models, tokenizer=tok, sft_test=sft_test,
+                             pref_test=pref_test, retriever=retriever, rag_models=("dpo",),
+                             seq_len=128, num_samples=1, max_new_tokens=6,
+                             bertscore_model=None, reference=("dpo", "sft"),
+                             stages={"sft": "sft"}, yes_no_test=YES_NO_TEST,
+                             yes_no_instruction="Answer yes or no.", yes_no_max_new_tokens=3)
+    yn = report["yes_no"]
+    systems = ["sft", "dpo", "dpo + RAG"]
+    assert list(yn["rows"]) == ["always yes", "always no", *systems]
+    # Per model: one generation of its questions, one of its yes/no prompts at budget 3,
+    # compiled for the main budget of 6.
+    assert [(len(p), kw["max_new_tokens"], kw.get("shape_budget")) for p, kw, _ in calls] == [
+        (3, 6, None), (4, 3, 6), (6, 6, None), (8, 3, 6)]
+    yes_no_prompts, kw, texts = calls[3]
+    assert kw["tokenizer"] is tok
+    # The plain prompts are the questions with the instruction after them; the RAG prompts
+    # the same after the question's retrieved passage.
+    from align_jax.eval.evidence import yes_no_prompt
+    qs = [r["question"] for r in YES_NO_TEST]
+    rag = report_lib.with_retrieval([{"prompt": q} for q in qs], retriever)
+    want = [yes_no_prompt(q, "Answer yes or no.") for q in qs] + \
+        [yes_no_prompt(r["prompt"], "Answer yes or no.") for r in rag]
+    assert yes_no_prompts == [answers_lib.chat_prompt_ids(tok, p, max_prompt_tokens=506)
+                              for p in want]
+    assert all("Passage:" in p for p in want[4:])
+    for q in yn["per_question"]:
+        for s in systems:
+            a = q["answers"][s]
+            assert a["polarity"] == answer_polarity(a["text"])
+            assert a["right"] == (a["polarity"] == q["expected"])
+    assert [q["answers"]["dpo + RAG"]["text"] for q in yn["per_question"]] == [
+        t.strip() for t in texts[4:]]
+    # A balanced set: each constant answer scores exactly 0.5 and none can do better.
+    assert yn["yes_share"] == 0.5 and yn["minimal_pairs"] == 1
+    for c in ("always yes", "always no"):
+        assert yn["rows"][c]["accuracy"]["estimate"] == 0.5
+        assert yn["rows"][c]["pairs_both_right"]["estimate"] == 0.0
+    # Intervals: every headline metric of every system contains its estimate; differences
+    # against the first model (no model is named "base"), which has none of its own.
+    assert report["base_system"] == "sft"
+    table = report["intervals"]
+    assert list(table) == systems
+    for s, row in table.items():
+        assert set(row) == {"bleu", "rougeL", "answer_nll", "preference_accuracy",
+                            "yes_no_accuracy"}
+        for key, cell in row.items():
+            assert cell["ci_low"] <= cell["estimate"] <= cell["ci_high"], (s, key)
+            assert ("diff" in cell) == (s != "sft"), (s, key)
+    for s in systems:
+        assert 0 <= table[s]["yes_no_accuracy"]["estimate"] <= 1
+        assert table[s]["yes_no_accuracy"]["estimate"] == yn["rows"][s]["accuracy"]["estimate"]
+    # The NLL interval is the bootstrap of summed NLL over summed tokens (plain records).
+    dpo_nll = report["models"]["dpo"]["answer_nll"]["nll_per_token"]
+    assert table["dpo"]["answer_nll"]["estimate"] == pytest.approx(dpo_nll, rel=1e-9)
+    assert table["dpo"]["preference_accuracy"]["estimate"] == pytest.approx(
+        report["models"]["dpo"]["preference"]["accuracy"])
+    # Shortcuts on the three pairs by hand: starts with No 1/2 (pair 1: 1, pair 2: 1/2,
+    # pair 3: 0), starts with Yes 1/2 (0, 1/2, 1), shorter 2/3 (14 vs 13 characters: 0,
+    # 12 vs 16: 1, 12 vs 14: 1), longer 1/3.
+    ev = report["preference_evidence"]
+    assert {k: r["estimate"] for k, r in ev["rows"].items() if r["kind"] == "shortcut"} == \
+        pytest.approx({'starts with "No"': 0.5, 'starts with "Yes"': 0.5,
+                       "shorter answer": 2 / 3, "longer answer": 1 / 3})
+    assert ev["best_shortcut"] == "shorter answer"
+    assert set(ev["comparisons"]) == {"sft", "dpo", "implicit reward (dpo vs sft)"}
+    assert "cannot be told apart on 3 pairs" in json.dumps(ev)  # 3 pairs resolve nothing
+    md = (tmp_path / "report.md").read_text()
+    for part in ("| system | BLEU | ROUGE-L | answer NLL | preference accuracy | "
+                 "yes/no accuracy |", "## Differences against sft",
+                 "## Preference accuracy against shortcut rules (3 held-out pairs)",
+                 "Best shortcut: shorter answer", "## Yes/no answers (4 questions: 2 expect "
+                 "yes, 2 expect no)", '"Answer yes or no."',
+                 "The set is balanced, so no constant answer can exceed 0.5.",
+                 "| always no | constant | 0.500 [", "## Yes/no answers per question (sft vs dpo)",
+                 "| Must I report a near miss? | yes | **"):
+        assert part in md, part
+    with open(tmp_path / "report.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["system"], r["kind"]) for r in rows] == [
+        *((s, "system") for s in systems), *((k, "shortcut") for k in ev["rows"]
+                                              if ev["rows"][k]["kind"] == "shortcut"),
+        ("always yes", "constant answer"), ("always no", "constant answer")]
+    by = {r["system"]: r for r in rows}
+    dpo = table["dpo"]["bleu"]
+    assert float(by["dpo"]["bleu_ci_low"]) == pytest.approx(dpo["ci_low"])
+    assert float(by["dpo"]["bleu_diff_vs_base"]) == pytest.approx(dpo["diff"])
+    assert by["sft"]["bleu_diff_vs_base"] == "" and by["dpo"]["base system"] == "sft"
+    assert float(by["always no"]["yes/no accuracy"]) == 0.5
+    assert float(by["always no"]["yes_no_accuracy_no"]) == 1.0
+    assert float(by["shorter answer"]["preference accuracy"]) == pytest.approx(2 / 3)
+    # The yes/no accuracy interval is the mean's bootstrap over the 4 questions.
+    right = [q["answers"]["dpo"]["right"] for q in yn["per_question"]]
+    want = Bootstrap(4).mean(np.array(right, float)).interval()
+    assert float(by["dpo"]["yes_no_accuracy_ci_high"]) == pytest.approx(want.high)
+    json.dumps(report)
+    for name in ("metrics.png", "report.png"):
+        assert (tmp_path / name).stat().st_size > 10_000, name

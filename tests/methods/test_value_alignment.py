@@ -28,12 +28,23 @@ def test_retriever_finds_the_chunk_that_shares_the_terms():
         Retriever([])
 
 
+YES_NO = [{"question": "May I stop unsafe work without asking my coordinator?",
+           "answer": "yes", "pair_id": 1},
+          {"question": "May I go up on a roof alone if the job is quick?", "answer": "no",
+           "pair_id": 1},
+          {"question": "Must I report a gift from a supplier?", "answer": "yes"},
+          {"question": "Can I give a member's address to the police myself?", "answer": "no"}]
+
+
 def test_recipe_runs_every_stage_and_reports(tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)
     gin.clear_config()
     out = tmp_path / "demo"
+    yes_no = tmp_path / "yes_no.jsonl"
+    yes_no.write_text("".join(json.dumps(r) + "\n" for r in YES_NO))
     steps = ["cft_steps=12", "sft_steps=12", "dpo_steps=8", "num_samples=1", "max_new_tokens=4",
-             "progress=False", "preference_test='examples/preference_heldout.jsonl'"]
+             "progress=False", "preference_test='examples/preference_heldout.jsonl'",
+             f"yes_no_test='{yes_no}'", "yes_no_max_new_tokens=3"]
     code = cli.main(["run", "--gin_file=configs/runs/value_alignment_tiny.gin",
                      f"--output_dir={out}"] +
                     [f"--gin_param=value_alignment.value_alignment.{s}" for s in steps])
@@ -66,6 +77,34 @@ def test_recipe_runs_every_stage_and_reports(tmp_path, monkeypatch):
     assert pref_train == prompts(ROOT / "examples" / "preference.jsonl")
     assert not set(pref_train) & set(heldout)
     assert report["models"]["sft"]["preference"]["examples"] == len(heldout)
+    # The evidence sections: shortcut rules on the same held-out pairs, the yes/no questions
+    # answered by every system, intervals for every metric, differences against the first
+    # model (a from-scratch run has no base model).
+    assert report["base_system"] == "c-fine-tuned"
+    ev = report["preference_evidence"]
+    assert ev["pairs"] == len(heldout) and ev["best_shortcut"] in ev["rows"]
+    assert "implicit reward (sft+dpo vs sft)" in ev["comparisons"]
+    yn = report["yes_no"]
+    assert yn["questions"] == 4 and yn["yes_share"] == 0.5 and yn["max_new_tokens"] == 3
+    assert set(yn["rows"]) == {"always yes", "always no", *metrics}
+    for name, row in yn["rows"].items():
+        acc = row["accuracy"]
+        assert 0 <= acc["ci_low"] <= acc["estimate"] <= acc["ci_high"] <= 1, name
+        assert 0 <= row["unclear"]["estimate"] <= 1
+    assert yn["rows"]["always no"]["accuracy"]["estimate"] == 0.5
+    assert yn["rows"]["always yes"]["accuracy"]["estimate"] == 0.5
+    for system, cells in report["intervals"].items():
+        assert set(cells) == {"bleu", "rougeL", "bertscore_f1", "answer_nll",
+                              "preference_accuracy", "yes_no_accuracy"}
+        for key, c in cells.items():
+            assert c["ci_low"] <= c["estimate"] <= c["ci_high"], (system, key)
+    md = (out / "report.md").read_text()
+    for part in ("## Differences against c-fine-tuned",
+                 "## Preference accuracy against shortcut rules (40 held-out pairs)",
+                 "## Yes/no answers (4 questions: 2 expect yes, 2 expect no)",
+                 "The set is balanced, so no constant answer can exceed 0.5.",
+                 "## Yes/no answers per question (c-fine-tuned vs sft+dpo)"):
+        assert part in md, part
 
 
 @pytest.mark.slow
