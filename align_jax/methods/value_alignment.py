@@ -4,8 +4,9 @@
     align-jax run --gin_file=configs/runs/value_alignment_tiny.gin --output_dir=runs/tiny
 
 Stages (each a folder of <output_dir>):
-  data/    D_sft and D_pref: written by a teacher from the document's chunks (SDG), or given
-           as files; split by prompt into train and held-out test records.
+  data/    D_sft and D_pref: written by a teacher from the document's chunks (SDG), and/or
+           given as files (`train_on`); held-out records from test files or a split by prompt
+           (`align_jax.methods.value_data`).
   cft/     the "c-fine-tuned" baseline: causal-LM training on the document's chunks. When the
            run starts from scratch (no `init_from`) this is also the base model of SFT.
   sft/     SFT on D_sft.
@@ -25,24 +26,17 @@ from typing import Any
 from align_jax import distributed, sharding
 from align_jax.atomic import atomic_write, atomic_write_json
 from align_jax.data.documents import chunk_document, load_document
-from align_jax.data.sources import load_records
 from align_jax.eval.report import YES_NO_INSTRUCTION, evaluate_models
 from align_jax.eval.retrieval import make_retriever
 from align_jax.jsonl import write_jsonl
+from align_jax.methods import value_data
 from align_jax.models.named import resolve_model_path
-from align_jax.sdg.backends import make_teacher
-from align_jax.sdg.pipeline import run_document_sdg
-from align_jax.sdg.store import split_of
 from align_jax.tokenizer import load_tokenizer
 from align_jax.train.entry import build_tokenizer, train_main
 from align_jax.train.optim import OptimizerConfig
 from align_jax.train.status import read_json
 
 log = logging.getLogger(__name__)
-
-
-def _records(path: str, schema: str) -> list[dict]:
-    return [r.data for r in load_records(path, schema=schema)[0]]
 
 
 def _write_jsonl(path: str, rows: Sequence[Mapping]) -> str:
@@ -54,68 +48,8 @@ def _write_jsonl(path: str, rows: Sequence[Mapping]) -> str:
     return path
 
 
-def _split(rows: list[dict], heldout: float) -> tuple[list[dict], list[dict]]:
-    """Deterministic split by prompt: the same prompt is never on both sides."""
-    train, test = [], []
-    for r in rows:
-        side = split_of(r["prompt"], (1 - heldout, heldout, 0.0))
-        (train if side == "train" else test).append(r)
-    return train, test
-
-
 def _say(msg: str) -> None:
     print(f"[value_alignment] {msg}", flush=True)
-
-
-def _document_data(out: str, *, document: str, teacher: str | None, tokenizer,
-                   sdg_kwargs: Mapping[str, Any], sft_data, preference_data,
-                   teacher_kwargs: Mapping[str, Any] | None = None):
-    """(sft records, preference records, where they came from, SDG summary or None).
-
-    With a teacher and data files, the SDG records and the files' records are pooled.
-    """
-    if teacher is not None:
-        sdg_dir = os.path.join(out, "sdg")
-        summary = run_document_sdg([document], sdg_dir,
-                                   teacher=make_teacher(teacher, **dict(teacher_kwargs or {})),
-                                   tokenizer=tokenizer, **dict(sdg_kwargs))
-        # The recipe makes its own held-out split by prompt, so it pools SDG's splits.
-        sft = [r for split in ("train", "validation", "test")
-               for r in _maybe(os.path.join(sdg_dir, "sft", f"{split}.jsonl"), "sft")]
-        pref = [r for split in ("train", "validation", "test")
-                for r in _maybe(os.path.join(sdg_dir, "preference", f"{split}.jsonl"),
-                                "preference")]
-        origin = f"SDG with teacher {teacher} ({sdg_dir}: {len(sft)} SFT, {len(pref)} preference)"
-        if sft_data is not None:
-            given = _records(sft_data, "sft")
-            sft += given
-            origin += f" + {len(given)} SFT from {sft_data}"
-        if preference_data is not None:
-            given = _records(preference_data, "preference")
-            pref += given
-            origin += f" + {len(given)} preference from {preference_data}"
-        if not sft or not pref:
-            raise ValueError(f"SDG with teacher {teacher} wrote {len(sft)} SFT and {len(pref)} "
-                             f"preference records: too few to train on (reasons in "
-                             f"{os.path.join(sdg_dir, 'rejects.jsonl')}); add sft_data / "
-                             f"preference_data files to pool with them")
-        return sft, pref, origin, summary
-    if sft_data is None or preference_data is None:
-        raise ValueError("value_alignment: give a `teacher` for SDG, or both `sft_data` and "
-                         "`preference_data` files")
-    return (_records(sft_data, "sft"), _records(preference_data, "preference"),
-            f"given files {sft_data} and {preference_data} (no teacher)", None)
-
-
-def sdg_counts(summary: Mapping[str, Any]) -> str:
-    """One markdown paragraph: records the teacher wrote and kept, and rejects by reason."""
-    kinds = summary.get("kinds", {})
-    wrote = ", ".join(f"{k} {v.get('raw', 0)} written / {v.get('kept', v.get('raw', 0))} kept"
-                      for k, v in kinds.items()) or "nothing"
-    rejects = [f"{stage}: " + ", ".join(f"{reason} {n}" for reason, n in sorted(d.items()))
-               for stage, d in sorted(summary.get("rejects", {}).items())]
-    return (f"SDG over {summary.get('num_chunks', '?')} chunk(s): {wrote}. Rejected: "
-            + ("; ".join(rejects) if rejects else "none") + ".")
 
 
 def _cell(text: str, limit: int = 300) -> str:
@@ -153,16 +87,12 @@ def _base_changed(stage_dir: str, init: str | None) -> bool:
     return old is not None and old != mark
 
 
-def _maybe(path: str, schema: str) -> list[dict]:
-    # An empty split file is normal for a small SDG run.
-    return _records(path, schema) if os.path.exists(path) and os.path.getsize(path) else []
-
-
 def value_alignment(*, output_dir: str, document: str, model: str | None = "tiny",
                     init_from: str | None = None, tokenizer: str | None = None,
                     teacher: str | None = None, sdg_kwargs: Mapping[str, Any] | None = None,
                     teacher_kwargs: Mapping[str, Any] | None = None,
                     sft_data: str | None = None, preference_data: str | None = None,
+                    train_on: Sequence[str] = ("sdg", "files"), sft_test: str | None = None,
                     preference_test: str | None = None, heldout_fraction: float = 0.2,
                     chunk_tokens: int = 128,
                     seq_len: int = 256, batch_size: int = 8, cft_steps: int = 60,
@@ -193,11 +123,14 @@ def value_alignment(*, output_dir: str, document: str, model: str | None = "tiny
       teacher_kwargs: extra arguments of the teacher (`make_teacher`), e.g. max_len,
         batch_size, shape_budget for a `local:` one.
       sft_data, preference_data: ready-made D_sft / D_pref JSONL; with a teacher they are
-        pooled with what SDG writes.
-      preference_test: a held-out D_pref JSONL; when given, every preference record above
-        trains (those whose prompt is also in this file are dropped) and these pairs are the
-        held-out preference set.
-      heldout_fraction: share of prompts kept out of training for evaluation.
+        pooled with what SDG writes (when `train_on` has "files").
+      train_on: which records train: "sdg" (the teacher's, from the document) and/or "files"
+        (sft_data / preference_data). The report lists every source (`value_data`).
+      sft_test, preference_test: held-out D_sft / D_pref JSONL; when given, every record of
+        `train_on` trains, and these are the held-out sets; otherwise `heldout_fraction` of
+        the prompts is split off. Either way, training records that repeat a held-out
+        question (or nearly) are dropped first.
+      heldout_fraction: share of prompts kept out of training when no test file is given.
       chunk_tokens: chunk size for the c-fine-tune baseline and RAG retrieval.
       seq_len, batch_size: training shapes.
       cft_steps, sft_steps, dpo_steps: updates per stage.
@@ -241,7 +174,7 @@ def value_alignment(*, output_dir: str, document: str, model: str | None = "tiny
     tok = load_tokenizer(tok_path)
 
     # Read (and checked) before any training: a bad record stops the run at once.
-    yes_no = _records(yes_no_test, "yes_no") if yes_no_test else None
+    yes_no = value_data.records(yes_no_test, "yes_no") if yes_no_test else None
     doc = load_document(document)
     chunks = chunk_document(doc, tok, chunk_tokens=chunk_tokens, overlap=chunk_tokens // 8)
     chunk_file = _write_jsonl(os.path.join(out, "data", "chunks.jsonl"),
@@ -249,24 +182,21 @@ def value_alignment(*, output_dir: str, document: str, model: str | None = "tiny
     _say(f"{document}: {len(doc.text.split())} words -> {len(chunks)} chunks of <= "
          f"{chunk_tokens} tokens")
 
-    sft_rows, pref_rows, origin, sdg_summary = _document_data(
+    data = value_data.gather(
         out, document=document, teacher=teacher, tokenizer=tok, sdg_kwargs=sdg_kwargs or {},
-        sft_data=sft_data, preference_data=preference_data, teacher_kwargs=teacher_kwargs)
-    sft_train, sft_test = _split(sft_rows, heldout_fraction)
-    if preference_test is None:
-        pref_train, pref_test = _split(pref_rows, heldout_fraction)
-    else:
-        pref_test = _records(preference_test, "preference")
-        test_prompts = {r["prompt"] for r in pref_test}
-        pref_train = [r for r in pref_rows if r["prompt"] not in test_prompts]
-        if len(pref_train) < len(pref_rows):
-            _say(f"dropped {len(pref_rows) - len(pref_train)} training preference records whose "
-                 f"prompt is in {preference_test}")
+        teacher_kwargs=teacher_kwargs, sft_data=sft_data, preference_data=preference_data,
+        train_on=train_on, sft_test=sft_test, preference_test=preference_test,
+        heldout_fraction=heldout_fraction,
+        heldout_questions=[q["question"] for q in yes_no or ()])
+    sft_train, sft_test_rows = data.sft_train, data.sft_test
+    pref_train, pref_test = data.pref_train, data.pref_test
     files = {name: _write_jsonl(os.path.join(out, "data", f"{name}.jsonl"), rows)
-             for name, rows in (("sft_train", sft_train), ("sft_test", sft_test),
+             for name, rows in (("sft_train", sft_train), ("sft_test", sft_test_rows),
                                 ("preference_train", pref_train), ("preference_test", pref_test))}
-    _say(f"data from {origin}: D_sft {len(sft_train)} train / {len(sft_test)} held out, "
-         f"D_pref {len(pref_train)} train / {len(pref_test)} held out")
+    _say(f"data from {data.origin}: D_sft {len(sft_train)} train / {len(sft_test_rows)} held "
+         f"out, D_pref {len(pref_train)} train / {len(pref_test)} held out"
+         + (f"; {data.leaks_dropped} training records dropped: a held-out question repeats "
+            f"them" if data.leaks_dropped else ""))
 
     def stage(name, objective, data, steps, *, init, lr, **kw):
         _say(f"stage {name}: {objective} on {os.path.basename(data)} for {steps} steps"
@@ -297,7 +227,7 @@ def value_alignment(*, output_dir: str, document: str, model: str | None = "tiny
     if init_from is None:
         models.pop("base")  # the same model as c-fine-tuned
     report = evaluate_models(
-        out, models=models, tokenizer=tok, sft_test=sft_test, pref_test=pref_test,
+        out, models=models, tokenizer=tok, sft_test=sft_test_rows, pref_test=pref_test,
         retriever=make_retriever([c.text for c in chunks], kind=retrieval),
         rag_models=tuple(models), reference=("sft+dpo", "sft"), seq_len=seq_len,
         num_samples=num_samples, max_new_tokens=max_new_tokens,
@@ -308,14 +238,16 @@ def value_alignment(*, output_dir: str, document: str, model: str | None = "tiny
         teacher_forced=teacher_forced,
         yes_no_test=yes_no, yes_no_instruction=yes_no_instruction,
         yes_no_max_new_tokens=yes_no_max_new_tokens)
-    report["data_origin"] = origin
-    extra = [f"Data: {origin}."]
-    if sdg_summary is not None:
-        report["sdg"] = {"kinds": sdg_summary.get("kinds", {}),
-                         "rejects": sdg_summary.get("rejects", {})}
-        extra += ["", sdg_counts(sdg_summary)]
+    report["data_origin"] = data.origin
+    report["provenance"] = data.provenance
+    report["leaks_dropped"] = data.leaks_dropped
+    extra = [f"Data: {data.origin}.", ""] + value_data.provenance_lines(data)
+    if data.sdg_summary is not None:
+        report["sdg"] = {k: data.sdg_summary[k] for k in
+                         ("kinds", "rejects", "teacher_calls", "parse_failures")
+                         if k in data.sdg_summary}
     if "base" in report["samples"] and "sft+dpo" in report["samples"]:
-        extra += ["", side_by_side(sft_test[:num_samples], report["samples"]["base"],
+        extra += ["", side_by_side(sft_test_rows[:num_samples], report["samples"]["base"],
                                    report["samples"]["sft+dpo"])]
     if distributed.is_main():
         md_path = os.path.join(out, "report.md")

@@ -21,13 +21,13 @@ import tqdm
 
 from align_jax.data import documents as documents_lib
 from align_jax.jsonl import write_jsonl
-from align_jax.sdg import aligner_data, instruct, preference
+from align_jax.sdg import aligner_data, instruct, preference, yes_no
 from align_jax.sdg import principles as principles_lib
 from align_jax.sdg.store import RunStore, UnitResult, derive_seed, finalize
 from align_jax.sdg.teacher import Teacher
 from align_jax.sdg.templates import Template, resolve_templates
 
-STAGES = ("instruct", "preference")
+STAGES = ("instruct", "preference", "yes_no")
 _SETTINGS = "settings.json"
 # Room for a generated question inside the answer prompt, beyond the template itself.
 _QUESTION_RESERVE = 128
@@ -114,7 +114,8 @@ def plan_chunks(document_paths: Sequence[str | os.PathLike], *, teacher: Teacher
       ValueError if some chunk + template + budget would exceed the teacher's context.
     """
     encoder = tokenizer if tokenizer is not None else _CountEncoder(teacher)
-    empty = {"passage": "", "question": "", "nex": 5, "keyword": ""}
+    empty = {"passage": "", "question": "", "nex": 5, "keyword": "", "rule": "", "frame": "",
+             "verdict": "", "stance": ""}
     reserved = max(teacher.count_tokens(t.render(**empty)) + reserve[role]
                    for role, t in templates.items())
     # Slack for tokenizer merges at the passage boundary and for nex/keyword text.
@@ -125,7 +126,8 @@ def plan_chunks(document_paths: Sequence[str | os.PathLike], *, teacher: Teacher
         context_length=teacher.context_length, reserved_tokens=reserved)
     for chunk in chunks:
         for role, t in templates.items():
-            n = teacher.count_tokens(t.render(**{**empty, "passage": chunk.text})) + reserve[role]
+            n = teacher.count_tokens(t.render(**{**empty, "passage": chunk.text,
+                                                 "rule": chunk.text})) + reserve[role]
             if n > teacher.context_length:
                 raise ValueError(
                     f"chunk {chunk.id} of {chunk.source} (chars {chunk.start}-{chunk.end}) "
@@ -142,11 +144,18 @@ def run_document_sdg(document_paths: Sequence[str | os.PathLike], out_dir: str |
                      stages: Sequence[str] = STAGES, concurrency: int = 8,
                      instruct_config: instruct.InstructConfig | None = None,
                      preference_config: preference.PreferenceConfig | None = None,
+                     yes_no_config: yes_no.YesNoConfig | None = None,
                      split_fractions: Sequence[float] = (0.9, 0.05, 0.05),
                      near_duplicate_threshold: float | None = 0.8,
                      max_chunks: int | None = None, rounds: int = 1,
+                     balance: bool = True,
                      progress: bool = True, verbose: bool = True) -> dict:
-    """Generate D_sft ("instruct") and D_pref ("preference") from value documents.
+    """Generate D_sft and D_pref from value documents.
+
+    Stages: "instruct" (open questions with answers from the chunk: D_sft), "preference"
+    (values filter, then faithful/unfaithful answer pairs: D_pref), "yes_no" (questions about
+    each rule of the chunk whose yes/no answer comes from the rule's wording, balanced by
+    construction: both D_sft and D_pref; see `align_jax.sdg.yes_no`).
 
     Args:
       document_paths: .txt/.md/.html/.pdf files or folders of them.
@@ -160,9 +169,9 @@ def run_document_sdg(document_paths: Sequence[str | os.PathLike], out_dir: str |
         preference_pairs (a name, a path or a Template).
       chunk_tokens, overlap: chunking in tokens.
       seed: global seed; unit/batch seeds derive from it.
-      stages: any of "instruct", "preference".
+      stages: any of "instruct", "preference", "yes_no".
       concurrency: chunks per teacher call.
-      instruct_config, preference_config: sampling settings.
+      instruct_config, preference_config, yes_no_config: the stages' settings.
       split_fractions: train/validation/test shares, by chunk.
       near_duplicate_threshold: word-bigram Jaccard for near-duplicate removal.
       max_chunks: use only the first this many chunks (a quick run on a small machine).
@@ -170,6 +179,8 @@ def run_document_sdg(document_paths: Sequence[str | os.PathLike], out_dir: str |
         and pairs); records are deduplicated across rounds by `finalize`, and each round of
         each chunk is its own resumable unit ("instruct/<chunk>/r2"; round 0 keeps the id
         "instruct/<chunk>").
+      balance: keep the yes/no stage's records balanced after deduplication (answers 50/50,
+        the chosen answer the shorter one in 40-60% of pairs; `yes_no.balance_records`).
       progress: show a tqdm bar.
       verbose: print the summary.
     Returns:
@@ -189,14 +200,21 @@ def run_document_sdg(document_paths: Sequence[str | os.PathLike], out_dir: str |
     p_cfg = preference.PreferenceConfig(**{
         **vars(preference_config or preference.PreferenceConfig()),
                                            "nex": nex, "keyword": keyword})
-    all_roles = {**instruct.TEMPLATES, **preference.TEMPLATES}
+    y_cfg = yes_no_config or yes_no.YesNoConfig()
+    modules = {"instruct": (instruct, i_cfg, instruct.generate_instruct),
+               "preference": (preference, p_cfg, preference.generate_preference),
+               "yes_no": (yes_no, y_cfg, yes_no.generate_yes_no)}
+    all_roles = {r: t for m, _, _ in modules.values() for r, t in m.TEMPLATES.items()}
     tpls = resolve_templates(all_roles, templates, strict=True)
+    # The yes/no prompts hold one rule (a part of the chunk), so a chunk that fits with
+    # the template fits with any of its rules.
     chunk_roles = {"instruct_questions": i_cfg.question_max_tokens,
                    "instruct_answer": i_cfg.answer_max_tokens + _QUESTION_RESERVE,
                    "values_filter": p_cfg.filter_max_tokens,
-                   "preference_pairs": p_cfg.pair_max_tokens}
-    used = {r for s in stages
-            for r in (instruct.TEMPLATES if s == "instruct" else preference.TEMPLATES)}
+                   "preference_pairs": p_cfg.pair_max_tokens,
+                   "yes_no_question": y_cfg.question_max_tokens,
+                   "yes_no_unfaithful": y_cfg.unfaithful_max_tokens + _QUESTION_RESERVE}
+    used = {r for s in stages for r in modules[s][0].TEMPLATES}
     chunks = plan_chunks(document_paths, teacher=teacher, tokenizer=tokenizer,
                          chunk_tokens=chunk_tokens, overlap=overlap,
                          templates={r: tpls[r] for r in used},
@@ -207,14 +225,13 @@ def run_document_sdg(document_paths: Sequence[str | os.PathLike], out_dir: str |
     settings = {"kind": "documents", "sources": sorted({c.source for c in chunks}),
                 "chunk_ids": [c.id for c in chunks], "seed": seed, "concurrency": concurrency,
                 "stages": list(stages), "instruct": vars(i_cfg), "preference": vars(p_cfg),
+                **({"yes_no": vars(y_cfg)} if "yes_no" in stages else {}),
                 "rounds": rounds,
                 "templates": _template_fingerprint({r: tpls[r] for r in used})}
     _check_settings(store, settings)
     for stage in stages:
-        generate_units = (instruct.generate_instruct if stage == "instruct"
-                          else preference.generate_preference)
-        stage_unit = instruct.unit_id if stage == "instruct" else preference.unit_id
-        config = i_cfg if stage == "instruct" else p_cfg
+        module, config, generate_units = modules[stage]
+        stage_unit = module.unit_id
         for r in range(rounds):
             def unit_of(chunk, r=r, stage_unit=stage_unit):
                 return round_unit(stage_unit(chunk), r)
@@ -223,8 +240,9 @@ def run_document_sdg(document_paths: Sequence[str | os.PathLike], out_dir: str |
                           config=config):
                 # The batch seed derives from the unit ids, which carry the round: every
                 # round samples afresh, and a resumed round redoes exactly what it did.
+                kw = {"round_index": r} if generate_units is yes_no.generate_yes_no else {}
                 results = generate_units(teacher, batch, seed=batch_seed, config=config,
-                                         templates=tpls)
+                                         templates=tpls, **kw)
                 return [dataclasses.replace(res, unit=round_unit(res.unit, r))
                         for res in results]
             desc = f"sdg {stage}" + (f" round {r + 1}/{rounds}" if rounds > 1 else "")
@@ -233,6 +251,7 @@ def run_document_sdg(document_paths: Sequence[str | os.PathLike], out_dir: str |
     count = (lambda s: len(tokenizer.encode(s))) if tokenizer is not None else teacher.count_tokens
     return finalize(store, kinds=("sft", "preference"), split_fractions=split_fractions,
                     near_threshold=near_duplicate_threshold, count_tokens=count,
+                    select=yes_no.balance_records if balance else None,
                     extra={"num_chunks": len(chunks),
                            "num_documents": len(settings["sources"])},
                     verbose=verbose)

@@ -183,7 +183,8 @@ class RunStore:
 _WORDS = re.compile(r"[^\W_]+", re.U)
 
 
-def _shingles(text: str) -> frozenset[str]:
+def word_bigrams(text: str) -> frozenset[str]:
+    """The set of lower-cased word bigrams of a text (its words when it has fewer than two)."""
     words = _WORDS.findall(text.lower())
     if len(words) < 2:
         return frozenset(words)
@@ -192,7 +193,7 @@ def _shingles(text: str) -> frozenset[str]:
 
 def jaccard(a: str, b: str) -> float:
     """Jaccard similarity of the word-bigram sets of two texts (1.0 for two empty texts)."""
-    sa, sb = _shingles(a), _shingles(b)
+    sa, sb = word_bigrams(a), word_bigrams(b)
     if not sa and not sb:
         return 1.0
     return len(sa & sb) / len(sa | sb)
@@ -245,7 +246,7 @@ def dedup_records(records: Sequence[dict], fields: Sequence[str], *,
             continue
         if near_threshold is not None:
             prefix = tuple(values[:-1])
-            shingles = _shingles(values[-1])
+            shingles = word_bigrams(values[-1])
             sig = _minhash(shingles)
             band_keys = [(prefix, b, tuple(sig[b * rows_per_band:(b + 1) * rows_per_band]))
                          for b in range(_BANDS)]
@@ -309,7 +310,9 @@ def finalize(store: RunStore, *, kinds: Sequence[str] | None = None,
              split_fractions: Sequence[float] = (0.9, 0.05, 0.05),
              near_threshold: float | None = 0.8,
              count_tokens: Callable[[str], int] | None = None,
-             extra: Mapping | None = None, verbose: bool = True) -> dict:
+             extra: Mapping | None = None,
+             select: Callable[[list[dict]], tuple[list[dict], list[dict]]] | None = None,
+             verbose: bool = True) -> dict:
     """Dedup, split and summarise a run's committed records; writes the final files.
 
     Args:
@@ -320,6 +323,8 @@ def finalize(store: RunStore, *, kinds: Sequence[str] | None = None,
       near_threshold: Jaccard threshold for near duplicates (None: exact only).
       count_tokens: measures text lengths; words (whitespace split) when None.
       extra: merged into the summary (e.g. run settings).
+      select: applied to each kind's records after deduplication: (kept, removed), each
+        removed record with a "reason" (e.g. the yes/no stage's balancing).
       verbose: print the summary.
     Returns:
       The summary dict, also saved as <out_dir>/summary.json.
@@ -337,6 +342,9 @@ def finalize(store: RunStore, *, kinds: Sequence[str] | None = None,
             summary["kinds"][kind] = {"raw": len(rows)}
             continue
         kept, removed = dedup_records(rows, DEDUP_FIELDS[kind], near_threshold=near_threshold)
+        if select is not None:
+            kept, dropped = select(kept)
+            removed = removed + dropped
         for r in removed:
             dedup_rejects.append({"stage": kind, "reason": r["reason"], UNIT_KEY: r.get(UNIT_KEY),
                                   "text": json.dumps({k: v for k, v in r.items()
@@ -358,6 +366,8 @@ def finalize(store: RunStore, *, kinds: Sequence[str] | None = None,
             "raw": len(rows), "kept": len(kept),
             "exact_duplicates": sum(r["reason"] == "exact_duplicate" for r in removed),
             "near_duplicates": sum(r["reason"] == "near_duplicate" for r in removed),
+            **({"balanced_out": n} if (n := sum(r["reason"] == "balance" for r in removed))
+               else {}),
             "splits": {s: len(v) for s, v in split_rows.items()},
             "lengths": {f: _length_stats(v) for f, v in sorted(lengths.items())},
         }

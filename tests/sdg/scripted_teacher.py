@@ -19,6 +19,7 @@ import time
 from align_jax.sdg.templates import load_template
 
 ROLES = ("instruct_questions", "instruct_answer", "values_filter", "preference_pairs",
+         "yes_no_question", "yes_no_unfaithful",
          "principle_writer", "aligner_topics", "aligner_questions", "aligner_ethical",
          "aligner_factuality", "aligner_helpful")
 
@@ -133,6 +134,32 @@ class ScriptedTeacher:
                 continue
             lines.append(json.dumps({"question": q, "faithful": good, "unfaithful": bad}))
         return "\n".join(lines)
+
+    # -- yes/no stage: the rule's action, taken from the last "Rule:" line of the prompt
+    @staticmethod
+    def _action(prompt: str) -> str:
+        rule = prompt.rsplit("Rule: ", 1)[1].split("\n", 1)[0].rstrip(".")
+        rule = re.sub(r"^(?:[Nn]ever|[Dd]o not|You do not have to|If [^,]*,|On [^,]*,)\s*",
+                      "", rule)
+        return rule[0].lower() + rule[1:]
+
+    def _yes_no_question(self, prompt, rng):
+        r = rng.random() if self.garbage else 1.0
+        if r < 0.08:
+            return " eat a sandwich in the park?"  # off the rule
+        if r < 0.12:
+            return " " + self._action(prompt) + " and more"  # no question mark
+        if r < 0.16:
+            return " not " + self._action(prompt) + "?"  # a negation the rule lacks
+        return " " + self._action(prompt) + "?\n\nRule: something else"
+
+    def _yes_no_unfaithful(self, prompt, rng):
+        r = rng.random() if self.garbage else 1.0
+        if r < 0.1:
+            return " never " + self._action(prompt) + "."
+        if r < 0.15:
+            return "\n"
+        return " " + self._action(prompt) + ".\nRule: next"
 
     # -- SAMI
     def _principle_writer(self, prompt, rng):
