@@ -38,7 +38,7 @@ _COMMON = {"type", "enum", "const"} | _ANNOTATIONS
 STRING_CHAR = r'(?:[^"\\\x00-\x1F]|\\["\\/bfnrt]|\\u[0-9a-fA-F]{4})'
 _SAFE = r'[^"\\\x00-\x1F]'
 STRING = f'"{STRING_CHAR}*"'
-INTEGER = r"-?(?:0|[1-9][0-9]*)"
+INTEGER = r"(?:0|-?[1-9][0-9]*)"
 NUMBER = r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?"
 COLON, COMMA = ": ?", ", ?"
 
@@ -217,8 +217,8 @@ def json_string_pattern(pattern, path: str) -> str:
                 _fail(path, f"pattern {pattern!r} has an unclosed character class")
             out.append(f"[{body[i:j]}&&{_SAFE}]")
             i = j
-        elif c == ".":
-            out.append(_SAFE)
+        elif c == ".":  # any character but a newline, escaped where JSON needs it
+            out.append(r'(?:[^"\\\x00-\x1F]|\\["\\/])')
             i += 1
         elif c == '"':
             out.append(escape('\\"'))
@@ -351,8 +351,10 @@ def _fraction(lo: str, hi: str | None) -> tuple[bool, str | None]:
     """Fractions .D with 0.lo <= 0.D <= 0.hi (hi None: below 1): (whether no fraction at all
     is allowed, regex of the non-empty digit strings D or None)."""
     empty_ok = lo == ""
-    if hi == "":  # only zeros
-        return empty_ok, "0+"
+    if hi is None and not lo:
+        return True, "[0-9]+"
+    if hi == "":  # at most 0: only zeros, and only when the lower bound is 0
+        return empty_ok, "0+" if empty_ok else None
     groups: dict[tuple, list[int]] = {}
     l0 = int(lo[0]) if lo else 0
     h0 = 9 if hi is None else int(hi[0])
@@ -362,12 +364,11 @@ def _fraction(lo: str, hi: str | None) -> tuple[bool, str | None]:
         groups.setdefault((lo_rest, hi_rest), []).append(d)
     alts = []
     for (lo_rest, hi_rest), ds in groups.items():
-        cls = str(ds[0]) if len(ds) == 1 else f"[{ds[0]}-{ds[-1]}]"
         ok, more = _fraction(lo_rest, hi_rest)
-        tail = (f"(?:{more})?" if ok else f"(?:{more})") if more else ""
         if more is None and not ok:
             continue
-        alts.append(cls + tail)
+        cls = str(ds[0]) if len(ds) == 1 else f"[{ds[0]}-{ds[-1]}]"
+        alts.append(cls + ("" if more is None else f"(?:{more})?" if ok else f"(?:{more})"))
     return empty_ok, ("(?:" + "|".join(alts) + ")") if alts else None
 
 
