@@ -8,7 +8,6 @@ import json
 import random
 import re
 
-import jsonschema
 import numpy as np
 import pytest
 
