@@ -36,6 +36,9 @@ setuptools.setup(
         "uvicorn",
         "openai",
         "httpx",
+        # Structured generation: regex -> DFA (align_jax.generate.constraints), schema checks.
+        "outlines-core==0.2.14",
+        "jsonschema>=4.20",
         # GGUF import (align_jax.models.gguf) and transformers' GGUF tokenizer conversion.
         "gguf>=0.19",
         "accelerate",

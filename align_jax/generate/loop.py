@@ -13,7 +13,14 @@ through the batched forward pass (their outputs are ignored) until every row is 
 Output conventions: `tokens` are the new tokens only and include the token that ended the row
 (a stop token, or the token completing a stop string); `texts` exclude it (they end just before
 the stop token or stop string). `logprobs[i][j]` is log p(tokens[i][j]) under the model's raw
-distribution (log_softmax of the unmodified logits: temperature 1, no penalty, no filtering).
+distribution (log_softmax of the unmodified logits: temperature 1, no penalty, no filtering,
+and no constraint mask: a constrained row's log-probs are those of the unmasked model).
+
+Constrained rows (`constraint=`, see `align_jax.generate.constraints`): each step masks the
+logits to the tokens the row's automaton allows (stop tokens only where it accepts) and moves
+its state on the device. Their texts are the bytes the automaton read, as UTF-8 (which can
+differ from tokenizer.decode by a leading space); a row that ends before its automaton
+accepts (the budget ran out) is flagged incomplete.
 """
 
 import collections
@@ -26,8 +33,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from align_jax import axes, sharding
+from align_jax.generate import constraints as constraints_lib
 from align_jax.generate import continuations as continuations_lib
 from align_jax.generate import prompt_batches, sampling, stop
+from align_jax.generate.constraints import device as constraint_device
 from align_jax.models import transformer
 from align_jax.models.config import ModelConfig
 
@@ -58,6 +67,8 @@ class SamplingState:
     continuation_logps_BK: float32, log p(continuation k | prompt) of up to K given
                   continuations per row, scored from the prefill's cache (see
                   `score_continuations`), or None when none were given.
+    constraint_B: int32, each row's automaton state in the call's constraint tables (0: an
+                  unconstrained row), or None when no row is constrained.
     """
 
     tokens_BM: jax.Array
@@ -70,6 +81,7 @@ class SamplingState:
     stopped_B: jax.Array
     seen_BV: jax.Array | None
     continuation_logps_BK: jax.Array | None = None
+    constraint_B: jax.Array | None = None
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -78,7 +90,8 @@ class Completion:
 
     finish_reason is None for a partial result (`partial=True`): the tokens so far, and as
     text only what can no longer change (no half-decoded character, nothing that could still
-    turn into a stop string).
+    turn into a stop string). incomplete: a constrained row that ended before its automaton
+    accepted (its text does not match the constraint).
     """
 
     index: int
@@ -87,18 +100,22 @@ class Completion:
     finish_reason: str | None
     text: str | None = None
     continuation_logps: tuple[float, ...] | None = None
+    incomplete: bool = False
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class GenerationOutput:
     """Results in the order of the prompts. texts is None without a tokenizer;
-    continuation_logps is None unless continuations were given to score."""
+    continuation_logps is None unless continuations were given to score; incomplete is None
+    unless a constraint was given (then True for a constrained row that ended before its
+    automaton accepted, e.g. finish_reason "length")."""
 
     tokens: list[list[int]]
     logprobs: list[list[float]]
     finish_reasons: list[str]
     texts: list[str] | None = None
     continuation_logps: list[tuple[float, ...]] | None = None
+    incomplete: list[bool] | None = None
 
 
 def _constrain_cache(cache):
@@ -106,15 +123,23 @@ def _constrain_cache(cache):
     return {k: sharding.constrain(v, logical[k]) for k, v in cache.items()}
 
 
-def _record(state: SamplingState, tokens_B, logprobs_B, stop_ids_E) -> SamplingState:
-    """Writes the tokens drawn at `state.step` for live rows and updates done flags."""
-    live_B = ~state.done_B
+def _record(state: SamplingState, tokens_B, logprobs_B, stop_ids_E, tables=None,
+            dead_B=None) -> SamplingState:
+    """Writes the tokens drawn at `state.step` for live rows and updates done flags (and,
+    with constraint tables, each row's automaton state; `dead_B` rows had no allowed token:
+    they end here without a token)."""
+    live_B = ~state.done_B if dead_B is None else ~state.done_B & ~dead_B
     tokens_B = jnp.where(live_B, tokens_B, 0)
     logprobs_B = jnp.where(live_B, logprobs_B, 0.0)
     is_stop_B = live_B & jnp.any(tokens_B[:, None] == stop_ids_E[None, :], axis=1)
     seen_BV = state.seen_BV
     if seen_BV is not None:
         seen_BV = jnp.where(live_B[:, None], sampling.mark_seen(seen_BV, tokens_B), seen_BV)
+    if tables is not None:
+        # A stop token ends the row where it is (its state stays the accepting one).
+        state = state.replace(constraint_B=constraint_device.advance(
+            tables, state.constraint_B, tokens_B, keep_B=~live_B | is_stop_B))
+        is_stop_B = is_stop_B | dead_B
     return state.replace(
         tokens_BM=jax.lax.dynamic_update_slice_in_dim(
             state.tokens_BM, tokens_B[:, None], state.step, axis=1),
@@ -123,12 +148,28 @@ def _record(state: SamplingState, tokens_B, logprobs_B, stop_ids_E) -> SamplingS
         step=state.step + 1,
         lengths_B=state.lengths_B + live_B.astype(jnp.int32),
         done_B=state.done_B | is_stop_B,
-        stopped_B=state.stopped_B | is_stop_B,
+        stopped_B=state.stopped_B | (is_stop_B if dead_B is None else is_stop_B & ~dead_B),
         seen_BV=seen_BV)
 
 
+def _constrained_sample(logits_BV, state: SamplingState, sampler, flags, stop_ids_E, tables,
+                        vocab_size):
+    """sampling.sample, with the constraint mask when the call has constrained rows."""
+    allowed_BV = dead_B = None
+    if flags.constrained:
+        allowed_BV = constraint_device.allowed(tables, state.constraint_B, stop_ids_E,
+                                               vocab_size)
+        allowed_BV = sharding.constrain(allowed_BV, (axes.BATCH, axes.VOCAB))
+        dead_B = ~jnp.any(allowed_BV, axis=1)
+    tokens_B, logprobs_B = sampling.sample(logits_BV, sampler, flags, step=state.step,
+                                           seen_BV=state.seen_BV, allowed_BV=allowed_BV)
+    return _record(state, tokens_B, logprobs_B, stop_ids_E,
+                   tables if flags.constrained else None, dead_B)
+
+
 def _prefill(params, tokens_BT, positions_BT, segment_ids_BT, active_B, sampler, stop_ids_E,
-             cont_BKA=None, cont_mask_BKA=None, *, config: ModelConfig,
+             cont_BKA=None, cont_mask_BKA=None, tables=None, constraint_B=None, *,
+             config: ModelConfig,
              flags: sampling.SamplingFlags, max_new_tokens: int, cache_len: int, mesh,
              rules) -> SamplingState:
     del mesh, rules  # Static only so that each mesh/preset gets its own compiled version.
@@ -156,17 +197,17 @@ def _prefill(params, tokens_BT, positions_BT, segment_ids_BT, active_B, sampler,
         cache=_constrain_cache(cache), step=jnp.int32(0),
         next_pos_B=jnp.max(positions_BT, axis=1) + 1,
         lengths_B=jnp.zeros((b,), jnp.int32), done_B=~active_B,
-        stopped_B=jnp.zeros((b,), bool), seen_BV=seen_BV)
+        stopped_B=jnp.zeros((b,), bool), seen_BV=seen_BV,
+        constraint_B=constraint_B if flags.constrained else None)
     if cont_BKA is not None:
         state = state.replace(continuation_logps_BK=continuations_lib.continuation_logps(
             decoder, params, config, h_BTD[:, -1], w_DV, cache, state.next_pos_B, cont_BKA,
             cont_mask_BKA, prompt_len=t))
-    tokens_B, logprobs_B = sampling.sample(logits_BV, sampler, flags, step=state.step,
-                                           seen_BV=seen_BV)
-    return _record(state, tokens_B, logprobs_B, stop_ids_E)
+    return _constrained_sample(logits_BV, state, sampler, flags, stop_ids_E, tables,
+                               config.vocab_size)
 
 
-def _decode(params, state: SamplingState, sampler, stop_ids_E, end_step, *,
+def _decode(params, state: SamplingState, sampler, stop_ids_E, end_step, tables=None, *,
             config: ModelConfig, flags: sampling.SamplingFlags, mesh, rules) -> SamplingState:
     del mesh, rules  # Static only so that each mesh/preset gets its own compiled version.
     _TRACES["decode"] += 1
@@ -182,9 +223,8 @@ def _decode(params, state: SamplingState, sampler, stop_ids_E, end_step, *,
             config, params, last_B1, cache=s.cache, positions_BT=s.next_pos_B[:, None],
             segment_ids_BT=jnp.ones_like(last_B1))
         s = s.replace(cache=_constrain_cache(cache), next_pos_B=s.next_pos_B + 1)
-        tokens_B, logprobs_B = sampling.sample(logits_B1V[:, 0], sampler, flags, step=s.step,
-                                               seen_BV=s.seen_BV)
-        return _record(s, tokens_B, logprobs_B, stop_ids_E)
+        return _constrained_sample(logits_B1V[:, 0], s, sampler, flags, stop_ids_E, tables,
+                                   config.vocab_size)
 
     return jax.lax.while_loop(cond, body, state)
 
@@ -229,19 +269,56 @@ def _decode_text(tokenizer, ids) -> str:
     return tokenizer.decode([int(t) for t in ids])
 
 
-def _finish(tokenizer, index, toks, lps, reason, stopped_on_token, text=None,
-            scores=None) -> Completion:
-    if tokenizer is not None and text is None:
-        text = _decode_text(tokenizer, toks[:-1] if stopped_on_token else toks)
-    return Completion(index=index, tokens=[int(t) for t in toks],
-                      logprobs=[float(x) for x in lps], finish_reason=reason, text=text,
-                      continuation_logps=scores)
+class _Constraints:
+    """A call's constraints: the compiled automaton of each prompt, and their union as device
+    tables (host copies kept for the per-chunk checks)."""
+
+    def __init__(self, per_prompt, tokenizer, config: ModelConfig, mesh, rules):
+        if tokenizer is None:
+            raise ValueError("constraint needs the model's tokenizer (pass tokenizer=) to build "
+                             "its token automaton")
+        if tokenizer.vocab_size > config.vocab_size:
+            raise ValueError(f"tokenizer has {tokenizer.vocab_size} ids but the model only "
+                             f"{config.vocab_size}: they do not belong together")
+        self.compiled = [None if c is None else constraints_lib.compile_constraint(c, tokenizer)
+                         for c in per_prompt]
+        distinct = list({id(c): c for c in self.compiled if c is not None}.values())
+        host, self.starts = constraint_device.build_tables(distinct,
+                                                           vocab_size=config.vocab_size)
+        self.accepting_Q = host.accepting_Q
+        self.tables = (jax.device_put(host) if mesh is None
+                       else sharding.put(host, sharding.replicated(mesh)))
+
+    def start_states(self, batch: prompt_batches.PromptBatch) -> np.ndarray:
+        out = np.zeros(len(batch.active_B), np.int32)
+        for row, i in enumerate(batch.indices):
+            c = self.compiled[i]
+            out[row] = constraint_device.FREE if c is None else self.starts[c.constraint]
+        return out
 
 
-def _stable_text(tokenizer, toks, stop_strings) -> str | None:
+def _row_decoder(tokenizer, compiled):
+    """ids -> text for one row: a constrained row's text is the bytes its automaton read."""
+    if compiled is not None:
+        return compiled.decode
     if tokenizer is None:
         return None
-    text = _decode_text(tokenizer, toks).rstrip("\ufffd")
+    return lambda ids: _decode_text(tokenizer, ids)
+
+
+def _finish(decode, index, toks, lps, reason, stopped_on_token, text=None,
+            scores=None, incomplete=False) -> Completion:
+    if decode is not None and text is None:
+        text = decode(toks[:-1] if stopped_on_token else toks)
+    return Completion(index=index, tokens=[int(t) for t in toks],
+                      logprobs=[float(x) for x in lps], finish_reason=reason, text=text,
+                      continuation_logps=scores, incomplete=incomplete)
+
+
+def _stable_text(decode, toks, stop_strings) -> str | None:
+    if decode is None:
+        return None
+    text = decode(toks).rstrip("\ufffd")
     # Hold back a tail that is the start of a stop string: it may yet be cut.
     hold = max((k for s in stop_strings for k in range(1, len(s))
                 if text.endswith(s[:k])), default=0)
@@ -260,7 +337,7 @@ def _check_finite(logprobs_BM, lengths_B, rows, indices) -> None:
 
 
 def _prepare(config, params, batch: prompt_batches.PromptBatch, *, sampler_kw, row_seeds,
-             stop_ids, cont, mesh, rules):
+             stop_ids, cont, mesh, rules, constrained: _Constraints | None = None):
     """Device arrays for one batch's prefill: (prefill args, sampler, flags)."""
     seeds, salts = row_seeds
     n_rows = len(batch.active_B)
@@ -272,23 +349,48 @@ def _prepare(config, params, batch: prompt_batches.PromptBatch, *, sampler_kw, r
         n_rows, seeds=list(seeds) + [0] * pad, salts=list(salts) + [0] * pad, **settings)
     host = [batch.tokens_BT, batch.positions_BT, batch.segment_ids_BT, batch.active_B, sampler]
     pad_id = config.pad_token_id if config.pad_token_id is not None else 0
-    scored = cont.arrays(batch, pad_id) if cont is not None else ()
-    arrays = _place((*host, *scored), mesh, rules)
+    scored = cont.arrays(batch, pad_id) if cont is not None else (None, None)
+    if constrained is not None:
+        flags = dataclasses.replace(flags, constrained=True)
+        host.append(constrained.start_states(batch))
+    arrays = _place((*host, *(x for x in scored if x is not None)), mesh, rules)
     stop_ids = (jax.device_put(stop_ids) if mesh is None
                 else sharding.put(stop_ids, sharding.replicated(mesh)))
-    args = (*arrays[:5], stop_ids, *arrays[5:])
+    n = 5 + (constrained is not None)
+    args = (*arrays[:5], stop_ids)
+    if cont is not None or constrained is not None:
+        args = (*args, *(tuple(arrays[n:]) if cont is not None else (None, None)))
+    if constrained is not None:
+        args = (*args, constrained.tables, arrays[5])
     return args, arrays[4], flags
+
+
+def _constrained_end(constrained, compiled, state: int, reason: str, *, dead: bool = False,
+                     text: str | None = None) -> tuple[str, bool]:
+    """(finish reason, incomplete) of a row that ended in automaton `state`."""
+    if compiled is None:
+        return reason, False
+    if text is not None:  # cut at a stop string: the cut text decides
+        return reason, not compiled.constraint.validate(text)
+    accepted = bool(constrained.accepting_Q[state])
+    if dead:  # no allowed token was left (see _record): complete if it accepts
+        reason = "stop" if accepted else "length"
+    return reason, not accepted
 
 
 def _run_batch(config, params, batch: prompt_batches.PromptBatch, *, max_new_tokens, shape_budget,
                cache_len, sampler_kw, row_seeds, stop_ids, stop_strings, tokenizer, chunk, mesh,
-               rules, partial=False, cancel=None, cont=None) -> Iterator[Completion]:
+               rules, partial=False, cancel=None, cont=None, constrained=None
+               ) -> Iterator[Completion]:
     if cancel is not None and cancel():
         return
     args, sampler, flags = _prepare(config, params, batch, sampler_kw=sampler_kw,
                                     row_seeds=row_seeds, stop_ids=stop_ids, cont=cont, mesh=mesh,
-                                    rules=rules)
+                                    rules=rules, constrained=constrained)
     stop_ids = args[5]
+    tables = args[8] if constrained is not None else None
+    decoders = [_row_decoder(tokenizer, constrained.compiled[i] if constrained else None)
+                for i in batch.indices]
     with sharding.use_mesh(mesh, rules):
         state = jit_prefill(params, *args, config=config, flags=flags,
                             max_new_tokens=shape_budget, cache_len=cache_len, mesh=mesh,
@@ -299,12 +401,14 @@ def _run_batch(config, params, batch: prompt_batches.PromptBatch, *, max_new_tok
             if cancel is not None and cancel():
                 return
             end = min(step + chunk, max_new_tokens)
-            state = jit_decode(params, state, sampler, stop_ids, jnp.int32(end),
+            state = jit_decode(params, state, sampler, stop_ids, jnp.int32(end), tables,
                                config=config, flags=flags, mesh=mesh, rules=rules)
             # The one host sync per chunk.
-            step, done_B, stopped_B, lengths_B, tokens_BM, logprobs_BM, scores = sharding.fetch(
+            (step, done_B, stopped_B, lengths_B, tokens_BM, logprobs_BM, scores,
+             cstate_B) = sharding.fetch(
                 (state.step, state.done_B, state.stopped_B, state.lengths_B, state.tokens_BM,
-                 state.logprobs_BM, state.continuation_logps_BK if scores_BK is None else None))
+                 state.logprobs_BM, state.continuation_logps_BK if scores_BK is None else None,
+                 state.constraint_B))
             scores_BK = scores if scores_BK is None else scores_BK
             step = int(step)
             _check_finite(logprobs_BM, lengths_B, pending, batch.indices)
@@ -312,26 +416,30 @@ def _run_batch(config, params, batch: prompt_batches.PromptBatch, *, max_new_tok
             for row in sorted(pending):
                 n = int(lengths_B[row])
                 toks, lps = tokens_BM[row, :n], logprobs_BM[row, :n]
-                cut = stop.cut_at_stop(toks, lambda ids: _decode_text(tokenizer, ids),
-                                       stop_strings) if stop_strings else None
+                decode = decoders[row]
+                compiled = constrained.compiled[batch.indices[row]] if constrained else None
+                cut = stop.cut_at_stop(toks, decode, stop_strings) if stop_strings else None
                 scores = continuations_lib.row_scores(cont, scores_BK, batch, row)
+                cs = int(cstate_B[row]) if cstate_B is not None else 0
                 if cut is not None:
                     m, text = cut
-                    done = _finish(tokenizer, batch.indices[row], toks[:m], lps[:m], "stop",
-                                   False, text, scores)
+                    reason, incomplete = _constrained_end(constrained, compiled, cs, "stop",
+                                                          text=text)
+                    done = _finish(decode, batch.indices[row], toks[:m], lps[:m], reason,
+                                   False, text, scores, incomplete)
                     newly_done.append(row)
-                elif done_B[row]:
-                    done = _finish(tokenizer, batch.indices[row], toks, lps,
-                                   "stop" if stopped_B[row] else "length", bool(stopped_B[row]),
-                                   scores=scores)
-                elif step >= max_new_tokens:
-                    done = _finish(tokenizer, batch.indices[row], toks, lps, "length", False,
-                                   scores=scores)
+                elif done_B[row] or step >= max_new_tokens:
+                    stopped = bool(done_B[row] and stopped_B[row])
+                    reason, incomplete = _constrained_end(
+                        constrained, compiled, cs, "stop" if stopped else "length",
+                        dead=bool(done_B[row]) and not stopped)
+                    done = _finish(decode, batch.indices[row], toks, lps, reason, stopped,
+                                   scores=scores, incomplete=incomplete)
                 else:
                     if partial:
                         yield Completion(index=batch.indices[row], tokens=[int(t) for t in toks],
                                          logprobs=[float(x) for x in lps], finish_reason=None,
-                                         text=_stable_text(tokenizer, toks, stop_strings))
+                                         text=_stable_text(decode, toks, stop_strings))
                     continue
                 pending.discard(row)
                 yield done
@@ -351,8 +459,8 @@ def generate_stream(config: ModelConfig, params, prompts: Sequence[Sequence[int]
                     partial: bool = False,
                     shape_budget: int | None = None,
                     cancel: Callable[[], bool] | None = None,
-                    continuations: Sequence[Sequence[Sequence[int]]] | None = None
-                    ) -> Iterator[Completion]:
+                    continuations: Sequence[Sequence[Sequence[int]]] | None = None,
+                    constraint=None) -> Iterator[Completion]:
     """Like `generate`, but yields a `Completion` for each prompt as soon as it finishes.
 
     Completion is observed at chunk boundaries: the device runs `chunk_size` decode steps
@@ -362,7 +470,8 @@ def generate_stream(config: ModelConfig, params, prompts: Sequence[Sequence[int]
     boundary (finish_reason None): what a token-streaming server sends. `cancel`, polled at
     each chunk boundary, stops the generation when it returns True (the unfinished prompts
     yield nothing): how a server stops work for clients that left. With `continuations`, each
-    finished Completion carries `continuation_logps`. See `generate` for the other arguments.
+    finished Completion carries `continuation_logps`. With `constraint`, each finished
+    Completion carries `incomplete`. See `generate` for the other arguments.
     """
     max_len = int(max_len or config.max_position)
     prompts = prompt_batches.validate_prompts(prompts, max_new_tokens=max_new_tokens,
@@ -385,13 +494,17 @@ def generate_stream(config: ModelConfig, params, prompts: Sequence[Sequence[int]
     shape_budget = max(max_new_tokens, min(shape_budget, max_len - longest))
     cont = None if continuations is None else continuations_lib.Continuations.make(
         continuations, len(prompts), prompts, max_len=max_len, vocab_size=config.vocab_size)
+    per_prompt = constraints_lib.per_prompt(constraint, len(prompts))
+    constrained = None if per_prompt is None else _Constraints(per_prompt, tokenizer, config,
+                                                               mesh, rules)
     batches, params = _plan(config, params, prompts, batch_size=batch_size,
                             cap=max_len - shape_budget, mesh=mesh, rules=rules,
                             order_key=cont.sort_key() if cont is not None else None)
     run = dict(max_new_tokens=max_new_tokens, shape_budget=shape_budget, sampler_kw=sampler_kw,
                stop_ids=_stop_ids(config, tokenizer, stop_token_ids, ignore_eos),
                stop_strings=stop_strings, tokenizer=tokenizer, chunk=max(1, int(chunk_size)),
-               mesh=mesh, rules=rules, partial=partial, cancel=cancel, cont=cont)
+               mesh=mesh, rules=rules, partial=partial, cancel=cancel, cont=cont,
+               constrained=constrained)
     # Validation above runs eagerly; the work below runs as the caller iterates.
     return _stream(config, params, batches, seed=seed, seeds=seeds, run=run)
 
@@ -495,8 +608,8 @@ def generate(config: ModelConfig, params, prompts: Sequence[Sequence[int]], *,
              batch_size: int | None = None, max_len: int | None = None,
              chunk_size: int | None = None, ignore_eos: bool = False,
              shape_budget: int | None = None,
-             continuations: Sequence[Sequence[Sequence[int]]] | None = None
-             ) -> GenerationOutput:
+             continuations: Sequence[Sequence[Sequence[int]]] | None = None,
+             constraint=None) -> GenerationOutput:
     """Generates continuations of token-id prompts with a KV cache.
 
     Args:
@@ -524,6 +637,11 @@ def generate(config: ModelConfig, params, prompts: Sequence[Sequence[int]], *,
         log p(continuations[i][j] | prompts[i]), as `score_continuations` gives, while the
         generated text is unchanged. An evaluation that both answers and scores held-out
         questions runs each prompt once.
+      constraint: None, one `align_jax.generate.constraints.Constraint` for every prompt, or
+        a list with one Constraint-or-None per prompt (needs `tokenizer`). A constrained
+        row's tokens always spell a prefix of a match, and it may stop only where a match is
+        complete; `incomplete[i]` is True when its budget ran out first. The automata are
+        compiled once per (tokenizer, constraint) and applied inside the jitted loop.
     Returns:
       GenerationOutput in prompt order; see the module docstring for what tokens, texts and
       logprobs contain.
@@ -535,7 +653,7 @@ def generate(config: ModelConfig, params, prompts: Sequence[Sequence[int]], *,
             stop_token_ids=stop_token_ids, stop_strings=stop_strings, tokenizer=tokenizer,
             seed=seed, seeds=seeds, mesh=mesh, rules=rules, batch_size=batch_size,
             max_len=max_len, chunk_size=chunk_size, ignore_eos=ignore_eos,
-            shape_budget=shape_budget, continuations=continuations):
+            shape_budget=shape_budget, continuations=continuations, constraint=constraint):
         results[c.index] = c
     order = [results[i] for i in range(len(results))]
     return GenerationOutput(
@@ -543,4 +661,5 @@ def generate(config: ModelConfig, params, prompts: Sequence[Sequence[int]], *,
         finish_reasons=[c.finish_reason for c in order],
         texts=[c.text for c in order] if tokenizer is not None else None,
         continuation_logps=([c.continuation_logps for c in order]
-                            if continuations is not None else None))
+                            if continuations is not None else None),
+        incomplete=[c.incomplete for c in order] if constraint is not None else None)

@@ -27,6 +27,29 @@ class _StreamOptions(_Body):
     include_usage: bool = False
 
 
+class _JSONSchemaFormat(_Body):
+    name: str | None = None
+    description: str | None = None
+    schema_: dict | None = pydantic.Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Body):
+    """OpenAI's response_format: text (no constraint), json_object or json_schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: _JSONSchemaFormat | None = None
+
+
+class StructuredOutputs(_Body):
+    """vLLM's structured_outputs (the newer name of its guided_* fields); one of them."""
+
+    json_: dict | str | None = pydantic.Field(None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    json_object: bool | None = None
+
+
 class SamplingFields(_Body):
     """Fields shared by completion and chat bodies (top_k, min_p, repetition_penalty are
     extensions, as in vLLM)."""
@@ -47,6 +70,12 @@ class SamplingFields(_Body):
     presence_penalty: float = pydantic.Field(0.0, allow_inf_nan=False)
     frequency_penalty: float = pydantic.Field(0.0, allow_inf_nan=False)
     logit_bias: dict[str, float] | None = None
+    # Structured generation: OpenAI's response_format, vLLM's guided_* and structured_outputs.
+    response_format: ResponseFormat | None = None
+    guided_choice: list[str] | None = None
+    guided_regex: str | None = None
+    guided_json: dict | str | None = None
+    structured_outputs: StructuredOutputs | None = None
 
 
 class CompletionRequest(SamplingFields):

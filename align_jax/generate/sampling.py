@@ -29,6 +29,8 @@ class SamplingFlags:
     top_k_max: when every row has top_k > 0, only the top `top_k_max` candidates are sorted
       (lax.top_k); 0 means rows may be unlimited, so the whole vocabulary is sorted when any
       filter needs a sort.
+    constrained: some row follows a constraint automaton (the loop masks the logits); False
+      compiles exactly the unconstrained sampler.
     """
 
     sample: bool = False
@@ -37,6 +39,7 @@ class SamplingFlags:
     top_p: bool = False
     min_p: bool = False
     repetition_penalty: bool = False
+    constrained: bool = False
 
 
 @flax.struct.dataclass
@@ -187,7 +190,8 @@ def keep_threshold(sorted_BK: jax.Array, params: SamplingParams,
 
 
 def sample(logits_BV: jax.Array, params: SamplingParams, flags: SamplingFlags, *,
-           step: jax.Array, seen_BV: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+           step: jax.Array, seen_BV: jax.Array | None = None,
+           allowed_BV: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """Draws one token per row.
 
     Args:
@@ -195,14 +199,18 @@ def sample(logits_BV: jax.Array, params: SamplingParams, flags: SamplingFlags, *
       params: per-row settings.  flags: static switches.
       step: int32 scalar, the index of the token being drawn (folded into each row's key).
       seen_BV: bool presence mask for the repetition penalty (required when it is on).
+      allowed_BV: optional bool mask (a constraint): other tokens get -inf before the
+        penalty, greedy choice, temperature and filters, so every mode respects it.
     Returns:
       (tokens_B int32, logprobs_B float32). The log-prob is that of the token under the
       model's raw distribution: log_softmax of the unmodified logits (temperature 1, no
-      penalty or filtering), which is what scoring and SAMI need.
+      penalty, filtering or mask), which is what scoring and SAMI need.
     """
     logits_BV = logits_BV.astype(jnp.float32)
     logp_BV = jax.nn.log_softmax(logits_BV, axis=-1)
     scores_BV = logits_BV
+    if allowed_BV is not None:
+        scores_BV = jnp.where(allowed_BV, scores_BV, _NEG_INF)
     if flags.repetition_penalty:
         scores_BV = apply_repetition_penalty(scores_BV, seen_BV, params.repetition_penalty_B)
     tokens_B = jnp.argmax(scores_BV, axis=-1).astype(jnp.int32)

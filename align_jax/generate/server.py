@@ -4,6 +4,10 @@ Endpoints, in OpenAI's JSON schema: GET /v1/models, POST /v1/completions and
 POST /v1/chat/completions (`stream: true` answers with server-sent events), plus
 POST /tokenize (vLLM's shape, so teachers can count tokens remotely) and GET /health.
 Extensions accepted in the body: top_k (0 or -1 = off), min_p, repetition_penalty.
+Structured generation (both endpoints, streaming too): OpenAI's `response_format`
+({"type": "json_object"} or {"type": "json_schema", "json_schema": {"schema": ...}}), and
+vLLM's `guided_choice`, `guided_regex`, `guided_json` and `structured_outputs` ({"choice"},
+{"regex"}, {"json"} or {"json_object"}); a bad or unsatisfiable one is a 400 naming it.
 Errors use OpenAI's shape {"error": {"message", "type", "param", "code"}} (openai_api.py).
 
 The handlers are module-level functions over one `ServerState` (validation.py), kept in

@@ -24,6 +24,7 @@ import threading
 import time
 from collections.abc import Callable
 
+from align_jax.generate.constraints import compile_constraint
 from align_jax.generate.loop import Completion, GenerationOutput, generate_stream
 from align_jax.generate.prompt_batches import next_pow2
 
@@ -53,6 +54,8 @@ class Job:
     sampling: dict[str, float]  # temperature, top_k, top_p, min_p, repetition_penalty
     seeds: list[int]
     stop: tuple[str, ...]
+    # Structured generation: every prompt of the job follows it (None: free text).
+    constraint: object = None
     # Called on the worker thread with the rows, or with the exception that generation raised.
     deliver: Callable[[list[Row] | BaseException], None] | None = None
     # Streaming requests: called on the worker thread with (row, stable text so far) at each
@@ -231,9 +234,11 @@ class Batcher:
         per_row = {k: [j.sampling[k] for j in group for _ in j.prompts]
                    for k in group[0].sampling}
         self.calls += 1
+        row_constraints = [j.constraint for j in group for _ in j.prompts]
         kwargs = dict(max_new_tokens=budget, **per_row, stop_strings=group[0].stop,
                       tokenizer=self.tokenizer, seeds=[s for j in group for s in j.seeds],
-                      mesh=self.mesh, rules=self.rules, max_len=self.max_len)
+                      mesh=self.mesh, rules=self.rules, max_len=self.max_len,
+                      constraint=row_constraints if any(row_constraints) else None)
         out = self._stream(group, prompts, kwargs)
         results, k = [], 0
         for job in group:
@@ -242,7 +247,9 @@ class Batcher:
                 tokens, text, reason = out.tokens[k], out.texts[k], out.finish_reasons[k]
                 if len(tokens) > job.max_tokens:
                     tokens = tokens[:job.max_tokens]
-                    text, reason = self.tokenizer.decode(tokens), "length"
+                    decode = (self.tokenizer.decode if job.constraint is None else
+                              compile_constraint(job.constraint, self.tokenizer).decode)
+                    text, reason = decode(tokens), "length"
                 rows.append(Row(tokens=list(tokens), text=text, finish_reason=reason))
                 k += 1
             results.append(rows)

@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from align_jax.generate import constraints
 from align_jax.generate.encode_pool import EncodePool, prompt_encoder, text_encoder
 from align_jax.generate.http_io import json_ints
 from align_jax.generate.openai_api import (
@@ -106,6 +107,53 @@ def _check_prompts(state: ServerState, prompts: Sequence, *, param: str) -> list
     return out
 
 
+def _constraint(state: ServerState, req: SamplingFields) -> constraints.Constraint | None:
+    """The request's constraint (response_format, guided_*, structured_outputs), compiled for
+    the served tokenizer; APIError(400) with one line for a bad or unsatisfiable one."""
+    given = []
+    fmt = req.response_format
+    if fmt is not None and fmt.type != "text":
+        if fmt.type == "json_object":
+            given.append(("response_format", lambda: constraints.json_object()))
+        else:
+            spec = fmt.json_schema
+            if spec is None or spec.schema_ is None:
+                raise APIError(400, "response_format json_schema needs json_schema.schema",
+                               param="response_format")
+            given.append(("response_format", lambda: constraints.json_schema(spec.schema_)))
+    if req.guided_choice is not None:
+        given.append(("guided_choice", lambda: constraints.choice(req.guided_choice)))
+    if req.guided_regex is not None:
+        given.append(("guided_regex", lambda: constraints.regex(req.guided_regex)))
+    if req.guided_json is not None:
+        given.append(("guided_json", lambda: constraints.json_schema(req.guided_json)))
+    so = req.structured_outputs
+    if so is not None:
+        kinds = [(k, v) for k, v in (("json", so.json_), ("regex", so.regex),
+                                      ("choice", so.choice), ("json_object", so.json_object))
+                 if v is not None and v is not False]
+        if len(kinds) != 1:
+            raise APIError(400, "structured_outputs needs exactly one of json, regex, choice, "
+                           "json_object", param="structured_outputs")
+        kind, value = kinds[0]
+        build = {"json": constraints.json_schema, "regex": constraints.regex,
+                 "choice": constraints.choice}.get(kind)
+        given.append((f"structured_outputs.{kind}",
+                      (lambda: build(value)) if build else constraints.json_object))
+    if not given:
+        return None
+    if len(given) > 1:
+        raise APIError(400, f"give one structured-output field, not {given[0][0]} and "
+                       f"{given[1][0]}", param=given[1][0])
+    param, make = given[0]
+    try:
+        c = make()
+        constraints.compile_constraint(c, state.tokenizer)
+    except ValueError as e:
+        raise APIError(400, f"{param}: {e}", param=param) from None
+    return c
+
+
 def _make_job(state: ServerState, req: SamplingFields, prompts: list[list[int]],
               max_tokens: int | None, *, default_max: int, prompt_param: str) -> Job:
     longest = max(len(p) for p in prompts)
@@ -127,7 +175,8 @@ def _make_job(state: ServerState, req: SamplingFields, prompts: list[list[int]],
         raise APIError(400, str(e)) from None
     return Job(prompts=prompts, max_tokens=max_tokens,
                seeds=[row_seed(seed, i) for i in range(len(prompts))], sampling=sampling,
-               stop=tuple([req.stop] if isinstance(req.stop, str) else req.stop or ()))
+               stop=tuple([req.stop] if isinstance(req.stop, str) else req.stop or ()),
+               constraint=_constraint(state, req))
 
 
 def _encode(state: ServerState, encode, prompts: list, *, raw: bytes, param: str) -> list:

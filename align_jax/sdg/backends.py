@@ -12,6 +12,7 @@ two backends return the same completions, sampled ones included.
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import logging
 import math
 import os
@@ -26,6 +27,7 @@ import httpx
 import jax.numpy as jnp
 import openai
 
+from align_jax.generate import constraints as constraints_lib
 from align_jax.generate.loop import generate
 from align_jax.generate.prompt_batches import next_pow2
 from align_jax.generate.sampling import row_seed
@@ -51,7 +53,12 @@ class LocalTeacher:
 
     Attributes:
       context_length: prompt + completion tokens the cache holds (max_len).
+      applies_constraints: True: constraints are enforced on the device (align_jax.generate).
+      last_incomplete: after a call with a constraint, for each prompt whether its
+        completion ended (max_tokens) before the constraint was satisfied; else None.
     """
+
+    applies_constraints = True
 
     def __init__(self, model: str | os.PathLike | tuple, *, max_len: int | None = None,
                  batch_size: int | None = None, dtype: str = "float32", mesh=None,
@@ -84,6 +91,7 @@ class LocalTeacher:
         self.context_length = int(max_len or self.config.max_position)
         self.batch_size, self.mesh, self.rules = batch_size, mesh, rules
         self.shape_budget = shape_budget
+        self.last_incomplete: list[bool] | None = None
 
     def count_tokens(self, text: str) -> int:
         """Tokens of `text` in the checkpoint's tokenizer (no special tokens)."""
@@ -91,26 +99,28 @@ class LocalTeacher:
 
     def complete(self, prompts: list[str], *, temperature: float, top_p: float = 1.0,
                  max_tokens: int, seed: int | None = None,
-                 repetition_penalty: float = 1.0) -> list[str]:
+                 repetition_penalty: float = 1.0, constraint=None) -> list[str]:
         """Continues raw prompts (BOS prepended when the tokenizer has one); see `Teacher`."""
         return self._run([encode_prompt(self.tokenizer, p, chat_template=False)
                           for p in prompts],
                          temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed,
-                         repetition_penalty=repetition_penalty)
+                         repetition_penalty=repetition_penalty, constraint=constraint)
 
     def chat(self, conversations: list[list[dict]], *, temperature: float, top_p: float = 1.0,
              max_tokens: int, seed: int | None = None,
-             repetition_penalty: float = 1.0) -> list[str]:
+             repetition_penalty: float = 1.0, constraint=None) -> list[str]:
         """Answers conversations through the tokenizer's chat template; see `Teacher`."""
         try:
             ids = [encode_prompt(self.tokenizer, c) for c in conversations]
         except (ValueError, TypeError) as e:
             raise ValueError(f"local teacher {self.name}: {e}") from e
         return self._run(ids, temperature=temperature, top_p=top_p, max_tokens=max_tokens,
-                         seed=seed, repetition_penalty=repetition_penalty)
+                         seed=seed, repetition_penalty=repetition_penalty,
+                         constraint=constraint)
 
     def _run(self, ids, *, temperature, top_p, max_tokens, seed,
-             repetition_penalty=1.0) -> list[str]:
+             repetition_penalty=1.0, constraint=None) -> list[str]:
+        self.last_incomplete = None
         if not ids:
             return []
         base = seed if seed is not None else secrets.randbits(32)
@@ -124,9 +134,11 @@ class LocalTeacher:
                            repetition_penalty=repetition_penalty,
                            seeds=[row_seed(base, i) for i in range(len(ids))],
                            max_len=self.context_length, batch_size=batch_size,
-                           mesh=self.mesh, rules=self.rules, shape_budget=budget)
+                           mesh=self.mesh, rules=self.rules, shape_budget=budget,
+                           constraint=constraint)
         except ValueError as e:
             raise ValueError(f"local teacher {self.name}: {e}") from e
+        self.last_incomplete = out.incomplete
         return list(out.texts)
 
 
@@ -142,9 +154,16 @@ class OpenAITeacher:
     and unusable answers (non-JSON, no choices), then fails with a one-line `TeacherError`
     naming the URL. Other 4xx answers fail at once.
 
+    Structured output: a json_schema constraint is sent as OpenAI's response_format
+    (json_schema, strict), a choice or regex as vLLM's structured_outputs; a server that
+    refuses a field (HTTP 400/422 naming it) is asked with the next form (vLLM's older
+    guided_json / guided_choice / guided_regex), and once every form is refused the request
+    goes out unconstrained, one warning is logged and `applies_constraints` turns False.
+
     Attributes:
       base_url, model: where requests go and the model id sent with them.
       context_length: given, or read from the server's /v1/models entry (max_model_len).
+      applies_constraints: True until the server refused a constraint (see above).
     """
 
     def __init__(self, base_url: str, *, model: str | None = None, api_key: str | None = None,
@@ -189,6 +208,8 @@ class OpenAITeacher:
         self._remote_count = True
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
+        self.applies_constraints = True
+        self._refused: set[str] = set()  # request fields this server refused
 
     # -- protocol -------------------------------------------------------------------------
 
@@ -231,30 +252,63 @@ class OpenAITeacher:
 
     def complete(self, prompts: list[str], *, temperature: float, top_p: float = 1.0,
                  max_tokens: int, seed: int | None = None,
-                 repetition_penalty: float = 1.0) -> list[str]:
+                 repetition_penalty: float = 1.0, constraint=None) -> list[str]:
         """Continues raw prompts with /v1/completions; see `Teacher`."""
-        extra = _extra_body(repetition_penalty)
+        extra = _extra_body(repetition_penalty) or {}
+        per = constraints_lib.per_prompt(constraint, len(prompts)) or [None] * len(prompts)
 
         def one(i, prompt):
-            r = self._client.completions.create(
-                model=self.model, prompt=prompt, max_tokens=max_tokens, temperature=temperature,
-                top_p=top_p, seed=None if seed is None else row_seed(seed, i), extra_body=extra)
-            return _text(r, chat=False)
+            return self._constrained(per[i], lambda fields: _text(
+                self._client.completions.create(
+                    model=self.model, prompt=prompt, max_tokens=max_tokens,
+                    temperature=temperature, top_p=top_p,
+                    seed=None if seed is None else row_seed(seed, i),
+                    extra_body={**extra, **fields} or None), chat=False))
         return self._map(one, prompts)
 
     def chat(self, conversations: list[list[dict]], *, temperature: float, top_p: float = 1.0,
              max_tokens: int, seed: int | None = None,
-             repetition_penalty: float = 1.0) -> list[str]:
+             repetition_penalty: float = 1.0, constraint=None) -> list[str]:
         """Answers conversations with /v1/chat/completions; see `Teacher`."""
-        extra = _extra_body(repetition_penalty)
+        extra = _extra_body(repetition_penalty) or {}
+        per = constraints_lib.per_prompt(constraint, len(conversations)) or \
+            [None] * len(conversations)
 
         def one(i, messages):
-            r = self._client.chat.completions.create(
-                model=self.model, messages=messages, max_tokens=max_tokens,
-                temperature=temperature, top_p=top_p,
-                seed=None if seed is None else row_seed(seed, i), extra_body=extra)
-            return _text(r, chat=True)
+            return self._constrained(per[i], lambda fields: _text(
+                self._client.chat.completions.create(
+                    model=self.model, messages=messages, max_tokens=max_tokens,
+                    temperature=temperature, top_p=top_p,
+                    seed=None if seed is None else row_seed(seed, i),
+                    extra_body={**extra, **fields} or None), chat=True))
         return self._map(one, conversations)
+
+    def _constrained(self, constraint, send: Callable[[dict], str]) -> str:
+        """send(fields) with the first form of `constraint` the server has not refused;
+        unconstrained once every form was refused."""
+        for field, body in _constraint_forms(constraint):
+            if field in self._refused:
+                continue
+            try:
+                return send(body)
+            except (openai.BadRequestError, openai.UnprocessableEntityError) as e:
+                if not _names_field(e, field):
+                    raise
+                with self._lock:
+                    first = field not in self._refused
+                    self._refused.add(field)
+                if first:
+                    log.warning("openai teacher %s: the server refused '%s' (%s)", self.base_url,
+                                field, _brief(e.message))
+        if constraint is not None:
+            with self._lock:
+                if self.applies_constraints:
+                    log.warning("openai teacher %s: the server accepts no structured-output "
+                                "field for %s constraints; sending them unconstrained from now "
+                                "on (callers parse the texts tolerantly)", self.base_url,
+                                constraint.kind)
+                self.applies_constraints = False
+        return send({})
 
     def close(self) -> None:
         """Stops the worker threads and closes the HTTP connections."""
@@ -339,6 +393,34 @@ def _extra_body(repetition_penalty: float) -> dict | None:
     """repetition_penalty is not an OpenAI field; vLLM, TGI, llama.cpp and align-jax serve read
     it from the request body. 1.0 (off) is not sent, so strict OpenAI servers still work."""
     return None if repetition_penalty == 1.0 else {"repetition_penalty": repetition_penalty}
+
+
+def _constraint_forms(constraint) -> list[tuple[str, dict]]:
+    """The request fields that carry `constraint`, in the order they are tried."""
+    if constraint is None:
+        return []
+    if constraint.kind == "json_schema":
+        schema = json.loads(constraint.payload)
+        return [("response_format", {"response_format": {"type": "json_schema", "json_schema": {
+                    "name": "output", "schema": schema, "strict": True}}}),
+                ("structured_outputs", {"structured_outputs": {"json": schema}}),
+                ("guided_json", {"guided_json": schema})]
+    value = constraint.payload
+    if constraint.kind == "choice":
+        value = json.loads(value)
+    return [("structured_outputs", {"structured_outputs": {constraint.kind: value}}),
+            (f"guided_{constraint.kind}", {f"guided_{constraint.kind}": value})]
+
+
+# Phrases of servers that reject a request field they do not know (pydantic, serde, OpenAI).
+_REFUSALS = ("unknown field", "unrecognized", "extra inputs", "extra_forbidden",
+             "not supported", "unsupported", "not permitted", "invalid parameter")
+
+
+def _names_field(e: openai.APIStatusError, field: str) -> bool:
+    """Whether an HTTP 400/422 says that the request field `field` is not accepted."""
+    text = f"{e.message} {e.body}".lower()
+    return field.lower() in text and any(p in text for p in _REFUSALS)
 
 
 def _brief(text: str, n: int = 160) -> str:

@@ -20,13 +20,17 @@ class Teacher(Protocol):
 
     Attributes:
       context_length: maximum tokens of prompt + completion the teacher accepts.
+      applies_constraints: whether the completions of a call with `constraint=` follow it
+        (read it after the call: an endpoint that refused structured output turns it off and
+        answers free text, which callers then parse tolerantly).
     """
 
     context_length: int
+    applies_constraints: bool
 
     def complete(self, prompts: list[str], *, temperature: float, top_p: float = 1.0,
                  max_tokens: int, seed: int | None = None,
-                 repetition_penalty: float = 1.0) -> list[str]:
+                 repetition_penalty: float = 1.0, constraint=None) -> list[str]:
         """Continue each raw prompt.
 
         Args:
@@ -37,6 +41,9 @@ class Teacher(Protocol):
           seed: makes sampling reproducible; None leaves it to the backend.
           repetition_penalty: 1.0 = off; > 1 divides the positive logits (multiplies the
             negative ones) of tokens already in the prompt or completion (HF semantics).
+          constraint: None, one `align_jax.generate.constraints.Constraint` for all prompts,
+            or one Constraint-or-None per prompt: the completions must match it (when
+            `applies_constraints`; a completion cut by max_tokens may still be incomplete).
         Returns:
           One completion per prompt, in order, without the prompt.
         """
@@ -44,7 +51,7 @@ class Teacher(Protocol):
 
     def chat(self, conversations: list[list[dict]], *, temperature: float, top_p: float = 1.0,
              max_tokens: int, seed: int | None = None,
-             repetition_penalty: float = 1.0) -> list[str]:
+             repetition_penalty: float = 1.0, constraint=None) -> list[str]:
         """Answer each conversation (a list of {"role", "content"} messages) as the assistant.
 
         Args and Returns as `complete`.
@@ -58,7 +65,7 @@ class Teacher(Protocol):
 
 def ask(teacher: Teacher, prompts: list[str], *, use_chat: bool = True, temperature: float,
         top_p: float = 1.0, max_tokens: int, seed: int | None = None,
-        repetition_penalty: float = 1.0) -> list[str]:
+        repetition_penalty: float = 1.0, constraint=None) -> list[str]:
     """Send prompts as single-turn user messages (`chat`) or raw text (`complete`).
 
     Args:
@@ -66,8 +73,9 @@ def ask(teacher: Teacher, prompts: list[str], *, use_chat: bool = True, temperat
       prompts: rendered templates.
       use_chat: True for instruction-tuned teachers, False for base models that
         continue a few-shot document.
-      temperature, top_p, max_tokens, seed, repetition_penalty: as `Teacher.complete`; a
-        penalty of 1.0 is not sent, so teachers written before it existed keep working.
+      temperature, top_p, max_tokens, seed, repetition_penalty, constraint: as
+        `Teacher.complete`; a penalty of 1.0 and a constraint of None are not sent, so
+        teachers written before they existed keep working.
     Returns:
       One completion per prompt; an empty list makes no call.
     """
@@ -76,6 +84,8 @@ def ask(teacher: Teacher, prompts: list[str], *, use_chat: bool = True, temperat
     kwargs = dict(temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed)
     if repetition_penalty != 1.0:
         kwargs["repetition_penalty"] = repetition_penalty
+    if constraint is not None:
+        kwargs["constraint"] = constraint
     if use_chat:
         out = teacher.chat([[{"role": "user", "content": p}] for p in prompts], **kwargs)
     else:
