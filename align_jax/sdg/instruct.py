@@ -66,13 +66,22 @@ def generate_instruct(teacher: Teacher, chunks: Sequence[Chunk], *, seed: int,
     results = [UnitResult(unit=unit_id(c)) for c in chunks]
     prompts = [q_tpl.render(passage=c.text, nex=config.nex, keyword=config.keyword)
                for c in chunks]
+    structured = bool(getattr(teacher, "applies_constraints", False))
     outs = ask(teacher, prompts, use_chat=config.use_chat,
                temperature=config.question_temperature, top_p=config.question_top_p,
-               max_tokens=config.question_max_tokens, seed=derive_seed(seed, "questions"))
+               max_tokens=config.question_max_tokens, seed=derive_seed(seed, "questions"),
+               constraint=q_tpl.output_constraint(nex=config.nex) if structured else None)
+    # JSON lines written under the template's constraint are read with json.loads; anything
+    # else (no constraint, a list format, an endpoint that refused it) tolerantly.
+    applied = structured and getattr(teacher, "applies_constraints", False) \
+        and q_tpl.constraint is not None
     pending = []  # (result index, question, prompt)
     for i, (chunk, out) in enumerate(zip(chunks, outs)):
-        items, rejects = parsing.parse_json_records(out, required=("question",),
-                                                    list_key="question")
+        results[i].calls += 1
+        strict = applied and out.lstrip().startswith("{")
+        items, rejects = (parsing.json_lines(out, required=("question",)) if strict else
+                          parsing.parse_json_records(out, required=("question",),
+                                                     list_key="question"))
         for r in rejects:
             results[i].reject(r["reason"], r["text"], step="questions")
         for n, item in enumerate(items):
@@ -91,8 +100,10 @@ def generate_instruct(teacher: Teacher, chunks: Sequence[Chunk], *, seed: int,
             pending.append((i, question, prompt))
     answers = ask(teacher, [p for _, _, p in pending], use_chat=config.use_chat,
                   temperature=0.0, max_tokens=config.answer_max_tokens,
-                  seed=derive_seed(seed, "answers"))
+                  seed=derive_seed(seed, "answers"),
+                  constraint=a_tpl.output_constraint() if structured else None)
     for (i, question, _), answer in zip(pending, answers):
+        results[i].calls += 1
         answer = _ANSWER_LABEL.sub("", answer).strip()
         problem = parsing.text_problem(answer, markers=("Question:", "{passage}", "{question}"))
         if problem:

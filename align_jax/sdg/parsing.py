@@ -284,3 +284,34 @@ def text_problem(text: str, *, markers: Sequence[str] = (), min_letters: float =
         if marker.lower() in lowered:
             return "leaked_marker"
     return None
+
+
+def json_lines(text: str, *, required: Sequence[str]) -> tuple[list[dict], list[Reject]]:
+    """JSON objects one per line, read with `json.loads` (no repair): the reader for output
+    written under a JSON-lines constraint, where anything else is a real failure.
+
+    Args:
+      text: a teacher completion.
+      required: fields each object must have as a non-empty string.
+    Returns:
+      (items with exactly the required fields, rejects).
+    """
+    items, rejects = [], []
+    # "\n" only: the constraint excludes it from strings, but not \r or \x0c, which
+    # str.splitlines would also cut at.
+    for line in text.split("\n"):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except ValueError:
+            rejects.append(_reject("invalid_json", line))
+            continue
+        if not isinstance(obj, dict) or not all(
+                isinstance(obj.get(k), str) and obj[k].strip() for k in required):
+            rejects.append(_reject("missing_field", line))
+            continue
+        items.append({k: obj[k].strip() for k in required})
+    if not items and not rejects:
+        rejects.append(_reject("no_items", text))
+    return items, rejects

@@ -89,7 +89,8 @@ def _run_batches(store: RunStore, items: Sequence, unit_of: Callable, run_batch:
                 if res.unit != u:
                     raise RuntimeError(f"stage returned unit {res.unit!r} for {u!r}")
                 if not store.is_done(u):
-                    store.commit(u, res.records, res.rejects)
+                    store.commit(u, res.records, res.rejects,
+                                 info={"calls": res.calls} if res.calls else None)
                     bar.update(1)
     finally:
         bar.close()

@@ -66,11 +66,14 @@ def generate_preference(teacher: Teacher, chunks: Sequence[Chunk], *, seed: int,
     f_tpl = t["values_filter"].require(["passage"])
     p_tpl = t["preference_pairs"].require(["passage", "nex"])
     results = [UnitResult(unit=unit_id(c)) for c in chunks]
+    structured = bool(getattr(teacher, "applies_constraints", False))
     verdicts = ask(teacher, [f_tpl.render(passage=c.text, keyword=config.keyword) for c in chunks],
                    use_chat=config.use_chat, temperature=0.0,
-                   max_tokens=config.filter_max_tokens, seed=derive_seed(seed, "filter"))
+                   max_tokens=config.filter_max_tokens, seed=derive_seed(seed, "filter"),
+                   constraint=f_tpl.output_constraint() if structured else None)
     passing = []
     for i, (chunk, out) in enumerate(zip(chunks, verdicts)):
+        results[i].calls += 1
         verdict, reason = parsing.parse_yes_no(out)
         results[i].add("values_filter", {"chunk_id": chunk.id, "source": chunk.source,
                                          "passes": verdict, "reason": reason})
@@ -82,10 +85,16 @@ def generate_preference(teacher: Teacher, chunks: Sequence[Chunk], *, seed: int,
                for i in passing]
     outs = ask(teacher, prompts, use_chat=config.use_chat, temperature=config.pair_temperature,
                top_p=config.pair_top_p, max_tokens=config.pair_max_tokens,
-               seed=derive_seed(seed, "pairs"))
+               seed=derive_seed(seed, "pairs"),
+               constraint=p_tpl.output_constraint(nex=config.nex) if structured else None)
+    # Under its JSON-lines constraint the output is read with json.loads, else tolerantly.
+    strict = (structured and getattr(teacher, "applies_constraints", False)
+              and p_tpl.constraint is not None)
     markers = ("{passage}", "Passage:", '"faithful"', '"unfaithful"')
     for i, out in zip(passing, outs):
-        items, rejects = parsing.parse_json_records(out, required=_FIELDS)
+        results[i].calls += 1
+        items, rejects = (parsing.json_lines(out, required=_FIELDS) if strict else
+                          parsing.parse_json_records(out, required=_FIELDS))
         for r in rejects:
             results[i].reject(r["reason"], r["text"], step="pairs")
         for n, item in enumerate(items):

@@ -46,7 +46,8 @@ _NOT_RULES = ("we", "our", "it", "this", "that", "these", "those", "there", "nob
 _FINITE_VERBS = frozenset("is are was were has have had extends extend applies apply includes "
                           "include means mean counts count belongs belong".split())
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z\"'“‘(])")
-_LEAD = re.compile(r"^(?:(?:%s)\b[^,;]*,\s*)+" % "|".join(_SUBORDINATE), re.I)
+_SUBORDINATE_ALTERNATIVES = "|".join(_SUBORDINATE)
+_LEAD = re.compile(rf"^(?:(?:{_SUBORDINATE_ALTERNATIVES})\b[^,;]*,\s*)+", re.I)
 _PROHIBIT_START = re.compile(r"^(?:never|do not|don't|must never|must not)\b", re.I)
 _PROHIBIT_MODAL = re.compile(
     r"^[^,;]{0,60}?\b(?:must not|may not|must never|should never|should not|shall not|"

@@ -43,12 +43,20 @@ DEDUP_FIELDS: dict[str, tuple[str, ...]] = {
 }
 
 
+# Reject reasons that mean the teacher's output could not be read at all (as opposed to
+# output that was read and then failed a check): the summary's parse failures.
+PARSE_FAILURES = frozenset({"invalid_json", "no_items", "no_verdict", "empty", "incomplete",
+                            "no_question", "no_sentence"})
+
+
 @dataclasses.dataclass(kw_only=True)
 class UnitResult:
-    """What a stage produced for one work unit: records per kind and rejects."""
+    """What a stage produced for one work unit: records per kind, rejects, and the number of
+    teacher prompts the unit sent (`calls`; the summary's parse-failure rate is per prompt)."""
     unit: str
     records: dict[str, list[dict]] = dataclasses.field(default_factory=dict)
     rejects: list[dict] = dataclasses.field(default_factory=list)
+    calls: int = 0
 
     def reject(self, reason: str, text: str = "", **extra) -> None:
         """Record why a piece of output was dropped."""
@@ -376,6 +384,11 @@ def finalize(store: RunStore, *, kinds: Sequence[str] | None = None,
     for r in all_rejects:
         reasons[str(r.get("stage", "?"))][str(r.get("reason", "?"))] += 1
     summary["rejects"] = {s: dict(sorted(c.items())) for s, c in sorted(reasons.items())}
+    calls = sum(int(e.get("calls", 0)) for e in store.finished.values())
+    if calls:
+        summary["teacher_calls"] = calls
+        summary["parse_failures"] = sum(r.get("reason") in PARSE_FAILURES
+                                        for r in store.records(REJECTS))
     write_jsonl(os.path.join(store.out_dir, "rejects.jsonl"), all_rejects)
     if extra:
         summary.update(extra)

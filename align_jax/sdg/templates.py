@@ -1,7 +1,11 @@
 """Prompt templates for synthetic data generation, kept as files the caller can swap.
 
 A template file is an optional header of lines starting with "#" that documents its
-placeholders, closed by a line "---", then the body. The body is filled with str.format,
+placeholders, closed by a line "---", then the body. A header line "# constraint: <regex>"
+declares the output format as a regular expression (its "{nex}" filled like the body's):
+stages send it as a constraint to teachers that apply constraints (structured generation,
+`align_jax.generate.constraints`), so a small teacher writes nothing else. The body is
+filled with str.format,
 so literal braces (JSON examples) are written doubled: {{ and }}. Templates are found by
 name in configs/sdg_templates/ (or $ALIGN_JAX_SDG_TEMPLATES) or given as a path.
 """
@@ -25,6 +29,21 @@ class Template:
     path: str
     body: str
     fields: frozenset[str]
+    constraint: str | None = None
+
+    def output_constraint(self, **values):
+        """The declared output constraint (`regex` of the header line, "{nex}" etc. filled),
+        or None when the template declares none."""
+        if self.constraint is None:
+            return None
+        from align_jax.generate import constraints  # the compiler only when it is used
+        pattern = self.constraint
+        for k, v in values.items():
+            pattern = pattern.replace("{" + k + "}", str(v))
+        try:
+            return constraints.regex(pattern)
+        except ValueError as e:
+            raise ValueError(f"{self.path}: bad '# constraint:' line: {e}") from e
 
     def render(self, **values) -> str:
         """Fill the placeholders.
@@ -59,14 +78,17 @@ def _search_dirs() -> list[str]:
 def parse_template(text: str, *, name: str, path: str) -> Template:
     """Split header and body and collect the placeholders (see module docstring)."""
     lines = text.splitlines(keepends=True)
-    body = text
+    body, constraint = text, None
     for i, line in enumerate(lines):
         stripped = line.strip()
         if stripped == "---":
             body = "".join(lines[i + 1:])
             break
         if stripped and not stripped.startswith("#"):
+            constraint = None
             break  # no header: the whole file is the body
+        if stripped.startswith("# constraint:"):
+            constraint = stripped[len("# constraint:"):].strip()
     fields = set()
     try:
         for _, field, _, _ in string.Formatter().parse(body):
@@ -78,7 +100,8 @@ def parse_template(text: str, *, name: str, path: str) -> Template:
     except ValueError as e:
         raise ValueError(
             f"{path}: bad template ({e}); write literal braces as {{{{ and }}}}") from e
-    return Template(name=name, path=path, body=body.strip("\n") + "\n", fields=frozenset(fields))
+    return Template(name=name, path=path, body=body.strip("\n") + "\n", fields=frozenset(fields),
+                    constraint=constraint)
 
 
 def load_template(name_or_path: str | os.PathLike) -> Template:

@@ -203,15 +203,11 @@ def stance_of(clause: Clause, *, key: str) -> str:
                    % len(options)]
 
 
-def _constraints():
-    # Imported here: the constraint compiler is only needed when the teacher applies it.
-    from align_jax.generate import constraints
-    return (constraints.regex(r" [a-z0-9][^?\n\"{}]*\?"),
-            constraints.regex(r" [a-z][^\n.!?\"{}]{3,}[.!]"))
-
-
-def _constraint_kw(constraint) -> dict:
-    return {} if constraint is None else {"constraint": constraint}
+def _incomplete(teacher, n: int) -> list[bool]:
+    """Which outputs of the teacher's last call were cut by the budget before the
+    constraint accepted (a local teacher says; others' texts are checked when read)."""
+    flags = getattr(teacher, "last_incomplete", None)
+    return list(flags) if flags is not None and len(flags) == n else [False] * n
 
 
 def _encoder_cosines(name: str, pairs: Sequence[tuple[str, str]]) -> list[float]:
@@ -253,7 +249,8 @@ def generate_yes_no(teacher: Teacher, chunks: Sequence[Chunk], *, seed: int,
     u_tpl = t["yes_no_unfaithful"].require(["rule", "question", "verdict", "stance"])
     results = [UnitResult(unit=unit_id(c)) for c in chunks]
     constrained = bool(getattr(teacher, "applies_constraints", False))
-    q_con, s_con = _constraints() if constrained else (None, None)
+    q_con = q_tpl.output_constraint() if constrained else None
+    s_con = u_tpl.output_constraint() if constrained else None
     jobs = []  # (result index, clause, frame, answer, prompt)
     for i, chunk in enumerate(chunks):
         for n, clause in enumerate(extract_clauses(chunk.text)):
@@ -265,11 +262,16 @@ def generate_yes_no(teacher: Teacher, chunks: Sequence[Chunk], *, seed: int,
     outs = ask(teacher, [p for *_, p in jobs], use_chat=config.use_chat,
                temperature=0.0 if greedy else config.question_temperature,
                top_p=config.question_top_p, max_tokens=config.question_max_tokens,
-               seed=derive_seed(seed, "questions"), **_constraint_kw(q_con))
+               seed=derive_seed(seed, "questions"), constraint=q_con)
     # Teachers that refused the constraint fall back to plain text: read it either way.
     constrained = constrained and bool(getattr(teacher, "applies_constraints", False))
+    cut = _incomplete(teacher, len(outs))
     questions = []  # (result index, clause, frame, answer, question)
-    for (i, clause, frame, answer, _), out in zip(jobs, outs):
+    for k, ((i, clause, frame, answer, _), out) in enumerate(zip(jobs, outs)):
+        results[i].calls += 1
+        if cut[k]:
+            results[i].reject("incomplete", out, step="question")
+            continue
         body = _read_question(out, constrained)
         if body is None:
             results[i].reject("no_question", out, step="question")
@@ -294,16 +296,21 @@ def generate_yes_no(teacher: Teacher, chunks: Sequence[Chunk], *, seed: int,
                for (_, c, _, a, q), st in zip(questions, stances)]
     outs = ask(teacher, prompts, use_chat=config.use_chat, temperature=0.0,
                max_tokens=config.unfaithful_max_tokens, seed=derive_seed(seed, "unfaithful"),
-               **_constraint_kw(s_con))
-    for (i, clause, frame, answer, question), stance, out in zip(questions, stances, outs):
+               constraint=s_con)
+    cut = _incomplete(teacher, len(outs))
+    for k, ((i, clause, frame, answer, question), stance, out) in enumerate(
+            zip(questions, stances, outs)):
+        results[i].calls += 1
         chunk = chunks[i]
         meta = {"chunk_id": chunk.id, "source": chunk.source, "answer": answer,
                 "rule": clause.text, "rule_kind": clause.kind, "frame": frame}
         chosen = faithful_answer(answer, clause)
         results[i].add("sft", {"prompt": question, "completion": chosen, **meta})
-        rest = _read_rest(out)
+        rest = None if cut[k] else _read_rest(out)
         problem = None
-        if rest is None:
+        if cut[k]:
+            problem = "incomplete"
+        elif rest is None:
             problem = "no_sentence"
         elif _NEGATIONS.search(rest):
             # "You can" + "not work alone" argues for the rule it should contradict.

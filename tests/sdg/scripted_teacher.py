@@ -47,6 +47,9 @@ def _words(rng: random.Random, k: int) -> str:
 class ScriptedTeacher:
     """Teacher protocol implementation with scripted, seed-dependent outputs."""
 
+    # It writes its scripted text whatever constraint it is given: callers parse it.
+    applies_constraints = False
+
     def __init__(self, *, nex: int = 3, context_length: int = 4096, delay: float = 0.0,
                  garbage: bool = True):
         self.nex = nex

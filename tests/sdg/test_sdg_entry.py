@@ -63,10 +63,15 @@ def test_sdg_cli_counts_garbage_and_resumes(request, checkpoint, backend, tmp_pa
             "--gin_param=entry.sdg_main.teacher_kwargs={'timeout': 300.0}"]
     assert cli.main(args) == 0
     summary = json.loads((tmp_path / "summary.json").read_text())
-    # A random model writes no parseable questions: everything is rejected and counted.
-    rejects = summary["rejects"]
-    assert sum(rejects["instruct"].values()) == summary["num_chunks"] > 0, summary
-    assert sum(rejects["preference"].values()) == summary["num_chunks"], summary
+    # A random model writes garbage; under the templates' constraints it is at least garbage
+    # of the right shape (a verdict, a JSON line it never closes), and every output is
+    # counted: a record, or a reject with its reason.
+    rejects, kinds, n = summary["rejects"], summary["kinds"], summary["num_chunks"]
+    assert n > 0 and summary["teacher_calls"] >= 2 * n, summary
+    assert kinds["values_filter"]["raw"] == n  # every chunk got a verdict record
+    assert sum(rejects["instruct"].values()) + kinds.get("sft", {}).get("raw", 0) >= n
+    assert summary["parse_failures"] >= sum(rejects["instruct"].get(r, 0)
+                                            for r in ("invalid_json", "no_items"))
     assert os.path.exists(tmp_path / "run_info.json")
     # Started again on the finished folder: nothing is redone, the same summary results.
     gin.clear_config()
