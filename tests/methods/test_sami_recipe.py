@@ -1,15 +1,14 @@
 """The SAMI recipe through `align-jax run`: sample, train from the base, measure, repeat."""
 
-import http.server
 import json
 import math
 import pathlib
 import re
-import threading
 
 import gin
 import numpy as np
 import pytest
+from scripted_judge import serve
 from tiny_checkpoints import tiny_document_model
 
 from align_jax import cli
@@ -23,46 +22,15 @@ def _shorter(first: str, second: str) -> str:
     return "B" if len(second.split()) < len(first.split()) else "A"
 
 
-class _Judge(http.server.BaseHTTPRequestHandler):
-    """An OpenAI-compatible judge that answers in the SAMI judge's format."""
-    seen: list = []
-
-    def do_POST(self):  # noqa: N802 - http.server's naming
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        type(self).seen.append(body)
-        first, second = _PAIR.search(body["messages"][-1]["content"]).groups()
-        text = f"Comparison: one is shorter.\nFinal Response: {_shorter(first, second)}"
-        data = json.dumps({"id": "j", "object": "chat.completion", "created": 0, "model": "j",
-                           "choices": [{"index": 0, "finish_reason": "stop",
-                                        "message": {"role": "assistant", "content": text}}]
-                           }).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def do_GET(self):  # noqa: N802 - the model list a spec without a model id asks for
-        data = json.dumps({"object": "list", "data": [
-            {"id": "judge", "object": "model", "max_model_len": 8192}]}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args):
-        pass
+def _answer(prompt: str) -> str:
+    first, second = _PAIR.search(prompt).groups()
+    return f"Comparison: one is shorter.\nFinal Response: {_shorter(first, second)}"
 
 
 @pytest.fixture
 def judge_url():
-    handler = type("Handler", (_Judge,), {"seen": []})
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    yield handler, f"http://127.0.0.1:{srv.server_address[1]}/v1"
-    srv.shutdown()
-    srv.server_close()
+    with serve(_answer) as (handler, url):
+        yield handler, url
 
 
 def _expected_win_rate(new, other):
