@@ -2,14 +2,12 @@
 a scripted OpenAI-compatible server answers each template in the format it asks for."""
 
 import glob
-import http.server
-import json
 import os
 import re
-import threading
 
 import numpy as np
 import pytest
+from scripted_judge import serve
 
 from align_jax.eval.judge import (
     JUDGE_TEMPLATE_DIR,
@@ -42,42 +40,20 @@ def answer_in_format(prompt: str, letter: str) -> str:
     return letter
 
 
-class _Judge(http.server.BaseHTTPRequestHandler):
-    seen: list = []
-
-    def do_POST(self):  # noqa: N802 - http.server's naming
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        type(self).seen.append(body)
-        prompt = body["messages"][-1]["content"]
-        first, second = _PAIR.search(prompt).groups()
-        # Prefers the response that says "report"; otherwise slot B (a pure position effect).
-        letter = "A" if "report" in first and "report" not in second else "B"
-        data = json.dumps({"id": "j", "object": "chat.completion", "created": 0, "model": "judge",
-                           "choices": [{"index": 0, "finish_reason": "stop",
-                                        "message": {"role": "assistant",
-                                                    "content": answer_in_format(prompt, letter)}}]
-                           }).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args):
-        pass
+def _answer(prompt: str) -> str:
+    first, second = _PAIR.search(prompt).groups()
+    # Prefers the response that says "report"; otherwise slot B (a pure position effect).
+    return answer_in_format(prompt, "A" if "report" in first and "report" not in second
+                            else "B")
 
 
 @pytest.fixture(scope="module")
 def server():
-    handler = type("Handler", (_Judge,), {"seen": []})
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    teacher = make_teacher(f"openai:http://127.0.0.1:{srv.server_address[1]}/v1", model="judge",
-                           context_length=8192, concurrency=4, max_retries=0)
-    yield handler, teacher
-    teacher.close()
-    srv.shutdown()
-    srv.server_close()
+    with serve(_answer) as (handler, url):
+        teacher = make_teacher(f"openai:{url}", model="judge", context_length=8192,
+                               concurrency=4, max_retries=0)
+        yield handler, teacher
+        teacher.close()
 
 
 def test_every_shipped_template_has_a_verdict_regex_its_answers_match():
