@@ -59,7 +59,8 @@ def test_sami_iterations(tmp_path, monkeypatch, judge_url):
     params = [f"HF_CHECKPOINT='{base}'", "sami.sami.num_iterations=2",
               "sami.sami.max_new_tokens=8", "sami.sami.progress=False",
               "sami.sami.eval_queries=4", f"sami.sami.judge='openai:{url}'",
-              f"sami.sami.compare_to='{base}'", "sami.sami.compare_to_format='plain'"]
+              f"sami.sami.compare_to='{base}'", "sami.sami.compare_to_format='plain'",
+              "sami.sami.optimizer='rmsprop'"]
     code = cli.main(["run", "--gin_file=configs/runs/sami_recipe_tiny.gin",
                      f"--output_dir={out}"] + [f"--gin_param={p}" for p in params])
     gin.clear_config()
@@ -77,6 +78,10 @@ def test_sami_iterations(tmp_path, monkeypatch, judge_url):
         # Iteration k trains the base model for 2k steps on 2k batches of fresh samples.
         metrics = [json.loads(x) for x in open(out / f"iter_{k}" / "train" / "metrics.jsonl")]
         assert metrics[-1]["step"] == 2 * k
+        # RMSprop (the paper's Mixtral optimizer) with torch's decay, as the recipe chose.
+        settings = json.loads((out / f"iter_{k}" / "train" / "settings.json").read_text())
+        assert settings["optimizer"]["name"] == "rmsprop"
+        assert settings["optimizer"]["rms_decay"] == 0.99
         # The iteration's model is its export; its orbax checkpoints are removed.
         assert (out / f"iter_{k}" / "train" / "hf" / "config.json").exists()
         assert not (out / f"iter_{k}" / "train" / "checkpoints").exists()
