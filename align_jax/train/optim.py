@@ -31,8 +31,9 @@ class OptimizerConfig:
     learning_rate is the peak rate, reached after `warmup_steps` of linear warmup from 0, then
     decayed by `schedule` over the remaining `decay_steps - warmup_steps` steps to
     `end_lr_ratio * learning_rate` (decay_steps None: the run's num_steps). `warmup_ratio`
-    gives the warmup as a share of those steps instead, rounded up as Hugging Face's
-    Trainer does (ceil(ratio * steps)); set one of the two.
+    gives the warmup as a share of those steps instead, rounded up (ceil(ratio * steps)); as
+    in Hugging Face's Trainer, warmup_steps > 0 overrides it (so a run file that includes
+    one with a ratio can set steps).
     """
 
     name: OptimizerName = "adamw"
@@ -66,9 +67,6 @@ class OptimizerConfig:
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ValueError(f"OptimizerConfig.warmup_ratio={self.warmup_ratio} must be in "
                              f"[0, 1)")
-        if self.warmup_ratio and self.warmup_steps:
-            raise ValueError(f"OptimizerConfig: warmup_steps={self.warmup_steps} and "
-                             f"warmup_ratio={self.warmup_ratio} both set; set one")
         if not 0.0 <= self.rms_decay < 1.0:
             raise ValueError(f"OptimizerConfig.rms_decay={self.rms_decay} must be in [0, 1)")
         if self.clip_norm is not None and self.clip_norm <= 0:
@@ -76,9 +74,9 @@ class OptimizerConfig:
 
 
 def warmup_steps(cfg: OptimizerConfig, *, num_steps: int) -> int:
-    """The warmup length: `warmup_steps`, or ceil(warmup_ratio * steps) where steps is
-    `decay_steps` (None: num_steps)."""
-    if cfg.warmup_ratio:
+    """The warmup length: `warmup_steps` when > 0, else ceil(warmup_ratio * steps) where steps
+    is `decay_steps` (None: num_steps)."""
+    if cfg.warmup_ratio and not cfg.warmup_steps:
         total = cfg.decay_steps if cfg.decay_steps is not None else num_steps
         return math.ceil(cfg.warmup_ratio * total)
     return cfg.warmup_steps
