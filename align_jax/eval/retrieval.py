@@ -10,7 +10,9 @@ Three retrievers with one interface (`chunks`, `search(query, k)`, `search_many(
 when the embedding model is not installed. `with_retrieval` puts the best chunk in prompts.
 
 A fourth, `OracleRetriever` (kind "oracle"), does not search: it returns a record's own
-grounding chunk (the chunk its `chunk_id` names: the passage SDG wrote the question from).
+grounding chunk (the chunk its `chunk_id` names: the passage SDG wrote the question from; for
+a hand-written record without one, the first chunk that contains its `evidence`, a quote
+from the document).
 Answers with the oracle chunk measure how well a system reads a correct passage; beside the
 semantic rows they tell a retrieval error from a reading error. `oracle_records` keeps the
 records that have a known grounding chunk, and `retrieval_hits` is the share of them for which
@@ -113,8 +115,9 @@ def with_retrieval(records: Sequence[dict], retriever) -> list[dict]:
             i = missing[0]
             raise ValueError(f"oracle retrieval: record {i} ({records[i].get('prompt', '')[:60]!r})"
                              f" has {'an unknown' if records[i].get('chunk_id') else 'no'} "
-                             f"'chunk_id' ({len(missing)} of {len(records)} records lack a "
-                             f"known chunk); keep the others with oracle_records()")
+                             f"'chunk_id' and no 'evidence' found in a chunk ({len(missing)} of "
+                             f"{len(records)} records lack a known chunk); keep the others "
+                             f"with oracle_records()")
     else:
         best = [hits[0][0] for hits in retriever.search_many([r["prompt"] for r in records], k=1)]
     return [{**r, "prompt": rag_prompt(r["prompt"], retriever.chunks[i])}
@@ -137,14 +140,21 @@ class OracleRetriever:
                              f"chunks")
         self.chunks, self.chunk_ids = list(chunks), [str(c) for c in chunk_ids]
         self._index = {c: i for i, c in enumerate(self.chunk_ids)}
+        self._flat = [" ".join(c.split()) for c in self.chunks]
 
     def lookup(self, records: Sequence[dict]) -> list[int | None]:
-        """Per record, the index of the chunk its `chunk_id` names; None when it has none or
-        names a chunk not among `chunks` (e.g. written from another chunking)."""
+        """Per record, the index of the chunk its `chunk_id` names, else of the first chunk
+        containing its `evidence` (whitespace-normalised); None when neither finds one (e.g.
+        an id from another chunking)."""
         out = []
         for r in records:
             cid = r.get("chunk_id")
-            out.append(self._index.get(str(cid)) if cid is not None else None)
+            found = self._index.get(str(cid)) if cid is not None else None
+            quote = r.get("evidence")
+            if found is None and isinstance(quote, str) and quote.strip():
+                quote = " ".join(quote.split())
+                found = next((i for i, c in enumerate(self._flat) if quote in c), None)
+            out.append(found)
         return out
 
     def search_many(self, queries: Sequence[str], k: int = 1):

@@ -154,10 +154,18 @@ def test_oracle_retrieval_puts_each_records_own_chunk_and_scores_a_retriever():
     # Records without a (known) chunk: with_retrieval refuses, oracle_records keeps the rest.
     mixed = [records[0], {"prompt": "hand-written", "completion": "x"}, records[1],
              {"prompt": "other chunking", "completion": "x", "chunk_id": "feedfeedfeedfeed"}]
-    with pytest.raises(ValueError, match=r"record 1 .* no 'chunk_id' \(2 of 4"):
+    with pytest.raises(ValueError, match=r"record 1 .* no 'chunk_id' and no 'evidence' .*\(2 of 4"):
         with_retrieval(mixed, oracle)
     kept, idx = oracle_records(mixed, oracle)
     assert idx == [0, 2] and [r["prompt"] for r in kept] == [o["prompt"] for o in out[:2]]
+    # A hand-written record names its grounding by a quote of the document (line breaks and
+    # spaces need not match); an id from another chunking falls back to the quote too.
+    quoted = [{"prompt": q, "completion": "x", "evidence": "  ".join(a.split())}
+              for q, a in DIRECT]
+    assert oracle.lookup(quoted) == [ids.index(r["chunk_id"]) for r in records]
+    assert oracle.lookup([{**quoted[0], "chunk_id": "feedfeedfeedfeed"},
+                          {"prompt": "q", "evidence": "not in the document at all"}]) == [
+        ids.index(records[0]["chunk_id"]), None]
     with pytest.raises(TypeError, match="chunk_id"):
         oracle.search_many(["q"])
     with pytest.raises(ValueError, match="needs chunk_ids"):
