@@ -38,12 +38,15 @@ def _length(v: dict | None) -> str:
     return f"{_num(v['mean'], '.1f')} +- {_num(v['stderr'], '.1f')} ({v['truncated']}/{v['n']})"
 
 
+WIN_COLUMNS = ("win rate", "LC strat.", "LC reg.", "longer", "position bias", "parse")
+
+
 def _win_cells(w: dict | None) -> list[str]:
     if not w:
-        return ["-"] * 5
+        return ["-"] * len(WIN_COLUMNS)
     return [f"{_num(w['win_rate'], '.2f')} +- {_num(w['stderr'], '.2f')}",
             _num(w.get("lc_stratified"), ".2f"), _num(w.get("lc_win_rate"), ".2f"),
-            _num(w.get("position_bias"), ".2f"),
+            _num(w.get("a_longer_share"), ".2f"), _num(w.get("position_bias"), ".2f"),
             f"{w.get('parse_failures', 0)}/{w.get('n_judgements', 0)}"]
 
 
@@ -82,16 +85,17 @@ def markdown(report: dict) -> str:
                   f"{report.get('judge') or '(none)'} with template "
                   f"{report.get('judge_template') or '-'}, both orders of every pair. Win rate "
                   "+- se; LC strat. = the paper's length correction (the mean of the win rates "
-                  "where this iteration's response is longer and where it is not); LC reg. = "
-                  "regression on the length difference, read at zero; position bias = share of "
-                  "pairs whose two orders chose the same slot (1: always one slot); parse = "
-                  "unparsed verdicts / judgements."
+                  "where this iteration's response is longer and where it is not; - when one "
+                  "of the two is empty); LC reg. = regression on the length difference, read "
+                  "at zero; longer = share of pairs where this iteration's response is longer "
+                  "(words); position bias = share of pairs whose two orders chose the same slot "
+                  "(1: always one slot); parse = unparsed verdicts / judgements."
                   + (f" compare_to = {compare} (mean response tokens "
                      f"{_length(report.get('compare_to_response_tokens'))})." if compare
                      else ""), ""]
         head = ["iteration", "tokens (cut)"]
         for _, label in MATCHUPS:
-            head += [f"{label}: win rate", "LC strat.", "LC reg.", "position bias", "parse"]
+            head += [f"{label}: {WIN_COLUMNS[0]}", *WIN_COLUMNS[1:]]
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for r in rows:
             cells = [str(r["iteration"]), _length(r.get("eval_response_tokens"))]

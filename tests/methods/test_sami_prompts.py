@@ -225,8 +225,9 @@ def test_judged_win_rates_lengths_and_the_report():
     md = sami_report.markdown(report)
     assert "| 1 | 2 | 0.5000 | 0.0500 | 0.9000 | 0.2000 | 0.0100 | 2.0 +- 1.0 (0/2) | " \
            "9.0 +- 7.0 (1/2) | " in md
-    assert "| 0 | 2.0 +- 1.0 (0/2) | - | - | - | - | - | 0.75 +- 0.25 | 0.50 | " in md
-    assert "| 1 | 2.0 +- 1.0 (0/2) | 0.50 +- 0.00 | 0.50 | " in md and "| 1.00 | 0/8 |" in md
+    assert "| 0 | 2.0 +- 1.0 (0/2) | - | - | - | - | - | - | 0.75 +- 0.25 | 0.50 | " in md
+    assert "| 1 | 2.0 +- 1.0 (0/2) | 0.50 +- 0.00 | 0.50 | " in md
+    assert "| 0.75 | 1.00 | 0/8 |" in md  # always_a: 3 of 4 longer, position bias 1
     assert "reference estimate (not a bound)" in md and "log K = 0.693" in md
     assert "| 0 | - | 3 / 2 | 1 / 1 | - | 4 / 3 |" in md and "| all |" in md
 
