@@ -1,8 +1,9 @@
 """BERTScore with align_jax's own encoder, following the `bert-score` package's conventions.
 
 Each sentence is encoded once ([CLS] text [SEP], stripped, truncated to the encoder's
-length) and its contextual token embeddings at `layer` are taken (layer k = the output of
-the k-th layer, 0 = the embeddings; default the last layer). For a pair, every hypothesis
+length; a RoBERTa sentence with a space before it, as bert-score's add_prefix_space) and its
+contextual token embeddings at `layer` are taken (layer k = the output of the k-th layer,
+0 = the embeddings; default the last layer). For a pair, every hypothesis
 token is matched to its most cosine-similar reference token (precision) and every reference
 token to its most similar hypothesis token (recall); the matches are averaged with weights
 that are 0 for [CLS] and [SEP] (they still take part as match candidates, as in bert-score)
@@ -10,6 +11,11 @@ and 1 or, with `idf`, the token's inverse document frequency over the references
 log((M + 1) / (df + 1)), M references, df how many contain the token (unseen tokens get
 log(M + 1)). F1 = 2PR / (P + R). An empty sentence scores 0. With baseline rescaling each
 score s becomes (s - b) / (1 - b).
+
+Which model and layer: the value-alignment paper's BERTScores (0.91-0.93) are bert-score's
+default for English, roberta-large at layer 17 without baseline rescaling (`PAPER_SETTING`);
+any setting's absolute scale differs (all-MiniLM-L6-v2's last layer, the demo's small encoder,
+gives 0.40-0.45 on the same kind of text), so only scores of one model and layer compare.
 
 One difference from the package, by design: bert-score pads a batch with zero similarities
 that can win a token's max when every real similarity of that token is negative, so its
@@ -32,6 +38,9 @@ import numpy as np
 from align_jax.tokenizer import load_tokenizer
 
 _PAD = 8
+# bert-score's default for English (its model2layers): the setting of the value-alignment
+# paper's BERTScore column.
+PAPER_SETTING = {"model": "roberta-large", "layer": 17, "rescale_with_baseline": False}
 
 
 @jax.jit
@@ -83,10 +92,22 @@ def _rows(n: int, batch_size: int) -> int:
     return min(batch_size, 1 << max(0, n - 1).bit_length())
 
 
+def sentence_ids(tokenizer, text: str, *, model_type: str = "bert",
+                 max_length: int | None = None) -> list[int]:
+    """A sentence's encoder ids as bert-score makes them: stripped, with the special tokens,
+    truncated; RoBERTa's byte-level BPE sees a space before the first word (add_prefix_space),
+    so the first word is encoded as it is inside a sentence."""
+    text = text.strip()
+    if model_type == "roberta" and text:
+        text = " " + text
+    return tokenizer.encode_pair(text, max_length=max_length)[0]
+
+
 def _embed_all(config, params, tokenizer, texts, *, layer, batch_size, max_length):
     """Per unique text: (ids, embeddings [len, D] float32 numpy)."""
     from align_jax.models.encoder import encode  # local: see _load_path
-    ids = {t: tokenizer.encode_pair(t.strip(), max_length=max_length)[0] for t in texts}
+    ids = {t: sentence_ids(tokenizer, t, model_type=config.model_type, max_length=max_length)
+           for t in texts}
     order = sorted(ids, key=lambda t: -len(ids[t]))  # similar lengths share a batch
     out = {}
     for start in range(0, len(order), batch_size):
@@ -103,8 +124,8 @@ def _embed_all(config, params, tokenizer, texts, *, layer, batch_size, max_lengt
     return out
 
 
-def idf_weights(refs: Sequence[str], tokenizer, *, max_length: int | None = None
-                ) -> tuple[dict[int, float], float]:
+def idf_weights(refs: Sequence[str], tokenizer, *, max_length: int | None = None,
+                model_type: str = "bert") -> tuple[dict[int, float], float]:
     """Inverse document frequency of token ids over the references.
 
     Returns:
@@ -113,7 +134,7 @@ def idf_weights(refs: Sequence[str], tokenizer, *, max_length: int | None = None
     m = len(refs)
     df = Counter()
     for r in refs:
-        df.update(set(tokenizer.encode_pair(r.strip(), max_length=max_length)[0]))
+        df.update(set(sentence_ids(tokenizer, r, model_type=model_type, max_length=max_length)))
     return {i: float(np.log((m + 1) / (c + 1))) for i, c in df.items()}, float(np.log(m + 1))
 
 
@@ -138,17 +159,20 @@ def bertscore(hyps: Sequence[str], refs: Sequence[str | Sequence[str]], *, model
       hyps: generated answers.
       refs: one reference per answer, or a list of them (each score is the best over the
         references, per component, as bert-score does).
-      model: an encoder checkpoint dir, or (EncoderConfig, params, tokenizer).
+      model: an encoder checkpoint dir (BERT or RoBERTa family; the paper's setting is a
+        roberta-large dir at layer 17, `PAPER_SETTING`), or (EncoderConfig, params, tokenizer).
       layer: hidden layer to use (0 = embeddings); default the last.
       idf: weight tokens by inverse document frequency over the references.
       rescale_with_baseline: rescale with `baseline`.
       baseline: (P, R, F) baselines, or a bert-score baseline file (row `layer`).
       batch_size: sentences per encoder forward and pairs per matching step.
-      max_length: truncation; default the encoder's max_positions.
+      max_length: truncation; default the encoder's position table (512 for BERT and RoBERTa).
     Returns:
       {"precision", "recall", "f1": means, "per_pair": {"precision", "recall", "f1": [N]
-      float32 arrays}, "layer": the layer used, "idf": idf}.
+      float32 arrays}, "model": the checkpoint (its path, or "<in-memory encoder>"),
+      "layer": the layer used, "idf": idf, "rescaled": rescale_with_baseline}.
     """
+    name = os.fspath(model) if isinstance(model, (str, os.PathLike)) else "<in-memory encoder>"
     config, params, tokenizer = _load(model)
     if len(hyps) != len(refs):
         raise ValueError(f"bertscore: {len(hyps)} hypotheses but {len(refs)} references")
@@ -157,7 +181,9 @@ def bertscore(hyps: Sequence[str], refs: Sequence[str | Sequence[str]], *, model
         raise ValueError(f"bertscore: layer {layer} is out of range 0..{config.num_layers}")
     if rescale_with_baseline and baseline is None:
         raise ValueError("bertscore: rescale_with_baseline needs baseline=(P, R, F) or a file")
-    max_length = max_length or config.max_positions
+    # The position table's length, as bert-score's tokenizer.model_max_length (not a
+    # sentence-transformers max_seq_length).
+    max_length = max_length or config.max_positions - config.position_offset
     groups = [[r] if isinstance(r, str) else list(r) for r in refs]
     flat_h = [h for h, g in zip(hyps, groups) for _ in g]
     flat_r = [r for g in groups for r in g]
@@ -166,10 +192,11 @@ def bertscore(hyps: Sequence[str], refs: Sequence[str | Sequence[str]], *, model
         empty = np.zeros(0, np.float32)
         return {"precision": float("nan"), "recall": float("nan"), "f1": float("nan"),
                 "per_pair": {"precision": empty, "recall": empty, "f1": empty},
-                "layer": layer, "idf": idf}
+                "model": name, "layer": layer, "idf": idf, "rescaled": rescale_with_baseline}
     emb = _embed_all(config, params, tokenizer, set(flat_h) | set(flat_r), layer=layer,
                      batch_size=batch_size, max_length=max_length)
-    weights, unseen = idf_weights(flat_r, tokenizer, max_length=max_length) if idf else ({}, 1.0)
+    weights, unseen = (idf_weights(flat_r, tokenizer, max_length=max_length,
+                                   model_type=config.model_type) if idf else ({}, 1.0))
 
     def weight(ids):
         w = np.array([weights.get(i, unseen) for i in ids], np.float32)
@@ -200,4 +227,5 @@ def bertscore(hyps: Sequence[str], refs: Sequence[str | Sequence[str]], *, model
     p, r, f = (np.array([a[b:e].max() for b, e in zip(bounds[:-1], bounds[1:])], np.float32)
                for a in (p, r, f))
     return {"precision": float(p.mean()), "recall": float(r.mean()), "f1": float(f.mean()),
-            "per_pair": {"precision": p, "recall": r, "f1": f}, "layer": layer, "idf": idf}
+            "per_pair": {"precision": p, "recall": r, "f1": f}, "model": name, "layer": layer,
+            "idf": idf, "rescaled": rescale_with_baseline}

@@ -2,8 +2,12 @@
 
 Every pair of responses is judged twice, once in each order (A|B and B|A), by any `Teacher`
 (`local:` checkpoint or `openai:` endpoint) under an editable rubric template from
-configs/judge_templates/ (or a path). The judge must end with "[RESULT] A" or "[RESULT] B";
-anything else is a tie (scored 0.5), counted in `parse_failures` and kept in `judgements`.
+configs/judge_templates/ (or a path). A template may come with a system prompt (the file
+`<name>.system.txt` beside it) and with recommended sampling (`TEMPLATE_SAMPLING`, e.g.
+Prometheus 2's for `prometheus_relative`). The verdict formats the shipped templates ask for
+(`VERDICT_REGEX`) are all parsed: "[RESULT] A", "Final Response: B" (the SAMI paper's judge)
+and a bare letter; anything else is a tie (scored 0.5), counted in `parse_failures` and kept
+in `judgements`.
 A `LetterJudge` (`align_jax.eval.letter_judge`: a small local model read from its
 probabilities of "A" and "B") gives soft judgements instead: P(slot A) for system A's slot.
 
@@ -19,7 +23,9 @@ judgements, each 1 for A, 0 for B, 0.5 for a tie, or the letter judge's probabil
   lc_stratified   the SAMI paper's control: the mean of the win rate over pairs where A is
                   longer and the win rate over pairs where A is not longer (nan when one
                   stratum is empty).
-Lengths are whitespace-separated words.
+Lengths are whitespace-separated words. `opponent_summary` turns a `win_rate_matrix` into the
+value-alignment paper's per-system column: the mean and SD of a system's win rates over its
+opponents.
 """
 
 from __future__ import annotations
@@ -41,7 +47,34 @@ JUDGE_TEMPLATE_DIR = os.path.join(
     "configs", "judge_templates")
 DEFAULT_RUBRIC = ("Which response answers the instruction more correctly and helpfully, "
                   "agreeing with the reference answer and the values it expresses?")
-_RESULT = re.compile(r"\[\s*RESULT\s*\]\s*[:=\-]?\s*[\(\"'*]*\s*(?:response\s+)?([AB])\b",
+# The whole answer each shipped template asks for, as a regular expression over the judge's
+# text (to constrain a local judge's decoding to the format; `parse_verdict` reads them all).
+_FEEDBACK_THEN_RESULT = r"[\s\S]*\[RESULT\] [AB]"
+VERDICT_REGEX: dict[str, str] = {
+    "relative": _FEEDBACK_THEN_RESULT,
+    "prometheus_relative": _FEEDBACK_THEN_RESULT,
+    "principles": _FEEDBACK_THEN_RESULT,
+    "pairwise": _FEEDBACK_THEN_RESULT,
+    "constitution": r"Comparison: [\s\S]*\nFinal Response: [AB]",
+    "constitution_summary": r"Comparison: [\s\S]*\nFinal Response: [AB]",
+    "choice": r"[AB]",
+    "principles_choice": r"[AB]",
+}
+# Sampling a template's judge is meant to run with, where it has one; explicit arguments of
+# `win_rate_matrix` win. Prometheus 2's authors recommend these for its relative grading.
+TEMPLATE_SAMPLING: dict[str, dict[str, float]] = {
+    "prometheus_relative": {"temperature": 1.0, "top_p": 0.9, "max_tokens": 1024,
+                            "repetition_penalty": 1.03},
+    "constitution": {"temperature": 0.0, "max_tokens": 512},
+    "constitution_summary": {"temperature": 0.0, "max_tokens": 512},
+}
+DEFAULT_SAMPLING = {"temperature": 0.0, "top_p": 1.0, "max_tokens": 512,
+                    "repetition_penalty": 1.0}
+# A verdict marker and the rest of its line: "[RESULT] B", "Final Response: <A>".
+_MARKER = re.compile(r"(\[\s*RESULT\s*\]|final\s+(?:response|verdict|answer)\s*:)([^\n]*)",
+                     re.IGNORECASE)
+# What may follow a marker: one letter, quoted or bracketed, maybe named ("Response B").
+_MARKED = re.compile(r"^[\s:=\-<\(\[\"'*]*(?:response\s+|summary\s+|output\s+)?([AB])\b(.*)$",
                      re.IGNORECASE)
 _BARE = re.compile(r"^\W*(?:response\s+|output\s+)?\(?([AB])\)?\W*$", re.IGNORECASE)
 # A letter opening the answer and closed by ")", "." or ":" ("B. It cites the code ...").
@@ -98,17 +131,74 @@ def load_judge_template(name_or_path: str | os.PathLike | Template) -> Template:
 def parse_verdict(text: str) -> str | None:
     """"A", "B", or None when the judge's text names no verdict.
 
-    The last "[RESULT] X" wins (a judge may quote the format first); a text that is only a
+    The last verdict marker wins (a judge may quote the format first): "[RESULT] X" (the
+    Prometheus-style templates) or "Final Response: X" (the SAMI paper's judge), where X is
+    the letter, maybe quoted, bracketed or named ("Response B", "<A>"); a marker whose line
+    names both letters ("A or B") is no verdict. Without a marker, a text that is only a
     letter ("B", "(A).", "Response B") or opens with one ("B. It follows ...", "A) ...")
-    counts too.
+    counts.
     """
     if not isinstance(text, str):
         return None
-    found = _RESULT.findall(text)
-    if found:
-        return found[-1].upper()
+    markers = _MARKER.findall(text)
+    if markers:
+        m = _MARKED.match(markers[-1][1])
+        if m is None or re.search(r"\b[AB]\b", m.group(2)):
+            return None
+        return m.group(1).upper()
     m = _BARE.match(text.strip()) or _LEAD.match(text.strip())
     return m.group(1).upper() if m else None
+
+
+def judge_system_prompt(template: Template) -> str | None:
+    """The system prompt shipped beside a judge template (`<name>.system.txt`), or None."""
+    if not template.path.endswith(".txt"):
+        return None
+    path = template.path[:-4] + ".system.txt"
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return f.read().strip() or None
+
+
+def judge_sampling(template: Template, **overrides) -> dict:
+    """The sampling a judge runs with: DEFAULT_SAMPLING, updated by the template's
+    TEMPLATE_SAMPLING entry, updated by the overrides that are not None."""
+    out = dict(DEFAULT_SAMPLING)
+    out.update(TEMPLATE_SAMPLING.get(template.name, {}))
+    out.update({k: v for k, v in overrides.items() if v is not None})
+    return out
+
+
+def ask_judge(judge: Teacher, prompts: Sequence[str], *, system: str | None = None,
+              use_chat: bool = True, temperature: float = 0.0, top_p: float = 1.0,
+              max_tokens: int = 512, repetition_penalty: float = 1.0,
+              seed: int | None = 0) -> list[str]:
+    """The judge's texts for rendered templates, with a system prompt when given.
+
+    Args:
+      judge: any Teacher.
+      prompts: rendered judge templates.
+      system: the system message (chat), or text put before each prompt (use_chat False).
+      use_chat, temperature, top_p, max_tokens, repetition_penalty, seed: how it is asked.
+    Returns:
+      One text per prompt.
+    """
+    if system is None or not use_chat:
+        prompts = [f"{system}\n\n{p}" if system else p for p in prompts]
+        return ask(judge, list(prompts), use_chat=use_chat, temperature=temperature,
+                   top_p=top_p, max_tokens=max_tokens, seed=seed,
+                   repetition_penalty=repetition_penalty)
+    if not prompts:
+        return []
+    kwargs = dict(temperature=temperature, top_p=top_p, max_tokens=int(max_tokens), seed=seed)
+    if repetition_penalty != 1.0:  # teachers written before the penalty existed still work
+        kwargs["repetition_penalty"] = repetition_penalty
+    out = judge.chat([[{"role": "system", "content": system}, {"role": "user", "content": p}]
+                      for p in prompts], **kwargs)
+    if len(out) != len(prompts):
+        raise RuntimeError(f"judge returned {len(out)} answers for {len(prompts)} prompts")
+    return [o if isinstance(o, str) else "" for o in out]
 
 
 def _words(text: str) -> int:
@@ -192,35 +282,44 @@ def pairwise_win_rate(prompts: Sequence[str], responses_a: Sequence[str],
                       template: str | os.PathLike | Template = "relative",
                       references: Sequence[str] | None = None, seed: int = 0,
                       rubric: str = DEFAULT_RUBRIC, principles: str | None = None,
-                      max_tokens: int = 512, temperature: float = 0.0,
-                      use_chat: bool = True) -> WinRateResult:
+                      max_tokens: int | None = None, temperature: float | None = None,
+                      top_p: float | None = None, repetition_penalty: float | None = None,
+                      system: str | None = None, use_chat: bool = True) -> WinRateResult:
     """Win rate of responses A over responses B to the same prompts, judged in both orders.
 
     Args:
       prompts: the questions.
       responses_a, responses_b: each system's answer per prompt.
       judge: any Teacher (see `align_jax.sdg.backends.make_teacher`).
-      template: judge template name ("relative", "principles") or path or Template.
+      template: judge template name ("relative", "prometheus_relative", "principles",
+        "constitution", ...) or path or Template.
       references: reference answers for the {reference} placeholder.
       seed: the judge's sampling seed (all requests of one call share it).
-      rubric: the {rubric} of the relative template.
-      principles: the {principles} of the principles template, one per line.
-      max_tokens, temperature, use_chat: how the judge is asked (greedy chat by default).
+      rubric: the {rubric} of the relative templates.
+      principles: the {principles} of the principles/constitution templates, one per line.
+      max_tokens, temperature, top_p, repetition_penalty: the judge's sampling; None takes
+        the template's recommendation (TEMPLATE_SAMPLING), else DEFAULT_SAMPLING (greedy).
+      system: the judge's system prompt; None takes the template's own (`<name>.system.txt`,
+        if any), "" sends none.
+      use_chat: ask through the chat endpoint (True) or as raw text.
     Returns:
       A WinRateResult.
     """
     return win_rate_matrix(prompts, {"A": responses_a, "B": responses_b}, judge=judge,
                            template=template, references=references, seed=seed,
                            rubric=rubric, principles=principles, max_tokens=max_tokens,
-                           temperature=temperature, use_chat=use_chat)["results"][("A", "B")]
+                           temperature=temperature, top_p=top_p,
+                           repetition_penalty=repetition_penalty, system=system,
+                           use_chat=use_chat)["results"][("A", "B")]
 
 
 def win_rate_matrix(prompts: Sequence[str], responses: Mapping[str, Sequence[str]], *,
                     judge: Teacher, template: str | os.PathLike | Template = "relative",
                     references: Sequence[str] | None = None, seed: int = 0,
                     rubric: str = DEFAULT_RUBRIC, principles: str | None = None,
-                    max_tokens: int = 512, temperature: float = 0.0,
-                    use_chat: bool = True) -> dict:
+                    max_tokens: int | None = None, temperature: float | None = None,
+                    top_p: float | None = None, repetition_penalty: float | None = None,
+                    system: str | None = None, use_chat: bool = True) -> dict:
     """Pairwise win rates between several systems, as the papers' pairwise tables.
 
     All judgements (every pair of systems, both orders) go to the judge in one batch.
@@ -228,17 +327,20 @@ def win_rate_matrix(prompts: Sequence[str], responses: Mapping[str, Sequence[str
     Args:
       prompts: the questions.
       responses: system name -> its answer per prompt (in insertion order).
-      judge, template, references, seed, rubric, principles, max_tokens, temperature,
-        use_chat: as `pairwise_win_rate`.
+      judge, template, references, seed, rubric, principles, max_tokens, temperature, top_p,
+        repetition_penalty, system, use_chat: as `pairwise_win_rate`.
     Returns:
       {"names": [...], "win_rate", "ci_low", "ci_high", "lc_win_rate": (S, S) arrays where
       [i, j] is system i over system j (0.5 on the diagonal), "results": {(a, b): WinRateResult}
-      for each pair a before b}.
+      for each pair a before b, "template", "system", "sampling": how the judge was asked}.
     """
     prompts = list(prompts)
     responses = {k: list(v) for k, v in responses.items()}
     _check(prompts, responses, references)
     template = load_judge_template(template)
+    system = judge_system_prompt(template) if system is None else (system or None)
+    sampling = judge_sampling(template, temperature=temperature, top_p=top_p,
+                              max_tokens=max_tokens, repetition_penalty=repetition_penalty)
     names = list(responses)
     pairs = list(itertools.combinations(names, 2))
     batch = []
@@ -248,13 +350,18 @@ def win_rate_matrix(prompts: Sequence[str], responses: Mapping[str, Sequence[str
         batch += _prompts(template, prompts, responses[b], responses[a], **kw)
     probs = None
     if hasattr(judge, "letter_probabilities"):  # eval.letter_judge.LetterJudge
-        probs = np.asarray(judge.letter_probabilities(batch, use_chat=use_chat), float)
+        shown = batch
+        if system:
+            shown = ([[{"role": "system", "content": system}, {"role": "user", "content": p}]
+                      for p in batch] if use_chat else [f"{system}\n\n{p}" for p in batch])
+        probs = np.asarray(judge.letter_probabilities(shown, use_chat=use_chat), float)
         texts = [f"P(A)={p:.4f}" for p in probs]
     else:
-        texts = ask(judge, batch, use_chat=use_chat, temperature=temperature,
-                    max_tokens=max_tokens, seed=seed)
+        texts = ask_judge(judge, batch, system=system, use_chat=use_chat, seed=seed,
+                          **sampling)
     n, s = len(prompts), len(names)
-    out = {"names": names, "results": {}}
+    out = {"names": names, "results": {}, "template": template.name, "system": system,
+           "sampling": sampling}
     mats = {k: np.full((s, s), 0.5) for k in ("win_rate", "ci_low", "ci_high", "lc_win_rate")}
     for k, (a, b) in enumerate(pairs):
         lo, hi = 2 * n * k, 2 * n * (k + 1)
@@ -269,3 +376,46 @@ def win_rate_matrix(prompts: Sequence[str], responses: Mapping[str, Sequence[str
         mats["lc_win_rate"][i, j], mats["lc_win_rate"][j, i] = res.lc_win_rate, 1 - res.lc_win_rate
     out.update(mats)
     return out
+
+
+def opponent_summary(matrix: Mapping, *, key: str = "win_rate", ddof: int = 0
+                     ) -> dict[str, tuple[float, float]]:
+    """The value-alignment paper's per-system win rate: the mean and SD of a system's win
+    rates over its opponents (row i of the matrix without the diagonal).
+
+    The paper's tables (1, 2) give these next to the pairwise matrices of its appendix G; its
+    means are the row means, and its SDs agree with the population SD (ddof=0) for 5 of its
+    10 rows and with the sample SD (ddof=1) for 3, so `ddof` is a parameter.
+
+    Args:
+      matrix: a `win_rate_matrix` result (or any {"names", key: (S, S) array}).
+      key: which matrix: "win_rate" or "lc_win_rate".
+      ddof: 0 the population SD over the S - 1 opponents, 1 the sample SD.
+    Returns:
+      {system: (mean, sd)}, in the matrix's order; (nan, nan) for a system with no opponent.
+    """
+    names = list(matrix["names"])
+    m = np.asarray(matrix[key], float)
+    out = {}
+    for i, name in enumerate(names):
+        row = np.delete(m[i], i)
+        if len(row) == 0:
+            out[name] = (float("nan"), float("nan"))
+        else:
+            sd = float(row.std(ddof=ddof)) if len(row) > ddof else float("nan")
+            out[name] = (float(row.mean()), sd)
+    return out
+
+
+def opponent_table(matrix: Mapping, *, ddof: int = 0) -> str:
+    """Markdown: per system, win rate (mean +- SD over opponents) and its length-controlled
+    counterpart, as the value-alignment paper's "winrate" column."""
+    raw = opponent_summary(matrix, ddof=ddof)
+    lc = opponent_summary(matrix, key="lc_win_rate", ddof=ddof) if "lc_win_rate" in matrix \
+        else {}
+    lines = ["| system | win rate (mean +- SD over opponents) | length-controlled |",
+             "|---|---|---|"]
+    for name, (mean, sd) in raw.items():
+        lc_cell = f"{lc[name][0]:.3f} +- {lc[name][1]:.3f}" if name in lc else "-"
+        lines.append(f"| {name} | {mean:.3f} +- {sd:.3f} | {lc_cell} |")
+    return "\n".join(lines)

@@ -8,6 +8,15 @@ Three retrievers with one interface (`chunks`, `search(query, k)`, `search_many(
                      for comparison).
 `make_retriever(chunks, kind="semantic")` builds one, falling back to BM25 (with a warning)
 when the embedding model is not installed. `with_retrieval` puts the best chunk in prompts.
+
+A fourth, `OracleRetriever` (kind "oracle"), does not search: it returns a record's own
+grounding chunk (the chunk its `chunk_id` names: the passage SDG wrote the question from; for
+a hand-written record without one, the first chunk that contains its `evidence`, a quote
+from the document).
+Answers with the oracle chunk measure how well a system reads a correct passage; beside the
+semantic rows they tell a retrieval error from a reading error. `oracle_records` keeps the
+records that have a known grounding chunk, and `retrieval_hits` is the share of them for which
+a retriever's first chunk is the grounding one.
 """
 
 from __future__ import annotations
@@ -28,7 +37,7 @@ from align_jax.tokenizer import load_tokenizer
 log = logging.getLogger(__name__)
 
 DEFAULT_EMBEDDER = "all-minilm-l6-v2"
-RETRIEVERS = ("semantic", "bm25", "tfidf")
+RETRIEVERS = ("semantic", "bm25", "tfidf", "oracle")
 _WORD = re.compile(r"[a-z0-9]+")
 _STOP = frozenset(
     "a an and are as at be but by can do does for from has have how i if in into is it its "
@@ -95,11 +104,97 @@ def rag_prompt(question: str, context: str) -> str:
 def with_retrieval(records: Sequence[dict], retriever) -> list[dict]:
     """Copies of records whose `prompt` carries its best-matching chunk.
 
-    `retriever`: any retriever of this module; all prompts are looked up in one batch.
+    `retriever`: any retriever of this module; all prompts are looked up in one batch. An
+    `OracleRetriever` puts each record's own grounding chunk instead, and every record must
+    have one (see `oracle_records` to keep those that do).
     """
-    best = [hits[0][0] for hits in retriever.search_many([r["prompt"] for r in records], k=1)]
+    if isinstance(retriever, OracleRetriever):
+        best = retriever.lookup(records)
+        missing = [i for i, b in enumerate(best) if b is None]
+        if missing:
+            i = missing[0]
+            raise ValueError(f"oracle retrieval: record {i} ({records[i].get('prompt', '')[:60]!r})"
+                             f" has {'an unknown' if records[i].get('chunk_id') else 'no'} "
+                             f"'chunk_id' and no 'evidence' found in a chunk ({len(missing)} of "
+                             f"{len(records)} records lack a known chunk); keep the others "
+                             f"with oracle_records()")
+    else:
+        best = [hits[0][0] for hits in retriever.search_many([r["prompt"] for r in records], k=1)]
     return [{**r, "prompt": rag_prompt(r["prompt"], retriever.chunks[i])}
             for r, i in zip(records, best)]
+
+
+class OracleRetriever:
+    """Each record's own grounding chunk, by its `chunk_id` (no search).
+
+    Attributes:
+      chunks: the passages; chunk_ids: their ids (`data.documents.Chunk.id`, the
+        `chunk_id` SDG writes into its records).
+    """
+
+    def __init__(self, chunks: Sequence[str], chunk_ids: Sequence[str]):
+        if not chunks:
+            raise ValueError("OracleRetriever: no chunks")
+        if len(chunk_ids) != len(chunks):
+            raise ValueError(f"OracleRetriever: {len(chunk_ids)} chunk ids for {len(chunks)} "
+                             f"chunks")
+        self.chunks, self.chunk_ids = list(chunks), [str(c) for c in chunk_ids]
+        self._index = {c: i for i, c in enumerate(self.chunk_ids)}
+        self._flat = [" ".join(c.split()) for c in self.chunks]
+
+    def lookup(self, records: Sequence[dict]) -> list[int | None]:
+        """Per record, the index of the chunk its `chunk_id` names, else of the first chunk
+        containing its `evidence` (whitespace-normalised); None when neither finds one (e.g.
+        an id from another chunking)."""
+        out = []
+        for r in records:
+            cid = r.get("chunk_id")
+            found = self._index.get(str(cid)) if cid is not None else None
+            quote = r.get("evidence")
+            if found is None and isinstance(quote, str) and quote.strip():
+                quote = " ".join(quote.split())
+                found = next((i for i, c in enumerate(self._flat) if quote in c), None)
+            out.append(found)
+        return out
+
+    def search_many(self, queries: Sequence[str], k: int = 1):
+        raise TypeError("OracleRetriever looks records up by their chunk_id, not queries by "
+                        "text: use with_retrieval(records, oracle) or oracle.lookup(records)")
+
+    search = search_many
+
+
+def oracle_records(records: Sequence[dict], oracle: OracleRetriever
+                   ) -> tuple[list[dict], list[int]]:
+    """The records that have a known grounding chunk, with that chunk in the prompt.
+
+    Returns:
+      (copies of those records with `rag_prompt(prompt, their chunk)`, their indices in
+      `records`).
+    """
+    found = oracle.lookup(records)
+    keep = [i for i, b in enumerate(found) if b is not None]
+    return ([{**records[i], "prompt": rag_prompt(records[i]["prompt"], oracle.chunks[found[i]])}
+             for i in keep], keep)
+
+
+def retrieval_hits(records: Sequence[dict], retriever, oracle: OracleRetriever) -> dict:
+    """How often `retriever`'s first chunk is the record's grounding chunk.
+
+    Returns:
+      {"hit_rate": share of the records with a known grounding chunk whose first retrieved
+      chunk is it (nan when none has one), "records": how many have one, "total":
+      len(records)}. The two retrievers must index the same chunks in the same order.
+    """
+    if list(retriever.chunks) != oracle.chunks:
+        raise ValueError("retrieval_hits: the retriever and the oracle index different chunks")
+    gold = oracle.lookup(records)
+    keep = [i for i, g in enumerate(gold) if g is not None]
+    if not keep:
+        return {"hit_rate": float("nan"), "records": 0, "total": len(records)}
+    top = retriever.search_many([records[i]["prompt"] for i in keep], k=1)
+    hits = [hits[0][0] == gold[i] for i, hits in zip(keep, top)]
+    return {"hit_rate": float(np.mean(hits)), "records": len(keep), "total": len(records)}
 
 
 def _top(scores_NC: np.ndarray, k: int) -> list[list[tuple[int, float]]]:
@@ -195,16 +290,24 @@ class SemanticRetriever:
         return self.search_many([query], k)[0]
 
 
-def make_retriever(chunks: Sequence[str], *, kind: str = "semantic", model=DEFAULT_EMBEDDER):
+def make_retriever(chunks: Sequence[str], *, kind: str = "semantic", model=DEFAULT_EMBEDDER,
+                   chunk_ids: Sequence[str] | None = None):
     """A retriever over the chunks.
 
     Args:
       chunks: the passages (the same chunks the SDG used).
-      kind: "semantic" (sentence embeddings; BM25 when the model is missing), "bm25", "tfidf".
+      kind: "semantic" (sentence embeddings; BM25 when the model is missing), "bm25", "tfidf",
+        or "oracle" (each record's own grounding chunk; needs `chunk_ids`).
       model: the sentence-embedding model for "semantic".
+      chunk_ids: the chunks' ids, for "oracle".
     Returns:
-      An object with `chunks`, `search(query, k)` and `search_many(queries, k)`.
+      An object with `chunks`, `search(query, k)` and `search_many(queries, k)` (the oracle:
+      `lookup(records)`).
     """
+    if kind == "oracle":
+        if chunk_ids is None:
+            raise ValueError("retriever kind 'oracle' needs chunk_ids (the chunks' ids)")
+        return OracleRetriever(chunks, chunk_ids)
     if kind == "semantic":
         try:
             return SemanticRetriever(chunks, model=model)

@@ -5,6 +5,13 @@ Per query, entry [i, j] of the C x C matrix is log p(y_j | x, c_i): row i is con
 column j is the response sampled under constitution j, so the diagonal holds matched pairs.
 The loss is the mean of two cross-entropies against the identity: one normalised over
 responses (softmax along j) and one normalised over constitutions (softmax along i).
+
+The optional regulariser (`kl_coef`) is the KL divergence from the frozen initial (base)
+model at every response position, over the whole vocabulary:
+    KL_t = sum_v p(v | ctx_t) (log p(v | ctx_t) - log p_base(v | ctx_t)),
+averaged over a query's response tokens (all C x C rows) and then over queries, as the
+SAMI reference code's trainer regularises (its kl_divergence). Its gradient is a true KL
+gradient (zero where the model equals the base), unlike a log-ratio on the sampled tokens.
 """
 
 import math
@@ -13,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from align_jax.losses import logprobs
+from align_jax.models import transformer
 from align_jax.models.config import ModelConfig
 
 
@@ -87,15 +95,102 @@ def sami_logps(config: ModelConfig, params, batch, *, vocab_chunk_size: int = 0)
     return logps_BCC, mask_B
 
 
-def sami_kl_penalty(logps_BCC: jax.Array, ref_logps_BCC: jax.Array, *,
-                    mask_B: jax.Array | None = None) -> jax.Array:
-    """Sample estimate of KL(p_model(y|x,c) || p_base(y|x,c)) per response token: the mean over
-    queries and matched pairs (the diagonal, response j under its own constitution j) of the
-    per-token log-ratio log p_model - log p_base. The base's log-probs carry no gradient."""
-    diag = lambda m_BCC: jnp.diagonal(m_BCC, axis1=1, axis2=2)  # noqa: E731
-    ratio_BC = (diag(logps_BCC.astype(jnp.float32))
-                - jax.lax.stop_gradient(diag(ref_logps_BCC.astype(jnp.float32))))
-    return _wmean(jnp.mean(ratio_BC, axis=1), mask_B)
+def token_logps_and_kl(h_BTD: jax.Array, w_DV: jax.Array, ref_h_BTD: jax.Array,
+                       ref_w_DV: jax.Array, targets_BT: jax.Array, *, chunk_size: int = 0
+                       ) -> tuple[jax.Array, jax.Array]:
+    """Target log-probs of the model and its per-position KL from a reference model.
+
+    Args:
+      h_BTD, w_DV: the model's final hidden states and output projection
+        (`transformer.forward_hidden`); logits = h @ w.
+      ref_h_BTD, ref_w_DV: the same for the reference model (no gradient flows to them).
+      targets_BT: int targets.
+      chunk_size: > 0 walks the vocabulary in chunks of this size (two passes, each chunk
+        under jax.checkpoint), so no [B, T, V] float32 tensor exists; 0 uses full logits.
+    Returns:
+      (logps_BT: log p(target_t), kl_BT: KL(p(. | ctx_t) || p_ref(. | ctx_t))), float32.
+    """
+    ref_h_BTD = jax.lax.stop_gradient(ref_h_BTD)
+    ref_w_DV = jax.lax.stop_gradient(ref_w_DV)
+    d, v = w_DV.shape
+    if chunk_size <= 0 or chunk_size >= v:
+        z_BTV = jnp.einsum("BTD,DV->BTV", h_BTD, w_DV, preferred_element_type=jnp.float32)
+        zr_BTV = jnp.einsum("BTD,DV->BTV", ref_h_BTD, ref_w_DV,
+                            preferred_element_type=jnp.float32)
+        lp_BTV = jax.nn.log_softmax(z_BTV, axis=-1)
+        lq_BTV = jax.nn.log_softmax(zr_BTV, axis=-1)
+        kl_BT = jnp.sum(jnp.exp(lp_BTV) * (lp_BTV - lq_BTV), axis=-1)
+        logps_BT = jnp.take_along_axis(lp_BTV, targets_BT[..., None].astype(jnp.int32),
+                                       axis=-1)[..., 0]
+        return logps_BT, kl_BT
+    n_chunks = -(-v // chunk_size)
+    pad = ((0, 0), (0, n_chunks * chunk_size - v))
+    w_NDc = jnp.pad(w_DV, pad).reshape(d, n_chunks, chunk_size).transpose(1, 0, 2)
+    wr_NDc = jnp.pad(ref_w_DV, pad).reshape(d, n_chunks, chunk_size).transpose(1, 0, 2)
+    starts_N = jnp.arange(n_chunks, dtype=jnp.int32) * chunk_size
+
+    def logits(w_Dc, wr_Dc, start):
+        z_BTc = jnp.einsum("BTD,Dc->BTc", h_BTD, w_Dc, preferred_element_type=jnp.float32)
+        zr_BTc = jnp.einsum("BTD,Dc->BTc", ref_h_BTD, wr_Dc, preferred_element_type=jnp.float32)
+        return z_BTc, zr_BTc, start + jnp.arange(chunk_size, dtype=jnp.int32) < v
+
+    @jax.checkpoint
+    def chunk_lse(args):
+        z_BTc, zr_BTc, real_c = logits(*args)
+        return (jax.nn.logsumexp(jnp.where(real_c, z_BTc, -jnp.inf), axis=-1),
+                jax.nn.logsumexp(jnp.where(real_c, zr_BTc, -jnp.inf), axis=-1))
+
+    lse_NBT, lser_NBT = jax.lax.map(chunk_lse, (w_NDc, wr_NDc, starts_N))
+    lse_BT = jax.nn.logsumexp(lse_NBT, axis=0)
+    lser_BT = jax.nn.logsumexp(lser_NBT, axis=0)
+
+    # KL_t = sum_v p_v (z_v - zr_v) - lse_t + lser_t: the second pass needs the first's lse.
+    @jax.checkpoint
+    def chunk_cross(args):
+        z_BTc, zr_BTc, real_c = logits(*args)
+        p_BTc = jnp.exp(z_BTc - lse_BT[..., None])
+        return jnp.sum(jnp.where(real_c, p_BTc * (z_BTc - zr_BTc), 0.0), axis=-1)
+
+    kl_BT = jnp.sum(jax.lax.map(chunk_cross, (w_NDc, wr_NDc, starts_N)), axis=0) - lse_BT \
+        + lser_BT
+    w_BTD = jnp.take(w_DV.T, targets_BT.astype(jnp.int32), axis=0)
+    logps_BT = jnp.einsum("BTD,BTD->BT", h_BTD, w_BTD,
+                          preferred_element_type=jnp.float32) - lse_BT
+    return logps_BT, kl_BT
+
+
+def sami_logps_and_kl(config: ModelConfig, params, ref_params, batch, *,
+                      vocab_chunk_size: int = 0):
+    """`sami_logps` plus the per-query KL from the reference model, from one forward pass of
+    the model (and one of the reference).
+
+    Returns:
+      (logps_BCC, mask_B, kl_B: per query, the mean over its response tokens, in all C x C
+      rows, of the per-position KL over the vocabulary).
+    """
+    tokens = logprobs.batch_field(batch, "tokens", where="sami")
+    if tokens.ndim != 4 or tokens.shape[1] != tokens.shape[2]:
+        raise ValueError(f"sami: field 'tokens' must be [B, C, C, T], got {tokens.shape}")
+    targets = logprobs.batch_field(batch, "targets", where="sami")
+    mask = logprobs.batch_field(batch, "loss_mask", where="sami").astype(jnp.float32)
+    lead, t = tokens.shape[:-1], tokens.shape[-1]
+    flat = lambda x: None if x is None else jnp.asarray(x).reshape(-1, t)  # noqa: E731
+    seg_BT, pos_BT = flat(batch.get("segment_ids")), flat(batch.get("positions"))
+    mask_BT = flat(mask)
+    if seg_BT is not None:
+        mask_BT = jnp.where(seg_BT != 0, mask_BT, 0.0)
+    kw = dict(positions_BT=pos_BT, segment_ids_BT=seg_BT)
+    h_BTD, w_DV = transformer.forward_hidden(config, params, flat(tokens), **kw)
+    ref_h_BTD, ref_w_DV = transformer.forward_hidden(config, ref_params, flat(tokens), **kw)
+    chunk = logprobs.resolve_vocab_chunk(config.vocab_size, vocab_chunk_size)
+    logps_BT, kl_BT = token_logps_and_kl(h_BTD, w_DV, ref_h_BTD, ref_w_DV, flat(targets),
+                                         chunk_size=chunk)
+    mask_BCCT = mask_BT.reshape(*lead, t)
+    logps_BCC = logprobs.masked_sum(logps_BT.reshape(*lead, t), mask_BCCT, average=True)
+    kl_sum_B = jnp.sum(jnp.where(mask_BCCT > 0, kl_BT.reshape(*lead, t), 0.0), axis=(1, 2, 3))
+    count_B = jnp.sum(mask_BCCT, axis=(1, 2, 3))
+    mask_B = (count_B > 0).astype(jnp.float32)
+    return logps_BCC, mask_B, kl_sum_B / jnp.maximum(count_B, 1.0)
 
 
 def sami_objective(params, batch, *, config: ModelConfig, ref_params=None,
@@ -108,19 +203,21 @@ def sami_objective(params, batch, *, config: ModelConfig, ref_params=None,
       config: the model.
       ref_params: the frozen initial parameters (train_main's "params" reference), used by the
         KL regulariser only.
-      kl_coef: weight of `sami_kl_penalty` to the initial model (the paper's optional
-        regulariser; 0 turns it off and needs no reference).
-      vocab_chunk_size: see `sami_logps`.
+      kl_coef: weight of the per-position KL over the vocabulary from the initial model
+        (module docstring; the paper's optional regulariser, 0 turns it off and needs no
+        reference).
+      vocab_chunk_size: see `sami_logps` (the KL walks the vocabulary in the same chunks).
     Returns:
       (loss, metrics of `sami_loss`, plus `kl` when kl_coef > 0).
     """
-    logps_BCC, mask_B = sami_logps(config, params, batch, vocab_chunk_size=vocab_chunk_size)
+    if not kl_coef:
+        logps_BCC, mask_B = sami_logps(config, params, batch, vocab_chunk_size=vocab_chunk_size)
+        return sami_loss(logps_BCC, mask_B=mask_B)
+    if ref_params is None:
+        raise ValueError("sami: kl_coef > 0 needs the frozen initial params (reference)")
+    logps_BCC, mask_B, kl_B = sami_logps_and_kl(config, params, ref_params, batch,
+                                                vocab_chunk_size=vocab_chunk_size)
     loss, metrics = sami_loss(logps_BCC, mask_B=mask_B)
-    if kl_coef:
-        if ref_params is None:
-            raise ValueError("sami: kl_coef > 0 needs the frozen initial params (reference)")
-        ref_BCC, _ = sami_logps(config, ref_params, batch, vocab_chunk_size=vocab_chunk_size)
-        kl = sami_kl_penalty(logps_BCC, ref_BCC, mask_B=mask_B)
-        loss = loss + kl_coef * kl
-        metrics = {**metrics, "loss": loss, "kl": jax.lax.stop_gradient(kl)}
-    return loss, metrics
+    kl = _wmean(kl_B, mask_B)
+    loss = loss + kl_coef * kl
+    return loss, {**metrics, "loss": loss, "kl": jax.lax.stop_gradient(kl)}

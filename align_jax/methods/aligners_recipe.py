@@ -1,15 +1,23 @@
 """The aligners recipe (`align-jax run --gin_file=configs/runs/aligners*.gin`).
 
     [aligner SDG with a teacher | given aligner/inspector files] -> one inspector per criterion
-    -> one aligner per criterion -> the squad over (input, response) rows -> report.md
+    -> one aligner per criterion -> the squad over (input, response) rows
+    -> [each aligner on every row] -> [a judge: aligned vs original] -> report.md
 
 Stages and what marks them done (a rerun skips a stage whose output exists):
-  data/aligner.jsonl, data/inspector.jsonl     the training records (SDG or copies)
+  data/aligner.jsonl, data/inspector.jsonl     the training records (SDG or copies; with a
+                                               `rewrite_encoder`, triples whose y and y' embed
+                                               within `max_rewrite_cosine` are dropped first)
   inspectors/<criterion>/metrics.json          encoder classifier + held-out metrics
   aligner_base/aligner_markers.json            the base decoder with the markers added
   aligners/<criterion>/hf/config.json          the trained aligner
   responses.jsonl                              the rows to align (given, or sampled)
-  squad.jsonl, report.md                       the squad's output and the report
+  squad.jsonl                                  the squad's output
+  ablation.jsonl                               each aligner applied to every row (`ablation`)
+  judge.json                                   win rates of every setting over the original
+                                               responses (`judge`; redone when the judge,
+                                               template or rubric changes)
+  report.md, report.json                       the report (methods/aligners_eval.py)
 """
 
 import collections
@@ -24,14 +32,17 @@ import jax
 from align_jax import sharding
 from align_jax.atomic import atomic_write
 from align_jax.data.sources import load_records
+from align_jax.eval.letter_judge import LetterJudge
 from align_jax.generate import generate
 from align_jax.generate.prompt_batches import DEFAULT_BATCH_SIZE, next_pow2
 from align_jax.jsonl import read_jsonl, write_jsonl
 from align_jax.losses.aligner import add_marker_tokens
+from align_jax.methods import aligners_eval
 from align_jax.methods import inspectors as insp
 from align_jax.methods.aligners import align, squad
 from align_jax.models import get_config, init_params, load_hf, save_hf
 from align_jax.models.named import resolve_model_path
+from align_jax.sdg.aligner_data import filter_rewrites
 from align_jax.sdg.backends import make_teacher
 from align_jax.sdg.pipeline import run_aligner_sdg
 from align_jax.tokenizer import copy_tokenizer_files, encode_prompt, load_tokenizer
@@ -52,7 +63,8 @@ def _read_jsonl(path: str, schema: str | None = None) -> list[dict]:
     return read_jsonl(path)
 
 
-def _data(out: str, *, aligner_data, inspector_data, teacher, sdg_kwargs) -> tuple[list, list]:
+def _data(out: str, *, aligner_data, inspector_data, teacher, sdg_kwargs,
+          rewrite_encoder=None, max_rewrite_cosine=0.9) -> tuple[list, list]:
     a_file, i_file = (os.path.join(out, "data", f) for f in ("aligner.jsonl", "inspector.jsonl"))
     if not (os.path.exists(a_file) and os.path.exists(i_file)):
         if aligner_data is None:
@@ -65,6 +77,12 @@ def _data(out: str, *, aligner_data, inspector_data, teacher, sdg_kwargs) -> tup
             aligner_data = os.path.join(sdg_dir, "aligner", "train.jsonl")
             inspector_data = inspector_data or os.path.join(sdg_dir, "inspector", "train.jsonl")
         triples = _read_jsonl(aligner_data, "aligner")
+        if rewrite_encoder is not None:
+            triples, dropped = filter_rewrites(triples, rewrite_encoder,
+                                               max_cosine=max_rewrite_cosine)
+            write_jsonl(os.path.join(out, "data", "aligner_dropped.jsonl"), dropped)
+            _say(f"stage data: dropped {len(dropped)} triples whose y and y' have cosine >= "
+                 f"{max_rewrite_cosine} ({rewrite_encoder}); kept {len(triples)}")
         if inspector_data is not None:
             records = _read_jsonl(inspector_data, "inspector")
         else:  # the paper's inspector data: (x, y) -> 0 and (x, y') -> 1 from the same triples
@@ -147,7 +165,11 @@ def aligners(*, output_dir: str, criteria: Sequence[str] = CRITERIA,
              aligner_steps: int = 100, aligner_learning_rate: float = 1e-5,
              aligner_batch_size: int = 8, seq_len: int = 512, max_new_tokens: int = 256,
              mesh: sharding.MeshSpec | None = None, rules: str = "dp",
-             num_samples: int = 3, seed: int = 0, progress: bool = True) -> dict[str, Any]:
+             num_samples: int = 3, seed: int = 0, progress: bool = True,
+             ablation: bool = True, judge: str | None = None, judge_template: str = "pairwise",
+             judge_rubric: str = aligners_eval.DEFAULT_RUBRIC,
+             judge_max_tokens: int | None = None, rewrite_encoder: str | None = None,
+             max_rewrite_cosine: float = 0.9) -> dict[str, Any]:
     """Trains inspectors and aligners per criterion, runs the squad, writes report.md.
 
     Args:
@@ -171,13 +193,26 @@ def aligners(*, output_dir: str, criteria: Sequence[str] = CRITERIA,
       num_samples: side-by-side samples in the report.
       seed: every stage's seed.
       progress: progress bars.
+      ablation: also apply each aligner to every row, without the inspectors (the paper's
+        individual-aligner setting).
+      judge: a Teacher spec ("local:<dir>", "openai:<URL>") or "letters:<dir or name>" that
+        compares each setting's responses with the original ones (win rates, both orders);
+        None skips it.
+      judge_template, judge_rubric, judge_max_tokens: how the judge is asked
+        (`eval.judge`; "pairwise" has no reference answer).
+      rewrite_encoder: an encoder (dir or named model, e.g. "all-minilm-l6-v2"): triples whose
+        y and y' have sentence-embedding cosine >= `max_rewrite_cosine` are dropped before
+        training, as the reference code filters; None keeps every triple.
+      max_rewrite_cosine: that threshold.
     Returns:
       The report dict (also report.json).
     """
     out = os.path.abspath(output_dir)
     os.makedirs(out, exist_ok=True)
     triples, records = _data(out, aligner_data=aligner_data, inspector_data=inspector_data,
-                             teacher=teacher, sdg_kwargs=sdg_kwargs)
+                             teacher=teacher, sdg_kwargs=sdg_kwargs,
+                             rewrite_encoder=rewrite_encoder,
+                             max_rewrite_cosine=max_rewrite_cosine)
     by_crit = collections.Counter(t["criterion"] for t in triples)
     active = [c for c in criteria if by_crit[c]]
     for c in criteria:
@@ -227,39 +262,79 @@ def aligners(*, output_dir: str, criteria: Sequence[str] = CRITERIA,
                        save_every=max(aligner_steps, 1), progress=progress)
         aligner_dirs[c] = os.path.join(d, "hf")
 
+    mesh_ = sharding.make_mesh(mesh) if mesh is not None else None
+    # Every aligner decodes in batches of one size (the squad's, as generate would pick for
+    # all rows), whatever number of rows it rewrites: the aligners share one config, so one
+    # prefill and one decode compile serve all of them.
+    batch = min(next_pow2(len(rows)), DEFAULT_BATCH_SIZE)
+    models: dict[str, dict] = {}
+
+    def loaded():
+        if not models:
+            def make_aligner(path):
+                config, params = load_hf(path)
+                tok = load_tokenizer(path)
+                return lambda xs, ys: align(config, params, tok, xs, ys,
+                                            max_new_tokens=max_new_tokens, mesh=mesh_,
+                                            batch_size=batch)
+            models["inspectors"] = {c: insp.make_inspector(inspector_dirs[c]) for c in active}
+            models["aligners"] = {c: make_aligner(aligner_dirs[c]) for c in active}
+        return models["inspectors"], models["aligners"]
+
+    inputs, originals = [r["input"] for r in rows], [r["response"] for r in rows]
     squad_file = os.path.join(out, "squad.jsonl")
     if not os.path.exists(squad_file):
-        inspect_fns = {c: insp.make_inspector(inspector_dirs[c]) for c in active}
-        mesh_ = sharding.make_mesh(mesh) if mesh is not None else None
-
-        # Every aligner decodes in batches of one size (the squad's, as generate would pick
-        # for all rows), whatever number of rows it rewrites: the aligners share one config,
-        # so one prefill and one decode compile serve all of them.
-        batch = min(next_pow2(len(rows)), DEFAULT_BATCH_SIZE)
-
-        def make_aligner(path):
-            config, params = load_hf(path)
-            tok = load_tokenizer(path)
-            return lambda xs, ys: align(config, params, tok, xs, ys,
-                                        max_new_tokens=max_new_tokens, mesh=mesh_,
-                                        batch_size=batch)
-
-        align_fns = {c: make_aligner(aligner_dirs[c]) for c in active}
+        inspect_fns, align_fns = loaded()
         _say(f"stage squad: {len(rows)} rows, threshold {threshold}")
-        result = squad([r["input"] for r in rows], [r["response"] for r in rows],
-                       inspectors=inspect_fns, aligners=align_fns, threshold=threshold)
+        result = squad(inputs, originals, inspectors=inspect_fns, aligners=align_fns,
+                       threshold=threshold)
         write_jsonl(squad_file, [
             {"input": r["input"], "response": r["response"], "aligned": y, "applied": list(a),
              "trace": result.trace(i), "order": list(result.order)}
             for i, (r, y, a) in enumerate(zip(rows, result.responses, result.applied))])
     squad_rows = _read_jsonl(squad_file)
+    ablation_file = os.path.join(out, "ablation.jsonl")
+    if ablation and not os.path.exists(ablation_file):
+        inspect_fns, align_fns = loaded()
+        _say(f"stage ablation: each of {len(active)} aligners on all {len(rows)} rows")
+        abl = aligners_eval.ablation(inputs, originals, aligners=align_fns,
+                                     inspectors=inspect_fns)
+        write_jsonl(ablation_file, [
+            {"input": x, "response": y, "aligned": {c: abl[c]["responses"][i] for c in abl},
+             "scores": {c: {k: float(v[i]) for k, v in abl[c]["scores"].items()} for c in abl}}
+            for i, (x, y) in enumerate(zip(inputs, originals))])
+    ablation_rows = _read_jsonl(ablation_file) if ablation else []
+    judged = None
+    if judge:
+        judge_file = os.path.join(out, "judge.json")
+        settings = {"squad": [r["aligned"] for r in squad_rows]}
+        settings.update({f"ablation:{c}": [r["aligned"][c] for r in ablation_rows]
+                         for c in active if ablation_rows})
+        asked = {"judge": judge, "template": judge_template, "rubric": judge_rubric,
+                 "settings": sorted(settings)}
+        if os.path.exists(judge_file):
+            with open(judge_file) as f:
+                judged = json.load(f)
+            if {k: judged.get(k) for k in asked} != asked:
+                judged = None
+        if judged is None:
+            _say(f"stage judge: {len(settings)} settings x {len(rows)} rows, both orders, "
+                 f"by {judge}")
+            teacher_ = (LetterJudge(judge.partition(":")[2], mesh=mesh_)
+                        if judge.startswith("letters:") else make_teacher(judge))
+            judged = {**asked, "win_rates": aligners_eval.judge_settings(
+                inputs, originals, settings, judge=teacher_, template=judge_template,
+                rubric=judge_rubric, seed=seed, max_tokens=judge_max_tokens)}
+            atomic_write(judge_file, json.dumps(judged, indent=1))
     report = _report(out, squad_rows, active, threshold=threshold,
-                     inspector_metrics=inspector_metrics, num_samples=num_samples)
+                     inspector_metrics=inspector_metrics, num_samples=num_samples,
+                     ablation_rows=ablation_rows, judged=judged)
     _say(f"report: {os.path.join(out, 'report.md')}")
     return report
 
 
-def _report(out, rows, criteria, *, threshold, inspector_metrics, num_samples) -> dict:
+def _report(out, rows, criteria, *, threshold, inspector_metrics, num_samples,
+            ablation_rows=(), judged=None) -> dict:
     n = len(rows)
     before = {c: 0.0 for c in criteria}
     after = {c: 0.0 for c in criteria}
@@ -289,8 +364,15 @@ def _report(out, rows, criteria, *, threshold, inspector_metrics, num_samples) -
         m = inspector_metrics[c]
         lines.append(f"| {c} | {m['train_rows']} | {m['heldout_rows']} | {m['accuracy']:.3f} | "
                      f"{m['roc_auc']:.3f} | {m['ece']:.3f} |")
-    lines += ["", "Reliability plots: inspectors/<criterion>/reliability.png", "",
-              "## Samples (rewritten rows first)", ""]
+    ablation_pass = {c: aligners_eval.pass_rates(
+        {k: [r["scores"][c][k] for r in ablation_rows] for k in criteria}, threshold=threshold)
+        for c in criteria if ablation_rows}
+    lines += ["", "Reliability plots: inspectors/<criterion>/reliability.png", ""]
+    lines += aligners_eval.markdown(
+        criteria=criteria, squad_pass=pass_after, ablation_pass=ablation_pass,
+        win_rates=(judged or {}).get("win_rates"), judge=(judged or {}).get("judge"),
+        template=(judged or {}).get("template"))
+    lines += ["## Samples (rewritten rows first)", ""]
     shown = sorted(range(n), key=lambda i: not rows[i]["applied"])[:num_samples]
     for i in shown:
         r = rows[i]
@@ -300,6 +382,7 @@ def _report(out, rows, criteria, *, threshold, inspector_metrics, num_samples) -
     atomic_write(os.path.join(out, "report.md"), "\n".join(lines) + "\n")
     report = {"rows": n, "threshold": threshold, "order": order, "pass_before": pass_before,
               "pass_after": pass_after, "rows_touched": dict(touched),
+              "ablation_pass": ablation_pass, "judge": judged,
               "inspectors": {c: {k: v for k, v in m.items() if k != "bins"}
                              for c, m in inspector_metrics.items()}}
     with open(os.path.join(out, "report.json"), "w") as f:

@@ -2,33 +2,29 @@
 
     align-jax run --gin_file=configs/runs/sami_demo.gin --output_dir=runs/sami_demo
 
-Iteration k (1..N), after the paper's Algorithm 1 (Fränken et al. 2024):
+Iteration k (1..N), after Algorithm 1 of the SAMI paper (Fränken et al. 2024):
   1. sample: for each training query and C constitutions drawn from the pool, the model of
      iteration k-1 (the base model for k = 1) writes one response per constitution, greedily
      by default (temperature 0, 350 tokens, the prompt format's stop strings); a query is kept
      only when all its responses pass the filters (methods/sami_prompts.py);
   2. train: starting from the base model (`init='base'`, the paper's algorithm box) or from
-     the model of iteration k-1 (`init='latest'`, the reference code), with a fresh optimizer,
-     take `steps_per_iteration * k` SAMI steps (one per batch of queries).
+     the model of iteration k-1 (`init='latest'`, the reference code), with a fresh optimizer
+     (AdamW, or RMSprop as for the paper's Mixtral run), take `steps_per_iteration * k` SAMI
+     steps (one per batch of queries).
 Queries alternate between two halves of the query set from one iteration to the next, so a
 model never samples for the queries it was trained on. Prompts follow the paper's plain-text
-format (base models) or the chat template (instruct models), with each constitution's
+formats (base models: dialogue, or "summary" for TL;DR; sampling can add the paper's example
+block, `example_format`) or the chat template (instruct models), with each constitution's
 principles shuffled per prompt by a seeded generator.
 
-After every iteration, on held-out queries with responses sampled by that iteration's model
-under each of the C constitutions, the report gives
-    mi_bound             mean over queries and targets j of the InfoNCE bound
-                         log p(y_j|x,c_j) - log (1/C) sum_i p(y_j|x,c_i), with log p SUMMED over
-                         response tokens (a lower bound on I(y; c | x), at most log C), and its
-                         standard error over queries;
-    mi_bound_token_mean  the same with log p averaged over response tokens, the quantity the
-                         training loss (the paper's) works with: not a bound on I(y; c | x);
-the mean response length under each constitution (with the share cut at `max_new_tokens`),
-and, with a `judge`, win rates against the base model's held-out responses per constitution
-(align_jax.eval.judge.pairwise_win_rate, both orders, length-controlled) with the judge's
-position bias. Each iteration also records the wall and CPU seconds of its phases: train (make
-model k), sample (model k's held-out responses together with the training data of iteration
-k+1, one generation call), mi (the bound) and judge.
+After every iteration (and for the base model, iteration 0) the held-out evaluation
+(methods/sami_eval.py): the MI bound and the reference code's estimate (not a bound) over the
+pool's constitutions, response lengths per constitution, and, with a `judge`, win rates of the
+held-out responses under the one desired constitution (`eval_constitution`) against the base
+model's and, with `compare_to`, against a second model's (an instruct model), with the judge's
+position bias and both length controls. Each iteration also records the wall and CPU seconds
+of its phases: train (make model k), sample (model k's held-out responses together with the
+training data of iteration k+1, one generation call), mi (the estimates) and judge.
 """
 
 import contextlib
@@ -37,25 +33,28 @@ import os
 import random
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from align_jax import distributed, sharding
 from align_jax.atomic import atomic_write_json
-from align_jax.data import batching
-from align_jax.data.formatting import format_records, render_prompt
+from align_jax.data.formatting import render_prompt
 from align_jax.data.sources import load_records
-from align_jax.eval import mi_lower_bound
-from align_jax.eval.judge import pairwise_win_rate
 from align_jax.eval.letter_judge import LetterJudge
 from align_jax.generate import generate
-from align_jax.losses import logprobs
-from align_jax.losses.scorer import bind, score_examples
 from align_jax.methods import sami_prompts, sami_report
+from align_jax.methods.sami_eval import (  # noqa: F401 - re-exported: sami.mi_bound etc.
+    MI_NOTE,
+    judged,
+    lengths_by_constitution,
+    mean_se,
+    mi_bound,
+    mi_per_query,
+    pick_eval_constitution,
+)
 from align_jax.models.hf import load_hf
 from align_jax.models.named import resolve_model_path
 from align_jax.sdg.backends import make_teacher
@@ -101,24 +100,26 @@ def make_prompts(queries: Sequence[str], constitutions: Sequence[Sequence[str]],
                  example_format: bool = False) -> list[dict]:
     """Per query: the drawn constitutions (principles shuffled per prompt, independently per
     constitution) as numbered texts, the prompts that training and scoring use and the prompts
-    the sampler sees (the same, plus the paper's example block when `example_format`)."""
+    the sampler sees (the same, plus the paper's example block when `example_format`, and
+    the format's response prefix, e.g. " The post" for summaries)."""
+    prefix = sami_prompts.response_prefix(prompt_format)
     rows = []
     for q, draw in zip(queries, draws):
         orders = [sami_prompts.shuffled_principles(constitutions[i], rng) for i in draw]
+        sample = [sami_prompts.sami_prompt(o, q, fmt=prompt_format, rng=None,
+                                           example_format=example_format) for o in orders]
         rows.append({
             "prompt": q, "constitution_ids": list(draw),
             "constitutions": [sami_prompts.numbered(o) for o in orders],
             "prompts": [sami_prompts.sami_prompt(o, q, fmt=prompt_format, rng=None)
                         for o in orders],
-            "sample_prompts": [sami_prompts.sami_prompt(o, q, fmt=prompt_format, rng=None,
-                                                        example_format=example_format)
-                               for o in orders]})
+            "sample_prompts": [f"{p} {prefix}" if prefix else p for p in sample]})
     return rows
 
 
 def sample_responses(model_dir: str, rows: Sequence[dict], *, max_new_tokens: int = 350,
                      temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
-                     stop_strings: Sequence[str] = (), mesh=None,
+                     stop_strings: Sequence[str] = (), response_prefix: str = "", mesh=None,
                      rules: str = "fsdp") -> list[dict]:
     """SAMI records: each row of `make_prompts` with one response per constitution.
 
@@ -126,8 +127,9 @@ def sample_responses(model_dir: str, rows: Sequence[dict], *, max_new_tokens: in
     string) and re-encoded with EOS for training and scoring, so a stop string never becomes
     part of a trained response. A response cut at `max_new_tokens` is kept as the sampled
     token ids, without EOS: a truncated response is not taught (or scored) as a finished one.
-    `texts` holds every response as text (filters, judge), `truncated` which were cut.
-    With a jax `mesh`, the model is loaded and sampled sharded by `rules`.
+    `texts` holds every response as text (filters, judge), `truncated` which were cut. A
+    `response_prefix` (the end of the sampling prompt, e.g. "The post") starts every
+    response. With a jax `mesh`, the model is loaded and sampled sharded by `rules`.
     """
     config, params = load_hf(model_dir, mesh=mesh, rules=rules)
     tok = load_tokenizer(resolve_model_path(model_dir))
@@ -136,65 +138,20 @@ def sample_responses(model_dir: str, rows: Sequence[dict], *, max_new_tokens: in
     out = generate(config, params, prompts, max_new_tokens=max_new_tokens,
                    temperature=temperature, top_p=top_p, seed=seed, tokenizer=tok,
                    stop_strings=tuple(stop_strings), mesh=mesh, rules=rules)
+    prefix_ids = list(tok.encode(response_prefix, add_bos=False)) if response_prefix else []
     records, n = [], 0
     for row in rows:
         c = len(row["prompts"])
-        texts = [out.texts[n + j].strip() for j in range(c)]
+        texts = [(response_prefix + out.texts[n + j]).strip() for j in range(c)]
         cut = [out.finish_reasons[n + j] == "length" for j in range(c)]
         records.append({**{k: v for k, v in row.items() if k != "sample_prompts"},
-                        "responses": [list(out.tokens[n + j]) if cut[j] else texts[j]
-                                      for j in range(c)],
+                        "responses": [prefix_ids + list(out.tokens[n + j]) if cut[j]
+                                      else texts[j] for j in range(c)],
                         "texts": texts, "truncated": cut,
-                        "response_tokens": [len(out.tokens[n + j]) for j in range(c)]})
+                        "response_tokens": [len(prefix_ids) + len(out.tokens[n + j])
+                                            for j in range(c)]})
         n += c
     return records
-
-
-def mi_per_query(logps_BCC) -> np.ndarray:
-    """InfoNCE bound per query, averaged over its C targets: [b, i, j] = log p(y_j | x, c_i),
-    target of column j is row j (`align_jax.eval.mi_lower_bound`, log-mean-exp over all C)."""
-    x = jnp.asarray(logps_BCC, jnp.float32)
-    c = x.shape[-1]
-    per_BC = jax.vmap(jax.vmap(mi_lower_bound, in_axes=(1, 0)), in_axes=(0, None))(
-        x, jnp.arange(c))
-    return np.asarray(jnp.mean(per_BC, axis=1), np.float64)
-
-
-def _mean_se(x: np.ndarray) -> tuple[float, float]:
-    se = float(np.std(x, ddof=1) / np.sqrt(len(x))) if len(x) > 1 else float("nan")
-    return float(np.mean(x)), se
-
-
-def _mi_sums(config, params, batch):
-    logps, mask = logprobs.forward_token_logps(config, params, batch, where="sami")
-    total = logprobs.masked_sum(logps, mask)
-    count = jnp.sum(mask.astype(jnp.float32), axis=-1)
-    return jnp.stack([total, count], axis=1)  # [B, 2, C, C]
-
-
-def mi_bound(model_dir: str, records: Sequence[dict], *, seq_len: int,
-             batch_size: int = 8, mesh=None, rules: str = "fsdp") -> dict[str, float]:
-    """The held-out MI bound of SAMI records under a model (scored over `mesh` when given):
-    `mi_bound` with summed response log-probs (the bound) and `mi_bound_token_mean` with
-    per-token means (the training loss's quantity), each with its standard error over queries.
-    """
-
-    config, params = load_hf(model_dir, mesh=mesh, rules=rules)
-    tok = load_tokenizer(resolve_model_path(model_dir))
-    examples, _, _ = format_records(records, kind="sami", tokenizer=tok, seq_len=seq_len,
-                                    truncation="truncate_prompt_left", on_error="skip")
-    if not examples:
-        raise ValueError(f"sami: no held-out record fits seq_len {seq_len}")
-    rows = score_examples(bind(_mi_sums, config), params, examples, build=batching.sami_batch,
-                          seq_len=seq_len, batch_size=batch_size, pad_id=tok.pad_id or 0,
-                          mesh=mesh, rules=rules)
-    summed, counts = rows[:, 0], rows[:, 1]
-    bound, se = _mean_se(mi_per_query(summed))
-    token_bound, token_se = _mean_se(mi_per_query(summed / np.maximum(counts, 1.0)))
-    lengths = [n for rec in records for n in rec.get("response_tokens", [])]
-    return {"mi_bound": bound, "mi_bound_stderr": se, "mi_bound_token_mean": token_bound,
-            "mi_bound_token_mean_stderr": token_se, "queries": len(examples),
-            "mean_response_tokens": float(np.mean(lengths)) if lengths else float("nan")}
 
 
 def params_checksum(model_dir: str, *, mesh=None, rules: str = "fsdp") -> float:
@@ -207,55 +164,6 @@ def params_checksum(model_dir: str, *, mesh=None, rules: str = "fsdp") -> float:
     def total(leaves):
         return sum((k + 1) * jnp.sum(x.astype(jnp.float32)) for k, x in enumerate(leaves))
     return float(total(jax.tree.leaves(params)))
-
-
-def lengths_by_constitution(records: Sequence[dict], names: Sequence[str]) -> dict[str, dict]:
-    """Per constitution (by name): mean response tokens, its standard error, how many
-    responses there are and how many were cut at the token budget."""
-    groups: dict[int, list[tuple[int, bool]]] = {}
-    for rec in records:
-        cut = rec.get("truncated", [False] * len(rec["constitution_ids"]))
-        for cid, n, t in zip(rec["constitution_ids"], rec["response_tokens"], cut):
-            groups.setdefault(cid, []).append((n, bool(t)))
-    out = {}
-    for cid, rows in sorted(groups.items()):
-        mean, se = _mean_se(np.array([n for n, _ in rows], np.float64))
-        out[names[cid]] = {"mean": mean, "stderr": se, "n": len(rows),
-                           "truncated": sum(t for _, t in rows)}
-    return out
-
-
-def win_rates(held: Sequence[dict], base: Sequence[dict], constitutions: Sequence[Sequence[str]],
-              *, judge, template: str = "principles", seed: int = 0, max_tokens: int = 512,
-              names: Sequence[str] | None = None) -> dict:
-    """Win rate of `held` responses over `base` responses to the same held-out prompts, judged
-    per constitution (the judge is shown that constitution's principles).
-
-    Returns:
-      {"win_rate": pooled over constitutions, "position_bias": pooled share of pairs whose
-       two orders chose the same slot, "by_constitution": {name: WinRateResult.summary()}}.
-    """
-    names = list(names) if names is not None else [str(i) for i in range(len(constitutions))]
-    groups: dict[int, tuple[list, list, list]] = {}
-    for rec, ref in zip(held, base):
-        for j, cid in enumerate(rec["constitution_ids"]):
-            g = groups.setdefault(cid, ([], [], []))
-            g[0].append(rec["prompt"])
-            g[1].append(rec["texts"][j])
-            g[2].append(ref["texts"][j])
-    out, total, weights, same, parsed = {}, 0.0, 0, 0.0, 0
-    for cid, (prompts, a, b) in sorted(groups.items()):
-        res = pairwise_win_rate(prompts, a, b, judge=judge, template=template, seed=seed,
-                                principles="\n".join(constitutions[cid]), max_tokens=max_tokens)
-        out[names[cid]] = res.summary()
-        total += res.win_rate * res.n_pairs
-        weights += res.n_pairs
-        if res.position_bias_pairs:
-            same += res.position_bias * res.position_bias_pairs
-            parsed += res.position_bias_pairs
-    return {"win_rate": total / max(weights, 1),
-            "position_bias": same / parsed if parsed else float("nan"),
-            "by_constitution": out}
 
 
 def _drop_checkpoints(run_dir: str) -> None:
@@ -290,45 +198,86 @@ def _write(path: str, rows: Sequence[dict]) -> str:
     return path
 
 
-def sami(*, output_dir: str, init_from: str, constitutions: str, queries: str,
+def _queries(src: str | Sequence[Mapping[str, Any]], what: str) -> list[str]:
+    """Query texts from a JSONL file of records with a `prompt`, or from such records."""
+    if isinstance(src, str):
+        return [r.data["prompt"] for r in load_records(src, schema="query")[0]]
+    out = []
+    for i, r in enumerate(src):
+        if not isinstance(r, Mapping) or not isinstance(r.get("prompt"), str):
+            raise ValueError(f"sami: {what}[{i}] needs a string field 'prompt'")
+        out.append(r["prompt"])
+    return out
+
+
+def _texts(records: Sequence[dict]) -> list[str]:
+    return [r["texts"][0] for r in records]
+
+
+def sami(*, output_dir: str, init_from: str, constitutions: str,
+         queries: str | Sequence[Mapping[str, Any]],
+         heldout_queries: str | Sequence[Mapping[str, Any]] | None = None,
          num_iterations: int = 3, steps_per_iteration: int = 2, batch_size: int = 8,
-         constitutions_per_query: int = 2, eval_queries: int = 8, max_new_tokens: int = 350,
-         temperature: float = 0.0, top_p: float = 1.0, learning_rate: float = 5e-7,
+         constitutions_per_query: int = 2, eval_queries: int = 8,
+         eval_constitution: str | None = None, mi_constitutions: int | None = None,
+         mi_batch_size: int = 8, max_new_tokens: int = 350, temperature: float = 0.0,
+         top_p: float = 1.0, learning_rate: float = 5e-7, optimizer: str = "adamw",
          prompt_format: str = "plain", example_format: bool = False,
          filters: Sequence[str] = sami_prompts.DEFAULT_FILTERS, init: str = "base",
-         judge: str | None = None, judge_template: str = "principles",
-         judge_max_tokens: int = 512, kl_coef: float = 0.0, seq_len: int = 512,
+         judge: str | None = None, judge_template: str = "constitution",
+         judge_max_tokens: int | None = None, compare_to: str | None = None,
+         compare_to_format: str = "chat", kl_coef: float = 0.0, seq_len: int = 512,
          vocab_chunk_size: int = 0, keep_checkpoints: bool = False,
          mesh: sharding.MeshSpec | None = None, rules: str = "fsdp",
          seed: int = 0, progress: bool = True) -> dict[str, Any]:
     """Runs SAMI and returns the report (also <output_dir>/report.json, report.md, report.png).
 
     Args:
-      output_dir: run folder; iteration k lives in iter_k/ (data.jsonl, the train run, hf/).
+      output_dir: run folder; iteration k lives in iter_k/ (data.jsonl, the train run, hf/);
+        eval/ holds the held-out responses of every iteration.
       init_from: the base model (Hugging Face dir with tokenizer files).
       constitutions: constitution records (e.g. from `align-jax sdg` task "principles").
-      queries: records with a `prompt` field (e.g. an SFT file; completions are ignored).
+      queries: records with a `prompt` field, as a JSONL path or a list (e.g. an SFT file, or
+        `data.paper_datasets.hh_rlhf_first_turns(...)`); completions are ignored.
+      heldout_queries: the held-out queries (path or list; the first `eval_queries` of them,
+        in order, as the paper evaluates the first 250 queries of a split); None holds out
+        `eval_queries` of the shuffled `queries`.
       num_iterations: N (the paper: 3).
       steps_per_iteration: N_b; iteration k takes N_b * k steps (the paper: 2, 4, 6).
       batch_size: queries per step (the paper: 128).
       constitutions_per_query: C (the paper: 2).
-      eval_queries: held-out queries for the MI bound and the win rates.
+      eval_queries: held-out queries for the MI estimates and the win rates.
+      eval_constitution: the `id` of the desired constitution: every held-out query is
+        answered under it for the win rates (the paper: helpful and harmless, or concise and
+        comprehensive); None takes the one constitution with no negated principle.
+      mi_constitutions: constitutions per held-out query for the MI estimates; None all of the
+        pool's (the paper scores all of its 4).
+      mi_batch_size: held-out queries per scoring forward (each K x K rows).
       max_new_tokens, temperature, top_p: response sampling (the paper: 350, greedy).
-      learning_rate: constant, AdamW (the paper: 5e-7).
-      prompt_format: "plain" (the paper's text, base models) or "chat" (chat template).
-      example_format: plain format only: the paper's example block in sampling prompts.
+      learning_rate: constant (the paper: 5e-7).
+      optimizer: "adamw" (the paper's mistral-7b runs) or "rmsprop" (its mixtral-8x7b run;
+        torch's defaults, `train.optim.OptimizerConfig`), or "adafactor".
+      prompt_format: "plain" (the paper's dialogue text, base models), "summary" (its TL;DR
+        layout, base models) or "chat" (chat template, instruct models).
+      example_format: plain-text formats only: the paper's example block in sampling prompts
+        (it samples with it and trains without it).
       filters: response filters (sami_prompts.FILTERS) a query's responses must all pass.
       init: "base" retrains the base model each iteration (the paper's Algorithm 1);
         "latest" continues from the previous iterate (the reference code). The optimizer
         state starts fresh every iteration either way.
-      judge: for win rates against the base model after each iteration: a teacher spec
-        ("local:<dir>" or "openai:<url>") that writes its verdicts, or "letters:<dir or
-        name>", a small local judge read from its P("A") vs P("B")
-        (`align_jax.eval.letter_judge`); None skips them.
-      judge_template: the judge template (align_jax.eval.judge), "principles" by default.
-      judge_max_tokens: a writing judge's token budget per verdict.
-      kl_coef: weight of the optional KL regulariser to the iteration's starting model (the
-        base model under init='base'; losses.sami.sami_kl_penalty); 0 is the paper's default.
+      judge: for win rates: a teacher spec ("local:<dir>" or "openai:<url>") that writes its
+        verdicts, or "letters:<dir or name>", a small local judge read from its P("A") vs
+        P("B") (`align_jax.eval.letter_judge`); None skips them.
+      judge_template: the judge template (align_jax.eval.judge): "constitution" (the paper's
+        judge layout, "Final Response: A/B"), "constitution_summary" (its TL;DR judge),
+        "principles", or "principles_choice" for a letters judge.
+      judge_max_tokens: a writing judge's token budget per verdict (None: the template's).
+      compare_to: a second model (e.g. the instruct version of the base) whose held-out
+        responses under the same constitution every iteration is also judged against.
+      compare_to_format: its prompt format ("chat" for an instruct model).
+      kl_coef: weight of the optional per-position KL (over the vocabulary) from the
+        iteration's starting model (the base under init='base'; losses.sami); 0 is the
+        paper's default.
       seq_len: rows of (prompt, response).
       vocab_chunk_size: training's chunked log-softmax over the vocabulary (0: full logits);
         bounds the memory of large-vocabulary models.
@@ -336,31 +285,46 @@ def sami(*, output_dir: str, init_from: str, constitutions: str, queries: str,
         state: 12 bytes a parameter in float32). By default they are removed once the
         iteration's hf/ export (its model) is written: the next iteration starts a fresh
         optimizer, and a rerun skips a completed iteration by its export.
-      mesh, rules: the device mesh and sharding preset of training, sampling, the bound and
-        a `local:` judge (as for `align-jax train`).
+      mesh, rules: the device mesh and sharding preset of training, sampling, the MI scoring
+        and a `local:` judge (as for `align-jax train`).
       seed, progress: as for `align-jax train`.
     """
     if init not in ("base", "latest"):
         raise ValueError(f"sami: init={init!r}; expected 'base' or 'latest'")
+    sami_prompts.sami_prompt(["x"], "y", fmt=prompt_format, rng=None,
+                             example_format=example_format)  # bad settings fail here
     out = os.path.abspath(output_dir)
-    cons = load_constitutions(constitutions)
-    prompts = [r.data["prompt"] for r in load_records(queries, schema="query")[0]]
+    cons_records = [r.data for r in load_records(constitutions, schema="constitution")[0]]
+    cons = [list(r["principles"]) for r in cons_records]
+    names = constitution_names(constitutions)
+    eval_idx = pick_eval_constitution(cons_records, eval_constitution)
+    prompts = _queries(queries, "queries")
     rng = random.Random(seed)
     rng.shuffle(prompts)
-    held, pool = prompts[:eval_queries], prompts[eval_queries:]
+    if heldout_queries is None:
+        held, pool = prompts[:eval_queries], prompts[eval_queries:]
+    else:
+        held = _queries(heldout_queries, "heldout_queries")[:eval_queries]
+        held_set = set(held)
+        pool = [p for p in prompts if p not in held_set]
     halves = [pool[0::2], pool[1::2]]
     if not held or not all(halves):
-        raise ValueError(f"sami: {len(prompts)} queries in {queries} are too few for "
-                         f"{eval_queries} held out and two training halves")
+        raise ValueError(f"sami: {len(prompts)} queries are too few for {eval_queries} held "
+                         f"out and two training halves")
     c = constitutions_per_query
-    names = constitution_names(constitutions)
+    k_all = len(cons)
     # Held-out prompts (draws and shuffles) are fixed once, so every iteration and the base
-    # answer exactly the same prompts.
-    held_rows = make_prompts(held, cons, _draws(len(held), len(cons), c, rng),
-                             prompt_format=prompt_format, rng=random.Random(seed + 7919),
-                             example_format=example_format)
+    # answer exactly the same prompts; the win-rate prompts of the compared model share the
+    # eval prompts' principle orders (the same seeded shuffles).
+    mi_draws = ([list(range(k_all))] * len(held) if mi_constitutions is None
+                else _draws(len(held), k_all, mi_constitutions, rng))
+    held_rows = make_prompts(held, cons, mi_draws, prompt_format=prompt_format,
+                             rng=random.Random(seed + 7919), example_format=example_format)
+    eval_rows = make_prompts(held, cons, [[eval_idx]] * len(held), prompt_format=prompt_format,
+                             rng=random.Random(seed + 7907), example_format=example_format)
     sample_kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                     stop_strings=sami_prompts.stop_strings(prompt_format))
+                     stop_strings=sami_prompts.stop_strings(prompt_format),
+                     response_prefix=sami_prompts.response_prefix(prompt_format))
     # Sampling, scoring and a local judge run sharded like training (a 7B model fits on no
     # single device).
     jmesh = sharding.make_mesh(mesh) if mesh is not None else None
@@ -371,7 +335,11 @@ def sami(*, output_dir: str, init_from: str, constitutions: str, queries: str,
             teacher = LetterJudge(judge.partition(":")[2], **placed)
         else:
             teacher = make_teacher(judge, **(placed if judge.startswith("local:") else {}))
+    eval_principles = sami_prompts.numbered(cons[eval_idx])
+    judge_kw = dict(principles=eval_principles, judge=teacher, template=judge_template,
+                    seed=seed, max_tokens=judge_max_tokens)
     shuffle_rng = random.Random(seed + 1)
+    compare_recs = None
 
     def train_rows(k):
         half = halves[(k - 1) % 2]
@@ -380,45 +348,71 @@ def sami(*, output_dir: str, init_from: str, constitutions: str, queries: str,
                             prompt_format=prompt_format, rng=shuffle_rng,
                             example_format=example_format)
 
-    def sample_and_evaluate(row, model_dir, k, base_held):
-        # Model k writes the held-out responses and iteration k+1's training data in one
-        # generation call (one compiled decode, batches filled across both).
+    def sample_and_evaluate(row, model_dir, k, base_eval):
+        # Model k writes the held-out responses (every pool constitution, and the eval
+        # constitution) and iteration k+1's training data in one generation call (one
+        # compiled decode, batches filled across them).
         nxt = train_rows(k + 1) if k < num_iterations else []
         with _timed(row, "sample"):
-            recs = sample_responses(model_dir, held_rows + nxt, seed=seed + k, **sample_kw,
-                                    **placed)
-        held_recs, train_recs = recs[:len(held_rows)], recs[len(held_rows):]
+            recs = sample_responses(model_dir, held_rows + eval_rows + nxt, seed=seed + k,
+                                    **sample_kw, **placed)
+        h, e = len(held_rows), len(eval_rows)
+        held_recs, eval_recs, train_recs = recs[:h], recs[h:h + e], recs[h + e:]
         _write(os.path.join(out, "eval", f"iter_{k}.jsonl"), held_recs)
+        _write(os.path.join(out, "eval", f"iter_{k}_{names[eval_idx]}.jsonl"), eval_recs)
         with _timed(row, "mi"):
-            row.update(mi_bound(model_dir, held_recs, seq_len=seq_len, **placed))
+            row.update(mi_bound(model_dir, held_recs, seq_len=seq_len, batch_size=mi_batch_size,
+                                **placed))
         row["response_tokens_by_constitution"] = lengths_by_constitution(held_recs, names)
+        row["eval_response_tokens"] = lengths_by_constitution(eval_recs, names)[names[eval_idx]]
         row["eval_dropped"] = sami_prompts.apply_filters(held_recs, filters)[1]
         lengths = ", ".join(f"{n} {v['mean']:.1f} ({v['truncated']}/{v['n']} cut)"
                             for n, v in row["response_tokens_by_constitution"].items())
         _say(f"iter_{k}: MI bound {row['mi_bound']:.3f} +- {row['mi_bound_stderr']:.3f} nats "
-             f"(summed log p; per-token {row['mi_bound_token_mean']:.4f}) on {row['queries']} "
-             f"held-out queries; mean response tokens: {lengths}")
-        if teacher is not None and k > 0:
+             f"over {row['mi_constitutions']} constitutions (reference estimate, not a bound: "
+             f"{row['mi_reference']:.3f}; per-token bound {row['mi_bound_token_mean']:.4f}) on "
+             f"{row['queries']} held-out queries; mean response tokens: {lengths}")
+        if teacher is not None:
             with _timed(row, "judge"):
-                row["win_rate_vs_base"] = win_rates(held_recs, base_held, cons, judge=teacher,
-                                                    template=judge_template, seed=seed,
-                                                    max_tokens=judge_max_tokens, names=names)
-            w = row["win_rate_vs_base"]
-            _say(f"iter_{k}: win rate vs base " + ", ".join(
-                f"{n} {v['win_rate']:.2f}" for n, v in w["by_constitution"].items())
-                + f" (position bias {w['position_bias']:.2f})")
-        return held_recs, train_recs
+                against = {}
+                if k > 0:
+                    against["win_rate_vs_base"] = _texts(base_eval)
+                if compare_recs is not None:
+                    against["win_rate_vs_compare"] = _texts(compare_recs)
+                for key, others in against.items():
+                    row[key] = judged(held, _texts(eval_recs), others, **judge_kw)
+            for key in ("win_rate_vs_base", "win_rate_vs_compare"):
+                if key in row:
+                    w = row[key]
+                    _say(f"iter_{k}: {key.replace('_', ' ')} under {names[eval_idx]}: "
+                         f"{w['win_rate']:.2f} +- {w['stderr']:.2f} (length-controlled "
+                         f"{w['lc_stratified']:.2f} stratified, {w['lc_win_rate']:.2f} "
+                         f"regression; position bias {w['position_bias']:.2f})")
+        return eval_recs, train_recs
 
     t0 = time.time()
-    report = {"init": init, "prompt_format": prompt_format, "filters": list(filters),
-              "constitutions": names, "max_new_tokens": max_new_tokens,
-              "mi_bound_note": "mi_bound: InfoNCE lower bound with log p summed over response "
-                               "tokens; mi_bound_token_mean: with per-token mean log p, as in "
-                               "the training loss (not a bound)",
-              "iterations": []}
+    report = {"init": init, "prompt_format": prompt_format, "example_format": example_format,
+              "filters": list(filters), "constitutions": names,
+              "eval_constitution": names[eval_idx], "eval_principles": cons[eval_idx],
+              "max_new_tokens": max_new_tokens, "optimizer": optimizer,
+              "judge": judge, "judge_template": judge_template if judge else None,
+              "compare_to": compare_to, "mi_bound_note": MI_NOTE, "iterations": []}
     row = {"iteration": 0, "model": init_from,
            "params_checksum": params_checksum(init_from, **placed)}
-    base_held, train_recs = sample_and_evaluate(row, init_from, 0, None)
+    if compare_to is not None:
+        compare_rows = make_prompts(held, cons, [[eval_idx]] * len(held),
+                                    prompt_format=compare_to_format,
+                                    rng=random.Random(seed + 7907))
+        with _timed(row, "sample"):
+            compare_recs = sample_responses(
+                compare_to, compare_rows, seed=seed, max_new_tokens=max_new_tokens,
+                temperature=temperature, top_p=top_p,
+                stop_strings=sami_prompts.stop_strings(compare_to_format),
+                response_prefix=sami_prompts.response_prefix(compare_to_format), **placed)
+        _write(os.path.join(out, "eval", f"compare_to_{names[eval_idx]}.jsonl"), compare_recs)
+        report["compare_to_response_tokens"] = lengths_by_constitution(
+            compare_recs, names)[names[eval_idx]]
+    base_eval, train_recs = sample_and_evaluate(row, init_from, 0, None)
     row["seconds"] = round(time.time() - t0, 1)
     report["iterations"].append(row)
     sampler = init_from
@@ -439,7 +433,7 @@ def sami(*, output_dir: str, init_from: str, constitutions: str, queries: str,
                        seq_len=seq_len, batch_size=batch_size, num_steps=steps,
                        truncation="truncate_prompt_left", on_error="skip",
                        loss_kwargs={"kl_coef": kl_coef} if kl_coef else None,
-                       optimizer=OptimizerConfig(learning_rate=learning_rate,
+                       optimizer=OptimizerConfig(name=optimizer, learning_rate=learning_rate,
                                                  schedule="constant"),
                        vocab_chunk_size=vocab_chunk_size, mesh=mesh, rules=rules, seed=seed,
                        save_every=steps, log_every=1, progress=progress)
@@ -450,7 +444,7 @@ def sami(*, output_dir: str, init_from: str, constitutions: str, queries: str,
                    init_checksum=params_checksum(start, **placed),
                    params_checksum=params_checksum(sampler, **placed), kept_queries=len(kept),
                    dropped=dropped)
-        _, train_recs = sample_and_evaluate(row, sampler, k, base_held)
+        _, train_recs = sample_and_evaluate(row, sampler, k, base_eval)
         row["seconds"] = round(time.time() - t0, 1)
         report["iterations"].append(row)
     if distributed.is_main():

@@ -7,7 +7,10 @@ with the seeds and earlier questions as examples. For each question and criterio
 (ethical, factuality, helpful) a prompt of principles and worked examples makes the
 teacher write a first response y, a critique and an aligned response y'. Cleaning drops
 leaked template markers, non-text, and rewrites that leave y (nearly) unchanged, which
-would give an inspector the same text with both labels.
+would give an inspector the same text with both labels: by default when their difflib
+ratio is >= `max_rewrite_similarity`; with a `rewrite_encoder` (all-MiniLM-L6-v2, as the
+aligners' reference code filters) when the cosine of their sentence embeddings is >=
+`max_rewrite_cosine` instead.
 """
 
 from __future__ import annotations
@@ -56,6 +59,11 @@ class AlignerDataConfig:
     response_repetition_penalty: float = 2.0
     # y' this similar to y (difflib ratio) counts as "no change" and is dropped.
     max_rewrite_similarity: float = 0.9
+    # An encoder checkpoint dir or named model (e.g. "all-minilm-l6-v2"): then a triple is
+    # dropped when cosine(embed(y), embed(y')) >= max_rewrite_cosine, as the reference code
+    # filters, instead of by the difflib ratio.
+    rewrite_encoder: str | None = None
+    max_rewrite_cosine: float = 0.9
     near_duplicate_questions: float = 0.8
     # An encoder checkpoint dir (e.g. all-MiniLM-L6-v2): questions are then also dropped when
     # the cosine of their sentence embeddings with an earlier one is >= embedding_similarity.
@@ -238,6 +246,36 @@ def similar_by_embedding(texts: Sequence[str], encoder_dir: str, *,
     return keep
 
 
+def rewrite_cosines(responses: Sequence[str], aligned: Sequence[str], encoder_dir: str
+                    ) -> np.ndarray:
+    """cosine(embed(y), embed(y')) per pair, with mean-pooled normalised sentence embeddings
+    (`models.encoder.embed_sentences`) of `encoder_dir` (a dir or a named model)."""
+    # Local: `import align_jax.sdg` stays free of jax; only this option embeds.
+    from align_jax.models import encoder
+    from align_jax.models.named import resolve_model_path
+    if len(responses) != len(aligned):
+        raise ValueError(f"rewrite_cosines: {len(responses)} responses, {len(aligned)} rewrites")
+    if not responses:
+        return np.zeros(0)
+    path = resolve_model_path(encoder_dir)
+    config, params = encoder.load_encoder(path)
+    emb = encoder.embed_sentences(config, params, load_tokenizer(path),
+                                  list(responses) + list(aligned))
+    n = len(responses)
+    return np.sum(emb[:n] * emb[n:], axis=-1).astype(np.float64)
+
+
+def filter_rewrites(triples: Sequence[Mapping], encoder_dir: str, *,
+                    max_cosine: float = 0.9) -> tuple[list[Mapping], list[Mapping]]:
+    """Aligner triples split by cosine(y, y'): (kept, dropped), each dropped one with its
+    `cosine`; a triple is dropped when the cosine is >= max_cosine."""
+    cos = rewrite_cosines([t["initial_response"] for t in triples],
+                          [t["aligned_response"] for t in triples], encoder_dir)
+    kept = [t for t, c in zip(triples, cos) if c < max_cosine]
+    dropped = [{**t, "cosine": float(c)} for t, c in zip(triples, cos) if c >= max_cosine]
+    return kept, dropped
+
+
 def clean_triple(x: str, y: str, critique: str, y_aligned: str, *,
                  max_similarity: float = 0.9) -> str | None:
     """Why an (x, y, critique, y') example is unusable, or None.
@@ -289,17 +327,28 @@ def generate_aligner(teacher: Teacher, questions: Sequence[dict], *, criterion: 
                top_p=config.top_p if config.response_temperature > 0 else 1.0,
                max_tokens=config.response_max_tokens, seed=derive_seed(seed, role),
                repetition_penalty=config.response_repetition_penalty)
+    # With an encoder the embedding cosine replaces the difflib ratio (> 1: never).
+    max_ratio = config.max_rewrite_similarity if config.rewrite_encoder is None else 2.0
+    parsed = []
     for res, q, out in zip(results, questions, outs):
         sections, why = parsing.parse_sections(out, SECTIONS, stop_labels=("Question",))
         if sections is None:
             res.reject(why, out, criterion=criterion)
             continue
         y, critique, y2 = (sections[s] for s in SECTIONS)
-        problem = clean_triple(q["question"], y, critique, y2,
-                               max_similarity=config.max_rewrite_similarity)
+        problem = clean_triple(q["question"], y, critique, y2, max_similarity=max_ratio)
         if problem:
             res.reject(problem, out, criterion=criterion)
             continue
+        parsed.append((res, q, out, y, critique, y2))
+    if config.rewrite_encoder is not None and parsed:
+        cos = rewrite_cosines([p[3] for p in parsed], [p[5] for p in parsed],
+                              config.rewrite_encoder)
+        similar = [p for p, c in zip(parsed, cos) if c >= config.max_rewrite_cosine]
+        for res, _, out, *_ in similar:
+            res.reject("similar_rewrite_embedding", out, criterion=criterion)
+        parsed = [p for p, c in zip(parsed, cos) if c < config.max_rewrite_cosine]
+    for res, q, _, y, critique, y2 in parsed:
         common = {"criterion": criterion, "question_id": q["question_id"]}
         res.add("aligner", {"input": q["question"], "initial_response": y, "critique": critique,
                             "aligned_response": y2, **common})

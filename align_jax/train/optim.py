@@ -3,7 +3,9 @@
 Every optimizer is the same chain, so options mean the same thing for all of them:
 
   clip_by_global_norm(clip_norm)        (on the raw, accumulated gradients)
-  -> scale_by_{adam | rms | factored_rms}
+  -> scale_by_{adam | rms | factored_rms}   (rms as torch.optim.RMSprop: decay `rms_decay`,
+                                             eps added outside the square root, no bias
+                                             correction, state starting at 0)
   -> add_decayed_weights(weight_decay, mask)   (decoupled, AdamW-style: multiplied by the lr)
   -> scale_by_learning_rate(schedule)
 
@@ -11,6 +13,7 @@ Every optimizer is the same chain, so options mean the same thing for all of the
 """
 
 import dataclasses
+import math
 from typing import Any, Literal
 
 import flax.linen as nn
@@ -27,20 +30,26 @@ class OptimizerConfig:
 
     learning_rate is the peak rate, reached after `warmup_steps` of linear warmup from 0, then
     decayed by `schedule` over the remaining `decay_steps - warmup_steps` steps to
-    `end_lr_ratio * learning_rate` (decay_steps None: the run's num_steps).
+    `end_lr_ratio * learning_rate` (decay_steps None: the run's num_steps). `warmup_ratio`
+    gives the warmup as a share of those steps instead, rounded up (ceil(ratio * steps)); as
+    in Hugging Face's Trainer, warmup_steps > 0 overrides it (so a run file that includes
+    one with a ratio can set steps).
     """
 
     name: OptimizerName = "adamw"
     learning_rate: float = 3e-4
     schedule: ScheduleName = "cosine"
     warmup_steps: int = 0
+    warmup_ratio: float = 0.0
     decay_steps: int | None = None
     end_lr_ratio: float = 0.0
-    # Adam's b1/b2; RMSprop uses b2 as its decay and `momentum` (None: none); Adafactor keeps
-    # its own step-dependent decay (1 - t^-0.8).
+    # Adam's b1/b2; Adafactor keeps its own step-dependent decay (1 - t^-0.8).
     b1: float = 0.9
     b2: float = 0.999
     eps: float = 1e-8
+    # RMSprop's decay of the squared-gradient average: 0.99 is torch.optim.RMSprop's default
+    # (alpha), the optimizer the SAMI paper names for its Mixtral run; `momentum` (None: none).
+    rms_decay: float = 0.99
     momentum: float | None = None
     weight_decay: float = 0.0
     # None disables clipping.
@@ -55,8 +64,22 @@ class OptimizerConfig:
                 f"OptimizerConfig.schedule={self.schedule!r}: choose cosine, linear or constant")
         if self.warmup_steps < 0:
             raise ValueError(f"OptimizerConfig.warmup_steps={self.warmup_steps} is negative")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ValueError(f"OptimizerConfig.warmup_ratio={self.warmup_ratio} must be in "
+                             f"[0, 1)")
+        if not 0.0 <= self.rms_decay < 1.0:
+            raise ValueError(f"OptimizerConfig.rms_decay={self.rms_decay} must be in [0, 1)")
         if self.clip_norm is not None and self.clip_norm <= 0:
             raise ValueError(f"OptimizerConfig.clip_norm={self.clip_norm} must be > 0 or None")
+
+
+def warmup_steps(cfg: OptimizerConfig, *, num_steps: int) -> int:
+    """The warmup length: `warmup_steps` when > 0, else ceil(warmup_ratio * steps) where steps
+    is `decay_steps` (None: num_steps)."""
+    if cfg.warmup_ratio and not cfg.warmup_steps:
+        total = cfg.decay_steps if cfg.decay_steps is not None else num_steps
+        return math.ceil(cfg.warmup_ratio * total)
+    return cfg.warmup_steps
 
 
 def make_schedule(cfg: OptimizerConfig, *, num_steps: int) -> optax.Schedule:
@@ -70,11 +93,13 @@ def make_schedule(cfg: OptimizerConfig, *, num_steps: int) -> optax.Schedule:
     """
     peak = cfg.learning_rate
     total = cfg.decay_steps if cfg.decay_steps is not None else num_steps
-    if cfg.schedule != "constant" and total <= cfg.warmup_steps:
+    warmup = warmup_steps(cfg, num_steps=num_steps)
+    if cfg.schedule != "constant" and total <= warmup:
         raise ValueError(
             f"OptimizerConfig: decay_steps={total} (None means num_steps) must exceed "
-            f"warmup_steps={cfg.warmup_steps} for the {cfg.schedule!r} schedule")
-    decay_len = max(total - cfg.warmup_steps, 1)
+            f"the warmup of {warmup} steps (warmup_steps / warmup_ratio) for the "
+            f"{cfg.schedule!r} schedule")
+    decay_len = max(total - warmup, 1)
     end = cfg.end_lr_ratio * peak
     if cfg.schedule == "cosine":
         decay = optax.cosine_decay_schedule(peak, decay_len, alpha=cfg.end_lr_ratio)
@@ -82,10 +107,10 @@ def make_schedule(cfg: OptimizerConfig, *, num_steps: int) -> optax.Schedule:
         decay = optax.linear_schedule(peak, end, decay_len)
     else:
         decay = optax.constant_schedule(peak)
-    if cfg.warmup_steps == 0:
+    if warmup == 0:
         return decay
-    warmup = optax.linear_schedule(0.0, peak, cfg.warmup_steps)
-    return optax.join_schedules([warmup, decay], [cfg.warmup_steps])
+    ramp = optax.linear_schedule(0.0, peak, warmup)
+    return optax.join_schedules([ramp, decay], [warmup])
 
 
 def _is_box(x: Any) -> bool:
@@ -130,7 +155,8 @@ def make_optimizer(cfg: OptimizerConfig, *, num_steps: int
     if cfg.name == "adamw":
         parts.append(optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps))
     elif cfg.name == "rmsprop":
-        parts.append(optax.scale_by_rms(decay=cfg.b2, eps=cfg.eps))
+        # torch.optim.RMSprop: grad / (sqrt(avg) + eps), avg starting at 0, no bias correction.
+        parts.append(optax.scale_by_rms(decay=cfg.rms_decay, eps=cfg.eps, eps_in_sqrt=False))
         if cfg.momentum:
             parts.append(optax.trace(decay=cfg.momentum))
     else:

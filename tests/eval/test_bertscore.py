@@ -119,3 +119,66 @@ def test_evaluate_generation_scores_every_system_with_bertscore(tiny_bert, monke
         want = bertscore(hyps, REFS, model=loaded)
         assert m["bertscore_f1"] == pytest.approx(want["f1"], abs=1e-6)
         assert m["bertscore_precision"] == pytest.approx(want["precision"], abs=1e-6)
+
+
+@pytest.fixture(scope="module")
+def tiny_roberta(tmp_path_factory):
+    """A random 4-layer RoBERTa with a byte-level BPE trained on the test sentences: the
+    family of the paper's setting (roberta-large, layer 17), small. Two copies of it whose
+    tokenizers differ only in add_prefix_space: (True, False)."""
+    import shutil
+
+    import tokenizers
+    import torch
+    import transformers
+    root = tmp_path_factory.mktemp("tiny_roberta")
+    bpe = tokenizers.ByteLevelBPETokenizer()
+    bpe.train_from_iterator(HYPS + REFS, vocab_size=300, min_frequency=1,
+                            special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"])
+    bpe.save_model(str(root))
+    dirs = []
+    for prefix in (True, False):
+        path = root / f"prefix_{prefix}"
+        tok = transformers.RobertaTokenizer(vocab=str(root / "vocab.json"),
+                                            merges=str(root / "merges.txt"),
+                                            model_max_length=64, add_prefix_space=prefix)
+        assert len(tok) > 100 and tok.unk_token_id not in tok.encode(" ".join(HYPS + REFS))
+        tok.save_pretrained(str(path))
+        dirs.append(str(path))
+    config = transformers.RobertaConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=4,
+                                        num_attention_heads=4, intermediate_size=48,
+                                        max_position_embeddings=66, type_vocab_size=1,
+                                        pad_token_id=tok.pad_token_id)
+    torch.manual_seed(1)
+    transformers.RobertaModel(config).eval().save_pretrained(dirs[0], safe_serialization=True)
+    for f in ("model.safetensors", "config.json"):
+        shutil.copy(f"{dirs[0]}/{f}", f"{dirs[1]}/{f}")
+    return tuple(dirs)
+
+
+@pytest.mark.parametrize("layer,idf", [(2, False), (3, True)])
+def test_roberta_at_a_chosen_layer_equals_the_bert_score_package(tiny_roberta, layer, idf):
+    """The paper's setting is RoBERTa at an inner layer (bert-score's default for English).
+    bert-score encodes a RoBERTa sentence with add_prefix_space=True; under transformers 5 the
+    tokenizer ignores that argument of encode, so the package gets the prefix space only from
+    a tokenizer saved with it (the first copy). Ours adds it whatever the tokenizer says."""
+    from align_jax.eval.bertscore import PAPER_SETTING, sentence_ids
+    from align_jax.tokenizer import load_tokenizer
+    assert PAPER_SETTING == {"model": "roberta-large", "layer": 17,
+                             "rescale_with_baseline": False}
+    with_prefix, without = tiny_roberta
+    keep = [0, 1, 2, 4]
+    hyps, refs = [HYPS[i] for i in keep], [REFS[i] for i in keep]
+    want = _package(with_prefix, hyps, refs, layer=layer, idf=idf)
+    for path in tiny_roberta:
+        got = bertscore(hyps, refs, model=path, layer=layer, idf=idf, batch_size=4)
+        print(f"roberta layer {layer} idf {idf}: max abs(ours - bert-score) = "
+              f"{np.abs(_ours(got) - want).max():.2e}")
+        # float32 encoders on both sides, summed in different orders: 1e-4 as for BERT above.
+        np.testing.assert_allclose(_ours(got), want, atol=1e-4)
+        assert got["layer"] == layer and got["model"] == path and not got["rescaled"]
+    # The prefix space matters: without it the first word is other tokens and the scores move.
+    tok = load_tokenizer(without)
+    assert sentence_ids(tok, HYPS[1], model_type="roberta") != sentence_ids(
+        tok, HYPS[1], model_type="bert")
+    assert np.abs(_package(without, hyps, refs, layer=layer, idf=idf) - want).max() > 1e-3

@@ -1,6 +1,7 @@
 import math
 
 import numpy as np
+import pytest
 
 from align_jax.eval import mi_lower_bound, mi_lower_bound_matrix
 
@@ -28,3 +29,23 @@ def test_matrix_mean_uses_columns():
     m = rng.normal(size=(3, 2, 2))
     want = np.mean([_np_bound(m[b, :, j], j) for b in range(3) for j in range(2)])
     np.testing.assert_allclose(mi_lower_bound_matrix(m), want, rtol=1e-5)
+
+
+def test_reference_estimate_matches_numpy_and_is_not_a_bound():
+    from align_jax.eval.mutual_information import mi_reference_estimate
+    rng = np.random.default_rng(2)
+    m = rng.normal(size=(5, 4, 4)) * 20 - 150  # summed log-probs of 4 responses, 4 constitutions
+    # The reference code: per constitution k, target log p(y_k|x,c_k) minus the mean over all
+    # constitutions i of log p(y_k|x,c_i); averaged over k.
+    want = np.array([np.mean([m[b, k, k] - np.mean(m[b, :, k]) for k in range(4)])
+                     for b in range(5)])
+    got = np.asarray(mi_reference_estimate(m))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+    bound = np.array([np.mean([_np_bound(m[b, :, j], j) for j in range(4)]) for b in range(5)])
+    # Jensen: the mean log is below the log mean, so the estimate is at least the bound ...
+    assert np.all(got >= bound - 1e-4)
+    # ... and unbounded: a target 20 nats above the others gives 15 nats with C = 4 > log 4.
+    sharp = np.full((1, 4, 4), -100.0)
+    np.fill_diagonal(sharp[0], -80.0)
+    assert float(mi_reference_estimate(sharp)[0]) == pytest.approx(15.0)
+    assert float(mi_lower_bound_matrix(sharp)) < math.log(4)

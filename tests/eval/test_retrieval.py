@@ -125,3 +125,57 @@ def test_fallback_and_errors(monkeypatch):
         make_retriever(["a"], kind="dense")
     with pytest.raises(ValueError, match="no chunks"):
         BM25Retriever([])
+
+
+
+def test_oracle_retrieval_puts_each_records_own_chunk_and_scores_a_retriever():
+    from align_jax.data.documents import chunk_id
+    from align_jax.eval.retrieval import (
+        OracleRetriever,
+        oracle_records,
+        rag_prompt,
+        retrieval_hits,
+        with_retrieval,
+    )
+    doc = load_document(ROOT / "examples" / "values_document.md")
+    # One chunk per paragraph that holds an answer phrase, with the content ids SDG writes.
+    paras = [p for p in doc.text.split("\n\n") if any(a in p for _, a in DIRECT)]
+    ids = [chunk_id(p) for p in paras]
+    records = [{"prompt": q, "completion": "...",
+                "chunk_id": ids[next(i for i, p in enumerate(paras) if a in p)]}
+               for q, a in DIRECT]
+    oracle = make_retriever(paras, kind="oracle", chunk_ids=ids)
+    assert isinstance(oracle, OracleRetriever)
+    out = with_retrieval(records, oracle)
+    for r, q in zip(out, DIRECT):
+        # The grounding chunk holds the answer, whatever the question's words.
+        assert r["prompt"] == rag_prompt(q[0], paras[ids.index(r["chunk_id"])])
+        assert q[1] in r["prompt"]
+    # Records without a (known) chunk: with_retrieval refuses, oracle_records keeps the rest.
+    mixed = [records[0], {"prompt": "hand-written", "completion": "x"}, records[1],
+             {"prompt": "other chunking", "completion": "x", "chunk_id": "feedfeedfeedfeed"}]
+    with pytest.raises(ValueError, match=r"record 1 .* no 'chunk_id' and no 'evidence' .*\(2 of 4"):
+        with_retrieval(mixed, oracle)
+    kept, idx = oracle_records(mixed, oracle)
+    assert idx == [0, 2] and [r["prompt"] for r in kept] == [o["prompt"] for o in out[:2]]
+    # A hand-written record names its grounding by a quote of the document (line breaks and
+    # spaces need not match); an id from another chunking falls back to the quote too.
+    quoted = [{"prompt": q, "completion": "x", "evidence": "  ".join(a.split())}
+              for q, a in DIRECT]
+    assert oracle.lookup(quoted) == [ids.index(r["chunk_id"]) for r in records]
+    assert oracle.lookup([{**quoted[0], "chunk_id": "feedfeedfeedfeed"},
+                          {"prompt": "q", "evidence": "not in the document at all"}]) == [
+        ids.index(records[0]["chunk_id"]), None]
+    with pytest.raises(TypeError, match="chunk_id"):
+        oracle.search_many(["q"])
+    with pytest.raises(ValueError, match="needs chunk_ids"):
+        make_retriever(paras, kind="oracle")
+    # A retriever's top-1 agreement with the grounding chunk, against a direct count.
+    bm25 = BM25Retriever(paras)
+    top = [h[0][0] for h in bm25.search_many([r["prompt"] for r in records])]
+    want = np.mean([paras[t] == paras[ids.index(r["chunk_id"])] for t, r in zip(top, records)])
+    hits = retrieval_hits(mixed + records[2:], bm25, oracle)
+    assert hits["records"] == 2 + len(records) - 2 and hits["total"] == 4 + len(records) - 2
+    assert retrieval_hits(records, bm25, oracle)["hit_rate"] == pytest.approx(want)
+    with pytest.raises(ValueError, match="different chunks"):
+        retrieval_hits(records, BM25Retriever(paras[:-1]), oracle)

@@ -136,8 +136,9 @@ def test_sami_objective_matches_numpy():
                                np.mean([np.trace(m) / c for m in mat]), rtol=1e-5)
     assert float(jnp.abs(grads["embedding"]).sum()) > 0
 
-    # The optional KL regulariser to the frozen initial model: + kl_coef * mean over queries
-    # and matched pairs of the per-token log-ratio (numpy, from the reference model's logits).
+    # The optional KL regulariser to the frozen initial model: + kl_coef * the per-position
+    # KL over the vocabulary on response tokens (all C x C rows), mean per query then over
+    # queries; numpy from both models' full logits.
     ref = transformer.init_params(config, jax.random.key(1))
     kl_loss, kl_metrics = jax.jit(functools.partial(losses.sami_objective, config=config,
                                                     kl_coef=0.5))(params, batch, ref_params=ref)
@@ -146,10 +147,11 @@ def test_sami_objective_matches_numpy():
                     np.float64)
     lsr = xr - xr.max(-1, keepdims=True)
     lsr = lsr - np.log(np.exp(lsr).sum(-1, keepdims=True))
-    lpr = np.take_along_axis(lsr, batch["targets"].reshape(-1, t)[..., None], -1)[..., 0]
-    mat_ref = ((lpr * mask).sum(-1) / mask.sum(-1)).reshape(b, c, c)
-    kl = np.mean([np.mean(np.diag(m) - np.diag(r)) for m, r in zip(mat, mat_ref)])
-    np.testing.assert_allclose(kl_metrics["kl"], kl, rtol=1e-4, atol=1e-5)
+    kl_tok = (np.exp(lsm) * (lsm - lsr)).sum(-1).reshape(b, c, c, t)
+    m4 = mask.reshape(b, c, c, t)
+    kl = np.mean([(kl_tok[q] * m4[q]).sum() / m4[q].sum() for q in range(b)])
+    assert kl > 0
+    np.testing.assert_allclose(kl_metrics["kl"], kl, rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(kl_loss, (0.5 * (rows + cols)).mean() + 0.5 * kl, rtol=1e-5)
     from align_jax.losses.objectives import get_objective
     sami_obj = get_objective("sami")
@@ -157,3 +159,67 @@ def test_sami_objective_matches_numpy():
     assert sami_obj.reference_mode("precomputed", {"kl_coef": 0.1}) == "params"
     with pytest.raises(ValueError, match="kl_coef > 0 needs"):
         losses.sami_objective(params, batch, config=config, kl_coef=0.5)
+
+
+def _kl_numpy(h, w, hr, wr, targets):
+    z, zr = (np.asarray(a, np.float64) @ np.asarray(b, np.float64) for a, b in ((h, w), (hr, wr)))
+    lp = z - z.max(-1, keepdims=True)
+    lp -= np.log(np.exp(lp).sum(-1, keepdims=True))
+    lq = zr - zr.max(-1, keepdims=True)
+    lq -= np.log(np.exp(lq).sum(-1, keepdims=True))
+    return (np.take_along_axis(lp, targets[..., None], -1)[..., 0],
+            (np.exp(lp) * (lp - lq)).sum(-1))
+
+
+@pytest.mark.parametrize("chunk", [0, 7, 16])
+def test_token_kl_matches_numpy_full_and_chunked(chunk):
+    from align_jax.losses.sami import token_logps_and_kl
+    rng = np.random.default_rng(3)
+    b, t, d, v = 2, 5, 6, 37  # 37: chunks of 7 and 16 leave a padded last chunk
+    h, hr = (jnp.asarray(rng.normal(size=(b, t, d)), jnp.float32) for _ in range(2))
+    w, wr = (jnp.asarray(rng.normal(size=(d, v)), jnp.float32) for _ in range(2))
+    targets = jnp.asarray(rng.integers(0, v, size=(b, t)), jnp.int32)
+    logps, kl = token_logps_and_kl(h, w, hr, wr, targets, chunk_size=chunk)
+    want_lp, want_kl = _kl_numpy(h, w, hr, wr, np.asarray(targets))
+    # float32 log-softmax over 37 logits of size ~10: a few ulps of the logits' scale.
+    np.testing.assert_allclose(logps, want_lp, rtol=1e-5, atol=2e-5)
+    np.testing.assert_allclose(kl, want_kl, rtol=1e-4, atol=2e-5)
+    assert np.all(np.asarray(kl) > 0)
+    # The gradient: chunked equals full (jax.checkpoint and the two passes change nothing).
+    loss = lambda h_, w_, c: jnp.sum(token_logps_and_kl(h_, w_, hr, wr, targets,  # noqa: E731
+                                                        chunk_size=c)[1])
+    g = jax.grad(loss, argnums=(0, 1))(h, w, chunk)
+    g_full = jax.grad(loss, argnums=(0, 1))(h, w, 0)
+    for a, b_ in zip(g, g_full):
+        np.testing.assert_allclose(a, b_, rtol=1e-4, atol=1e-5)
+
+
+def test_kl_term_is_a_kl_gradient_zero_at_the_base():
+    """At params == base the KL and its gradient vanish (what a KL penalty does); the old
+    log-ratio on sampled tokens had a nonzero gradient there (d/dθ mean log p)."""
+    from align_jax.losses.sami import sami_logps_and_kl
+    config = get_config("tiny", init_std=0.2)
+    params = transformer.init_params(config, jax.random.key(0))
+    rng = np.random.default_rng(0)
+    b, c, t = 1, 2, 6
+    tokens = rng.integers(3, config.vocab_size, size=(b, c, c, t)).astype(np.int32)
+    batch = {"tokens": tokens, "targets": np.roll(tokens, -1, axis=-1),
+             "loss_mask": np.tile([0, 0, 1, 1, 1, 0], (b, c, c, 1)).astype(np.float32),
+             "segment_ids": np.ones((b, c, c, t), np.int32),
+             "positions": np.broadcast_to(np.arange(t), (b, c, c, t)).astype(np.int32)}
+
+    kl_and_grad = jax.jit(jax.value_and_grad(
+        lambda p: sami_logps_and_kl(config, p, params, batch)[2].sum()))
+    kl, grads = kl_and_grad(params)
+    assert abs(float(kl)) < 1e-6
+    assert max(float(jnp.abs(x).max()) for x in jax.tree.leaves(grads)) < 1e-5
+    # Moved away from the base: positive, with a gradient.
+    moved = jax.tree.map(lambda x: x * 1.3, params)
+    kl, grads = kl_and_grad(moved)
+    assert float(kl) > 1e-4
+    assert max(float(jnp.abs(x).max()) for x in jax.tree.leaves(grads)) > 1e-5
+    # The log-probs equal sami_logps's (one forward pass serves both).
+    lp, mask_b, _ = sami_logps_and_kl(config, moved, params, batch)
+    lp2, mask_b2 = losses.sami_logps(config, moved, batch)
+    np.testing.assert_allclose(lp, lp2, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(mask_b, mask_b2)

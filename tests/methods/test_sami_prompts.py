@@ -184,37 +184,88 @@ def _held(texts_by_query):
             for i, t in enumerate(texts_by_query)]
 
 
-def test_win_rates_per_constitution_with_position_bias_and_lengths():
-    from align_jax.methods import sami_report
-    cons = [["Be brief."], ["Be long."]]
-    base = _held([("a b c", "a b c d"), ("a b", "a b c d e")])
-    new = _held([("a", "a b c d e f g h i j k l m n o p"), ("a b c", "a b")])
-    # The longer response wins, in both orders. Constitution 0: q0 new 1 word vs base 3 ->
-    # base, q1 3 vs 2 -> new; constitution 1: q0 16 vs 4 -> new, q1 2 vs 5 -> base.
-    got = sami.win_rates(new, base, cons, judge=_Judge(), template="principles_choice",
-                         max_tokens=4, names=["concise", "verbose"])
-    assert got["by_constitution"]["concise"]["win_rate"] == pytest.approx(0.5)
-    assert got["by_constitution"]["verbose"]["win_rate"] == pytest.approx(0.5)
-    assert got["position_bias"] == 0.0 and got["win_rate"] == pytest.approx(0.5)
-    always_a = sami.win_rates(new, base, cons, judge=_Judge("A"), template="principles_choice",
-                              max_tokens=4, names=["concise", "verbose"])
+def test_judged_win_rates_lengths_and_the_report():
+    from align_jax.methods import sami_eval, sami_report
+    queries = ["q0", "q1", "q2", "q3"]
+    base = ["a b c", "a b", "a b c d", "a"]
+    new = ["a", "a b c", "a b c d e f", "a b"]
+    # The longer response wins, in both orders: new is longer in q1, q2, q3.
+    got = sami_eval.judged(queries, new, base, principles="1. Be brief.", judge=_Judge(),
+                           template="principles_choice", max_tokens=4)
+    assert got["win_rate"] == pytest.approx(0.75) and got["position_bias"] == 0.0
+    assert got["a_longer_share"] == pytest.approx(0.75)
+    # The paper's length correction: new longer -> 1.0, not longer -> 0.0; mean 0.5.
+    assert got["lc_stratified"] == pytest.approx(0.5)
+    always_a = sami_eval.judged(queries, new, base, principles="1. Be brief.",
+                                judge=_Judge("A"), template="principles_choice", max_tokens=4)
     assert always_a["position_bias"] == 1.0 and always_a["win_rate"] == pytest.approx(0.5)
-    lengths = sami.lengths_by_constitution(new, ["concise", "verbose"])
+    held = _held([("a", "a b c d e f g h i j k l m n o p"), ("a b c", "a b")])
+    lengths = sami.lengths_by_constitution(held, ["concise", "verbose"])
     assert lengths["concise"] == {"mean": 2.0, "stderr": pytest.approx(1.0), "n": 2,
                                   "truncated": 0}
     assert lengths["verbose"]["mean"] == 9.0 and lengths["verbose"]["truncated"] == 1
     assert lengths["verbose"]["stderr"] == pytest.approx(np.std([16, 2], ddof=1) / math.sqrt(2))
+    mi = {"mi_constitutions": 2, "mi_bound_stderr": 0.05, "mi_reference": 0.9,
+          "mi_reference_stderr": 0.2, "mi_bound_token_mean": 0.01}
     report = {"init": "base", "prompt_format": "chat", "mi_bound_note": "note",
-              "constitutions": ["concise", "verbose"], "max_new_tokens": 16, "iterations": [
-                  {"iteration": 0, "mi_bound": 0.1, "mi_bound_stderr": 0.05,
-                   "mi_bound_token_mean": 0.01, "response_tokens_by_constitution": lengths,
+              "constitutions": ["concise", "verbose"], "max_new_tokens": 16,
+              "eval_constitution": "concise", "judge": "letters:x",
+              "judge_template": "principles_choice", "compare_to": "/ckpt/instruct",
+              "compare_to_response_tokens": lengths["verbose"], "iterations": [
+                  {"iteration": 0, "mi_bound": 0.1, **mi,
+                   "response_tokens_by_constitution": lengths,
+                   "eval_response_tokens": lengths["concise"], "win_rate_vs_compare": got,
                    "phase_seconds": {"sample": 3.0, "mi": 1.0},
                    "phase_cpu_seconds": {"sample": 2.0, "mi": 1.0}},
-                  {"iteration": 1, "steps": 2, "mi_bound": 0.5, "mi_bound_stderr": 0.1,
-                   "mi_bound_token_mean": 0.02, "response_tokens_by_constitution": lengths,
-                   "win_rate_vs_base": always_a, "phase_seconds": {"train": 5.0},
+                  {"iteration": 1, "steps": 2, "mi_bound": 0.5, **mi,
+                   "response_tokens_by_constitution": lengths,
+                   "eval_response_tokens": lengths["concise"], "win_rate_vs_base": always_a,
+                   "win_rate_vs_compare": got, "phase_seconds": {"train": 5.0},
                    "phase_cpu_seconds": {"train": 4.0}}]}
     md = sami_report.markdown(report)
-    assert "| 1 | 2 | 0.5000 | 0.1000 | 0.0200 | 2.0 +- 1.0 (0/2) | 9.0 +- 7.0 (1/2) | " \
-           "0.50 +- 0.00 | 0.50 +- 0.00 | 1.00 |" in md
+    assert "| 1 | 2 | 0.5000 | 0.0500 | 0.9000 | 0.2000 | 0.0100 | 2.0 +- 1.0 (0/2) | " \
+           "9.0 +- 7.0 (1/2) | " in md
+    assert "| 0 | 2.0 +- 1.0 (0/2) | - | - | - | - | - | - | 0.75 +- 0.25 | 0.50 | " in md
+    assert "| 1 | 2.0 +- 1.0 (0/2) | 0.50 +- 0.00 | 0.50 | " in md
+    assert "| 0.75 | 1.00 | 0/8 |" in md  # always_a: 3 of 4 longer, position bias 1
+    assert "reference estimate (not a bound)" in md and "log K = 0.693" in md
     assert "| 0 | - | 3 / 2 | 1 / 1 | - | 4 / 3 |" in md and "| all |" in md
+
+
+def test_summary_format_and_example_block_rules():
+    ps = ["Be brief.", "Keep every key point."]
+    got = sami_prompts.sami_prompt(ps, "I moved to a new city and ...", fmt="summary", rng=None)
+    assert got == ("System: " + sami_prompts.SUMMARY_SYSTEM + "\n\nSummarization Constitution:\n"
+                   "1. Be brief.\n2. Keep every key point.\n\nPost: I moved to a new city and "
+                   "...\n\nSummary:")
+    with_example = sami_prompts.sami_prompt(ps, "I moved to a new city and ...", fmt="summary",
+                                            rng=None, example_format=True)
+    assert "Example Format\nSummarization Constitution: [insert constitution here]" in with_example
+    assert with_example.endswith(got.split("\n\n", 1)[1])
+    assert sami_prompts.response_prefix("summary") == "The post"
+    assert sami_prompts.response_prefix("plain") == ""
+    assert "\nHuman:" in sami_prompts.stop_strings("summary")
+    rows = sami.make_prompts(["post text"], [ps], [[0]], prompt_format="summary",
+                             rng=random.Random(0), example_format=True)
+    # Sampling sees the example block and starts the summary; training sees neither.
+    assert rows[0]["sample_prompts"][0].endswith("Summary: The post")
+    assert "Example Format" in rows[0]["sample_prompts"][0]
+    assert rows[0]["prompts"][0].endswith("Summary:") and "Example" not in rows[0]["prompts"][0]
+    with pytest.raises(ValueError, match="example_format is for the plain-text formats"):
+        sami_prompts.sami_prompt(ps, "q", fmt="chat", rng=None, example_format=True)
+    # A summary that copies the template is dropped by the template filter.
+    assert sami_prompts.drop_reason(["The post is about x.", "Summarization Constitution: 1."],
+                                    ("template",)) == "template"
+
+
+def test_eval_constitution_is_the_un_negated_one_or_named():
+    from align_jax.methods.sami_eval import pick_eval_constitution
+    recs = [{"id": "a", "principles": ["x"], "negated": [True]},
+            {"id": "b", "principles": ["x"], "negated": [False]}]
+    assert pick_eval_constitution(recs, None) == 1
+    assert pick_eval_constitution(recs, "a") == 0
+    with pytest.raises(ValueError, match="not an id"):
+        pick_eval_constitution(recs, "zzz")
+    with pytest.raises(ValueError, match="set eval_constitution"):
+        pick_eval_constitution(recs + [{"id": "c", "principles": ["y"], "negated": [False]}],
+                               None)

@@ -3,14 +3,44 @@
 import json
 import math
 import pathlib
+import re
 
 import gin
+import numpy as np
 import pytest
+from scripted_judge import serve
 from tiny_checkpoints import tiny_document_model
 
 from align_jax import cli
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
+_PAIR = re.compile(r"Response A: (.*?)\n\nResponse B: (.*?)\n\nFirst, compare", re.DOTALL)
+
+
+def _shorter(first: str, second: str) -> str:
+    """The scripted judge's rule: the response with fewer words; slot A on a tie."""
+    return "B" if len(second.split()) < len(first.split()) else "A"
+
+
+def _answer(prompt: str) -> str:
+    first, second = _PAIR.search(prompt).groups()
+    return f"Comparison: one is shorter.\nFinal Response: {_shorter(first, second)}"
+
+
+@pytest.fixture
+def judge_url():
+    with serve(_answer) as (handler, url):
+        yield handler, url
+
+
+def _expected_win_rate(new, other):
+    """Both orders of each pair under the scripted rule, scored for `new` (eval.judge)."""
+    pair = []
+    for x, y in zip(new, other):
+        ab = {"A": 1.0, "B": 0.0}[_shorter(x, y)]
+        ba = {"A": 0.0, "B": 1.0}[_shorter(y, x)]
+        pair.append((ab + ba) / 2)
+    return float(np.mean(pair))
 
 
 def _tiny_base(tmp_path):
@@ -18,13 +48,19 @@ def _tiny_base(tmp_path):
     return tiny_document_model(tmp_path / "base")
 
 
-def test_sami_iterations(tmp_path, monkeypatch):
+def test_sami_iterations(tmp_path, monkeypatch, judge_url):
     monkeypatch.chdir(ROOT)
     base = _tiny_base(tmp_path)
+    handler, url = judge_url
     gin.clear_config()
     out = tmp_path / "sami"
+    # The judge behind a real openai: endpoint; the compared model is the base in another
+    # prompt format (no example block), so its answers differ from the base's.
     params = [f"HF_CHECKPOINT='{base}'", "sami.sami.num_iterations=2",
-              "sami.sami.max_new_tokens=8", "sami.sami.progress=False"]
+              "sami.sami.max_new_tokens=8", "sami.sami.progress=False",
+              "sami.sami.eval_queries=4", f"sami.sami.judge='openai:{url}'",
+              f"sami.sami.compare_to='{base}'", "sami.sami.compare_to_format='plain'",
+              "sami.sami.optimizer='rmsprop'"]
     code = cli.main(["run", "--gin_file=configs/runs/sami_recipe_tiny.gin",
                      f"--output_dir={out}"] + [f"--gin_param={p}" for p in params])
     gin.clear_config()
@@ -32,12 +68,20 @@ def test_sami_iterations(tmp_path, monkeypatch):
     report = json.loads((out / "report.json").read_text())
     rows = report["iterations"]
     assert [r["iteration"] for r in rows] == [0, 1, 2]
-    assert all(math.isfinite(r["mi_bound"]) and r["mi_bound"] <= math.log(2) + 1e-5
-               for r in rows)
+    # Held out: every query under all 8 pool constitutions; the bound is at most log 8, the
+    # reference estimate (not a bound) at least the bound.
+    assert all(r["mi_constitutions"] == 8 and math.isfinite(r["mi_bound"])
+               and r["mi_bound"] <= math.log(8) + 1e-5
+               and r["mi_reference"] >= r["mi_bound"] - 1e-4 for r in rows)
+    assert report["eval_constitution"] == "c000" and report["example_format"]
     for k in (1, 2):
         # Iteration k trains the base model for 2k steps on 2k batches of fresh samples.
         metrics = [json.loads(x) for x in open(out / f"iter_{k}" / "train" / "metrics.jsonl")]
         assert metrics[-1]["step"] == 2 * k
+        # RMSprop (the paper's Mixtral optimizer) with torch's decay, as the recipe chose.
+        settings = json.loads((out / f"iter_{k}" / "train" / "settings.json").read_text())
+        assert settings["optimizer"]["name"] == "rmsprop"
+        assert settings["optimizer"]["rms_decay"] == 0.99
         # The iteration's model is its export; its orbax checkpoints are removed.
         assert (out / f"iter_{k}" / "train" / "hf" / "config.json").exists()
         assert not (out / f"iter_{k}" / "train" / "checkpoints").exists()
@@ -58,7 +102,8 @@ def test_sami_iterations(tmp_path, monkeypatch):
     names = [json.loads(x)["id"] for x in open(ROOT / "examples" / "constitutions.jsonl")]
     for r in rows:
         lengths = r["response_tokens_by_constitution"]
-        assert set(lengths) <= set(names) and sum(v["n"] for v in lengths.values()) == 2 * 8
+        assert set(lengths) == set(names) and all(v["n"] == 4 for v in lengths.values())
+        assert r["eval_response_tokens"]["n"] == 4
         assert all(0 < v["mean"] <= 8 and 0 <= v["truncated"] <= v["n"]
                    for v in lengths.values())
         assert {"sample", "mi"} <= set(r["phase_seconds"]) <= {"train", "sample", "mi", "judge"}
@@ -69,7 +114,33 @@ def test_sami_iterations(tmp_path, monkeypatch):
     for r in rows[1:]:
         assert r["init_from"] == str(base) and r["init_checksum"] == base_sum
         assert r["params_checksum"] != base_sum
-        assert r["mi_bound_token_mean"] <= math.log(2) + 1e-5 and r["mi_bound_stderr"] >= 0
+        assert r["mi_bound_token_mean"] <= math.log(8) + 1e-5 and r["mi_bound_stderr"] >= 0
+    # Win rates: every held-out query answered under c000 by each model, judged in both
+    # orders against the base (iterations >= 1) and the compared model (every iteration);
+    # the report's numbers are what the scripted rule gives on the saved responses.
+    texts = lambda f: [json.loads(x)["texts"][0] for x in open(out / "eval" / f)]  # noqa: E731
+    compare = texts("compare_to_c000.jsonl")
+    base_eval = texts("iter_0_c000.jsonl")
+    for r in rows:
+        mine = texts(f"iter_{r['iteration']}_c000.jsonl")
+        assert len(mine) == 4
+        w = r["win_rate_vs_compare"]
+        assert w["win_rate"] == pytest.approx(_expected_win_rate(mine, compare))
+        assert w["parse_failures"] == 0 and w["n_pairs"] == 4
+        assert {"lc_stratified", "lc_win_rate", "position_bias"} <= set(w)
+        if r["iteration"] == 0:
+            assert "win_rate_vs_base" not in r
+        else:
+            assert r["win_rate_vs_base"]["win_rate"] == pytest.approx(
+                _expected_win_rate(mine, base_eval))
+    # The judge saw the paper's layout with its system prompt and the eval constitution.
+    first = handler.seen[0]["messages"]
+    assert first[0]["role"] == "system" and "Final Response:" in first[1]["content"]
+    assert "Assistant constitution:\n1. Answer the user's actual request" in first[1]["content"]
+    assert len(handler.seen) == 2 * 4 * (3 + 2)  # both orders; 3 vs compare, 2 vs base
+    md = (out / "report.md").read_text()
+    assert "reference estimate (not a bound)" in md and "LC strat." in md
+    assert "Win rates under the constitution 'c000'" in md
 
 
 def _run(tmp_path, name, params, gin_file="configs/runs/sami_recipe_tiny.gin"):
@@ -119,8 +190,9 @@ def test_sami_demo_runs_end_to_end(tmp_path, monkeypatch, smollm2_dir):
         assert set(r["response_tokens_by_constitution"]) == {"concise", "verbose"}
     for r in rows[1:]:
         wr = r["win_rate_vs_base"]
-        assert 0.0 <= wr["win_rate"] <= 1.0 and set(wr["by_constitution"]) == {"concise",
-                                                                               "verbose"}
-        assert 0.0 <= wr["position_bias"] <= 1.0
+        assert 0.0 <= wr["win_rate"] <= 1.0 and 0.0 <= wr["position_bias"] <= 1.0
+        assert 0.0 <= wr["lc_win_rate"] <= 1.0 and wr["n_pairs"] == 4
+    assert report["eval_constitution"] == "concise"
     md = (tmp_path / "demo" / "report.md").read_text()
-    assert "win rate vs base: concise" in md and "tokens: verbose (cut)" in md and "+- se" in md
+    assert "Win rates under the constitution 'concise'" in md and "LC strat." in md
+    assert "tokens: verbose (cut)" in md and "+- se" in md

@@ -1,8 +1,11 @@
 """Optimizers: the weight-decay mask and the learning-rate schedules, against numpy."""
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import numpy as np
+import optax
 import pytest
 from train_fixtures import tiny_config
 
@@ -96,3 +99,48 @@ def test_decay_steps_override_and_bad_settings():
         optim.make_schedule(optim.OptimizerConfig(warmup_steps=50), num_steps=50)
     with pytest.raises(ValueError, match="name"):
         optim.OptimizerConfig(name="sgd")
+
+
+def test_warmup_ratio_rounds_up_like_the_hugging_face_trainer():
+    # The value-alignment paper's SFT: 10% warmup. ceil(0.1 * 95) = 10 steps, then cosine.
+    cfg = optim.OptimizerConfig(learning_rate=1e-6, schedule="cosine", warmup_ratio=0.1)
+    assert optim.warmup_steps(cfg, num_steps=95) == 10
+    assert optim.warmup_steps(cfg, num_steps=100) == 10
+    assert optim.warmup_steps(dataclasses.replace(cfg, decay_steps=41), num_steps=7) == 5
+    steps = [0, 3, 9, 10, 11, 50, 94]
+    got = np.asarray([float(optim.make_schedule(cfg, num_steps=95)(s)) for s in steps])
+    want = _numpy_schedule("cosine", steps, peak=1e-6, warmup=10, total=95, end_ratio=0.0)
+    # The schedule is float32: a few float32 ulps of the peak.
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * 1e-6)
+    # As in Hugging Face's Trainer, warmup steps override the ratio (sft_tiny.gin over sft.gin).
+    assert optim.warmup_steps(dataclasses.replace(cfg, warmup_steps=3), num_steps=95) == 3
+    with pytest.raises(ValueError, match="warmup_ratio"):
+        optim.OptimizerConfig(warmup_ratio=1.0)
+
+
+@pytest.mark.parametrize("momentum", [None, 0.5])
+def test_rmsprop_matches_torch(momentum):
+    """RMSprop's default decay and update are torch.optim.RMSprop's (alpha 0.99, eps outside
+    the square root): the optimizer of the SAMI paper's Mixtral run."""
+    import torch
+    rng = np.random.default_rng(0)
+    p0 = rng.normal(size=(5, 3)).astype(np.float32)
+    grads = [rng.normal(size=(5, 3)).astype(np.float32) * 10 ** rng.uniform(-3, 1)
+             for _ in range(6)]
+    lr = 1e-2
+    tp = torch.nn.Parameter(torch.tensor(p0))
+    topt = torch.optim.RMSprop([tp], lr=lr, momentum=momentum or 0.0)
+    cfg = optim.OptimizerConfig(name="rmsprop", learning_rate=lr, schedule="constant",
+                                clip_norm=None, momentum=momentum)
+    assert cfg.rms_decay == topt.defaults["alpha"] == 0.99
+    assert cfg.eps == topt.defaults["eps"]
+    tx, _ = optim.make_optimizer(cfg, num_steps=len(grads))
+    p, state = {"w": jax.numpy.asarray(p0)}, None
+    state = tx.init(p)
+    for g in grads:
+        tp.grad = torch.tensor(g)
+        topt.step()
+        updates, state = tx.update({"w": jax.numpy.asarray(g)}, state, p)
+        p = optax.apply_updates(p, updates)
+    # float32 arithmetic in both, a handful of steps: a few ulps of the parameter scale.
+    np.testing.assert_allclose(np.asarray(p["w"]), tp.detach().numpy(), rtol=2e-6, atol=2e-6)

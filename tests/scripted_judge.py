@@ -1,0 +1,52 @@
+"""A scripted judge behind a real OpenAI-compatible endpoint (http.server on a free port).
+
+`serve(answer)` runs it: `answer(prompt) -> str` writes the judge's reply to the user message
+of each /v1/chat/completions request; /v1/models lists one model. Every request body is kept
+in `.seen`.
+"""
+
+import contextlib
+import http.server
+import json
+import threading
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    answer = staticmethod(lambda prompt: "")
+    seen: list = []
+
+    def _send(self, obj):
+        data = json.dumps(obj).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_POST(self):  # noqa: N802 - http.server's naming
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        type(self).seen.append(body)
+        text = type(self).answer(body["messages"][-1]["content"])
+        self._send({"id": "j", "object": "chat.completion", "created": 0, "model": "judge",
+                    "choices": [{"index": 0, "finish_reason": "stop",
+                                 "message": {"role": "assistant", "content": text}}]})
+
+    def do_GET(self):  # noqa: N802 - the model list a spec without a model id asks for
+        self._send({"object": "list", "data": [{"id": "judge", "object": "model",
+                                                "max_model_len": 8192}]})
+
+    def log_message(self, *args):
+        pass
+
+
+@contextlib.contextmanager
+def serve(answer):
+    """Yields (handler class with `.seen`, base URL "http://127.0.0.1:<port>/v1")."""
+    handler = type("Handler", (_Handler,), {"answer": staticmethod(answer), "seen": []})
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        yield handler, f"http://127.0.0.1:{srv.server_address[1]}/v1"
+    finally:
+        srv.shutdown()
+        srv.server_close()
