@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from align_jax.models.config import ModelConfig
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Target:
@@ -125,3 +127,68 @@ def place(buffers: dict[tuple[str, ...], np.ndarray], t: Tensor, x: np.ndarray,
         if g.path not in buffers:
             buffers[g.path] = np.empty(g.full_shape, dtype)
         buffers[g.path][g.index] = part
+
+
+class Layout:
+    """Builds a family's tensor list: `top` for unstacked tensors, `layer` for a layer's,
+    and helpers for the pieces several families share (norms, attention, Linear, the head)."""
+
+    def __init__(self, config: ModelConfig, prefix: str):
+        self.config, self.prefix, self.out = config, prefix, []
+
+    def top(self, key, path, hf_shape, shape, layout="reshape"):
+        self.out.append(Tensor(hf_key=key, hf_shape=hf_shape, layout=layout,
+                               targets=(Target(path=path, shape=shape),)))
+
+    def layer(self, i, key, paths, hf_shape, shapes, layout="reshape", expert=None):
+        """Layer i's tensor `key`; `paths`/`shapes` one entry per target (fused: several)."""
+        if isinstance(paths[0], str):
+            paths, shapes = (paths,), (shapes,)
+        index, stacked = (i,), (self.config.num_layers,)
+        if expert is not None:
+            index, stacked = (i, expert), (self.config.num_layers, self.config.num_experts)
+        targets = tuple(Target(path=("layers", *p), index=index, stacked=stacked, shape=s)
+                        for p, s in zip(paths, shapes))
+        self.out.append(Tensor(hf_key=self.prefix.format(i=i) + key, hf_shape=hf_shape,
+                               layout=layout, targets=targets))
+
+    def norm(self, i, key, path):
+        d = self.config.embed_dim
+        self.layer(i, f"{key}.weight", (path, "scale"), (d,), (d,))
+        if self.config.norm == "layer":
+            self.layer(i, f"{key}.bias", (path, "bias"), (d,), (d,))
+
+    def top_norm(self, key, path):
+        d = self.config.embed_dim
+        self.top(f"{key}.weight", (path, "scale"), (d,), (d,))
+        if self.config.norm == "layer":
+            self.top(f"{key}.bias", (path, "bias"), (d,), (d,))
+
+    def attention(self, i, prefix, *, o_name):
+        """Separate q/k/v projections `{prefix}.{q,k,v}_proj` and `{prefix}.{o_name}`."""
+        c = self.config
+        d, n, k, h = c.embed_dim, c.num_heads, c.num_kv_heads, c.head_dim
+        for name, heads in (("q", n), ("k", k), ("v", k)):
+            self.layer(i, f"{prefix}.{name}_proj.weight", ("attn", f"{name}_proj"),
+                       (heads * h, d), (d, heads, h), "heads_in")
+            if c.qkv_bias:
+                self.layer(i, f"{prefix}.{name}_proj.bias", ("attn", f"{name}_bias"),
+                           (heads * h,), (heads, h))
+        self.layer(i, f"{prefix}.{o_name}.weight", ("attn", "o_proj"), (d, n * h), (n, h, d),
+                   "heads_out")
+        if c.out_bias:
+            self.layer(i, f"{prefix}.{o_name}.bias", ("attn", "o_bias"), (d,), (d,))
+
+    def linear(self, i, key, path, d_in, d_out, bias):
+        """A torch Linear [out, in] (+ bias) -> ours [in, out]."""
+        self.layer(i, f"{key}.weight", path, (d_out, d_in), (d_in, d_out), "transpose")
+        if bias:
+            self.layer(i, f"{key}.bias", path[:-1] + (path[-1] + "_bias",), (d_out,), (d_out,))
+
+    def head(self, key="lm_head"):
+        c = self.config
+        if not c.tie_embeddings:
+            self.top(f"{key}.weight", ("lm_head",), (c.vocab_size, c.embed_dim),
+                     (c.embed_dim, c.vocab_size), "transpose")
+        if c.head_bias:
+            self.top(f"{key}.bias", ("lm_head_bias",), (c.vocab_size,), (c.vocab_size,))
