@@ -269,7 +269,8 @@ def forward_hidden(config: ModelConfig, params: Params, tokens_BT: jax.Array, *,
                    positions_BT: jax.Array | None = None,
                    segment_ids_BT: jax.Array | None = None,
                    lora: lora_lib.Adapters | None = None) -> tuple[jax.Array, jax.Array]:
-    """(final hidden states [B, T, D], output projection [D, V]) for chunked-vocab losses."""
+    """(final hidden states [B, T, D], output projection [D, V]) for chunked-vocab losses;
+    with a head bias [B, T, D + 1] and [D + 1, V] (a constant 1 and the bias row)."""
     tokens_BT, positions_BT, segment_ids_BT = _inputs(tokens_BT, positions_BT, segment_ids_BT)
     h_BTD, _ = _apply(config, params, lora, tokens_BT, positions_BT, segment_ids_BT,
                       method=Decoder.hidden)
