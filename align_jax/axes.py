@@ -13,6 +13,8 @@ Legend:
   P  pair (chosen, rejected)    C  constitutions
   G  query heads per key/value head (N = K * G)
   R  LoRA rank
+  E  experts                    k  experts per token
+  C  slots per expert (capacity)
 """
 
 BATCH = "batch"
@@ -25,5 +27,8 @@ HEAD_DIM = "head_dim"
 MLP = "mlp"
 VOCAB = "vocab"
 LAYERS = "layers"
+# The experts of a mixture-of-experts layer: the presets shard it over data/fsdp (expert
+# parallelism), each device holding and running a share of the experts.
+EXPERTS = "experts"
 # The low-rank axis of LoRA adapters: no preset maps it, so it stays replicated.
 LORA_RANK = "lora_rank"

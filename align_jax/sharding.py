@@ -4,7 +4,9 @@ A mesh always has the axes ``('data', 'fsdp', 'tensor')``. Models name logical a
 (`align_jax.axes`); a *rule preset* maps each logical axis to mesh axes:
 
   dp       batch over (data, fsdp); parameters replicated.
-  fsdp     batch over (data, fsdp); parameters sharded over fsdp on their embed axis.
+  fsdp     batch over (data, fsdp); parameters sharded over fsdp on their embed axis, and
+           mixture-of-experts weights over (fsdp, data) on their experts axis (expert
+           parallelism: each device holds, and runs, a share of the experts).
   fsdp_tp  as fsdp, plus heads, kv_heads, mlp and vocab over tensor (Megatron-style).
 
 `constrain` is how model code pins an activation's layout: it is the identity unless a
@@ -32,6 +34,9 @@ MESH_AXES = ("data", "fsdp", "tensor")
 Rules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
 
 _BATCH_AXES = ("data", "fsdp")
+# Experts claim fsdp first, then data, as far as each divides the number of experts; a weight
+# whose experts took fsdp leaves its embed axis whole.
+_EXPERT_AXES = ("fsdp", "data")
 
 RULES: dict[str, Rules] = {
     "dp": (
@@ -39,10 +44,12 @@ RULES: dict[str, Rules] = {
     ),
     "fsdp": (
         (axes.BATCH, _BATCH_AXES),
+        (axes.EXPERTS, _EXPERT_AXES),
         (axes.EMBED, "fsdp"),
     ),
     "fsdp_tp": (
         (axes.BATCH, _BATCH_AXES),
+        (axes.EXPERTS, _EXPERT_AXES),
         (axes.EMBED, "fsdp"),
         (axes.HEADS, "tensor"),
         (axes.KV_HEADS, "tensor"),
@@ -249,13 +256,43 @@ def current() -> tuple[Mesh, Rules] | None:
     return _CONTEXT.get()
 
 
-def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
-    """Sharding constraint by logical names; the identity outside `use_mesh`."""
+def _spec_first(shape: Sequence[int], logical: Sequence[str | None], rules: Rules, mesh: Mesh,
+                first: Sequence[str]) -> PartitionSpec:
+    """Like `_fits(shape, logical_to_spec(...))`, but the dims named in `first` claim their mesh
+    axes before the others, and a mesh axis a dim cannot use (it does not divide it) is left
+    for the next dim."""
+    order = sorted(range(len(logical)), key=lambda i: logical[i] not in first)
+    table: Mapping[str, Any] = dict(rules)
+    used: set[str] = set()
+    out: list[Any] = [None] * len(logical)
+    for i in order:
+        target = table.get(logical[i]) if logical[i] is not None else None
+        if target is None:
+            continue
+        names = (target,) if isinstance(target, str) else tuple(target)
+        spec = _fits((shape[i],), PartitionSpec(tuple(n for n in names if n not in used)), mesh)
+        if spec[0] is not None:
+            kept = (spec[0],) if isinstance(spec[0], str) else tuple(spec[0])
+            used.update(kept)
+            out[i] = spec[0]
+    return PartitionSpec(*out)
+
+
+def constrain(x: jax.Array, logical: Sequence[str | None], *,
+              first: Sequence[str] = ()) -> jax.Array:
+    """Sharding constraint by logical names; the identity outside `use_mesh`.
+
+    `first`: logical axes that claim their mesh axes before the others (e.g. the experts of a
+    [B, E, C, D] buffer, so that the rows get only the batch axes the experts left).
+    """
     ctx = _CONTEXT.get()
     if ctx is None:
         return x
     mesh, rules = ctx
-    spec = _fits(x.shape, logical_to_spec(logical, rules), mesh)
+    if first:
+        spec = _spec_first(x.shape, logical, rules, mesh, first)
+    else:
+        spec = _fits(x.shape, logical_to_spec(logical, rules), mesh)
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 

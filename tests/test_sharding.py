@@ -38,6 +38,25 @@ def test_logical_to_spec_uses_each_mesh_axis_once():
         sharding.logical_to_spec(("batch",), "zero3")
 
 
+def test_experts_claim_their_mesh_axes_before_the_batch():
+    mesh = sharding.make_mesh(sharding.MeshSpec(data=2, fsdp=4, tensor=1))
+    rules = sharding.get_rules("fsdp")
+    logical = ("batch", "experts", None, None)
+    P = jax.sharding.PartitionSpec
+    # Experts take fsdp (4 of them over 4 devices; data would need 8), rows get data.
+    assert sharding._spec_first((8, 4, 3, 5), logical, rules, mesh, ("experts",)) == P(
+        "data", "fsdp", None, None)
+    # 8 experts take (fsdp, data), the rows nothing: the all-to-all layout of expert parallelism.
+    assert sharding._spec_first((8, 8, 3, 5), logical, rules, mesh, ("experts",)) == P(
+        None, ("fsdp", "data"), None, None)
+    # 3 experts divide by neither axis: they stay whole and the rows keep both batch axes.
+    assert sharding._spec_first((8, 3, 3, 5), logical, rules, mesh, ("experts",)) == P(
+        ("data", "fsdp"), None, None, None)
+    # Expert weights at rest: experts over fsdp, their embed axis whole (fsdp is taken).
+    assert sharding.logical_to_spec(("layers", "experts", "embed", "mlp"), "fsdp_tp") == P(
+        None, ("fsdp", "data"), None, "tensor")
+
+
 def _specs(mesh, rules):
     shardings = sharding.tree_shardings(transformer.abstract_params(CFG), mesh, rules)
     flat = jax.tree_util.tree_flatten_with_path(shardings)[0]

@@ -1,5 +1,5 @@
-"""Decoder models: config and presets, the pure forward, Hugging Face checkpoints in and out,
-GGUF files in."""
+"""Decoder models (Llama, Mistral, Qwen2, Gemma, Mixtral, GPT-2, GPT-NeoX, Phi): config and
+presets, the pure forward, Hugging Face checkpoints in and out, GGUF files in."""
 
 from align_jax.models.config import PRESETS, ModelConfig, RopeScaling, get_config
 from align_jax.models.gguf import load_gguf
@@ -8,6 +8,7 @@ from align_jax.models.transformer import (
     abstract_params,
     forward,
     forward_hidden,
+    forward_with_aux,
     forward_with_cache,
     init_cache,
     init_params,
@@ -17,6 +18,6 @@ from align_jax.models.transformer import (
 
 __all__ = [
     "PRESETS", "ModelConfig", "RopeScaling", "abstract_params", "config_from_hf", "config_to_hf",
-    "forward", "forward_hidden", "forward_with_cache", "get_config", "init_cache", "init_params",
-    "jit_forward", "load_gguf", "load_hf", "param_count", "save_hf",
+    "forward", "forward_hidden", "forward_with_aux", "forward_with_cache", "get_config",
+    "init_cache", "init_params", "jit_forward", "load_gguf", "load_hf", "param_count", "save_hf",
 ]

@@ -20,7 +20,8 @@ import numpy as np
 from align_jax.atomic import atomic_dir
 from align_jax.models.config import ModelConfig
 from align_jax.models.hf_config import config_from_hf
-from align_jax.models.hf_tensors import _set_path, _tensors, _to_ours, save_hf
+from align_jax.models.hf_layout import place, set_path
+from align_jax.models.hf_tensors import save_hf, tensors
 
 __all__ = ["gguf_to_hf", "load_gguf", "read_gguf_config"]
 
@@ -173,7 +174,7 @@ def load_gguf(path: str | os.PathLike, *, dtype=jnp.float32) -> tuple[ModelConfi
     config = config_from_hf(_hf_config(reader, path), source=path)
     name = jnp.dtype(dtype).name
     config = dataclasses.replace(config, dtype=name, param_dtype=name)
-    wanted = {t.hf_key: t for t in _tensors(config)}
+    wanted = {t.hf_key: t for t in tensors(config)}
     by_hf_name = {}
     for template, hf_template in _NAMES.items():
         if "{i}" in template:
@@ -198,20 +199,14 @@ def load_gguf(path: str | os.PathLike, *, dtype=jnp.float32) -> tuple[ModelConfi
             x = _unpermute_rope(x, config.num_heads)
         elif tensor.name.endswith("attn_k.weight"):
             x = _unpermute_rope(x, config.num_kv_heads)
-        x = _to_ours(x, t).astype(target, copy=False)
-        if t.layer is None:
-            buffers[t.path] = np.ascontiguousarray(x)
-        else:
-            if t.path not in buffers:
-                buffers[t.path] = np.empty((config.num_layers, *t.ours_shape), target)
-            buffers[t.path][t.layer] = x
+        place(buffers, t, x, target)
         found.add(hf_key)
     missing = [k for k, v in by_hf_name.items() if v in wanted and v not in found]
     if missing:
         raise ValueError(f"{path}: missing tensor {missing[0]!r}")
     params: dict = {}
     for key_path in list(buffers):
-        _set_path(params, key_path, jnp.asarray(buffers.pop(key_path)))
+        set_path(params, key_path, jnp.asarray(buffers.pop(key_path)))
     return config, params
 
 

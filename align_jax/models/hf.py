@@ -2,13 +2,8 @@
 
 Only safetensors are read: a `pytorch_model.bin` is a pickle, and unpickling runs code.
 Tensors are read one at a time into preallocated stacked host buffers, so the peak host memory
-is about one copy of the model in the target dtype.
-
-Layouts (torch Linear stores [out, in]; we store [in, out] with the heads split out):
-  q/k/v_proj.weight [N*H, D]  -> {q,k,v}_proj [D, N, H]
-  o_proj.weight     [D, N*H]  -> o_proj [N, H, D]
-  gate/up_proj.weight [F, D]  -> gate/up [D, F];  down_proj.weight [D, F] -> down [F, D]
-  lm_head.weight    [V, D]    -> lm_head [D, V]
+is about one copy of the model in the target dtype. Which tensors a family's checkpoint holds
+and how each maps onto our tree is the family table's business (`families`, `hf_layout`).
 """
 
 import dataclasses
@@ -25,16 +20,10 @@ from align_jax import sharding
 from align_jax.models import transformer
 from align_jax.models.checks import check_safetensors
 from align_jax.models.config import ModelConfig
+from align_jax.models.families import get_family
 from align_jax.models.hf_config import config_from_hf, config_to_hf, token_id_from_hf
-from align_jax.models.hf_tensors import (  # noqa: F401  (save_hf is re-exported)
-    _get_path,
-    _set_path,
-    _Tensor,
-    _tensors,
-    _to_hf,
-    _to_ours,
-    save_hf,
-)
+from align_jax.models.hf_layout import get_path, place, set_path
+from align_jax.models.hf_tensors import save_hf, tensors
 from align_jax.models.named import resolve_model_path
 
 __all__ = ["config_from_hf", "config_to_hf", "load_hf", "save_hf"]
@@ -45,6 +34,10 @@ _GENERATION_CONFIG = "generation_config.json"
 _SINGLE = "model.safetensors"
 _INDEX = "model.safetensors.index.json"
 _TOKEN_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
+# Buffers some checkpoints store next to the weights (RoPE frequencies, the causal masks of
+# older GPT-2 and GPT-NeoX saves): recomputed from the config, never read.
+_BUFFERS = ("rotary_emb.inv_freq", ".attn.bias", ".attn.masked_bias", ".attention.bias",
+            ".attention.masked_bias")
 
 # --------------------------------------------------------------------------- load
 
@@ -125,7 +118,7 @@ def load_hf(path: str, *, dtype=jnp.float32, mesh: jax.sharding.Mesh | None = No
 
 def _load_tensors(config: ModelConfig, path: str, shardings: Any) -> Params:
     files, named_by = _shard_files(path)
-    wanted = {t.hf_key: t for t in _tensors(config)}
+    wanted = {t.hf_key: t for t in tensors(config)}
     target = np.dtype(jnp.dtype(config.param_dtype))
     buffers: dict[tuple[str, ...], np.ndarray] = {}
     found: dict[str, str] = {}
@@ -148,9 +141,9 @@ def _load_tensors(config: ModelConfig, path: str, shardings: Any) -> Params:
         if shardings is None:
             value = jnp.asarray(host)
         else:
-            value = jax.make_array_from_callback(host.shape, _get_path(shardings, key_path),
+            value = jax.make_array_from_callback(host.shape, get_path(shardings, key_path),
                                                  lambda index, host=host: host[index])
-        _set_path(params, key_path, value)
+        set_path(params, key_path, value)
         del host
     return params
 
@@ -158,12 +151,15 @@ def _load_tensors(config: ModelConfig, path: str, shardings: Any) -> Params:
 def _read_file(file: str, config: ModelConfig, wanted: dict, target, buffers: dict,
                found: dict) -> None:
     """Reads the wanted tensors of one safetensors file into the stacked host buffers."""
+    bare_prefix = get_family(config.family, source=file).bare_prefix
     with safe_open(file, framework="numpy") as st:
         for key in st.keys():
             shape = tuple(st.get_slice(key).get_shape())
             t = wanted.get(key)
+            if t is None and bare_prefix:
+                t = wanted.get(bare_prefix + key)
             if t is None:
-                if key.endswith("rotary_emb.inv_freq"):
+                if key.endswith(_BUFFERS):
                     continue  # a buffer recomputed from the config
                 if key == "lm_head.weight" and config.tie_embeddings:
                     # Some tied checkpoints store the (shared) head anyway.
@@ -177,14 +173,7 @@ def _read_file(file: str, config: ModelConfig, wanted: dict, target, buffers: di
             if shape != t.hf_shape:
                 raise ValueError(f"{file}: tensor {key!r} has shape {shape}, expected "
                                  f"{t.hf_shape} from config.json")
-            if key in found:
-                raise ValueError(f"{file}: tensor {key!r} also appears in {found[key]}")
-            found[key] = file
-            x = _to_ours(st.get_tensor(key), t).astype(target, copy=False)
-            if t.layer is None:
-                buffers[t.path] = np.ascontiguousarray(x)
-            else:
-                if t.path not in buffers:
-                    buffers[t.path] = np.empty((config.num_layers, *t.ours_shape), target)
-                buffers[t.path][t.layer] = x
-            del x
+            if t.hf_key in found:
+                raise ValueError(f"{file}: tensor {key!r} also appears in {found[t.hf_key]}")
+            found[t.hf_key] = file
+            place(buffers, t, st.get_tensor(key), target)

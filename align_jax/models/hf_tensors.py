@@ -1,23 +1,14 @@
-"""The tensor map between Hugging Face checkpoints and our param tree, and `save_hf`.
+"""`save_hf`, and the tensor list of a config (`tensors`, from the family table).
 
 Shared by `hf` (safetensors in) and `gguf` (llama.cpp files in, written out as safetensors);
 kept apart from `hf.load_hf` so that the name resolver (`named`), which `load_hf` calls and
-which converts GGUF files with `save_hf`, forms no import cycle.
-
-
-Layouts (torch Linear stores [out, in]; we store [in, out] with the heads split out):
-  q/k/v_proj.weight [N*H, D]  -> {q,k,v}_proj [D, N, H]
-  o_proj.weight     [D, N*H]  -> o_proj [N, H, D]
-  gate/up_proj.weight [F, D]  -> gate/up [D, F];  down_proj.weight [D, F] -> down [F, D]
-  lm_head.weight    [V, D]    -> lm_head [D, V]
+which converts GGUF files with `save_hf`, forms no import cycle. Layouts: `hf_layout`.
 """
 
-import dataclasses
 import json
 import math
 import os
 import re
-from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -27,9 +18,11 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from align_jax.models.config import ModelConfig
+from align_jax.models.families import get_family
 from align_jax.models.hf_config import config_to_hf
+from align_jax.models.hf_layout import Tensor, get_path, to_hf
 
-__all__ = ["save_hf"]
+__all__ = ["save_hf", "tensors"]
 
 Params = dict[str, Any]
 _CONFIG = "config.json"
@@ -39,92 +32,11 @@ _INDEX = "model.safetensors.index.json"
 _SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 _TOKEN_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
 
-# --------------------------------------------------------------------------- tensor mapping
 
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class _Tensor:
-    """One Hugging Face tensor and where it lives in our tree."""
-
-    hf_key: str
-    path: tuple[str, ...]
-    layer: int | None  # index on the stacked `layers` axis
-    hf_shape: tuple[int, ...]
-    ours_shape: tuple[int, ...]  # one layer's slice
-    layout: str  # copy | transpose | heads_in | heads_out | heads_bias
-
-
-def _tensors(config: ModelConfig) -> list[_Tensor]:
-    """Every tensor of the checkpoint, in the order transformers writes them."""
-    d, f, v = config.embed_dim, config.mlp_dim, config.vocab_size
-    n, k, h = config.num_heads, config.num_kv_heads, config.head_dim
-    out = [_Tensor(hf_key="model.embed_tokens.weight", path=("embedding",), layer=None,
-                   hf_shape=(v, d), ours_shape=(v, d), layout="copy")]
-    for i in range(config.num_layers):
-        pre = f"model.layers.{i}."
-
-        def add(hf_name, path, hf_shape, ours_shape, layout, i=i, pre=pre):
-            out.append(_Tensor(hf_key=pre + hf_name, path=("layers", *path), layer=i,
-                               hf_shape=hf_shape, ours_shape=ours_shape, layout=layout))
-
-        for name, heads in (("q", n), ("k", k), ("v", k)):
-            add(f"self_attn.{name}_proj.weight", ("attn", f"{name}_proj"), (heads * h, d),
-                (d, heads, h), "heads_in")
-            if config.qkv_bias:
-                add(f"self_attn.{name}_proj.bias", ("attn", f"{name}_bias"), (heads * h,),
-                    (heads, h), "heads_bias")
-        add("self_attn.o_proj.weight", ("attn", "o_proj"), (d, n * h), (n, h, d), "heads_out")
-        if config.out_bias:
-            add("self_attn.o_proj.bias", ("attn", "o_bias"), (d,), (d,), "copy")
-        for name, hf_shape in (("gate", (f, d)), ("up", (f, d)), ("down", (d, f))):
-            add(f"mlp.{name}_proj.weight", ("mlp", name), hf_shape, hf_shape[::-1], "transpose")
-            if config.mlp_bias:
-                add(f"mlp.{name}_proj.bias", ("mlp", f"{name}_bias"), hf_shape[:1],
-                    hf_shape[:1], "copy")
-        add("input_layernorm.weight", ("attn_norm", "scale"), (d,), (d,), "copy")
-        add("post_attention_layernorm.weight", ("mlp_norm", "scale"), (d,), (d,), "copy")
-    out.append(_Tensor(hf_key="model.norm.weight", path=("final_norm", "scale"), layer=None,
-                       hf_shape=(d,), ours_shape=(d,), layout="copy"))
-    if not config.tie_embeddings:
-        out.append(_Tensor(hf_key="lm_head.weight", path=("lm_head",), layer=None,
-                           hf_shape=(v, d), ours_shape=(d, v), layout="transpose"))
-    return out
-
-
-def _to_ours(x: np.ndarray, t: _Tensor) -> np.ndarray:
-    if t.layout == "transpose":
-        return x.T
-    if t.layout == "heads_in":  # [N*H, D] -> [D, N, H]
-        return x.reshape(t.ours_shape[1], t.ours_shape[2], t.ours_shape[0]).transpose(2, 0, 1)
-    if t.layout == "heads_out":  # [D, N*H] -> [N, H, D]
-        return x.reshape(t.ours_shape[2], t.ours_shape[0], t.ours_shape[1]).transpose(1, 2, 0)
-    if t.layout == "heads_bias":
-        return x.reshape(t.ours_shape)
-    return x
-
-
-def _to_hf(y: np.ndarray, t: _Tensor) -> np.ndarray:
-    if t.layout == "transpose":
-        y = y.T
-    elif t.layout == "heads_in":  # [D, N, H] -> [N*H, D]
-        y = y.transpose(1, 2, 0)
-    elif t.layout == "heads_out":  # [N, H, D] -> [D, N*H]
-        y = y.transpose(2, 0, 1)
-    return np.ascontiguousarray(y).reshape(t.hf_shape)
-
-
-def _set_path(tree: dict, path: tuple[str, ...], value: Any) -> None:
-    for key in path[:-1]:
-        tree = tree.setdefault(key, {})
-    tree[path[-1]] = value
-
-
-def _get_path(tree: Mapping, path: tuple[str, ...]) -> Any:
-    for key in path:
-        if not isinstance(tree, Mapping) or key not in tree:
-            raise KeyError(f"params have no {'/'.join(path)} (missing {key!r})")
-        tree = tree[key]
-    return tree
+def tensors(config: ModelConfig) -> list[Tensor]:
+    """Every tensor of the config's checkpoint, in the order transformers writes them."""
+    return get_family(config.family, source=f"ModelConfig.family={config.family!r}").tensors(
+        config)
 
 
 # --------------------------------------------------------------------------- save
@@ -147,15 +59,15 @@ def save_hf(config: ModelConfig, params: Params, path: str, *,
     path = os.fspath(path)
     hf_config = config_to_hf(config)
     params = nn.unbox(params)
-    tensors = _tensors(config)
+    listed = tensors(config)
     sizes, dtypes = [], set()
-    for t in tensors:
-        leaf = _get_path(params, t.path)
-        expected = t.ours_shape if t.layer is None else (config.num_layers, *t.ours_shape)
-        if tuple(leaf.shape) != expected:
-            raise ValueError(f"params {'/'.join(t.path)} has shape {tuple(leaf.shape)}, "
-                             f"expected {expected} from the config")
-        dtypes.add(jnp.dtype(leaf.dtype).name)
+    for t in listed:
+        for g in t.targets:
+            leaf = get_path(params, g.path)
+            if tuple(leaf.shape) != g.full_shape:
+                raise ValueError(f"params {'/'.join(g.path)} has shape {tuple(leaf.shape)}, "
+                                 f"expected {g.full_shape} from the config")
+            dtypes.add(jnp.dtype(leaf.dtype).name)
         sizes.append(math.prod(t.hf_shape) * jnp.dtype(leaf.dtype).itemsize)
     shards: list[list[int]] = [[]]
     used = 0
@@ -176,10 +88,9 @@ def save_hf(config: ModelConfig, params: Params, path: str, *,
     for name, members in zip(names, shards):
         arrays = {}
         for i in members:
-            t = tensors[i]
-            leaf = _get_path(params, t.path)
-            arrays[t.hf_key] = _to_hf(np.asarray(jax.device_get(
-                leaf if t.layer is None else leaf[t.layer])), t)
+            t = listed[i]
+            arrays[t.hf_key] = to_hf([np.asarray(jax.device_get(
+                get_path(params, g.path)[g.index])) for g in t.targets], t)
             weight_map[t.hf_key] = name
         save_file(arrays, os.path.join(path, name), metadata={"format": "pt"})
         del arrays

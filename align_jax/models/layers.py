@@ -1,4 +1,5 @@
-"""Layers of the decoder: RMSNorm, RoPE, attention masks and kernels, the gated MLP."""
+"""Layers of the decoder: RMSNorm and LayerNorm, RoPE (full or partial), attention masks and
+kernels, the gated and the plain MLP."""
 
 import functools
 import logging
@@ -28,7 +29,9 @@ def param_with_axes(module: nn.Module, name: str, init: Callable, shape: tuple[i
     return module.param(name, nn.with_logical_partitioning(init, logical), shape, _dtype(dtype))
 
 
-class RMSNorm(nn.Module):
+class Norm(nn.Module):
+    """The config's norm, in float32: RMSNorm (`scale`) or LayerNorm (`scale` and `bias`)."""
+
     config: ModelConfig
 
     @nn.compact
@@ -38,13 +41,20 @@ class RMSNorm(nn.Module):
         scale_D = param_with_axes(self, "scale", init, (x_BTD.shape[-1],), (axes.EMBED,),
                                   cfg.param_dtype)
         x32 = x_BTD.astype(jnp.float32)
+        if cfg.norm == "layer":
+            bias_D = param_with_axes(self, "bias", nn.initializers.zeros, (x_BTD.shape[-1],),
+                                     (axes.EMBED,), cfg.param_dtype)
+            x32 = x32 - jnp.mean(x32, axis=-1, keepdims=True)
+            y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + cfg.norm_eps)
+            y = y * scale_D.astype(jnp.float32) + bias_D.astype(jnp.float32)
+            return y.astype(cfg.dtype)
         y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + cfg.norm_eps)
         return (y * (cfg.norm_offset + scale_D.astype(jnp.float32))).astype(cfg.dtype)
 
 
 def rope_inv_freq(config: ModelConfig) -> np.ndarray:
-    """Inverse frequencies [H/2] in float32, with the config's scaling applied."""
-    h = config.head_dim
+    """Inverse frequencies [rotary_dim/2] in float32, with the config's scaling applied."""
+    h = config.rotary_dim
     exponent = np.arange(0, h, 2, dtype=np.int64).astype(np.float32) / np.float32(h)
     inv = (1.0 / (np.float32(config.rope_theta) ** exponent)).astype(np.float32)
     s = config.rope_scaling
@@ -72,12 +82,17 @@ def rope_sin_cos(config: ModelConfig, positions_BT: jax.Array) -> tuple[jax.Arra
 
 
 def apply_rope(x_BTNH: jax.Array, sin_BTh: jax.Array, cos_BTh: jax.Array) -> jax.Array:
-    """Rotates the two halves of the head dim (the Hugging Face layout, not interleaved)."""
-    x = x_BTNH.astype(jnp.float32)
+    """Rotates the two halves of the first 2h dims of each head (the Hugging Face layout, not
+    interleaved); the rest of the head dim, if any (partial rotary), passes through."""
+    rot = 2 * sin_BTh.shape[-1]
+    x = x_BTNH[..., :rot].astype(jnp.float32)
     x1, x2 = jnp.split(x, 2, axis=-1)
     sin, cos = sin_BTh[:, :, None, :], cos_BTh[:, :, None, :]
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-    return out.astype(x_BTNH.dtype)
+    out = out.astype(x_BTNH.dtype)
+    if rot == x_BTNH.shape[-1]:
+        return out
+    return jnp.concatenate([out, x_BTNH[..., rot:]], axis=-1)
 
 
 def attention_mask(q_slot_T: jax.Array, k_slot_S: jax.Array, q_seg_BT: jax.Array,
@@ -186,6 +201,8 @@ def lora_delta(module: nn.Module, target: str, x: jax.Array, spec: str, *,
 
     Adapters live in the `lora` collection (see `align_jax.models.lora`; B comes pre-scaled);
     `spec` is the projection's einsum ("BTD,DNH->BTNH"), from which A's and B's are derived.
+    A letter of the weight that the input and the output also carry (the experts E of
+    "BECD,EDF->BECF") is shared: each expert has its own A [E, D, R] and B [E, R, F].
     """
     if not module.has_variable("lora", f"{target}_a"):
         return None
@@ -194,14 +211,15 @@ def lora_delta(module: nn.Module, target: str, x: jax.Array, spec: str, *,
     b = module.get_variable("lora", f"{target}_b")
     ins, out = spec.split("->")
     x_letters, w_letters = ins.split(",")
-    contracted = "".join(c for c in w_letters if c in x_letters)
+    shared = "".join(c for c in w_letters if c in x_letters and c in out)
+    contracted = "".join(c for c in w_letters if c in x_letters and c not in shared)
     kept = "".join(c for c in x_letters if c not in contracted)
-    rest = "".join(c for c in w_letters if c not in contracted)
+    rest = "".join(c for c in w_letters if c not in contracted and c not in shared)
     if dropout > 0.0 and module.has_rng("lora_dropout"):
         keep = jax.random.bernoulli(module.make_rng("lora_dropout"), 1.0 - dropout, x.shape)
         x = jnp.where(keep, x / (1.0 - dropout), 0).astype(x.dtype)
-    h = jnp.einsum(f"{x_letters},{contracted}R->{kept}R", x, a.astype(cfg.dtype))
-    return jnp.einsum(f"{kept}R,R{rest}->{out}", h, b.astype(cfg.dtype))
+    h = jnp.einsum(f"{x_letters},{shared}{contracted}R->{kept}R", x, a.astype(cfg.dtype))
+    return jnp.einsum(f"{kept}R,{shared}R{rest}->{out}", h, b.astype(cfg.dtype))
 
 
 def _kernel_init(std: float):
@@ -244,9 +262,10 @@ class Attention(nn.Module):
         v_BTKH = self._proj("v", x_BTD, (d, k, h), (axes.EMBED, axes.KV_HEADS, axes.HEAD_DIM),
                             "BTD,DKH->BTKH", cfg.qkv_bias)
         q_BTNH = sharding.constrain(q_BTNH, (axes.BATCH, axes.SEQ, axes.HEADS, axes.HEAD_DIM))
-        sin, cos = sin_cos
-        q_BTNH = apply_rope(q_BTNH, sin, cos)
-        k_BTKH = apply_rope(k_BTKH, sin, cos)
+        if sin_cos is not None:  # None: learned absolute positions, added to the embeddings
+            sin, cos = sin_cos
+            q_BTNH = apply_rope(q_BTNH, sin, cos)
+            k_BTKH = apply_rope(k_BTKH, sin, cos)
         if kv_cache is None:
             k_BSKH, v_BSKH, new_cache = k_BTKH, v_BTKH, None
         else:
@@ -275,7 +294,7 @@ class Attention(nn.Module):
         return y_BTD, new_cache
 
 
-_ACTIVATIONS = {
+ACTIVATIONS = {
     "silu": jax.nn.silu,
     "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
@@ -283,7 +302,8 @@ _ACTIVATIONS = {
 
 
 class MLP(nn.Module):
-    """Gated MLP: down(act(gate(x)) * up(x)); SwiGLU with silu, GeGLU with gelu."""
+    """Gated MLP: down(act(gate(x)) * up(x)), SwiGLU with silu, GeGLU with gelu; or, with
+    `gated_mlp=False`, the plain down(act(up(x))) of GPT-2, GPT-NeoX and Phi."""
 
     config: ModelConfig
     lora_dropout: float = 0.0
@@ -306,8 +326,12 @@ class MLP(nn.Module):
                 y = y + b.astype(cfg.dtype)
             return y
 
-        gate_BTF = dense("gate", x_BTD, (d, f), (axes.EMBED, axes.MLP), "BTD,DF->BTF")
-        up_BTF = dense("up", x_BTD, (d, f), (axes.EMBED, axes.MLP), "BTD,DF->BTF")
-        h_BTF = _ACTIVATIONS[cfg.activation](gate_BTF) * up_BTF
+        if cfg.gated_mlp:
+            gate_BTF = dense("gate", x_BTD, (d, f), (axes.EMBED, axes.MLP), "BTD,DF->BTF")
+            up_BTF = dense("up", x_BTD, (d, f), (axes.EMBED, axes.MLP), "BTD,DF->BTF")
+            h_BTF = ACTIVATIONS[cfg.activation](gate_BTF) * up_BTF
+        else:
+            h_BTF = ACTIVATIONS[cfg.activation](
+                dense("up", x_BTD, (d, f), (axes.EMBED, axes.MLP), "BTD,DF->BTF"))
         h_BTF = sharding.constrain(h_BTF, (axes.BATCH, axes.SEQ, axes.MLP))
         return dense("down", h_BTF, (f, d), (axes.MLP, axes.EMBED), "BTF,FD->BTD")

@@ -8,6 +8,8 @@ rslora). Adapters are a separate pytree stacked on the layers axis like the para
   layers/attn/o_a        [L, N, H, R]  layers/attn/o_b        [L, R, D]
   layers/mlp/{gate,up}_a [L, D, R]     layers/mlp/{gate,up}_b [L, R, F]
   layers/mlp/down_a      [L, F, R]     layers/mlp/down_b      [L, R, D]
+  (a mixture of experts: one adapter per expert, e.g. layers/mlp/gate_a [L, E, D, R] and
+   layers/mlp/gate_b [L, E, R, F])
 
 They run through the same pure `transformer.forward`: pass `lora=adapters`, or pass
 `with_adapters(params, adapters)` as the params (how losses see them, unchanged). The rank
@@ -31,6 +33,7 @@ from safetensors.numpy import save_file
 
 from align_jax import axes
 from align_jax.models.config import ModelConfig
+from align_jax.models.families import get_family
 
 # target: (module, param name, weight letters, letters contracted with the input)
 TARGETS: dict[str, tuple[str, str, str, str]] = {
@@ -42,11 +45,20 @@ TARGETS: dict[str, tuple[str, str, str, str]] = {
     "up": ("mlp", "up", "DF", "D"),
     "down": ("mlp", "down", "FD", "F"),
 }
-_HF_MODULE = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
-              "o": "self_attn.o_proj", "gate": "mlp.gate_proj", "up": "mlp.up_proj",
-              "down": "mlp.down_proj"}
+# A mixture of experts: the same targets with an experts axis E, which A and B share.
+_EXPERT_TARGETS = {
+    "gate": ("mlp", "gate", "EDF", "D"),
+    "up": ("mlp", "up", "EDF", "D"),
+    "down": ("mlp", "down", "EFD", "F"),
+}
 _LOGICAL = {"L": axes.LAYERS, "D": axes.EMBED, "N": axes.HEADS, "K": axes.KV_HEADS,
-            "H": axes.HEAD_DIM, "F": axes.MLP, "R": axes.LORA_RANK}
+            "H": axes.HEAD_DIM, "F": axes.MLP, "R": axes.LORA_RANK, "E": axes.EXPERTS}
+
+
+def _target(config: ModelConfig, target: str) -> tuple[str, str, str, str]:
+    if config.num_experts and target in _EXPERT_TARGETS:
+        return _EXPERT_TARGETS[target]
+    return TARGETS[target]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -125,13 +137,16 @@ def with_adapters(params: Any, adapters: Adapters, *, dropout_rng: jax.Array | N
 
 def _dims(config: ModelConfig) -> dict[str, int]:
     return {"L": config.num_layers, "D": config.embed_dim, "N": config.num_heads,
-            "K": config.num_kv_heads, "H": config.head_dim, "F": config.mlp_dim}
+            "K": config.num_kv_heads, "H": config.head_dim, "F": config.mlp_dim,
+            "E": config.num_experts}
 
 
-def _letters(target: str) -> tuple[str, str]:
-    """Letters of A and B (without the layers axis)."""
-    _, _, w, contracted = TARGETS[target]
-    return contracted + "R", "R" + "".join(c for c in w if c not in contracted)
+def _letters(config: ModelConfig, target: str) -> tuple[str, str]:
+    """Letters of A and B (without the layers axis); the experts axis E leads both."""
+    _, _, w, contracted = _target(config, target)
+    shared = "E" if "E" in w else ""
+    rest = "".join(c for c in w if c not in contracted and c not in shared)
+    return shared + contracted + "R", shared + "R" + rest
 
 
 def _shapes(config: ModelConfig, spec: LoraConfig) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -139,8 +154,8 @@ def _shapes(config: ModelConfig, spec: LoraConfig) -> dict[str, tuple[tuple[int,
     dims = {**_dims(config), "R": spec.rank}
     out = {}
     for t in spec.targets:
-        module = TARGETS[t][0]
-        for part, letters in zip("ab", _letters(t)):
+        module = _target(config, t)[0]
+        for part, letters in zip("ab", _letters(config, t)):
             out[f"{module}/{t}_{part}"] = (tuple(dims[c] for c in "L" + letters), "L" + letters)
     return out
 
@@ -170,12 +185,13 @@ def init_lora_weights(config: ModelConfig, spec: LoraConfig, rng: jax.Array) -> 
     """Fresh float32 adapter weights: A uniform in +-1/sqrt(fan_in) (as peft), B zero."""
     flat = {}
     shapes = _shapes(config, spec)
+    dims = _dims(config)
     keys = jax.random.split(rng, len(shapes))
     for key, (name, (shape, _)) in zip(keys, sorted(shapes.items())):
         if name.endswith("_b"):
             flat[name] = jnp.zeros(shape, jnp.float32)
             continue
-        fan_in = math.prod(shape[1:-1])
+        fan_in = math.prod(dims[c] for c in _target(config, name.split("/")[1][:-2])[3])
         bound = 1.0 / math.sqrt(fan_in)
         flat[name] = jax.random.uniform(key, shape, jnp.float32, -bound, bound)
     return _nest(flat)
@@ -197,9 +213,10 @@ def init_lora(config: ModelConfig, params: Any, *, rank: int, alpha: float,
     spec = LoraConfig(rank=rank, alpha=alpha, targets=tuple(targets), dropout=dropout,
                       rslora=rslora)
     for t in spec.targets:
-        module, name, _, _ = TARGETS[t]
+        module, name, _, _ = _target(config, t)
         if name not in params.get("layers", {}).get(module, {}):
-            raise ValueError(f"init_lora: params have no layers/{module}/{name} for target {t!r}")
+            raise ValueError(f"init_lora: params have no layers/{module}/{name} for target {t!r} "
+                             f"(a {config.family} model)")
     return Adapters(weights=init_lora_weights(config, spec, rng), spec=spec)
 
 
@@ -224,12 +241,11 @@ def merge_lora(config: ModelConfig, params: Any, adapters: Adapters) -> Any:
     Returns:
       a new parameter tree with the same structure and dtypes.
     """
-    del config  # the shapes are in the arrays
     spec = adapters.spec
     layers = {m: dict(v) for m, v in params["layers"].items()}
     for t in spec.targets:
-        module, name, w_letters, _ = TARGETS[t]
-        a_letters, b_letters = _letters(t)
+        module, name, w_letters, _ = _target(config, t)
+        a_letters, b_letters = _letters(config, t)
         w = layers[module][name]
         a = adapters.weights["layers"][module][f"{t}_a"]
         b = adapters.weights["layers"][module][f"{t}_b"]
@@ -243,12 +259,32 @@ def merge_lora(config: ModelConfig, params: Any, adapters: Adapters) -> Any:
 # --------------------------------------------------------------------------- peft export
 
 
-def _to_torch_layout(t: str, a_i: np.ndarray, b_i: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """One layer's (A, B) -> peft's lora_A.weight [R, in] and lora_B.weight [out, R]."""
-    r = a_i.shape[-1]
-    a_t = a_i.reshape(-1, r).T  # contracted dims flattened in order (N*H for o)
-    b_t = b_i.reshape(r, -1).T
-    return np.ascontiguousarray(a_t), np.ascontiguousarray(b_t)
+def _factors(config: ModelConfig, members: list[str], host: Mapping, layer: int, *,
+             rows_out: int | None, lora_rows) -> tuple[np.ndarray, np.ndarray]:
+    """One layer's peft (A [R_m, in], B [out, R_m]) for the HF module that `members` (our
+    targets) map to; R_m = R * len(members). A fused module (several of ours, or one of its
+    parts) gets the members' adapters block-diagonally: member j's A rows j*R.., its B the
+    columns j*R.. at its own output rows. With experts both carry a leading E axis."""
+    experts = bool(config.num_experts) and "E" in _target(config, members[0])[2]
+    a_parts, b_parts = [], []
+    for t in members:
+        module = _target(config, t)[0]
+        a = np.asarray(host["layers"][module][f"{t}_a"][layer], np.float32)
+        b = np.asarray(host["layers"][module][f"{t}_b"][layer], np.float32)
+        lead = a.shape[:1] if experts else ()
+        r = a.shape[-1]
+        # Contracted dims flattened in order (N*H for o), as the HF input dim.
+        a_parts.append(np.swapaxes(a.reshape(*lead, -1, r), -1, -2))
+        b_parts.append(np.swapaxes(b.reshape(*lead, r, -1), -1, -2))
+    a_m = np.concatenate(a_parts, axis=-2)
+    if rows_out is None:
+        return a_m, b_parts[0]
+    lead = a_m.shape[:-2]
+    r = a_parts[0].shape[-2]
+    b_m = np.zeros((*lead, rows_out, r * len(members)), np.float32)
+    for j, (t, b_t) in enumerate(zip(members, b_parts)):
+        b_m[..., lora_rows[t], j * r:(j + 1) * r] = b_t
+    return a_m, b_m
 
 
 def save_peft(config: ModelConfig, adapters: Adapters, path: str | os.PathLike, *,
@@ -258,6 +294,14 @@ def save_peft(config: ModelConfig, adapters: Adapters, path: str | os.PathLike, 
         model = transformers.AutoModelForCausalLM.from_pretrained(base_dir)
         model = peft.PeftModel.from_pretrained(model, path)
 
+    Module names come from the family table (`families.Family.lora`). Where transformers
+    fuses projections we adapt separately (GPT-2's c_attn, GPT-NeoX's query_key_value,
+    Mixtral's per-expert gate_up_proj), the fused module gets one adapter of rank
+    R x (our targets in it), block-diagonal, so it adds exactly the same update
+    (`rank_pattern` and `alpha_pattern` keep its scale). Mixtral's experts are adapted
+    through peft's `target_parameters` (one A and B per expert); peft supports no dropout
+    there, so it is written as 0 (it only matters for training).
+
     Args:
       config: the model the adapters belong to.
       adapters: the adapters (float32 on export).
@@ -265,27 +309,61 @@ def save_peft(config: ModelConfig, adapters: Adapters, path: str | os.PathLike, 
       base_model_name_or_path: recorded in the config for peft's convenience.
     """
     spec = adapters.spec
+    family = get_family(config.family, source=f"save_peft: ModelConfig.family={config.family!r}")
     host = jax.device_get(adapters.weights)
-    tensors = {}
+    groups: dict[str, list[str]] = {}
     for t in spec.targets:
-        module = TARGETS[t][0]
-        a = np.asarray(host["layers"][module][f"{t}_a"], np.float32)
-        b = np.asarray(host["layers"][module][f"{t}_b"], np.float32)
+        if t not in family.lora:
+            raise ValueError(f"save_peft: a {config.family} model has no LoRA target {t!r} "
+                             f"(it has {sorted(family.lora)})")
+        groups.setdefault(family.lora[t].name, []).append(t)
+    lora_rows = {t: m.rows(config) for t, m in family.lora.items() if m.rows is not None}
+    modules = [n for n, ts in groups.items() if family.lora[ts[0]].parameter is None]
+    parameters = [n for n in groups if n not in modules]
+    # peft nests one wrapper per adapted parameter of a module, the first listed innermost.
+    wrap = {p: ".base_layer" * sum(q.rsplit(".", 1)[0] == p.rsplit(".", 1)[0]
+                                   for q in parameters[k + 1:])
+            for k, p in enumerate(parameters)}
+    tensors, ranks = {}, {}
+    for name, members in groups.items():
+        m = family.lora[members[0]]
+        fused = [t for t, o in family.lora.items() if o.name == name and o.rows is not None]
+        rows_out = sum(len(lora_rows[t]) for t in fused) if fused else None
+        ranks[name] = spec.rank * len(members)
         for i in range(config.num_layers):
-            a_t, b_t = _to_torch_layout(t, a[i], b[i])
-            pre = f"base_model.model.model.layers.{i}.{_HF_MODULE[t]}"
-            tensors[f"{pre}.lora_A.weight"] = a_t
-            tensors[f"{pre}.lora_B.weight"] = b_t
+            a_m, b_m = _factors(config, members, host, i, rows_out=rows_out,
+                                lora_rows=lora_rows)
+            if m.parameter is not None:
+                # peft's per-expert layout: A rows e*R_m + j, B columns j*E + e.
+                e, r_m = a_m.shape[0], a_m.shape[1]
+                a_m = a_m.reshape(e * r_m, -1)
+                b_m = b_m.transpose(1, 2, 0).reshape(b_m.shape[1], r_m * e)
+            pre = f"base_model.model.{family.layer_prefix.format(i=i)}{m.module}"
+            pre += wrap.get(name, "")
+            tensors[f"{pre}.lora_A.weight"] = np.ascontiguousarray(a_m)
+            tensors[f"{pre}.lora_B.weight"] = np.ascontiguousarray(b_m)
     os.makedirs(path, exist_ok=True)
     save_file(tensors, os.path.join(path, "adapter_model.safetensors"),
               metadata={"format": "pt"})
+    every = {o.module for o in family.lora.values() if o.parameter is None}
+    last = [mod.rsplit(".", 1)[-1] for mod in every]
+    # The last name suffices unless another module of the family ends the same (GPT-2 c_proj).
+    target_modules = sorted(mod.rsplit(".", 1)[-1] if last.count(mod.rsplit(".", 1)[-1]) == 1
+                            else mod for mod in modules)
+    scale_for = lambda r: spec.scale * (math.sqrt(r) if spec.rslora else r)  # noqa: E731
     cfg = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": spec.rank,
-        "lora_alpha": spec.alpha, "lora_dropout": spec.dropout, "use_rslora": spec.rslora,
-        "target_modules": sorted(_HF_MODULE[t].split(".")[1] for t in spec.targets),
-        "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
+        "lora_alpha": spec.alpha, "lora_dropout": 0.0 if parameters else spec.dropout,
+        "use_rslora": spec.rslora, "target_modules": target_modules,
+        "bias": "none", "fan_in_fan_out": family.conv1d, "inference_mode": True,
         "init_lora_weights": True, "modules_to_save": None,
         "base_model_name_or_path": base_model_name_or_path,
     }
+    if parameters:
+        cfg["target_parameters"] = parameters
+    extra = {name: r for name, r in ranks.items() if r != spec.rank}
+    if extra:
+        cfg["rank_pattern"] = extra
+        cfg["alpha_pattern"] = {name: scale_for(r) for name, r in extra.items()}
     with open(os.path.join(path, "adapter_config.json"), "w") as f:
         json.dump(cfg, f, indent=1)

@@ -5,13 +5,23 @@ under `nn.scan` (one compiled layer), optionally rematerialised.
 
 Parameter tree (shapes by the legend in `align_jax.axes`):
   embedding                       [V, D]
-  layers/attn_norm/scale          [L, D]
-  layers/attn/{q,k,v}_proj        [L, D, N|K, H]   (+ {q,k,v}_bias [L, N|K, H] for Qwen2)
-  layers/attn/o_proj              [L, N, H, D]
-  layers/mlp_norm/scale           [L, D]
+  position_embedding              [P, D]           (learned positions, GPT-2; P = max_position)
+  layers/attn_norm/scale          [L, D]           (+ bias [L, D] for LayerNorm)
+  layers/attn/{q,k,v}_proj        [L, D, N|K, H]   (+ {q,k,v}_bias [L, N|K, H] with qkv_bias)
+  layers/attn/o_proj              [L, N, H, D]     (+ o_bias [L, D] with out_bias)
+  layers/mlp_norm/scale           [L, D]           (absent for parallel_shared_norm, Phi)
   layers/mlp/{gate,up}            [L, D, F];  layers/mlp/down [L, F, D]
-  final_norm/scale                [D]
+                                                   (no gate when gated_mlp=False; biases
+                                                   {gate,up,down}_bias with mlp_bias)
+  layers/mlp/router               [L, D, E]        (mixture of experts instead of the above:)
+  layers/mlp/{gate,up}            [L, E, D, F];  layers/mlp/down [L, E, F, D]
+  final_norm/scale                [D]              (+ bias [D])
   lm_head                         [D, V]           (absent when embeddings are tied)
+  lm_head_bias                    [V]              (head_bias, Phi)
+
+With a head bias, `Decoder.hidden` appends a constant 1 to the hidden state and
+`Decoder.unembed_matrix` the bias as a last row ([D + 1, V]), so every caller that unembeds
+hidden states itself (prefill, chunked log-probs) applies the bias unchanged.
 """
 
 import functools
@@ -23,7 +33,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from align_jax import axes, sharding
-from align_jax.models import layers
+from align_jax.models import auxiliary, layers, moe
 from align_jax.models import lora as lora_lib
 from align_jax.models.config import ModelConfig
 
@@ -50,14 +60,27 @@ class Block(nn.Module):
         it in place (at [layer, :, cache_index]), so a decode step never copies the cache."""
         cfg = self.config
         x_BTD, kv_cache = carry
-        h_BTD = layers.RMSNorm(cfg, name="attn_norm")(x_BTD)
-        h_BTD, kv_cache = layers.Attention(cfg, self.lora_dropout, name="attn")(
-            h_BTD, sin_cos, mask_BTS, segment_ids_BT, kv_cache, cache_index, layer)
-        x_BTD = x_BTD + checkpoint_name(h_BTD, "attn_out")
-        h_BTD = checkpoint_name(layers.RMSNorm(cfg, name="mlp_norm")(x_BTD), "mlp_in")
-        h_BTD = layers.MLP(cfg, self.lora_dropout, name="mlp")(h_BTD)
+        n_BTD = layers.Norm(cfg, name="attn_norm")(x_BTD)
+        a_BTD, kv_cache = layers.Attention(cfg, self.lora_dropout, name="attn")(
+            n_BTD, sin_cos, mask_BTS, segment_ids_BT, kv_cache, cache_index, layer)
+        a_BTD = checkpoint_name(a_BTD, "attn_out")
+        if cfg.residual == "sequential":
+            x_BTD = x_BTD + a_BTD
+            h_BTD = checkpoint_name(layers.Norm(cfg, name="mlp_norm")(x_BTD), "mlp_in")
+        elif cfg.residual == "parallel":
+            h_BTD = checkpoint_name(layers.Norm(cfg, name="mlp_norm")(x_BTD), "mlp_in")
+        else:
+            h_BTD = checkpoint_name(n_BTD, "mlp_in")
+        stats = None
+        if cfg.num_experts:
+            h_BTD, stats = moe.MoE(cfg, self.lora_dropout, name="mlp")(h_BTD, segment_ids_BT)
+        else:
+            h_BTD = layers.MLP(cfg, self.lora_dropout, name="mlp")(h_BTD)
+        if cfg.residual != "sequential":
+            # Both branches read the layer input; (a + m) + x is transformers' order too.
+            h_BTD = a_BTD + h_BTD
         x_BTD = sharding.constrain(x_BTD + h_BTD, (axes.BATCH, axes.SEQ, axes.EMBED))
-        return (x_BTD, kv_cache), None
+        return (x_BTD, kv_cache), stats
 
 
 def positions_from_segments(segment_ids_BT: jax.Array) -> jax.Array:
@@ -92,11 +115,19 @@ class Decoder(nn.Module):
             length=cfg.num_layers,
             metadata_params={nn.PARTITION_NAME: axes.LAYERS},
         )(cfg, self.lora_dropout, name="layers")
-        self.final_norm = layers.RMSNorm(cfg, name="final_norm")
+        self.final_norm = layers.Norm(cfg, name="final_norm")
+        if cfg.positions == "learned":
+            self.position_embedding = layers.param_with_axes(
+                self, "position_embedding", nn.initializers.normal(stddev=cfg.init_std),
+                (cfg.max_position, cfg.embed_dim), (None, axes.EMBED), cfg.param_dtype)
         if not cfg.tie_embeddings:
             self.lm_head = layers.param_with_axes(
                 self, "lm_head", nn.initializers.normal(stddev=cfg.init_std),
                 (cfg.embed_dim, cfg.vocab_size), (axes.EMBED, axes.VOCAB), cfg.param_dtype)
+        if cfg.head_bias:
+            self.lm_head_bias = layers.param_with_axes(
+                self, "lm_head_bias", nn.initializers.zeros, (cfg.vocab_size,), (axes.VOCAB,),
+                cfg.param_dtype)
 
     def hidden(self, tokens_BT, positions_BT, segment_ids_BT, cache=None):
         """Final-normed hidden states [B, T, D] (and the updated cache, or None)."""
@@ -104,8 +135,14 @@ class Decoder(nn.Module):
         x_BTD = jnp.take(self.embedding.astype(cfg.dtype), tokens_BT, axis=0)
         if cfg.scale_embeddings:
             x_BTD = x_BTD * jnp.asarray(cfg.embed_dim ** 0.5, dtype=cfg.dtype)
+        sin_cos = None
+        if cfg.positions == "learned":
+            # Clipped, not NaN-filled: a padding slot's position may run past the table.
+            x_BTD = x_BTD + jnp.take(self.position_embedding.astype(cfg.dtype), positions_BT,
+                                     axis=0, mode="clip")
+        else:
+            sin_cos = layers.rope_sin_cos(cfg, positions_BT)
         x_BTD = sharding.constrain(x_BTD, (axes.BATCH, axes.SEQ, axes.EMBED))
-        sin_cos = layers.rope_sin_cos(cfg, positions_BT)
         t = tokens_BT.shape[1]
         if cache is None:
             slots_T = jnp.arange(t, dtype=jnp.int32)
@@ -124,17 +161,29 @@ class Decoder(nn.Module):
         # The cache rides in the scan's carry (updated in place), not as per-layer xs/ys: a
         # scanned cache would come back as a freshly stacked copy on every decode step.
         layer_L = jnp.arange(cfg.num_layers, dtype=jnp.int32)
-        (x_BTD, new_kv), _ = self.layers((x_BTD, kv), sin_cos, mask_BTS, segment_ids_BT, index,
-                                         layer_L)
+        (x_BTD, new_kv), stats_L = self.layers((x_BTD, kv), sin_cos, mask_BTS, segment_ids_BT,
+                                               index, layer_L)
+        if stats_L is not None:
+            # Router statistics summed over layers; kept only when the caller asks for the
+            # `intermediates` collection (`_apply` under `auxiliary.collect`).
+            self.sow("intermediates", "moe_stats",
+                     jax.tree.map(lambda s_L: jnp.sum(s_L, axis=0), stats_L))
         new_cache = None
         if cache is not None:
             new_cache = {"k": new_kv["k"], "v": new_kv["v"], "segment_ids": k_seg_BS,
                          "index": index + t}
-        return self.final_norm(x_BTD), new_cache
+        h_BTD = self.final_norm(x_BTD)
+        if cfg.head_bias:
+            h_BTD = jnp.concatenate([h_BTD, jnp.ones((*h_BTD.shape[:-1], 1), h_BTD.dtype)], -1)
+        return h_BTD, new_cache
 
     def unembed_matrix(self):
-        """The [D, V] output projection (the embedding transposed when tied)."""
-        return self.embedding.T if self.config.tie_embeddings else self.lm_head
+        """The [D, V] output projection (the embedding transposed when tied), [D + 1, V] with
+        the head bias as its last row."""
+        w_DV = self.embedding.T if self.config.tie_embeddings else self.lm_head
+        if self.config.head_bias:
+            w_DV = jnp.concatenate([w_DV, self.lm_head_bias[None, :].astype(w_DV.dtype)], 0)
+        return w_DV
 
     def __call__(self, tokens_BT, positions_BT, segment_ids_BT, cache=None):
         h_BTD, new_cache = self.hidden(tokens_BT, positions_BT, segment_ids_BT, cache)
@@ -167,7 +216,16 @@ def _apply(config: ModelConfig, params, lora: lora_lib.Adapters | None, *args, *
         variables["lora"] = lora_lib.lora_variables(lora)
         dropout = lora.spec.dropout
     rngs = {"lora_dropout": rng} if rng is not None and dropout > 0.0 else None
-    return Decoder(config, dropout).apply(variables, *args, rngs=rngs, **kwargs)
+    if not (config.num_experts and auxiliary.active()):
+        return Decoder(config, dropout).apply(variables, *args, rngs=rngs, **kwargs)
+    out, state = Decoder(config, dropout).apply(variables, *args, rngs=rngs,
+                                                mutable=["intermediates"], **kwargs)
+    stats = state.get("intermediates", {}).get("moe_stats")
+    if stats is not None:
+        metrics = moe.aux_metrics(config, stats[0])
+        auxiliary.record((params, None if lora is None else lora.weights), metrics=metrics,
+                         loss=config.router_aux_loss_coef * metrics["router_aux_loss"])
+    return out
 
 
 def forward(config: ModelConfig, params: Params, tokens_BT: jax.Array, *,
@@ -190,11 +248,29 @@ def forward(config: ModelConfig, params: Params, tokens_BT: jax.Array, *,
     return logits_BTV
 
 
+def forward_with_aux(config: ModelConfig, params: Params, tokens_BT: jax.Array, *,
+                     positions_BT: jax.Array | None = None,
+                     segment_ids_BT: jax.Array | None = None,
+                     lora: lora_lib.Adapters | None = None
+                     ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """`forward` and the auxiliary metrics of the forward: for a mixture of experts the
+    router's load-balancing loss (unweighted) and the share of dropped assignments
+    (`moe.aux_metrics`); {} for a dense model. Padding (segment 0) is not counted."""
+    with auxiliary.collect(None) as collected:
+        logits_BTV = forward(config, params, tokens_BT, positions_BT=positions_BT,
+                             segment_ids_BT=segment_ids_BT, lora=lora)
+    metrics = dict(collected.metrics[0]) if collected.metrics else {}
+    if not metrics and config.num_experts:
+        raise AssertionError("a mixture-of-experts forward recorded no router statistics")
+    return logits_BTV, metrics
+
+
 def forward_hidden(config: ModelConfig, params: Params, tokens_BT: jax.Array, *,
                    positions_BT: jax.Array | None = None,
                    segment_ids_BT: jax.Array | None = None,
                    lora: lora_lib.Adapters | None = None) -> tuple[jax.Array, jax.Array]:
-    """(final hidden states [B, T, D], output projection [D, V]) for chunked-vocab losses."""
+    """(final hidden states [B, T, D], output projection [D, V]) for chunked-vocab losses;
+    with a head bias [B, T, D + 1] and [D + 1, V] (a constant 1 and the bias row)."""
     tokens_BT, positions_BT, segment_ids_BT = _inputs(tokens_BT, positions_BT, segment_ids_BT)
     h_BTD, _ = _apply(config, params, lora, tokens_BT, positions_BT, segment_ids_BT,
                       method=Decoder.hidden)

@@ -16,6 +16,11 @@ compiled for devices that do not exist); on CPU,
 The compiled figure is the CPU backend's buffer assignment for the same program; a GPU or
 TPU compiler fuses differently, so treat it as an estimate within tens of percent there
 (fusion usually lowers it), and keep the headroom below.
+
+With `lora`, the state is what `train` builds for LoRA (`train.adapters`): the float32
+adapters are the trained params (with their optimizer state and gradients), and the frozen
+base, in `lora.base_dtype`, is reported as the reference params (the objective's reference
+when it needs one: no second copy).
 """
 
 import dataclasses
@@ -33,12 +38,13 @@ from jax.sharding import AbstractMesh, NamedSharding
 
 from align_jax import sharding
 from align_jax.losses import objectives
-from align_jax.models import transformer
+from align_jax.models import lora as lora_lib
 from align_jax.models.config import ModelConfig, get_config
 from align_jax.models.hf_config import config_from_hf
+from align_jax.train import adapters as adapters_lib
 from align_jax.train import compile as compile_lib
 from align_jax.train.optim import OptimizerConfig, make_optimizer
-from align_jax.train.state import abstract_state, train_state_shardings
+from align_jax.train.state import train_state_shardings
 
 GiB = 1024 ** 3
 # Memory per device, in bytes, as the vendor states it.
@@ -72,6 +78,8 @@ class MemoryPlan:
     grads: int
     ref_params: int
     batch: int
+    # LoRA: params are the adapters, ref_params the frozen base.
+    lora: bool = False
     # From the compiled step (None when it was not compiled).
     compiled_arguments: int | None = None
     compiled_outputs: int | None = None
@@ -178,6 +186,7 @@ def plan_memory(config: ModelConfig, *, method: str = "sft", batch_size: int, se
                 mesh_spec: sharding.MeshSpec | None = None, num_devices: int | None = None,
                 rules: str = "fsdp", optimizer: OptimizerConfig | None = None,
                 grad_accum: int = 1, loss_kwargs: Mapping[str, Any] | None = None,
+                lora: lora_lib.LoraConfig | Mapping[str, Any] | None = None,
                 compile: bool = True) -> MemoryPlan:
     """Plans one train step of `config` under `method` (see METHODS) on a mesh.
 
@@ -192,6 +201,7 @@ def plan_memory(config: ModelConfig, *, method: str = "sft", batch_size: int, se
       optimizer: default AdamW.
       grad_accum: microbatches per step.
       loss_kwargs: extra keyword arguments of the objective.
+      lora: LoRA settings (a LoraConfig or a dict of its fields), or None for full training.
       compile: also compile the step (needs num_devices real devices).
     Returns:
       the MemoryPlan.
@@ -203,7 +213,10 @@ def plan_memory(config: ModelConfig, *, method: str = "sft", batch_size: int, se
     spec = mesh_spec or sharding.MeshSpec()
     mesh, real = _mesh(spec, num_devices)
     tx, schedule = make_optimizer(optimizer or OptimizerConfig(), num_steps=1000)
-    abstract = abstract_state(transformer.abstract_params(config), tx=tx, with_ref=with_ref)
+    lora = lora_lib.lora_config(lora)
+    # With LoRA the base always rides in the state (as the reference when one is needed).
+    abstract = adapters_lib.abstract_run_state(config, tx=tx, lora=lora,
+                                               with_ref=with_ref or lora is not None)
     shardings = train_state_shardings(abstract, mesh, rules)
     arrays = nn.unbox(abstract)
     batch_sh = NamedSharding(mesh, compile_lib.batch_shardings(mesh, rules).spec) if real \
@@ -220,8 +233,9 @@ def plan_memory(config: ModelConfig, *, method: str = "sft", batch_size: int, se
         method=method, batch_size=batch_size, seq_len=seq_len,
         mesh=dict(zip(("data", "fsdp", "tensor"), spec.shape(num_devices))), params=params_b,
         opt_state=_per_device(arrays.opt_state, shardings.opt_state), grads=grads_b,
-        ref_params=0 if not with_ref else _per_device(arrays.ref_params, shardings.ref_params),
-        batch=_per_device(batch, jax.tree.map(lambda _: batch_sh, batch)))
+        ref_params=0 if arrays.ref_params is None else _per_device(arrays.ref_params,
+                                                                    shardings.ref_params),
+        batch=_per_device(batch, jax.tree.map(lambda _: batch_sh, batch)), lora=lora is not None)
     if not compile:
         return MemoryPlan(**fields, note="compile=False")
     if not real:
@@ -229,27 +243,48 @@ def plan_memory(config: ModelConfig, *, method: str = "sft", batch_size: int, se
             f"the step needs {num_devices} devices to compile, this host has "
             f"{len(jax.devices())}; on CPU set XLA_FLAGS=--xla_force_host_platform_device_count="
             f"{num_devices}"))
-    compiled = lower_train_step(config, loss_fn=loss_fn, batch=batch, tx=tx, schedule=schedule,
+    def compiled_memory(abstract, shardings):
+        return lower_train_step(config, loss_fn=loss_fn, batch=batch, tx=tx, schedule=schedule,
                                 mesh=mesh, rules=rules, abstract=abstract, shardings=shardings,
-                                grad_accum=grad_accum, loss_kwargs=loss_kwargs).compile()
-    mem = compiled.memory_analysis()
+                                grad_accum=grad_accum, loss_kwargs=loss_kwargs, lora=lora,
+                                lora_reference=with_ref).compile().memory_analysis()
+
+    mem = compiled_memory(abstract, shardings)
+    temp = int(mem.temp_size_in_bytes)
+    note = f"compiled for {jax.default_backend()}"
+    if (jax.default_backend() == "cpu" and lora is not None
+            and lora.base_dtype in ("bfloat16", "float16")):
+        # The CPU backend has no half-precision matmuls: it converts a bfloat16 base to
+        # float32 and hoists the converts out of the layer loop, a float32 copy of the whole
+        # base that a TPU or GPU never makes (mixtral_8x7b on 4 devices, 4 x 128 tokens:
+        # 46.0 GiB of temporaries, 2.8 GiB with the base in float32). The temporaries are
+        # taken from the same step with a float32 base; arguments keep the real dtypes.
+        f32 = dataclasses.replace(lora, base_dtype=None)
+        abstract32 = adapters_lib.abstract_run_state(config, tx=tx, lora=f32, with_ref=True)
+        temp = int(compiled_memory(abstract32, train_state_shardings(
+            abstract32, mesh, rules)).temp_size_in_bytes)
+        note += (f"; temporaries of the same step on a float32 base (the CPU compiler's "
+                 f"float32 copy of a {lora.base_dtype} base is left out)")
     return MemoryPlan(**fields, compiled_arguments=int(mem.argument_size_in_bytes),
                       compiled_outputs=int(mem.output_size_in_bytes),
-                      compiled_aliased=int(mem.alias_size_in_bytes),
-                      compiled_temp=int(mem.temp_size_in_bytes),
-                      note=f"compiled for {jax.default_backend()}")
+                      compiled_aliased=int(mem.alias_size_in_bytes), compiled_temp=temp,
+                      note=note)
 
 
 def lower_train_step(config: ModelConfig, *, loss_fn, batch: Mapping[str, jax.ShapeDtypeStruct],
                      tx, schedule, mesh, rules: str, abstract, shardings, grad_accum: int = 1,
-                     loss_kwargs: Mapping[str, Any] | None = None):
+                     loss_kwargs: Mapping[str, Any] | None = None,
+                     lora: lora_lib.LoraConfig | None = None, lora_reference: bool = False):
     """The real jitted train step (as `train` builds it) lowered on abstract inputs.
 
-    `loss_fn` is a registered objective's name or an `objectives.Objective`.
+    `loss_fn` is a registered objective's name or an `objectives.Objective`; with `lora` the
+    loss sees base + adapters (`lora_reference`: the base is also its reference).
     """
+    loss = objectives.get_objective(loss_fn).bind(config=config, options=loss_kwargs)
+    if lora is not None:
+        loss = adapters_lib.bind_lora_loss(loss, lora, reference=lora_reference)
     step_fn = compile_lib.jit_train_step(
-        loss=objectives.get_objective(loss_fn).bind(config=config, options=loss_kwargs), tx=tx,
-        schedule=schedule, grad_accum=grad_accum, mesh=mesh, rules=rules,
+        loss=loss, tx=tx, schedule=schedule, grad_accum=grad_accum, mesh=mesh, rules=rules,
         state_shardings=shardings)
     batch_sh = compile_lib.batch_shardings(mesh, rules)
     state_in = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
@@ -262,8 +297,9 @@ def lower_train_step(config: ModelConfig, *, loss_fn, batch: Mapping[str, jax.Sh
 
 def format_plan(plan: MemoryPlan, accelerators: list[str]) -> str:
     """A short human-readable table and one verdict line per accelerator."""
-    rows = [("params", plan.params), ("optimizer state", plan.opt_state),
-            ("gradients", plan.grads), ("reference params", plan.ref_params),
+    rows = [("LoRA adapters" if plan.lora else "params", plan.params),
+            ("optimizer state", plan.opt_state), ("gradients", plan.grads),
+            ("frozen base" if plan.lora else "reference params", plan.ref_params),
             ("batch", plan.batch), ("activations + scratch", plan.activations),
             ("total (compiled)" if plan.compiled_total else "lower bound", plan.total)]
     lines = [f"{plan.method}: batch {plan.batch_size} x {plan.seq_len}, mesh {plan.mesh}",
@@ -280,14 +316,15 @@ def plan_main(*, model: str, method: str = "sft", batch_size: int = 8, seq_len: 
               mesh: sharding.MeshSpec | None = None, num_devices: int | None = None,
               rules: str = "fsdp", optimizer: OptimizerConfig | None = None,
               model_overrides: Mapping[str, Any] | None = None, grad_accum: int = 1,
+              lora: Mapping[str, Any] | None = None,
               accelerators: tuple[str, ...] = tuple(ACCELERATORS), compile: bool = True,
               output_dir: str | None = None) -> int:
     """Prints the plan and a verdict per accelerator; writes plan.json to output_dir if set.
 
     Args:
       model: a preset name or a Hugging Face checkpoint dir (only its config.json is read).
-      method, batch_size, seq_len, mesh, num_devices, rules, optimizer, grad_accum, compile:
-        see `plan_memory`.
+      method, batch_size, seq_len, mesh, num_devices, rules, optimizer, grad_accum, lora,
+        compile: see `plan_memory`.
       model_overrides: ModelConfig fields to replace (e.g. {"remat": "full"}).
       accelerators: the accelerators to judge against (keys of ACCELERATORS).
       output_dir: where plan.json goes (optional).
@@ -299,7 +336,8 @@ def plan_main(*, model: str, method: str = "sft", batch_size: int = 8, seq_len: 
         config = dataclasses.replace(config, **model_overrides)
     plan = plan_memory(config, method=method, batch_size=batch_size, seq_len=seq_len,
                        mesh_spec=mesh, num_devices=num_devices, rules=rules,
-                       optimizer=optimizer, grad_accum=grad_accum, compile=compile)
+                       optimizer=optimizer, grad_accum=grad_accum, lora=lora,
+                       compile=compile)
     print(format_plan(plan, list(accelerators)))
     verdicts = {a: plan.fits(a) for a in accelerators}
     if output_dir:

@@ -5,6 +5,12 @@ calling convention, `loss(params, batch, *, rng, ref_params)` (what
 `align_jax.losses.objectives.Objective.bind` returns); `train_step` differentiates it with
 respect to `params` only, accumulating gradients over microbatches in float32 inside the step.
 `align_jax.train.compile` is where it is jitted.
+
+A model whose forward has an auxiliary training loss (a mixture of experts' router
+load-balancing loss) adds it here, not in the objective: the loss runs inside
+`models.auxiliary.collect`, and every forward of the differentiated params contributes its
+weighted loss (`router_aux_loss_coef` x `router_aux_loss`) to the step's loss and its metrics
+(`router_aux_loss`, `moe_dropped_fraction`). Dense models contribute nothing.
 """
 
 from collections.abc import Callable, Mapping
@@ -15,6 +21,7 @@ import jax.numpy as jnp
 import optax
 
 from align_jax import axes, sharding
+from align_jax.models import auxiliary
 from align_jax.train.state import TrainState
 
 LossFn = Callable[..., tuple[jax.Array, Mapping[str, jax.Array]]]
@@ -35,8 +42,12 @@ def _split_microbatches(x: jax.Array, num: int) -> jax.Array:
 
 
 def _loss_and_grads(loss: LossFn, params, batch, rng, ref_params):
-    (value, metrics), grads = jax.value_and_grad(
-        lambda p: loss(p, batch, rng=rng, ref_params=ref_params), has_aux=True)(params)
+    def total(p):
+        with auxiliary.collect(p) as collected:
+            value, metrics = loss(p, batch, rng=rng, ref_params=ref_params)
+        return collected.apply(value, metrics)
+
+    (value, metrics), grads = jax.value_and_grad(total, has_aux=True)(params)
     return value, dict(metrics), grads
 
 

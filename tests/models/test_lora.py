@@ -132,3 +132,47 @@ def test_bad_targets_and_fields():
     with pytest.raises(ValueError, match="unknown field"):
         lora.lora_config({"rank": 4, "alhpa": 8})
     assert lora.lora_config({"rank": 4, "targets": ["q"]}).targets == ("q",)
+
+
+# The new families: fused q/k/v modules (GPT-2 c_attn, GPT-NeoX query_key_value) and Mixtral's
+# experts (peft target_parameters on the stacked gate_up_proj / down_proj) export
+# block-diagonally; a subset of a fused module's targets leaves the other rows at zero.
+DENSE_PLAIN = ("q", "k", "v", "o", "up", "down")
+
+
+@pytest.mark.parametrize("family,targets,rslora", [
+    ("mixtral", ALL, False), ("mixtral", ("q", "up"), True),
+    ("mixtral", ("gate", "up", "down"), False),
+    ("gpt2", DENSE_PLAIN, False), ("gpt2", ("q", "v", "down"), True),
+    ("gpt_neox", DENSE_PLAIN, False), ("gpt_neox", ("k", "o"), False),
+    ("phi", DENSE_PLAIN, True)])
+def test_new_families_merge_and_peft(tmp_path, family, targets, rslora):
+    path = str(tmp_path / "base")
+    hf_models.save_tiny_hf(family, path)
+    config, params = hf.load_hf(path)
+    adapters = _randomise_b(lora.init_lora(config, params, rank=4, alpha=16, targets=targets,
+                                           rng=jax.random.key(1), rslora=rslora), seed=2)
+    tokens = _tokens(3, (2, 10))
+    base = np.asarray(transformer.forward(config, params, tokens))
+    adapted = np.asarray(transformer.forward(config, params, tokens, lora=adapters))
+    assert np.abs(adapted - base).max() > 1e-2, "the adapters should change the logits"
+    merged = lora.merge_lora(config, params, adapters)
+    np.testing.assert_allclose(transformer.forward(config, merged, tokens), adapted,
+                               atol=1e-5, rtol=0)
+
+    lora.save_peft(config, adapters, tmp_path / "adapter", base_model_name_or_path=path)
+    base_model = transformers.AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch.float32, attn_implementation="eager").eval()
+    model = peft.PeftModel.from_pretrained(base_model, str(tmp_path / "adapter")).eval()
+    with torch.no_grad():
+        ref = model(torch.tensor(tokens, dtype=torch.long)).logits.float().numpy()
+    # float32 sums in another order (fused modules, per-expert matmuls): 1e-4 as above.
+    np.testing.assert_allclose(adapted, ref, atol=1e-4, rtol=0)
+
+
+def test_plain_mlp_has_no_gate_target(tmp_path):
+    hf_models.save_tiny_hf("gpt2", tmp_path)
+    config, params = hf.load_hf(str(tmp_path))
+    with pytest.raises(ValueError, match="no layers/mlp/gate for target 'gate'"):
+        lora.init_lora(config, params, rank=2, alpha=4, targets=("gate",),
+                       rng=jax.random.key(0))

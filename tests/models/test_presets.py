@@ -21,6 +21,12 @@ PUBLISHED = {
     "qwen2_7b": 7_615_616_512,     # Qwen2-7B
     "gemma_2b": 2_506_172_416,     # gemma-2b
     "gemma_7b": 8_537_680_896,     # gemma-7b
+    "mixtral_8x7b": 46_702_792_704,  # Mixtral-8x7B-v0.1
+    "gpt2_large": 774_030_080,     # gpt2-large
+    "pythia_1_4b": 1_414_647_808,  # pythia-1.4b
+    "phi_2": 2_779_683_840,        # phi-2
+    # RedPajama-INCITE-Base-3B-v1 ships PyTorch pickles only: counted from its config.json.
+    "redpajama_incite_3b": 2_775_864_320,
 }
 # Made-up sizes for tests and benchmarks: no published model to compare with.
 NOT_REAL = {"tiny", "small_20m"}

@@ -68,6 +68,25 @@ def test_plan_compiles_every_method(method):
     assert p.compiled_temp > 0 and p.fits("tpu-v5e")[0]
 
 
+def test_lora_plan_holds_the_base_once_and_adapters_sharded_by_expert():
+    # A tiny Mixtral, DPO with LoRA on attention and experts, experts over fsdp = 4.
+    cfg = get_config("tiny", family="mixtral", vocab_size=256, num_experts=4,
+                     tie_embeddings=False)
+    lora = {"rank": 4, "alpha": 8, "targets": ("q", "v", "gate", "up", "down"),
+            "base_dtype": "bfloat16"}
+    spec = plan.sharding.MeshSpec(data=2, fsdp=4)
+    full = plan.plan_memory(cfg, method="dpo", batch_size=8, seq_len=16, mesh_spec=spec,
+                            num_devices=8, compile=False)
+    p = plan.plan_memory(cfg, method="dpo", batch_size=8, seq_len=16, mesh_spec=spec,
+                         num_devices=8, lora=lora)
+    assert p.lora and not full.lora
+    # The bfloat16 base is half the float32 params, and the adapters a small fraction.
+    assert p.ref_params == full.params // 2
+    assert p.params < full.params / 10 and p.grads == p.params
+    assert p.compiled_total is not None and p.compiled_temp > 0
+    assert "frozen base" in plan.format_plan(p, [])
+
+
 def test_8b_full_finetune_refused_on_one_80gb_device():
     # Arithmetic only (compiling 8B on a shared 2-core host takes minutes): float32 params,
     # AdamW moments and gradients are 16 bytes a parameter, ~120 GiB before any activation.
