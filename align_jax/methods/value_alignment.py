@@ -92,7 +92,7 @@ def value_alignment(*, output_dir: str, document: str, model: str | None = "tiny
                     teacher: str | None = None, sdg_kwargs: Mapping[str, Any] | None = None,
                     teacher_kwargs: Mapping[str, Any] | None = None,
                     sft_data: str | None = None, preference_data: str | None = None,
-                    train_on: Sequence[str] = ("sdg", "files"), sft_test: str | None = None,
+                    train_on: Sequence[str] | None = None, sft_test: str | None = None,
                     preference_test: str | None = None, heldout_fraction: float = 0.2,
                     chunk_tokens: int = 128,
                     seq_len: int = 256, batch_size: int = 8, cft_steps: int = 60,
@@ -125,7 +125,8 @@ def value_alignment(*, output_dir: str, document: str, model: str | None = "tiny
       sft_data, preference_data: ready-made D_sft / D_pref JSONL; with a teacher they are
         pooled with what SDG writes (when `train_on` has "files").
       train_on: which records train: "sdg" (the teacher's, from the document) and/or "files"
-        (sft_data / preference_data). The report lists every source (`value_data`).
+        (sft_data / preference_data); None: every source given. The report lists every
+        source (`value_data`).
       sft_test, preference_test: held-out D_sft / D_pref JSONL; when given, every record of
         `train_on` trains, and these are the held-out sets; otherwise `heldout_fraction` of
         the prompts is split off. Either way, training records that repeat a held-out

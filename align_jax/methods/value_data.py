@@ -99,7 +99,8 @@ def _jaccard(a: frozenset, b: frozenset) -> float:
 
 def gather(out: str, *, document: str, teacher: str | None, tokenizer,
            sdg_kwargs: Mapping[str, Any], teacher_kwargs: Mapping[str, Any] | None,
-           sft_data: str | None, preference_data: str | None, train_on: Sequence[str],
+           sft_data: str | None, preference_data: str | None,
+           train_on: Sequence[str] | None,
            sft_test: str | None, preference_test: str | None, heldout_fraction: float,
            heldout_questions: Sequence[str] = ()) -> RecipeData:
     """Runs SDG (with a teacher), reads the files, splits, guards against leaks.
@@ -108,13 +109,17 @@ def gather(out: str, *, document: str, teacher: str | None, tokenizer,
       out: the run folder (SDG writes <out>/sdg).
       document, teacher, tokenizer, sdg_kwargs, teacher_kwargs: as the recipe's.
       sft_data, preference_data: given training files.
-      train_on: which of "sdg", "files" train.
+      train_on: which of "sdg", "files" train (None: those that are given).
       sft_test, preference_test: held-out files; None splits `heldout_fraction` of the
         training pool off by prompt.
       heldout_questions: more held-out prompts no training record may repeat (yes/no set).
     Returns:
       The RecipeData.
     """
+    if train_on is None:  # whatever is given: SDG with a teacher, and the files
+        train_on = tuple(s for s, given in (("sdg", teacher is not None),
+                                            ("files", bool(sft_data or preference_data)))
+                         if given)
     unknown = sorted(set(train_on) - set(SOURCES))
     if unknown or not train_on:
         raise ValueError(f"value_alignment.train_on must be a non-empty subset of {SOURCES}, "
