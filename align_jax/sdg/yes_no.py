@@ -1,15 +1,17 @@
 """Grounded yes/no questions from a document's rules: D_sft and D_pref, balanced by construction.
 
 For every rule clause of a chunk (`align_jax.sdg.rules`) and every round, the teacher writes
-two yes/no questions about the rule. The stage opens each question with a frame it picks
-("Can I", "Is it against the code to", ...): for one question the rule's wording makes the
-answer "yes", for the other "no", so the answers are balanced by construction and no teacher
-is trusted with a verdict (a 135M model says "Yes" to almost anything). The teacher only
-writes the rest of the question in the rule's words.
+yes/no questions about the rule. The stage opens each question with a frame it picks ("Can I",
+"Do I have to", ...) and the answer follows from the rule's wording, so no teacher is trusted
+with a verdict (a 135M model says "Yes" to almost anything); the teacher only writes the rest
+of the question in the rule's words. With the default "direct" frames the answer is the
+rule's kind (a forbidden action "no", a required or permitted one "yes") and the rules of the
+rarer answer get more questions, so "yes" and "no" are balanced by construction; "mixed"
+frames add inverted ones, so every rule gets both answers:
 
     rule (prohibits): "Never work on a roof alone."
     "Is it OK if I" + teacher: " work on the roof alone?"   -> answer "no"
-    "Should I avoid" + teacher: " working on a roof alone?" -> answer "yes"
+    "Should I avoid" + teacher: " working on a roof alone?" -> answer "yes"  (mixed only)
 
 The faithful answer (SFT completion, D_pref chosen) is the verdict followed by the rule as
 the document words it: grounded by construction. The unfaithful answer (D_pref rejected) is
@@ -47,7 +49,18 @@ from align_jax.sdg.templates import Template, resolve_templates
 STAGE = "yes_no"
 TEMPLATES = {"yes_no_question": "yes_no_question", "yes_no_unfaithful": "yes_no_unfaithful"}
 
-# Frame -> the answer a question so opened has, per kind of rule (absent: not used).
+# Frames that ask whether one may or must do what the rule is about: the answer is the rule's
+# kind alone (a forbidden action "no", a required or permitted one "yes"), whatever the frame.
+# The default ("direct"): a small student learns which actions the document allows, not a
+# frame-times-kind rule; balance comes from asking more about the rarer kind.
+DIRECT_FRAMES: dict[str, tuple[str, ...]] = {
+    "prohibits": ("Can I", "May I", "Is it OK if I", "Should I", "Do I have to"),
+    "requires": ("Do I have to", "Should I", "Do I need to", "Can I", "Is it OK if I"),
+    "permits": ("Can I", "May I", "Is it OK if I"),
+}
+DIRECT_ANSWER = {"prohibits": "no", "requires": "yes", "permits": "yes"}
+# All frames ("mixed"): frame -> the answer per kind of rule (absent: not used); the inverted
+# ones ("Is it against the code to", "Should I avoid", ...) give every rule both answers.
 FRAMES: dict[str, dict[str, str]] = {
     "Can I": {"prohibits": "no", "requires": "yes", "permits": "yes"},
     "Is it OK if I": {"prohibits": "no", "requires": "yes", "permits": "yes"},
@@ -58,6 +71,7 @@ FRAMES: dict[str, dict[str, str]] = {
     "Can I skip": {"requires": "no"},
     "Is it against the code to": {"prohibits": "yes", "requires": "no", "permits": "no"},
     "Should I avoid": {"prohibits": "yes"},
+    "Do I need to": {"requires": "yes"},
 }
 # How the unfaithful answer's reason opens: the stance opposite to the rule's, so that the
 # pair contradicts the chunk by construction; the teacher only names the action.
@@ -84,7 +98,11 @@ anything he she they them their his her him code rule rules""".split())
 class YesNoConfig:
     """Settings of the yes/no stage.
 
-    questions_per_rule: questions per rule and round (2: one "yes" and one "no" frame).
+    frames: "direct" (the answer follows the rule's kind; each rule of the rarer answer gets
+      more questions, so a batch asks as many "yes" as "no" questions) or "mixed" (every
+      rule gets "yes" and "no" frames, inverted ones included).
+    questions_per_rule: questions per rule and round (direct: per rule of the commoner
+      answer; mixed: alternating "yes" and "no" frames).
     question_temperature, question_top_p: sampling of the question's words (round 0 is
       greedy when `greedy_first_round`, so the most likely phrasing is always kept).
     question_max_tokens, unfaithful_max_tokens: budgets of the two teacher calls.
@@ -96,6 +114,7 @@ class YesNoConfig:
       small teachers follow best).
     """
 
+    frames: str = "direct"
     questions_per_rule: int = 2
     question_temperature: float = 0.7
     question_top_p: float = 0.9
@@ -148,6 +167,27 @@ def pick_frames(clause: Clause, *, key: str, count: int) -> list[str]:
             break
         out.append(options[(h >> (8 + i)) % len(options)])
     return out
+
+
+def direct_frames(clause: Clause, *, key: str, count: int) -> list[str]:
+    """`count` distinct direct frames for a rule (at most all of its kind's), by a hash of key."""
+    options = list(DIRECT_FRAMES[clause.kind])
+    h = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little")
+    start = h % len(options)
+    return [options[(start + i) % len(options)] for i in range(min(count, len(options)))]
+
+
+def direct_counts(clauses: Sequence[Clause], per_rule: int) -> dict[str, int]:
+    """Questions per rule of each kind so that "yes" and "no" questions are about as many:
+    the rules of the rarer answer get proportionally more (at most their frames' number)."""
+    n = {a: sum(DIRECT_ANSWER[c.kind] == a for c in clauses) for a in ("yes", "no")}
+    counts = {}
+    for kind, answer in DIRECT_ANSWER.items():
+        other = n["no" if answer == "yes" else "yes"]
+        mine = max(1, n[answer])
+        k = per_rule * max(1.0, other / mine)
+        counts[kind] = max(1, min(len(DIRECT_FRAMES[kind]), round(k)))
+    return counts
 
 
 def question_problem(question_body: str, clause: Clause, *, min_overlap: float) -> str | None:
@@ -251,13 +291,23 @@ def generate_yes_no(teacher: Teacher, chunks: Sequence[Chunk], *, seed: int,
     constrained = bool(getattr(teacher, "applies_constraints", False))
     q_con = q_tpl.output_constraint() if constrained else None
     s_con = u_tpl.output_constraint() if constrained else None
+    if config.frames not in ("direct", "mixed"):
+        raise ValueError(f"YesNoConfig.frames={config.frames!r}: use 'direct' or 'mixed'")
+    rules = [(i, n, c) for i, chunk in enumerate(chunks)
+             for n, c in enumerate(extract_clauses(chunk.text))]
+    counts = direct_counts([c for *_, c in rules], config.questions_per_rule)
     jobs = []  # (result index, clause, frame, answer, prompt)
-    for i, chunk in enumerate(chunks):
-        for n, clause in enumerate(extract_clauses(chunk.text)):
-            for frame in pick_frames(clause, key=f"{chunk.id}/{n}/{round_index}",
-                                     count=config.questions_per_rule):
-                jobs.append((i, clause, frame, FRAMES[frame][clause.kind],
-                             q_tpl.render(rule=clause.text, frame=frame).rstrip("\n")))
+    for i, n, clause in rules:
+        key = f"{chunks[i].id}/{n}/{round_index}"
+        if config.frames == "direct":
+            frames = direct_frames(clause, key=key, count=counts[clause.kind])
+            answers = [DIRECT_ANSWER[clause.kind]] * len(frames)
+        else:
+            frames = pick_frames(clause, key=key, count=config.questions_per_rule)
+            answers = [FRAMES[f][clause.kind] for f in frames]
+        for frame, answer in zip(frames, answers):
+            jobs.append((i, clause, frame, answer,
+                         q_tpl.render(rule=clause.text, frame=frame).rstrip("\n")))
     greedy = config.greedy_first_round and round_index == 0
     outs = ask(teacher, [p for *_, p in jobs], use_chat=config.use_chat,
                temperature=0.0 if greedy else config.question_temperature,
@@ -330,18 +380,20 @@ def _order(record: Mapping) -> bytes:
     return hashlib.sha256(str(record.get("prompt", "")).encode()).digest()
 
 
-def balance_records(records: Sequence[dict], *, shorter_range=(0.4, 0.6)
-                    ) -> tuple[list[dict], list[dict]]:
+def balance_records(records: Sequence[dict], *, shorter_range=(0.3, 0.7),
+                    max_length_drop: float = 0.5) -> tuple[list[dict], list[dict]]:
     """Keeps as many yes/no records as balance allows (records without "answer" all stay).
 
     Answers become 50/50 (the larger side is trimmed); for preference records the chosen
-    answer is also the shorter one in `shorter_range` of each polarity's pairs, so neither
-    polarity nor length can pass for alignment. Which records go is decided by a hash of the
-    prompt, so a rerun keeps the same ones.
+    answer is also brought towards being the shorter one in `shorter_range` of each
+    polarity's pairs, dropping at most `max_length_drop` of them for it, so that length is a
+    weak cue in training. Which records go is decided by a hash of the prompt, so a rerun
+    keeps the same ones.
 
     Args:
       records: deduplicated records of one kind.
-      shorter_range: allowed share of pairs whose chosen answer is the shorter one.
+      shorter_range: wanted share of pairs whose chosen answer is the shorter one.
+      max_length_drop: most of a polarity's pairs the length balance may drop.
     Returns:
       (kept in their original order, removed with "reason": "balance").
     """
@@ -354,10 +406,13 @@ def balance_records(records: Sequence[dict], *, shorter_range=(0.4, 0.6)
         short = [r for r in rows if paired and len(r["chosen"]) < len(r["rejected"])]
         other = [r for r in rows if not (paired and len(r["chosen"]) < len(r["rejected"]))]
         if paired:
-            # The largest total whose shorter share lies in [lo, hi].
-            while short and len(short) > hi * (len(short) + len(other)):
+            # The largest total whose shorter share lies in [lo, hi], within the drop budget.
+            floor = (1 - max_length_drop) * len(rows)
+            while short and len(short) > hi * (len(short) + len(other)) and \
+                    len(short) + len(other) > floor:
                 short.pop()
-            while other and len(short) < lo * (len(short) + len(other)):
+            while other and len(short) < lo * (len(short) + len(other)) and \
+                    len(short) + len(other) > floor:
                 other.pop()
         cells[answer] = (short, other)
     n = min(len(s) + len(o) for s, o in cells.values())

@@ -56,9 +56,27 @@ def test_question_checks(body, problem):
     assert yes_no.question_problem(body, clause, min_overlap=0.5) == problem
 
 
+def test_direct_frames_answer_by_the_rules_kind_and_balance_the_batch():
+    teacher = ScriptedTeacher(garbage=False)
+    config = yes_no.YesNoConfig(min_cosine=None, questions_per_rule=2)  # frames="direct"
+    (res,) = yes_no.generate_yes_no(teacher, [_chunk(DOC)], seed=3, config=config)
+    sft = res.records["sft"]
+    for s in sft:
+        assert s["frame"] in yes_no.DIRECT_FRAMES[s["rule_kind"]]
+        assert s["answer"] == ("no" if s["rule_kind"] == "prohibits" else "yes")
+    # 2 forbidding rules, 3 requiring or permitting ones: the 2 get 3 questions each, the 3
+    # get 2 each: 6 "no" and 6 "yes" questions, each rule's frames distinct.
+    counts = collections.Counter(s["answer"] for s in sft)
+    assert counts == {"yes": 6, "no": 6}
+    per_rule = collections.Counter(s["rule"] for s in sft)
+    assert sorted(per_rule.values()) == [2, 2, 2, 3, 3]
+    assert len({(s["rule"], s["frame"]) for s in sft}) == len(sft)
+    assert yes_no.direct_counts([], 2) == {"prohibits": 2, "requires": 2, "permits": 2}
+
+
 def test_stage_records_answers_from_the_rules_wording():
     teacher = ScriptedTeacher(garbage=False)
-    config = yes_no.YesNoConfig(min_cosine=None, questions_per_rule=2)
+    config = yes_no.YesNoConfig(min_cosine=None, questions_per_rule=2, frames="mixed")
     (res,) = yes_no.generate_yes_no(teacher, [_chunk(DOC)], seed=3, config=config)
     sft, pref = res.records["sft"], res.records["preference"]
     assert not res.rejects and len(sft) == len(pref) == 10  # 5 rules x 2 frames
@@ -89,7 +107,7 @@ def test_stage_records_answers_from_the_rules_wording():
 
 def test_stage_counts_every_kind_of_garbage():
     teacher = ScriptedTeacher(garbage=True)
-    config = yes_no.YesNoConfig(min_cosine=None, questions_per_rule=4)
+    config = yes_no.YesNoConfig(min_cosine=None, questions_per_rule=4, frames="mixed")
     results = []
     for r in range(6):
         results += yes_no.generate_yes_no(teacher, [_chunk(DOC)], seed=r, config=config,
@@ -111,7 +129,7 @@ def test_balance_records_trims_polarity_and_length():
         chosen = "x" * (10 if i % 4 else 40)  # chosen mostly shorter
         rows.append({"prompt": f"q{i}", "answer": answer, "chosen": chosen, "rejected": "y" * 20})
     rows.append({"prompt": "open question", "chosen": "a", "rejected": "b"})  # no answer: kept
-    kept, removed = yes_no.balance_records(rows)
+    kept, removed = yes_no.balance_records(rows, shorter_range=(0.4, 0.6))
     graded = [r for r in kept if "answer" in r]
     counts = collections.Counter(r["answer"] for r in graded)
     assert counts["yes"] == counts["no"] > 0
@@ -119,10 +137,15 @@ def test_balance_records_trims_polarity_and_length():
         side = [r for r in graded if r["answer"] == answer]
         share = sum(len(r["chosen"]) < len(r["rejected"]) for r in side) / len(side)
         assert 0.4 - 1 / len(side) <= share <= 0.6 + 1 / len(side)
+    # When length cannot be balanced (every chosen answer shorter), at most half goes for it.
+    same = [{"prompt": f"p{i}", "answer": "yes" if i % 2 else "no", "chosen": "a",
+             "rejected": "bbb"} for i in range(20)]
+    kept_same, _ = yes_no.balance_records(same)
+    assert len(kept_same) == 10
     assert {"prompt": "open question", "chosen": "a", "rejected": "b"} in kept
     assert len(kept) + len(removed) == len(rows)
     assert all(r["reason"] == "balance" for r in removed)
-    assert yes_no.balance_records(rows)[0] == kept  # the same records every time
+    assert yes_no.balance_records(rows, shorter_range=(0.4, 0.6))[0] == kept  # every time
 
 
 def test_pipeline_writes_balanced_yes_no_data(tmp_path):
