@@ -26,7 +26,6 @@ accepts (the budget ran out) is flagged incomplete.
 """
 
 import collections
-import dataclasses
 from collections.abc import Callable, Iterator, Sequence
 
 import flax.struct
@@ -35,10 +34,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from align_jax import axes, sharding
+from align_jax.generate import batch_inputs, prompt_batches, results, sampling, stop
 from align_jax.generate import constraints as constraints_lib
 from align_jax.generate import continuations as continuations_lib
 from align_jax.generate import prefix as prefix_lib
-from align_jax.generate import prompt_batches, results, sampling, stop
 from align_jax.generate.constraints import device as constraint_device
 from align_jax.generate.results import Completion, GenerationOutput
 from align_jax.models import transformer
@@ -215,105 +214,15 @@ jit_decode = jax.jit(
     _decode, static_argnames=("config", "flags", "mesh", "rules"), donate_argnames=("state",))
 
 
-def _stop_ids(config: ModelConfig, tokenizer, stop_token_ids, ignore_eos: bool) -> np.ndarray:
-    ids = set(int(t) for t in stop_token_ids)
-    if not ignore_eos:
-        eos = config.eos_token_id
-        ids.update((eos,) if isinstance(eos, int) else tuple(eos or ()))
-        if tokenizer is not None:
-            ids.update(int(t) for t in (getattr(tokenizer, "eos_ids", None) or ()))
-    ids.discard(None)
-    # Padded to a multiple of 8 with -1 (never drawn) so the set's size rarely recompiles.
-    out = np.full((max(8, -(-len(ids) // 8) * 8),), -1, np.int32)
-    out[:len(ids)] = sorted(ids)
-    return out
-
-
-def _batch_shards(mesh, rules) -> int:
-    if mesh is None:
-        return 1
-    entry = sharding.logical_to_spec((axes.BATCH,), rules)[0]
-    names = () if entry is None else ((entry,) if isinstance(entry, str) else tuple(entry))
-    return int(np.prod([mesh.shape[n] for n in names])) if names else 1
-
-
-def _place(tree, mesh, rules):
-    """Puts [B, ...] host arrays on the mesh, batch axis sharded (or on the default device)."""
-    if mesh is None:
-        return jax.device_put(tree)
-    return jax.tree.map(lambda x: sharding.put(x, sharding.named_sharding(
-        (axes.BATCH,) + (None,) * (np.ndim(x) - 1), mesh, rules, shape=np.shape(x))), tree)
-
-
-class _Constraints:
-    """A call's constraints: the compiled automaton of each prompt, and their union as device
-    tables (host copies kept for the per-chunk checks)."""
-
-    def __init__(self, per_prompt, tokenizer, config: ModelConfig, mesh, rules):
-        if tokenizer is None:
-            raise ValueError("constraint needs the model's tokenizer (pass tokenizer=) to build "
-                             "its token automaton")
-        if tokenizer.vocab_size > config.vocab_size:
-            raise ValueError(f"tokenizer has {tokenizer.vocab_size} ids but the model only "
-                             f"{config.vocab_size}: they do not belong together")
-        self.compiled = [None if c is None else constraints_lib.compile_constraint(c, tokenizer)
-                         for c in per_prompt]
-        distinct = list({id(c): c for c in self.compiled if c is not None}.values())
-        host, self.starts = constraint_device.build_tables(distinct,
-                                                           vocab_size=config.vocab_size)
-        self.accepting_Q = host.accepting_Q
-        self.tables = (jax.device_put(host) if mesh is None
-                       else sharding.put(host, sharding.replicated(mesh)))
-
-    def start_states(self, batch: prompt_batches.PromptBatch) -> np.ndarray:
-        out = np.zeros(len(batch.active_B), np.int32)
-        for row, i in enumerate(batch.indices):
-            c = self.compiled[i]
-            out[row] = constraint_device.FREE if c is None else self.starts[c.constraint]
-        return out
-
-
-def _prepare(config, params, batch: prompt_batches.PromptBatch, *, sampler_kw, row_seeds,
-             stop_ids, cont, mesh, rules, constrained: _Constraints | None = None):
-    """Device arrays for one batch's prefill: (prefill args, prefill keyword args, sampler,
-    flags)."""
-    seeds, salts = row_seeds
-    n_rows = len(batch.active_B)
-    pad = n_rows - len(batch.indices)
-    rows = list(batch.indices)
-    settings = {k: np.concatenate([v[rows], np.full((pad,), sampling.NEUTRAL[k], v.dtype)])
-                for k, v in sampler_kw.items()}
-    sampler, flags = sampling.make_sampling(
-        n_rows, seeds=list(seeds) + [0] * pad, salts=list(salts) + [0] * pad, **settings)
-    host = [batch.tokens_BT, batch.positions_BT, batch.segment_ids_BT, batch.active_B, sampler]
-    pad_id = config.pad_token_id if config.pad_token_id is not None else 0
-    scored = cont.arrays(batch, pad_id) if cont is not None else (None, None)
-    if constrained is not None:
-        flags = dataclasses.replace(flags, constrained=True)
-        host.append(constrained.start_states(batch))
-    arrays = _place((*host, *(x for x in scored if x is not None)), mesh, rules)
-    stop_ids = (jax.device_put(stop_ids) if mesh is None
-                else sharding.put(stop_ids, sharding.replicated(mesh)))
-    n = 5 + (constrained is not None)
-    args = (*arrays[:5], stop_ids)
-    if cont is not None or constrained is not None:
-        args = (*args, *(tuple(arrays[n:]) if cont is not None else (None, None)))
-    if constrained is not None:
-        args = (*args, constrained.tables, arrays[5])
-    # A [1, P] array: `_place` replicates it (one row cannot be split over the batch axes).
-    kw = {} if batch.prefix_1T is None else {"prefix_1T": _place(batch.prefix_1T, mesh, rules)}
-    return args, kw, arrays[4], flags
-
-
 def _run_batch(config, params, batch: prompt_batches.PromptBatch, *, max_new_tokens, shape_budget,
                cache_len, sampler_kw, row_seeds, stop_ids, stop_strings, tokenizer, chunk, mesh,
                rules, partial=False, cancel=None, cont=None, constrained=None
                ) -> Iterator[Completion]:
     if cancel is not None and cancel():
         return
-    args, kw, sampler, flags = _prepare(config, params, batch, sampler_kw=sampler_kw,
-                                        row_seeds=row_seeds, stop_ids=stop_ids, cont=cont,
-                                        mesh=mesh, rules=rules, constrained=constrained)
+    args, kw, sampler, flags = batch_inputs.prepare(
+        config, batch, sampler_kw=sampler_kw, row_seeds=row_seeds, stop_ids=stop_ids, cont=cont,
+        mesh=mesh, rules=rules, constrained=constrained)
     stop_ids = args[5]
     tables = args[8] if constrained is not None else None
     decoders = [results.row_decoder(tokenizer, constrained.compiled[i] if constrained else None)
@@ -389,7 +298,7 @@ def generate_stream(config: ModelConfig, params, prompts: Sequence[Sequence[int]
     sampler_kw = sampling.settings_arrays(
         len(prompts), temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
         repetition_penalty=repetition_penalty)
-    batch_size = _batch_size(len(prompts), batch_size, mesh, rules)
+    batch_size = batch_inputs.rows_per_batch(len(prompts), batch_size, mesh, rules)
     if chunk_size is None:
         chunk_size = DEFAULT_STOP_CHUNK if stop_strings or partial else max_new_tokens
     shape_budget = max_new_tokens if shape_budget is None else int(shape_budget)
@@ -402,14 +311,14 @@ def generate_stream(config: ModelConfig, params, prompts: Sequence[Sequence[int]
     cont = None if continuations is None else continuations_lib.Continuations.make(
         continuations, len(prompts), prompts, max_len=max_len, vocab_size=config.vocab_size)
     per_prompt = constraints_lib.per_prompt(constraint, len(prompts))
-    constrained = None if per_prompt is None else _Constraints(per_prompt, tokenizer, config,
-                                                               mesh, rules)
+    constrained = None if per_prompt is None else batch_inputs.CallConstraints(
+        per_prompt, tokenizer, config, mesh, rules)
     batches, params = _plan(config, params, prompts, batch_size=batch_size,
                             cap=max_len - shape_budget, mesh=mesh, rules=rules,
                             share_prefix=share_prefix,
                             order_key=cont.sort_key() if cont is not None else None)
     run = dict(max_new_tokens=max_new_tokens, shape_budget=shape_budget, sampler_kw=sampler_kw,
-               stop_ids=_stop_ids(config, tokenizer, stop_token_ids, ignore_eos),
+               stop_ids=batch_inputs.stop_set(config, tokenizer, stop_token_ids, ignore_eos),
                stop_strings=stop_strings, tokenizer=tokenizer, chunk=max(1, int(chunk_size)),
                mesh=mesh, rules=rules, partial=partial, cancel=cancel, cont=cont,
                constrained=constrained)
@@ -441,13 +350,6 @@ def _plan(config, params, prompts, *, batch_size, cap, mesh, rules, share_prefix
             params = sharding.put(params, sharding.tree_shardings(
                 transformer.abstract_params(config), mesh, rules))
     return batches, params
-
-
-def _batch_size(n_prompts: int, batch_size: int | None, mesh, rules) -> int:
-    shards = _batch_shards(mesh, rules)
-    if batch_size is None:
-        batch_size = min(prompt_batches.next_pow2(n_prompts), prompt_batches.DEFAULT_BATCH_SIZE)
-    return -(-max(int(batch_size), 1) // shards) * shards
 
 
 def _cache_len(t: int, shape_budget: int) -> int:
@@ -485,19 +387,19 @@ def score_continuations(config: ModelConfig, params, prompts: Sequence[Sequence[
     _check_share_prefix(share_prefix)
     cont = continuations_lib.Continuations.make(continuations, len(prompts), prompts,
                                                 max_len=max_len, vocab_size=config.vocab_size)
-    batch_size = _batch_size(len(prompts), batch_size, mesh, rules)
+    batch_size = batch_inputs.rows_per_batch(len(prompts), batch_size, mesh, rules)
     batches, params = _plan(config, params, prompts, batch_size=batch_size,
                             cap=max_len - 1, mesh=mesh, rules=rules, share_prefix=share_prefix,
                             order_key=cont.sort_key())
     sampler_kw = sampling.settings_arrays(len(prompts), temperature=0.0, top_k=0, top_p=1.0,
                                           min_p=0.0, repetition_penalty=1.0)
-    stop_ids = _stop_ids(config, None, (), True)
+    stop_ids = batch_inputs.stop_set(config, None, (), True)
     out: list[tuple[float, ...] | None] = [None] * len(prompts)
     pending = []
     with sharding.use_mesh(mesh, rules):
         for batch in batches:
-            args, kw, _, flags = _prepare(
-                config, params, batch, sampler_kw=sampler_kw,
+            args, kw, _, flags = batch_inputs.prepare(
+                config, batch, sampler_kw=sampler_kw,
                 row_seeds=([0] * len(batch.indices), list(batch.indices)), stop_ids=stop_ids,
                 cont=cont, mesh=mesh, rules=rules)
             state = jit_prefill(params, *args, **kw, config=config, flags=flags, max_new_tokens=1,

@@ -26,7 +26,9 @@ When it applies (`share_prefix`): None (the default) shares when at least two ro
 common prefix of MIN_SHARED tokens and the prefill then runs at most PAYOFF of the tokens of
 the unshared layout, and not for a mixture of experts that can drop tokens (its per-row
 capacity depends on the tokens of a pass, so routing would differ); True shares whenever
-the rows have a common token; False never.
+the rows have a common token (each row keeps at least one token for the suffix pass); False
+never. Sharing adds compiled shapes of its own (one per prefix size and suffix bucket): a
+long run of one template compiles them once.
 """
 
 from collections.abc import Sequence

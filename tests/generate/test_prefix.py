@@ -18,8 +18,8 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from align_jax import sharding
-from align_jax.generate import constraints as C
 from align_jax.generate import (
+    batch_inputs,
     generate,
     loop,
     prefix,
@@ -27,6 +27,7 @@ from align_jax.generate import (
     sampling,
     score_continuations,
 )
+from align_jax.generate import constraints as C
 from align_jax.models import transformer
 from align_jax.models.config import ModelConfig, get_config
 from align_jax.tokenizer_training import train_tokenizer
@@ -222,9 +223,9 @@ def test_shared_prefill_keeps_the_cache_batch_sharded():
     (batch,) = prompt_batches.plan_batches(PROMPTS, batch_size=8, cap=100)
     batch = prefix.share(batch, PROMPTS, config=BASE, mode=True, cap=100, pad_id=0)
     sampler, flags = sampling.make_sampling(8)
-    arrays = loop._place((batch.tokens_BT, batch.positions_BT, batch.segment_ids_BT,
+    arrays = batch_inputs.place((batch.tokens_BT, batch.positions_BT, batch.segment_ids_BT,
                           batch.active_B, sampler), mesh, "fsdp_tp")
-    prefix_1T = loop._place(batch.prefix_1T, mesh, "fsdp_tp")
+    prefix_1T = batch_inputs.place(batch.prefix_1T, mesh, "fsdp_tp")
     assert prefix_1T.sharding.is_fully_replicated
     stop_ids = jax.device_put(np.full((8,), -1, np.int32), sharding.replicated(mesh))
     before = loop.trace_counts().get("prefix", 0)
