@@ -1,10 +1,12 @@
 """The generation loop: one jitted prefill, then one jitted `lax.while_loop` decode.
 
-    prompts --(prompt_batches: sort, bucket, left-pad)--> PromptBatch
-      --jit_prefill--> SamplingState (cache filled, first token drawn)
+    prompts --(prompt_batches: sort, bucket, left-pad; prefix: a shared prefix)--> PromptBatch
+      --jit_prefill (the shared prefix once, then the rest)--> SamplingState (cache filled,
+                    first token drawn)
       --jit_decode (state donated; runs until every row is done, the budget is spent or
                     `end_step` is reached)--> SamplingState
-      --host: stop strings on the new text, once per chunk--> GenerationOutput / Completion
+      --host (results): stop strings on the new text, once per chunk--> GenerationOutput /
+                    Completion
 
 Rows finish independently: a row is done when it draws a stop token (config EOS, tokenizer EOS
 ids, `stop_token_ids`) or when the host finds a stop string in its text. Done rows keep running
@@ -24,7 +26,6 @@ accepts (the budget ran out) is flagged incomplete.
 """
 
 import collections
-import dataclasses
 from collections.abc import Callable, Iterator, Sequence
 
 import flax.struct
@@ -33,10 +34,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from align_jax import axes, sharding
+from align_jax.generate import batch_inputs, prompt_batches, results, sampling, stop
 from align_jax.generate import constraints as constraints_lib
 from align_jax.generate import continuations as continuations_lib
-from align_jax.generate import prompt_batches, sampling, stop
+from align_jax.generate import prefix as prefix_lib
 from align_jax.generate.constraints import device as constraint_device
+from align_jax.generate.results import Completion, GenerationOutput
 from align_jax.models import transformer
 from align_jax.models.config import ModelConfig
 
@@ -45,8 +48,11 @@ from align_jax.models.config import ModelConfig
 _TRACES: collections.Counter = collections.Counter()
 
 DEFAULT_STOP_CHUNK = 32
+
+
 def trace_counts() -> dict[str, int]:
-    """How many times prefill and decode have been traced (compiled) in this process."""
+    """How many times prefill and decode have been traced (compiled) in this process
+    ("prefix": prefills traced with a shared prefix, see `align_jax.generate.prefix`)."""
     return dict(_TRACES)
 
 
@@ -82,40 +88,6 @@ class SamplingState:
     seen_BV: jax.Array | None
     continuation_logps_BK: jax.Array | None = None
     constraint_B: jax.Array | None = None
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class Completion:
-    """One prompt's result, as `generate_stream` yields it.
-
-    finish_reason is None for a partial result (`partial=True`): the tokens so far, and as
-    text only what can no longer change (no half-decoded character, nothing that could still
-    turn into a stop string). incomplete: a constrained row that ended before its automaton
-    accepted (its text does not match the constraint).
-    """
-
-    index: int
-    tokens: list[int]
-    logprobs: list[float]
-    finish_reason: str | None
-    text: str | None = None
-    continuation_logps: tuple[float, ...] | None = None
-    incomplete: bool = False
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class GenerationOutput:
-    """Results in the order of the prompts. texts is None without a tokenizer;
-    continuation_logps is None unless continuations were given to score; incomplete is None
-    unless a constraint was given (then True for a constrained row that ended before its
-    automaton accepted, e.g. finish_reason "length")."""
-
-    tokens: list[list[int]]
-    logprobs: list[list[float]]
-    finish_reasons: list[str]
-    texts: list[str] | None = None
-    continuation_logps: list[tuple[float, ...]] | None = None
-    incomplete: list[bool] | None = None
 
 
 def _constrain_cache(cache):
@@ -169,18 +141,25 @@ def _constrained_sample(logits_BV, state: SamplingState, sampler, flags, stop_id
 
 def _prefill(params, tokens_BT, positions_BT, segment_ids_BT, active_B, sampler, stop_ids_E,
              cont_BKA=None, cont_mask_BKA=None, tables=None, constraint_B=None, *,
-             config: ModelConfig,
+             prefix_1T=None, config: ModelConfig,
              flags: sampling.SamplingFlags, max_new_tokens: int, cache_len: int, mesh,
              rules) -> SamplingState:
     del mesh, rules  # Static only so that each mesh/preset gets its own compiled version.
     _TRACES["prefill"] += 1
     b, t = tokens_BT.shape
-    cache = _constrain_cache(transformer.init_cache(config, b, cache_len))
     decoder = transformer.Decoder(config)
+    if prefix_1T is None:
+        cache, p = transformer.init_cache(config, b, cache_len), 0
+    else:
+        _TRACES["prefix"] += 1
+        cache = prefix_lib.prefill_cache(params, prefix_1T, positions_BT, segment_ids_BT,
+                                         config=config, cache_len=cache_len)
+        p = prefix_1T.shape[1]
     # Only the last slot's logits are needed: unembedding the hidden states ourselves avoids
     # materialising [B, T, V] logits for long prompts and large vocabularies.
-    h_BTD, cache = decoder.apply({"params": params}, tokens_BT, positions_BT, segment_ids_BT,
-                                 cache, method=transformer.Decoder.hidden)
+    h_BTD, cache = decoder.apply({"params": params}, tokens_BT[:, p:], positions_BT[:, p:],
+                                 segment_ids_BT[:, p:], _constrain_cache(cache),
+                                 method=transformer.Decoder.hidden)
     w_DV = decoder.apply({"params": params},
                          method=transformer.Decoder.unembed_matrix).astype(config.dtype)
     logits_BV = jnp.einsum("BD,DV->BV", h_BTD[:, -1], w_DV, preferred_element_type=jnp.float32)
@@ -235,164 +214,23 @@ jit_decode = jax.jit(
     _decode, static_argnames=("config", "flags", "mesh", "rules"), donate_argnames=("state",))
 
 
-def _stop_ids(config: ModelConfig, tokenizer, stop_token_ids, ignore_eos: bool) -> np.ndarray:
-    ids = set(int(t) for t in stop_token_ids)
-    if not ignore_eos:
-        eos = config.eos_token_id
-        ids.update((eos,) if isinstance(eos, int) else tuple(eos or ()))
-        if tokenizer is not None:
-            ids.update(int(t) for t in (getattr(tokenizer, "eos_ids", None) or ()))
-    ids.discard(None)
-    # Padded to a multiple of 8 with -1 (never drawn) so the set's size rarely recompiles.
-    out = np.full((max(8, -(-len(ids) // 8) * 8),), -1, np.int32)
-    out[:len(ids)] = sorted(ids)
-    return out
-
-
-def _batch_shards(mesh, rules) -> int:
-    if mesh is None:
-        return 1
-    entry = sharding.logical_to_spec((axes.BATCH,), rules)[0]
-    names = () if entry is None else ((entry,) if isinstance(entry, str) else tuple(entry))
-    return int(np.prod([mesh.shape[n] for n in names])) if names else 1
-
-
-def _place(tree, mesh, rules):
-    """Puts [B, ...] host arrays on the mesh, batch axis sharded (or on the default device)."""
-    if mesh is None:
-        return jax.device_put(tree)
-    return jax.tree.map(lambda x: sharding.put(x, sharding.named_sharding(
-        (axes.BATCH,) + (None,) * (np.ndim(x) - 1), mesh, rules, shape=np.shape(x))), tree)
-
-
-def _decode_text(tokenizer, ids) -> str:
-    return tokenizer.decode([int(t) for t in ids])
-
-
-class _Constraints:
-    """A call's constraints: the compiled automaton of each prompt, and their union as device
-    tables (host copies kept for the per-chunk checks)."""
-
-    def __init__(self, per_prompt, tokenizer, config: ModelConfig, mesh, rules):
-        if tokenizer is None:
-            raise ValueError("constraint needs the model's tokenizer (pass tokenizer=) to build "
-                             "its token automaton")
-        if tokenizer.vocab_size > config.vocab_size:
-            raise ValueError(f"tokenizer has {tokenizer.vocab_size} ids but the model only "
-                             f"{config.vocab_size}: they do not belong together")
-        self.compiled = [None if c is None else constraints_lib.compile_constraint(c, tokenizer)
-                         for c in per_prompt]
-        distinct = list({id(c): c for c in self.compiled if c is not None}.values())
-        host, self.starts = constraint_device.build_tables(distinct,
-                                                           vocab_size=config.vocab_size)
-        self.accepting_Q = host.accepting_Q
-        self.tables = (jax.device_put(host) if mesh is None
-                       else sharding.put(host, sharding.replicated(mesh)))
-
-    def start_states(self, batch: prompt_batches.PromptBatch) -> np.ndarray:
-        out = np.zeros(len(batch.active_B), np.int32)
-        for row, i in enumerate(batch.indices):
-            c = self.compiled[i]
-            out[row] = constraint_device.FREE if c is None else self.starts[c.constraint]
-        return out
-
-
-def _row_decoder(tokenizer, compiled):
-    """ids -> text for one row: a constrained row's text is the bytes its automaton read."""
-    if compiled is not None:
-        return compiled.decode
-    if tokenizer is None:
-        return None
-    return lambda ids: _decode_text(tokenizer, ids)
-
-
-def _finish(decode, index, toks, lps, reason, stopped_on_token, text=None,
-            scores=None, incomplete=False) -> Completion:
-    if decode is not None and text is None:
-        text = decode(toks[:-1] if stopped_on_token else toks)
-    return Completion(index=index, tokens=[int(t) for t in toks],
-                      logprobs=[float(x) for x in lps], finish_reason=reason, text=text,
-                      continuation_logps=scores, incomplete=incomplete)
-
-
-def _stable_text(decode, toks, stop_strings) -> str | None:
-    if decode is None:
-        return None
-    text = decode(toks).rstrip("\ufffd")
-    # Hold back a tail that is the start of a stop string: it may yet be cut.
-    hold = max((k for s in stop_strings for k in range(1, len(s))
-                if text.endswith(s[:k])), default=0)
-    return text[:len(text) - hold]
-
-
-def _check_finite(logprobs_BM, lengths_B, rows, indices) -> None:
-    """Non-finite log-probs mean NaN/inf logits: an error, not empty completions."""
-    for row in sorted(rows):
-        lps = logprobs_BM[row, :int(lengths_B[row])]
-        if not np.all(np.isfinite(lps)):
-            at = int(np.argmin(np.isfinite(lps)))
-            raise FloatingPointError(
-                f"generation produced non-finite logits for prompt {indices[row]} at new token "
-                f"{at}: the model's weights (or its config) hold NaN or inf")
-
-
-def _prepare(config, params, batch: prompt_batches.PromptBatch, *, sampler_kw, row_seeds,
-             stop_ids, cont, mesh, rules, constrained: _Constraints | None = None):
-    """Device arrays for one batch's prefill: (prefill args, sampler, flags)."""
-    seeds, salts = row_seeds
-    n_rows = len(batch.active_B)
-    pad = n_rows - len(batch.indices)
-    rows = list(batch.indices)
-    settings = {k: np.concatenate([v[rows], np.full((pad,), sampling.NEUTRAL[k], v.dtype)])
-                for k, v in sampler_kw.items()}
-    sampler, flags = sampling.make_sampling(
-        n_rows, seeds=list(seeds) + [0] * pad, salts=list(salts) + [0] * pad, **settings)
-    host = [batch.tokens_BT, batch.positions_BT, batch.segment_ids_BT, batch.active_B, sampler]
-    pad_id = config.pad_token_id if config.pad_token_id is not None else 0
-    scored = cont.arrays(batch, pad_id) if cont is not None else (None, None)
-    if constrained is not None:
-        flags = dataclasses.replace(flags, constrained=True)
-        host.append(constrained.start_states(batch))
-    arrays = _place((*host, *(x for x in scored if x is not None)), mesh, rules)
-    stop_ids = (jax.device_put(stop_ids) if mesh is None
-                else sharding.put(stop_ids, sharding.replicated(mesh)))
-    n = 5 + (constrained is not None)
-    args = (*arrays[:5], stop_ids)
-    if cont is not None or constrained is not None:
-        args = (*args, *(tuple(arrays[n:]) if cont is not None else (None, None)))
-    if constrained is not None:
-        args = (*args, constrained.tables, arrays[5])
-    return args, arrays[4], flags
-
-
-def _constrained_end(constrained, compiled, state: int, reason: str, *, dead: bool = False,
-                     text: str | None = None) -> tuple[str, bool]:
-    """(finish reason, incomplete) of a row that ended in automaton `state`."""
-    if compiled is None:
-        return reason, False
-    if text is not None:  # cut at a stop string: the cut text decides
-        return reason, not compiled.constraint.validate(text)
-    accepted = bool(constrained.accepting_Q[state])
-    if dead:  # no allowed token was left (see _record): complete if it accepts
-        reason = "stop" if accepted else "length"
-    return reason, not accepted
-
-
 def _run_batch(config, params, batch: prompt_batches.PromptBatch, *, max_new_tokens, shape_budget,
                cache_len, sampler_kw, row_seeds, stop_ids, stop_strings, tokenizer, chunk, mesh,
                rules, partial=False, cancel=None, cont=None, constrained=None
                ) -> Iterator[Completion]:
     if cancel is not None and cancel():
         return
-    args, sampler, flags = _prepare(config, params, batch, sampler_kw=sampler_kw,
-                                    row_seeds=row_seeds, stop_ids=stop_ids, cont=cont, mesh=mesh,
-                                    rules=rules, constrained=constrained)
+    args, kw, sampler, flags = batch_inputs.prepare(
+        config, batch, sampler_kw=sampler_kw, row_seeds=row_seeds, stop_ids=stop_ids, cont=cont,
+        mesh=mesh, rules=rules, constrained=constrained)
     stop_ids = args[5]
     tables = args[8] if constrained is not None else None
-    decoders = [_row_decoder(tokenizer, constrained.compiled[i] if constrained else None)
+    decoders = [results.row_decoder(tokenizer, constrained.compiled[i] if constrained else None)
                 for i in batch.indices]
+    compiled = [constrained.compiled[i] if constrained else None for i in batch.indices]
+    accepting_Q = constrained.accepting_Q if constrained else None
     with sharding.use_mesh(mesh, rules):
-        state = jit_prefill(params, *args, config=config, flags=flags,
+        state = jit_prefill(params, *args, **kw, config=config, flags=flags,
                             max_new_tokens=shape_budget, cache_len=cache_len, mesh=mesh,
                             rules=rules)
         pending = set(range(len(batch.indices)))
@@ -409,40 +247,16 @@ def _run_batch(config, params, batch: prompt_batches.PromptBatch, *, max_new_tok
                 (state.step, state.done_B, state.stopped_B, state.lengths_B, state.tokens_BM,
                  state.logprobs_BM, state.continuation_logps_BK if scores_BK is None else None,
                  state.constraint_B))
+            # Continuation scores are final after the prefill: fetched once.
             scores_BK = scores if scores_BK is None else scores_BK
             step = int(step)
-            _check_finite(logprobs_BM, lengths_B, pending, batch.indices)
-            newly_done = []
-            for row in sorted(pending):
-                n = int(lengths_B[row])
-                toks, lps = tokens_BM[row, :n], logprobs_BM[row, :n]
-                decode = decoders[row]
-                compiled = constrained.compiled[batch.indices[row]] if constrained else None
-                cut = stop.cut_at_stop(toks, decode, stop_strings) if stop_strings else None
-                scores = continuations_lib.row_scores(cont, scores_BK, batch, row)
-                cs = int(cstate_B[row]) if cstate_B is not None else 0
-                if cut is not None:
-                    m, text = cut
-                    reason, incomplete = _constrained_end(constrained, compiled, cs, "stop",
-                                                          text=text)
-                    done = _finish(decode, batch.indices[row], toks[:m], lps[:m], reason,
-                                   False, text, scores, incomplete)
-                    newly_done.append(row)
-                elif done_B[row] or step >= max_new_tokens:
-                    stopped = bool(done_B[row] and stopped_B[row])
-                    reason, incomplete = _constrained_end(
-                        constrained, compiled, cs, "stop" if stopped else "length",
-                        dead=bool(done_B[row]) and not stopped)
-                    done = _finish(decode, batch.indices[row], toks, lps, reason, stopped,
-                                   scores=scores, incomplete=incomplete)
-                else:
-                    if partial:
-                        yield Completion(index=batch.indices[row], tokens=[int(t) for t in toks],
-                                         logprobs=[float(x) for x in lps], finish_reason=None,
-                                         text=_stable_text(decode, toks, stop_strings))
-                    continue
-                pending.discard(row)
-                yield done
+            fetched = (step, done_B, stopped_B, lengths_B, tokens_BM, logprobs_BM, scores_BK,
+                       cstate_B)
+            done, newly_done = results.chunk_results(
+                batch, pending, fetched, max_new_tokens=max_new_tokens, decoders=decoders,
+                compiled=compiled, accepting_Q=accepting_Q, stop_strings=stop_strings, cont=cont,
+                partial=partial)
+            yield from done
             if newly_done and pending:
                 done_B = np.array(done_B)
                 done_B[newly_done] = True
@@ -460,7 +274,8 @@ def generate_stream(config: ModelConfig, params, prompts: Sequence[Sequence[int]
                     shape_budget: int | None = None,
                     cancel: Callable[[], bool] | None = None,
                     continuations: Sequence[Sequence[Sequence[int]]] | None = None,
-                    constraint=None) -> Iterator[Completion]:
+                    constraint=None, share_prefix: bool | None = None
+                    ) -> Iterator[Completion]:
     """Like `generate`, but yields a `Completion` for each prompt as soon as it finishes.
 
     Completion is observed at chunk boundaries: the device runs `chunk_size` decode steps
@@ -477,12 +292,13 @@ def generate_stream(config: ModelConfig, params, prompts: Sequence[Sequence[int]
     prompts = prompt_batches.validate_prompts(prompts, max_new_tokens=max_new_tokens,
                                               max_len=max_len, vocab_size=config.vocab_size)
     stop_strings = stop.validate_stop_strings(stop_strings, tokenizer)
+    _check_share_prefix(share_prefix)
     if seeds is not None and len(seeds) != len(prompts):
         raise ValueError(f"seeds has {len(seeds)} entries for {len(prompts)} prompts")
     sampler_kw = sampling.settings_arrays(
         len(prompts), temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
         repetition_penalty=repetition_penalty)
-    batch_size = _batch_size(len(prompts), batch_size, mesh, rules)
+    batch_size = batch_inputs.rows_per_batch(len(prompts), batch_size, mesh, rules)
     if chunk_size is None:
         chunk_size = DEFAULT_STOP_CHUNK if stop_strings or partial else max_new_tokens
     shape_budget = max_new_tokens if shape_budget is None else int(shape_budget)
@@ -495,13 +311,14 @@ def generate_stream(config: ModelConfig, params, prompts: Sequence[Sequence[int]
     cont = None if continuations is None else continuations_lib.Continuations.make(
         continuations, len(prompts), prompts, max_len=max_len, vocab_size=config.vocab_size)
     per_prompt = constraints_lib.per_prompt(constraint, len(prompts))
-    constrained = None if per_prompt is None else _Constraints(per_prompt, tokenizer, config,
-                                                               mesh, rules)
+    constrained = None if per_prompt is None else batch_inputs.CallConstraints(
+        per_prompt, tokenizer, config, mesh, rules)
     batches, params = _plan(config, params, prompts, batch_size=batch_size,
                             cap=max_len - shape_budget, mesh=mesh, rules=rules,
+                            share_prefix=share_prefix,
                             order_key=cont.sort_key() if cont is not None else None)
     run = dict(max_new_tokens=max_new_tokens, shape_budget=shape_budget, sampler_kw=sampler_kw,
-               stop_ids=_stop_ids(config, tokenizer, stop_token_ids, ignore_eos),
+               stop_ids=batch_inputs.stop_set(config, tokenizer, stop_token_ids, ignore_eos),
                stop_strings=stop_strings, tokenizer=tokenizer, chunk=max(1, int(chunk_size)),
                mesh=mesh, rules=rules, partial=partial, cancel=cancel, cont=cont,
                constrained=constrained)
@@ -509,11 +326,23 @@ def generate_stream(config: ModelConfig, params, prompts: Sequence[Sequence[int]
     return _stream(config, params, batches, seed=seed, seeds=seeds, run=run)
 
 
-def _plan(config, params, prompts, *, batch_size, cap, mesh, rules, order_key=None):
-    """(left-padded batches, params placed on the mesh or the default device)."""
+def _check_share_prefix(share_prefix) -> None:
+    if share_prefix is not None and not isinstance(share_prefix, (bool, np.bool_)):
+        raise ValueError(f"share_prefix must be None, True or False, got {share_prefix!r}")
+
+
+def _plan(config, params, prompts, *, batch_size, cap, mesh, rules, share_prefix,
+          order_key=None):
+    """(left-padded batches, each with its shared prefix where one applies; params placed
+    on the mesh or the default device)."""
     pad_id = config.pad_token_id if config.pad_token_id is not None else 0
+    if share_prefix is not False:
+        groups = prefix_lib.order_key(prompts)
+        order_key = groups if order_key is None else list(zip(order_key, groups))
     batches = prompt_batches.plan_batches(prompts, batch_size=batch_size, cap=cap, pad_id=pad_id,
                                           order_key=order_key)
+    batches = [prefix_lib.share(b, prompts, config=config, mode=share_prefix, cap=cap,
+                                pad_id=pad_id) for b in batches]
     if batches:
         if mesh is None:
             params = jax.device_put(params)
@@ -521,13 +350,6 @@ def _plan(config, params, prompts, *, batch_size, cap, mesh, rules, order_key=No
             params = sharding.put(params, sharding.tree_shardings(
                 transformer.abstract_params(config), mesh, rules))
     return batches, params
-
-
-def _batch_size(n_prompts: int, batch_size: int | None, mesh, rules) -> int:
-    shards = _batch_shards(mesh, rules)
-    if batch_size is None:
-        batch_size = min(prompt_batches.next_pow2(n_prompts), prompt_batches.DEFAULT_BATCH_SIZE)
-    return -(-max(int(batch_size), 1) // shards) * shards
 
 
 def _cache_len(t: int, shape_budget: int) -> int:
@@ -539,7 +361,8 @@ def _cache_len(t: int, shape_budget: int) -> int:
 def score_continuations(config: ModelConfig, params, prompts: Sequence[Sequence[int]],
                         continuations: Sequence[Sequence[Sequence[int]]], *, mesh=None,
                         rules="fsdp", batch_size: int | None = None,
-                        max_len: int | None = None) -> list[tuple[float, ...]]:
+                        max_len: int | None = None,
+                        share_prefix: bool | None = None) -> list[tuple[float, ...]]:
     """log p(continuation | prompt) under the model for given continuations of each prompt.
 
     Each prompt is run once (the prefill of `generate`, left-padded and bucketed the same way)
@@ -553,29 +376,33 @@ def score_continuations(config: ModelConfig, params, prompts: Sequence[Sequence[
       prompts: token id lists (each at least one token).
       continuations: for each prompt, its continuations (token id lists, each non-empty);
         prompt + continuation must fit max_len.
-      mesh, rules, batch_size, max_len: as in `generate`.
+      mesh, rules, batch_size, max_len, share_prefix: as in `generate` (prompts with a
+        common prefix share its pass here too).
     Returns:
       for each prompt, the summed log-prob of each of its continuations (float32 math).
     """
     max_len = int(max_len or config.max_position)
     prompts = prompt_batches.validate_prompts(prompts, max_new_tokens=1, max_len=max_len,
                                               vocab_size=config.vocab_size)
+    _check_share_prefix(share_prefix)
     cont = continuations_lib.Continuations.make(continuations, len(prompts), prompts,
                                                 max_len=max_len, vocab_size=config.vocab_size)
-    batch_size = _batch_size(len(prompts), batch_size, mesh, rules)
+    batch_size = batch_inputs.rows_per_batch(len(prompts), batch_size, mesh, rules)
     batches, params = _plan(config, params, prompts, batch_size=batch_size,
-                            cap=max_len - 1, mesh=mesh, rules=rules, order_key=cont.sort_key())
+                            cap=max_len - 1, mesh=mesh, rules=rules, share_prefix=share_prefix,
+                            order_key=cont.sort_key())
     sampler_kw = sampling.settings_arrays(len(prompts), temperature=0.0, top_k=0, top_p=1.0,
                                           min_p=0.0, repetition_penalty=1.0)
-    stop_ids = _stop_ids(config, None, (), True)
+    stop_ids = batch_inputs.stop_set(config, None, (), True)
     out: list[tuple[float, ...] | None] = [None] * len(prompts)
     pending = []
     with sharding.use_mesh(mesh, rules):
         for batch in batches:
-            args, _, flags = _prepare(config, params, batch, sampler_kw=sampler_kw,
-                                      row_seeds=([0] * len(batch.indices), list(batch.indices)),
-                                      stop_ids=stop_ids, cont=cont, mesh=mesh, rules=rules)
-            state = jit_prefill(params, *args, config=config, flags=flags, max_new_tokens=1,
+            args, kw, _, flags = batch_inputs.prepare(
+                config, batch, sampler_kw=sampler_kw,
+                row_seeds=([0] * len(batch.indices), list(batch.indices)), stop_ids=stop_ids,
+                cont=cont, mesh=mesh, rules=rules)
+            state = jit_prefill(params, *args, **kw, config=config, flags=flags, max_new_tokens=1,
                                 cache_len=_cache_len(batch.tokens_BT.shape[1], 1),
                                 mesh=mesh, rules=rules)
             pending.append((batch, state.continuation_logps_BK))
@@ -609,7 +436,7 @@ def generate(config: ModelConfig, params, prompts: Sequence[Sequence[int]], *,
              chunk_size: int | None = None, ignore_eos: bool = False,
              shape_budget: int | None = None,
              continuations: Sequence[Sequence[Sequence[int]]] | None = None,
-             constraint=None) -> GenerationOutput:
+             constraint=None, share_prefix: bool | None = None) -> GenerationOutput:
     """Generates continuations of token-id prompts with a KV cache.
 
     Args:
@@ -642,6 +469,11 @@ def generate(config: ModelConfig, params, prompts: Sequence[Sequence[int]], *,
         row's tokens always spell a prefix of a match, and it may stop only where a match is
         complete; `incomplete[i]` is True when its budget ran out first. The automata are
         compiled once per (tokenizer, constraint) and applied inside the jitted loop.
+      share_prefix: whether a batch whose prompts start with the same tokens runs them once
+        in its prefill (`align_jax.generate.prefix`): None (default) where that saves at
+        least a quarter of the prefill's tokens, True wherever the prompts share a token,
+        False never. Outputs equal those of the unshared prefill (up to float32 rounding);
+        `shared_prefix_tokens[i]` says how many of prompt i's tokens were shared.
     Returns:
       GenerationOutput in prompt order; see the module docstring for what tokens, texts and
       logprobs contain.
@@ -653,7 +485,8 @@ def generate(config: ModelConfig, params, prompts: Sequence[Sequence[int]], *,
             stop_token_ids=stop_token_ids, stop_strings=stop_strings, tokenizer=tokenizer,
             seed=seed, seeds=seeds, mesh=mesh, rules=rules, batch_size=batch_size,
             max_len=max_len, chunk_size=chunk_size, ignore_eos=ignore_eos,
-            shape_budget=shape_budget, continuations=continuations, constraint=constraint):
+            shape_budget=shape_budget, continuations=continuations, constraint=constraint,
+            share_prefix=share_prefix):
         results[c.index] = c
     order = [results[i] for i in range(len(results))]
     return GenerationOutput(
@@ -662,4 +495,5 @@ def generate(config: ModelConfig, params, prompts: Sequence[Sequence[int]], *,
         texts=[c.text for c in order] if tokenizer is not None else None,
         continuation_logps=([c.continuation_logps for c in order]
                             if continuations is not None else None),
-        incomplete=[c.incomplete for c in order] if constraint is not None else None)
+        incomplete=[c.incomplete for c in order] if constraint is not None else None,
+        shared_prefix_tokens=[c.shared_prefix_tokens for c in order])

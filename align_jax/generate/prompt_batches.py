@@ -31,6 +31,9 @@ class PromptBatch:
     tokens_BT, positions_BT, segment_ids_BT: int32 [B, T] left-padded arrays.
     lengths_B: prompt length per row (1 for inert filler rows).
     active_B: bool, False for filler rows.
+    prefix_1T: None, or int32 [1, P]: the first P tokens, common to every real row, that the
+      prefill runs once for the whole batch (`align_jax.generate.prefix`); the layout above
+      is the same either way.
     """
 
     indices: tuple[int, ...]
@@ -39,6 +42,7 @@ class PromptBatch:
     segment_ids_BT: np.ndarray
     lengths_B: np.ndarray
     active_B: np.ndarray
+    prefix_1T: np.ndarray | None = None
 
 
 def validate_prompts(prompts: Sequence[Sequence[int]], *, max_new_tokens: int, max_len: int,
@@ -94,20 +98,34 @@ def plan_batches(prompts: Sequence[Sequence[int]], *, batch_size: int, cap: int,
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
         t = bucket_length(max(len(prompts[i]) for i in idx), cap=cap, min_bucket=min_bucket)
-        tokens = np.full((batch_size, t), pad_id, np.int32)
-        positions = np.zeros((batch_size, t), np.int32)
-        segments = np.zeros((batch_size, t), np.int32)
-        lengths = np.ones((batch_size,), np.int32)
-        active = np.zeros((batch_size,), bool)
-        for row, i in enumerate(idx):
-            n = len(prompts[i])
-            tokens[row, t - n:] = prompts[i]
-            positions[row, t - n:] = np.arange(n)
-            segments[row, t - n:] = 1
-            lengths[row], active[row] = n, True
-        # Filler rows: one real-looking token so their attention is well defined; they start
-        # done and never keep the decode loop alive.
-        segments[len(idx):, -1] = 1
-        batches.append(PromptBatch(indices=tuple(idx), tokens_BT=tokens, positions_BT=positions,
-                                   segment_ids_BT=segments, lengths_B=lengths, active_B=active))
+        batches.append(layout(prompts, idx, batch_size=batch_size, length=t, pad_id=pad_id))
     return batches
+
+
+def layout(prompts: Sequence[Sequence[int]], idx: Sequence[int], *, batch_size: int,
+           length: int, pad_id: int = 0) -> PromptBatch:
+    """The prompts `idx` left-padded into one batch of `batch_size` rows and `length` slots.
+
+    Args:
+      prompts: token id lists (already validated); idx: the ones in this batch, in row order.
+      batch_size: rows (filler rows complete the batch); length: slots, >= every prompt.
+      pad_id: token id written in pad slots (never attended).
+    Returns:
+      the PromptBatch (no shared prefix).
+    """
+    tokens = np.full((batch_size, length), pad_id, np.int32)
+    positions = np.zeros((batch_size, length), np.int32)
+    segments = np.zeros((batch_size, length), np.int32)
+    lengths = np.ones((batch_size,), np.int32)
+    active = np.zeros((batch_size,), bool)
+    for row, i in enumerate(idx):
+        n = len(prompts[i])
+        tokens[row, length - n:] = prompts[i]
+        positions[row, length - n:] = np.arange(n)
+        segments[row, length - n:] = 1
+        lengths[row], active[row] = n, True
+    # Filler rows: one real-looking token so their attention is well defined; they start
+    # done and never keep the decode loop alive.
+    segments[len(idx):, -1] = 1
+    return PromptBatch(indices=tuple(idx), tokens_BT=tokens, positions_BT=positions,
+                       segment_ids_BT=segments, lengths_B=lengths, active_B=active)

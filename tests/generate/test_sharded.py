@@ -6,7 +6,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from align_jax import sharding
-from align_jax.generate import generate, loop, prompt_batches, sampling
+from align_jax.generate import batch_inputs, generate, loop, prompt_batches, sampling
 from align_jax.models import transformer
 from align_jax.models.config import ModelConfig
 
@@ -46,7 +46,7 @@ def test_cache_and_batch_are_sharded_under_fsdp_tp():
     params = transformer.init_params(CONFIG, jax.random.key(0), mesh=mesh, rules="fsdp_tp")
     (batch,) = prompt_batches.plan_batches(PROMPTS, batch_size=8, cap=32)
     sampler, flags = sampling.make_sampling(8)
-    arrays = loop._place((batch.tokens_BT, batch.positions_BT, batch.segment_ids_BT,
+    arrays = batch_inputs.place((batch.tokens_BT, batch.positions_BT, batch.segment_ids_BT,
                           batch.active_B, sampler), mesh, "fsdp_tp")
     stop_ids = jax.device_put(np.full((8,), -1, np.int32), sharding.replicated(mesh))
     with sharding.use_mesh(mesh, "fsdp_tp"):
