@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # The test suite fakes 8 CPU devices; it never needs an accelerator.
 TEST_ENV := JAX_PLATFORMS=cpu
 
-.PHONY: setup test test-all demo demo-tiny bench lint clean
+.PHONY: setup test test-all demo demo-long demo-curve demo-tiny bench lint clean
 
 setup: $(VENV)/stamp
 
@@ -32,6 +32,15 @@ test-all: setup
 # with base vs aligned answers (runs/demo/report.md, report.png). CPU, under 15 minutes.
 demo: setup
 	$(BIN)/align-jax run --gin_file=configs/runs/value_alignment_demo.gin --output_dir=runs/demo
+
+# The same recipe with twice the SDG rounds and training steps (CPU: about half an hour).
+demo-long: setup
+	$(BIN)/align-jax run --gin_file=configs/runs/value_alignment_demo.gin \
+	  --gin_file=configs/runs/value_alignment_long.gin --output_dir=runs/demo-long
+
+# Held-out yes/no accuracy against SDG records and SFT steps (runs/curve/curve.png).
+demo-curve: setup
+	$(BIN)/align-jax run --gin_file=configs/runs/value_alignment_curve.gin --output_dir=runs/curve
 
 # The same recipe on a tiny model trained from scratch (about a minute; broken English).
 demo-tiny: setup

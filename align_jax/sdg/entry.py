@@ -20,7 +20,8 @@ def sdg_main(*, output_dir: str, task: str = "document", teacher: str | None = N
              teacher_kwargs: Mapping[str, Any] | None = None, documents: Sequence[str] = (),
              tokenizer: str | None = None, keyword: str = "policies", nex: int = 5,
              chunk_tokens: int = 512, overlap: int = 64,
-             stages: Sequence[str] = ("instruct", "preference"), concurrency: int = 8,
+             stages: Sequence[str] = ("instruct", "preference"), rounds: int = 1,
+             yes_no_config=None, concurrency: int = 8,
              templates: Mapping[str, str] | None = None, principles_task: str | None = None,
              num_principles: int = 2, principles_file: str | None = None,
              max_questions: int | None = None, seed: int = 0, progress: bool = True) -> int:
@@ -34,7 +35,9 @@ def sdg_main(*, output_dir: str, task: str = "document", teacher: str | None = N
       teacher_kwargs: backend options (api_key, concurrency, timeout, max_retries, ...).
       documents: files or folders for task "document".
       tokenizer: tokenizer used for chunking; default the teacher's token counter.
-      keyword, nex, chunk_tokens, overlap, stages: task "document" settings.
+      keyword, nex, chunk_tokens, overlap, stages, rounds: task "document" settings
+        (stages: "instruct", "preference", "yes_no"; see `pipeline.run_document_sdg`).
+      yes_no_config: `align_jax.sdg.yes_no.YesNoConfig` of the "yes_no" stage.
       concurrency: prompts per teacher call.
       templates: template overrides by role (names or paths of template files).
       principles_task, num_principles, principles_file: task "principles" settings.
@@ -59,7 +62,8 @@ def sdg_main(*, output_dir: str, task: str = "document", teacher: str | None = N
                 pipeline.run_document_sdg(list(documents), output_dir, teacher=t, tokenizer=tok,
                                           nex=nex, keyword=keyword, templates=templates,
                                           chunk_tokens=chunk_tokens, overlap=overlap,
-                                          seed=seed, stages=tuple(stages),
+                                          seed=seed, stages=tuple(stages), rounds=rounds,
+                                          yes_no_config=yes_no_config,
                                           concurrency=concurrency, progress=progress)
             elif task == "aligner":
                 pipeline.run_aligner_sdg(output_dir, teacher=t, seed=seed, templates=templates,

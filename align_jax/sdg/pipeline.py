@@ -28,6 +28,9 @@ from align_jax.sdg.teacher import Teacher
 from align_jax.sdg.templates import Template, resolve_templates
 
 STAGES = ("instruct", "preference", "yes_no")
+# The paper's two stages; "yes_no" (few-shot raw completions, for small local teachers and
+# balanced yes/no data) is asked for by name.
+DEFAULT_STAGES = ("instruct", "preference")
 _SETTINGS = "settings.json"
 # Room for a generated question inside the answer prompt, beyond the template itself.
 _QUESTION_RESERVE = 128
@@ -142,7 +145,7 @@ def run_document_sdg(document_paths: Sequence[str | os.PathLike], out_dir: str |
                      teacher: Teacher, tokenizer=None, nex: int = 5, keyword: str = "policies",
                      templates: Mapping[str, str | os.PathLike | Template] | None = None,
                      chunk_tokens: int = 512, overlap: int = 64, seed: int = 0,
-                     stages: Sequence[str] = STAGES, concurrency: int = 8,
+                     stages: Sequence[str] = DEFAULT_STAGES, concurrency: int = 8,
                      instruct_config: instruct.InstructConfig | None = None,
                      preference_config: preference.PreferenceConfig | None = None,
                      yes_no_config: yes_no.YesNoConfig | None = None,
@@ -170,7 +173,7 @@ def run_document_sdg(document_paths: Sequence[str | os.PathLike], out_dir: str |
         preference_pairs (a name, a path or a Template).
       chunk_tokens, overlap: chunking in tokens.
       seed: global seed; unit/batch seeds derive from it.
-      stages: any of "instruct", "preference", "yes_no".
+      stages: any of "instruct", "preference", "yes_no" (default the first two).
       concurrency: chunks per teacher call.
       instruct_config, preference_config, yes_no_config: the stages' settings.
       split_fractions: train/validation/test shares, by chunk.

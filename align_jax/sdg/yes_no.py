@@ -54,9 +54,10 @@ TEMPLATES = {"yes_no_question": "yes_no_question", "yes_no_unfaithful": "yes_no_
 # The default ("direct"): a small student learns which actions the document allows, not a
 # frame-times-kind rule; balance comes from asking more about the rarer kind.
 DIRECT_FRAMES: dict[str, tuple[str, ...]] = {
-    "prohibits": ("Can I", "May I", "Is it OK if I", "Should I", "Do I have to"),
-    "requires": ("Do I have to", "Should I", "Do I need to", "Can I", "Is it OK if I"),
-    "permits": ("Can I", "May I", "Is it OK if I"),
+    "prohibits": ("Can I", "Should I", "May I", "Is it OK if I", "Do I have to", "Can we",
+                  "Am I allowed to", "Is it fine if I", "Could I"),
+    "requires": ("Should I", "Do I have to", "Can I", "Do I need to", "Must I", "Is it OK if I"),
+    "permits": ("Can I", "May I", "Is it OK if I", "Am I allowed to", "Can we"),
 }
 DIRECT_ANSWER = {"prohibits": "no", "requires": "yes", "permits": "yes"}
 # All frames ("mixed"): frame -> the answer per kind of rule (absent: not used); the inverted
@@ -72,6 +73,11 @@ FRAMES: dict[str, dict[str, str]] = {
     "Is it against the code to": {"prohibits": "yes", "requires": "no", "permits": "no"},
     "Should I avoid": {"prohibits": "yes"},
     "Do I need to": {"requires": "yes"},
+    "Must I": {"requires": "yes"},
+    "Can we": {"prohibits": "no", "permits": "yes"},
+    "Am I allowed to": {"prohibits": "no", "permits": "yes"},
+    "Is it fine if I": {"prohibits": "no", "permits": "yes"},
+    "Could I": {"prohibits": "no", "permits": "yes"},
 }
 # How the unfaithful answer's reason opens: the stance opposite to the rule's, so that the
 # pair contradicts the chunk by construction; the teacher only names the action.
@@ -103,8 +109,9 @@ class YesNoConfig:
       rule gets "yes" and "no" frames, inverted ones included).
     questions_per_rule: questions per rule and round (direct: per rule of the commoner
       answer; mixed: alternating "yes" and "no" frames).
-    question_temperature, question_top_p: sampling of the question's words (round 0 is
-      greedy when `greedy_first_round`, so the most likely phrasing is always kept).
+    question_temperature, question_top_p: sampling of the question's words in the rounds
+      after the first `greedy_rounds` (greedy questions are a small teacher's best; new
+      frames each round keep greedy rounds from repeating themselves).
     question_max_tokens, unfaithful_max_tokens: budgets of the two teacher calls.
     min_overlap: share of the question's content words that must be the rule's.
     min_cosine: encoder cosine(question, rule) below which a question is not grounded
@@ -116,9 +123,9 @@ class YesNoConfig:
 
     frames: str = "direct"
     questions_per_rule: int = 2
-    question_temperature: float = 0.7
+    question_temperature: float = 0.5
     question_top_p: float = 0.9
-    greedy_first_round: bool = True
+    greedy_rounds: int = 3
     question_max_tokens: int = 32
     unfaithful_max_tokens: int = 40
     min_overlap: float = 0.5
@@ -169,11 +176,13 @@ def pick_frames(clause: Clause, *, key: str, count: int) -> list[str]:
     return out
 
 
-def direct_frames(clause: Clause, *, key: str, count: int) -> list[str]:
-    """`count` distinct direct frames for a rule (at most all of its kind's), by a hash of key."""
+def direct_frames(clause: Clause, *, key: str, count: int, round_index: int = 0) -> list[str]:
+    """`count` distinct direct frames for a rule (at most all of its kind's): the rule's
+    frames taken in turn from a start given by a hash of key, round after round, so that
+    greedy rounds ask new questions until every frame has been used."""
     options = list(DIRECT_FRAMES[clause.kind])
     h = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little")
-    start = h % len(options)
+    start = h + round_index * count
     return [options[(start + i) % len(options)] for i in range(min(count, len(options)))]
 
 
@@ -253,14 +262,17 @@ def _incomplete(teacher, n: int) -> list[bool]:
 def _encoder_cosines(name: str, pairs: Sequence[tuple[str, str]]) -> list[float]:
     import numpy as np
 
-    from align_jax.eval.retrieval import SemanticRetriever
+    from align_jax.models.encoder import embed_sentences, load_encoder
+    from align_jax.models.named import resolve_model_path
+    from align_jax.tokenizer import load_tokenizer
     enc = _ENCODERS.get(name)
     if enc is None:
-        enc = _ENCODERS[name] = SemanticRetriever(["-"], model=name)
+        path = resolve_model_path(name)
+        enc = _ENCODERS[name] = (*load_encoder(path), load_tokenizer(path))
     if not pairs:
         return []
-    a = enc.embed([p for p, _ in pairs])
-    b = enc.embed([r for _, r in pairs])
+    a = embed_sentences(*enc, [p for p, _ in pairs])
+    b = embed_sentences(*enc, [r for _, r in pairs])
     return [float(x) for x in np.sum(a * b, axis=1)]
 
 
@@ -279,8 +291,8 @@ def generate_yes_no(teacher: Teacher, chunks: Sequence[Chunk], *, seed: int,
       seed: the batch seed.
       config: settings.
       templates: overrides for "yes_no_question" / "yes_no_unfaithful".
-      round_index: the round (frames and sampling differ per round; round 0 is greedy when
-        `config.greedy_first_round`).
+      round_index: the round (frames differ per round; the first `config.greedy_rounds`
+        rounds are greedy, later ones sampled).
     Returns:
       One UnitResult per chunk with kinds "sft" and "preference".
     """
@@ -300,7 +312,8 @@ def generate_yes_no(teacher: Teacher, chunks: Sequence[Chunk], *, seed: int,
     for i, n, clause in rules:
         key = f"{chunks[i].id}/{n}/{round_index}"
         if config.frames == "direct":
-            frames = direct_frames(clause, key=key, count=counts[clause.kind])
+            frames = direct_frames(clause, key=f"{chunks[i].id}/{n}", count=counts[clause.kind],
+                                   round_index=round_index)
             answers = [DIRECT_ANSWER[clause.kind]] * len(frames)
         else:
             frames = pick_frames(clause, key=key, count=config.questions_per_rule)
@@ -308,7 +321,7 @@ def generate_yes_no(teacher: Teacher, chunks: Sequence[Chunk], *, seed: int,
         for frame, answer in zip(frames, answers):
             jobs.append((i, clause, frame, answer,
                          q_tpl.render(rule=clause.text, frame=frame).rstrip("\n")))
-    greedy = config.greedy_first_round and round_index == 0
+    greedy = round_index < config.greedy_rounds
     outs = ask(teacher, [p for *_, p in jobs], use_chat=config.use_chat,
                temperature=0.0 if greedy else config.question_temperature,
                top_p=config.question_top_p, max_tokens=config.question_max_tokens,

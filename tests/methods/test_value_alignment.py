@@ -100,7 +100,7 @@ def test_recipe_runs_every_stage_and_reports(tmp_path, monkeypatch):
             assert c["ci_low"] <= c["estimate"] <= c["ci_high"], (system, key)
     md = (out / "report.md").read_text()
     for part in ("## Differences against c-fine-tuned",
-                 "## Preference accuracy against shortcut rules (40 held-out pairs)",
+                 f"## Preference accuracy against shortcut rules ({len(heldout)} held-out pairs)",
                  "## Yes/no answers (4 questions: 2 expect yes, 2 expect no)",
                  "The set is balanced, so no constant answer can exceed 0.5.",
                  "## Yes/no answers per question (c-fine-tuned vs sft+dpo)"):
