@@ -2,7 +2,8 @@
 
 `serve(answer)` runs it: `answer(prompt) -> str` writes the judge's reply to the user message
 of each /v1/chat/completions request; /v1/models lists one model. Every request body is kept
-in `.seen`.
+in `.seen`. With `strict=True` it refuses the structured-output fields (response_format,
+structured_outputs, guided_*) with HTTP 400, as the OpenAI API refuses fields it does not know.
 """
 
 import contextlib
@@ -10,14 +11,18 @@ import http.server
 import json
 import threading
 
+_STRUCTURED = ("response_format", "structured_outputs", "guided_json", "guided_choice",
+               "guided_regex")
+
 
 class _Handler(http.server.BaseHTTPRequestHandler):
     answer = staticmethod(lambda prompt: "")
     seen: list = []
+    strict = False
 
-    def _send(self, obj):
+    def _send(self, obj, status=200):
         data = json.dumps(obj).encode()
-        self.send_response(200)
+        self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
@@ -26,6 +31,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def do_POST(self):  # noqa: N802 - http.server's naming
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         type(self).seen.append(body)
+        refused = [k for k in _STRUCTURED if k in body] if type(self).strict else []
+        if refused:
+            self._send({"error": {"message": f"Unrecognized request argument supplied: "
+                                             f"{refused[0]}", "type": "invalid_request_error",
+                                  "param": None, "code": None}}, status=400)
+            return
         text = type(self).answer(body["messages"][-1]["content"])
         self._send({"id": "j", "object": "chat.completion", "created": 0, "model": "judge",
                     "choices": [{"index": 0, "finish_reason": "stop",
@@ -40,9 +51,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
 
 @contextlib.contextmanager
-def serve(answer):
+def serve(answer, *, strict: bool = False):
     """Yields (handler class with `.seen`, base URL "http://127.0.0.1:<port>/v1")."""
-    handler = type("Handler", (_Handler,), {"answer": staticmethod(answer), "seen": []})
+    handler = type("Handler", (_Handler,), {"answer": staticmethod(answer), "seen": [],
+                                            "strict": strict})
     srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     try:

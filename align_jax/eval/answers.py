@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
+import os
 import time
 from collections.abc import Mapping, Sequence
 
@@ -30,6 +31,8 @@ from align_jax.tokenizer import encode_prompt, load_tokenizer
 log = logging.getLogger(__name__)
 
 RAG_SUFFIX = " + RAG"
+# The system of a RAG model answering with each question's own grounding chunk (the oracle).
+ORACLE_SUFFIX = " + oracle RAG"
 # The prompt-set name of a system's yes/no questions inside one `answer_and_score` call.
 _YES_NO = " [yes/no]"
 
@@ -197,29 +200,59 @@ def _text_metrics(answers: Mapping[str, Sequence[str]], references: Sequence[str
     return _text_parts(answers, references)[0]
 
 
-def _bertscore_parts(answers: Mapping[str, Sequence[str]], references: Sequence[str], *,
-                     model, layer: int | None
+def _bertscore_parts(answers: Mapping[str, Sequence[str]],
+                     references: Sequence[str] | Mapping[str, Sequence[str]], *,
+                     model, layer: int | None, baseline=None
                      ) -> tuple[dict[str, dict[str, float]], dict[str, np.ndarray]]:
-    """(system -> mean BERTScore P/R/F1, system -> per-question F1)."""
+    """(system -> mean BERTScore P/R/F1, system -> per-question F1).
+
+    `references`: one list for every system, or system -> its own list (the oracle systems
+    answer a subset of the questions); `baseline`: a bert-score baseline file or (P, R, F)
+    to rescale with (None: raw scores)."""
     if model is None or not answers:
         return {}, {}
+    refs = {name: list(references[name] if isinstance(references, Mapping) else references)
+            for name in answers}
     # One call for all systems: each reference is encoded once and the batches are full.
     # (Without idf the pairs are independent, so this equals one call per system.)
-    n = len(references)
     bs = bertscore([h for hyps in answers.values() for h in hyps],
-                   list(references) * len(answers), model=model, layer=layer)["per_pair"]
-    out, f1 = {}, {}
-    for k, name in enumerate(answers):
-        part = {m: bs[m][k * n:(k + 1) * n] for m in ("precision", "recall", "f1")}
+                   [r for name in answers for r in refs[name]], model=model, layer=layer,
+                   rescale_with_baseline=baseline is not None, baseline=baseline)["per_pair"]
+    out, f1, start = {}, {}, 0
+    for name in answers:
+        n = len(refs[name])
+        part = {m: bs[m][start:start + n] for m in ("precision", "recall", "f1")}
+        start += n
         out[name] = {f"bertscore_{m}": float(v.mean()) if n else float("nan")
                      for m, v in part.items()}
         f1[name] = np.asarray(part["f1"], np.float64)
     return out, f1
 
 
-def _bertscore_metrics(answers: Mapping[str, Sequence[str]], references: Sequence[str], *,
-                       model, layer: int | None) -> dict[str, dict[str, float]]:
-    return _bertscore_parts(answers, references, model=model, layer=layer)[0]
+def bertscore_setting(model, loaded, *, layer: int | None, baseline=None) -> dict | None:
+    """How BERTScore was computed, for the report: {"model": its name, "layer": the layer
+    used, "last_layer": whether that is the encoder's last (`layer` None), "rescaled":
+    whether scores are rescaled with a baseline, "baseline": the baseline given}, or None
+    when BERTScore was skipped.
+
+    Args:
+      model: what `load_bertscore_model` was given (a dir, a named model or a loaded tuple).
+      loaded: its result.
+      layer, baseline: as `evaluate_generation`'s bertscore_layer / bertscore_baseline.
+    """
+    if loaded is None:
+        return None
+    last = int(loaded[0].num_layers)
+    used = last if layer is None else int(layer)
+    if not 0 <= used <= last:
+        raise ValueError(f"bertscore_layer {layer} is out of range 0..{last} (the encoder's "
+                         f"layers)")
+    return {"model": os.fspath(model) if isinstance(model, (str, os.PathLike))
+            else "<in-memory encoder>", "layer": used, "last_layer": used == last,
+            "rescaled": baseline is not None,
+            "baseline": None if baseline is None else
+            (os.fspath(baseline) if isinstance(baseline, (str, os.PathLike))
+             else [float(x) for x in baseline])}
 
 
 def score_answers(answers: Mapping[str, Sequence[str]], references: Sequence[str], *,
@@ -237,8 +270,8 @@ def score_answers(answers: Mapping[str, Sequence[str]], references: Sequence[str
       "bertscore_precision", "bertscore_recall", "bertscore_f1"}.
     """
     out = _text_metrics(answers, references)
-    for name, m in _bertscore_metrics(answers, references, model=bertscore_model,
-                                      layer=bertscore_layer).items():
+    for name, m in _bertscore_parts(answers, references, model=bertscore_model,
+                                    layer=bertscore_layer)[0].items():
         out[name].update(m)
     return out
 
@@ -246,11 +279,13 @@ def score_answers(answers: Mapping[str, Sequence[str]], references: Sequence[str
 def evaluate_generation(models: Mapping[str, tuple], tokenizer, records: Sequence[Mapping], *,
                         rag_records: Sequence[Mapping] | None = None,
                         rag_models: Sequence[str] = (), max_new_tokens: int = 64,
-                        bertscore_model=None, mesh=None, rules: str = "fsdp",
+                        bertscore_model=None, bertscore_layer: int | None = None,
+                        bertscore_baseline=None, mesh=None, rules: str = "fsdp",
                         score_sets: Mapping[str, Mapping[str, ScoreSet]] | None = None,
                         say=None, yes_no_prompts: Sequence[str] = (),
                         yes_no_rag_prompts: Sequence[str] | None = None,
-                        yes_no_max_new_tokens: int | None = None) -> dict:
+                        yes_no_max_new_tokens: int | None = None,
+                        oracle_records: Sequence[Mapping] = ()) -> dict:
     """Generates every system's answers to the held-out questions and scores them.
 
     Args:
@@ -261,6 +296,9 @@ def evaluate_generation(models: Mapping[str, tuple], tokenizer, records: Sequenc
       rag_models: models also run as "<name> + RAG".
       max_new_tokens: answer budget (greedy decoding).
       bertscore_model: loaded BERTScore encoder or None.
+      bertscore_layer: its layer (None: the last).
+      bertscore_baseline: a bert-score baseline file or (P, R, F) to rescale the scores
+        with; None leaves them raw.
       mesh, rules: sharding of generation.
       score_sets: model name -> {set name: ScoreSet}: held-out completions each model also
         scores (teacher-forced), from the same prompt passes as its answers
@@ -270,18 +308,24 @@ def evaluate_generation(models: Mapping[str, tuple], tokenizer, records: Sequenc
         in the same `answer_and_score` call as its other prompts.
       yes_no_rag_prompts: the same with the retrieved passage, for the RAG systems.
       yes_no_max_new_tokens: their answer budget (default max_new_tokens; at most that).
+      oracle_records: held-out records with their own grounding chunk in the prompt
+        (`retrieval.oracle_records`, a subset of `records`): the RAG models also answer
+        them, as "<name> + oracle RAG", in the same `answer_and_score` call.
     Returns:
       {"answers": system -> answers, "metrics": system -> metrics (as `score_answers`),
        "items": system -> per-question parts ("bleu_stats" [N, 10], "rougeL" [N], with
        BERTScore "bertscore_f1" [N]), "yes_no_answers": system -> answers to the yes/no
-       prompts (when given), "scores": model -> set name -> log-probs (as
-       `answer_and_score`), "prompts", "references", "settings": decoding settings,
-       "seconds": {"generation", "metrics": what scoring added after the generation}}.
+       prompts (when given), "oracle": {"answers", "metrics", "items", "references"} of the
+       oracle systems on their subset (when oracle_records are given), "scores": model ->
+       set name -> log-probs (as `answer_and_score`), "prompts", "references", "settings":
+       decoding settings, "seconds": {"generation", "metrics": what scoring added after the
+       generation}}.
     """
     prompts = [r["prompt"] for r in records]
     refs = [r["completion"] for r in records]
+    oracle_refs = [r["completion"] for r in oracle_records]
     yes_no_budget = min(int(yes_no_max_new_tokens or max_new_tokens), max_new_tokens)
-    answers, yes_no, scores, text, t0 = {}, {}, {}, [], time.perf_counter()
+    answers, yes_no, oracle, scores, text, t0 = {}, {}, {}, {}, [], time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="eval-metrics") as host:
         for name, (config, params) in models.items():
             t = time.perf_counter()
@@ -290,6 +334,8 @@ def evaluate_generation(models: Mapping[str, tuple], tokenizer, records: Sequenc
             if rag:
                 sets[name + RAG_SUFFIX] = [r["prompt"] for r in rag_records]
             systems = list(sets)
+            if name in rag_models and oracle_records:
+                sets[name + ORACLE_SUFFIX] = [r["prompt"] for r in oracle_records]
             budgets = {}
             if yes_no_prompts:
                 for system in systems:
@@ -306,15 +352,25 @@ def evaluate_generation(models: Mapping[str, tuple], tokenizer, records: Sequenc
             yes_no.update({s: got[s + _YES_NO] for s in systems if s + _YES_NO in got})
             if refs:  # BLEU and ROUGE of these systems while the next model generates
                 text.append(host.submit(_text_parts, mine, refs))
+            if name + ORACLE_SUFFIX in got:
+                oracle[name + ORACLE_SUFFIX] = got[name + ORACLE_SUFFIX]
+                text.append(host.submit(_text_parts, {name + ORACLE_SUFFIX: oracle[
+                    name + ORACLE_SUFFIX]}, oracle_refs))
             if say is not None:
                 scored = ", ".join(f"{len(v)} {k}" for k, v in scores[name].items())
                 asked = f" + {len(yes_no_prompts)} yes/no answers" if yes_no_prompts else ""
-                say(f"{name}: {len(systems)} system(s) x {len(prompts)} answers{asked}"
+                extra = (f" + {len(oracle_records)} with the oracle passage"
+                         if name + ORACLE_SUFFIX in got else "")
+                say(f"{name}: {len(systems)} system(s) x {len(prompts)} answers{extra}{asked}"
                     f"{f', scored {scored}' if scored else ''} "
                     f"({time.perf_counter() - t:.0f} s)")
         t1 = time.perf_counter()
-        bert, f1 = _bertscore_parts(answers, refs, model=bertscore_model,
-                                    layer=None) if refs else ({}, {})
+        # One BERTScore call for every system, the oracle ones against their subset.
+        every = {**answers, **oracle}
+        bert, f1 = _bertscore_parts(
+            every, {s: oracle_refs if s in oracle else refs for s in every},
+            model=bertscore_model, layer=bertscore_layer,
+            baseline=bertscore_baseline) if refs else ({}, {})
         metrics, items = {}, {}
         for future in text:
             m, i = future.result()
@@ -324,11 +380,15 @@ def evaluate_generation(models: Mapping[str, tuple], tokenizer, records: Sequenc
         metrics[name].update(m)
         items[name]["bertscore_f1"] = f1[name]
     t2 = time.perf_counter()
-    out = {"answers": answers, "metrics": metrics, "items": items, "scores": scores,
+    out = {"answers": answers, "metrics": {s: metrics[s] for s in answers if s in metrics},
+           "items": {s: items[s] for s in answers if s in items}, "scores": scores,
            "prompts": prompts, "references": refs,
            "settings": {"decoding": "greedy", "max_new_tokens": max_new_tokens,
                         "questions": len(prompts)},
            "seconds": {"generation": t1 - t0, "metrics": t2 - t1}}
+    if oracle:
+        out["oracle"] = {"answers": oracle, "metrics": {s: metrics[s] for s in oracle},
+                         "items": {s: items[s] for s in oracle}, "references": oracle_refs}
     if yes_no_prompts:
         out["yes_no_answers"] = yes_no
         out["settings"]["yes_no_max_new_tokens"] = yes_no_budget

@@ -15,6 +15,7 @@ from align_jax import distributed, sharding
 from align_jax.atomic import atomic_write_json
 from align_jax.data.documents import chunk_documents, load_documents
 from align_jax.data.sources import load_records
+from align_jax.eval.oracle_rag import grounding_oracle
 from align_jax.eval.report import YES_NO_INSTRUCTION, evaluate_models
 from align_jax.eval.retrieval import make_retriever
 from align_jax.models.named import resolve_model_path
@@ -33,13 +34,16 @@ def eval_main(*, output_dir: str, models: Mapping[str, str], sft_test: str | Non
               rag_models: tuple[str, ...] | None = None, seq_len: int = 1024,
               num_samples: int = 3, max_new_tokens: int = 64, chunk_tokens: int = 256,
               retrieval: str = "semantic", num_questions: int | None = None,
-              bertscore_model: str | None = "all-minilm-l6-v2", judge: str | None = None,
+              bertscore_model: str | None = "all-minilm-l6-v2",
+              bertscore_layer: int | None = None, bertscore_baseline: str | None = None,
+              judge: str | None = None,
               judge_template: str = "relative", judge_kwargs: Mapping | None = None,
               judge_systems: tuple[str, ...] | None = None,
               mesh: sharding.MeshSpec | None = None, rules: str = "fsdp",
               teacher_forced: bool = True, yes_no_test: str | None = None,
               yes_no_instruction: str | None = YES_NO_INSTRUCTION,
-              yes_no_max_new_tokens: int = 24, base_model: str | None = None) -> int:
+              yes_no_max_new_tokens: int = 24, base_model: str | None = None,
+              oracle_rag: bool = True) -> int:
     """Scores every model (name -> HF dir; all share the first model's tokenizer).
 
     Args:
@@ -53,6 +57,9 @@ def eval_main(*, output_dir: str, models: Mapping[str, str], sft_test: str | Non
       retrieval: "semantic" (all-MiniLM-L6-v2, BM25 when missing), "bm25" or "tfidf".
       num_questions: held-out questions every system answers (default all).
       bertscore_model: encoder for BERTScore (None skips it).
+      bertscore_layer: its layer (None: the last; the value-alignment paper's setting is a
+        roberta-large dir at layer 17, `align_jax.eval.bertscore.PAPER_SETTING`).
+      bertscore_baseline: a bert-score baseline file to rescale the scores with (None: raw).
       judge: "local:..." or "openai:..." teacher, or "letters:<dir or name>" (a local judge
         read from its letter probabilities), for pairwise win rates (None skips them).
       judge_template, judge_kwargs: see `align_jax.eval.judge.win_rate_matrix`.
@@ -68,6 +75,10 @@ def eval_main(*, output_dir: str, models: Mapping[str, str], sft_test: str | Non
       yes_no_max_new_tokens: budget of the yes/no answers (at most max_new_tokens).
       base_model: the model differences are measured against (default "base" when it is one
         of the models, else the first).
+      oracle_rag: with `documents`, the RAG models also answer the held-out questions whose
+        grounding chunk is known (a `chunk_id` of the documents' chunks at `chunk_tokens`,
+        or an `evidence` / `rule` text found in a chunk) with that chunk in the prompt,
+        beside their retrieved rows on the same questions (`align_jax.eval.oracle_rag`).
     """
     if not models:
         raise ValueError("eval_main.models is empty: map names to checkpoint dirs")
@@ -75,11 +86,12 @@ def eval_main(*, output_dir: str, models: Mapping[str, str], sft_test: str | Non
     sft, pref, yes_no = (_read(sft_test, "sft"), _read(preference_test, "preference"),
                          _read(yes_no_test, "yes_no"))
     tok = load_tokenizer(resolve_model_path(next(iter(models.values()))))
-    retriever = None
+    retriever = oracle = None
     if documents:
         chunks = chunk_documents(load_documents(documents), tok, chunk_tokens=chunk_tokens,
                                  overlap=chunk_tokens // 8)
         retriever = make_retriever([c.text for c in chunks], kind=retrieval)
+        oracle = grounding_oracle(chunks) if oracle_rag else None
     with run_folder(output_dir):
         report = evaluate_models(output_dir, models=dict(models), tokenizer=tok,
                                  sft_test=sft, pref_test=pref,
@@ -87,7 +99,9 @@ def eval_main(*, output_dir: str, models: Mapping[str, str], sft_test: str | Non
                                  rag_models=tuple(models if rag_models is None else rag_models),
                                  seq_len=seq_len, num_samples=num_samples,
                                  max_new_tokens=max_new_tokens, num_questions=num_questions,
-                                 bertscore_model=bertscore_model, judge=judge,
+                                 bertscore_model=bertscore_model,
+                                 bertscore_layer=bertscore_layer,
+                                 bertscore_baseline=bertscore_baseline, judge=judge,
                                  judge_template=judge_template, judge_kwargs=judge_kwargs,
                                  judge_systems=judge_systems,
                                  mesh=sharding.make_mesh(mesh or sharding.MeshSpec()),
@@ -95,7 +109,7 @@ def eval_main(*, output_dir: str, models: Mapping[str, str], sft_test: str | Non
                                  yes_no_test=yes_no,
                                  yes_no_instruction=yes_no_instruction,
                                  yes_no_max_new_tokens=yes_no_max_new_tokens,
-                                 base_model=base_model)
+                                 base_model=base_model, oracle=oracle)
         if distributed.is_main():
             atomic_write_json(os.path.join(output_dir, "report.json"), report)
             print(open(os.path.join(output_dir, "report.md")).read())

@@ -7,7 +7,11 @@ configs/judge_templates/ (or a path). A template may come with a system prompt (
 Prometheus 2's for `prometheus_relative`). The verdict formats the shipped templates ask for
 (`VERDICT_REGEX`) are all parsed: "[RESULT] A", "Final Response: B" (the SAMI paper's judge)
 and a bare letter; anything else is a tie (scored 0.5), counted in `parse_failures` and kept
-in `judgements`.
+in `judgements`. A judge that applies constraints (a `local:` teacher, an endpoint that takes
+structured output) writes a shipped template's answer under its verdict regex
+(`verdict_pattern`: one line of feedback bounded by the token budget, then the verdict), so
+even a small judge that would write on until its budget ends gives a verdict; an endpoint
+that refuses the constraint answers free text, read by the same tolerant parser.
 A `LetterJudge` (`align_jax.eval.letter_judge`: a small local model read from its
 probabilities of "A" and "B") gives soft judgements instead: P(slot A) for system A's slot.
 
@@ -39,6 +43,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from align_jax.generate import constraints
 from align_jax.sdg.teacher import Teacher, ask
 from align_jax.sdg.templates import Template, parse_template
 
@@ -47,19 +52,26 @@ JUDGE_TEMPLATE_DIR = os.path.join(
     "configs", "judge_templates")
 DEFAULT_RUBRIC = ("Which response answers the instruction more correctly and helpfully, "
                   "agreeing with the reference answer and the values it expresses?")
-# The whole answer each shipped template asks for, as a regular expression over the judge's
-# text (to constrain a local judge's decoding to the format; `parse_verdict` reads them all).
-_FEEDBACK_THEN_RESULT = r"[\s\S]*\[RESULT\] [AB]"
-VERDICT_REGEX: dict[str, str] = {
-    "relative": _FEEDBACK_THEN_RESULT,
-    "prometheus_relative": _FEEDBACK_THEN_RESULT,
-    "principles": _FEEDBACK_THEN_RESULT,
-    "pairwise": _FEEDBACK_THEN_RESULT,
-    "constitution": r"Comparison: [\s\S]*\nFinal Response: [AB]",
-    "constitution_summary": r"Comparison: [\s\S]*\nFinal Response: [AB]",
-    "choice": r"[AB]",
-    "principles_choice": r"[AB]",
+# Each shipped template's answer: (what opens the feedback, the verdict that closes it), as
+# regular expressions; None for templates whose whole answer is the letter.
+_ANSWER_PARTS: dict[str, tuple[str, str] | None] = {
+    "relative": ("", r"\[RESULT\] [AB]"),
+    "prometheus_relative": ("", r"\[RESULT\] [AB]"),
+    "principles": ("", r"\[RESULT\] [AB]"),
+    "pairwise": ("", r"\[RESULT\] [AB]"),
+    "constitution": ("Comparison: ", r"\nFinal Response: [AB]"),
+    "constitution_summary": ("Comparison: ", r"\nFinal Response: [AB]"),
+    "choice": None,
+    "principles_choice": None,
 }
+# The whole answer each shipped template asks for, as a regular expression over the judge's
+# text, with free feedback before the verdict (`parse_verdict` reads them all).
+VERDICT_REGEX: dict[str, str] = {
+    name: r"[AB]" if parts is None else parts[0] + r"[\s\S]*" + parts[1]
+    for name, parts in _ANSWER_PARTS.items()}
+# The most feedback characters a constrained judge may write before its verdict: the DFA of
+# the bounded pattern grows with the bound (1,000: ~29k states, a few seconds to compile).
+FEEDBACK_CAP = 1000
 # Sampling a template's judge is meant to run with, where it has one; explicit arguments of
 # `win_rate_matrix` win. Prometheus 2's authors recommend these for its relative grading.
 TEMPLATE_SAMPLING: dict[str, dict[str, float]] = {
@@ -98,6 +110,10 @@ class WinRateResult:
     # Per pair: {"scores": (order AB, order BA) as scores for A, "verdicts": the slots
     # chosen or None, "raw": the judge's two texts}.
     judgements: tuple[dict, ...] = ()
+    # The regex the verdicts were written under (None: free texts, read tolerantly), and how
+    # many judgements ran out of tokens before completing it (None: unknown).
+    constraint: str | None = None
+    incomplete: int | None = None
 
     def summary(self) -> dict:
         """The statistics without the per-pair judgements (for JSON reports)."""
@@ -150,6 +166,41 @@ def parse_verdict(text: str) -> str | None:
     return m.group(1).upper() if m else None
 
 
+def verdict_pattern(template: str, *, max_tokens: int,
+                    feedback_chars: int | None = None) -> str | None:
+    """The regex a constrained judge's whole answer must match under a shipped template.
+
+    The verdict follows at most `feedback_chars` characters of one-line feedback (default:
+    the token budget less the verdict's own length, at most FEEDBACK_CAP), so a judge that
+    would write on until its budget ends, and leave no verdict, is made to give one in
+    time: a token holds at least one character of ASCII text, so the answer fits the budget.
+    Templates whose answer is the letter alone get `[AB]`.
+
+    Args:
+      template: the template's name (a key of VERDICT_REGEX).
+      max_tokens: the judge's token budget.
+      feedback_chars: the feedback bound (None: from the budget, as above).
+    Returns:
+      The pattern, or None for a template without a known verdict format.
+    """
+    if template not in _ANSWER_PARTS:
+        return None
+    parts = _ANSWER_PARTS[template]
+    if parts is None:
+        return VERDICT_REGEX[template]
+    _, verdict = parts
+    # The verdict's characters ("\nFinal Response: B": 18) are at most as many tokens.
+    room = int(max_tokens) - len(re.sub(r"\\(.)|\[AB\]", "x", verdict)) - 1
+    n = min(FEEDBACK_CAP, room) if feedback_chars is None else int(feedback_chars)
+    if n < 0:
+        raise ValueError(f"judge template {template!r}: max_tokens {max_tokens} leaves no room "
+                         f"for its verdict {verdict!r}")
+    # The opening ("Comparison: ") is left to the judge: before a bounded class it makes
+    # outlines-core's DFA construction run away; parse_verdict does not need it.
+    # A newline may separate feedback and "[RESULT]"; "Final Response" opens its own line.
+    return rf"[^\n]{{0,{n}}}" + ("" if verdict.startswith(r"\n") else r"\n?") + verdict
+
+
 def judge_system_prompt(template: Template) -> str | None:
     """The system prompt shipped beside a judge template (`<name>.system.txt`), or None."""
     if not template.path.endswith(".txt"):
@@ -173,7 +224,7 @@ def judge_sampling(template: Template, **overrides) -> dict:
 def ask_judge(judge: Teacher, prompts: Sequence[str], *, system: str | None = None,
               use_chat: bool = True, temperature: float = 0.0, top_p: float = 1.0,
               max_tokens: int = 512, repetition_penalty: float = 1.0,
-              seed: int | None = 0) -> list[str]:
+              seed: int | None = 0, constraint=None) -> list[str]:
     """The judge's texts for rendered templates, with a system prompt when given.
 
     Args:
@@ -181,6 +232,8 @@ def ask_judge(judge: Teacher, prompts: Sequence[str], *, system: str | None = No
       prompts: rendered judge templates.
       system: the system message (chat), or text put before each prompt (use_chat False).
       use_chat, temperature, top_p, max_tokens, repetition_penalty, seed: how it is asked.
+      constraint: an `align_jax.generate.constraints.Constraint` the answers must match
+        (sent only when given; the judge applies it when `applies_constraints`).
     Returns:
       One text per prompt.
     """
@@ -188,12 +241,14 @@ def ask_judge(judge: Teacher, prompts: Sequence[str], *, system: str | None = No
         prompts = [f"{system}\n\n{p}" if system else p for p in prompts]
         return ask(judge, list(prompts), use_chat=use_chat, temperature=temperature,
                    top_p=top_p, max_tokens=max_tokens, seed=seed,
-                   repetition_penalty=repetition_penalty)
+                   repetition_penalty=repetition_penalty, constraint=constraint)
     if not prompts:
         return []
     kwargs = dict(temperature=temperature, top_p=top_p, max_tokens=int(max_tokens), seed=seed)
     if repetition_penalty != 1.0:  # teachers written before the penalty existed still work
         kwargs["repetition_penalty"] = repetition_penalty
+    if constraint is not None:
+        kwargs["constraint"] = constraint
     out = judge.chat([[{"role": "system", "content": system}, {"role": "user", "content": p}]
                       for p in prompts], **kwargs)
     if len(out) != len(prompts):
@@ -284,7 +339,9 @@ def pairwise_win_rate(prompts: Sequence[str], responses_a: Sequence[str],
                       rubric: str = DEFAULT_RUBRIC, principles: str | None = None,
                       max_tokens: int | None = None, temperature: float | None = None,
                       top_p: float | None = None, repetition_penalty: float | None = None,
-                      system: str | None = None, use_chat: bool = True) -> WinRateResult:
+                      system: str | None = None, use_chat: bool = True,
+                      constrain: bool = True, feedback_chars: int | None = None
+                      ) -> WinRateResult:
     """Win rate of responses A over responses B to the same prompts, judged in both orders.
 
     Args:
@@ -302,6 +359,11 @@ def pairwise_win_rate(prompts: Sequence[str], responses_a: Sequence[str],
       system: the judge's system prompt; None takes the template's own (`<name>.system.txt`,
         if any), "" sends none.
       use_chat: ask through the chat endpoint (True) or as raw text.
+      constrain: a judge that applies constraints (`applies_constraints`: a `local:` one, or
+        an endpoint that accepts structured output) writes its answer under a shipped
+        template's verdict regex (`verdict_pattern`); the texts are read by `parse_verdict`
+        either way.
+      feedback_chars: the constrained feedback's bound (None: from the budget).
     Returns:
       A WinRateResult.
     """
@@ -310,7 +372,8 @@ def pairwise_win_rate(prompts: Sequence[str], responses_a: Sequence[str],
                            rubric=rubric, principles=principles, max_tokens=max_tokens,
                            temperature=temperature, top_p=top_p,
                            repetition_penalty=repetition_penalty, system=system,
-                           use_chat=use_chat)["results"][("A", "B")]
+                           use_chat=use_chat, constrain=constrain,
+                           feedback_chars=feedback_chars)["results"][("A", "B")]
 
 
 def win_rate_matrix(prompts: Sequence[str], responses: Mapping[str, Sequence[str]], *,
@@ -319,7 +382,8 @@ def win_rate_matrix(prompts: Sequence[str], responses: Mapping[str, Sequence[str
                     rubric: str = DEFAULT_RUBRIC, principles: str | None = None,
                     max_tokens: int | None = None, temperature: float | None = None,
                     top_p: float | None = None, repetition_penalty: float | None = None,
-                    system: str | None = None, use_chat: bool = True) -> dict:
+                    system: str | None = None, use_chat: bool = True,
+                    constrain: bool = True, feedback_chars: int | None = None) -> dict:
     """Pairwise win rates between several systems, as the papers' pairwise tables.
 
     All judgements (every pair of systems, both orders) go to the judge in one batch.
@@ -328,11 +392,15 @@ def win_rate_matrix(prompts: Sequence[str], responses: Mapping[str, Sequence[str
       prompts: the questions.
       responses: system name -> its answer per prompt (in insertion order).
       judge, template, references, seed, rubric, principles, max_tokens, temperature, top_p,
-        repetition_penalty, system, use_chat: as `pairwise_win_rate`.
+        repetition_penalty, system, use_chat, constrain, feedback_chars: as
+        `pairwise_win_rate`.
     Returns:
       {"names": [...], "win_rate", "ci_low", "ci_high", "lc_win_rate": (S, S) arrays where
       [i, j] is system i over system j (0.5 on the diagonal), "results": {(a, b): WinRateResult}
-      for each pair a before b, "template", "system", "sampling": how the judge was asked}.
+      for each pair a before b, "template", "system", "sampling": how the judge was asked,
+      "constraint": {"pattern": the verdict regex sent (None: none was), "applied": whether
+      the judge applied it (False: a server refused it, the texts were free), "incomplete":
+      judgements whose budget ended before the pattern was complete (None: unknown)}}.
     """
     prompts = list(prompts)
     responses = {k: list(v) for k, v in responses.items()}
@@ -348,7 +416,8 @@ def win_rate_matrix(prompts: Sequence[str], responses: Mapping[str, Sequence[str
     for a, b in pairs:
         batch += _prompts(template, prompts, responses[a], responses[b], **kw)
         batch += _prompts(template, prompts, responses[b], responses[a], **kw)
-    probs = None
+    probs, cut_all = None, None
+    constraint = {"pattern": None, "applied": False, "incomplete": None}
     if hasattr(judge, "letter_probabilities"):  # eval.letter_judge.LetterJudge
         shown = batch
         if system:
@@ -357,17 +426,32 @@ def win_rate_matrix(prompts: Sequence[str], responses: Mapping[str, Sequence[str
         probs = np.asarray(judge.letter_probabilities(shown, use_chat=use_chat), float)
         texts = [f"P(A)={p:.4f}" for p in probs]
     else:
+        # Only a shipped template's answer format is known (a file of the same name
+        # elsewhere may ask for another).
+        shipped = os.path.dirname(os.path.abspath(template.path)) == JUDGE_TEMPLATE_DIR
+        pattern = (verdict_pattern(template.name, max_tokens=sampling["max_tokens"],
+                                   feedback_chars=feedback_chars)
+                   if constrain and shipped and getattr(judge, "applies_constraints", False)
+                   else None)
         texts = ask_judge(judge, batch, system=system, use_chat=use_chat, seed=seed,
+                          constraint=None if pattern is None else constraints.regex(pattern),
                           **sampling)
+        cut_all = getattr(judge, "last_incomplete", None) if pattern is not None else None
+        constraint = {"pattern": pattern, "applied": pattern is not None and bool(
+            getattr(judge, "applies_constraints", False)),
+            "incomplete": None if cut_all is None else int(sum(cut_all))}
     n, s = len(prompts), len(names)
     out = {"names": names, "results": {}, "template": template.name, "system": system,
-           "sampling": sampling}
+           "sampling": sampling, "constraint": constraint}
     mats = {k: np.full((s, s), 0.5) for k in ("win_rate", "ci_low", "ci_high", "lc_win_rate")}
     for k, (a, b) in enumerate(pairs):
         lo, hi = 2 * n * k, 2 * n * (k + 1)
         chunk = texts[lo:hi]
         soft = {} if probs is None else {"p_ab": probs[lo:lo + n], "p_ba": probs[lo + n:hi]}
         res = _stats(chunk[:n], chunk[n:], responses[a], responses[b], **soft)
+        if constraint["applied"]:
+            cut = None if cut_all is None else int(sum(cut_all[lo:hi]))
+            res = dataclasses.replace(res, constraint=constraint["pattern"], incomplete=cut)
         out["results"][(a, b)] = res
         i, j = names.index(a), names.index(b)
         mats["win_rate"][i, j], mats["win_rate"][j, i] = res.win_rate, 1 - res.win_rate

@@ -21,7 +21,9 @@ from align_jax import distributed
 from align_jax.atomic import atomic_write
 from align_jax.eval import evidence_report
 from align_jax.eval.answers import (
+    ORACLE_SUFFIX,
     RAG_SUFFIX,
+    bertscore_setting,
     evaluate_generation,
     load_bertscore_model,
     metric_table,
@@ -33,10 +35,18 @@ from align_jax.eval.evidence import (
     yes_no_prompt,
 )
 from align_jax.eval.intervals import HEADLINE, csv_columns, interval_table, replicates
-from align_jax.eval.judge import win_rate_matrix
+from align_jax.eval.judge import opponent_summary, opponent_table, win_rate_matrix
 from align_jax.eval.letter_judge import LetterJudge
+from align_jax.eval.oracle_rag import csv_rows as oracle_csv_rows
+from align_jax.eval.oracle_rag import (
+    oracle_lines,
+    oracle_section,
+    retrieval_agreement,
+    unknown_chunk_ids,
+    with_grounding,
+)
 from align_jax.eval.plots import plot_metrics, plot_overview, plot_win_rates
-from align_jax.eval.retrieval import with_retrieval
+from align_jax.eval.retrieval import oracle_records, with_retrieval
 from align_jax.eval.scoring import ScoreSet, margin_summary
 from align_jax.models.hf import load_hf
 from align_jax.sdg.backends import make_teacher
@@ -68,13 +78,15 @@ def evaluate_models(out_dir: str, *, models: Mapping[str, str], tokenizer, sft_t
                     reference: tuple[str, str] | None = None, seq_len: int = 256,
                     num_samples: int = 3, max_new_tokens: int = 40,
                     stages: Mapping[str, str] | None = None, num_questions: int | None = None,
-                    bertscore_model="all-minilm-l6-v2", judge=None,
+                    bertscore_model="all-minilm-l6-v2", bertscore_layer: int | None = None,
+                    bertscore_baseline=None, judge=None,
                     judge_template: str = "relative", judge_kwargs: Mapping | None = None,
                     judge_systems: Sequence[str] | None = None, mesh=None,
                     rules: str = "fsdp", teacher_forced: bool = True,
                     yes_no_test: Sequence[Mapping] | None = None,
                     yes_no_instruction: str | None = YES_NO_INSTRUCTION,
-                    yes_no_max_new_tokens: int = 24, base_model: str | None = None) -> dict:
+                    yes_no_max_new_tokens: int = 24, base_model: str | None = None,
+                    oracle=None) -> dict:
     """Scores each model (name -> HF dir) on the held-out records and writes the report.
 
     Args:
@@ -91,6 +103,10 @@ def evaluate_models(out_dir: str, *, models: Mapping[str, str], tokenizer, sft_t
       stages: run sub-folder -> model name, for the loss curves.
       num_questions: held-out questions answered by every system (default all).
       bertscore_model: encoder for BERTScore (dir, named model or loaded); None skips it.
+      bertscore_layer: its layer (0 = the embeddings; None: the last). The value-alignment
+        paper's setting is roberta-large at layer 17 (`eval.bertscore.PAPER_SETTING`).
+      bertscore_baseline: a bert-score baseline file (or (P, R, F)) to rescale the scores
+        with; None: raw scores. report.md and report.json name the model, layer and this.
       judge: a Teacher, a LetterJudge, or a "local:..."/"openai:..."/"letters:..." spec
         for the pairwise win rates (letters: see `align_jax.eval.letter_judge`); None skips.
       judge_template, judge_kwargs: see `align_jax.eval.judge.win_rate_matrix`.
@@ -112,6 +128,11 @@ def evaluate_models(out_dir: str, *, models: Mapping[str, str], tokenizer, sft_t
       yes_no_max_new_tokens: budget of those answers (at most max_new_tokens).
       base_model: the model every system is compared with (paired bootstrap intervals of
         the differences); default "base" when it is a model, else the first model.
+      oracle: an `align_jax.eval.retrieval.OracleRetriever`: the RAG models also answer the
+        questions whose grounding chunk it knows (`chunk_id`, else `evidence` or `rule`
+        text) with that chunk in the prompt ("<name> + oracle RAG"), scored on exactly
+        those questions beside their semantic "+ RAG" rows (`eval.oracle_rag`); and
+        report["retrieval"]: how often the retriever's first chunk is the grounding one.
     Returns:
       The report dict.
     """
@@ -136,6 +157,10 @@ def evaluate_models(out_dir: str, *, models: Mapping[str, str], tokenizer, sft_t
     else:
         rag_test = None
     rag_questions = rag_test[:len(questions)] if rag_test is not None else None
+    # The oracle rows: the answered questions whose grounding chunk is known.
+    oracle_test, oracle_index = ([], [])
+    if oracle is not None and rag_questions is not None:
+        oracle_test, oracle_index = oracle_records(with_grounding(questions), oracle)
     # The held-out completions, formatted once; every model scores them from the prompt
     # passes of its own answers (a prompt that is not a question is run once for all of its
     # completions): `answer_and_score`.
@@ -145,6 +170,8 @@ def evaluate_models(out_dir: str, *, models: Mapping[str, str], tokenizer, sft_t
             if teacher_forced else {})
     rag_set = (ScoreSet.make(rag_test, kind="sft", **fmt)
                if rag_test is not None and teacher_forced else None)
+    oracle_set = (ScoreSet.make(oracle_test, kind="sft", **fmt)
+                  if oracle_test and teacher_forced else None)
     loaded, score_sets = {}, {}
     for name, path in models.items():
         # Laid out on the mesh once, by the preset: scoring and generation both use it.
@@ -152,6 +179,8 @@ def evaluate_models(out_dir: str, *, models: Mapping[str, str], tokenizer, sft_t
         score_sets[name] = dict(sets)
         if rag_set is not None and name in rag_models:
             score_sets[name]["answer_nll_rag"] = rag_set
+            if oracle_set is not None:
+                score_sets[name]["answer_nll_oracle"] = oracle_set
     t0 = time.perf_counter()
     systems = len(loaded) + sum(n in rag_models for n in loaded) * (rag_questions is not None)
     scored = (f" and score {len(sets['answer_nll'].examples)} reference answers"
@@ -159,18 +188,27 @@ def evaluate_models(out_dir: str, *, models: Mapping[str, str], tokenizer, sft_t
               f"{len(sets['preference'].examples)} preference pairs" if sets else "")
     asked = (f" and {len(yes_no)} yes/no questions (at most "
              f"{min(yes_no_max_new_tokens, max_new_tokens)} new tokens)" if yes_no else "")
+    if oracle_test:
+        asked += (f"; the RAG models also answer the {len(oracle_test)} questions whose "
+                  f"grounding chunk is known, with that chunk in the prompt (oracle RAG)")
+    bert_model = load_bertscore_model(bertscore_model) if questions else None
+    # Checked (the layer's range) before anything is generated.
+    bert = bertscore_setting(bertscore_model, bert_model, layer=bertscore_layer,
+                             baseline=bertscore_baseline)
     _say(f"generating: {systems} systems answer {len(questions)} questions (greedy, at most "
          f"{max_new_tokens} new tokens){asked}{scored}; then BLEU, ROUGE, BERTScore")
     gen = evaluate_generation(
         loaded, tokenizer, questions, rag_records=rag_questions, rag_models=rag_models,
-        max_new_tokens=max_new_tokens,
-        bertscore_model=load_bertscore_model(bertscore_model) if questions else None,
+        max_new_tokens=max_new_tokens, bertscore_model=bert_model,
+        bertscore_layer=bertscore_layer, bertscore_baseline=bertscore_baseline,
         mesh=mesh, rules=rules, score_sets=score_sets, say=_say,
         yes_no_prompts=[yes_no_prompt(r["question"], yes_no_instruction) for r in yes_no],
         yes_no_rag_prompts=(None if rag_yes_no is None else
                             [yes_no_prompt(r["prompt"], yes_no_instruction)
                              for r in rag_yes_no]),
-        yes_no_max_new_tokens=yes_no_max_new_tokens)
+        yes_no_max_new_tokens=yes_no_max_new_tokens, oracle_records=oracle_test)
+    if bert is not None:
+        gen["settings"]["bertscore"] = bert
     margins = {}
     for name, got in gen["scores"].items():
         if not sets:
@@ -202,6 +240,12 @@ def evaluate_models(out_dir: str, *, models: Mapping[str, str], tokenizer, sft_t
     report["intervals"] = interval_table(
         replicates(gen, sets, rag_set=rag_set, margins=margins, yes_no=report.get("yes_no")),
         base=base)
+    if oracle is not None and rag_questions is not None and questions:
+        report["oracle_rag"] = oracle_section(gen, index=oracle_index, total=len(questions),
+                                              scores=gen["scores"], rag_set=rag_set,
+                                              oracle_set=oracle_set)
+        report["oracle_rag"]["unknown_chunk_ids"] = unknown_chunk_ids(questions, oracle)
+        report["retrieval"] = retrieval_agreement(with_grounding(questions), retriever, oracle)
     if questions or yes_no:
         report["generation"] = {k: gen[k] for k in ("metrics", "settings", "seconds")}
         report["answers"] = gen["answers"]
@@ -227,7 +271,11 @@ def evaluate_models(out_dir: str, *, models: Mapping[str, str], tokenizer, sft_t
                 "template": str(judge_template), "names": m["names"],
                 **{k: np.asarray(m[k]).tolist()
                    for k in ("win_rate", "ci_low", "ci_high", "lc_win_rate")},
-                "pairs": {f"{a} vs {b}": r.summary() for (a, b), r in m["results"].items()}}
+                "pairs": {f"{a} vs {b}": r.summary() for (a, b), r in m["results"].items()},
+                # The value-alignment paper's column: mean +- SD of a system's win rates over
+                # its opponents (population SD, ddof=0), raw and length-controlled.
+                "opponents": _opponents(m), "opponents_sd_ddof": 0,
+                "constraint": m.get("constraint")}
             _say(f"judge: {time.perf_counter() - t0:.0f} s")
     if not distributed.is_main():  # every process computed the report; process 0 writes it
         return report
@@ -244,6 +292,12 @@ def evaluate_models(out_dir: str, *, models: Mapping[str, str], tokenizer, sft_t
     if stages:
         plot(out_dir, report, stages)
     return report
+
+
+def _opponents(m: Mapping) -> dict[str, dict[str, float]]:
+    raw, lc = opponent_summary(m), opponent_summary(m, key="lc_win_rate")
+    return {name: {"mean": raw[name][0], "sd": raw[name][1], "lc_mean": lc[name][0],
+                   "lc_sd": lc[name][1]} for name in m["names"]}
 
 
 def _aligned(models: Mapping[str, str], reference) -> str | None:
@@ -288,6 +342,7 @@ def _write_csv(path, report):
             out.append({"system": name, "kind": "constant answer",
                         "yes/no accuracy": a["estimate"], "yes_no_accuracy_ci_low": a["ci_low"],
                         "yes_no_accuracy_ci_high": a["ci_high"], **yes_no_cells(name)})
+    out += oracle_csv_rows(report.get("oracle_rag"))
     columns = [header[0], "kind", *header[1:], *extra, *(c for c, _, _ in yn_parts),
                "base system"]
     buf = io.StringIO(newline="")
@@ -305,13 +360,22 @@ def _win_rate_lines(wr) -> list[str]:
     lines = ["", f"## Pairwise win rates (judge: {wr['judge']}, template: {wr['template']})", "",
              "Win rate of the row system over the column system, both orders judged, ties "
              "count 1/2; [95% interval]. Length-controlled and position statistics per pair "
-             "below. Picture: winrate.png.", "",
+             "below. Picture: winrate.png." + _constraint_sentence(wr.get("constraint")), "",
              "| A \\ B | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
     for i, a in enumerate(names):
         cells = ["-" if i == j else f"{wr['win_rate'][i][j]:.2f} "
                  f"[{wr['ci_low'][i][j]:.2f}, {wr['ci_high'][i][j]:.2f}]"
                  for j in range(len(names))]
         lines.append(f"| {a} | " + " | ".join(cells) + " |")
+    if "opponents" in wr:
+        ddof = wr.get("opponents_sd_ddof", 0)
+        lines += ["", "Win rate = mean +- SD over opponents, as the value-alignment paper's "
+                      "tables give it: the mean of a system's row above (its win rates over "
+                      "the other systems) and their "
+                      + ("population SD (ddof=0)" if ddof == 0 else f"SD with ddof={ddof}")
+                      + f" over its {len(names) - 1} opponent(s); the same for the "
+                        "length-controlled (regression) win rates.", "",
+                  opponent_table(wr, ddof=ddof)]
     lines += ["", "| pair | win rate A | LC (regression) | LC (stratified) | A longer | "
                   "position bias | unparsed verdicts |", "|---|---|---|---|---|---|---|"]
     for pair, r in wr["pairs"].items():
@@ -319,6 +383,17 @@ def _win_rate_lines(wr) -> list[str]:
                      f"{_fmt(r['lc_stratified'])} | {_fmt(r['a_longer_share'])} | "
                      f"{_fmt(r['position_bias'])} | {r['parse_failures']}/{r['n_judgements']} |")
     return lines
+
+
+def _constraint_sentence(c: Mapping | None) -> str:
+    if not c or c.get("pattern") is None:
+        return ""
+    if not c["applied"]:
+        return (f" The judge was asked to answer under the regex `{c['pattern']}` but did not "
+                f"apply it (a server that refuses structured output): its free texts were read "
+                f"tolerantly.")
+    cut = (f"; {c['incomplete']} ran out of tokens first" if c.get("incomplete") else "")
+    return f" Verdicts were written under the regex `{c['pattern']}`{cut}."
 
 
 def _write_markdown(out_dir, report, prompts, reference, refs, *, aligned=None):
@@ -332,6 +407,7 @@ def _write_markdown(out_dir, report, prompts, reference, refs, *, aligned=None):
                   f"({s['decoding']} decoding, at most {s['max_new_tokens']} new tokens); "
                   f"answers are scored against the reference answers. BLEU is corpus "
                   f"SacreBLEU (0-100); ROUGE and BERTScore are mean F-measures (0-1)."
+                  + _bertscore_sentence(s.get("bertscore"))
                   + (" Answer NLL is per answer token (lower is better; RAG rows with the "
                      "passage in the prompt); preference accuracy is the model's."
                      if "answer NLL" in header else "")
@@ -348,6 +424,7 @@ def _write_markdown(out_dir, report, prompts, reference, refs, *, aligned=None):
         lines += evidence_report.preference_lines(report["preference_evidence"])
     if "yes_no" in report:
         lines += evidence_report.yes_no_lines(report["yes_no"], aligned=aligned)
+    lines += oracle_lines(report.get("oracle_rag"), report.get("retrieval"))
     if "win_rates" in report:
         lines += _win_rate_lines(report["win_rates"])
     if not any(report["models"].values()):
@@ -361,6 +438,16 @@ def _write_markdown(out_dir, report, prompts, reference, refs, *, aligned=None):
         for name, texts in report["samples"].items():
             lines.append(f"| {name} | {_cell(texts[i])} |")
     atomic_write(os.path.join(out_dir, "report.md"), "\n".join(lines) + "\n")
+
+
+def _bertscore_sentence(b: Mapping | None) -> str:
+    if not b:
+        return ""
+    layer = f"layer {b['layer']}" + (" (the last layer)" if b["last_layer"] else "")
+    scale = (f"rescaled with the baseline {b['baseline']}" if b["rescaled"]
+             else "not rescaled with a baseline")
+    return (f" BERTScore: {b['model']}, {layer}, {scale} (scores of other models or layers, "
+            f"e.g. the value-alignment paper's roberta-large at layer 17, do not compare).")
 
 
 def _teacher_forced_lines(report, reference) -> list[str]:
@@ -391,4 +478,4 @@ def _cell(text: str) -> str:
     return " ".join(str(text).split()).replace("|", "\\|") or "*(empty)*"
 
 
-__all__ = ["RAG_SUFFIX", "evaluate_models", "plot"]
+__all__ = ["ORACLE_SUFFIX", "RAG_SUFFIX", "evaluate_models", "plot"]

@@ -94,7 +94,9 @@ def markdown(*, criteria: Sequence[str], squad_pass: Mapping[str, float],
              + (f" ({judge}, template {template}): both orders of every pair; +- se; LC reg. = "
                 "length-controlled by regression; LC strat. = the mean over rows where the "
                 "aligned response is longer and where it is not; position bias = share of "
-                "pairs whose two orders chose the same slot." if judge else
+                "pairs whose two orders chose the same slot; parse = unread verdicts, "
+                "\"constrained\" when the judge wrote them under the template's verdict regex."
+                if judge else
                 " (no judge given: `judge=` for win rates)."), ""]
     head = ["setting", "rows changed"] + [f"pass: {c}" for c in criteria]
     head += ["win rate vs original", "LC reg.", "LC strat.", "position bias", "parse"]
@@ -107,7 +109,8 @@ def markdown(*, criteria: Sequence[str], squad_pass: Mapping[str, float],
         if w:
             cells += [f"{_num(w['win_rate'])} +- {_num(w['stderr'])}", _num(w["lc_win_rate"]),
                       _num(w["lc_stratified"]), _num(w["position_bias"], ".2f"),
-                      f"{w['parse_failures']}/{w['n_judgements']}"]
+                      f"{w['parse_failures']}/{w['n_judgements']}"
+                      + (" (constrained)" if w.get("constraint") else "")]
         else:
             cells += ["-"] * 5
         lines.append("| " + " | ".join(cells) + " |")

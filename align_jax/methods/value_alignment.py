@@ -26,6 +26,7 @@ from typing import Any
 from align_jax import distributed, sharding
 from align_jax.atomic import atomic_write, atomic_write_json
 from align_jax.data.documents import chunk_document, load_document
+from align_jax.eval.oracle_rag import grounding_oracle, sdg_chunks
 from align_jax.eval.report import YES_NO_INSTRUCTION, evaluate_models
 from align_jax.eval.retrieval import make_retriever
 from align_jax.jsonl import write_jsonl
@@ -103,13 +104,16 @@ def value_alignment(*, output_dir: str, document: str, model: str | None = "tiny
                     num_samples: int = 3, max_new_tokens: int = 40, seed: int = 0,
                     progress: bool = True, retrieval: str = "semantic",
                     num_questions: int | None = None,
-                    bertscore_model: str | None = "all-minilm-l6-v2", judge: str | None = None,
+                    bertscore_model: str | None = "all-minilm-l6-v2",
+                    bertscore_layer: int | None = None, bertscore_baseline: str | None = None,
+                    judge: str | None = None,
                     judge_template: str = "relative",
                     judge_kwargs: Mapping[str, Any] | None = None,
                     judge_systems: Sequence[str] | None = None,
                     teacher_forced: bool = True, yes_no_test: str | None = None,
                     yes_no_instruction: str | None = YES_NO_INSTRUCTION,
-                    yes_no_max_new_tokens: int = 24) -> dict[str, Any]:
+                    yes_no_max_new_tokens: int = 24, oracle_rag: bool = True
+                    ) -> dict[str, Any]:
     """Runs the whole method and its baselines; returns the report dict.
 
     Args:
@@ -147,6 +151,9 @@ def value_alignment(*, output_dir: str, document: str, model: str | None = "tiny
         is not installed), "bm25" or "tfidf".
       num_questions: held-out questions every system answers (default all).
       bertscore_model: encoder for BERTScore; None skips it.
+      bertscore_layer: its layer (None: the last; the paper's setting is a roberta-large dir
+        at layer 17, `align_jax.eval.bertscore.PAPER_SETTING`).
+      bertscore_baseline: a bert-score baseline file to rescale the scores with (None: raw).
       judge: "local:<dir or name>" / "openai:<URL>" (written verdicts) or
         "letters:<dir or name>" (a small local judge read from P("A") vs P("B"), see
         `align_jax.eval.letter_judge`) for pairwise win rates; None skips them.
@@ -158,6 +165,11 @@ def value_alignment(*, output_dir: str, document: str, model: str | None = "tiny
         system answers them; accuracy next to the constant answers (`evaluate_models`).
       yes_no_instruction: appended to each yes/no question (None: the question alone).
       yes_no_max_new_tokens: budget of those answers (at most max_new_tokens).
+      oracle_rag: the RAG systems also answer the held-out questions whose grounding chunk is
+        known with that chunk in the prompt ("+ oracle RAG", `align_jax.eval.oracle_rag`):
+        the chunk SDG wrote the record from (its `chunk_id`, among SDG's chunks cut again
+        with `sdg_kwargs`' chunk_tokens and overlap), else the RAG chunk holding its
+        `evidence` or `rule` text.
     """
     out = os.path.abspath(output_dir)
     os.makedirs(out, exist_ok=True)
@@ -224,6 +236,11 @@ def value_alignment(*, output_dir: str, document: str, model: str | None = "tiny
     dpo = stage("dpo", "dpo", files["preference_train"], dpo_steps, init=sft,
                 lr=dpo_learning_rate, loss_kwargs=dpo_kwargs, reference="precomputed")
 
+    oracle = None
+    if oracle_rag:  # SDG's own chunks too: its records name them by chunk_id
+        oracle = grounding_oracle(chunks, sdg_chunks([document], tokenizer=tok,
+                                                     sdg_kwargs=sdg_kwargs)
+                                  if teacher is not None and "sdg" in train_on else [])
     models = {"base": base, "c-fine-tuned": cft, "sft": sft, "sft+dpo": dpo}
     if init_from is None:
         models.pop("base")  # the same model as c-fine-tuned
@@ -233,12 +250,13 @@ def value_alignment(*, output_dir: str, document: str, model: str | None = "tiny
         rag_models=tuple(models), reference=("sft+dpo", "sft"), seq_len=seq_len,
         num_samples=num_samples, max_new_tokens=max_new_tokens,
         stages={"cft": "c-fine-tuned", "sft": "sft", "dpo": "sft+dpo"},
-        num_questions=num_questions, bertscore_model=bertscore_model, judge=judge,
+        num_questions=num_questions, bertscore_model=bertscore_model,
+        bertscore_layer=bertscore_layer, bertscore_baseline=bertscore_baseline, judge=judge,
         judge_template=judge_template, judge_kwargs=judge_kwargs, judge_systems=judge_systems,
         mesh=sharding.make_mesh(mesh or sharding.MeshSpec()), rules=rules,
         teacher_forced=teacher_forced,
         yes_no_test=yes_no, yes_no_instruction=yes_no_instruction,
-        yes_no_max_new_tokens=yes_no_max_new_tokens)
+        yes_no_max_new_tokens=yes_no_max_new_tokens, oracle=oracle)
     report["data_origin"] = data.origin
     report["provenance"] = data.provenance
     report["leaks_dropped"] = data.leaks_dropped

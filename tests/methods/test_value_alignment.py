@@ -36,15 +36,33 @@ YES_NO = [{"question": "May I stop unsafe work without asking my coordinator?",
           {"question": "Can I give a member's address to the police myself?", "answer": "no"}]
 
 
+# Held-out questions grounded by a quote of the document (`evidence`), by the rule of a yes/no
+# record (`rule`), and one by nothing (no oracle row).
+SFT_TEST = [
+    {"prompt": "Can I take cash from a supplier as a thank-you?",
+     "completion": "No. Do not accept cash, vouchers or any gift worth more than thirty euros.",
+     "evidence": "Do not accept cash, vouchers or any gift worth more than thirty euros"},
+    {"prompt": "May I go up on a roof by myself?", "completion": "No, never work on a roof alone.",
+     "rule": "never work on a roof alone"},
+    {"prompt": "How do I fill in my timesheet?",
+     "completion": "Log your hours as you actually worked them.",
+     "evidence": "Log your hours as you actually worked them"},
+    {"prompt": "What colour are the cooperative's vans?", "completion": "The code does not say."},
+]
+
+
 def test_recipe_runs_every_stage_and_reports(tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)
     gin.clear_config()
     out = tmp_path / "demo"
     yes_no = tmp_path / "yes_no.jsonl"
     yes_no.write_text("".join(json.dumps(r) + "\n" for r in YES_NO))
+    sft_test = tmp_path / "sft_test.jsonl"
+    sft_test.write_text("".join(json.dumps(r) + "\n" for r in SFT_TEST))
     steps = ["cft_steps=12", "sft_steps=12", "dpo_steps=8", "num_samples=1", "max_new_tokens=4",
              "progress=False", "preference_test='examples/preference_heldout.jsonl'",
-             f"yes_no_test='{yes_no}'", "yes_no_max_new_tokens=3"]
+             f"yes_no_test='{yes_no}'", "yes_no_max_new_tokens=3", f"sft_test='{sft_test}'",
+             "bertscore_layer=3", "train_on=('files',)"]
     code = cli.main(["run", "--gin_file=configs/runs/value_alignment_tiny.gin",
                      f"--output_dir={out}"] +
                     [f"--gin_param=value_alignment.value_alignment.{s}" for s in steps])
@@ -103,8 +121,25 @@ def test_recipe_runs_every_stage_and_reports(tmp_path, monkeypatch):
                  f"## Preference accuracy against shortcut rules ({len(heldout)} held-out pairs)",
                  "## Yes/no answers (4 questions: 2 expect yes, 2 expect no)",
                  "The set is balanced, so no constant answer can exceed 0.5.",
-                 "## Yes/no answers per question (c-fine-tuned vs sft+dpo)"):
+                 "## Yes/no answers per question (c-fine-tuned vs sft+dpo)",
+                 "BERTScore: all-minilm-l6-v2, layer 3, not rescaled with a baseline",
+                 "## Oracle RAG: the grounding passage in the prompt (3 of 4 questions)",
+                 "| sft+dpo + oracle RAG | "):
         assert part in md, part
+    # Oracle RAG: the three grounded questions, answered by every RAG system with the chunk
+    # that holds their quote, beside the retrieved rows on the same three questions.
+    assert report["generation"]["settings"]["bertscore"]["layer"] == 3
+    oracle = report["oracle_rag"]
+    assert (oracle["questions"], oracle["total"], oracle["without_chunk"]) == (3, 4, 1)
+    assert set(oracle["rows"]) == set(report["models"])
+    for row in oracle["rows"].values():
+        assert set(row["oracle"]) == set(row["retrieved"]) == {
+            "bleu", "rougeL", "bertscore_f1", "answer_nll"}
+        assert all(c["n"] == 3 for c in row["oracle"].values())
+    assert all(len(a) == 3 for a in oracle["answers"].values())
+    ret = report["retrieval"]
+    assert (ret["records"], ret["total"], ret["chunking"]) == (3, 4, "same")
+    assert 0 <= ret["hit_rate"] <= 1
 
 
 @pytest.mark.slow
