@@ -38,9 +38,11 @@ demo-long: setup
 	$(BIN)/align-jax run --gin_file=configs/runs/value_alignment_demo.gin \
 	  --gin_file=configs/runs/value_alignment_long.gin --output_dir=runs/demo-long
 
-# Held-out yes/no accuracy against SDG records and SFT steps (runs/curve/curve.png).
+# Held-out yes/no accuracy against SDG records and SFT steps (runs/curve/curve.png); reuses
+# the SDG records of a finished `make demo` when there are some.
 demo-curve: setup
-	$(BIN)/align-jax run --gin_file=configs/runs/value_alignment_curve.gin --output_dir=runs/curve
+	$(BIN)/align-jax run --gin_file=configs/runs/value_alignment_curve.gin --output_dir=runs/curve \
+	  $(if $(wildcard runs/demo/sdg/summary.json),--gin_param="value_curve.value_curve.sdg_from='runs/demo/sdg'")
 
 # The same recipe on a tiny model trained from scratch (about a minute; broken English).
 demo-tiny: setup

@@ -17,6 +17,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import os
+import shutil
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -68,7 +69,8 @@ def value_curve(*, output_dir: str, document: str, init_from: str, teacher: str,
                 seq_len: int = 96, batch_size: int = 8, learning_rate: float = 3e-4,
                 mesh: sharding.MeshSpec | None = None, rules: str = "dp", seed: int = 0,
                 yes_no_instruction: str | None = YES_NO_INSTRUCTION,
-                yes_no_max_new_tokens: int = 8, progress: bool = False) -> dict[str, Any]:
+                yes_no_max_new_tokens: int = 8, sdg_from: str | None = None,
+                progress: bool = False) -> dict[str, Any]:
     """SDG once, then SFT on growing shares of the records, scored after each of `steps`.
 
     Args:
@@ -80,6 +82,10 @@ def value_curve(*, output_dir: str, document: str, init_from: str, teacher: str,
       seq_len, batch_size, learning_rate: SFT shapes and its constant rate (10% warmup).
       mesh, rules, seed: as `value_alignment`.
       yes_no_instruction, yes_no_max_new_tokens: how the questions are asked.
+      sdg_from: a finished SDG folder (a value-alignment run's `sdg/`) copied in as this
+        run's `sdg/` when it has none; its settings must match `sdg_kwargs` (SDG resumes,
+        so nothing is asked of the teacher again), else one line names the difference.
+      progress: progress bars.
     Returns:
       {"points": [{share, records, steps, accuracy, ci_low, ci_high, ...}], "constant": float}
     """
@@ -91,6 +97,13 @@ def value_curve(*, output_dir: str, document: str, init_from: str, teacher: str,
     init_from = resolve_model_path(init_from)
     tok = load_tokenizer(init_from)
     questions = value_data.records(yes_no_test, "yes_no")
+    if sdg_from is not None and not os.path.exists(os.path.join(out, "sdg")):
+        src = os.path.abspath(sdg_from)
+        if not os.path.exists(os.path.join(src, "raw", "settings.json")):
+            raise ValueError(f"value_curve.sdg_from: {src} holds no SDG run "
+                             "(no raw/settings.json)")
+        shutil.copytree(src, os.path.join(out, "sdg"))
+        _say(f"SDG records from {src}")
     data = value_data.gather(out, document=document, teacher=teacher, tokenizer=tok,
                              sdg_kwargs=sdg_kwargs or {}, teacher_kwargs=teacher_kwargs,
                              sft_data=None, preference_data=None, train_on=("sdg",),

@@ -145,8 +145,8 @@ def test_recipe_runs_every_stage_and_reports(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_demo_recipe_on_smollm2_with_fewer_steps(tmp_path, smollm2_dir):
     """`make demo`'s recipe (configs/runs/value_alignment_demo.gin), shortened: the real
-    SmolLM2 teacher writes records about one chunk, and a few SFT steps already lower the
-    held-out answer NLL of the real base model.
+    SmolLM2 teacher writes yes/no records about two chunks, only those train, and a few SFT
+    steps already lower the held-out answer NLL of the real base model.
 
     It runs the real CLI in its own process on one CPU device, as `make demo` does: inside
     pytest's 8 fake devices every device would hold SmolLM2's weights and optimizer state
@@ -154,11 +154,11 @@ def test_demo_recipe_on_smollm2_with_fewer_steps(tmp_path, smollm2_dir):
     """
     out = tmp_path / "demo"
     params = ["cft_steps=2", "sft_steps=6", "dpo_steps=2", "num_samples=2",
-              "max_new_tokens=12", "progress=False",
-              "sdg_kwargs={'max_chunks': 1, 'nex': 2, 'chunk_tokens': 256, 'overlap': 32, "
-              "'stages': ['instruct'], 'concurrency': 1, "
-              "'templates': {'instruct_questions': 'instruct_questions_small'}, "
-              "'instruct_config': @instruct.InstructConfig()}"]
+              "max_new_tokens=12", "yes_no_max_new_tokens=6", "num_questions=8",
+              "progress=False",
+              "sdg_kwargs={'max_chunks': 2, 'rounds': 1, 'chunk_tokens': 256, 'overlap': 0, "
+              "'stages': ['yes_no'], 'concurrency': 64, "
+              "'yes_no_config': @yes_no.YesNoConfig()}"]
     cmd = [sys.executable, "-m", "align_jax.cli", "run",
            "--gin_file=configs/runs/value_alignment_demo.gin", f"--output_dir={out}",
            *[f"--gin_param=value_alignment.value_alignment.{s}" for s in params]]
@@ -171,11 +171,20 @@ def test_demo_recipe_on_smollm2_with_fewer_steps(tmp_path, smollm2_dir):
     report = json.loads((out / "report.json").read_text())
     assert set(report["models"]) == {"base", "c-fine-tuned", "sft", "sft+dpo"}
     summary = json.loads((out / "sdg" / "summary.json").read_text())
-    assert summary["num_chunks"] == 1 and report["sdg"]["kinds"] == summary["kinds"]
+    assert summary["num_chunks"] == 2 and report["sdg"]["kinds"] == summary["kinds"]
+    assert summary["teacher_calls"] > 0
+    assert summary["parse_failures"] <= 0.05 * summary["teacher_calls"]
+    # Only SDG records train, each from a chunk of the document; SDG balanced the answers.
+    train = [json.loads(x) for x in open(out / "data" / "sft_train.jsonl")]
+    assert train and all(r.get("chunk_id") and r.get("rule") for r in train)
+    answers = [json.loads(x)["answer"] for split in ("train", "validation", "test")
+               for x in open(out / "sdg" / "sft" / f"{split}.jsonl")]
+    assert answers.count("yes") == answers.count("no") > 0
     base, sft = (report["models"][m]["answer_nll"]["nll_per_token"] for m in ("base", "sft"))
     assert sft < base
     md = (out / "report.md").read_text()
     assert "| question | reference (document) | base | SFT+DPO |" in md
-    assert "SDG over 1 chunk(s)" in md
+    assert "SDG over 2 chunk(s)" in md and "## Training data" in md
+    assert "## Yes/no answers (71 questions: 35 expect yes, 36 expect no)" in md
     for name in ("report.png", "dpo/hf/model.safetensors", "dpo/hf/tokenizer.json"):
         assert (out / name).exists(), name
