@@ -33,7 +33,7 @@ test-all: setup
 demo: setup
 	$(BIN)/align-jax run --gin_file=configs/runs/value_alignment_demo.gin --output_dir=runs/demo
 
-# The same recipe with twice the SDG rounds and training steps (CPU: about half an hour).
+# The same recipe with more SDG rounds and training steps (CPU: about half an hour).
 demo-long: setup
 	$(BIN)/align-jax run --gin_file=configs/runs/value_alignment_demo.gin \
 	  --gin_file=configs/runs/value_alignment_long.gin --output_dir=runs/demo-long

@@ -188,3 +188,11 @@ def test_demo_recipe_on_smollm2_with_fewer_steps(tmp_path, smollm2_dir):
     assert "## Yes/no answers (71 questions: 35 expect yes, 36 expect no)" in md
     for name in ("report.png", "dpo/hf/model.safetensors", "dpo/hf/tokenizer.json"):
         assert (out / name).exists(), name
+
+
+def test_unknown_rag_system_is_refused_before_anything_runs(tmp_path):
+    from align_jax.methods.value_alignment import value_alignment
+    with pytest.raises(ValueError, match=r"rag_systems: \['base'\] are not among the models"):
+        value_alignment(output_dir=str(tmp_path / "run"), document="examples/values_document.md",
+                        rag_systems=["base", "sft+dpo"])  # from scratch: there is no base
+    assert not (tmp_path / "run").exists()
