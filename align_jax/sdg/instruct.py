@@ -89,7 +89,8 @@ def generate_instruct(teacher: Teacher, chunks: Sequence[Chunk], *, seed: int,
             if n >= config.nex:
                 results[i].reject("extra_question", question, step="questions")
                 continue
-            problem = parsing.text_problem(question, markers=("{passage}", "Passage:"))
+            problem = parsing.text_problem(question, markers=("{passage}", "Passage:"),
+                                           echoes=q_tpl.example_values)
             if problem:
                 results[i].reject(problem, question, step="questions")
                 continue

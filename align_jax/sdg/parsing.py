@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 Reject = dict[str, str]
 
@@ -252,8 +252,14 @@ def parse_sections(text: str, labels: Sequence[str], *, implicit_first: bool = T
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ufffd]")
 
 
+def echo_key(text: str) -> str:
+    """`text` lower-cased, its runs of whitespace and its end punctuation dropped: the key
+    under which a field is compared with a template's example placeholders."""
+    return " ".join(text.lower().split()).strip(" .!?;:,'\"")
+
+
 def text_problem(text: str, *, markers: Sequence[str] = (), min_letters: float = 0.4,
-                 max_chars: int = 20000) -> str | None:
+                 max_chars: int = 20000, echoes: Collection[str] = ()) -> str | None:
     """Why a generated field is unusable, or None if it is fine.
 
     Args:
@@ -261,9 +267,11 @@ def text_problem(text: str, *, markers: Sequence[str] = (), min_letters: float =
       markers: template markers that must not leak into content (e.g. "Critique:").
       min_letters: least share of letters among non-space characters.
       max_chars: longest acceptable field.
+      echoes: `echo_key`s of the template's example placeholders
+        (`Template.example_values`); a field equal to one is a copy, not content.
     Returns:
       "not_text", "empty", "too_long", "non_text" (control characters, or too few
-      letters: code, numbers, symbols) or "leaked_marker", else None.
+      letters: code, numbers, symbols), "leaked_marker" or "template_echo", else None.
     """
     if not isinstance(text, str):
         return "not_text"
@@ -283,6 +291,8 @@ def text_problem(text: str, *, markers: Sequence[str] = (), min_letters: float =
     for marker in markers:
         if marker.lower() in lowered:
             return "leaked_marker"
+    if echoes and echo_key(stripped) in echoes:
+        return "template_echo"
     return None
 
 

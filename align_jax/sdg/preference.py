@@ -101,7 +101,8 @@ def generate_preference(teacher: Teacher, chunks: Sequence[Chunk], *, seed: int,
             if n >= config.nex:
                 results[i].reject("extra_question", item["question"], step="pairs")
                 continue
-            problem = next((p for p in (parsing.text_problem(item[f], markers=markers)
+            problem = next((p for p in (parsing.text_problem(item[f], markers=markers,
+                                                             echoes=p_tpl.example_values)
                                         for f in _FIELDS) if p), None)
             if problem is None:
                 if _same(item["faithful"], item["unfaithful"]):

@@ -63,7 +63,8 @@ def write_principles(teacher: Teacher, *, task: str, principles: Sequence[str] |
         out, required=("principle", "definition", "antithesis"))
     found = []
     for item in items:
-        problem = next((p for p in (parsing.text_problem(item[f]) for f in item) if p), None)
+        problem = next((p for p in (parsing.text_problem(item[f], echoes=tpl.example_values)
+                                    for f in item) if p), None)
         if problem:
             rejects.append({"reason": problem, "text": json.dumps(item)[:200]})
         else:

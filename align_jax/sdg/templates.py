@@ -14,8 +14,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import string
 from collections.abc import Iterable, Mapping
+
+# A string value after a key in a JSON example of a template body ("key": "value").
+_EXAMPLE_VALUE = re.compile(r'"[^"\n]+":\s*"([^"\n]+)"')
 
 TEMPLATE_DIR = os.path.join(
     os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
@@ -30,6 +34,14 @@ class Template:
     body: str
     fields: frozenset[str]
     constraint: str | None = None
+
+    @property
+    def example_values(self) -> frozenset[str]:
+        """The placeholder texts of the body's JSON example ({{"question": "a situation or
+        dilemma", ...}}), normalised by `parsing.echo_key`: a small teacher copies them
+        verbatim, and a record that does is rejected as "template_echo"."""
+        from align_jax.sdg import parsing
+        return frozenset(parsing.echo_key(v) for v in _EXAMPLE_VALUE.findall(self.body))
 
     def output_constraint(self, **values):
         """The declared output constraint (`regex` of the header line, "{nex}" etc. filled),

@@ -270,3 +270,40 @@ def test_pair_similarity_filter_is_optional():
     results = preference.generate_preference(FunctionTeacher(fn), chunks, seed=1, config=off)
     assert [r["prompt"] for r in results[0].records["preference"]] == [minimal["question"]]
     assert _reasons(results) == {"chosen_equals_rejected": 1}  # identical texts always go
+
+
+def test_copies_of_the_templates_example_placeholders_are_rejected():
+    # What SmolLM2-135M wrote for 5 of the 7 pairs it kept on the example document.
+    pair_tpl = templates.load_template("preference_pairs")
+    assert pair_tpl.example_values == {
+        "a situation or dilemma", "an answer that respects the passage",
+        "a wrong answer that goes against the passage"}
+    assert templates.load_template("values_filter").example_values == frozenset()
+    chunks = [_chunk("Gifts over thirty euros must be refused.")]
+    echo = {"question": "Why we have a code", "faithful": "An answer that respects the passage.",
+            "unfaithful": "a wrong answer that goes against  the passage"}
+    good = {"question": "A supplier offers me a 50 euro voucher. OK?",
+            "faithful": "No, refuse it: gifts over thirty euros are not allowed.",
+            "unfaithful": "Sure, vouchers are always fine to keep."}
+    partly = dict(good, question="A situation or dilemma")
+
+    def pairs(role, prompt):
+        if role == "values_filter":
+            return "Yes. It sets a limit on gifts."
+        return "\n".join(json.dumps(x) for x in (echo, good, partly))
+
+    results = preference.generate_preference(FunctionTeacher(pairs), chunks, seed=1)
+    assert [p["prompt"] for p in results[0].records["preference"]] == [good["question"]]
+    assert _reasons(results) == {"template_echo": 2}
+
+    def questions(role, prompt):
+        if role == "instruct_questions":
+            return ('{"question": "A question, ideally set in a concrete situation."}\n'
+                    '{"question": "Can I keep a 50 euro voucher from a supplier?"}')
+        return "No, refuse it."
+
+    results = instruct.generate_instruct(FunctionTeacher(questions), chunks, seed=3,
+                                         config=instruct.InstructConfig(nex=3))
+    assert [s["prompt"] for s in results[0].records["sft"]] == [
+        "Can I keep a 50 euro voucher from a supplier?"]
+    assert _reasons(results) == {"template_echo": 1}
