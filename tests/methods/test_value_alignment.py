@@ -145,8 +145,9 @@ def test_recipe_runs_every_stage_and_reports(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_demo_recipe_on_smollm2_with_fewer_steps(tmp_path, smollm2_dir):
     """`make demo`'s recipe (configs/runs/value_alignment_demo.gin), shortened: the real
-    SmolLM2 teacher writes yes/no records about two chunks, only those train, and a few SFT
-    steps already lower the held-out answer NLL of the real base model.
+    SmolLM2 teacher writes yes/no records in one round over the document (its first chunks
+    state too few rules to train on), only those train, and a few SFT steps already lower the
+    held-out answer NLL of the real base model.
 
     It runs the real CLI in its own process on one CPU device, as `make demo` does: inside
     pytest's 8 fake devices every device would hold SmolLM2's weights and optimizer state
@@ -156,7 +157,7 @@ def test_demo_recipe_on_smollm2_with_fewer_steps(tmp_path, smollm2_dir):
     params = ["cft_steps=2", "sft_steps=6", "dpo_steps=2", "num_samples=2",
               "max_new_tokens=12", "yes_no_max_new_tokens=6", "num_questions=8",
               "progress=False",
-              "sdg_kwargs={'max_chunks': 2, 'rounds': 1, 'chunk_tokens': 256, 'overlap': 0, "
+              "sdg_kwargs={'rounds': 1, 'chunk_tokens': 256, 'overlap': 0, "
               "'stages': ['yes_no'], 'concurrency': 64, "
               "'yes_no_config': @yes_no.YesNoConfig()}"]
     cmd = [sys.executable, "-m", "align_jax.cli", "run",
@@ -171,7 +172,7 @@ def test_demo_recipe_on_smollm2_with_fewer_steps(tmp_path, smollm2_dir):
     report = json.loads((out / "report.json").read_text())
     assert set(report["models"]) == {"base", "c-fine-tuned", "sft", "sft+dpo"}
     summary = json.loads((out / "sdg" / "summary.json").read_text())
-    assert summary["num_chunks"] == 2 and report["sdg"]["kinds"] == summary["kinds"]
+    assert summary["num_chunks"] == 17 and report["sdg"]["kinds"] == summary["kinds"]
     assert summary["teacher_calls"] > 0
     assert summary["parse_failures"] <= 0.05 * summary["teacher_calls"]
     # Only SDG records train, each from a chunk of the document; SDG balanced the answers.
@@ -184,7 +185,7 @@ def test_demo_recipe_on_smollm2_with_fewer_steps(tmp_path, smollm2_dir):
     assert sft < base
     md = (out / "report.md").read_text()
     assert "| question | reference (document) | base | SFT+DPO |" in md
-    assert "SDG over 2 chunk(s)" in md and "## Training data" in md
+    assert "SDG over 17 chunk(s)" in md and "## Training data" in md
     assert "## Yes/no answers (71 questions: 35 expect yes, 36 expect no)" in md
     for name in ("report.png", "dpo/hf/model.safetensors", "dpo/hf/tokenizer.json"):
         assert (out / name).exists(), name
