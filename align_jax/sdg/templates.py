@@ -13,10 +13,13 @@ name in configs/sdg_templates/ (or $ALIGN_JAX_SDG_TEMPLATES) or given as a path.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import re
 import string
 from collections.abc import Iterable, Mapping
+
+from align_jax.sdg import parsing
 
 # A string value after a key in a JSON example of a template body ("key": "value").
 _EXAMPLE_VALUE = re.compile(r'"[^"\n]+":\s*"([^"\n]+)"')
@@ -35,12 +38,11 @@ class Template:
     fields: frozenset[str]
     constraint: str | None = None
 
-    @property
+    @functools.cached_property
     def example_values(self) -> frozenset[str]:
         """The placeholder texts of the body's JSON example ({{"question": "a situation or
         dilemma", ...}}), normalised by `parsing.echo_key`: a small teacher copies them
         verbatim, and a record that does is rejected as "template_echo"."""
-        from align_jax.sdg import parsing
         return frozenset(parsing.echo_key(v) for v in _EXAMPLE_VALUE.findall(self.body))
 
     def output_constraint(self, **values):
