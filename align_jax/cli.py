@@ -53,51 +53,27 @@ def _gin_imports(files: list[str], search: list[str], seen: set | None = None) -
     return list(dict.fromkeys(out))
 
 
-_ARG = re.compile(r"^(\s*)([\w, ]+):\s*(.*)$")
-
-
-def _arg_docs(doc: str) -> dict[str, list[str]]:
-    """{parameter: its lines} from a Google-style docstring's Args section ("a, b: text"
-    documents both)."""
-    out: dict[str, list[str]] = {}
-    names: list[str] = []
-    indent = None
-    in_args = False
-    for line in doc.splitlines():
-        if line.strip() == "Args:":
-            in_args, indent = True, None
-            continue
-        if not in_args:
-            continue
-        if line.strip() and not line.startswith(" "):
-            break  # the next section (Returns:, Raises:)
-        m = _ARG.match(line)
-        if m and (indent is None or len(m.group(1)) == indent):
-            indent = len(m.group(1))
-            names = [n.strip() for n in m.group(2).split(",") if n.strip()]
-            for n in names:
-                out.setdefault(n, []).append(m.group(3))
-        elif line.strip():
-            for n in names:
-                out[n].append(line.strip())
-    return out
-
-
-def command_help(command: str) -> str:
-    """`align-jax <command> --help`: the entry function's gin parameters, defaults and docs."""
+def command_help(command: str, gin_files: list[str] | None = None) -> str:
+    """`align-jax <command> --help`: the settings of the command (its entry's parameters, the
+    dataclasses they take and, for `run`, the recipes of `gin_files` or of every shipped run
+    file), with defaults and docs."""
+    from align_jax import cli_help  # local: --help of another command need not import it
     module_name, fn_name, summary = COMMANDS[command]
     entry = getattr(importlib.import_module(module_name), fn_name)
-    short = module_name.rpartition(".")[2]
-    docs = _arg_docs(inspect.getdoc(entry) or "")
-    first = (inspect.getdoc(entry) or summary).splitlines()[0]
-    lines = [f"usage: align-jax {command} --gin_file=F [--gin_param='{short}.{fn_name}.NAME=VALUE']"
-             " [--output_dir=D]", "", f"{command}: {first}", "",
-             f"parameters of {module_name}.{fn_name} (bind with --gin_param):"]
-    for name, p in inspect.signature(entry).parameters.items():
-        default = "required" if p.default is p.empty else f"default {p.default!r}"
-        lines.append(f"  {name} ({default})")
-        lines += [f"      {d}" for d in docs.get(name, [])]
-    return "\n".join(lines)
+    return cli_help.format_help(command, summary, entry,
+                                _groups(command, entry, gin_files or []))
+
+
+def _groups(command: str, entry, gin_files: list[str]):
+    from align_jax import cli_help
+    from align_jax.ginconf import all_files, resolve
+    root = str(pathlib.Path(__file__).resolve().parent.parent)
+    files = []
+    if command == "run":
+        folders = [root, os.getcwd()]
+        files = (all_files([resolve(f, folders) for f in gin_files], folders) if gin_files
+                 else cli_help.shipped_run_files(root))
+    return cli_help.command_groups(entry, recipe_files=files)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -150,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if (argv and argv[0] in COMMANDS and argv[0] != "bench"
             and any(a in ("-h", "--help") for a in argv[1:])):
-        print(command_help(argv[0]))
+        files = [a.split("=", 1)[1] for a in argv[1:] if a.startswith("--gin_file=")]
+        print(command_help(argv[0], files))
         return 0
     args, rest = _parser().parse_known_args(argv)
     module_name, fn_name, _ = COMMANDS[args.command]
@@ -190,8 +167,11 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # gin raises many types (tokenize.TokenError, TypeError, ...)
         if args.traceback:
             raise
-        print(f"align-jax {args.command}: bad gin configuration: "
-              f"{ginconf.parse_error(e, args.gin_param, gin_files, folders)}", file=sys.stderr)
+        from align_jax.cli_help import did_you_mean  # local: see _gin_imports
+        message = ginconf.parse_error(e, args.gin_param, gin_files, folders)
+        message = did_you_mean(message, args.gin_param,
+                               _groups(args.command, entry, gin_files))
+        print(f"align-jax {args.command}: bad gin configuration: {message}", file=sys.stderr)
         return 2
     bad = ginconf.check_bindings(entry, f"{short}.{fn_name}", gin_files, args.gin_param,
                                  folders)

@@ -74,7 +74,7 @@ def parse_error(e: BaseException, param_lines: Sequence[str], files: Sequence[st
     text = str(e)
     where = None
     if isinstance(e, tokenize.TokenError):
-        for path in _all_files(files, folders):
+        for path in all_files(files, folders):
             with open(path, encoding="utf-8", errors="replace") as f:
                 found = _unclosed(f.read())
             if found:
@@ -108,7 +108,7 @@ def locate(name: str, files: Sequence[str], param_lines: Sequence[str],
         if pattern.search(line):
             return f"--gin_param={line.strip()!r}"
     found = None
-    for path in _all_files(files, folders):
+    for path in all_files(files, folders):
         try:
             with open(path, encoding="utf-8") as f:
                 for i, line in enumerate(f, 1):
@@ -119,7 +119,8 @@ def locate(name: str, files: Sequence[str], param_lines: Sequence[str],
     return found or "gin"
 
 
-def _all_files(files: Sequence[str], folders: Sequence[str], seen=None) -> list[str]:
+def all_files(files: Sequence[str], folders: Sequence[str], seen=None) -> list[str]:
+    """`files` and the files they include, includes first, once each."""
     seen = set() if seen is None else seen
     out = []
     for name in files:
@@ -129,7 +130,7 @@ def _all_files(files: Sequence[str], folders: Sequence[str], seen=None) -> list[
         seen.add(path)
         with open(path, encoding="utf-8", errors="replace") as f:
             includes = re.findall(r"^\s*include\s+['\"](.+)['\"]", f.read(), re.M)
-        out += [*_all_files(includes, folders, seen), path]
+        out += [*all_files(includes, folders, seen), path]
     return out
 
 
@@ -164,7 +165,7 @@ def check_macros(files: Sequence[str], param_lines: Sequence[str],
     """A one-line message for the first `%NAME` used but never defined."""
     import gin  # local: see install_search_path
     sources = [(f"--gin_param={line!r}", line) for line in param_lines]
-    for path in _all_files(files, folders):
+    for path in all_files(files, folders):
         with open(path, encoding="utf-8", errors="replace") as f:
             sources += [(f"{path}:{i}", line) for i, line in enumerate(f, 1)]
     for where, line in sources:

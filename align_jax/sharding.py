@@ -61,7 +61,13 @@ RULES: dict[str, Rules] = {
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class MeshSpec:
-    """Sizes of the ('data', 'fsdp', 'tensor') mesh axes; one of them may be -1 (the rest)."""
+    """Sizes of the ('data', 'fsdp', 'tensor') mesh axes; one of them may be -1 (the rest).
+
+    Attributes:
+      data: devices that split the batch (data parallel).
+      fsdp: devices that split the batch and shard the parameters and optimizer state.
+      tensor: devices that split each layer's heads and MLP (tensor parallel).
+    """
 
     data: int = -1
     fsdp: int = 1

@@ -26,6 +26,9 @@ def _clean():
     ("entry.train_main.num_steps = 'five'", 2,
      ":2: entry.train_main.num_steps = 'five': expected int"),
     ("entry.train_main.batch_size = 0", 1, "train_main.batch_size=0: must be >= 1"),
+    # gradient ascent without a word otherwise
+    ("optim.OptimizerConfig.learning_rate = -1e-3", 1,
+     "OptimizerConfig.learning_rate=-0.001: must be > 0"),
 ])
 def test_gin_errors_are_one_line_with_file_and_line(tmp_path, capsys, binding, code, expect):
     path = tmp_path / "bad.gin"

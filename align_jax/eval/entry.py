@@ -62,7 +62,10 @@ def eval_main(*, output_dir: str, models: Mapping[str, str], sft_test: str | Non
       bertscore_baseline: a bert-score baseline file to rescale the scores with (None: raw).
       judge: "local:..." or "openai:..." teacher, or "letters:<dir or name>" (a local judge
         read from its letter probabilities), for pairwise win rates (None skips them).
-      judge_template, judge_kwargs: see `align_jax.eval.judge.win_rate_matrix`.
+      judge_template: the judge's prompt template: a name under configs/judge_templates
+        ("relative", "pairwise", "prometheus_relative", ...) or a template file.
+      judge_kwargs: extra arguments of `align_jax.eval.judge.win_rate_matrix` (rubric,
+        principles, max_tokens, temperature, top_p, ...).
       judge_systems: systems the judge compares (default all).
       mesh, rules: device mesh (default: every device, as `align-jax train`) and sharding
         preset: the models are loaded onto it and scored and generated over it.

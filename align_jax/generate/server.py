@@ -419,12 +419,18 @@ def serve_main(*, model_dir: str, host: str = "127.0.0.1", port: int = 8000,
       host, port: where to listen; keep 127.0.0.1 unless an api_key guards the server.
       api_key: required bearer token; default: $ALIGN_JAX_API_KEY if set, else none.
       model_name: the served model id (default: the dir's base name).
-      max_batch_size, batch_window_ms, max_len, max_prompt_tokens, max_new_tokens_limit:
-        see `make_app`.
-      dtype: parameter/compute dtype.  mesh_spec, rules: shard the model over a mesh
-        (`sharding.MeshSpec`); None keeps it on one device.
+      max_batch_size: prompt rows the worker collects before it stops waiting.
+      batch_window_ms: how long the worker waits for more requests after the first one.
+      max_len: context length (prompt + completion); default the model's max_position.
+      max_prompt_tokens: longest accepted prompt; default max_len - 1.
+      max_new_tokens_limit: largest accepted max_tokens; default min(4096, max_len - 1).
+      dtype: parameter/compute dtype.
+      mesh_spec, rules: shard the model over a mesh (`sharding.MeshSpec`) with this sharding
+        preset; None keeps it on one device.
       output_dir: run folder for the config and run info.
-      max_body_bytes: largest accepted request body (413 beyond); see `make_app`.
+      log_level: the server's log level ("debug", "info", "warning", ...).
+      max_body_bytes: largest accepted request body (413 beyond); default
+        max(1 MiB, 16 bytes x max_prompt_tokens).
     Returns:
       0 after a clean shutdown.
     """

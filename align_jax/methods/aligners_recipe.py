@@ -183,10 +183,12 @@ def aligners(*, output_dir: str, criteria: Sequence[str] = CRITERIA,
         data's words).
       aligner_base: the aligners' starting decoder dir, or a preset name starting with "tiny"
         (random init, tokenizer trained on the data).
-      responses: JSONL of {input, response} to align; or `prompts` (JSONL with input/prompt)
-        plus `generate_from` (a model dir whose greedy answers are aligned).
+      responses: JSONL of {input, response} to align; or `prompts` plus `generate_from`.
+      prompts: JSONL with input/prompt fields whose answers by `generate_from` are aligned.
+      generate_from: a model dir whose greedy answers to `prompts` are aligned.
       threshold: the squad's threshold.
-      inspector_*: inspector training (paper: 4 epochs, 2e-5, batch 8).
+      inspector_epochs, inspector_learning_rate, inspector_batch_size, inspector_max_length:
+        inspector training (paper: 4 epochs, 2e-5, batch 8).
       aligner_steps, aligner_learning_rate, aligner_batch_size, seq_len: aligner training.
       max_new_tokens: aligner (and sampling) budget.
       mesh, rules: devices.

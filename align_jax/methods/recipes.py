@@ -19,6 +19,11 @@ from align_jax.train import status as status_lib
 def run(*, recipe: Callable[..., Any], output_dir: str) -> Any:
     """Calls the recipe bound in gin (e.g. value_alignment.value_alignment) with output_dir.
 
+    Args:
+      recipe: the recipe function, bound in the run file (`recipes.run.recipe =
+        @value_alignment.value_alignment`); its own parameters are listed below.
+      output_dir: run folder, passed on to the recipe (`--output_dir`).
+
     Raises:
       RunInterrupted (exit code 75) when SIGTERM or SIGINT stopped it; rerun to resume.
     """

@@ -157,7 +157,10 @@ def value_alignment(*, output_dir: str, document: str, model: str | None = "tiny
       judge: "local:<dir or name>" / "openai:<URL>" (written verdicts) or
         "letters:<dir or name>" (a small local judge read from P("A") vs P("B"), see
         `align_jax.eval.letter_judge`) for pairwise win rates; None skips them.
-      judge_template, judge_kwargs: see `align_jax.eval.judge.win_rate_matrix`.
+      judge_template: the judge's prompt template: a name under configs/judge_templates
+        ("relative", "pairwise", "prometheus_relative", ...) or a template file.
+      judge_kwargs: extra arguments of `align_jax.eval.judge.win_rate_matrix` (rubric,
+        principles, max_tokens, temperature, top_p, ...).
       judge_systems: systems the judge compares (default all), e.g. ("base", "sft+dpo").
       teacher_forced: also score the held-out records teacher-forced (answer NLL,
         preference accuracy, DPO's implicit reward); see `evaluate_models`.

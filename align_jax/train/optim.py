@@ -34,6 +34,23 @@ class OptimizerConfig:
     gives the warmup as a share of those steps instead, rounded up (ceil(ratio * steps)); as
     in Hugging Face's Trainer, warmup_steps > 0 overrides it (so a run file that includes
     one with a ratio can set steps).
+
+    Attributes:
+      name: "adamw", "rmsprop" or "adafactor".
+      learning_rate: the peak rate; must be > 0 (a negative rate ascends the loss) unless
+        allow_nonpositive_learning_rate is set.
+      schedule: "cosine", "linear" or "constant" decay after the warmup.
+      warmup_steps: steps of linear warmup from 0 (> 0 overrides warmup_ratio).
+      warmup_ratio: warmup as a share of the decay steps, in [0, 1).
+      decay_steps: steps of warmup + decay; None: the run's num_steps.
+      end_lr_ratio: the rate at the end of the decay, as a share of learning_rate.
+      b1, b2, eps: Adam's moment decays and epsilon.
+      rms_decay: RMSprop's decay of the squared-gradient average (torch's alpha).
+      momentum: RMSprop's momentum; None: none.
+      weight_decay: decoupled (AdamW-style) decay; never on norms, biases or 1-D params.
+      clip_norm: clip the global gradient norm to this; None: no clipping.
+      allow_nonpositive_learning_rate: accept learning_rate <= 0 (deliberate gradient
+        ascent or a frozen run).
     """
 
     name: OptimizerName = "adamw"
@@ -54,6 +71,7 @@ class OptimizerConfig:
     weight_decay: float = 0.0
     # None disables clipping.
     clip_norm: float | None = 1.0
+    allow_nonpositive_learning_rate: bool = False
 
     def __post_init__(self):
         if self.name not in ("adamw", "rmsprop", "adafactor"):
@@ -62,6 +80,11 @@ class OptimizerConfig:
         if self.schedule not in ("cosine", "linear", "constant"):
             raise ValueError(
                 f"OptimizerConfig.schedule={self.schedule!r}: choose cosine, linear or constant")
+        if self.learning_rate <= 0 and not self.allow_nonpositive_learning_rate:
+            raise ValueError(
+                f"OptimizerConfig.learning_rate={self.learning_rate}: must be > 0 (a negative "
+                "rate trains by gradient ascent); set "
+                "optim.OptimizerConfig.allow_nonpositive_learning_rate=True if meant")
         if self.warmup_steps < 0:
             raise ValueError(f"OptimizerConfig.warmup_steps={self.warmup_steps} is negative")
         if not 0.0 <= self.warmup_ratio < 1.0:

@@ -323,8 +323,16 @@ def plan_main(*, model: str, method: str = "sft", batch_size: int = 8, seq_len: 
 
     Args:
       model: a preset name or a Hugging Face checkpoint dir (only its config.json is read).
-      method, batch_size, seq_len, mesh, num_devices, rules, optimizer, grad_accum, lora,
-        compile: see `plan_memory`.
+      method: "sft", "dpo" (precomputed reference), "dpo_frozen" or "sami".
+      batch_size: global rows per step (pairs for DPO, queries for SAMI).
+      seq_len: tokens per row.
+      mesh: the mesh axes; default all devices on `data`.
+      num_devices: devices of the mesh; default this host's count.
+      rules: the sharding preset ("dp", "fsdp", "fsdp_tp").
+      optimizer: the optimizer whose state is counted; default AdamW.
+      grad_accum: microbatches per step.
+      lora: LoRA settings (fields of `LoraConfig`), or None for full training.
+      compile: also compile the step and read XLA's numbers (needs num_devices real devices).
       model_overrides: ModelConfig fields to replace (e.g. {"remat": "full"}).
       accelerators: the accelerators to judge against (keys of ACCELERATORS).
       output_dir: where plan.json goes (optional).

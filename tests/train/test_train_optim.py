@@ -144,3 +144,18 @@ def test_rmsprop_matches_torch(momentum):
         p = optax.apply_updates(p, updates)
     # float32 arithmetic in both, a handful of steps: a few ulps of the parameter scale.
     np.testing.assert_allclose(np.asarray(p["w"]), tp.detach().numpy(), rtol=2e-6, atol=2e-6)
+
+
+@pytest.mark.parametrize("rate", [-1e-3, 0.0])
+def test_nonpositive_learning_rate_is_refused_unless_allowed(params, rate):
+    with pytest.raises(ValueError, match=r"learning_rate=.*must be > 0.*allow_nonpositive"):
+        optim.OptimizerConfig(learning_rate=rate)
+    cfg = optim.OptimizerConfig(learning_rate=rate, allow_nonpositive_learning_rate=True,
+                                schedule="constant", clip_norm=None)
+    _, params = params
+    tx, _ = optim.make_optimizer(cfg, num_steps=10)
+    grads = jax.tree.map(np.ones_like, params)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    # Allowed, the rate is used as given: a negative one moves along the gradient.
+    leaf = jax.tree.leaves(updates)[0]
+    assert np.all(np.sign(leaf) == -np.sign(rate)) if rate else np.all(leaf == 0)
