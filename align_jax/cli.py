@@ -122,7 +122,12 @@ def enable_compilation_cache() -> str | None:
     return path
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, check_only: bool = False) -> int:
+    """Runs `align-jax <command>`; returns the exit code.
+
+    check_only: parse and check the gin files and bindings (every file found, every binding
+    known and of the right type, every macro defined) and return 0 without running anything.
+    """
     argv = sys.argv[1:] if argv is None else list(argv)
     if (argv and argv[0] in COMMANDS and argv[0] != "bench"
             and any(a in ("-h", "--help") for a in argv[1:])):
@@ -141,6 +146,9 @@ def main(argv: list[str] | None = None) -> int:
     folders = ginconf.search_folders(args.gin_search_path, str(root))
     ginconf.install_search_path(folders)
     gin_files = [ginconf.resolve(name, folders) for name in args.gin_file]
+    if (missing := ginconf.missing_file(args.gin_file, folders, str(root))):
+        print(f"align-jax {args.command}: {missing}", file=sys.stderr)
+        return 2
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as e:
@@ -181,6 +189,9 @@ def main(argv: list[str] | None = None) -> int:
     if rest:
         print(f"align-jax {args.command}: unknown arguments {rest}", file=sys.stderr)
         return 2
+    ginconf.resolve_repo_paths(str(root))
+    if check_only:
+        return 0
     if args.distributed:
         from align_jax import distributed  # local: imports numpy, only --distributed needs it
         try:

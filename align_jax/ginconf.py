@@ -45,6 +45,72 @@ def install_search_path(folders: Sequence[str]) -> None:
     # in the working directory.
     prefixes = gin.config._LOCATION_PREFIXES  # noqa: SLF001
     prefixes[:] = list(folders)
+    # gin tries every prefix with every reader; its package-resource reader logs
+    # "ERROR:root:Path not found" for each miss (and sets up logging as it does): the same
+    # check, quiet.
+    readers = gin.config._FILE_READERS  # noqa: SLF001
+    readers[:] = [(r, _quiet_exists if check.__name__ == "system_path_file_exists" else check)
+                  for r, check in readers]
+
+
+def _quiet_exists(config_path: str) -> bool:
+    from gin import resource_reader  # local: see install_search_path
+    try:
+        path = resource_reader._parse_config_path(config_path)  # noqa: SLF001
+    except (ModuleNotFoundError, ValueError, ImportError):
+        return False
+    return os.path.isfile(path)
+
+
+def missing_file(names: Sequence[str], folders: Sequence[str], root: str) -> str | None:
+    """A one-line message for the first gin file that is nowhere to be found, naming the
+    closest shipped ones."""
+    import difflib
+    for name in names:
+        if os.path.isfile(resolve(name, folders)):
+            continue
+        shipped = [os.path.relpath(os.path.join(d, f), root)
+                   for d, _, files in os.walk(os.path.join(root, "configs"))
+                   for f in files if f.endswith(".gin")]
+        close = difflib.get_close_matches(name, shipped, n=3, cutoff=0.6)
+        hint = f"; did you mean {' or '.join(close)}?" if close else ""
+        return f"{name}: no such gin file (searched {', '.join(dict.fromkeys(folders))}){hint}"
+    return None
+
+
+_PREFIX = re.compile(r"^(\w+:)?(?!\w+://)([\w.][^\n:]*)$")
+
+
+def _repo_path(value: str, root: str) -> str:
+    """`value` with a relative path (after a `train:`-like prefix) that is missing from the
+    working directory but present in the repository made absolute; else `value` as it is."""
+    m = _PREFIX.match(value)
+    if not m or m.group(2).startswith(_PATH_PREFIXES) or os.path.exists(m.group(2)):
+        return value
+    path = os.path.join(root, m.group(2))
+    return f"{m.group(1) or ''}{path}" if os.path.exists(path) else value
+
+
+def _repo_paths(value, root: str):
+    if isinstance(value, str):
+        return _repo_path(value, root)
+    if isinstance(value, (list, tuple)) and type(value) in (list, tuple):
+        return type(value)(_repo_paths(v, root) for v in value)
+    if isinstance(value, dict):
+        return {k: _repo_paths(v, root) for k, v in value.items()}
+    return value
+
+
+def resolve_repo_paths(root: str) -> None:
+    """Makes the shipped configs' data paths (`examples/sft.jsonl`,
+    `train:examples/values_document.md`) work from any working directory: a relative path bound
+    in gin that is not in the working directory but is in the repository `root` becomes the
+    repository's file. The working directory wins, so a user's own `examples/sft.jsonl` is
+    read (unlike gin files, data is the user's before it is ours)."""
+    import gin  # local: see install_search_path
+    for bindings in gin.config._CONFIG.values():  # noqa: SLF001
+        for key, value in bindings.items():
+            bindings[key] = _repo_paths(value, root)
 
 
 _LOCATION = re.compile(r'In (?:file|bindings string) "?([^",\n]*)"?, line (\d+)')

@@ -98,7 +98,7 @@ def test_every_run_file_parses_against_the_tiny_model():
         base = overlays.get(os.path.basename(path))
         files = [str(ROOT / "configs" / "runs" / base), path] if base else [path]
         gin.parse_config_files_and_bindings(
-            files, ["MODEL='tiny'", "INIT_FROM=None", "HF_CHECKPOINT=None"],
+            files, ["MODEL='tiny'", "HF_CHECKPOINT=None"],
             finalize_config=False)
         bound = bindings(entry.train_main)
         if bound:
