@@ -63,8 +63,8 @@ def _quiet_exists(config_path: str) -> bool:
 
 
 def missing_file(names: Sequence[str], folders: Sequence[str], root: str) -> str | None:
-    """A one-line message for the first gin file that is nowhere to be found, naming the
-    closest shipped ones."""
+    """A one-line message for the first gin file that is nowhere to be found (naming the
+    closest shipped ones) or that, or one it includes, is not UTF-8 text."""
     import difflib
     for name in names:
         if os.path.isfile(resolve(name, folders)):
@@ -75,6 +75,15 @@ def missing_file(names: Sequence[str], folders: Sequence[str], root: str) -> str
         close = difflib.get_close_matches(name, shipped, n=3, cutoff=0.6)
         hint = f"; did you mean {' or '.join(close)}?" if close else ""
         return f"{name}: no such gin file (searched {', '.join(dict.fromkeys(folders))}){hint}"
+    for path in all_files(names, folders):
+        with open(path, "rb") as f:
+            data = f.read()
+        try:
+            data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            line = data[:e.start].count(b"\n") + 1
+            return (f"{path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x}); save the gin "
+                    "file as UTF-8")
     return None
 
 

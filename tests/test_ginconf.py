@@ -2,6 +2,8 @@
 
 import os
 import pathlib
+import subprocess
+import sys
 
 import gin
 import pytest
@@ -58,3 +60,70 @@ def test_shipped_configs_win_over_the_working_directory(tmp_path, monkeypatch, c
                      f"--output_dir={tmp_path / 'out'}"])
     assert code == 2
     assert "batch_size = 'shadowed'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("included", [False, True])
+def test_non_utf8_gin_file_is_one_line_naming_file_and_line(tmp_path, capsys, included):
+    bad = tmp_path / "latin1.gin"
+    bad.write_bytes(f"include '{SFT}'\nentry.train_main.data = 'caf\xe9.jsonl'\n"
+                    .encode("latin-1"))
+    named = bad
+    if included:
+        named = tmp_path / "outer.gin"
+        named.write_text(f"include '{bad}'\n")
+    assert cli.main(["train", f"--gin_file={named}", f"--output_dir={tmp_path / 'out'}"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert f"{bad}:2: not UTF-8 text (byte 0xe9)" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_gin_file_names_the_closest_shipped_ones(capfd):
+    assert cli.main(["run", "--gin_file=configs/runs/value_alignmnt_tiny.gin"]) == 2
+    err = capfd.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err  # no "ERROR:root:Path not found" lines before it
+    assert "configs/runs/value_alignmnt_tiny.gin: no such gin file" in err[0]
+    assert "did you mean configs/runs/value_alignment_tiny.gin" in err[0]
+
+
+def test_search_path_misses_log_nothing(tmp_path, capfd):
+    # Every include is looked up in tmp_path first; gin's resource reader logged an ERROR
+    # line for each miss.
+    code = cli.main(["train", f"--gin_file={SFT}", f"--gin_search_path={tmp_path}"],
+                    check_only=True)
+    assert code == 0
+    assert capfd.readouterr().err == ""
+
+
+def test_shipped_data_paths_resolve_from_any_directory_and_the_cwd_wins(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["train", "--gin_file=configs/runs/sft_tiny.gin"], check_only=True) == 0
+    assert gin.query_parameter("entry.train_main.data") == str(ROOT / "examples" / "sft.jsonl")
+    assert gin.query_parameter("%TOKENIZER") == (
+        f"train:{ROOT / 'examples' / 'values_document.md'}")
+    gin.clear_config()
+    (tmp_path / "examples").mkdir()
+    (tmp_path / "examples" / "sft.jsonl").write_text('{"prompt": "a", "completion": "b"}\n')
+    assert cli.main(["train", "--gin_file=configs/runs/sft_tiny.gin"], check_only=True) == 0
+    assert gin.query_parameter("entry.train_main.data") == "examples/sft.jsonl"
+
+
+def _stderr_lines(args, cwd):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
+    res = subprocess.run([sys.executable, "-m", "align_jax.cli", *args], cwd=cwd, env=env,
+                         capture_output=True, text=True, timeout=900)
+    return res.returncode, res.stderr.splitlines()
+
+
+def test_tiny_run_outside_the_repository_has_a_clean_stderr(tmp_path):
+    """The shipped tiny config trains from another directory (its tokenizer text and data are
+    the repository's), and a clean run and --help print no ERROR or WARNING line."""
+    code, err = _stderr_lines(["train", "--help"], tmp_path)
+    assert code == 0 and err == []
+    code, err = _stderr_lines(
+        ["train", "--gin_file=configs/runs/sft_tiny.gin", f"--output_dir={tmp_path / 'out'}",
+         "--gin_param=entry.train_main.num_steps=4", "--gin_param=entry.train_main.progress=False",
+         "--gin_param=entry.train_main.export_hf=False"], tmp_path)
+    assert code == 0, err
+    assert not [line for line in err if "ERROR" in line or "WARNING" in line], err
+    assert (tmp_path / "out" / "train_summary.json").exists()

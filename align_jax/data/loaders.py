@@ -251,8 +251,12 @@ def make_loader(records_or_spec: Any, *, kind: str | DataFormat, tokenizer, seq_
     packs_items = pack and fmt.max_items_per_row
     if packs_items and max_pairs is None:
         max_pairs = max(1, seq_len // min(fmt.pack_length(ex) for ex in examples))
-    if load_report.skipped or trunc_report.cut or trunc_report.dropped:
+    # Records lost are a warning; prompts cut by the truncation policy asked for are what the
+    # run was told to do (the train summary lists them either way).
+    if load_report.skipped or trunc_report.dropped:
         _LOG.warning("data: %s\n%s", load_report.summary(), trunc_report.summary())
+    elif trunc_report.cut:
+        _LOG.info("data: %s\n%s", load_report.summary(), trunc_report.summary())
 
     ds = grain.MapDataset.source(examples)
     if shuffle:
