@@ -127,3 +127,26 @@ def test_tiny_run_outside_the_repository_has_a_clean_stderr(tmp_path):
     assert code == 0, err
     assert not [line for line in err if "ERROR" in line or "WARNING" in line], err
     assert (tmp_path / "out" / "train_summary.json").exists()
+
+
+def test_batch_not_divisible_by_grad_accum_is_refused_before_any_work(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert cli.main(["train", f"--gin_file={SFT}", f"--output_dir={out}",
+                     "--gin_param=entry.train_main.batch_size=4",
+                     "--gin_param=entry.train_main.grad_accum=16"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[0]
+    assert "train_main.batch_size=4 is not divisible by grad_accum=16" in err
+    assert "set batch_size=16 or grad_accum=4" in err
+    assert not out.exists()  # refused before the run folder, the tokenizer or any model
+
+
+def test_batch_too_large_for_memory_is_refused_with_the_numbers(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert cli.main(["train", f"--gin_file={SFT}", f"--output_dir={out}",
+                     "--gin_param=entry.train_main.batch_size=1_000_000_000"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[0]
+    # 5 int32/float32 arrays x 128 tokens x 1e9 rows = 2.56e12 bytes of batch, over the 8 fake
+    # devices of conftest: 298.02 GiB each.
+    assert "batch_size=1000000000 x seq_len=128 needs at least" in err
+    assert "batch 298.02 GiB" in err and "available RAM" in err
+    assert not (out / "checkpoints").exists() and not (out / "model").exists()

@@ -31,6 +31,7 @@ from align_jax.train import status as status_lib
 from align_jax.train.adapters import write_lora_file
 from align_jax.train.loop import train
 from align_jax.train.optim import OptimizerConfig
+from align_jax.train.plan import check_train_memory, load_model_config
 from align_jax.train.reference import attach_reference_logps
 
 log = logging.getLogger(__name__)
@@ -174,6 +175,13 @@ def _check_arguments(**values: int | None) -> None:
                             f"{type(value).__name__}")
         if value < 1:
             raise ValueError(f"train_main.{name}={value}: must be >= 1")
+    batch, accum = values["batch_size"], values["grad_accum"]
+    if batch % accum:
+        fits = max(d for d in range(1, accum + 1) if batch % d == 0)
+        raise ValueError(
+            f"train_main.batch_size={batch} is not divisible by grad_accum={accum}: batch_size "
+            f"is the global batch of one update, split into grad_accum microbatches; set "
+            f"batch_size={accum * max(1, round(batch / accum))} or grad_accum={fits}")
 
 
 def _completed(output_dir: str, export_hf: bool, num_steps: int | None) -> dict[str, Any] | None:
@@ -223,6 +231,11 @@ def _train_main(settings, *, output_dir, data, objective, model, model_overrides
         tok_path = built
     tok = load_tokenizer(tok_path)
     config = _model(model, model_overrides or {}, init_from, tok)
+    # Before any weight is loaded: a batch that cannot fit is refused with the numbers.
+    check_train_memory(config or load_model_config(init_from), objective=obj.name,
+                       frozen_reference=ref_mode == "params", batch_size=batch_size,
+                       seq_len=seq_len, mesh_spec=mesh, rules=rules, optimizer=optimizer,
+                       grad_accum=grad_accum, lora=lora_spec)
 
     with run_folder(output_dir):
         main = distributed.is_main()

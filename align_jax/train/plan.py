@@ -271,6 +271,63 @@ def plan_memory(config: ModelConfig, *, method: str = "sft", batch_size: int, se
                       note=note)
 
 
+def device_memory() -> tuple[int, str]:
+    """(bytes one local device can hold, what the figure is): the accelerator's own limit, or on
+    CPU the host's available RAM shared by its devices."""
+    device = jax.local_devices()[0]
+    try:
+        stats = device.memory_stats() or {}
+    except Exception:  # backends without memory stats (CPU)
+        stats = {}
+    if stats.get("bytes_limit"):
+        return int(stats["bytes_limit"]), f"{device.device_kind}'s {_gib(stats['bytes_limit'])}"
+    available = _host_available()
+    count = jax.local_device_count()
+    return available // count, (f"the host's available RAM {_gib(available)} over {count} "
+                                f"device{'s' * (count > 1)}")
+
+
+def _host_available() -> int:
+    try:
+        with open("/proc/meminfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def check_train_memory(config: ModelConfig, *, objective: str, frozen_reference: bool,
+                       batch_size: int, seq_len: int, mesh_spec: sharding.MeshSpec | None,
+                       rules: str, optimizer: OptimizerConfig | None, grad_accum: int,
+                       lora: lora_lib.LoraConfig | None) -> MemoryPlan:
+    """Refuses a run whose state, gradients and batch alone (no activation counted, so never a
+    false refusal) exceed what a local device holds; returns the plan otherwise.
+
+    Raises:
+      ValueError: one line with the numbers and what to change.
+    """
+    method = {"dpo": "dpo_frozen" if frozen_reference else "dpo", "sami": "sami"}.get(
+        objective, "sft")
+    # The state's shapes do not depend on the schedule (whose checks need the run's steps).
+    opt = dataclasses.replace(optimizer or OptimizerConfig(), warmup_steps=0, warmup_ratio=0.0,
+                              decay_steps=None)
+    plan = plan_memory(config, method=method, batch_size=batch_size, seq_len=seq_len,
+                       mesh_spec=mesh_spec, rules=rules, optimizer=opt, grad_accum=grad_accum,
+                       lora=lora, compile=False)
+    capacity, what = device_memory()
+    if plan.lower_bound > capacity:
+        raise ValueError(
+            f"train_main: batch_size={batch_size} x seq_len={seq_len} needs at least "
+            f"{_gib(plan.lower_bound)} per device before any activation (params "
+            f"{_gib(plan.params)}, optimizer state {_gib(plan.opt_state)}, gradients "
+            f"{_gib(plan.grads)}, reference {_gib(plan.ref_params)}, batch {_gib(plan.batch)}), "
+            f"over {what}: lower batch_size or seq_len, shard over more devices, or use LoRA "
+            "(`align-jax plan` for the whole estimate)")
+    return plan
+
+
 def lower_train_step(config: ModelConfig, *, loss_fn, batch: Mapping[str, jax.ShapeDtypeStruct],
                      tx, schedule, mesh, rules: str, abstract, shardings, grad_accum: int = 1,
                      loss_kwargs: Mapping[str, Any] | None = None,
@@ -339,7 +396,7 @@ def plan_main(*, model: str, method: str = "sft", batch_size: int = 8, seq_len: 
     Returns:
       0 when the plan fits every named accelerator, else 1.
     """
-    config = _load_config(model)
+    config = load_model_config(model)
     if model_overrides:
         config = dataclasses.replace(config, **model_overrides)
     plan = plan_memory(config, method=method, batch_size=batch_size, seq_len=seq_len,
@@ -358,7 +415,8 @@ def plan_main(*, model: str, method: str = "sft", batch_size: int = 8, seq_len: 
 
 
 @functools.cache
-def _load_config(model: str) -> ModelConfig:
+def load_model_config(model: str) -> ModelConfig:
+    """A preset's config, or an HF checkpoint dir's (only its config.json is read)."""
     if os.path.isdir(model):
         with open(os.path.join(model, "config.json"), encoding="utf-8") as f:
             return config_from_hf(json.load(f), source=os.path.join(model, "config.json"))
