@@ -90,11 +90,18 @@ def missing_file(names: Sequence[str], folders: Sequence[str], root: str) -> str
 _PREFIX = re.compile(r"^(\w+:)?(?!\w+://)([\w.][^\n:]*)$")
 
 
+# Only what the repository ships: a `runs/...` output folder left in a checkout must never
+# take the place of the user's (an output_dir would be written into the repository).
+_SHIPPED = ("examples", "configs")
+
+
 def _repo_path(value: str, root: str) -> str:
-    """`value` with a relative path (after a `train:`-like prefix) that is missing from the
-    working directory but present in the repository made absolute; else `value` as it is."""
+    """`value` with a relative path into the shipped folders (after a `train:`-like prefix)
+    that is missing from the working directory but present in the repository made absolute;
+    else `value` as it is."""
     m = _PREFIX.match(value)
-    if not m or m.group(2).startswith(_PATH_PREFIXES) or os.path.exists(m.group(2)):
+    if (not m or m.group(2).split("/")[0] not in _SHIPPED
+            or os.path.exists(m.group(2))):
         return value
     path = os.path.join(root, m.group(2))
     return f"{m.group(1) or ''}{path}" if os.path.exists(path) else value

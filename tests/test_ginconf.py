@@ -150,3 +150,15 @@ def test_batch_too_large_for_memory_is_refused_with_the_numbers(tmp_path, capsys
     assert "batch_size=1000000000 x seq_len=128 needs at least" in err
     assert "batch 298.02 GiB" in err and "available RAM" in err
     assert not (out / "checkpoints").exists() and not (out / "model").exists()
+
+
+def test_only_shipped_folders_resolve_against_the_repository(tmp_path, monkeypatch):
+    from align_jax import ginconf
+    monkeypatch.chdir(tmp_path)
+    root = tmp_path / "repo"
+    (root / "runs" / "demo").mkdir(parents=True)  # a checkout's own earlier run
+    (root / "examples").mkdir()
+    (root / "examples" / "a.jsonl").write_text("{}\n")
+    assert ginconf._repo_paths({"out": "runs/demo", "data": ["examples/a.jsonl"]},
+                               str(root)) == {"out": "runs/demo",
+                                              "data": [str(root / "examples" / "a.jsonl")]}
