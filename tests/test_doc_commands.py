@@ -169,6 +169,11 @@ def test_command_runs_as_written(where, line, capsys, tmp_path):
         res = subprocess.run(["make", "-n", *words[1:]], cwd=ROOT, capture_output=True,
                              text=True)
         assert res.returncode == 0, f"{where}: {line}: {res.stderr}"
+        # The target's own align-jax commands, as make would run them.
+        printed = "\n".join(_logical_lines(res.stdout.splitlines()))
+        for run in re.findall(r"bin/align-jax (.*)", printed):
+            gin.clear_config()
+            _check_align_jax(shlex.split(run), capsys, f"Makefile ({line})", run)
     elif program == "python":
         target = words[2] if words[1] == "-m" else words[1]
         path = ROOT / (target.replace(".", "/") + ".py" if words[1] == "-m" else target)
