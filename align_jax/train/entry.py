@@ -9,6 +9,7 @@ optimizer, mesh); everything below it is plain library code.
 import dataclasses
 import functools
 import logging
+import math
 import os
 import shutil
 from collections.abc import Mapping
@@ -177,7 +178,7 @@ def _check_arguments(**values: int | None) -> None:
             raise ValueError(f"train_main.{name}={value}: must be >= 1")
     batch, accum = values["batch_size"], values["grad_accum"]
     if batch % accum:
-        fits = max(d for d in range(1, accum + 1) if batch % d == 0)
+        fits = math.gcd(batch, accum)
         raise ValueError(
             f"train_main.batch_size={batch} is not divisible by grad_accum={accum}: batch_size "
             f"is the global batch of one update, split into grad_accum microbatches; set "
@@ -235,7 +236,7 @@ def _train_main(settings, *, output_dir, data, objective, model, model_overrides
     check_train_memory(config or load_model_config(init_from), objective=obj.name,
                        frozen_reference=ref_mode == "params", batch_size=batch_size,
                        seq_len=seq_len, mesh_spec=mesh, rules=rules, optimizer=optimizer,
-                       grad_accum=grad_accum, lora=lora_spec)
+                       lora=lora_spec)
 
     with run_folder(output_dir):
         main = distributed.is_main()

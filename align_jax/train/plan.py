@@ -300,7 +300,7 @@ def _host_available() -> int:
 
 def check_train_memory(config: ModelConfig, *, objective: str, frozen_reference: bool,
                        batch_size: int, seq_len: int, mesh_spec: sharding.MeshSpec | None,
-                       rules: str, optimizer: OptimizerConfig | None, grad_accum: int,
+                       rules: str, optimizer: OptimizerConfig | None,
                        lora: lora_lib.LoraConfig | None) -> MemoryPlan:
     """Refuses a run whose state, gradients and batch alone (no activation counted, so never a
     false refusal) exceed what a local device holds; returns the plan otherwise.
@@ -310,12 +310,14 @@ def check_train_memory(config: ModelConfig, *, objective: str, frozen_reference:
     """
     method = {"dpo": "dpo_frozen" if frozen_reference else "dpo", "sami": "sami"}.get(
         objective, "sft")
-    # The state's shapes do not depend on the schedule (whose checks need the run's steps).
+    # The state's shapes do not depend on the schedule (whose checks need the run's steps);
+    # grad_accum changes only the activations, which this bound leaves out (and the train step
+    # does not need microbatches divisible by the mesh, which plan_memory would ask).
     opt = dataclasses.replace(optimizer or OptimizerConfig(), warmup_steps=0, warmup_ratio=0.0,
                               decay_steps=None)
     plan = plan_memory(config, method=method, batch_size=batch_size, seq_len=seq_len,
-                       mesh_spec=mesh_spec, rules=rules, optimizer=opt, grad_accum=grad_accum,
-                       lora=lora, compile=False)
+                       mesh_spec=mesh_spec, rules=rules, optimizer=opt, lora=lora,
+                       compile=False)
     capacity, what = device_memory()
     if plan.lower_bound > capacity:
         raise ValueError(
