@@ -151,7 +151,9 @@ def command_groups(entry: Callable, *, recipe_files: Sequence[str] = ()) -> list
     groups = function_groups(entry)
     for recipe in bound_recipes(recipe_files):
         groups += function_groups(recipe, skip=("output_dir",))
-    return groups
+    # A dataclass several recipes take (MeshSpec) is listed once.
+    seen: set[tuple[Setting, ...]] = set()
+    return [g for g in groups if not (g.settings in seen or seen.add(g.settings))]
 
 
 def format_help(command: str, summary: str, entry: Callable, groups: Sequence[Group]) -> str:
