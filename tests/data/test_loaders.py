@@ -130,6 +130,23 @@ def test_bad_input_and_truncation_are_reported(tmp_path):
         make_loader(str(path), on_error="skip", truncation="error", **kw)
 
 
+def test_only_lost_records_log_a_warning(tmp_path, caplog):
+    """Prompts cut by the truncation policy asked for are INFO; skipped or dropped ones WARNING."""
+    path = tmp_path / "d.jsonl"
+    cut = {"prompt": "p" * 30, "completion": "c"}
+    path.write_text(json.dumps(SFT[0]) + "\n" + json.dumps(cut) + "\n")
+    kw = {"kind": "sft", "tokenizer": TOK, "seq_len": 16, "batch_size": 1, "shard": (0, 1)}
+    with caplog.at_level("INFO", logger="align_jax.data.loaders"):
+        loader = make_loader(str(path), **kw)
+    assert len(loader.truncation_report.cut) == 1
+    assert [r.levelname for r in caplog.records] == ["INFO"]
+    caplog.clear()
+    path.write_text(json.dumps(SFT[0]) + "\n{oops\n")
+    with caplog.at_level("INFO", logger="align_jax.data.loaders"):
+        make_loader(str(path), on_error="skip", **kw)
+    assert [r.levelname for r in caplog.records] == ["WARNING"]
+
+
 def test_sami_loader_shapes():
     recs = [{"prompt": f"q{i}", "constitutions": ["be kind", "be rude"],
              "responses": ["sure" * (i + 1), "no"]} for i in range(4)]
