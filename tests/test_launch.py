@@ -43,6 +43,12 @@ def test_run_targets_every_worker_and_quotes_params():
     assert "train.num_steps=5" in out
 
 
+def test_setup_dry_run_prints_the_archive_and_copy_without_writing(tmp_path):
+    out = _pod("setup", TMPDIR=str(tmp_path))
+    assert "archive --format=tar.gz" in out and "gcloud compute tpus tpu-vm scp" in out
+    assert not list(tmp_path.rglob("*.tar.gz"))
+
+
 def test_stop_sends_sigterm():
     assert "pkill -TERM" in _pod("stop")
 

@@ -51,7 +51,8 @@ case "${1:-}" in
     ;;
   setup)
     tarball=$(mktemp -d)/align_jax.tar.gz
-    git -C "$ROOT" archive --format=tar.gz -o "$tarball" HEAD
+    archive=(git -C "$ROOT" archive --format=tar.gz -o "$tarball" HEAD)
+    if [[ "${DRY_RUN:-0}" == 1 ]]; then printf '%s ' "${archive[@]}"; echo; else "${archive[@]}"; fi
     gc scp "$tarball" "$TPU_NAME:align_jax.tar.gz" --worker=all
     on_all "mkdir -p $REMOTE_DIR && tar -xzf align_jax.tar.gz -C $REMOTE_DIR && \
 cd $REMOTE_DIR && python3 -m venv .venv && .venv/bin/pip install -q -U pip && \
