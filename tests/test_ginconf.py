@@ -148,7 +148,7 @@ def test_batch_too_large_for_memory_is_refused_with_the_numbers(tmp_path, capsys
     # 5 int32/float32 arrays x 128 tokens x 1e9 rows = 2.56e12 bytes of batch, over the 8 fake
     # devices of conftest: 298.02 GiB each.
     assert "batch_size=1000000000 x seq_len=128 needs at least" in err
-    assert "batch 298.02 GiB" in err and "available RAM" in err
+    assert "batch 298.02 GiB" in err and "over the host's RAM" in err
     assert not (out / "checkpoints").exists() and not (out / "model").exists()
 
 

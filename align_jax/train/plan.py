@@ -273,7 +273,8 @@ def plan_memory(config: ModelConfig, *, method: str = "sft", batch_size: int, se
 
 def device_memory() -> tuple[int, str]:
     """(bytes one local device can hold, what the figure is): the accelerator's own limit, or on
-    CPU the host's available RAM shared by its devices."""
+    CPU the host's RAM shared by its devices (all of it, not what other processes leave free
+    now: a refusal must not depend on the machine's load)."""
     device = jax.local_devices()[0]
     try:
         stats = device.memory_stats() or {}
@@ -281,21 +282,10 @@ def device_memory() -> tuple[int, str]:
         stats = {}
     if stats.get("bytes_limit"):
         return int(stats["bytes_limit"]), f"{device.device_kind}'s {_gib(stats['bytes_limit'])}"
-    available = _host_available()
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     count = jax.local_device_count()
-    return available // count, (f"the host's available RAM {_gib(available)} over {count} "
-                                f"device{'s' * (count > 1)}")
-
-
-def _host_available() -> int:
-    try:
-        with open("/proc/meminfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    return total // count, (f"the host's RAM {_gib(total)} over {count} "
+                            f"device{'s' * (count > 1)}")
 
 
 def check_train_memory(config: ModelConfig, *, objective: str, frozen_reference: bool,
