@@ -141,6 +141,7 @@ def train_main(*, output_dir: str, data: str, objective: str = "sft",
         if resuming and num_steps is not None:
             _check_not_below_checkpoints(output_dir, num_steps)
         settings[status_lib.DATA_FILES] = data_files
+        settings[status_lib.RELATIVE_PATHS] = status_lib.relative_paths(output_dir, settings)
         done = _completed(output_dir, export_hf, num_steps) if resuming else None
         if done is not None:
             print(f"{output_dir}: already completed at step {done['num_steps']} with these "

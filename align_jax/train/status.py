@@ -32,6 +32,10 @@ SETTINGS = "settings.json"
 STATUS = "status.json"
 # The key of settings.json holding the training data's content identity (`data_identity`).
 DATA_FILES = "data_files"
+# The key of settings.json holding the path settings relative to the run folder: a folder
+# moved or copied together with its data and base model still resumes.
+RELATIVE_PATHS = "relative_paths"
+PATH_SETTINGS = ("data", "init_from", "tokenizer")
 # An export of an earlier end of the run, set aside when a continuation starts (hf_step_400).
 STALE_EXPORT_PREFIXES = ("hf_step_", "peft_step_")
 # What a run folder's training wrote; `overwrite=True` removes exactly these.
@@ -145,6 +149,11 @@ def check_settings(output_dir: str, settings: Mapping[str, Any], *, overwrite: b
                 " to start over, or use another output_dir")
         return False
     old_files = old.pop(DATA_FILES, None)
+    old_paths = old.pop(RELATIVE_PATHS, None) or {}
+    new_paths = relative_paths(output_dir, settings)
+    for key, rel in new_paths.items():
+        if old_paths.get(key) == rel and key in old:
+            old[key] = settings[key]  # the same file seen from a moved or copied folder
     diff = settings_diff(old, settings)
     if not steps:
         return False  # nothing was trained yet (a start that failed): the new settings go
@@ -159,6 +168,22 @@ def check_settings(output_dir: str, settings: Mapping[str, Any], *, overwrite: b
             f"on it (up to step {max(steps)}); restore it, use another output_dir, or pass "
             "--overwrite (entry.train_main.overwrite=True) to start over")
     return True
+
+
+def relative_paths(output_dir: str, settings: Mapping[str, Any]) -> dict[str, str]:
+    """The local-path settings (data, init_from, tokenizer; "hf:"/"train:" prefixes kept) as
+    paths relative to the run folder."""
+    out = {}
+    for key in PATH_SETTINGS:
+        value = settings.get(key)
+        if not isinstance(value, str):
+            continue
+        prefix = next((p for p in ("hf:", "train:") if value.startswith(p)), "")
+        path = value[len(prefix):]
+        if path and os.path.exists(path):
+            out[key] = prefix + os.path.relpath(os.path.abspath(path),
+                                                os.path.abspath(output_dir))
+    return out
 
 
 def checkpoint_steps(output_dir: str) -> list[int]:

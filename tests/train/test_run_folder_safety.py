@@ -68,9 +68,6 @@ def finished(tmp_path_factory):
 def run(finished, tmp_path):
     """A private copy of the finished run and its data: (run folder, data file)."""
     shutil.copytree(finished, tmp_path, dirs_exist_ok=True)
-    settings = json.loads((tmp_path / "run" / "settings.json").read_text())
-    settings["data"] = str(tmp_path / "sft.jsonl")  # the copy's own data file
-    (tmp_path / "run" / "settings.json").write_text(json.dumps(settings))
     return tmp_path / "run", tmp_path / "sft.jsonl"
 
 
@@ -160,3 +157,14 @@ def test_an_interrupted_continuation_leaves_no_stale_export(run, capsys):
     assert not (out / "hf").exists()
     assert _snapshot(out / "hf_step_2") == old_export
     assert "export of step 2 moved from hf/ to hf_step_2/" in capsys.readouterr().out
+
+
+def test_a_moved_folder_with_its_data_reruns(finished, tmp_path, capsys):
+    # A moved or copied folder could not be rerun: settings.json held absolute paths.
+    shutil.copytree(finished, tmp_path / "before")
+    shutil.move(tmp_path / "before", tmp_path / "after")  # the old path is gone
+    out = tmp_path / "after" / "run"
+    before = _snapshot(out)
+    assert _train(out, tmp_path / "after" / "sft.jsonl") == 0
+    assert "already completed at step 2" in capsys.readouterr().out
+    assert _snapshot(out) == before
