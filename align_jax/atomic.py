@@ -58,6 +58,28 @@ def _tmp_name(path: str) -> str:
                                             pid=os.getpid()))
 
 
+def _umask() -> int:
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # no read-only query elsewhere: set and restore
+    os.umask(mask)
+    return mask
+
+
+def default_mode(path: str | os.PathLike) -> None:
+    """Gives `path` the mode a plain open() would have (0o666 less the umask).
+
+    Writers that go through a private temp file (safetensors' save_file) leave 0600, so an
+    export's weights were unreadable to the group that reads its config.json.
+    """
+    os.chmod(path, 0o666 & ~_umask())
+
+
 def atomic_write(path: str | os.PathLike, data: str | bytes) -> None:
     """Writes `data` to `path` so that readers see the old file or the whole new one."""
     path = os.fspath(path)

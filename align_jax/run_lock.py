@@ -25,11 +25,17 @@ class RunFolderBusyError(RuntimeError):
 
 
 def _read(path: str) -> dict | None:
+    """The holder {"pid": int, "host": str, ...}; None when absent or of any other shape."""
     try:
         with open(path, encoding="utf-8") as f:
-            return json.load(f)
+            holder = json.load(f)
     except (OSError, ValueError):
         return None
+    # A list, a string pid, ...: as unreadable as garbage bytes (one warning, never a traceback).
+    if not isinstance(holder, dict) or type(holder.get("pid")) is not int \
+            or not isinstance(holder.get("host"), str):
+        return None
+    return holder
 
 
 def acquire(folder: str | os.PathLike) -> str:
@@ -52,7 +58,7 @@ def acquire(folder: str | os.PathLike) -> str:
                 raise RunFolderBusyError(
                     f"{path}: this process already holds the run folder") from None
             same_host = holder is not None and holder.get("host") == me["host"]
-            if holder is None or (same_host and not pid_alive(int(holder.get("pid", -1)))):
+            if holder is None or (same_host and not pid_alive(holder["pid"])):
                 who = "unreadable" if holder is None else f"pid {holder.get('pid')}, not running"
                 log.warning("%s: taking over a stale lock (%s)", path, who)
                 with contextlib.suppress(FileNotFoundError):

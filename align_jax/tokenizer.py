@@ -398,13 +398,21 @@ def _load_hf(path: str):
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
     for name in ("tokenizer_config.json", "tokenizer.json", "special_tokens_map.json"):
         _read_json(os.path.join(path, name))  # a corrupt file is a ValueError naming it
+    auto_map = _read_json(os.path.join(path, "tokenizer_config.json")).get("auto_map")
     if not any(os.path.isfile(os.path.join(path, name)) for name in _VOCAB_FILES):
         raise ValueError(f"{path}: has tokenizer_config.json but no vocabulary file (one of "
                          f"{', '.join(_VOCAB_FILES)}); copy the tokenizer's files here")
     has_config = os.path.isfile(os.path.join(path, "tokenizer_config.json"))
     try:
-        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+        # Never a folder's own Python (auto_map): without trust_remote_code=False transformers
+        # asks on a terminal, and a "y" runs whatever file the folder ships.
+        return AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     except Exception as e:
+        if auto_map:
+            config_path = os.path.join(path, "tokenizer_config.json")
+            raise ValueError(f"{config_path}: auto_map names custom code "
+                             f"({json.dumps(auto_map)}); align_jax never runs a model "
+                             f"folder's Python files: use a standard tokenizer_class") from None
         # A bare tokenizer.json (no config naming a class) is still a complete fast tokenizer;
         # with a tokenizer_config.json the fallback would drop its settings, so it is an error.
         tokenizer_json = os.path.join(path, "tokenizer.json")

@@ -328,3 +328,28 @@ def test_prompt_tokens_are_a_prefix_of_the_conversation_tokens(trained):
         assert full[:len(prompt)] == prompt
         assert full[-1] == tok.eos_id
         assert tok.decode(full[len(prompt):]) == answer["content"]
+
+
+def test_folder_with_custom_code_is_refused_and_its_code_never_runs(trained, tmp_path, monkeypatch):
+    # A model folder whose tokenizer_config.json has an auto_map makes transformers ask "Do you
+    # wish to run the custom code? [y/N]" on a terminal; a user answering y ran the folder's file.
+    _, out_dir, _ = trained
+    folder = tmp_path / "model"
+    shutil.copytree(out_dir, folder)
+    marker = tmp_path / "custom_code_ran"
+    (folder / "custom_tok.py").write_text(
+        f"open({str(marker)!r}, 'w').write('ran')\n"
+        "from transformers import PreTrainedTokenizerFast\n"
+        "class CustomTok(PreTrainedTokenizerFast):\n    pass\n")
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["tokenizer_class"] = "CustomTok"
+    config["auto_map"] = {"AutoTokenizer": [None, "custom_tok.CustomTok"]}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    asked = []
+    monkeypatch.setattr("builtins.input", lambda prompt="": asked.append(prompt) or "y")
+    with pytest.raises(ValueError) as err:
+        tk.load_tokenizer(folder)
+    message = str(err.value)
+    assert "\n" not in message and str(folder) in message and "custom code" in message, message
+    assert not marker.exists()
+    assert asked == []

@@ -42,7 +42,8 @@ def add_marker_tokens(src: str, dst: str, *, seed: int = 0) -> str:
     """
     from transformers import AutoTokenizer  # heavy: only adding the marker tokens needs it
 
-    hf_tok = AutoTokenizer.from_pretrained(src, local_files_only=True)
+    hf_tok = AutoTokenizer.from_pretrained(src, local_files_only=True,
+                                           trust_remote_code=False)
     vocab = hf_tok.get_vocab()
     new = [m for m in MARKERS if m not in vocab]
     hf_tok.add_tokens(new, special_tokens=True)

@@ -13,11 +13,16 @@ evaluation) it stops the same way. Rerunning the same command skips the complete
 from collections.abc import Callable
 from typing import Any
 
+from align_jax import distributed
+from align_jax.run_lock import run_lock
 from align_jax.train import status as status_lib
 
 
 def run(*, recipe: Callable[..., Any], output_dir: str) -> Any:
     """Calls the recipe bound in gin (e.g. value_alignment.value_alignment) with output_dir.
+
+    The recipe folder's lock is taken before the recipe writes anything (its data files, its
+    tokenizer): a second command on a folder in use refuses, and the first one's files stay.
 
     Args:
       recipe: the recipe function, bound in the run file (`recipes.run.recipe =
@@ -25,10 +30,12 @@ def run(*, recipe: Callable[..., Any], output_dir: str) -> Any:
       output_dir: run folder, passed on to the recipe (`--output_dir`).
 
     Raises:
+      RunFolderBusyError when another live process holds output_dir.
       RunInterrupted (exit code 75) when SIGTERM or SIGINT stopped it; rerun to resume.
     """
     try:
-        with status_lib.sigterm_as_keyboard_interrupt():
+        with run_lock(output_dir if distributed.is_main() else None), \
+                status_lib.sigterm_as_keyboard_interrupt():
             return recipe(output_dir=output_dir)
     except KeyboardInterrupt as e:
         # A stage's own interruption arrives as RunInterrupted (its checkpoint saved); this is

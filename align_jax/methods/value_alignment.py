@@ -35,7 +35,7 @@ from align_jax.models.named import resolve_model_path
 from align_jax.tokenizer import load_tokenizer
 from align_jax.train.entry import build_tokenizer, train_main
 from align_jax.train.optim import OptimizerConfig
-from align_jax.train.status import read_json
+from align_jax.train.status import data_identity, read_json
 
 log = logging.getLogger(__name__)
 
@@ -72,19 +72,25 @@ def side_by_side(records: Sequence[Mapping], base: Sequence[str],
 def _base_changed(stage_dir: str, init: str | None) -> bool:
     """Whether the stage's base model changed since the stage last ran (an earlier stage was
     trained further or again), so that its folder must start over instead of counting as
-    completed or resuming; records the current base in <stage_dir>/recipe_base.json."""
+    completed or resuming; records the current base in <stage_dir>/recipe_base.json.
+
+    The base is recorded by its path relative to the stage and the content of its files, so a
+    recipe folder moved or copied whole (mtimes and absolute paths change) still resumes."""
     if init is None:
         return False
-    # Every export is a new folder (renamed into place whole), so its config.json's identity
-    # changes with the weights.
-    config = os.path.join(init, "config.json")
-    stat = os.stat(config) if os.path.isfile(config) else None
-    mark = {"init": init, "size": stat and stat.st_size, "mtime_ns": stat and stat.st_mtime_ns}
+    identity = data_identity(init)
+    mark = {"init": os.path.relpath(os.path.abspath(init), os.path.abspath(stage_dir)),
+            "files": identity["files"] if identity else None}
     path = os.path.join(stage_dir, "recipe_base.json")
     old = read_json(path)
     distributed.barrier(f"align_jax.value_alignment.base:{stage_dir}")  # all read, then write
     if distributed.is_main():
         atomic_write_json(path, mark)
+    if old is not None and "mtime_ns" in old:  # written before contents were recorded
+        config = os.path.join(init, "config.json")
+        stat = os.stat(config) if os.path.isfile(config) else None
+        return old != {"init": init, "size": stat and stat.st_size,
+                       "mtime_ns": stat and stat.st_mtime_ns}
     return old is not None and old != mark
 
 

@@ -23,6 +23,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from align_jax import sharding
+from align_jax.atomic import default_mode
 from align_jax.models import encoder_layers as encoder
 from align_jax.models.encoder_layers import EncoderConfig
 
@@ -269,6 +270,7 @@ def save_encoder(config: EncoderConfig, params: Params, path) -> None:
         arrays[key] = _to_hf(np.asarray(jax.device_get(_get(params, path_))), layout)
     os.makedirs(path, exist_ok=True)
     save_file(arrays, os.path.join(path, _WEIGHTS), metadata={"format": "pt"})
+    default_mode(os.path.join(path, _WEIGHTS))
     hf = config_to_hf(config)
     hf["dtype"] = jnp.dtype(config.param_dtype).name
     with open(os.path.join(path, "config.json"), "w", encoding="utf-8") as f:

@@ -216,7 +216,8 @@ def _save_gguf_tokenizer(path: str, out_dir: str) -> None:
 
     try:
         tok = AutoTokenizer.from_pretrained(os.path.dirname(os.path.abspath(path)),
-                                            gguf_file=os.path.basename(path))
+                                            gguf_file=os.path.basename(path),
+                                            trust_remote_code=False)
     except Exception as e:
         raise ValueError(f"{path}: transformers could not rebuild the tokenizer from the GGUF "
                          f"metadata ({type(e).__name__}: {e})") from e

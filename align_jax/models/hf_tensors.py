@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from safetensors.numpy import save_file
 
+from align_jax.atomic import default_mode
 from align_jax.models.config import ModelConfig
 from align_jax.models.families import get_family
 from align_jax.models.hf_config import config_to_hf
@@ -93,6 +94,7 @@ def save_hf(config: ModelConfig, params: Params, path: str, *,
                 get_path(params, g.path)[g.index])) for g in t.targets], t)
             weight_map[t.hf_key] = name
         save_file(arrays, os.path.join(path, name), metadata={"format": "pt"})
+        default_mode(os.path.join(path, name))
         del arrays
     if len(shards) > 1:
         with open(os.path.join(path, _INDEX), "w", encoding="utf-8") as fh:

@@ -32,6 +32,7 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from align_jax import axes
+from align_jax.atomic import default_mode
 from align_jax.models.config import ModelConfig
 from align_jax.models.families import get_family
 
@@ -345,6 +346,7 @@ def save_peft(config: ModelConfig, adapters: Adapters, path: str | os.PathLike, 
     os.makedirs(path, exist_ok=True)
     save_file(tensors, os.path.join(path, "adapter_model.safetensors"),
               metadata={"format": "pt"})
+    default_mode(os.path.join(path, "adapter_model.safetensors"))
     every = {o.module for o in family.lora.values() if o.parameter is None}
     last = [mod.rsplit(".", 1)[-1] for mod in every]
     # The last name suffices unless another module of the family ends the same (GPT-2 c_proj).

@@ -8,6 +8,8 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from align_jax import distributed
+from align_jax.run_lock import run_lock
 from align_jax.runinfo import run_folder
 from align_jax.sdg import pipeline
 from align_jax.sdg.backends import TeacherError, make_teacher
@@ -50,7 +52,9 @@ def sdg_main(*, output_dir: str, task: str = "document", teacher: str | None = N
     if teacher is None and not (task == "principles" and principles_file):
         raise ValueError("sdg_main.teacher is not set: give 'openai:<base URL>' or "
                          "'local:<HF checkpoint dir>'")
-    with run_folder(output_dir):
+    # Before anything is written: a second sdg on a folder in use refuses, the first one's
+    # records stay as they are.
+    with run_lock(output_dir if distributed.is_main() else None), run_folder(output_dir):
         try:
             t = make_teacher(teacher, **dict(teacher_kwargs or {})) if teacher else None
             if task == "document":

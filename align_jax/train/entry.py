@@ -137,7 +137,13 @@ def train_main(*, output_dir: str, data: str, objective: str = "sft",
     _objective_and_options(objective, loss_kwargs, vocab_chunk_size)
 
     with run_lock(output_dir if jax.process_index() == 0 else None):
-        resuming = status_lib.check_settings(output_dir, settings, overwrite=overwrite)
+        data_files = status_lib.data_identity(data)
+        resuming = status_lib.check_settings(output_dir, settings, overwrite=overwrite,
+                                             data_files=data_files)
+        if resuming and num_steps is not None:
+            _check_not_below_checkpoints(output_dir, num_steps)
+        settings[status_lib.DATA_FILES] = data_files
+        settings[status_lib.RELATIVE_PATHS] = status_lib.relative_paths(output_dir, settings)
         done = _completed(output_dir, export_hf, num_steps) if resuming else None
         if done is not None:
             print(f"{output_dir}: already completed at step {done['num_steps']} with these "
@@ -183,6 +189,37 @@ def _check_arguments(**values: int | None) -> None:
             f"train_main.batch_size={batch} is not divisible by grad_accum={accum}: batch_size "
             f"is the global batch of one update, split into grad_accum microbatches; set "
             f"batch_size={accum * max(1, round(batch / accum))} or grad_accum={fits}")
+
+
+def _check_not_below_checkpoints(output_dir: str, num_steps: int) -> None:
+    """A rerun asking for fewer steps than the run already trained would label the run with
+    the smaller number: refused, naming the step."""
+    last = _last_checkpoint(output_dir)
+    if last is not None and last > num_steps:
+        raise ValueError(f"{output_dir}: num_steps={num_steps} is below the newest checkpoint, "
+                         f"step {last}; ask for at least {last} steps, or pass --overwrite to "
+                         "start over")
+
+
+def _set_aside_old_exports(output_dir: str, num_steps: int) -> None:
+    """A continuation (more steps than the run ended at) renames the export of the earlier
+    end (hf/, peft/) to hf_step_<step>/: an interrupted continuation never leaves an hf/ that
+    looks like this run's result."""
+    summary = status_lib.read_json(os.path.join(output_dir, "train_summary.json")) or {}
+    step = summary.get("step") if summary.get("status") == "completed" else None
+    step = step if isinstance(step, int) else _last_checkpoint(output_dir)
+    if step is None or step >= num_steps:
+        return
+    for name in ("hf", "peft"):
+        old = os.path.join(output_dir, name)
+        if not os.path.isdir(old):
+            continue
+        aside = os.path.join(output_dir, f"{name}_step_{step}")
+        if os.path.lexists(aside):
+            shutil.rmtree(aside)
+        os.rename(old, aside)
+        print(f"{output_dir}: this run continues from step {step} to {num_steps}; the export "
+              f"of step {step} moved from {name}/ to {os.path.basename(aside)}/", flush=True)
 
 
 def _completed(output_dir: str, export_hf: bool, num_steps: int | None) -> dict[str, Any] | None:
@@ -272,6 +309,9 @@ def _train_main(settings, *, output_dir, data, objective, model, model_overrides
                 truncation=truncation, seed=seed, on_error=on_error, annotate=annotate)
             if num_steps is None:
                 num_steps = max(1, _steps_per_epoch(make) * num_epochs)
+                _check_not_below_checkpoints(output_dir, num_steps)
+            if main:
+                _set_aside_old_exports(output_dir, num_steps)
             loader = make(num_epochs=None)
             hf_dir = os.path.join(output_dir, "hf")
             state = train(config=config, params_init=params_init, loss_fn=obj,
@@ -320,9 +360,7 @@ def _train_main(settings, *, output_dir, data, objective, model, model_overrides
 
 
 def _last_checkpoint(output_dir: str) -> int | None:
-    path = os.path.join(output_dir, "checkpoints")
-    steps = [int(n) for n in os.listdir(path) if n.isdigit()] if os.path.isdir(path) else []
-    return max(steps, default=None)
+    return max(status_lib.checkpoint_steps(output_dir), default=None)
 
 
 def _write_model_files(output_dir: str, config, init_from, tok_path) -> None:

@@ -13,6 +13,7 @@ saving a checkpoint: rerun the same command to resume.
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -29,6 +30,14 @@ EXIT_INTERRUPTED = 75
 
 SETTINGS = "settings.json"
 STATUS = "status.json"
+# The key of settings.json holding the training data's content identity (`data_identity`).
+DATA_FILES = "data_files"
+# The key of settings.json holding the path settings relative to the run folder: a folder
+# moved or copied together with its data and base model still resumes.
+RELATIVE_PATHS = "relative_paths"
+PATH_SETTINGS = ("data", "init_from", "tokenizer")
+# An export of an earlier end of the run, set aside when a continuation starts (hf_step_400).
+STALE_EXPORT_PREFIXES = ("hf_step_", "peft_step_")
 # What a run folder's training wrote; `overwrite=True` removes exactly these.
 RUN_ARTIFACTS = ("checkpoints", "metrics.jsonl", "tensorboard", "hf", "peft", "train_summary.json",
                  SETTINGS, STATUS, "cache", "model", "tokenizer", "config.gin",
@@ -113,28 +122,120 @@ def read_json(path: str) -> dict | None:
     return out
 
 
-def check_settings(output_dir: str, settings: Mapping[str, Any], *, overwrite: bool) -> bool:
-    """Refuses to reuse a run folder whose settings differ; returns True when resuming.
+def check_settings(output_dir: str, settings: Mapping[str, Any], *, overwrite: bool,
+                   data_files: Mapping[str, Any] | None = None) -> bool:
+    """Refuses to reuse a run folder whose settings or data differ; returns True when resuming.
 
-    Writes nothing: call `record_settings` once the run is sure to start.
+    Writes nothing but what `overwrite` clears: call `record_settings` once the run is sure to
+    start.
+
+    Args:
+      output_dir: the run folder.
+      settings: the arguments that decide the result.
+      overwrite: clear what an earlier run wrote (refused on a folder that holds no run).
+      data_files: `data_identity` of the training data; a resume on changed data is refused.
     """
     settings = json.loads(json.dumps(jsonable(settings)))
-    path = os.path.join(output_dir, SETTINGS)
-    old = read_json(path) if not overwrite else None
     if overwrite:
         clear_run(output_dir)
         return False
+    old = read_json(os.path.join(output_dir, SETTINGS))
+    steps = checkpoint_steps(output_dir)
     if old is None:
-        return os.path.isdir(os.path.join(output_dir, "checkpoints"))
+        if steps:
+            raise SettingsChangedError(
+                f"{output_dir} has checkpoints (step {max(steps)}) but no {SETTINGS}: what they "
+                "were trained with is unknown; pass --overwrite (entry.train_main.overwrite=True)"
+                " to start over, or use another output_dir")
+        return False
+    old_files = old.pop(DATA_FILES, None)
+    old_paths = old.pop(RELATIVE_PATHS, None) or {}
+    new_paths = relative_paths(output_dir, settings)
+    for key, rel in new_paths.items():
+        if old_paths.get(key) == rel and key in old:
+            old[key] = settings[key]  # the same file seen from a moved or copied folder
     diff = settings_diff(old, settings)
-    ckpt = os.path.join(output_dir, "checkpoints")
-    if diff and not (os.path.isdir(ckpt) and os.listdir(ckpt)):
+    if not steps:
         return False  # nothing was trained yet (a start that failed): the new settings go
     if diff:
         raise SettingsChangedError(
             f"{output_dir} holds a run with other settings ({'; '.join(diff)}); use another "
             "output_dir, or pass --overwrite (entry.train_main.overwrite=True) to start over")
+    changed = data_changes(old_files, data_files)
+    if changed:
+        raise SettingsChangedError(
+            f"{changed}: the training data changed since this run's checkpoints were trained "
+            f"on it (up to step {max(steps)}); restore it, use another output_dir, or pass "
+            "--overwrite (entry.train_main.overwrite=True) to start over")
     return True
+
+
+def relative_paths(output_dir: str, settings: Mapping[str, Any]) -> dict[str, str]:
+    """The local-path settings (data, init_from, tokenizer; "hf:"/"train:" prefixes kept) as
+    paths relative to the run folder."""
+    out = {}
+    for key in PATH_SETTINGS:
+        value = settings.get(key)
+        if not isinstance(value, str):
+            continue
+        prefix = next((p for p in ("hf:", "train:") if value.startswith(p)), "")
+        path = value[len(prefix):]
+        if path and os.path.exists(path):
+            out[key] = prefix + os.path.relpath(os.path.abspath(path),
+                                                os.path.abspath(output_dir))
+    return out
+
+
+def checkpoint_steps(output_dir: str) -> list[int]:
+    """The steps of the checkpoint folders of the run (checkpoints/<step>), sorted."""
+    path = os.path.join(output_dir, "checkpoints")
+    names = os.listdir(path) if os.path.isdir(path) else []
+    return sorted(int(n) for n in names if n.isdigit() and os.path.isdir(os.path.join(path, n)))
+
+
+def _local_data_root(spec: Any) -> str | None:
+    if not isinstance(spec, (str, os.PathLike)):
+        return None
+    spec = os.fspath(spec)
+    spec = spec.removeprefix("hf:")
+    return spec if os.path.exists(spec) else None
+
+
+def data_identity(spec: Any) -> dict[str, Any] | None:
+    """Content identity of the local files a data spec reads ({name: {size, sha256}}, names
+    relative to the spec's file or folder), or None when it reads none (a hub dataset)."""
+    root = _local_data_root(spec)
+    if root is None:
+        return None
+    if os.path.isfile(root):
+        files = {os.path.basename(root): root}
+    else:
+        files = {os.path.relpath(os.path.join(d, n), root): os.path.join(d, n)
+                 for d, _, names in os.walk(root) for n in names}
+    out = {"path": os.path.abspath(root), "files": {}}
+    for name, path in sorted(files.items()):
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        out["files"][name] = {"size": os.path.getsize(path), "sha256": digest.hexdigest()}
+    return out
+
+
+def data_changes(old: Mapping[str, Any] | None, new: Mapping[str, Any] | None) -> str | None:
+    """The first data file whose content differs between two `data_identity`s (its path), or
+    None (also when either side is unknown)."""
+    if not old or not new:
+        return None
+    old_files, new_files = old.get("files", {}), new.get("files", {})
+    for name in sorted(set(old_files) | set(new_files)):
+        if old_files.get(name) != new_files.get(name):
+            where = "added" if name not in old_files else (
+                "removed" if name not in new_files else "content differs")
+            path = new["path"] if name == os.path.basename(new["path"]) else os.path.join(
+                new["path"], name)
+            return f"{path} ({where})"
+    return None
 
 
 def record_settings(output_dir: str, settings: Mapping[str, Any]) -> None:
@@ -142,9 +243,23 @@ def record_settings(output_dir: str, settings: Mapping[str, Any]) -> None:
 
 
 def clear_run(output_dir: str) -> list[str]:
-    """Removes what an earlier training run wrote into `output_dir`; returns the names."""
+    """Removes what an earlier training run wrote into `output_dir`; returns the names.
+
+    A folder that holds no run (no settings.json, status.json or checkpoints/<step>) is
+    refused, naming what would have gone: those files are the user's, not a run's.
+    """
+    present = [n for n in RUN_ARTIFACTS if os.path.lexists(os.path.join(output_dir, n))]
+    present += sorted(n for n in (os.listdir(output_dir) if os.path.isdir(output_dir) else ())
+                      if n.startswith(STALE_EXPORT_PREFIXES))
+    is_run = any(os.path.isfile(os.path.join(output_dir, n)) for n in (SETTINGS, STATUS)) \
+        or checkpoint_steps(output_dir)
+    if present and not is_run:
+        raise ValueError(
+            f"{output_dir}: --overwrite would delete {', '.join(present)}, but the folder holds "
+            f"no training run (no {SETTINGS}, {STATUS} or checkpoints/<step>); move them "
+            "away or use another output_dir")
     removed = []
-    for name in RUN_ARTIFACTS:
+    for name in present:
         path = os.path.join(output_dir, name)
         if os.path.isdir(path) and not os.path.islink(path):
             shutil.rmtree(path)
