@@ -11,6 +11,7 @@ from typing import Any
 from align_jax.runinfo import run_folder
 from align_jax.sdg import pipeline
 from align_jax.sdg.backends import TeacherError, make_teacher
+from align_jax.sdg.store import clear_run
 from align_jax.tokenizer import load_tokenizer
 
 TASKS = ("document", "aligner", "principles")
@@ -24,7 +25,8 @@ def sdg_main(*, output_dir: str, task: str = "document", teacher: str | None = N
              yes_no_config=None, concurrency: int = 8,
              templates: Mapping[str, str] | None = None, principles_task: str | None = None,
              num_principles: int = 2, principles_file: str | None = None,
-             max_questions: int | None = None, seed: int = 0, progress: bool = True) -> int:
+             max_questions: int | None = None, seed: int = 0, progress: bool = True,
+             overwrite: bool = False) -> int:
     """Runs one SDG task into output_dir (resuming a killed run there); returns an exit code.
 
     Args:
@@ -44,6 +46,8 @@ def sdg_main(*, output_dir: str, task: str = "document", teacher: str | None = N
       max_questions: cap on aligner questions.
       seed: global seed (a resumed run with the same seed writes the same records).
       progress: progress bar.
+      overwrite: start over: remove what an earlier SDG run wrote in output_dir (CLI
+        --overwrite), e.g. to change the teacher, which a resumed run refuses.
     """
     if task not in TASKS:
         raise ValueError(f"sdg_main.task={task!r}: choose one of {TASKS}")
@@ -51,6 +55,8 @@ def sdg_main(*, output_dir: str, task: str = "document", teacher: str | None = N
         raise ValueError("sdg_main.teacher is not set: give 'openai:<base URL>' or "
                          "'local:<HF checkpoint dir>'")
     with run_folder(output_dir):
+        if overwrite:
+            clear_run(output_dir)
         try:
             t = make_teacher(teacher, **dict(teacher_kwargs or {})) if teacher else None
             if task == "document":

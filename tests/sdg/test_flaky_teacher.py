@@ -1,0 +1,112 @@
+"""SDG against a real HTTP teacher that fails: transient faults are retried, a request that
+fails for good costs only its unit, and reruns reach the store a healthy teacher writes."""
+
+import json
+import os
+
+import pytest
+import run_scripted_sdg
+from scripted_teacher import ScriptedServer, WordTokenizer
+
+from align_jax.data import documents
+from align_jax.sdg import pipeline
+from align_jax.sdg.backends import OpenAITeacher, TeacherError
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+EXAMPLE = os.path.join(os.path.dirname(os.path.dirname(HERE)), "examples", "values_document.md")
+
+
+@pytest.fixture
+def doc(tmp_path):
+    path = tmp_path / "small.md"
+    path.write_text(documents.load_document(EXAMPLE).text[:3000], encoding="utf-8")
+    return str(path)
+
+
+@pytest.fixture
+def servers():
+    made = []
+
+    def make(**kw):
+        made.append(ScriptedServer(**kw))
+        return made[-1]
+    yield make
+    for srv in made:
+        srv.stop()
+
+
+def _run(doc, out, srv, **teacher_kw):
+    kw = {"concurrency": 4, "max_retries": 20, "backoff": 0.01, "max_backoff": 0.05,
+          **teacher_kw}
+    with OpenAITeacher(srv.url, **kw) as teacher:
+        return pipeline.run_document_sdg([doc], out, teacher=teacher, tokenizer=WordTokenizer(),
+                                         seed=0, progress=False, verbose=False,
+                                         **run_scripted_sdg.SETTINGS)
+
+
+def _final(out_dir):
+    """The finished store: every file (summary without out_dir, settings without the
+    teacher's URL), raw/'s records as sorted lines (a rerun commits the units that failed
+    later, so later in raw/)."""
+    snap = {}
+    for dirpath, _, files in os.walk(out_dir):
+        for name in files:
+            rel = os.path.relpath(os.path.join(dirpath, name), out_dir)
+            with open(os.path.join(out_dir, rel), encoding="utf-8") as f:
+                text = f.read()
+            if rel == "summary.json":
+                summary = json.loads(text)
+                summary.pop("out_dir")
+                text = json.dumps(summary, sort_keys=True)
+            elif rel == os.path.join("raw", "settings.json"):
+                settings = json.loads(text)
+                assert settings.pop("teacher")["model"] == "scripted"  # the URL has its port
+                text = json.dumps(settings, sort_keys=True)
+            elif rel.startswith("raw") and rel.endswith(".jsonl"):
+                text = sorted(text.splitlines())
+            snap[rel] = text
+    return snap
+
+
+@pytest.fixture
+def reference(tmp_path, doc, servers):
+    out = tmp_path / "reference"
+    summary = _run(doc, out, servers())
+    assert summary["kinds"]["sft"]["kept"] > 0 and summary["units_failed"] == 0
+    return _final(out)
+
+
+@pytest.mark.parametrize("fault", [dict(fail_every=2, fail_status=503, retry_after="0.01"),
+                                   dict(fail_every=17, fail_status=500)])
+def test_transient_faults_are_retried_into_the_reference_store(tmp_path, doc, servers,
+                                                               reference, fault):
+    srv = servers(**fault)
+    out = tmp_path / "flaky"
+    _run(doc, out, srv)
+    assert srv.failures == srv.requests // srv.fail_every > 0
+    assert _final(out) == reference
+
+
+def test_a_request_that_keeps_failing_costs_only_its_unit(tmp_path, doc, servers, reference):
+    flaky, out = servers(fail_prompts=17), tmp_path / "run"
+    with pytest.raises(TeacherError) as e:
+        _run(doc, out, flaky, max_retries=1)
+    msg = str(e.value)
+    assert "\n" not in msg and "units failed" in msg and "HTTP 500" in msg, msg
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["units_failed"] > 0
+    with open(out / "raw" / "manifest.jsonl") as f:
+        done = [json.loads(line)["unit"] for line in f]
+    # Most units finished, and they are kept: committed exactly as the healthy run wrote them.
+    assert len(done) > summary["units_failed"] + summary["units_held_back"]
+    assert done and set(_final(out)["raw/sft.jsonl"]) <= set(reference["raw/sft.jsonl"])
+    # A rerun against the same teacher keeps what was finished and fails the same units.
+    with pytest.raises(TeacherError, match="units failed"):
+        _run(doc, out, flaky, max_retries=1)
+    again = json.loads((out / "summary.json").read_text())
+    assert (again["units_failed"], again["units_finished"]) == (
+        summary["units_failed"], summary["units_finished"])
+    # Once the teacher is healthy again, a rerun completes the store a healthy run wrote.
+    flaky.fail_prompts = 0
+    _run(doc, out, flaky)
+    assert _final(out) == reference
