@@ -57,6 +57,7 @@ def _check_settings(store: RunStore, settings: dict) -> None:
             # A folder written before teachers were recorded: adopt the current one.
             old["teacher"] = settings["teacher"]
             _write_settings(path, old)
+        old, settings = _flat(old), _flat(settings)
         diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
         if diff:
             raise ValueError(
@@ -65,6 +66,15 @@ def _check_settings(store: RunStore, settings: dict) -> None:
                 f"use a new out_dir, the original settings, or --overwrite to start over")
     else:
         _write_settings(path, settings)
+
+
+def _flat(settings: dict) -> dict:
+    """The teacher's fields as their own settings ("teacher.model"), so a diff names them."""
+    teacher = settings.get("teacher")
+    if not isinstance(teacher, dict):
+        return settings
+    return {**{k: v for k, v in settings.items() if k != "teacher"},
+            **{f"teacher.{k}": v for k, v in teacher.items()}}
 
 
 def _write_settings(path: str, settings: dict) -> None:

@@ -110,3 +110,40 @@ def test_a_request_that_keeps_failing_costs_only_its_unit(tmp_path, doc, servers
     flaky.fail_prompts = 0
     _run(doc, out, flaky)
     assert _final(out) == reference
+
+
+def _cli(out, doc, url, *extra):
+    import gin
+
+    from align_jax import cli
+    gin.clear_config()
+    root = os.path.dirname(os.path.dirname(HERE))
+    return cli.main(["sdg", f"--gin_file={os.path.join(root, 'configs/runs/sdg_document.gin')}",
+                     f"--output_dir={out}", f"--gin_param=entry.sdg_main.documents=['{doc}']",
+                     f"--gin_param=entry.sdg_main.teacher='openai:{url}'",
+                     "--gin_param=entry.sdg_main.nex=3",
+                     "--gin_param=entry.sdg_main.progress=False",
+                     "--gin_param=entry.sdg_main.chunk_tokens=200",
+                     "--gin_param=entry.sdg_main.overlap=10",
+                     "--gin_param=entry.sdg_main.teacher_kwargs={'backoff': 0.01}", *extra])
+
+
+def test_a_resumed_run_refuses_another_teacher(tmp_path, doc, servers, capsys):
+    first, out = servers(), tmp_path / "run"
+    assert _cli(out, doc, first.url) == 0
+    settings = json.loads((out / "raw" / "settings.json").read_text())
+    assert settings["teacher"] == {"backend": "openai", "base_url": first.url,
+                                   "model": "scripted"}
+    capsys.readouterr()
+    for other, changed in ((servers(), "['teacher.base_url']"),
+                           (servers(model="other-model"), "['teacher.base_url', 'teacher.model']")):
+        assert _cli(out, doc, other.url) != 0
+        err = capsys.readouterr().err.splitlines()[0]  # the CLI's one-line error
+        assert changed in err and first.url in err and other.url in err, err
+        assert "--overwrite" in err
+    # Asked to start over, the other teacher's run replaces the first one's records.
+    before = other.requests
+    assert _cli(out, doc, other.url, "--overwrite") == 0
+    assert other.requests > before
+    assert json.loads((out / "raw" / "settings.json").read_text())["teacher"]["model"] == \
+        "other-model"
