@@ -402,7 +402,8 @@ class OpenAITeacher:
             except openai.APIConnectionError as e:
                 cause = e.__cause__ or e
                 reason = f"cannot connect ({type(cause).__name__}: {_brief(str(cause))})"
-            except (_Garbage, openai.APIResponseValidationError) as e:
+            except (_Garbage, openai.APIResponseValidationError, RecursionError) as e:
+                # RecursionError: a response body nested too deeply for the JSON decoder.
                 reason = f"unusable answer ({_brief(str(e))})"
             if attempt + 1 < attempts:
                 delay = self.backoff * 2**attempt * random.uniform(0.5, 1.5)

@@ -237,19 +237,21 @@ class ScriptedServer:
         request that fails for good); 0: none.
       fail_every: every this-many-th request (counted over all) answers `fail_status`, with
         `Retry-After: retry_after` when given (a transient fault); 0: none.
+      junk: answer every prompt with this text instead (None: the scripted answers).
     Attributes:
       url: the base URL (".../v1"); requests, failures: counts so far.
     """
 
     def __init__(self, *, fail_prompts: int = 0, fail_every: int = 0, fail_status: int = 500,
                  retry_after: str | None = None, model: str = "scripted",
-                 context_length: int = 4096):
+                 context_length: int = 4096, junk: str | None = None):
         import http.server
         import threading
 
         self.teacher = ScriptedTeacher(context_length=context_length)
         self.fail_prompts, self.fail_every = fail_prompts, fail_every
         self.fail_status, self.retry_after, self.model = fail_status, retry_after, model
+        self.junk = junk
         self.requests = self.failures = 0
         self._lock = threading.Lock()
         outer = self
@@ -298,9 +300,9 @@ class ScriptedServer:
             headers = {"Retry-After": self.retry_after} if transient and self.retry_after \
                 else None
             return status, {"error": {"message": "scripted fault"}}, headers
-        text, = self.teacher.complete([prompt], temperature=body.get("temperature", 0.0),
-                                      top_p=body.get("top_p", 1.0),
-                                      max_tokens=body["max_tokens"], seed=body.get("seed"))
+        text, = [self.junk] if self.junk is not None else self.teacher.complete(
+            [prompt], temperature=body.get("temperature", 0.0), top_p=body.get("top_p", 1.0),
+            max_tokens=body["max_tokens"], seed=body.get("seed"))
         choice = ({"index": 0, "message": {"role": "assistant", "content": text}} if chat else
                   {"index": 0, "text": text, "logprobs": None})
         return 200, {"id": "x", "object": "chat.completion" if chat else "text_completion",

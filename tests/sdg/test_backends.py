@@ -203,6 +203,8 @@ def test_garbage_then_good_answer_is_retried(new_teacher, scripted):
     (200, "text/plain", "definitely not json", "not JSON"),
     (200, "application/json", '{"choices": []}', "no choices"),
     (503, "application/json", '{"error": {"message": "overloaded"}}', "HTTP 503"),
+    (200, "application/json", '{"choices": ' + "[" * 100_000 + "]" * 100_000 + "}",
+     "unusable answer"),
 ])
 def test_persistent_garbage_fails_clearly(new_teacher, scripted, status, ctype, payload, needle):
     handler, url = scripted

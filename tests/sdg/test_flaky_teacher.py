@@ -147,3 +147,27 @@ def test_a_resumed_run_refuses_another_teacher(tmp_path, doc, servers, capsys):
     assert other.requests > before
     assert json.loads((out / "raw" / "settings.json").read_text())["teacher"]["model"] == \
         "other-model"
+
+
+def test_a_teacher_of_junk_is_an_error_with_the_reject_counts(tmp_path, doc, servers, capsys):
+    srv, out = servers(junk="I'm sorry, but I cannot help with that."), tmp_path / "run"
+    assert _cli(out, doc, srv.url) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "0 sft/preference records" in err[0], err
+    summary = json.loads((out / "summary.json").read_text())
+    n = summary["num_chunks"]
+    # The counts in the line are the summary's: every chunk's questions and verdict rejected.
+    assert summary["rejects"] == {"instruct": {"no_items": n}, "preference": {"no_verdict": n}}
+    assert f"'instruct': {n}, 'preference': {n}" in err[0]
+
+
+def test_an_empty_documents_folder_is_an_error(tmp_path, servers, capsys):
+    empty = tmp_path / "docs"
+    empty.mkdir()
+    (empty / "notes.csv").write_text("a,b\n")  # not a document type
+    assert _cli(tmp_path / "run", str(empty), servers().url) != 0
+    err = capsys.readouterr().err.splitlines()[0]
+    assert f"documents {empty}: no document files found" in err, err
+    (empty / "blank.md").write_text("\n \n")
+    assert _cli(tmp_path / "run", str(empty), servers().url) != 0
+    assert "blank.md: document has no text" in capsys.readouterr().err.splitlines()[0]
