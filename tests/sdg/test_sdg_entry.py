@@ -47,7 +47,7 @@ def served(checkpoint):
 
 
 @pytest.mark.parametrize("backend", ["openai", "local"])
-def test_sdg_cli_counts_garbage_and_resumes(request, checkpoint, backend, tmp_path, capsys):
+def test_sdg_cli_counts_garbage_and_resumes(request, checkpoint, backend, tmp_path):
     teacher = (f"openai:{request.getfixturevalue('served')}/v1" if backend == "openai"
                else f"local:{checkpoint}")
     # A short document: three chunks are enough to drive every stage through the server.
@@ -61,16 +61,12 @@ def test_sdg_cli_counts_garbage_and_resumes(request, checkpoint, backend, tmp_pa
             "--gin_param=entry.sdg_main.nex=2", "--gin_param=entry.sdg_main.chunk_tokens=256",
             "--gin_param=entry.sdg_main.overlap=16", "--gin_param=entry.sdg_main.progress=False",
             "--gin_param=entry.sdg_main.teacher_kwargs={'timeout': 300.0}"]
-    # A random model's answers give no record to train on: an error (with the counts), not
-    # a success; the summary and rejects are written all the same.
-    capsys.readouterr()
+    # A random model's answers may give no record to train on: then an error (its line is
+    # tested in test_flaky_teacher), not a success; the summary and rejects are written.
     code = cli.main(args)
     summary = json.loads((tmp_path / "summary.json").read_text())
     kept = sum(summary["kinds"].get(k, {}).get("kept", 0) for k in ("sft", "preference"))
     assert code == (0 if kept else 1)
-    if not kept:
-        err = capsys.readouterr().err.splitlines()
-        assert len(err) == 1 and "gave 0 sft/preference records (rejects by stage" in err[0]
     # A random model writes garbage; under the templates' constraints it is at least garbage
     # of the right shape (a verdict, a JSON line it never closes), and every output is
     # counted: a record, or a reject with its reason.
