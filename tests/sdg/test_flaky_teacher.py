@@ -171,3 +171,28 @@ def test_an_empty_documents_folder_is_an_error(tmp_path, servers, capsys):
     (empty / "blank.md").write_text("\n \n")
     assert _cli(tmp_path / "run", str(empty), servers().url) != 0
     assert "blank.md: document has no text" in capsys.readouterr().err.splitlines()[0]
+
+
+def test_a_recipe_whose_teacher_writes_junk_stops_in_one_line(tmp_path, servers, capsys,
+                                                               monkeypatch):
+    """`align-jax run` of the value-alignment recipe: SDG runs first and keeps nothing, so
+    the run stops there with the SDG line (it printed a traceback), before any training."""
+    import gin
+
+    from align_jax import cli
+    monkeypatch.chdir(os.path.dirname(os.path.dirname(HERE)))
+    srv, out = servers(junk="No idea."), tmp_path / "run"
+    gin.clear_config()
+    try:
+        code = cli.main(["run", "--gin_file=configs/runs/value_alignment_tiny.gin",
+                         f"--output_dir={out}"] + [
+            f"--gin_param=value_alignment.value_alignment.{p}" for p in (
+                f"teacher='openai:{srv.url}'", "train_on=('sdg',)", "progress=False",
+                "teacher_kwargs={'backoff': 0.01}",
+                "sdg_kwargs={'max_chunks': 4, 'progress': False, 'verbose': False}")])
+    finally:
+        gin.clear_config()
+    assert code == 1
+    err = capsys.readouterr().err.splitlines()[0]
+    assert "NoRecordsError" in err and "gave 0 sft/preference records" in err, err
+    assert not (out / "cft").exists()
