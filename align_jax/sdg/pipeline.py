@@ -6,7 +6,17 @@ fixed batches in a fixed order (`concurrency` units a batch). Each batch's teach
 use a seed derived from the global seed and the batch's unit ids, so re-running a batch
 after a crash sends the very same prompts with the very same seed and gets the same
 completions; only units missing from the manifest are then committed. Settings that change
-what is generated are stored on the first run and must match on resume.
+what is generated (the teacher's backend, URL and model id among them) are stored on the first
+run and must match on resume.
+
+Failures: the teacher retries transient errors itself (`OpenAITeacher`: 408/429/5xx, timeouts,
+connection errors, with backoff and Retry-After, `max_retries` a request). A prompt that still
+fails fails its unit only: the other units are committed, and so is every unit of its batch
+before it (a unit after it may have sent its next prompts at other positions, hence other
+seeds, than an undisturbed run, so it is held back too). The run goes on, writes the summary
+(`units_failed`, `units_held_back`, `first_failure`) and then stops with `IncompleteRunError`;
+a rerun redoes just those batches and ends with the records of an undisturbed run. A run that
+keeps no record at all stops with `NoRecordsError` and the reject counts.
 """
 
 from __future__ import annotations
@@ -135,7 +145,7 @@ class _Failures:
         if self.units:
             raise IncompleteRunError(
                 f"{store.out_dir}: {len(self.units) - self.held_back} of {total} units failed"
-                f"{f' and {self.held_back} were held back with them' if self.held_back else ''}"
+                f"{f' ({self.held_back} more held back with them)' if self.held_back else ''}"
                 f"; the finished units are kept and a rerun retries the rest; first failure: "
                 f"{next(iter(self.units.values()))}")
 
