@@ -207,6 +207,7 @@ def main(argv: list[str] | None = None, *, check_only: bool = False) -> int:
     configured = gin.get_configurable(entry)
     # Local: run_lock imports logging and socket, the train package jax.
     from align_jax.run_lock import RunFolderBusyError
+    from align_jax.sdg.teacher import TeacherError
     from align_jax.train.status import EXIT_INTERRUPTED, RunInterrupted
     try:
         result = configured()
@@ -221,7 +222,7 @@ def main(argv: list[str] | None = None, *, check_only: bool = False) -> int:
         print(f"align-jax {args.command}: interrupted", file=sys.stderr)
         return 130
     except (ValueError, OSError, FloatingPointError, KeyError, TypeError,
-            RunFolderBusyError) as e:
+            RunFolderBusyError, TeacherError) as e:
         if args.traceback:
             raise
         # gin appends "In call to configurable ..." lines: keep the message itself.

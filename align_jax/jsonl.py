@@ -16,7 +16,8 @@ from align_jax.atomic import atomic_write
 
 
 class JsonlError(ValueError):
-    """A JSONL line that is not UTF-8, not JSON, or not an object; the message names file:line."""
+    """A JSONL line that is not UTF-8, not JSON (or nested past Python's recursion limit), or not
+    an object; the message names file:line."""
 
 
 def encode_line(row: Any) -> str:
@@ -35,6 +36,8 @@ def decode_line(raw: bytes | str, *, where: str) -> Any:
         return json.loads(raw.rstrip("\r\n"))  # without the line end, columns stay on this line
     except json.JSONDecodeError as e:
         raise JsonlError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+    except RecursionError:
+        raise JsonlError(f"{where}: JSON nested too deeply to read") from None
 
 
 def numbered_lines(path: str | os.PathLike) -> Iterator[tuple[int, bytes]]:

@@ -29,6 +29,9 @@ def test_blank_lines_are_skipped_and_append_adds(tmp_path):
     (b'{"a": 1}\n{"a": \n', r"x.jsonl:2: not valid JSON \(.* at column 7\)"),
     (b'{"a": 1}\n\n{"a": "\xe9"}\n', r"x.jsonl:3: not valid UTF-8 \(byte 7\)"),
     (b'{"a": 1}\n[1, 2]\n', r"x.jsonl:2: expected a JSON object, got list"),
+    # Deeper than Python's recursion limit: json raises RecursionError, not a ValueError.
+    (b'{"a": 1}\n{"a": ' + b"[" * 100_000 + b"]" * 100_000 + b"}\n",
+     r"x.jsonl:2: JSON nested too deeply to read"),
 ])
 def test_bad_lines_name_file_and_line(tmp_path, data, why):
     path = tmp_path / "x.jsonl"

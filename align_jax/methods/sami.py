@@ -28,6 +28,8 @@ training data of iteration k+1, one generation call), mi (the estimates) and jud
 """
 
 import contextlib
+import hashlib
+import json
 import logging
 import os
 import random
@@ -55,6 +57,7 @@ from align_jax.methods.sami_eval import (  # noqa: F401 - re-exported: sami.mi_b
     mi_per_query,
     pick_eval_constitution,
 )
+from align_jax.methods.splits import check_split
 from align_jax.models.hf import load_hf
 from align_jax.models.named import resolve_model_path
 from align_jax.sdg.backends import make_teacher
@@ -299,6 +302,15 @@ def sami(*, output_dir: str, init_from: str, constitutions: str,
     names = constitution_names(constitutions)
     eval_idx = pick_eval_constitution(cons_records, eval_constitution)
     prompts = _queries(queries, "queries")
+    # What decides the held-out queries (the shuffle's seed, the count, their source);
+    # refused when changed under trained iterations, whose queries could become held out.
+    check_split(out, {"eval_queries": eval_queries, "seed": seed,
+                      "heldout_queries": heldout_queries if isinstance(heldout_queries, str)
+                      or heldout_queries is None else
+                      "list sha256 " + hashlib.sha256(json.dumps(
+                          _queries(heldout_queries, "heldout_queries")).encode()).hexdigest()[:16]},
+                recipe="sami", stages=sorted(d for d in (os.listdir(out) if os.path.isdir(out)
+                                                         else ()) if d.startswith("iter_")))
     rng = random.Random(seed)
     rng.shuffle(prompts)
     if heldout_queries is None:

@@ -31,6 +31,7 @@ from align_jax.eval.report import YES_NO_INSTRUCTION, evaluate_models
 from align_jax.eval.retrieval import make_retriever
 from align_jax.jsonl import write_jsonl
 from align_jax.methods import value_data
+from align_jax.methods.splits import check_split
 from align_jax.models.named import resolve_model_path
 from align_jax.tokenizer import load_tokenizer
 from align_jax.train.entry import build_tokenizer, train_main
@@ -202,6 +203,13 @@ def value_alignment(*, output_dir: str, document: str, model: str | None = "tiny
     tok_path = tokenizer or init_from
     tok = load_tokenizer(tok_path)
 
+    # What decides the held-out sets; refused when changed under trained stages, before
+    # anything (SDG, data files) is written.
+    check_split(out, {"heldout_fraction": heldout_fraction
+                      if sft_test is None or preference_test is None else None,
+                      "sft_test": sft_test, "preference_test": preference_test,
+                      "yes_no_test": yes_no_test},
+                recipe="value_alignment", stages=("sft", "dpo"))
     # Read (and checked) before any training: a bad record stops the run at once.
     yes_no = value_data.records(yes_no_test, "yes_no") if yes_no_test else None
     doc = load_document(document)

@@ -326,7 +326,7 @@ def generate_aligner(teacher: Teacher, questions: Sequence[dict], *, criterion: 
                use_chat=config.use_chat, temperature=config.response_temperature,
                top_p=config.top_p if config.response_temperature > 0 else 1.0,
                max_tokens=config.response_max_tokens, seed=derive_seed(seed, role),
-               repetition_penalty=config.response_repetition_penalty)
+               repetition_penalty=config.response_repetition_penalty, owners=results)
     # With an encoder the embedding cosine replaces the difflib ratio (> 1: never).
     max_ratio = config.max_rewrite_similarity if config.rewrite_encoder is None else 2.0
     parsed = []

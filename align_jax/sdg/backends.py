@@ -12,6 +12,8 @@ two backends return the same completions, sampled ones included.
 from __future__ import annotations
 
 import concurrent.futures
+import datetime
+import email.utils
 import json
 import logging
 import math
@@ -33,6 +35,7 @@ from align_jax.generate.prompt_batches import next_pow2
 from align_jax.generate.sampling import row_seed
 from align_jax.models.hf import load_hf
 from align_jax.models.named import resolve_model_path
+from align_jax.sdg.teacher import PartialTeacherError, TeacherError
 from align_jax.tokenizer import encode_prompt, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -42,10 +45,6 @@ _CONTEXT_KEYS = ("max_model_len", "context_length", "context_window", "max_conte
 # Bytes per token assumed when the server cannot count tokens: fewer than real tokenizers
 # average on prose, so the estimate errs on the long side and chunks stay within context.
 _BYTES_PER_TOKEN = 3
-
-
-class TeacherError(RuntimeError):
-    """A teacher backend could not produce completions (unreachable, garbage answers, ...)."""
 
 
 class LocalTeacher:
@@ -92,6 +91,11 @@ class LocalTeacher:
         self.batch_size, self.mesh, self.rules = batch_size, mesh, rules
         self.shape_budget = shape_budget
         self.last_incomplete: list[bool] | None = None
+
+    @property
+    def identity(self) -> dict:
+        """What the SDG store records to tell this teacher from another."""
+        return {"backend": "local", "model": self.name}
 
     def count_tokens(self, text: str) -> int:
         """Tokens of `text` in the checkpoint's tokenizer (no special tokens)."""
@@ -152,7 +156,9 @@ class OpenAITeacher:
     One request per prompt, at most `concurrency` in flight (a thread pool); each request
     is retried with exponential backoff and jitter on connection errors, timeouts, 408/429/5xx
     and unusable answers (non-JSON, no choices), then fails with a one-line `TeacherError`
-    naming the URL. Other 4xx answers fail at once.
+    naming the URL. Other 4xx answers fail at once. A call whose prompts partly fail raises
+    `PartialTeacherError` carrying the completions that were answered, so SDG gives up only
+    the work units of the failed prompts.
 
     Structured output: a json_schema constraint is sent as OpenAI's response_format
     (json_schema, strict), a choice or regex as vLLM's structured_outputs; a server that
@@ -167,7 +173,7 @@ class OpenAITeacher:
     """
 
     def __init__(self, base_url: str, *, model: str | None = None, api_key: str | None = None,
-                 concurrency: int = 8, timeout: float = 60.0, max_retries: int = 3,
+                 concurrency: int = 8, timeout: float = 60.0, max_retries: int = 5,
                  backoff: float = 1.0, max_backoff: float = 30.0,
                  context_length: int | None = None, tokenizer=None):
         """Args:
@@ -176,9 +182,11 @@ class OpenAITeacher:
           api_key: bearer token; default $OPENAI_API_KEY, else a placeholder.
           concurrency: requests in flight at once.
           timeout: seconds per request attempt.
-          max_retries: retries after the first attempt.
-          backoff, max_backoff: the n-th retry waits min(max_backoff, backoff * 2**n) times a
-            random factor in [0.5, 1.5).
+          max_retries: retries after the first attempt (the retry budget of each request:
+            connection errors, timeouts, 408/429/5xx and unusable answers).
+          backoff, max_backoff: the n-th retry waits backoff * 2**n times a random factor in
+            [0.5, 1.5), or longer when a 429/503 answer's Retry-After asks for it, never more
+            than max_backoff.
           context_length: the server's context; read from /v1/models when None.
           tokenizer: a local tokenizer (dir or Tokenizer) matching the server's model, for exact
             `count_tokens`; otherwise the server's /tokenize (vLLM, align-jax serve) is asked,
@@ -218,6 +226,11 @@ class OpenAITeacher:
         if self._model is None:
             self._read_models()
         return self._model
+
+    @property
+    def identity(self) -> dict:
+        """What the SDG store records to tell this teacher from another."""
+        return {"backend": "openai", "base_url": self.base_url, "model": self.model}
 
     @property
     def context_length(self) -> int:
@@ -356,18 +369,26 @@ class OpenAITeacher:
         self.model  # noqa: B018 - resolve the model id once, before the fan-out
         futures = [self._pool.submit(self._retrying, fn, i, x, what=f"request {i}")
                    for i, x in enumerate(items)]
-        done, _ = concurrent.futures.wait(futures,
-                                          return_when=concurrent.futures.FIRST_EXCEPTION)
-        failed = [f for f in futures if f in done and f.exception() is not None]
-        if failed:
-            for f in futures:
-                f.cancel()
-            raise failed[0].exception()
+        # Every request runs to its end (answer or retries spent): a prompt that fails costs
+        # only its own completion, which the caller (SDG: its work unit) gives up.
+        concurrent.futures.wait(futures)
+        failures = {i: f.exception() for i, f in enumerate(futures) if f.exception() is not None}
+        if failures:
+            first = next(iter(failures.values()))
+            if not isinstance(first, TeacherError):
+                raise first
+            raise PartialTeacherError(
+                f"{first} ({len(failures)} of {len(items)} prompts of the call failed)"
+                if len(items) > 1 else str(first),
+                completions=[None if i in failures else f.result()
+                             for i, f in enumerate(futures)],
+                failures={i: str(e) for i, e in failures.items()})
         return [f.result() for f in futures]
 
     def _retrying(self, fn: Callable, *args, what: str):
         attempts = self.max_retries + 1
         for attempt in range(attempts):
+            wait = None
             try:
                 return fn(*args)
             except openai.APIStatusError as e:
@@ -375,18 +396,40 @@ class OpenAITeacher:
                     raise TeacherError(f"openai teacher {self.base_url}: {what} refused with "
                                        f"HTTP {e.status_code}: {_brief(e.message)}") from None
                 reason = f"HTTP {e.status_code}: {_brief(e.message)}"
+                wait = retry_after(getattr(e, "response", None))
             except openai.APITimeoutError:
                 reason = f"no answer within the {self.timeout:g} s timeout"
             except openai.APIConnectionError as e:
                 cause = e.__cause__ or e
                 reason = f"cannot connect ({type(cause).__name__}: {_brief(str(cause))})"
-            except (_Garbage, openai.APIResponseValidationError) as e:
+            except (_Garbage, openai.APIResponseValidationError, RecursionError) as e:
+                # RecursionError: a response body nested too deeply for the JSON decoder.
                 reason = f"unusable answer ({_brief(str(e))})"
             if attempt + 1 < attempts:
-                delay = min(self.max_backoff, self.backoff * 2**attempt)
-                time.sleep(delay * random.uniform(0.5, 1.5))
+                delay = self.backoff * 2**attempt * random.uniform(0.5, 1.5)
+                # A server that says when to come back is believed (up to max_backoff).
+                time.sleep(min(self.max_backoff, delay if wait is None else max(wait, delay)))
         raise TeacherError(f"openai teacher {self.base_url}: {what} failed after {attempts} "
                            f"attempts: {reason}")
+
+
+def retry_after(response) -> float | None:
+    """Seconds a 429/503 answer's Retry-After header asks to wait (delta or HTTP date)."""
+    headers = getattr(response, "headers", None)
+    value = headers.get("retry-after") if headers is not None else None
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=datetime.UTC)
+    return max(0.0, (when - datetime.datetime.now(datetime.UTC)).total_seconds())
 
 
 def _extra_body(repetition_penalty: float) -> dict | None:

@@ -13,6 +13,7 @@ from align_jax.run_lock import run_lock
 from align_jax.runinfo import run_folder
 from align_jax.sdg import pipeline
 from align_jax.sdg.backends import TeacherError, make_teacher
+from align_jax.sdg.store import clear_run
 from align_jax.tokenizer import load_tokenizer
 
 TASKS = ("document", "aligner", "principles")
@@ -26,7 +27,8 @@ def sdg_main(*, output_dir: str, task: str = "document", teacher: str | None = N
              yes_no_config=None, concurrency: int = 8,
              templates: Mapping[str, str] | None = None, principles_task: str | None = None,
              num_principles: int = 2, principles_file: str | None = None,
-             max_questions: int | None = None, seed: int = 0, progress: bool = True) -> int:
+             max_questions: int | None = None, seed: int = 0, progress: bool = True,
+             overwrite: bool = False) -> int:
     """Runs one SDG task into output_dir (resuming a killed run there); returns an exit code.
 
     Args:
@@ -46,6 +48,8 @@ def sdg_main(*, output_dir: str, task: str = "document", teacher: str | None = N
       max_questions: cap on aligner questions.
       seed: global seed (a resumed run with the same seed writes the same records).
       progress: progress bar.
+      overwrite: start over: remove what an earlier SDG run wrote in output_dir (CLI
+        --overwrite), e.g. to change the teacher, which a resumed run refuses.
     """
     if task not in TASKS:
         raise ValueError(f"sdg_main.task={task!r}: choose one of {TASKS}")
@@ -55,6 +59,8 @@ def sdg_main(*, output_dir: str, task: str = "document", teacher: str | None = N
     # Before anything is written: a second sdg on a folder in use refuses, the first one's
     # records stay as they are.
     with run_lock(output_dir if distributed.is_main() else None), run_folder(output_dir):
+        if overwrite:
+            clear_run(output_dir)
         try:
             t = make_teacher(teacher, **dict(teacher_kwargs or {})) if teacher else None
             if task == "document":

@@ -70,7 +70,8 @@ def generate_instruct(teacher: Teacher, chunks: Sequence[Chunk], *, seed: int,
     outs = ask(teacher, prompts, use_chat=config.use_chat,
                temperature=config.question_temperature, top_p=config.question_top_p,
                max_tokens=config.question_max_tokens, seed=derive_seed(seed, "questions"),
-               constraint=q_tpl.output_constraint(nex=config.nex) if structured else None)
+               constraint=q_tpl.output_constraint(nex=config.nex) if structured else None,
+               owners=results)
     # JSON lines written under the template's constraint are read with json.loads; anything
     # else (no constraint, a list format, an endpoint that refused it) tolerantly.
     applied = structured and getattr(teacher, "applies_constraints", False) \
@@ -102,7 +103,8 @@ def generate_instruct(teacher: Teacher, chunks: Sequence[Chunk], *, seed: int,
     answers = ask(teacher, [p for _, _, p in pending], use_chat=config.use_chat,
                   temperature=0.0, max_tokens=config.answer_max_tokens,
                   seed=derive_seed(seed, "answers"),
-                  constraint=a_tpl.output_constraint() if structured else None)
+                  constraint=a_tpl.output_constraint() if structured else None,
+                  owners=[results[i] for i, _, _ in pending])
     for (i, question, _), answer in zip(pending, answers):
         results[i].calls += 1
         answer = _ANSWER_LABEL.sub("", answer).strip()

@@ -314,7 +314,7 @@ def json_lines(text: str, *, required: Sequence[str]) -> tuple[list[dict], list[
             continue
         try:
             obj = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested past the stack
             rejects.append(_reject("invalid_json", line))
             continue
         if not isinstance(obj, dict) or not all(

@@ -6,11 +6,22 @@ fixed batches in a fixed order (`concurrency` units a batch). Each batch's teach
 use a seed derived from the global seed and the batch's unit ids, so re-running a batch
 after a crash sends the very same prompts with the very same seed and gets the same
 completions; only units missing from the manifest are then committed. Settings that change
-what is generated are stored on the first run and must match on resume.
+what is generated (the teacher's backend, URL and model id among them) are stored on the first
+run and must match on resume.
+
+Failures: the teacher retries transient errors itself (`OpenAITeacher`: 408/429/5xx, timeouts,
+connection errors, with backoff and Retry-After, `max_retries` a request). A prompt that still
+fails fails its unit only: the other units are committed, and so is every unit of its batch
+before it (a unit after it may have sent its next prompts at other positions, hence other
+seeds, than an undisturbed run, so it is held back too). The run goes on, writes the summary
+(`units_failed`, `units_held_back`, `first_failure`) and then stops with `IncompleteRunError`;
+a rerun redoes just those batches and ends with the records of an undisturbed run. A run that
+keeps no record at all stops with `NoRecordsError` and the reject counts.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
 import json
@@ -24,7 +35,7 @@ from align_jax.jsonl import write_jsonl
 from align_jax.sdg import aligner_data, instruct, preference, yes_no
 from align_jax.sdg import principles as principles_lib
 from align_jax.sdg.store import RunStore, UnitResult, derive_seed, finalize
-from align_jax.sdg.teacher import Teacher
+from align_jax.sdg.teacher import Teacher, TeacherError
 from align_jax.sdg.templates import Template, resolve_templates
 
 STAGES = ("instruct", "preference", "yes_no")
@@ -52,17 +63,58 @@ def _check_settings(store: RunStore, settings: dict) -> None:
     if os.path.exists(path):
         with open(path, encoding="utf-8") as f:
             old = json.load(f)
+        if "teacher" in settings and "teacher" not in old:
+            # A folder written before teachers were recorded: adopt the current one.
+            old["teacher"] = settings["teacher"]
+            _write_settings(path, old)
+        old, settings = _flat(old), _flat(settings)
         diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
         if diff:
             raise ValueError(
                 f"{store.out_dir}: resuming with different settings {diff} "
                 f"(was {[old.get(k) for k in diff]}, now {[settings.get(k) for k in diff]}); "
-                f"use a new out_dir or the original settings")
+                f"use a new out_dir, the original settings, or --overwrite to start over")
     else:
-        tmp = path + ".new"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(settings, f, indent=2, sort_keys=True)
-        os.replace(tmp, path)
+        _write_settings(path, settings)
+
+
+def _flat(settings: dict) -> dict:
+    """The teacher's fields as their own settings ("teacher.model"), so a diff names them."""
+    teacher = settings.get("teacher")
+    if not isinstance(teacher, dict):
+        return settings
+    return {**{k: v for k, v in settings.items() if k != "teacher"},
+            **{f"teacher.{k}": v for k, v in teacher.items()}}
+
+
+def _write_settings(path: str, settings: dict) -> None:
+    tmp = path + ".new"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(settings, f, indent=2, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def _teacher_setting(teacher: Teacher) -> dict:
+    """{"teacher": the backend, its target and model id} for the run's settings; a resumed
+    run with another teacher would mix two teachers' records in one store."""
+    identity = getattr(teacher, "identity", None)
+    return {"teacher": identity} if isinstance(identity, dict) else {}
+
+
+def _check_kept(summary: dict, kinds: Sequence[str]) -> None:
+    """A run that kept no record of its data kinds failed, whatever its exit path."""
+    if any(summary["kinds"].get(k, {}).get("kept", 0) for k in kinds):
+        return
+    rejects = {stage: sum(c.values()) for stage, c in summary["rejects"].items()}
+    top = collections.Counter({f"{stage}:{reason}": n for stage, c in summary["rejects"].items()
+                               for reason, n in c.items()}).most_common(5)
+    raise NoRecordsError(
+        f"{summary['out_dir']}: the teacher's answers gave 0 {'/'.join(kinds)} records "
+        f"(rejects by stage {rejects}; most common {dict(top)}); see rejects.jsonl")
+
+
+class NoRecordsError(TeacherError):
+    """Every answer of the teacher was rejected: nothing to train on."""
 
 
 def _template_fingerprint(templates: Mapping[str, Template]) -> dict:
@@ -75,8 +127,36 @@ def round_unit(unit: str, r: int) -> str:
     return unit if r == 0 else f"{unit}/r{r}"
 
 
+class _Failures:
+    """Units of this invocation that were not committed, and why (retried on a rerun)."""
+
+    def __init__(self):
+        self.units: dict[str, str] = {}  # unit -> why
+        self.held_back = 0
+        self.answered = False  # the teacher answered a prompt in this invocation
+
+    def summary(self) -> dict:
+        return {"units_failed": len(self.units) - self.held_back,
+                "units_held_back": self.held_back,
+                **({"first_failure": next(iter(self.units.values()))} if self.units else {})}
+
+    def check(self, store: RunStore, total: int) -> None:
+        """Raises the run's one-line error when some units were not committed."""
+        if self.units:
+            raise IncompleteRunError(
+                f"{store.out_dir}: {len(self.units) - self.held_back} of {total} units failed"
+                f"{f' ({self.held_back} more held back with them)' if self.held_back else ''}"
+                f"; the finished units are kept and a rerun retries the rest; first failure: "
+                f"{next(iter(self.units.values()))}")
+
+
+class IncompleteRunError(TeacherError):
+    """Some work units failed; the committed ones are kept and a rerun retries the others."""
+
+
 def _run_batches(store: RunStore, items: Sequence, unit_of: Callable, run_batch: Callable, *,
-                 seed: int, batch_size: int, desc: str, progress: bool) -> None:
+                 seed: int, batch_size: int, desc: str, progress: bool,
+                 failures: _Failures) -> None:
     units = [unit_of(x) for x in items]
     done = sum(store.is_done(u) for u in units)
     bar = tqdm.tqdm(total=len(units), initial=done, desc=desc, disable=not progress,
@@ -88,13 +168,28 @@ def _run_batches(store: RunStore, items: Sequence, unit_of: Callable, run_batch:
                 continue
             results: list[UnitResult] = run_batch(
                 batch, derive_seed(seed, "|".join(batch_units)))
-            for u, res in zip(batch_units, results):
+            first = next((k for k, res in enumerate(results) if res.error is not None),
+                         len(results))
+            if (first < len(results) and not failures.answered
+                    and not any(r.answered for r in results)):
+                # Not one prompt has been answered yet: the teacher is unusable, not flaky.
+                raise TeacherError(results[first].error)
+            for k, (u, res) in enumerate(zip(batch_units, results)):
                 if res.unit != u:
                     raise RuntimeError(f"stage returned unit {res.unit!r} for {u!r}")
-                if not store.is_done(u):
-                    store.commit(u, res.records, res.rejects,
-                                 info={"calls": res.calls} if res.calls else None)
-                    bar.update(1)
+                if store.is_done(u):
+                    continue
+                if k >= first:
+                    # A later unit of a batch with a failed one may have sent its next prompts
+                    # at other positions (other row seeds) than an undisturbed run: it is not
+                    # committed, so a rerun still writes exactly the uninterrupted records.
+                    failures.held_back += res.error is None
+                    failures.units[u] = res.error or "held back after a failure in its batch"
+                    continue
+                store.commit(u, res.records, res.rejects,
+                             info={"calls": res.calls} if res.calls else None)
+                bar.update(1)
+            failures.answered |= any(r.answered for r in results)
     finally:
         bar.close()
 
@@ -125,9 +220,17 @@ def plan_chunks(document_paths: Sequence[str | os.PathLike], *, teacher: Teacher
     # Slack for tokenizer merges at the passage boundary and for nex/keyword text.
     reserved += 16
     docs = documents_lib.load_documents(document_paths)
+    names = ", ".join(map(os.fspath, document_paths))
+    if not docs:
+        suffixes = sorted(set(documents_lib.TEXT_SUFFIXES + documents_lib.HTML_SUFFIXES
+                              + documents_lib.PDF_SUFFIXES))
+        raise ValueError(f"documents {names}: no document files found (looked for "
+                         f"{' '.join(suffixes)})")
     chunks = documents_lib.chunk_documents(
         docs, encoder, chunk_tokens=chunk_tokens, overlap=overlap,
         context_length=teacher.context_length, reserved_tokens=reserved)
+    if not chunks:
+        raise ValueError(f"documents {names}: {len(docs)} file(s) hold no text to generate from")
     for chunk in chunks:
         for role, t in templates.items():
             n = teacher.count_tokens(t.render(**{**empty, "passage": chunk.text,
@@ -231,8 +334,11 @@ def run_document_sdg(document_paths: Sequence[str | os.PathLike], out_dir: str |
                 "stages": list(stages), "instruct": vars(i_cfg), "preference": vars(p_cfg),
                 **({"yes_no": vars(y_cfg)} if "yes_no" in stages else {}),
                 "rounds": rounds,
-                "templates": _template_fingerprint({r: tpls[r] for r in used})}
+                "templates": _template_fingerprint({r: tpls[r] for r in used}),
+                **_teacher_setting(teacher)}
     _check_settings(store, settings)
+    failures = _Failures()
+    planned = []
     for stage in stages:
         module, config, generate_units = modules[stage]
         stage_unit = module.unit_id
@@ -250,15 +356,20 @@ def run_document_sdg(document_paths: Sequence[str | os.PathLike], out_dir: str |
                 return [dataclasses.replace(res, unit=round_unit(res.unit, r))
                         for res in results]
             desc = f"sdg {stage}" + (f" round {r + 1}/{rounds}" if rounds > 1 else "")
+            planned += [unit_of(c) for c in chunks]
             _run_batches(store, chunks, unit_of, run_batch, seed=seed,
-                         batch_size=concurrency, desc=desc, progress=progress)
+                         batch_size=concurrency, desc=desc, progress=progress,
+                         failures=failures)
     count = (lambda s: len(tokenizer.encode(s))) if tokenizer is not None else teacher.count_tokens
-    return finalize(store, kinds=("sft", "preference"), split_fractions=split_fractions,
-                    near_threshold=near_duplicate_threshold, count_tokens=count,
-                    select=yes_no.balance_records if balance else None,
-                    extra={"num_chunks": len(chunks),
-                           "num_documents": len(settings["sources"])},
-                    verbose=verbose)
+    summary = finalize(store, kinds=("sft", "preference"), split_fractions=split_fractions,
+                       near_threshold=near_duplicate_threshold, count_tokens=count,
+                       select=yes_no.balance_records if balance else None,
+                       extra={"num_chunks": len(chunks),
+                              "num_documents": len(settings["sources"]), **failures.summary()},
+                       unit_order=planned, verbose=verbose)
+    failures.check(store, len(planned))
+    _check_kept(summary, ("sft", "preference"))
+    return summary
 
 
 def run_aligner_sdg(out_dir: str | os.PathLike, *, teacher: Teacher, seed: int = 0,
@@ -297,6 +408,7 @@ def run_aligner_sdg(out_dir: str | os.PathLike, *, teacher: Teacher, seed: int =
                             "max_questions": max_questions,
                             "templates": _template_fingerprint(tpls)})
     unit = "inputs/all"
+    failures = _Failures()
     if not store.is_done(unit):
         topics, rejects = aligner_data.brainstorm_topics(
             teacher, seeds, seed=derive_seed(seed, "topics"), config=cfg, templates=tpls)
@@ -309,16 +421,24 @@ def run_aligner_sdg(out_dir: str | os.PathLike, *, teacher: Teacher, seed: int =
                                        for t, xs in topics.items() for x in xs],
                             "questions": questions}, rejects + q_rejects)
     questions = [{k: v for k, v in q.items() if k != "_unit"} for q in store.records("questions")]
+    planned = [unit]
     for criterion in criteria:
         def run_batch(batch, batch_seed, criterion=criterion):
             return aligner_data.generate_aligner(teacher, batch, criterion=criterion,
                                                  seed=batch_seed, config=cfg, templates=tpls)
-        _run_batches(store, questions, lambda q, c=criterion: f"aligner/{c}/{q['question_id']}",
-                     run_batch, seed=seed, batch_size=concurrency, desc=f"sdg aligner {criterion}",
-                     progress=progress)
-    return finalize(store, kinds=("questions", "aligner", "inspector"),
-                    split_fractions=split_fractions, near_threshold=near_duplicate_threshold,
-                    count_tokens=teacher.count_tokens, verbose=verbose)
+
+        def unit_of(q, c=criterion):
+            return f"aligner/{c}/{q['question_id']}"
+        planned += [unit_of(q) for q in questions]
+        _run_batches(store, questions, unit_of, run_batch, seed=seed, batch_size=concurrency,
+                     desc=f"sdg aligner {criterion}", progress=progress, failures=failures)
+    summary = finalize(store, kinds=("questions", "aligner", "inspector"),
+                       split_fractions=split_fractions, near_threshold=near_duplicate_threshold,
+                       count_tokens=teacher.count_tokens, extra=failures.summary(),
+                       unit_order=planned, verbose=verbose)
+    failures.check(store, len(planned))
+    _check_kept(summary, ("aligner", "inspector"))
+    return summary
 
 
 def run_principles_sdg(out_dir: str | os.PathLike, *, teacher: Teacher | None = None,

@@ -70,7 +70,8 @@ def generate_preference(teacher: Teacher, chunks: Sequence[Chunk], *, seed: int,
     verdicts = ask(teacher, [f_tpl.render(passage=c.text, keyword=config.keyword) for c in chunks],
                    use_chat=config.use_chat, temperature=0.0,
                    max_tokens=config.filter_max_tokens, seed=derive_seed(seed, "filter"),
-                   constraint=f_tpl.output_constraint() if structured else None)
+                   constraint=f_tpl.output_constraint() if structured else None,
+                   owners=results)
     passing = []
     for i, (chunk, out) in enumerate(zip(chunks, verdicts)):
         results[i].calls += 1
@@ -86,7 +87,8 @@ def generate_preference(teacher: Teacher, chunks: Sequence[Chunk], *, seed: int,
     outs = ask(teacher, prompts, use_chat=config.use_chat, temperature=config.pair_temperature,
                top_p=config.pair_top_p, max_tokens=config.pair_max_tokens,
                seed=derive_seed(seed, "pairs"),
-               constraint=p_tpl.output_constraint(nex=config.nex) if structured else None)
+               constraint=p_tpl.output_constraint(nex=config.nex) if structured else None,
+               owners=[results[i] for i in passing])
     # Under its JSON-lines constraint the output is read with json.loads, else tolerantly.
     strict = (structured and getattr(teacher, "applies_constraints", False)
               and p_tpl.constraint is not None)

@@ -99,6 +99,8 @@ def load_principles(path: str | os.PathLike) -> list[dict]:
             data = json.loads(text)
         except ValueError as e:
             raise ValueError(f"{path}: invalid JSON ({e})") from e
+        except RecursionError:
+            raise ValueError(f"{path}: JSON nested too deeply to read") from None
         entries = [(f"{path}: entry {i}", d) for i, d in enumerate(data)]
     else:
         entries = list(iter_values(path))

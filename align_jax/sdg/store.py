@@ -23,6 +23,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import statistics
 from collections.abc import Callable, Mapping, Sequence
 
@@ -51,12 +52,20 @@ PARSE_FAILURES = frozenset({"invalid_json", "no_items", "no_verdict", "empty", "
 
 @dataclasses.dataclass(kw_only=True)
 class UnitResult:
-    """What a stage produced for one work unit: records per kind, rejects, and the number of
-    teacher prompts the unit sent (`calls`; the summary's parse-failure rate is per prompt)."""
+    """What a stage produced for one work unit: records per kind, rejects, the number of
+    teacher prompts the unit sent (`calls`; the summary's parse-failure rate is per prompt),
+    and `error`: why one of its prompts got no answer (the unit is then not committed)."""
     unit: str
     records: dict[str, list[dict]] = dataclasses.field(default_factory=dict)
     rejects: list[dict] = dataclasses.field(default_factory=list)
     calls: int = 0
+    error: str | None = None
+    answered: int = 0  # prompts answered, counted when the stage passes owners to `ask`
+
+    def fail(self, reason: str) -> None:
+        """Mark the unit failed (its first reason is kept)."""
+        if self.error is None:
+            self.error = reason
 
     def reject(self, reason: str, text: str = "", **extra) -> None:
         """Record why a piece of output was dropped."""
@@ -184,6 +193,20 @@ class RunStore:
         """Record kinds present in raw/ (rejects excluded)."""
         return sorted(n[:-6] for n in os.listdir(self.raw_dir)
                       if n.endswith(".jsonl") and n not in (MANIFEST, REJECTS + ".jsonl"))
+
+
+def clear_run(out_dir: str | os.PathLike) -> None:
+    """Removes what SDG wrote in a run folder (raw/, the split folders, rejects, summary), so
+    a run can start over in it; other files (run_info.json, logs) stay."""
+    out_dir = os.fspath(out_dir)
+    for name in ("raw", *DEDUP_FIELDS):
+        path = os.path.join(out_dir, name)
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+    for name in ("rejects.jsonl", "summary.json", "principles.jsonl", "constitutions.jsonl"):
+        path = os.path.join(out_dir, name)
+        if os.path.exists(path):
+            os.remove(path)
 
 
 # ------------------------------------------------------------------------ dedup, splits
@@ -320,7 +343,7 @@ def finalize(store: RunStore, *, kinds: Sequence[str] | None = None,
              count_tokens: Callable[[str], int] | None = None,
              extra: Mapping | None = None,
              select: Callable[[list[dict]], tuple[list[dict], list[dict]]] | None = None,
-             verbose: bool = True) -> dict:
+             unit_order: Sequence[str] | None = None, verbose: bool = True) -> dict:
     """Dedup, split and summarise a run's committed records; writes the final files.
 
     Args:
@@ -333,6 +356,9 @@ def finalize(store: RunStore, *, kinds: Sequence[str] | None = None,
       extra: merged into the summary (e.g. run settings).
       select: applied to each kind's records after deduplication: (kept, removed), each
         removed record with a "reason" (e.g. the yes/no stage's balancing).
+      unit_order: the run's units in planned order: records are taken in this order rather
+        than commit order, so a run whose failed units were committed by a later rerun
+        deduplicates and splits exactly as an undisturbed run.
       verbose: print the summary.
     Returns:
       The summary dict, also saved as <out_dir>/summary.json.
@@ -344,8 +370,15 @@ def finalize(store: RunStore, *, kinds: Sequence[str] | None = None,
     summary: dict = {"out_dir": store.out_dir, "units_finished": len(store.finished),
                      "length_unit": unit, "kinds": {}, "rejects": {}}
     dedup_rejects = []
-    for kind in present:
+    order = {u: i for i, u in enumerate(unit_order or ())}
+
+    def records(kind: str) -> list[dict]:
         rows = store.records(kind)
+        if order:
+            rows.sort(key=lambda r: order.get(r.get(UNIT_KEY), len(order)))
+        return rows
+    for kind in present:
+        rows = records(kind)
         if kind not in kinds:
             summary["kinds"][kind] = {"raw": len(rows)}
             continue
@@ -379,7 +412,7 @@ def finalize(store: RunStore, *, kinds: Sequence[str] | None = None,
             "splits": {s: len(v) for s, v in split_rows.items()},
             "lengths": {f: _length_stats(v) for f, v in sorted(lengths.items())},
         }
-    all_rejects = store.records(REJECTS) + dedup_rejects
+    all_rejects = records(REJECTS) + dedup_rejects
     reasons: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
     for r in all_rejects:
         reasons[str(r.get("stage", "?"))][str(r.get("reason", "?"))] += 1

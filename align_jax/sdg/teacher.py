@@ -11,7 +11,25 @@ equal an uninterrupted one: it always sends the same prompt lists with the same 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
+
+
+class TeacherError(RuntimeError):
+    """A teacher backend could not produce completions (unreachable, garbage answers, ...)."""
+
+
+class PartialTeacherError(TeacherError):
+    """Some prompts of a call failed after their retries; the others were answered.
+
+    Attributes:
+      completions: one entry per prompt, None where that prompt failed.
+      failures: prompt index -> one-line reason.
+    """
+
+    def __init__(self, message: str, *, completions: list, failures: dict):
+        super().__init__(message)
+        self.completions, self.failures = completions, failures
 
 
 @runtime_checkable
@@ -65,7 +83,8 @@ class Teacher(Protocol):
 
 def ask(teacher: Teacher, prompts: list[str], *, use_chat: bool = True, temperature: float,
         top_p: float = 1.0, max_tokens: int, seed: int | None = None,
-        repetition_penalty: float = 1.0, constraint=None) -> list[str]:
+        repetition_penalty: float = 1.0, constraint=None, owners: Sequence | None = None
+        ) -> list[str]:
     """Send prompts as single-turn user messages (`chat`) or raw text (`complete`).
 
     Args:
@@ -76,6 +95,10 @@ def ask(teacher: Teacher, prompts: list[str], *, use_chat: bool = True, temperat
       temperature, top_p, max_tokens, seed, repetition_penalty, constraint: as
         `Teacher.complete`; a penalty of 1.0 and a constraint of None are not sent, so
         teachers written before they existed keep working.
+      owners: for each prompt the work unit (an `align_jax.sdg.store.UnitResult`) it serves.
+        When given, prompts that fail after the teacher's retries (`PartialTeacherError`)
+        mark their unit failed and come back as "", and the other completions are used;
+        without owners the error propagates.
     Returns:
       One completion per prompt; an empty list makes no call.
     """
@@ -86,10 +109,24 @@ def ask(teacher: Teacher, prompts: list[str], *, use_chat: bool = True, temperat
         kwargs["repetition_penalty"] = repetition_penalty
     if constraint is not None:
         kwargs["constraint"] = constraint
-    if use_chat:
-        out = teacher.chat([[{"role": "user", "content": p}] for p in prompts], **kwargs)
+    try:
+        if use_chat:
+            out = teacher.chat([[{"role": "user", "content": p}] for p in prompts], **kwargs)
+        else:
+            out = teacher.complete(list(prompts), **kwargs)
+    except Exception as e:
+        completions = getattr(e, "completions", None)
+        if (owners is None or not isinstance(e, PartialTeacherError)
+                or len(completions) != len(prompts)):
+            raise
+        for i, text in enumerate(completions):
+            if text is None:
+                owners[i].fail(e.failures.get(i, str(e)))
+        out = ["" if text is None else text for text in completions]
     else:
-        out = teacher.complete(list(prompts), **kwargs)
+        completions = out
+    for owner, text in zip(owners or (), completions):
+        owner.answered += text is not None
     if len(out) != len(prompts):
         raise RuntimeError(
             f"teacher returned {len(out)} completions for {len(prompts)} prompts")

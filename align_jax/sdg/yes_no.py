@@ -325,7 +325,8 @@ def generate_yes_no(teacher: Teacher, chunks: Sequence[Chunk], *, seed: int,
     outs = ask(teacher, [p for *_, p in jobs], use_chat=config.use_chat,
                temperature=0.0 if greedy else config.question_temperature,
                top_p=config.question_top_p, max_tokens=config.question_max_tokens,
-               seed=derive_seed(seed, "questions"), constraint=q_con)
+               seed=derive_seed(seed, "questions"), constraint=q_con,
+               owners=[results[i] for i, *_ in jobs])
     # Teachers that refused the constraint fall back to plain text: read it either way.
     constrained = constrained and bool(getattr(teacher, "applies_constraints", False))
     cut = _incomplete(teacher, len(outs))
@@ -359,7 +360,7 @@ def generate_yes_no(teacher: Teacher, chunks: Sequence[Chunk], *, seed: int,
                for (_, c, _, a, q), st in zip(questions, stances)]
     outs = ask(teacher, prompts, use_chat=config.use_chat, temperature=0.0,
                max_tokens=config.unfaithful_max_tokens, seed=derive_seed(seed, "unfaithful"),
-               constraint=s_con)
+               constraint=s_con, owners=[results[i] for i, *_ in questions])
     cut = _incomplete(teacher, len(outs))
     for k, ((i, clause, frame, answer, question), stance, out) in enumerate(
             zip(questions, stances, outs)):

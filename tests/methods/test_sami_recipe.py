@@ -196,3 +196,27 @@ def test_sami_demo_runs_end_to_end(tmp_path, monkeypatch, smollm2_dir):
     md = (tmp_path / "demo" / "report.md").read_text()
     assert "Win rates under the constitution 'concise'" in md and "LC strat." in md
     assert "tokens: verbose (cut)" in md and "+- se" in md
+
+
+@pytest.mark.slow
+def test_sami_refuses_another_heldout_split_after_an_iteration(tmp_path, monkeypatch, capsys):
+    """Queries that iteration 1 trained on must not become held out: a rerun with another
+    eval_queries is refused in one line, before anything is sampled or written."""
+    monkeypatch.chdir(ROOT)
+    base = _tiny_base(tmp_path)
+    params = [f"HF_CHECKPOINT='{base}'", "sami.sami.num_iterations=1",
+              "sami.sami.steps_per_iteration=1", "sami.sami.max_new_tokens=4",
+              "sami.sami.progress=False"]
+    _run(tmp_path, "split", params)
+    out = tmp_path / "split"
+    report = (out / "report.json").read_bytes()
+    gin.clear_config()
+    capsys.readouterr()
+    code = cli.main(["run", "--gin_file=configs/runs/sami_recipe_tiny.gin",
+                     f"--output_dir={out}"]
+                    + [f"--gin_param={p}" for p in params + ["sami.sami.eval_queries=4"]])
+    gin.clear_config()
+    assert code == 1
+    err = capsys.readouterr().err.splitlines()[0]
+    assert "sami.eval_queries was 8 when iter_1 trained, now 4" in err, err
+    assert (out / "report.json").read_bytes() == report

@@ -197,3 +197,39 @@ def test_unknown_rag_system_is_refused_before_anything_runs(tmp_path):
         value_alignment(output_dir=str(tmp_path / "run"), document="examples/values_document.md",
                         rag_systems=["base", "sft+dpo"])  # from scratch: there is no base
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_a_completed_run_refuses_another_heldout_split(tmp_path, monkeypatch, capsys):
+    """Rerun with another heldout_fraction, the held-out set would hold records that SFT and
+    DPO trained on: refused in one line, and what the run wrote is left as it was."""
+    monkeypatch.chdir(ROOT)
+    out = tmp_path / "run"
+    cheap = ["cft_steps=2", "sft_steps=2", "dpo_steps=2", "num_samples=1", "max_new_tokens=2",
+             "progress=False", "bertscore_model=None", "teacher_forced=False",
+             "oracle_rag=False", "retrieval='bm25'", "num_questions=1", "yes_no_test=None",
+             "rag_systems=()"]
+
+    def run(*extra):
+        gin.clear_config()
+        try:
+            return cli.main(["run", "--gin_file=configs/runs/value_alignment_tiny.gin",
+                             f"--output_dir={out}"] +
+                            [f"--gin_param=value_alignment.value_alignment.{s}"
+                             for s in cheap + list(extra)])
+        finally:
+            gin.clear_config()
+    assert run() == 0
+    written = {p: p.read_bytes() for p in (out / "data").iterdir()}
+    report = (out / "report.json").read_bytes()
+    capsys.readouterr()
+    assert run("heldout_fraction=0.5") == 1
+    err = capsys.readouterr().err.splitlines()[0]
+    assert "value_alignment.heldout_fraction was 0.2 when sft/dpo trained, now 0.5" in err, err
+    assert {p: p.read_bytes() for p in (out / "data").iterdir()} == written
+    assert (out / "report.json").read_bytes() == report
+    # Given the held-out file instead of a fraction: also a change of the split.
+    sft_test = tmp_path / "sft_test.jsonl"
+    sft_test.write_text("".join(json.dumps(r) + "\n" for r in SFT_TEST))
+    assert run(f"sft_test='{sft_test}'") == 1
+    assert "value_alignment.heldout_fraction was 0.2" in capsys.readouterr().err

@@ -222,3 +222,93 @@ class WordTokenizer:
     def encode(self, text: str) -> list[int]:
         return [self.vocab.setdefault(t, len(self.vocab))
                 for t in re.findall(r"\w+|[^\w\s]", text)]
+
+
+class ScriptedServer:
+    """`ScriptedTeacher` behind a real OpenAI-compatible HTTP server (chat, completions,
+    models, tokenize) on a free local port, with scripted faults.
+
+    Each request carries one prompt and its own seed (as `OpenAITeacher` sends them), and is
+    answered as a one-prompt call of the scripted teacher, so a healthy server gives the same
+    answers however the client orders or retries its requests.
+
+    Args:
+      fail_prompts: every prompt whose hash is 0 modulo this answers HTTP 500, always (a
+        request that fails for good); 0: none.
+      fail_every: every this-many-th request (counted over all) answers `fail_status`, with
+        `Retry-After: retry_after` when given (a transient fault); 0: none.
+      junk: answer every prompt with this text instead (None: the scripted answers).
+    Attributes:
+      url: the base URL (".../v1"); requests, failures: counts so far.
+    """
+
+    def __init__(self, *, fail_prompts: int = 0, fail_every: int = 0, fail_status: int = 500,
+                 retry_after: str | None = None, model: str = "scripted",
+                 context_length: int = 4096, junk: str | None = None):
+        import http.server
+        import threading
+
+        self.teacher = ScriptedTeacher(context_length=context_length)
+        self.fail_prompts, self.fail_every = fail_prompts, fail_every
+        self.fail_status, self.retry_after, self.model = fail_status, retry_after, model
+        self.junk = junk
+        self.requests = self.failures = 0
+        self._lock = threading.Lock()
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802 - http.server's naming
+                outer._send(self, 200, {"object": "list", "data": [
+                    {"id": outer.model, "object": "model", "max_model_len": context_length}]})
+
+            def do_POST(self):  # noqa: N802
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                status, payload, headers = outer._answer(self.path, body)
+                outer._send(self, status, payload, headers)
+
+            def log_message(self, *args):
+                pass
+
+        self._srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._thread = threading.Thread(target=self._srv.serve_forever, daemon=True)
+        self._thread.start()
+        self.url = f"http://127.0.0.1:{self._srv.server_address[1]}/v1"
+
+    @staticmethod
+    def _send(handler, status, payload, headers=None):
+        data = json.dumps(payload).encode()
+        handler.send_response(status)
+        handler.send_header("Content-Type", "application/json")
+        handler.send_header("Content-Length", str(len(data)))
+        for k, v in (headers or {}).items():
+            handler.send_header(k, v)
+        handler.end_headers()
+        handler.wfile.write(data)
+
+    def _answer(self, path, body):
+        if path.endswith("/tokenize"):
+            return 200, {"count": self.teacher.count_tokens(body["prompt"])}, None
+        chat = path.endswith("/chat/completions")
+        prompt = body["messages"][-1]["content"] if chat else body["prompt"]
+        with self._lock:
+            self.requests += 1
+            transient = self.fail_every and self.requests % self.fail_every == 0
+        if transient or (self.fail_prompts and _h(prompt) % self.fail_prompts == 0):
+            with self._lock:
+                self.failures += 1
+            status = self.fail_status if transient else 500
+            headers = {"Retry-After": self.retry_after} if transient and self.retry_after \
+                else None
+            return status, {"error": {"message": "scripted fault"}}, headers
+        text, = [self.junk] if self.junk is not None else self.teacher.complete(
+            [prompt], temperature=body.get("temperature", 0.0), top_p=body.get("top_p", 1.0),
+            max_tokens=body["max_tokens"], seed=body.get("seed"))
+        choice = ({"index": 0, "message": {"role": "assistant", "content": text}} if chat else
+                  {"index": 0, "text": text, "logprobs": None})
+        return 200, {"id": "x", "object": "chat.completion" if chat else "text_completion",
+                     "created": 0, "model": self.model,
+                     "choices": [{**choice, "finish_reason": "stop"}]}, None
+
+    def stop(self) -> None:
+        self._srv.shutdown()
+        self._srv.server_close()

@@ -150,7 +150,8 @@ class _Scripted(http.server.BaseHTTPRequestHandler):
     def do_POST(self):  # noqa: N802 - http.server's naming
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         type(self).seen.append(body)
-        status, ctype, payload = self.script[min(len(self.seen) - 1, len(self.script) - 1)]
+        status, ctype, payload, *headers = self.script[min(len(self.seen) - 1,
+                                                           len(self.script) - 1)]
         if status == "hang":
             time.sleep(float(payload))
             status, ctype, payload = 200, "application/json", GOOD
@@ -159,6 +160,8 @@ class _Scripted(http.server.BaseHTTPRequestHandler):
             self.send_response(status)
             self.send_header("Content-Type", ctype)
             self.send_header("Content-Length", str(len(data)))
+            for k, v in (headers[0] if headers else {}).items():
+                self.send_header(k, v)
             self.end_headers()
             self.wfile.write(data)
         except (BrokenPipeError, ConnectionResetError):
@@ -200,6 +203,8 @@ def test_garbage_then_good_answer_is_retried(new_teacher, scripted):
     (200, "text/plain", "definitely not json", "not JSON"),
     (200, "application/json", '{"choices": []}', "no choices"),
     (503, "application/json", '{"error": {"message": "overloaded"}}', "HTTP 503"),
+    (200, "application/json", '{"choices": ' + "[" * 100_000 + "]" * 100_000 + "}",
+     "unusable answer"),
 ])
 def test_persistent_garbage_fails_clearly(new_teacher, scripted, status, ctype, payload, needle):
     handler, url = scripted
@@ -218,6 +223,20 @@ def test_slow_server_times_out_then_fails_clearly(new_teacher, scripted):
     with pytest.raises(TeacherError, match=r"after 2 attempts: no answer within the 0.3 s"):
         teacher.complete(["hi"], temperature=0.0, max_tokens=4)
     assert len(handler.seen) == 2
+
+
+def test_retry_after_is_honoured_up_to_max_backoff(new_teacher, scripted):
+    handler, url = scripted
+    busy = '{"error": {"message": "busy"}}'
+    handler.script = [(503, "application/json", busy, {"Retry-After": "0.6"}),
+                      (429, "application/json", busy, {"Retry-After": "3600"}),
+                      (200, "application/json", GOOD)]
+    teacher = new_teacher(url, model="m", max_retries=3, backoff=0.001, max_backoff=1.0)
+    t0 = time.monotonic()
+    assert teacher.complete(["hi"], temperature=0.0, max_tokens=4) == [" fine"]
+    # 0.6 s as asked, then an hour asked but max_backoff (1 s) waited; the exponential
+    # backoff alone would have waited a few milliseconds.
+    assert 1.6 <= time.monotonic() - t0 < 10 and len(handler.seen) == 3
 
 
 def test_client_errors_are_not_retried(new_teacher, scripted):

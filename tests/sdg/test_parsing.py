@@ -2,10 +2,11 @@
 
 import json
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from align_jax.sdg import parsing
+from align_jax.sdg import parsing, principles
 
 Q = ("question",)
 P = ("question", "faithful", "unfaithful")
@@ -153,3 +154,14 @@ def test_question_lines_fallback_for_a_small_teacher():
     assert parsing.parse_json_records('{"question": "Q one?"}\nIs it a line question?',
                                       required=("question",), list_key="question")[0] == [
         {"question": "Q one?"}]
+
+
+def test_deeply_nested_json_is_a_reject_not_a_crash(tmp_path):
+    deep = '{"question": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    for items, rejects in (parsing.json_lines(deep, required=Q),
+                           parsing.parse_json_records(deep, required=Q)):
+        assert items == [] and [r["reason"] for r in rejects] == ["invalid_json"]
+    path = tmp_path / "principles.json"
+    path.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ValueError, match=r"principles.json: JSON nested too deeply"):
+        principles.load_principles(path)
