@@ -80,8 +80,14 @@ def eval_main(*, output_dir: str, models: Mapping[str, str], sft_test: str | Non
         or an `evidence` / `rule` text found in a chunk) with that chunk in the prompt,
         beside their retrieved rows on the same questions (`align_jax.eval.oracle_rag`).
     """
+    if not isinstance(models, Mapping):
+        raise ValueError(f"eval_main.models must be a mapping name -> path, got a "
+                         f"{type(models).__name__}: {models!r}")
     if not models:
         raise ValueError("eval_main.models is empty: map names to checkpoint dirs")
+    if not (sft_test or yes_no_test or (preference_test and teacher_forced)):
+        raise ValueError("eval_main: nothing to evaluate: give sft_test, yes_no_test or "
+                         "preference_test (the last needs teacher_forced=True)")
     # Every record file is read and checked before any model loads.
     sft, pref, yes_no = (_read(sft_test, "sft"), _read(preference_test, "preference"),
                          _read(yes_no_test, "yes_no"))
