@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from align_jax import distributed
-from align_jax.atomic import atomic_write
+from align_jax.atomic import atomic_write, atomic_write_json
 from align_jax.eval import evidence_report
 from align_jax.eval.answers import (
     ORACLE_SUFFIX,
@@ -35,7 +35,13 @@ from align_jax.eval.evidence import (
     yes_no_prompt,
 )
 from align_jax.eval.intervals import HEADLINE, csv_columns, interval_table, replicates
-from align_jax.eval.judge import opponent_summary, opponent_table, win_rate_matrix
+from align_jax.eval.judge import (
+    JudgeError,
+    opponent_summary,
+    opponent_table,
+    probe_judge,
+    win_rate_matrix,
+)
 from align_jax.eval.letter_judge import LetterJudge
 from align_jax.eval.oracle_rag import csv_rows as oracle_csv_rows
 from align_jax.eval.oracle_rag import (
@@ -65,12 +71,16 @@ def plot(out_dir: str, report: Mapping, stages: Mapping[str, str]) -> str:
     return plot_overview(out_dir, report, stages)
 
 
-def _judge(judge, matrix_inputs, *, template, judge_kwargs, mesh=None, rules="fsdp"):
+def _make_judge(judge, *, mesh=None, rules="fsdp"):
     if isinstance(judge, str) and judge.startswith("letters:"):
-        judge = LetterJudge(judge.partition(":")[2], mesh=mesh, rules=rules)
-    elif isinstance(judge, str):
-        judge = make_teacher(judge)
-    return win_rate_matrix(*matrix_inputs, judge=judge, template=template, **judge_kwargs)
+        return LetterJudge(judge.partition(":")[2], mesh=mesh, rules=rules)
+    if isinstance(judge, str):
+        return make_teacher(judge)
+    return judge
+
+
+def _judge_label(judge) -> str:
+    return judge if isinstance(judge, str) else type(judge).__name__
 
 
 def evaluate_models(out_dir: str, *, models: Mapping[str, str], tokenizer, sft_test: Sequence,
@@ -172,6 +182,23 @@ def evaluate_models(out_dir: str, *, models: Mapping[str, str], tokenizer, sft_t
                if rag_test is not None and teacher_forced else None)
     oracle_set = (ScoreSet.make(oracle_test, kind="sft", **fmt)
                   if oracle_test and teacher_forced else None)
+    # The judge is checked with one request before anything is generated.
+    systems_all = [s for n in models for s in (n, n + RAG_SUFFIX)
+                   if s == n or (rag_questions is not None and n in rag_models)]
+    if judge_systems is not None and set(judge_systems) - set(systems_all):
+        raise ValueError(f"judge_systems {sorted(set(judge_systems) - set(systems_all))} are "
+                         f"not among the systems {systems_all}")
+    judging = bool(judge is not None and questions and len(
+        systems_all if judge_systems is None else set(judge_systems)) > 1)
+    judge_obj = None
+    if judging:
+        judge_obj = _make_judge(judge, mesh=mesh, rules=rules)
+        try:
+            probe_judge(judge_obj, template=judge_template, **(judge_kwargs or {}))
+        except JudgeError as e:
+            raise JudgeError(f"judge {_judge_label(judge)}: {e}; nothing was generated") \
+                from e.__cause__
+        _say(f"judge {_judge_label(judge)} answered a one-request probe")
     loaded, score_sets = {}, {}
     for name, path in models.items():
         # Laid out on the mesh once, by the preset: scoring and generation both use it.
@@ -258,16 +285,23 @@ def evaluate_models(out_dir: str, *, models: Mapping[str, str], tokenizer, sft_t
         if judge_systems is not None and len(judged) != len(set(judge_systems)):
             raise ValueError(f"judge_systems {sorted(set(judge_systems) - set(judged))} are not "
                              f"among the systems {list(gen['answers'])}")
-        if judge is not None and len(judged) > 1:
+        if judge_obj is not None and len(judged) > 1:
             t0 = time.perf_counter()
             pairs = len(judged) * (len(judged) - 1) // 2
-            _say(f"judge {judge if isinstance(judge, str) else type(judge).__name__}: "
-                 f"{pairs} system pairs x {len(questions)} questions, both orders")
-            m = _judge(judge, (gen["prompts"], judged), template=judge_template,
-                       judge_kwargs={"references": gen["references"], **(judge_kwargs or {})},
-                       mesh=mesh, rules=rules)
+            # The answers are kept whatever the judge does next.
+            kept = _write_answers(out_dir, gen)
+            _say(f"judge {_judge_label(judge)}: {pairs} system pairs x {len(questions)} "
+                 f"questions, both orders")
+            try:
+                m = win_rate_matrix(gen["prompts"], judged, judge=judge_obj,
+                                    template=judge_template,
+                                    **{"references": gen["references"], **(judge_kwargs or {})})
+            except (RuntimeError, OSError) as e:  # TeacherError, connection, HTTP
+                raise JudgeError(f"judge {_judge_label(judge)} failed while judging: "
+                                 f"{' '.join(str(e).split())}; the generated answers are kept "
+                                 f"in {kept}") from e
             report["win_rates"] = {
-                "judge": judge if isinstance(judge, str) else type(judge).__name__,
+                "judge": _judge_label(judge),
                 "template": str(judge_template), "names": m["names"],
                 **{k: np.asarray(m[k]).tolist()
                    for k in ("win_rate", "ci_low", "ci_high", "lc_win_rate")},
@@ -294,6 +328,18 @@ def evaluate_models(out_dir: str, *, models: Mapping[str, str], tokenizer, sft_t
     return report
 
 
+def _write_answers(out_dir: str, gen: Mapping) -> str:
+    """answers.json: every system's generated answers with their questions and references
+    (written before judging, so that a judge failure loses none of them)."""
+    path = os.path.join(out_dir, "answers.json")
+    if distributed.is_main():
+        atomic_write_json(path, {k: gen[k] for k in ("prompts", "references", "answers",
+                                                      "settings")}
+                          | ({"yes_no_answers": gen["yes_no_answers"]}
+                             if "yes_no_answers" in gen else {}))
+    return path
+
+
 def _opponents(m: Mapping) -> dict[str, dict[str, float]]:
     raw, lc = opponent_summary(m), opponent_summary(m, key="lc_win_rate")
     return {name: {"mean": raw[name][0], "sd": raw[name][1], "lc_mean": lc[name][0],
@@ -307,10 +353,10 @@ def _aligned(models: Mapping[str, str], reference) -> str | None:
     return next(reversed(list(models)), None)
 
 
-def _fmt(x) -> str:
+def _fmt(x, digits: int = 3) -> str:
     if isinstance(x, str):
         return x
-    return "-" if x is None or not np.isfinite(x) else f"{x:.3f}"
+    return "-" if x is None else "n/a" if not np.isfinite(x) else f"{x:.{digits}f}"
 
 
 def _write_csv(path, report):
@@ -362,11 +408,18 @@ def _win_rate_lines(wr) -> list[str]:
              "count 1/2; [95% interval]. Length-controlled and position statistics per pair "
              "below. Picture: winrate.png." + _constraint_sentence(wr.get("constraint")), "",
              "| A \\ B | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    unparsed = {frozenset(p.split(" vs ", 1)): f"{r['parse_failures']}/{r['n_judgements']}"
+                for p, r in wr["pairs"].items()}
     for i, a in enumerate(names):
-        cells = ["-" if i == j else f"{wr['win_rate'][i][j]:.2f} "
-                 f"[{wr['ci_low'][i][j]:.2f}, {wr['ci_high'][i][j]:.2f}]"
-                 for j in range(len(names))]
+        cells = ["-" if i == j else _win_cell(wr, i, j, unparsed.get(frozenset((a, b))))
+                 for j, b in enumerate(names)]
         lines.append(f"| {a} | " + " | ".join(cells) + " |")
+    empty = [p for p, r in wr["pairs"].items() if not np.isfinite(r["win_rate"])]
+    if empty:
+        lines += ["", f"n/a: the judge gave no usable verdict for {len(empty)} of "
+                      f"{len(wr['pairs'])} pair(s) of systems ({', '.join(empty)}): none of "
+                      f"its texts held a verdict (unparsed verdicts below), so they have no "
+                      f"win rate."]
     if "opponents" in wr:
         ddof = wr.get("opponents_sd_ddof", 0)
         lines += ["", "Win rate = mean +- SD over opponents, as the value-alignment paper's "
@@ -383,6 +436,14 @@ def _win_rate_lines(wr) -> list[str]:
                      f"{_fmt(r['lc_stratified'])} | {_fmt(r['a_longer_share'])} | "
                      f"{_fmt(r['position_bias'])} | {r['parse_failures']}/{r['n_judgements']} |")
     return lines
+
+
+def _win_cell(wr, i: int, j: int, unparsed: str | None) -> str:
+    w = wr["win_rate"][i][j]
+    if w is None or not np.isfinite(w):
+        return f"n/a ({unparsed} unparsed)" if unparsed else "n/a"
+    lo, hi = wr["ci_low"][i][j], wr["ci_high"][i][j]
+    return f"{w:.2f} [{_fmt(lo, 2)}, {_fmt(hi, 2)}]"
 
 
 def _constraint_sentence(c: Mapping | None) -> str:
@@ -458,15 +519,14 @@ def _teacher_forced_lines(report, reference) -> list[str]:
               "|---|---|---|---|---|"]
     for name, row in report["models"].items():
         rag = row.get("answer_nll_rag", {}).get("nll_per_token")
-        lines.append(f"| {name} | {row['answer_nll']['nll_per_token']:.3f} | "
-                     f"{'-' if rag is None else f'{rag:.3f}'} | "
-                     f"{row['preference']['accuracy']:.2f} | "
-                     f"{row['preference']['mean_margin']:.2f} |")
+        lines.append(f"| {name} | {_fmt(row['answer_nll']['nll_per_token'])} | "
+                     f"{_fmt(rag)} | {_fmt(row['preference']['accuracy'], 2)} | "
+                     f"{_fmt(row['preference']['mean_margin'], 2)} |")
     if "implicit_reward" in report:
         ir = report["implicit_reward"]
         lines += ["", f"DPO implicit reward ({reference[0]} vs {reference[1]}) ranks the chosen "
-                      f"answer first for {ir['accuracy']:.2f} of held-out pairs "
-                      f"(mean margin {ir['mean_margin']:.2f} nats)."]
+                      f"answer first for {_fmt(ir['accuracy'], 2)} of held-out pairs "
+                      f"(mean margin {_fmt(ir['mean_margin'], 2)} nats)."]
     first = next(iter(report["models"].values()), None)
     if first is not None:
         lines += ["", f"{first['answer_nll']['examples']} held-out SFT records, "

@@ -89,8 +89,10 @@ class ScoreSet:
 
 
 def _nll_summary(logp: float, tokens: float, examples: int, skipped: int) -> dict:
-    nll = -logp / max(float(tokens), 1.0)
-    return {"nll_per_token": nll, "perplexity": float(np.exp(min(nll, 50.0))),
+    # Nothing scored is no score (nan, "n/a" in the report), not a perfect -0.0.
+    nll = -logp / float(tokens) if tokens else float("nan")
+    return {"nll_per_token": nll,
+            "perplexity": float(np.exp(min(nll, 50.0))) if tokens else float("nan"),
             "examples": examples, "skipped": skipped}
 
 
