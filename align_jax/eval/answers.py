@@ -290,7 +290,7 @@ def evaluate_generation(models: Mapping[str, tuple], tokenizer, records: Sequenc
 
     Args:
       models: model name -> (config, params).
-      tokenizer: the tokenizer they share.
+      tokenizer: the tokenizer they share, or model name -> its own tokenizer.
       records: held-out SFT records (`prompt`, `completion` = the reference answer).
       rag_records: the same records with the retrieved passage in the prompt.
       rag_models: models also run as "<name> + RAG".
@@ -344,8 +344,9 @@ def evaluate_generation(models: Mapping[str, tuple], tokenizer, records: Sequenc
                     key = system + _YES_NO
                     sets[key] = list(yes_no_prompts if system == name else yes_no_rag_prompts)
                     budgets[key] = yes_no_budget
+            own = tokenizer[name] if isinstance(tokenizer, Mapping) else tokenizer
             got, scores[name] = answer_and_score(
-                config, params, tokenizer, sets, (score_sets or {}).get(name, {}),
+                config, params, own, sets, (score_sets or {}).get(name, {}),
                 max_new_tokens=max_new_tokens, mesh=mesh, rules=rules, budgets=budgets)
             mine = {s: got[s] for s in systems}
             answers.update(mine)

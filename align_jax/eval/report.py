@@ -102,7 +102,10 @@ def evaluate_models(out_dir: str, *, models: Mapping[str, str], tokenizer, sft_t
     Args:
       out_dir: where the report files go.
       models: display name -> Hugging Face checkpoint dir.
-      tokenizer: the tokenizer all models share.
+      tokenizer: the tokenizer all models share, or model name -> that model's own
+        tokenizer: each model is scored and generates with its own (models that share one
+        tokenizer object share its formatted records); the teacher-forced scores are over
+        the records every tokenizer fits in `seq_len`, so that they stay paired.
       sft_test, pref_test: held-out SFT and preference records.
       retriever: an `align_jax.eval.retrieval` retriever (semantic, BM25, TF-IDF) for RAG.
       rag_models: models also run with one retrieved chunk in the prompt ("<name> + RAG").
@@ -174,14 +177,16 @@ def evaluate_models(out_dir: str, *, models: Mapping[str, str], tokenizer, sft_t
     # The held-out completions, formatted once; every model scores them from the prompt
     # passes of its own answers (a prompt that is not a question is run once for all of its
     # completions): `answer_and_score`.
-    fmt = dict(tokenizer=tokenizer, seq_len=seq_len)
-    sets = ({"answer_nll": ScoreSet.make(sft_test, kind="sft", **fmt),
-             "preference": ScoreSet.make(pref_test, kind="preference", **fmt)}
-            if teacher_forced else {})
-    rag_set = (ScoreSet.make(rag_test, kind="sft", **fmt)
-               if rag_test is not None and teacher_forced else None)
-    oracle_set = (ScoreSet.make(oracle_test, kind="sft", **fmt)
-                  if oracle_test and teacher_forced else None)
+    # Formatted once per tokenizer; the sets of the first model's tokenizer stand for all of
+    # them wherever only the kept records matter (they keep the same records).
+    tokenizers = _tokenizers(models, tokenizer)
+    group_sets = _group_score_sets(tokenizers, sft_test=sft_test, pref_test=pref_test,
+                                   rag_test=rag_test, oracle_test=oracle_test,
+                                   seq_len=seq_len, teacher_forced=teacher_forced)
+    first = next(iter(group_sets.values()), {})
+    sets = {k: first[k] for k in ("answer_nll", "preference") if k in first}
+    rag_set, oracle_set = first.get("answer_nll_rag"), first.get("answer_nll_oracle")
+    report["tokenizers"] = {n: _tokenizer_name(t) for n, t in tokenizers.items()}
     # The judge is checked with one request before anything is generated.
     systems_all = [s for n in models for s in (n, n + RAG_SUFFIX)
                    if s == n or (rag_questions is not None and n in rag_models)]
@@ -203,11 +208,12 @@ def evaluate_models(out_dir: str, *, models: Mapping[str, str], tokenizer, sft_t
     for name, path in models.items():
         # Laid out on the mesh once, by the preset: scoring and generation both use it.
         loaded[name] = load_hf(path, mesh=mesh, rules=rules)
-        score_sets[name] = dict(sets)
-        if rag_set is not None and name in rag_models:
-            score_sets[name]["answer_nll_rag"] = rag_set
-            if oracle_set is not None:
-                score_sets[name]["answer_nll_oracle"] = oracle_set
+        own = group_sets.get(id(tokenizers[name]), {})
+        score_sets[name] = {k: own[k] for k in ("answer_nll", "preference") if k in own}
+        if "answer_nll_rag" in own and name in rag_models:
+            score_sets[name]["answer_nll_rag"] = own["answer_nll_rag"]
+            if "answer_nll_oracle" in own:
+                score_sets[name]["answer_nll_oracle"] = own["answer_nll_oracle"]
     t0 = time.perf_counter()
     systems = len(loaded) + sum(n in rag_models for n in loaded) * (rag_questions is not None)
     scored = (f" and score {len(sets['answer_nll'].examples)} reference answers"
@@ -225,7 +231,7 @@ def evaluate_models(out_dir: str, *, models: Mapping[str, str], tokenizer, sft_t
     _say(f"generating: {systems} systems answer {len(questions)} questions (greedy, at most "
          f"{max_new_tokens} new tokens){asked}{scored}; then BLEU, ROUGE, BERTScore")
     gen = evaluate_generation(
-        loaded, tokenizer, questions, rag_records=rag_questions, rag_models=rag_models,
+        loaded, tokenizers, questions, rag_records=rag_questions, rag_models=rag_models,
         max_new_tokens=max_new_tokens, bertscore_model=bert_model,
         bertscore_layer=bertscore_layer, bertscore_baseline=bertscore_baseline,
         mesh=mesh, rules=rules, score_sets=score_sets, say=_say,
@@ -241,11 +247,12 @@ def evaluate_models(out_dir: str, *, models: Mapping[str, str], tokenizer, sft_t
         if not sets:
             report["models"][name] = {}
             continue
-        margins[name] = sets["preference"].summary(got["preference"])
-        row = {"answer_nll": sets["answer_nll"].summary(got["answer_nll"]),
+        own = score_sets[name]
+        margins[name] = own["preference"].summary(got["preference"])
+        row = {"answer_nll": own["answer_nll"].summary(got["answer_nll"]),
                "preference": margin_summary(*margins[name])}
         if "answer_nll_rag" in got:
-            row["answer_nll_rag"] = rag_set.summary(got["answer_nll_rag"])
+            row["answer_nll_rag"] = own["answer_nll_rag"].summary(got["answer_nll_rag"])
         report["models"][name] = row
     implicit = None
     if reference is not None and all(n in margins for n in reference):
@@ -265,12 +272,12 @@ def evaluate_models(out_dir: str, *, models: Mapping[str, str], tokenizer, sft_t
             rows[implicit[0]] = margin_choices(implicit[1])
         report["preference_evidence"] = preference_evidence(pairs, rows, base=base)
     report["intervals"] = interval_table(
-        replicates(gen, sets, rag_set=rag_set, margins=margins, yes_no=report.get("yes_no")),
-        base=base)
+        replicates(gen, sets, rag_set=rag_set, margins=margins, yes_no=report.get("yes_no"),
+                   model_sets=score_sets), base=base)
     if oracle is not None and rag_questions is not None and questions:
         report["oracle_rag"] = oracle_section(gen, index=oracle_index, total=len(questions),
                                               scores=gen["scores"], rag_set=rag_set,
-                                              oracle_set=oracle_set)
+                                              oracle_set=oracle_set, model_sets=score_sets)
         report["oracle_rag"]["unknown_chunk_ids"] = unknown_chunk_ids(questions, oracle)
         report["retrieval"] = retrieval_agreement(with_grounding(questions), retriever, oracle)
     if questions or yes_no:
@@ -326,6 +333,47 @@ def evaluate_models(out_dir: str, *, models: Mapping[str, str], tokenizer, sft_t
     if stages:
         plot(out_dir, report, stages)
     return report
+
+
+def _tokenizers(models: Mapping[str, str], tokenizer) -> dict:
+    """model name -> its tokenizer (one given for all, or a mapping that names every model)."""
+    if not isinstance(tokenizer, Mapping):
+        return {n: tokenizer for n in models}
+    missing = [n for n in models if n not in tokenizer]
+    if missing:
+        raise ValueError(f"tokenizer: no tokenizer for the models {missing}")
+    return {n: tokenizer[n] for n in models}
+
+
+def _tokenizer_name(tok) -> str:
+    return str(getattr(tok, "path", None) or f"<in-memory {type(tok).__name__}>")
+
+
+def _group_score_sets(tokenizers: Mapping, *, sft_test, pref_test, rag_test, oracle_test,
+                      seq_len: int, teacher_forced: bool) -> dict:
+    """id(tokenizer) -> {"answer_nll", "preference", and with their records "answer_nll_rag",
+    "answer_nll_oracle"}: ScoreSets formatted with that tokenizer, each restricted to the
+    records that every tokenizer keeps (so per-record scores of all models line up)."""
+    if not teacher_forced:
+        return {}
+    toks = {id(t): t for t in tokenizers.values()}
+    parts = {"answer_nll": (sft_test, "sft"), "preference": (pref_test, "preference")}
+    if rag_test is not None:
+        parts["answer_nll_rag"] = (rag_test, "sft")
+        if oracle_test:
+            parts["answer_nll_oracle"] = (oracle_test, "sft")
+    out = {g: {} for g in toks}
+    for key, (records, kind) in parts.items():
+        made = {g: ScoreSet.make(records, kind=kind, tokenizer=t, seq_len=seq_len)
+                for g, t in toks.items()}
+        common = set.intersection(*(set(m.kept) for m in made.values()))
+        for g, m in made.items():
+            keep = [i for i, k in enumerate(m.kept) if k in common]
+            out[g][key] = m if len(keep) == len(m.kept) else ScoreSet(
+                kind=m.kind, examples=[m.examples[i] for i in keep],
+                skipped=m.skipped + len(m.kept) - len(keep),
+                kept=tuple(m.kept[i] for i in keep))
+    return out
 
 
 def _write_answers(out_dir: str, gen: Mapping) -> str:
@@ -458,7 +506,7 @@ def _constraint_sentence(c: Mapping | None) -> str:
 
 
 def _write_markdown(out_dir, report, prompts, reference, refs, *, aligned=None):
-    lines = ["# Value alignment report", ""]
+    lines = ["# Value alignment report", ""] + _tokenizer_lines(report.get("tokenizers"))
     gen = report.get("generation")
     base = report.get("base_system")
     if gen:
@@ -499,6 +547,17 @@ def _write_markdown(out_dir, report, prompts, reference, refs, *, aligned=None):
         for name, texts in report["samples"].items():
             lines.append(f"| {name} | {_cell(texts[i])} |")
     atomic_write(os.path.join(out_dir, "report.md"), "\n".join(lines) + "\n")
+
+
+def _tokenizer_lines(tokenizers: Mapping[str, str] | None) -> list[str]:
+    if not tokenizers:
+        return []
+    distinct = len(set(tokenizers.values()))
+    return ["Tokenizers: each model is scored and generates with its own ("
+            + "; ".join(f"{n}: {t}" for n, t in tokenizers.items()) + ")."
+            + (f" {distinct} different tokenizers: answer NLL is per token of each model's "
+               f"own tokenizer, so it compares across them only roughly; the scores are over "
+               f"the records every tokenizer fits." if distinct > 1 else ""), ""]
 
 
 def _bertscore_sentence(b: Mapping | None) -> str:

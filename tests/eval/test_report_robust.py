@@ -166,3 +166,40 @@ def test_a_judge_failing_mid_run_keeps_the_answers(models, tmp_path):
     assert sorted(kept["answers"]) == ["x", "y"] and all(
         len(a) == 2 and all(isinstance(t, str) for t in a) for a in kept["answers"].values())
     assert not (tmp_path / "report.md").exists()
+
+
+def test_each_model_is_scored_and_generates_with_its_own_tokenizer(models, tmp_path):
+    """`align-jax eval` over two models with different tokenizers: each model's answer NLL,
+    preference margins and answers equal a direct computation with that model and its own
+    tokenizer (the tester's run scored SmolLM2 with the tiny model's tokenizer)."""
+    from align_jax import sharding
+    from align_jax.eval.answers import generate_answers
+    from align_jax.eval.entry import eval_main
+    from align_jax.eval.scoring import answer_nll, preference_accuracy
+    from align_jax.models.hf import load_hf
+    toks = {n: _tok(p) for n, p in models.items()}
+    text = QUESTIONS[0]["completion"]
+    assert toks["small"].encode(text) != toks["large"].encode(text)  # the test can fail
+    out = tmp_path / "eval"
+    assert eval_main(output_dir=str(out), models=models,
+                     sft_test=_jsonl(tmp_path / "q.jsonl", QUESTIONS),
+                     preference_test=_jsonl(tmp_path / "p.jsonl", PAIRS), seq_len=128,
+                     max_new_tokens=3, num_samples=1, bertscore_model=None) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["tokenizers"] == {n: toks[n].path for n in models}
+    md = (out / "report.md").read_text()
+    assert (f"Tokenizers: each model is scored and generates with its own (small: "
+            f"{toks['small'].path}; large: {toks['large'].path}). 2 different tokenizers") in md
+    mesh = sharding.make_mesh(sharding.MeshSpec())
+    for name, path in models.items():
+        config, params = load_hf(path, mesh=mesh, rules="fsdp")
+        row, tok = report["models"][name], toks[name]
+        # The report's scores come from the generation's prefill, the direct ones from
+        # whole-row forwards: float32 sums in another order (the tolerance of test_report).
+        want = answer_nll(config, params, tok, QUESTIONS, seq_len=128)
+        assert row["answer_nll"] == pytest.approx(want, rel=1e-5), name
+        want = preference_accuracy(config, params, tok, PAIRS, seq_len=128)
+        assert row["preference"] == pytest.approx(want, rel=1e-4, abs=1e-4), name
+        answers = generate_answers(config, params, tok, {name: [q["prompt"] for q in QUESTIONS]},
+                                   max_new_tokens=3, mesh=mesh, rules="fsdp")[name]
+        assert report["answers"][name] == answers, name
