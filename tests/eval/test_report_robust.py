@@ -186,10 +186,6 @@ def test_each_model_is_scored_and_generates_with_its_own_tokenizer(models, tmp_p
                      preference_test=_jsonl(tmp_path / "p.jsonl", PAIRS), seq_len=128,
                      max_new_tokens=3, num_samples=1, bertscore_model=None) == 0
     report = json.loads((out / "report.json").read_text())
-    assert report["tokenizers"] == {n: toks[n].path for n in models}
-    md = (out / "report.md").read_text()
-    assert (f"Tokenizers: each model is scored and generates with its own (small: "
-            f"{toks['small'].path}; large: {toks['large'].path}). 2 different tokenizers") in md
     mesh = sharding.make_mesh(sharding.MeshSpec())
     for name, path in models.items():
         config, params = load_hf(path, mesh=mesh, rules="fsdp")
@@ -203,3 +199,7 @@ def test_each_model_is_scored_and_generates_with_its_own_tokenizer(models, tmp_p
         answers = generate_answers(config, params, tok, {name: [q["prompt"] for q in QUESTIONS]},
                                    max_new_tokens=3, mesh=mesh, rules="fsdp")[name]
         assert report["answers"][name] == answers, name
+    assert report["tokenizers"] == {n: toks[n].path for n in models}
+    md = (out / "report.md").read_text()
+    assert (f"Tokenizers: each model is scored and generates with its own (small: "
+            f"{toks['small'].path}; large: {toks['large'].path}). 2 different tokenizers") in md
