@@ -307,6 +307,9 @@ def evaluate_models(out_dir: str, *, models: Mapping[str, str], tokenizer, sft_t
                 raise JudgeError(f"judge {_judge_label(judge)} failed while judging: "
                                  f"{' '.join(str(e).split())}; the generated answers are kept "
                                  f"in {kept}") from e
+            finally:
+                if isinstance(judge, str) and hasattr(judge_obj, "close"):
+                    judge_obj.close()  # made here from its spec: its connections end here
             report["win_rates"] = {
                 "judge": _judge_label(judge),
                 "template": str(judge_template), "names": m["names"],
@@ -553,11 +556,14 @@ def _tokenizer_lines(tokenizers: Mapping[str, str] | None) -> list[str]:
     if not tokenizers:
         return []
     distinct = len(set(tokenizers.values()))
+    if distinct == 1:
+        return [f"Tokenizer: every model is scored and generates with "
+                f"{next(iter(tokenizers.values()))}.", ""]
     return ["Tokenizers: each model is scored and generates with its own ("
             + "; ".join(f"{n}: {t}" for n, t in tokenizers.items()) + ")."
-            + (f" {distinct} different tokenizers: answer NLL is per token of each model's "
-               f"own tokenizer, so it compares across them only roughly; the scores are over "
-               f"the records every tokenizer fits." if distinct > 1 else ""), ""]
+            + f" {distinct} different tokenizers: answer NLL is per token of each model's "
+              f"own tokenizer, so it compares across them only roughly; the scores are over "
+              f"the records every tokenizer fits.", ""]
 
 
 def _bertscore_sentence(b: Mapping | None) -> str:
