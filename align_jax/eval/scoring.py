@@ -97,10 +97,13 @@ def _nll_summary(logp: float, tokens: float, examples: int, skipped: int) -> dic
 
 
 def _examples(records, *, kind, tokenizer, seq_len):
-    examples, _, skipped = format_records(records, kind=kind, tokenizer=tokenizer,
-                                          seq_len=seq_len, truncation="truncate_prompt_left",
-                                          on_error="skip")
-    return examples, len(skipped)
+    examples, report, skipped = format_records(records, kind=kind, tokenizer=tokenizer,
+                                               seq_len=seq_len,
+                                               truncation="truncate_prompt_left",
+                                               on_error="skip")
+    # Records that could not be formatted, and those too long for seq_len even after the
+    # prompt is cut (the truncation report's drops).
+    return examples, len(skipped) + len(report.dropped)
 
 
 def answer_nll(config: ModelConfig, params, tokenizer, records, *, seq_len: int,

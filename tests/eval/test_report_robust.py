@@ -59,7 +59,7 @@ def test_nothing_scored_is_na_never_minus_zero(models, tmp_path):
                              tokenizer=_tok(models["small"]), sft_test=long, pref_test=PAIRS,
                              seq_len=48, num_samples=1, max_new_tokens=2, bertscore_model=None)
     nll = report["models"]["small"]["answer_nll"]
-    assert nll["examples"] == 0 and math.isnan(nll["nll_per_token"])
+    assert nll["examples"] == 0 and nll["skipped"] == 1 and math.isnan(nll["nll_per_token"])
     md = (tmp_path / "report.md").read_text()
     assert "-0.000" not in md and "| small | n/a | - |" in md
     with open(tmp_path / "report.csv") as f:
@@ -203,3 +203,28 @@ def test_each_model_is_scored_and_generates_with_its_own_tokenizer(models, tmp_p
     md = (out / "report.md").read_text()
     assert (f"Tokenizers: each model is scored and generates with its own (small: "
             f"{toks['small'].path}; large: {toks['large'].path}). 2 different tokenizers") in md
+
+
+def test_score_sets_of_two_tokenizers_keep_the_records_both_fit(models):
+    """A record one tokenizer fits in seq_len and the other does not is scored by neither
+    (the per-record scores of all models stay paired); each set keeps its own token ids."""
+    from align_jax.eval import report as report_lib
+    from align_jax.eval.scoring import ScoreSet
+    from tests.data.data_char_tokenizer import CharTokenizer
+    small, chars = _tok(models["small"]), CharTokenizer()
+    records = [{"prompt": "Gift?", "completion": "Refuse it."},
+               {"prompt": "Gift?", "completion": "Refuse every gift of cash, always, politely, "
+                                                 "and tell your manager the same day."}]
+    def kept(tok, seq_len):
+        return ScoreSet.make(records, kind="sft", tokenizer=tok, seq_len=seq_len).kept
+    # A length the subword tokenizer fits the long answer in and the characters do not.
+    seq_len = next(n for n in range(8, 200) if kept(small, n) == (0, 1) != kept(chars, n))
+    assert kept(chars, seq_len) == (0,)
+    got = report_lib._group_score_sets({"a": small, "b": chars, "c": small}, sft_test=records,
+                                       pref_test=[], rag_test=None, oracle_test=[],
+                                       seq_len=seq_len, teacher_forced=True)
+    assert sorted(got) == sorted({id(small), id(chars)})  # one group per tokenizer object
+    for tok in (small, chars):
+        s = got[id(tok)]["answer_nll"]
+        assert s.kept == (0,) and s.skipped == 1
+        assert list(s.examples[0].completions[0][:3]) == tok.encode("Refuse it.")[:3]
