@@ -4,6 +4,7 @@
 of each /v1/chat/completions request; /v1/models lists one model. Every request body is kept
 in `.seen`. With `strict=True` it refuses the structured-output fields (response_format,
 structured_outputs, guided_*) with HTTP 400, as the OpenAI API refuses fields it does not know.
+With `fail_after=k` it answers HTTP 500 to every chat request after the first k (0: to all).
 """
 
 import contextlib
@@ -19,6 +20,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     answer = staticmethod(lambda prompt: "")
     seen: list = []
     strict = False
+    fail_after = None
 
     def _send(self, obj, status=200):
         data = json.dumps(obj).encode()
@@ -31,6 +33,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def do_POST(self):  # noqa: N802 - http.server's naming
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         type(self).seen.append(body)
+        if type(self).fail_after is not None and len(type(self).seen) > type(self).fail_after:
+            self._send({"error": {"message": "internal server error", "type": "server_error",
+                                  "param": None, "code": None}}, status=500)
+            return
         refused = [k for k in _STRUCTURED if k in body] if type(self).strict else []
         if refused:
             self._send({"error": {"message": f"Unrecognized request argument supplied: "
@@ -51,10 +57,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
 
 @contextlib.contextmanager
-def serve(answer, *, strict: bool = False):
+def serve(answer, *, strict: bool = False, fail_after: int | None = None):
     """Yields (handler class with `.seen`, base URL "http://127.0.0.1:<port>/v1")."""
     handler = type("Handler", (_Handler,), {"answer": staticmethod(answer), "seen": [],
-                                            "strict": strict})
+                                            "strict": strict, "fail_after": fail_after})
     srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     try:

@@ -290,7 +290,7 @@ def evaluate_generation(models: Mapping[str, tuple], tokenizer, records: Sequenc
 
     Args:
       models: model name -> (config, params).
-      tokenizer: the tokenizer they share.
+      tokenizer: the tokenizer they share, or model name -> its own tokenizer.
       records: held-out SFT records (`prompt`, `completion` = the reference answer).
       rag_records: the same records with the retrieved passage in the prompt.
       rag_models: models also run as "<name> + RAG".
@@ -344,8 +344,9 @@ def evaluate_generation(models: Mapping[str, tuple], tokenizer, records: Sequenc
                     key = system + _YES_NO
                     sets[key] = list(yes_no_prompts if system == name else yes_no_rag_prompts)
                     budgets[key] = yes_no_budget
+            own = tokenizer[name] if isinstance(tokenizer, Mapping) else tokenizer
             got, scores[name] = answer_and_score(
-                config, params, tokenizer, sets, (score_sets or {}).get(name, {}),
+                config, params, own, sets, (score_sets or {}).get(name, {}),
                 max_new_tokens=max_new_tokens, mesh=mesh, rules=rules, budgets=budgets)
             mine = {s: got[s] for s in systems}
             answers.update(mine)
@@ -395,6 +396,15 @@ def evaluate_generation(models: Mapping[str, tuple], tokenizer, records: Sequenc
     return out
 
 
+def _scored(summary: Mapping | None, key: str):
+    """A teacher-forced score; "n/a" when it was computed over nothing (no record fit), nan
+    when it was not computed at all."""
+    if not summary:
+        return np.nan
+    x = summary.get(key, np.nan)
+    return x if np.isfinite(x) else "n/a"
+
+
 def metric_table(report: Mapping) -> tuple[list[str], list[list]]:
     """(header, rows) of the papers' table: one row per system, reference metrics, NLL and
     preference accuracy (of the system's model; NLL with the passage for RAG systems; both
@@ -415,8 +425,7 @@ def metric_table(report: Mapping) -> tuple[list[str], list[list]]:
         rows.append([system] + [m.get(k, np.nan) for k in (
             "bleu", "rouge1", "rouge2", "rougeL", "rougeLsum", "bertscore_precision",
             "bertscore_recall", "bertscore_f1")] +
-            [nll.get("nll_per_token", np.nan),
-             mrow.get("preference", {}).get("accuracy", np.nan)] +
+            [_scored(nll, "nll_per_token"), _scored(mrow.get("preference"), "accuracy")] +
             ([yes_no.get(system, {}).get("accuracy", {}).get("estimate", np.nan)]
              if yes_no else []))
     if not any(report.get("models", {}).values()):

@@ -9,6 +9,7 @@
 """
 
 import os
+import pathlib
 from collections.abc import Mapping
 
 from align_jax import distributed, sharding
@@ -29,6 +30,21 @@ def _read(path: str | None, schema: str) -> list[dict]:
     return [r.data for r in load_records(path, schema=schema)[0]]
 
 
+# The files that define a tokenizer in a checkpoint dir (their bytes identify it).
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
+                    "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt")
+
+
+def _tokenizer_files(path: str) -> tuple:
+    """What identifies the tokenizer at `path`: its files' names and contents (the resolved
+    path itself when it has none of them)."""
+    if not os.path.isdir(path):
+        return (os.path.realpath(path),)
+    found = tuple((f, pathlib.Path(path, f).read_bytes()) for f in _TOKENIZER_FILES
+                  if os.path.isfile(os.path.join(path, f)))
+    return found or (os.path.realpath(path),)
+
+
 def eval_main(*, output_dir: str, models: Mapping[str, str], sft_test: str | None = None,
               preference_test: str | None = None, documents: tuple[str, ...] = (),
               rag_models: tuple[str, ...] | None = None, seq_len: int = 1024,
@@ -44,7 +60,7 @@ def eval_main(*, output_dir: str, models: Mapping[str, str], sft_test: str | Non
               yes_no_instruction: str | None = YES_NO_INSTRUCTION,
               yes_no_max_new_tokens: int = 24, base_model: str | None = None,
               oracle_rag: bool = True) -> int:
-    """Scores every model (name -> HF dir; all share the first model's tokenizer).
+    """Scores every model (name -> HF dir), each with its own tokenizer.
 
     Args:
       output_dir: where the report goes.
@@ -83,12 +99,27 @@ def eval_main(*, output_dir: str, models: Mapping[str, str], sft_test: str | Non
         or an `evidence` / `rule` text found in a chunk) with that chunk in the prompt,
         beside their retrieved rows on the same questions (`align_jax.eval.oracle_rag`).
     """
+    if not isinstance(models, Mapping):
+        raise ValueError(f"eval_main.models must be a mapping name -> path, got a "
+                         f"{type(models).__name__}: {models!r}")
     if not models:
         raise ValueError("eval_main.models is empty: map names to checkpoint dirs")
+    if not (sft_test or yes_no_test or (preference_test and teacher_forced)):
+        raise ValueError("eval_main: nothing to evaluate: give sft_test, yes_no_test or "
+                         "preference_test (the last needs teacher_forced=True)")
     # Every record file is read and checked before any model loads.
     sft, pref, yes_no = (_read(sft_test, "sft"), _read(preference_test, "preference"),
                          _read(yes_no_test, "yes_no"))
-    tok = load_tokenizer(resolve_model_path(next(iter(models.values()))))
+    # Each model is scored with its own tokenizer; models whose tokenizer files are the same
+    # share one (and its formatted records).
+    tokenizers, by_files = {}, {}
+    for name, path in models.items():
+        path = resolve_model_path(path)
+        key = _tokenizer_files(path)
+        if key not in by_files:
+            by_files[key] = load_tokenizer(path)
+        tokenizers[name] = by_files[key]
+    tok = next(iter(tokenizers.values()))  # the documents' chunks are measured in its tokens
     retriever = oracle = None
     if documents:
         chunks = chunk_documents(load_documents(documents), tok, chunk_tokens=chunk_tokens,
@@ -96,7 +127,7 @@ def eval_main(*, output_dir: str, models: Mapping[str, str], sft_test: str | Non
         retriever = make_retriever([c.text for c in chunks], kind=retrieval)
         oracle = grounding_oracle(chunks) if oracle_rag else None
     with run_folder(output_dir):
-        report = evaluate_models(output_dir, models=dict(models), tokenizer=tok,
+        report = evaluate_models(output_dir, models=dict(models), tokenizer=tokenizers,
                                  sft_test=sft, pref_test=pref,
                                  retriever=retriever,
                                  rag_models=tuple(models if rag_models is None else rag_models),

@@ -37,7 +37,7 @@ def _ci(cell: Mapping | None, key: str = "", *, diff: bool = False) -> str:
                 f"{_num(cell['diff_ci_high'], d, True)}]")
         return f"**{text}**" if cell.get("diff_resolved") else text
     if not np.isfinite(cell.get("estimate", np.nan)):
-        return "-"
+        return "n/a"  # computed over no item
     return f"{_num(cell['estimate'], d)} [{_num(cell['ci_low'], d)}, {_num(cell['ci_high'], d)}]"
 
 

@@ -53,7 +53,8 @@ def nll_replicates(nll_N, tokens_N) -> Replicates:
 
 
 def replicates(gen: Mapping, sets: Mapping, *, rag_set=None, margins: Mapping,
-               yes_no: Mapping | None) -> dict[str, dict[str, Replicates]]:
+               yes_no: Mapping | None, model_sets: Mapping | None = None
+               ) -> dict[str, dict[str, Replicates]]:
     """Every headline metric of every system, on resampled items.
 
     Args:
@@ -63,6 +64,8 @@ def replicates(gen: Mapping, sets: Mapping, *, rag_set=None, margins: Mapping,
       rag_set: the RAG records' ScoreSet (NLL of the "+ RAG" systems), or None.
       margins: model -> (preference margins, skipped), as `ScoreSet.summary` gives them.
       yes_no: the report's yes/no section (`evidence.yes_no_evidence`), or None.
+      model_sets: model -> its own {"answer_nll", "answer_nll_rag"} ScoreSets (formatted
+        with its own tokenizer), in place of `sets` / `rag_set` for that model.
     Returns:
       system -> metric key (`HEADLINE`) -> Replicates, systems in table order. A RAG
       system's preference accuracy is its model's.
@@ -73,11 +76,12 @@ def replicates(gen: Mapping, sets: Mapping, *, rag_set=None, margins: Mapping,
     for name, got in gen["scores"].items():
         if not sets:
             continue
-        reps[name]["answer_nll"] = nll_replicates(*sets["answer_nll"].per_example(
-            got["answer_nll"]))
+        own = (model_sets or {}).get(name, {})
+        reps[name]["answer_nll"] = nll_replicates(*own.get(
+            "answer_nll", sets["answer_nll"]).per_example(got["answer_nll"]))
         if "answer_nll_rag" in got and name + RAG_SUFFIX in reps:
             reps[name + RAG_SUFFIX]["answer_nll"] = nll_replicates(
-                *rag_set.per_example(got["answer_nll_rag"]))
+                *own.get("answer_nll_rag", rag_set).per_example(got["answer_nll_rag"]))
         choices = margin_choices(margins[name][0])
         for system in (name, name + RAG_SUFFIX):
             if system in reps:

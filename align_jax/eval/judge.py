@@ -7,7 +7,8 @@ configs/judge_templates/ (or a path). A template may come with a system prompt (
 Prometheus 2's for `prometheus_relative`). The verdict formats the shipped templates ask for
 (`VERDICT_REGEX`) are all parsed: "[RESULT] A", "Final Response: B" (the SAMI paper's judge)
 and a bare letter; anything else is a tie (scored 0.5), counted in `parse_failures` and kept
-in `judgements`. A judge that applies constraints (a `local:` teacher, an endpoint that takes
+in `judgements`; a pair of systems none of whose texts was parsed has no win rate (nan, not
+an even 0.5). A judge that applies constraints (a `local:` teacher, an endpoint that takes
 structured output) writes a shipped template's answer under its verdict regex
 (`verdict_pattern`: one line of feedback bounded by the token budget, then the verdict), so
 even a small judge that would write on until its budget ends gives a verdict; an endpoint
@@ -91,6 +92,53 @@ _MARKED = re.compile(r"^[\s:=\-<\(\[\"'*]*(?:response\s+|summary\s+|output\s+)?(
 _BARE = re.compile(r"^\W*(?:response\s+|output\s+)?\(?([AB])\)?\W*$", re.IGNORECASE)
 # A letter opening the answer and closed by ")", "." or ":" ("B. It cites the code ...").
 _LEAD = re.compile(r"^\W*(?:response\s+)?\(?([AB])(?:\)|\.(?!\w)|:)", re.IGNORECASE)
+
+
+class JudgeError(ConnectionError):
+    """The judge could not be asked (unreachable, HTTP errors, a broken local judge): an
+    OSError, so `align-jax` prints it as one line."""
+
+
+# What `probe_judge` asks: one judgement of two short answers.
+_PROBE = ("Is it fine to accept cash from a supplier?", "No, cash is always refused.",
+          "Yes, any amount is fine.", "No: cash gifts are refused.")
+
+
+def probe_judge(judge, *, template: str | os.PathLike | Template = "relative",
+                rubric: str = DEFAULT_RUBRIC, principles: str | None = None,
+                system: str | None = None, use_chat: bool = True, **_) -> str:
+    """Asks the judge one request (one rendered template, a few tokens), as a check before
+    anything costly is generated; whether its answer holds a verdict is not checked.
+
+    Args:
+      judge: a Teacher or a LetterJudge.
+      template, rubric, principles, system, use_chat: as `win_rate_matrix` (other
+        `win_rate_matrix` arguments are accepted and ignored).
+    Returns:
+      The judge's text (a letter judge's "P(A)=...").
+    Raises:
+      JudgeError: one line saying why the judge did not answer.
+    """
+    template = load_judge_template(template)
+    system = judge_system_prompt(template) if system is None else (system or None)
+    question, a, b, reference = _PROBE
+    prompt = _prompts(template, [question], [a], [b], references=[reference], rubric=rubric,
+                      principles=principles)[0]
+    try:
+        if hasattr(judge, "letter_probabilities"):
+            shown = prompt
+            if system:
+                shown = ([{"role": "system", "content": system},
+                          {"role": "user", "content": prompt}] if use_chat
+                         else f"{system}\n\n{prompt}")
+            return f"P(A)={float(judge.letter_probabilities([shown], use_chat=use_chat)[0]):.4f}"
+        return ask_judge(judge, [prompt], system=system, use_chat=use_chat, max_tokens=8)[0]
+    except (RuntimeError, OSError) as e:  # TeacherError, connection and HTTP failures
+        raise JudgeError(f"the judge does not answer a one-request probe: {_line(e)}") from e
+
+
+def _line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -292,9 +340,13 @@ def _stats(texts_ab: Sequence[str], texts_ba: Sequence[str], responses_a, respon
         v_ab, v_ba = [slot(p) for p in p_ab], [slot(p) for p in p_ba]
     pair = (s_ab + s_ba) / 2
     nan = float("nan")
-    win = float(pair.mean()) if n else nan
-    se = float(pair.std(ddof=1) / math.sqrt(n)) if n > 1 else nan
-    ci = (max(0.0, win - 1.96 * se), min(1.0, win + 1.96 * se)) if n > 1 else (nan, nan)
+    # A judge whose every text was unparsed gave no verdict: its ties would read as an even
+    # 0.50 [0.50, 0.50]; the statistics are nan ("n/a" with the failure count) instead.
+    usable = n > 0 and (p_ab is not None or any(v is not None for v in (*v_ab, *v_ba)))
+    win = float(pair.mean()) if usable else nan
+    se = float(pair.std(ddof=1) / math.sqrt(n)) if usable and n > 1 else nan
+    ci = ((max(0.0, win - 1.96 * se), min(1.0, win + 1.96 * se)) if usable and n > 1
+          else (nan, nan))
     both = [(a, b) for a, b in zip(v_ab, v_ba) if a is not None and b is not None]
     bias = float(np.mean([a == b for a, b in both])) if both else nan
 
@@ -302,10 +354,10 @@ def _stats(texts_ab: Sequence[str], texts_ba: Sequence[str], responses_a, respon
     longer = diff > 0
     strata = [pair[longer], pair[~longer]]
     stratified = (float(np.mean([s.mean() for s in strata]))
-                  if all(len(s) for s in strata) else nan)
+                  if usable and all(len(s) for s in strata) else nan)
     y = np.concatenate([s_ab, s_ba])
     rms = math.sqrt(float(np.mean(diff ** 2))) if n else 0.0
-    if n and rms > 0:
+    if usable and rms > 0:
         z = np.tanh(np.concatenate([diff, diff]) / rms)
         design = np.stack([np.ones_like(z), z], axis=1)
         intercept = float(np.linalg.lstsq(design, y, rcond=None)[0][0])
@@ -499,7 +551,9 @@ def opponent_table(matrix: Mapping, *, ddof: int = 0) -> str:
         else {}
     lines = ["| system | win rate (mean +- SD over opponents) | length-controlled |",
              "|---|---|---|"]
+    def cell(mean, sd):  # nan: an opponent the judge gave no usable verdict against
+        return f"{mean:.3f} +- {sd:.3f}" if np.isfinite(mean) else "n/a"
     for name, (mean, sd) in raw.items():
-        lc_cell = f"{lc[name][0]:.3f} +- {lc[name][1]:.3f}" if name in lc else "-"
-        lines.append(f"| {name} | {mean:.3f} +- {sd:.3f} | {lc_cell} |")
+        lc_cell = cell(*lc[name]) if name in lc else "-"
+        lines.append(f"| {name} | {cell(mean, sd)} | {lc_cell} |")
     return "\n".join(lines)

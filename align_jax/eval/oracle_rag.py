@@ -131,7 +131,8 @@ def _cells(reps: Mapping[str, Replicates]) -> dict[str, dict]:
 
 
 def oracle_section(gen: Mapping, *, index: Sequence[int], total: int,
-                   scores: Mapping | None = None, rag_set=None, oracle_set=None) -> dict:
+                   scores: Mapping | None = None, rag_set=None, oracle_set=None,
+                   model_sets: Mapping | None = None) -> dict:
     """The oracle rows beside the semantic RAG rows on the same questions.
 
     Args:
@@ -145,7 +146,9 @@ def oracle_section(gen: Mapping, *, index: Sequence[int], total: int,
       {"questions", "total", "without_chunk", "rows": model -> {"retrieved", "oracle",
       "difference"}: metric -> interval dict (`Interval.as_dict`; "n" its items),
       "answers": oracle system -> answers}. The NLL is over the questions both sets kept
-      (a record too long for seq_len is skipped).
+      (a record too long for seq_len is skipped). `model_sets`: model -> its own
+      {"answer_nll_rag", "answer_nll_oracle"} ScoreSets (its own tokenizer), in place of
+      rag_set / oracle_set for that model.
     """
     index = [int(i) for i in index]
     rows = {}
@@ -158,9 +161,10 @@ def oracle_section(gen: Mapping, *, index: Sequence[int], total: int,
         boot = Bootstrap(len(index))
         retrieved, oracle = text_replicates(sub, boot), text_replicates(items, boot)
         got = (scores or {}).get(model, {})
-        if rag_set is not None and oracle_set is not None and "answer_nll_oracle" in got:
-            nll = _paired_nll(rag_set, got["answer_nll_rag"], oracle_set,
-                              got["answer_nll_oracle"], index)
+        own = (model_sets or {}).get(model, {})
+        rag, orc = own.get("answer_nll_rag", rag_set), own.get("answer_nll_oracle", oracle_set)
+        if rag is not None and orc is not None and "answer_nll_oracle" in got:
+            nll = _paired_nll(rag, got["answer_nll_rag"], orc, got["answer_nll_oracle"], index)
             if nll is not None:
                 retrieved["answer_nll"], oracle["answer_nll"] = nll
         rows[model] = {"retrieved": _cells(retrieved), "oracle": _cells(oracle),

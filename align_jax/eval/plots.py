@@ -172,7 +172,8 @@ def plot_win_rates(path: str, matrix: Mapping, *, judge: str = "") -> str:
     im = ax.imshow(w, vmin=0, vmax=1, cmap="RdBu")
     for i in range(s):
         for j in range(s):
-            text = "-" if i == j else f"{w[i, j]:.2f}\n[{lo[i, j]:.2f}, {hi[i, j]:.2f}]"
+            text = ("-" if i == j else "n/a" if not np.isfinite(w[i, j])
+                    else f"{w[i, j]:.2f}\n[{lo[i, j]:.2f}, {hi[i, j]:.2f}]")
             ax.text(j, i, text, ha="center", va="center", fontsize=8,
                     color="white" if abs(w[i, j] - 0.5) > 0.3 else "black")
     ax.set_xticks(range(s))

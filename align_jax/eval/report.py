@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from align_jax import distributed
-from align_jax.atomic import atomic_write
+from align_jax.atomic import atomic_write, atomic_write_json
 from align_jax.eval import evidence_report
 from align_jax.eval.answers import (
     ORACLE_SUFFIX,
@@ -35,7 +35,13 @@ from align_jax.eval.evidence import (
     yes_no_prompt,
 )
 from align_jax.eval.intervals import HEADLINE, csv_columns, interval_table, replicates
-from align_jax.eval.judge import opponent_summary, opponent_table, win_rate_matrix
+from align_jax.eval.judge import (
+    JudgeError,
+    opponent_summary,
+    opponent_table,
+    probe_judge,
+    win_rate_matrix,
+)
 from align_jax.eval.letter_judge import LetterJudge
 from align_jax.eval.oracle_rag import csv_rows as oracle_csv_rows
 from align_jax.eval.oracle_rag import (
@@ -65,12 +71,16 @@ def plot(out_dir: str, report: Mapping, stages: Mapping[str, str]) -> str:
     return plot_overview(out_dir, report, stages)
 
 
-def _judge(judge, matrix_inputs, *, template, judge_kwargs, mesh=None, rules="fsdp"):
+def _make_judge(judge, *, mesh=None, rules="fsdp"):
     if isinstance(judge, str) and judge.startswith("letters:"):
-        judge = LetterJudge(judge.partition(":")[2], mesh=mesh, rules=rules)
-    elif isinstance(judge, str):
-        judge = make_teacher(judge)
-    return win_rate_matrix(*matrix_inputs, judge=judge, template=template, **judge_kwargs)
+        return LetterJudge(judge.partition(":")[2], mesh=mesh, rules=rules)
+    if isinstance(judge, str):
+        return make_teacher(judge)
+    return judge
+
+
+def _judge_label(judge) -> str:
+    return judge if isinstance(judge, str) else type(judge).__name__
 
 
 def evaluate_models(out_dir: str, *, models: Mapping[str, str], tokenizer, sft_test: Sequence,
@@ -92,7 +102,10 @@ def evaluate_models(out_dir: str, *, models: Mapping[str, str], tokenizer, sft_t
     Args:
       out_dir: where the report files go.
       models: display name -> Hugging Face checkpoint dir.
-      tokenizer: the tokenizer all models share.
+      tokenizer: the tokenizer all models share, or model name -> that model's own
+        tokenizer: each model is scored and generates with its own (models that share one
+        tokenizer object share its formatted records); the teacher-forced scores are over
+        the records every tokenizer fits in `seq_len`, so that they stay paired.
       sft_test, pref_test: held-out SFT and preference records.
       retriever: an `align_jax.eval.retrieval` retriever (semantic, BM25, TF-IDF) for RAG.
       rag_models: models also run with one retrieved chunk in the prompt ("<name> + RAG").
@@ -164,23 +177,43 @@ def evaluate_models(out_dir: str, *, models: Mapping[str, str], tokenizer, sft_t
     # The held-out completions, formatted once; every model scores them from the prompt
     # passes of its own answers (a prompt that is not a question is run once for all of its
     # completions): `answer_and_score`.
-    fmt = dict(tokenizer=tokenizer, seq_len=seq_len)
-    sets = ({"answer_nll": ScoreSet.make(sft_test, kind="sft", **fmt),
-             "preference": ScoreSet.make(pref_test, kind="preference", **fmt)}
-            if teacher_forced else {})
-    rag_set = (ScoreSet.make(rag_test, kind="sft", **fmt)
-               if rag_test is not None and teacher_forced else None)
-    oracle_set = (ScoreSet.make(oracle_test, kind="sft", **fmt)
-                  if oracle_test and teacher_forced else None)
+    # Formatted once per tokenizer; the sets of the first model's tokenizer stand for all of
+    # them wherever only the kept records matter (they keep the same records).
+    tokenizers = _tokenizers(models, tokenizer)
+    group_sets = _group_score_sets(tokenizers, sft_test=sft_test, pref_test=pref_test,
+                                   rag_test=rag_test, oracle_test=oracle_test,
+                                   seq_len=seq_len, teacher_forced=teacher_forced)
+    first = next(iter(group_sets.values()), {})
+    sets = {k: first[k] for k in ("answer_nll", "preference") if k in first}
+    rag_set, oracle_set = first.get("answer_nll_rag"), first.get("answer_nll_oracle")
+    report["tokenizers"] = {n: _tokenizer_name(t) for n, t in tokenizers.items()}
+    # The judge is checked with one request before anything is generated.
+    systems_all = [s for n in models for s in (n, n + RAG_SUFFIX)
+                   if s == n or (rag_questions is not None and n in rag_models)]
+    if judge_systems is not None and set(judge_systems) - set(systems_all):
+        raise ValueError(f"judge_systems {sorted(set(judge_systems) - set(systems_all))} are "
+                         f"not among the systems {systems_all}")
+    judging = bool(judge is not None and questions and len(
+        systems_all if judge_systems is None else set(judge_systems)) > 1)
+    judge_obj = None
+    if judging:
+        judge_obj = _make_judge(judge, mesh=mesh, rules=rules)
+        try:
+            probe_judge(judge_obj, template=judge_template, **(judge_kwargs or {}))
+        except JudgeError as e:
+            raise JudgeError(f"judge {_judge_label(judge)}: {e}; nothing was generated") \
+                from e.__cause__
+        _say(f"judge {_judge_label(judge)} answered a one-request probe")
     loaded, score_sets = {}, {}
     for name, path in models.items():
         # Laid out on the mesh once, by the preset: scoring and generation both use it.
         loaded[name] = load_hf(path, mesh=mesh, rules=rules)
-        score_sets[name] = dict(sets)
-        if rag_set is not None and name in rag_models:
-            score_sets[name]["answer_nll_rag"] = rag_set
-            if oracle_set is not None:
-                score_sets[name]["answer_nll_oracle"] = oracle_set
+        own = group_sets.get(id(tokenizers[name]), {})
+        score_sets[name] = {k: own[k] for k in ("answer_nll", "preference") if k in own}
+        if "answer_nll_rag" in own and name in rag_models:
+            score_sets[name]["answer_nll_rag"] = own["answer_nll_rag"]
+            if "answer_nll_oracle" in own:
+                score_sets[name]["answer_nll_oracle"] = own["answer_nll_oracle"]
     t0 = time.perf_counter()
     systems = len(loaded) + sum(n in rag_models for n in loaded) * (rag_questions is not None)
     scored = (f" and score {len(sets['answer_nll'].examples)} reference answers"
@@ -198,7 +231,7 @@ def evaluate_models(out_dir: str, *, models: Mapping[str, str], tokenizer, sft_t
     _say(f"generating: {systems} systems answer {len(questions)} questions (greedy, at most "
          f"{max_new_tokens} new tokens){asked}{scored}; then BLEU, ROUGE, BERTScore")
     gen = evaluate_generation(
-        loaded, tokenizer, questions, rag_records=rag_questions, rag_models=rag_models,
+        loaded, tokenizers, questions, rag_records=rag_questions, rag_models=rag_models,
         max_new_tokens=max_new_tokens, bertscore_model=bert_model,
         bertscore_layer=bertscore_layer, bertscore_baseline=bertscore_baseline,
         mesh=mesh, rules=rules, score_sets=score_sets, say=_say,
@@ -214,11 +247,12 @@ def evaluate_models(out_dir: str, *, models: Mapping[str, str], tokenizer, sft_t
         if not sets:
             report["models"][name] = {}
             continue
-        margins[name] = sets["preference"].summary(got["preference"])
-        row = {"answer_nll": sets["answer_nll"].summary(got["answer_nll"]),
+        own = score_sets[name]
+        margins[name] = own["preference"].summary(got["preference"])
+        row = {"answer_nll": own["answer_nll"].summary(got["answer_nll"]),
                "preference": margin_summary(*margins[name])}
         if "answer_nll_rag" in got:
-            row["answer_nll_rag"] = rag_set.summary(got["answer_nll_rag"])
+            row["answer_nll_rag"] = own["answer_nll_rag"].summary(got["answer_nll_rag"])
         report["models"][name] = row
     implicit = None
     if reference is not None and all(n in margins for n in reference):
@@ -238,12 +272,12 @@ def evaluate_models(out_dir: str, *, models: Mapping[str, str], tokenizer, sft_t
             rows[implicit[0]] = margin_choices(implicit[1])
         report["preference_evidence"] = preference_evidence(pairs, rows, base=base)
     report["intervals"] = interval_table(
-        replicates(gen, sets, rag_set=rag_set, margins=margins, yes_no=report.get("yes_no")),
-        base=base)
+        replicates(gen, sets, rag_set=rag_set, margins=margins, yes_no=report.get("yes_no"),
+                   model_sets=score_sets), base=base)
     if oracle is not None and rag_questions is not None and questions:
         report["oracle_rag"] = oracle_section(gen, index=oracle_index, total=len(questions),
                                               scores=gen["scores"], rag_set=rag_set,
-                                              oracle_set=oracle_set)
+                                              oracle_set=oracle_set, model_sets=score_sets)
         report["oracle_rag"]["unknown_chunk_ids"] = unknown_chunk_ids(questions, oracle)
         report["retrieval"] = retrieval_agreement(with_grounding(questions), retriever, oracle)
     if questions or yes_no:
@@ -258,16 +292,26 @@ def evaluate_models(out_dir: str, *, models: Mapping[str, str], tokenizer, sft_t
         if judge_systems is not None and len(judged) != len(set(judge_systems)):
             raise ValueError(f"judge_systems {sorted(set(judge_systems) - set(judged))} are not "
                              f"among the systems {list(gen['answers'])}")
-        if judge is not None and len(judged) > 1:
+        if judge_obj is not None and len(judged) > 1:
             t0 = time.perf_counter()
             pairs = len(judged) * (len(judged) - 1) // 2
-            _say(f"judge {judge if isinstance(judge, str) else type(judge).__name__}: "
-                 f"{pairs} system pairs x {len(questions)} questions, both orders")
-            m = _judge(judge, (gen["prompts"], judged), template=judge_template,
-                       judge_kwargs={"references": gen["references"], **(judge_kwargs or {})},
-                       mesh=mesh, rules=rules)
+            # The answers are kept whatever the judge does next.
+            kept = _write_answers(out_dir, gen)
+            _say(f"judge {_judge_label(judge)}: {pairs} system pairs x {len(questions)} "
+                 f"questions, both orders")
+            try:
+                m = win_rate_matrix(gen["prompts"], judged, judge=judge_obj,
+                                    template=judge_template,
+                                    **{"references": gen["references"], **(judge_kwargs or {})})
+            except (RuntimeError, OSError) as e:  # TeacherError, connection, HTTP
+                raise JudgeError(f"judge {_judge_label(judge)} failed while judging: "
+                                 f"{' '.join(str(e).split())}; the generated answers are kept "
+                                 f"in {kept}") from e
+            finally:
+                if isinstance(judge, str) and hasattr(judge_obj, "close"):
+                    judge_obj.close()  # made here from its spec: its connections end here
             report["win_rates"] = {
-                "judge": judge if isinstance(judge, str) else type(judge).__name__,
+                "judge": _judge_label(judge),
                 "template": str(judge_template), "names": m["names"],
                 **{k: np.asarray(m[k]).tolist()
                    for k in ("win_rate", "ci_low", "ci_high", "lc_win_rate")},
@@ -294,6 +338,59 @@ def evaluate_models(out_dir: str, *, models: Mapping[str, str], tokenizer, sft_t
     return report
 
 
+def _tokenizers(models: Mapping[str, str], tokenizer) -> dict:
+    """model name -> its tokenizer (one given for all, or a mapping that names every model)."""
+    if not isinstance(tokenizer, Mapping):
+        return {n: tokenizer for n in models}
+    missing = [n for n in models if n not in tokenizer]
+    if missing:
+        raise ValueError(f"tokenizer: no tokenizer for the models {missing}")
+    return {n: tokenizer[n] for n in models}
+
+
+def _tokenizer_name(tok) -> str:
+    return str(getattr(tok, "path", None) or f"<in-memory {type(tok).__name__}>")
+
+
+def _group_score_sets(tokenizers: Mapping, *, sft_test, pref_test, rag_test, oracle_test,
+                      seq_len: int, teacher_forced: bool) -> dict:
+    """id(tokenizer) -> {"answer_nll", "preference", and with their records "answer_nll_rag",
+    "answer_nll_oracle"}: ScoreSets formatted with that tokenizer, each restricted to the
+    records that every tokenizer keeps (so per-record scores of all models line up)."""
+    if not teacher_forced:
+        return {}
+    toks = {id(t): t for t in tokenizers.values()}
+    parts = {"answer_nll": (sft_test, "sft"), "preference": (pref_test, "preference")}
+    if rag_test is not None:
+        parts["answer_nll_rag"] = (rag_test, "sft")
+        if oracle_test:
+            parts["answer_nll_oracle"] = (oracle_test, "sft")
+    out = {g: {} for g in toks}
+    for key, (records, kind) in parts.items():
+        made = {g: ScoreSet.make(records, kind=kind, tokenizer=t, seq_len=seq_len)
+                for g, t in toks.items()}
+        common = set.intersection(*(set(m.kept) for m in made.values()))
+        for g, m in made.items():
+            keep = [i for i, k in enumerate(m.kept) if k in common]
+            out[g][key] = m if len(keep) == len(m.kept) else ScoreSet(
+                kind=m.kind, examples=[m.examples[i] for i in keep],
+                skipped=m.skipped + len(m.kept) - len(keep),
+                kept=tuple(m.kept[i] for i in keep))
+    return out
+
+
+def _write_answers(out_dir: str, gen: Mapping) -> str:
+    """answers.json: every system's generated answers with their questions and references
+    (written before judging, so that a judge failure loses none of them)."""
+    path = os.path.join(out_dir, "answers.json")
+    if distributed.is_main():
+        atomic_write_json(path, {k: gen[k] for k in ("prompts", "references", "answers",
+                                                      "settings")}
+                          | ({"yes_no_answers": gen["yes_no_answers"]}
+                             if "yes_no_answers" in gen else {}))
+    return path
+
+
 def _opponents(m: Mapping) -> dict[str, dict[str, float]]:
     raw, lc = opponent_summary(m), opponent_summary(m, key="lc_win_rate")
     return {name: {"mean": raw[name][0], "sd": raw[name][1], "lc_mean": lc[name][0],
@@ -307,10 +404,10 @@ def _aligned(models: Mapping[str, str], reference) -> str | None:
     return next(reversed(list(models)), None)
 
 
-def _fmt(x) -> str:
+def _fmt(x, digits: int = 3) -> str:
     if isinstance(x, str):
         return x
-    return "-" if x is None or not np.isfinite(x) else f"{x:.3f}"
+    return "-" if x is None else "n/a" if not np.isfinite(x) else f"{x:.{digits}f}"
 
 
 def _write_csv(path, report):
@@ -362,11 +459,18 @@ def _win_rate_lines(wr) -> list[str]:
              "count 1/2; [95% interval]. Length-controlled and position statistics per pair "
              "below. Picture: winrate.png." + _constraint_sentence(wr.get("constraint")), "",
              "| A \\ B | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    unparsed = {frozenset(p.split(" vs ", 1)): f"{r['parse_failures']}/{r['n_judgements']}"
+                for p, r in wr["pairs"].items()}
     for i, a in enumerate(names):
-        cells = ["-" if i == j else f"{wr['win_rate'][i][j]:.2f} "
-                 f"[{wr['ci_low'][i][j]:.2f}, {wr['ci_high'][i][j]:.2f}]"
-                 for j in range(len(names))]
+        cells = ["-" if i == j else _win_cell(wr, i, j, unparsed.get(frozenset((a, b))))
+                 for j, b in enumerate(names)]
         lines.append(f"| {a} | " + " | ".join(cells) + " |")
+    empty = [p for p, r in wr["pairs"].items() if not np.isfinite(r["win_rate"])]
+    if empty:
+        lines += ["", f"n/a: the judge gave no usable verdict for {len(empty)} of "
+                      f"{len(wr['pairs'])} pair(s) of systems ({', '.join(empty)}): none of "
+                      f"its texts held a verdict (unparsed verdicts below), so they have no "
+                      f"win rate."]
     if "opponents" in wr:
         ddof = wr.get("opponents_sd_ddof", 0)
         lines += ["", "Win rate = mean +- SD over opponents, as the value-alignment paper's "
@@ -385,6 +489,14 @@ def _win_rate_lines(wr) -> list[str]:
     return lines
 
 
+def _win_cell(wr, i: int, j: int, unparsed: str | None) -> str:
+    w = wr["win_rate"][i][j]
+    if w is None or not np.isfinite(w):
+        return f"n/a ({unparsed} unparsed)" if unparsed else "n/a"
+    lo, hi = wr["ci_low"][i][j], wr["ci_high"][i][j]
+    return f"{w:.2f} [{_fmt(lo, 2)}, {_fmt(hi, 2)}]"
+
+
 def _constraint_sentence(c: Mapping | None) -> str:
     if not c or c.get("pattern") is None:
         return ""
@@ -397,7 +509,7 @@ def _constraint_sentence(c: Mapping | None) -> str:
 
 
 def _write_markdown(out_dir, report, prompts, reference, refs, *, aligned=None):
-    lines = ["# Value alignment report", ""]
+    lines = ["# Value alignment report", ""] + _tokenizer_lines(report.get("tokenizers"))
     gen = report.get("generation")
     base = report.get("base_system")
     if gen:
@@ -440,6 +552,20 @@ def _write_markdown(out_dir, report, prompts, reference, refs, *, aligned=None):
     atomic_write(os.path.join(out_dir, "report.md"), "\n".join(lines) + "\n")
 
 
+def _tokenizer_lines(tokenizers: Mapping[str, str] | None) -> list[str]:
+    if not tokenizers:
+        return []
+    distinct = len(set(tokenizers.values()))
+    if distinct == 1:
+        return [f"Tokenizer: every model is scored and generates with "
+                f"{next(iter(tokenizers.values()))}.", ""]
+    return ["Tokenizers: each model is scored and generates with its own ("
+            + "; ".join(f"{n}: {t}" for n, t in tokenizers.items()) + ")."
+            + f" {distinct} different tokenizers: answer NLL is per token of each model's "
+              f"own tokenizer, so it compares across them only roughly; the scores are over "
+              f"the records every tokenizer fits.", ""]
+
+
 def _bertscore_sentence(b: Mapping | None) -> str:
     if not b:
         return ""
@@ -458,15 +584,14 @@ def _teacher_forced_lines(report, reference) -> list[str]:
               "|---|---|---|---|---|"]
     for name, row in report["models"].items():
         rag = row.get("answer_nll_rag", {}).get("nll_per_token")
-        lines.append(f"| {name} | {row['answer_nll']['nll_per_token']:.3f} | "
-                     f"{'-' if rag is None else f'{rag:.3f}'} | "
-                     f"{row['preference']['accuracy']:.2f} | "
-                     f"{row['preference']['mean_margin']:.2f} |")
+        lines.append(f"| {name} | {_fmt(row['answer_nll']['nll_per_token'])} | "
+                     f"{_fmt(rag)} | {_fmt(row['preference']['accuracy'], 2)} | "
+                     f"{_fmt(row['preference']['mean_margin'], 2)} |")
     if "implicit_reward" in report:
         ir = report["implicit_reward"]
         lines += ["", f"DPO implicit reward ({reference[0]} vs {reference[1]}) ranks the chosen "
-                      f"answer first for {ir['accuracy']:.2f} of held-out pairs "
-                      f"(mean margin {ir['mean_margin']:.2f} nats)."]
+                      f"answer first for {_fmt(ir['accuracy'], 2)} of held-out pairs "
+                      f"(mean margin {_fmt(ir['mean_margin'], 2)} nats)."]
     first = next(iter(report["models"].values()), None)
     if first is not None:
         lines += ["", f"{first['answer_nll']['examples']} held-out SFT records, "

@@ -89,16 +89,21 @@ class ScoreSet:
 
 
 def _nll_summary(logp: float, tokens: float, examples: int, skipped: int) -> dict:
-    nll = -logp / max(float(tokens), 1.0)
-    return {"nll_per_token": nll, "perplexity": float(np.exp(min(nll, 50.0))),
+    # Nothing scored is no score (nan, "n/a" in the report), not a perfect -0.0.
+    nll = -logp / float(tokens) if tokens else float("nan")
+    return {"nll_per_token": nll,
+            "perplexity": float(np.exp(min(nll, 50.0))) if tokens else float("nan"),
             "examples": examples, "skipped": skipped}
 
 
 def _examples(records, *, kind, tokenizer, seq_len):
-    examples, _, skipped = format_records(records, kind=kind, tokenizer=tokenizer,
-                                          seq_len=seq_len, truncation="truncate_prompt_left",
-                                          on_error="skip")
-    return examples, len(skipped)
+    examples, report, skipped = format_records(records, kind=kind, tokenizer=tokenizer,
+                                               seq_len=seq_len,
+                                               truncation="truncate_prompt_left",
+                                               on_error="skip")
+    # Records that could not be formatted, and those too long for seq_len even after the
+    # prompt is cut (the truncation report's drops).
+    return examples, len(skipped) + len(report.dropped)
 
 
 def answer_nll(config: ModelConfig, params, tokenizer, records, *, seq_len: int,

@@ -121,12 +121,14 @@ def test_length_driven_judge_is_caught_by_length_control(server):
     assert abs(res.win_rate - 0.5) > 2 * abs(res.lc_win_rate - 0.5)
 
 
-def test_garbage_verdicts_are_ties_and_reported(server):
+def test_garbage_verdicts_give_no_win_rate_and_are_reported(server):
+    """A judge that never gives a verdict has no win rate (nan), not an even 0.5."""
     handler, teacher = server
     handler.mode = "garbage"
     prompts, a, b, refs = _data(n=10)
     res = pairwise_win_rate(prompts, a, b, judge=teacher, references=refs)
-    assert res.win_rate == 0.5 and res.parse_failures == 20 == res.n_judgements
+    assert np.isnan(res.win_rate) and np.isnan(res.ci).all() and np.isnan(res.lc_win_rate)
+    assert np.isnan(res.lc_stratified) and res.parse_failures == 20 == res.n_judgements
     assert np.isnan(res.position_bias) and res.position_bias_pairs == 0
     assert all(j["verdicts"] == (None, None) and "cannot decide" in j["raw"][0]
                for j in res.judgements)

@@ -204,13 +204,16 @@ def test_opponent_column_through_an_endpoint_that_refuses_constraints(checkpoint
     wr = report["win_rates"]
     names = wr["names"]
     assert names == ["sft", "dpo", "dpo + RAG"]
-    # The judge was asked under the verdict's regex first; the server refused every form,
-    # so the rest went unconstrained and every verdict was read by the tolerant parser.
-    first = handler.seen[0]
+    # One unconstrained probe before anything was generated; then the judge was asked under
+    # the verdict's regex first; the server refused every form, so the rest went
+    # unconstrained and every verdict was read by the tolerant parser.
+    probe, first = handler.seen[0], handler.seen[1]
+    assert not {"structured_outputs", "guided_regex"} & set(probe)
     assert first["structured_outputs"]["regex"] == wr["constraint"]["pattern"]
     assert re.fullmatch(wr["constraint"]["pattern"], "Fine. [RESULT] A")
     assert wr["constraint"]["applied"] is False
-    plain = [b for b in handler.seen if not {"structured_outputs", "guided_regex"} & set(b)]
+    plain = [b for b in handler.seen[1:]
+             if not {"structured_outputs", "guided_regex"} & set(b)]
     assert len(plain) == 3 * 3 * 2  # every judgement (3 pairs, 3 questions, 2 orders) once
     assert all(p["parse_failures"] == 0 for p in wr["pairs"].values())
     # mean +- SD over opponents: the row of the matrix without its diagonal, numpy's mean
