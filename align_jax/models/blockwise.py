@@ -14,6 +14,10 @@ finite `MASK_VALUE` score (so a query that sees no key, a padding row, gets a un
 over all S keys, never NaN), and keys added only to round S up to a whole block get -inf (they
 exist in neither). This runs on every backend; `layers.attend` picks it on CPU (and on GPU when
 cuDNN cannot take the inputs).
+
+`attend_filled` is the same recurrence for cached prefill and decode, forward only: it walks
+the key blocks of a stacked KV cache under a `fori_loop` bounded by the filled length, so a
+decode step's cost follows the tokens in the cache, not the slots allocated for the budget.
 """
 
 import functools
