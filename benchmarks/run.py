@@ -10,7 +10,7 @@ import sys
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 SECTIONS = ["bench_model", "bench_train", "bench_generate", "bench_sdg", "bench_lora", "bench_eval",
-            "bench_constraints", "bench_moe", "bench_prefix"]
+            "bench_constraints", "bench_moe", "bench_prefix", "bench_decode_budget"]
 
 
 def main():

@@ -14,6 +14,10 @@ finite `MASK_VALUE` score (so a query that sees no key, a padding row, gets a un
 over all S keys, never NaN), and keys added only to round S up to a whole block get -inf (they
 exist in neither). This runs on every backend; `layers.attend` picks it on CPU (and on GPU when
 cuDNN cannot take the inputs).
+
+`attend_filled` is the same recurrence for cached prefill and decode, forward only: it walks
+the key blocks of a stacked KV cache under a `fori_loop` bounded by the filled length, so a
+decode step's cost follows the tokens in the cache, not the slots allocated for the budget.
 """
 
 import functools
@@ -149,3 +153,89 @@ def _flash_bwd(scale, block, s_real, res, dout_BTNH):
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+# Keys per block of `attend_filled`: small enough that a decode step at a short length visits
+# little beyond its filled slots, large enough that the loop's per-block overhead stays small.
+FILLED_BLOCK = 128
+
+
+def attend_filled(q_BTNH: jax.Array, k_LBSKH: jax.Array, v_LBSKH: jax.Array,
+                  mask_BTS: jax.Array, *, layer: jax.Array, q_start: jax.Array, scale: float,
+                  window: int | None = None, block: int = FILLED_BLOCK) -> jax.Array:
+    """Cached attention that reads only the cache's filled slots, for prefill and decode.
+
+    The T queries sit at slots [q_start, q_start + T) of a cache whose slots [0, q_start + T)
+    are written (the loop's shared index: every row's prompt is left-padded to it). Key blocks
+    of `block` slots are visited by a `lax.fori_loop` from the first block the sliding window
+    reaches to ceil((q_start + T) / block), with the online softmax of `attend`, so the cost
+    follows the filled length, not the cache's allocation. Blocks are sliced straight out of
+    the stacked cache: the layer's [B, S, K, H] slice is never materialised.
+
+    A real query (one that sees at least itself) gets exactly the reference's softmax: the
+    slots skipped are ones it cannot see (after the filled length, or before its window),
+    whose reference weight exp(MASK_VALUE - max) is 0 in float32. A query that sees no key (a
+    padding slot, whose output nobody reads) gets a uniform softmax over the visited slots
+    rather than over all S.
+
+    Args:
+      q_BTNH: queries; N a multiple of K.
+      k_LBSKH, v_LBSKH: the whole stacked cache, this call's keys and values already written.
+      mask_BTS: bool, which keys each query sees (all S slots).
+      layer: int32 scalar, the layer's index in the stack.
+      q_start: int32 scalar, the slot of the first query.
+      scale: the query scale.
+      window: the sliding window (a query sees keys less than `window` slots back), or None.
+      block: keys per block (at most S; a last block that would run past S is shifted back
+        and its slots already visited are skipped).
+    Returns:
+      out_BTNH in the values' dtype.
+    """
+    _, b, s, kh, h = k_LBSKH.shape
+    t, n = q_BTNH.shape[1], q_BTNH.shape[2]
+    g = n // kh
+    block = max(1, min(block, s))
+    dtype = q_BTNH.dtype
+    q_BTKGH = _group(q_BTNH, kh)
+    q_start = jnp.asarray(q_start, jnp.int32)
+    kv_len = q_start + t
+    first = jnp.int32(0)
+    if window is not None:
+        first = jnp.maximum(q_start - (window - 1), 0) // block
+    last = (kv_len + block - 1) // block
+    layer = jnp.asarray(layer, jnp.int32)
+    zero = jnp.zeros((), jnp.int32)
+
+    def body(i, carry):
+        m_BKGT, l_BKGT, acc_BKGTH = carry
+        lo = i * block
+        # The last block may be shifted back to end at S; its slots before `lo` were visited.
+        start = jnp.minimum(lo, s - block)
+        k_BbKH, v_BbKH = (
+            jax.lax.dynamic_slice(c, (layer, zero, start, zero, zero), (1, b, block, kh, h))[0]
+            .astype(dtype) for c in (k_LBSKH, v_LBSKH))
+        mask_BTb = jax.lax.dynamic_slice_in_dim(mask_BTS, start, block, axis=2)
+        slot_b = start + jnp.arange(block, dtype=jnp.int32)
+        fresh_b = (slot_b >= lo) & (slot_b < kv_len)
+        # Slots past the filled length may hold anything (stale rows, NaN): zero weight is not
+        # enough (0 * NaN), so their values are zeroed and their scores are -inf.
+        v_BbKH = jnp.where(fresh_b[None, :, None, None], v_BbKH, 0)
+        s_BKGTb = jnp.einsum("BTKGH,BbKH->BKGTb", q_BTKGH, k_BbKH,
+                             preferred_element_type=jnp.float32) * scale
+        s_BKGTb = jnp.where(mask_BTb[:, None, None], s_BKGTb, MASK_VALUE)
+        s_BKGTb = jnp.where(fresh_b, s_BKGTb, -jnp.inf)
+        m_new = jnp.maximum(m_BKGT, jnp.max(s_BKGTb, axis=-1))
+        corr_BKGT = jnp.exp(m_BKGT - m_new)
+        p_BKGTb = jnp.exp(s_BKGTb - m_new[..., None])
+        l_BKGT = l_BKGT * corr_BKGT + jnp.sum(p_BKGTb, axis=-1)
+        acc_BKGTH = acc_BKGTH * corr_BKGT[..., None] + jnp.einsum(
+            "BKGTb,BbKH->BKGTH", p_BKGTb, v_BbKH.astype(jnp.float32))
+        return m_new, l_BKGT, acc_BKGTH
+
+    init = (jnp.full((b, kh, g, t), -jnp.inf, jnp.float32), jnp.zeros((b, kh, g, t), jnp.float32),
+            jnp.zeros((b, kh, g, t, h), jnp.float32))
+    # Every visited block holds a slot in [lo, kv_len), so the running max is finite from the
+    # first block on: no exp(-inf - -inf).
+    _, l_BKGT, acc_BKGTH = jax.lax.fori_loop(first, last, body, init)
+    out_BKGTH = acc_BKGTH / l_BKGT[..., None]
+    return out_BKGTH.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h).astype(dtype)

@@ -76,6 +76,8 @@ class ModelConfig:
     remat: Remat = "full"
     # "auto": cuDNN flash attention on GPU, Pallas splash on TPU, `blockwise` elsewhere (and
     # wherever the kernel cannot take the inputs); see `layers.attend`. "xla" is the reference.
+    # Cached prefill and decode under "auto" (or "splash") read only the cache's filled slots
+    # (`blockwise.attend_filled`), so a step costs the same at any compiled budget.
     attention: Attention = "auto"
     bos_token_id: int | None = 1
     eos_token_id: int | tuple[int, ...] | None = 2

@@ -144,13 +144,16 @@ def resolve_attention(config: ModelConfig, *, cached: bool, query_len: int,
       query_len: T of this call.
       platform: the backend; default `jax.default_backend()`.
     Returns:
-      one of "xla", "jax", "cudnn", "splash", "blockwise".
+      one of "xla", "jax", "cudnn", "splash", "blockwise", and for cached calls "filled"
+      (`blockwise.attend_filled`: only the cache's filled slots are read).
     """
+    if cached and config.attention in ("auto", "splash"):
+        # Prefill and decode read keys from a cache allocated for the whole budget; visiting
+        # only its filled blocks makes a step's cost follow the tokens, not the allocation.
+        # (Splash takes no cache: it never applied here.)
+        return "filled"
     if config.attention != "auto":
         return config.attention
-    if cached and query_len == 1:
-        # One query per row: the scores are [B, N, 1, S], the reference is as small as any.
-        return "xla"
     platform = platform or jax.default_backend()
     if platform == "tpu" and not cached:
         return "splash"
@@ -166,15 +169,17 @@ def attend(config: ModelConfig, q_BTNH, k_BSKH, v_BSKH, mask_BTS,
            segment_ids_BT=None) -> jax.Array:
     """Scaled dot-product attention with grouped kv heads, by the config's implementation.
 
-    `segment_ids_BT` is given for full forwards (no cache); splash attention needs it, and
-    falls back to the XLA reference for cached prefill/decode. "auto" resolves by
-    `resolve_attention`; when cuDNN rejects the inputs at trace time (head dim, GPU
-    generation), it falls back to blockwise attention and logs the reason once.
+    `segment_ids_BT` is given for full forwards (no cache); splash attention needs it.
+    "auto" resolves by `resolve_attention`; when cuDNN rejects the inputs at trace time (head
+    dim, GPU generation), it falls back to blockwise attention and logs the reason once.
+    Cached calls under "auto" or "splash" resolve to "filled", which `Attention` runs over
+    the stacked cache (`blockwise.attend_filled`); given one layer's keys here, it is the
+    blockwise kernel over them.
     """
     impl = resolve_attention(config, cached=segment_ids_BT is None, query_len=q_BTNH.shape[1])
     if impl == "xla":
         return _attend_xla(q_BTNH, k_BSKH, v_BSKH, mask_BTS, config.scale)
-    if impl == "blockwise":
+    if impl in ("blockwise", "filled"):
         return blockwise.attend(q_BTNH, k_BSKH, v_BSKH, mask_BTS, scale=config.scale)
     if impl == "jax":
         return _attend_jax(q_BTNH, k_BSKH, v_BSKH, mask_BTS, config.scale, None)
@@ -188,8 +193,6 @@ def attend(config: ModelConfig, q_BTNH, k_BSKH, v_BSKH, mask_BTS,
                   "using blockwise attention")
             return blockwise.attend(q_BTNH, k_BSKH, v_BSKH, mask_BTS, scale=config.scale)
     if impl == "splash":
-        if segment_ids_BT is None:
-            return _attend_xla(q_BTNH, k_BSKH, v_BSKH, mask_BTS, config.scale)
         from align_jax.models import splash  # local: imports Pallas, only for splash attention
         return splash.attend(config, q_BTNH, k_BSKH, v_BSKH, segment_ids_BT)
     raise ValueError(f"unknown attention implementation {config.attention!r}")
@@ -277,11 +280,18 @@ class Attention(nn.Module):
                 name: jax.lax.dynamic_update_slice(
                     kv_cache[name], new_BTKH.astype(kv_cache[name].dtype)[None], start)
                 for name, new_BTKH in (("k", k_BTKH), ("v", v_BTKH))}
-            k_BSKH, v_BSKH = (
-                jax.lax.dynamic_index_in_dim(new_cache[name], layer, axis=0, keepdims=False)
-                .astype(cfg.dtype) for name in ("k", "v"))
-        out_BTNH = attend(cfg, q_BTNH, k_BSKH, v_BSKH, mask_BTS,
-                          segment_ids_BT if kv_cache is None else None)
+        if kv_cache is not None and resolve_attention(
+                cfg, cached=True, query_len=q_BTNH.shape[1]) == "filled":
+            out_BTNH = blockwise.attend_filled(
+                q_BTNH, new_cache["k"], new_cache["v"], mask_BTS, layer=layer,
+                q_start=cache_index, scale=cfg.scale, window=cfg.sliding_window)
+        else:
+            if kv_cache is not None:
+                k_BSKH, v_BSKH = (
+                    jax.lax.dynamic_index_in_dim(new_cache[name], layer, axis=0, keepdims=False)
+                    .astype(cfg.dtype) for name in ("k", "v"))
+            out_BTNH = attend(cfg, q_BTNH, k_BSKH, v_BSKH, mask_BTS,
+                              segment_ids_BT if kv_cache is None else None)
         o = param_with_axes(self, "o_proj", _kernel_init(cfg.init_std), (n, h, d),
                             (axes.HEADS, axes.HEAD_DIM, axes.EMBED), cfg.param_dtype)
         y_BTD = jnp.einsum("BTNH,NHD->BTD", out_BTNH, o.astype(cfg.dtype))

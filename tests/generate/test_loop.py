@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from align_jax.generate import loop, prompt_batches
-from align_jax.models import transformer
+from align_jax.models import blockwise, transformer
 from align_jax.models.config import ModelConfig
 
 BASE = ModelConfig(vocab_size=64, embed_dim=32, num_layers=2, num_heads=4, num_kv_heads=2,
@@ -34,18 +34,24 @@ def _full_logits(cfg, params, seq):
     return np.asarray(transformer.forward(cfg, params, np.asarray([seq], np.int32))[0])
 
 
-@pytest.mark.parametrize("name", list(CONFIGS))
-def test_cached_decode_logits_equal_full_forward(models, name):
-    """Drives the model exactly as the loop lays a batch out (left padding, shared index)."""
-    cfg, params = models[name]
-    steps = 8
-    (batch,) = prompt_batches.plan_batches(PROMPTS, batch_size=4, cap=64)
+def _nan_cache(cfg, batch, slots):
+    """An empty cache whose unwritten slots hold NaN: reading one would poison the logits."""
+    cache = transformer.init_cache(cfg, batch, slots)
+    return {**cache, "k": jnp.full_like(cache["k"], jnp.nan),
+            "v": jnp.full_like(cache["v"], jnp.nan)}
+
+
+def _check_cached_decode(cfg, params, prompts, *, steps, slots):
+    """Drives the model exactly as the loop lays a batch out (left padding, shared index) in
+    a cache of `slots` slots, and checks every step's logits against one full forward."""
+    (batch,) = prompt_batches.plan_batches(prompts, batch_size=len(prompts), cap=slots)
     t = batch.tokens_BT.shape[1]
+    b = len(prompts)
     step_fn = jax.jit(functools.partial(transformer.forward_with_cache, cfg))
-    cache = transformer.init_cache(cfg, 4, t + steps)
+    cache = _nan_cache(cfg, b, max(slots, t + steps))
     logits, cache = step_fn(params, batch.tokens_BT, cache=cache,
                             positions_BT=batch.positions_BT, segment_ids_BT=batch.segment_ids_BT)
-    seqs = [list(PROMPTS[i]) for i in batch.indices]
+    seqs = [list(prompts[i]) for i in batch.indices]
     cached = [np.asarray(logits[:, -1])]
     for _ in range(steps):
         nxt = cached[-1].argmax(-1).astype(np.int32)
@@ -53,13 +59,13 @@ def test_cached_decode_logits_equal_full_forward(models, name):
             seq.append(int(nxt[row]))
         pos = np.asarray([len(s) - 1 for s in seqs], np.int32)[:, None]
         logits, cache = step_fn(params, nxt[:, None], cache=cache, positions_BT=pos,
-                                segment_ids_BT=np.ones((4, 1), np.int32))
+                                segment_ids_BT=np.ones((b, 1), np.int32))
         cached.append(np.asarray(logits[:, 0]))
     # One uncached forward over every full sequence (right-padded; causality makes position j
     # depend only on tokens up to j).
     width = max(len(s) for s in seqs)
-    tokens = np.zeros((4, width), np.int32)
-    segments = np.zeros((4, width), np.int32)
+    tokens = np.zeros((b, width), np.int32)
+    segments = np.zeros((b, width), np.int32)
     for row, seq in enumerate(seqs):
         tokens[row, :len(seq)], segments[row, :len(seq)] = seq, 1
     full = np.asarray(transformer.forward(cfg, params, tokens, segment_ids_BT=segments))
@@ -67,7 +73,25 @@ def test_cached_decode_logits_equal_full_forward(models, name):
         n = len(seq) - steps
         for step in range(steps + 1):
             np.testing.assert_allclose(cached[step][row], full[row, n - 1 + step], atol=1e-4,
-                                       err_msg=f"{name}: row {row}, step {step}")
+                                       err_msg=f"row {row}, step {step}")
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_cached_decode_logits_equal_full_forward(models, name):
+    cfg, params = models[name]
+    _check_cached_decode(cfg, params, PROMPTS, steps=8, slots=64)
+
+
+@pytest.mark.parametrize("name", ["llama", "sliding"])
+def test_cached_decode_across_filled_blocks_equals_full_forward(models, name):
+    # Prompts of 120 and 60 tokens decoded 16 steps in a 300-slot cache: the filled length
+    # crosses the first block boundary (blockwise.FILLED_BLOCK = 128) mid-decode, the
+    # sliding window then starts past the first block, and slots 136..299 are never read.
+    assert blockwise.FILLED_BLOCK == 128
+    cfg, params = models[name]
+    rng = np.random.default_rng(3)
+    prompts = [rng.integers(1, cfg.vocab_size, size=n).tolist() for n in (120, 60)]
+    _check_cached_decode(cfg, params, prompts, steps=16, slots=300)
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))

@@ -129,10 +129,84 @@ def test_auto_resolves_per_platform():
     assert pick(bf16, cached=False, query_len=8, platform="gpu") == "cudnn"
     assert pick(cfg, cached=False, query_len=8, platform="gpu") == "blockwise"  # f32: no cuDNN
     assert pick(cfg, cached=False, query_len=8, platform="tpu") == "splash"
-    assert pick(bf16, cached=True, query_len=1, platform="gpu") == "xla"
-    assert pick(bf16, cached=True, query_len=8, platform="tpu") == "blockwise"
+    # Cached prefill and decode read only the filled slots, on every platform.
+    assert pick(bf16, cached=True, query_len=1, platform="gpu") == "filled"
+    assert pick(bf16, cached=True, query_len=8, platform="tpu") == "filled"
+    assert pick(cfg, cached=True, query_len=1, platform="cpu") == "filled"
+    assert pick(dataclasses.replace(cfg, attention="splash"), cached=True, query_len=1) == "filled"
     assert pick(dataclasses.replace(cfg, attention="xla"), cached=False, query_len=8) == "xla"
+    assert pick(dataclasses.replace(cfg, attention="xla"), cached=True, query_len=1) == "xla"
     assert get_config("llama3_1b").attention == "auto"
+
+
+def _nan_cache(cfg, batch, slots):
+    cache = transformer.init_cache(cfg, batch, slots)
+    return {**cache, "k": jnp.full_like(cache["k"], jnp.nan),
+            "v": jnp.full_like(cache["v"], jnp.nan)}
+
+
+def _filled_inputs(n, k, h, s, t, q_start, left_pad, seed=0):
+    """Queries at slots [q_start, q_start + t) of a 2-layer stacked cache of s slots whose
+    slots past the filled length hold NaN; row 1 is left-padded by `left_pad` slots."""
+    b, layers_ = 2, 2
+    keys = jax.random.split(jax.random.key(seed), 3)
+    q = jax.random.normal(keys[0], (b, t, n, h))
+    kk = jax.random.normal(keys[1], (layers_, b, s, k, h))
+    v = jax.random.normal(keys[2], (layers_, b, s, k, h))
+    filled = q_start + t
+    kk, v = (x.at[:, :, filled:].set(jnp.nan) for x in (kk, v))
+    seg = np.ones((b, s), np.int32)
+    seg[:, filled:] = 0
+    seg[1, :left_pad] = 0
+    seg_q = seg[:, q_start:filled]
+    slots_S = jnp.arange(s, dtype=jnp.int32)
+    mask = layers.attention_mask(q_start + jnp.arange(t, dtype=jnp.int32), slots_S,
+                                 jnp.asarray(seg_q), jnp.asarray(seg), window=None)
+    return q, kk, v, seg, seg_q, mask
+
+
+@pytest.mark.parametrize("window", [None, 3])
+@pytest.mark.parametrize("block", [4, 5, 128])
+@pytest.mark.parametrize("q_start,t", [(0, 6), (6, 1), (12, 1), (9, 4), (16, 1)])
+def test_filled_attention_equals_reference(window, block, q_start, t):
+    # S = 17: block 4 and 5 leave a last block that is shifted back (overlapping one already
+    # visited), block 128 is one block larger than S; q_start 16 fills the cache exactly.
+    n, k, h, s = 4, 2, 8, 17
+    q, kk, v, seg, seg_q, _ = _filled_inputs(n, k, h, s, t, q_start, left_pad=3)
+    slots_S = jnp.arange(s, dtype=jnp.int32)
+    mask = layers.attention_mask(q_start + jnp.arange(t, dtype=jnp.int32), slots_S,
+                                 jnp.asarray(seg_q), jnp.asarray(seg), window=window)
+    scale = h ** -0.5
+    got = blockwise.attend_filled(q, kk, v, mask, layer=jnp.int32(1), q_start=jnp.int32(q_start),
+                                  scale=scale, window=window, block=block)
+    # The reference over the filled slots only (it would read the NaN ones: 0 * NaN).
+    f = q_start + t
+    ref = layers._attend_xla(q, kk[1, :, :f], v[1, :, :f], mask[:, :, :f], scale)
+    assert np.all(np.isfinite(np.asarray(got)))
+    # Real queries only: a padding query (sees no key) is uniform over whichever keys were
+    # visited, and nobody reads it. Float32 sums in another order (blocks, online rescaling):
+    # a few ulps of values of size ~1.
+    real = seg_q > 0
+    np.testing.assert_allclose(np.asarray(got)[real], np.asarray(ref)[real], atol=2e-6,
+                               rtol=2e-6)
+
+
+def test_filled_attention_skips_blocks_outside_the_window():
+    # Blocks wholly before the window of the first query are not read: NaN there is harmless.
+    n, k, h, s, t, q_start, block, window = 4, 2, 8, 17, 1, 14, 4, 3
+    q, kk, v, seg, seg_q, _ = _filled_inputs(n, k, h, s, t, q_start, left_pad=0)
+    mask = layers.attention_mask(q_start + jnp.arange(t, dtype=jnp.int32),
+                                 jnp.arange(s, dtype=jnp.int32), jnp.asarray(seg_q),
+                                 jnp.asarray(seg), window=window)
+    clean = blockwise.attend_filled(q, kk, v, mask, layer=jnp.int32(0),
+                                    q_start=jnp.int32(q_start), scale=0.3, window=window,
+                                    block=block)
+    # The window reaches slot 12 (block 3 = slots 12..15); blocks 0..2 are never visited.
+    dirty_k, dirty_v = (x.at[:, :, :12].set(jnp.nan) for x in (kk, v))
+    got = blockwise.attend_filled(q, dirty_k, dirty_v, mask, layer=jnp.int32(0),
+                                  q_start=jnp.int32(q_start), scale=0.3, window=window,
+                                  block=block)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(clean))
 
 
 def test_cached_decode_with_auto_equals_reference_forward(params):
@@ -145,8 +219,10 @@ def test_cached_decode_with_auto_equals_reference_forward(params):
     full = jax.jit(transformer.forward, static_argnums=0)(cfg, params, t, positions_BT=pos,
                                                           segment_ids_BT=seg)
     step_fn = jax.jit(transformer.forward_with_cache, static_argnums=0)
-    cache = transformer.init_cache(auto, 2, 16)
-    # Prefill (T = 6 > 1) runs blockwise over the 16 cache slots, decode (T = 1) the reference.
+    # Slots not yet written hold NaN: the filled path must never read them (the reference
+    # would, 0 * NaN).
+    cache = _nan_cache(auto, 2, 16)
+    # Prefill (T = 6) and decode (T = 1) both read only the filled slots.
     logits, cache = step_fn(
         auto, params, t[:, :6], cache=cache, positions_BT=pos[:, :6], segment_ids_BT=seg[:, :6])
     np.testing.assert_allclose(logits[0, 3:], full[0, 3:6], atol=1e-5)

@@ -69,6 +69,9 @@ def test_cached_decode_equals_full_forward(family):
     cached = jax.jit(lambda p, t, c, pos, seg: transformer.forward_with_cache(
         cfg, p, t, cache=c, positions_BT=pos, segment_ids_BT=seg))
     cache = transformer.init_cache(cfg, 2, 16)
+    # Unwritten slots hold NaN: cached attention reads only the filled ones.
+    cache = {**cache, "k": np.full(cache["k"].shape, np.nan, np.float32),
+             "v": np.full(cache["v"].shape, np.nan, np.float32)}
     logits, cache = cached(params, t[:, :6], cache, pos[:, :6], seg[:, :6])
     np.testing.assert_allclose(logits[0, 3:], full[0, 3:6], atol=1e-5)
     np.testing.assert_allclose(logits[1], full[1, :6], atol=1e-5)
