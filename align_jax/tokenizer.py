@@ -88,6 +88,26 @@ class Tokenizer:
             ids = ids + [self.eos_id]
         return ids
 
+    def encode_input(self, text: str) -> list[int]:
+        """Tokenises a raw model input with the tokenizer's own special-token rules.
+
+        What transformers' `tokenizer(text)` gives (add_special_tokens=True): whatever the
+        tokenizer's post-processor adds, e.g. BOS for Llama-3 and Gemma, nothing for SmolLM2 and
+        Qwen2 (which have no post-processor template). A sentencepiece model prepends BOS when
+        it has one, as Llama's sentencepiece tokenizer does.
+
+        Args:
+          text: the string.
+        Returns:
+          The token ids.
+        """
+        if not isinstance(text, str):
+            raise TypeError(f"encode expects a str, got {type(text).__name__}")
+        return self._encode_input(text)
+
+    def _encode_input(self, text: str) -> list[int]:
+        return self.encode(text, add_bos=True)
+
     def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
         """Turns ids back into text.
 
@@ -349,6 +369,11 @@ class _HFTokenizer(Tokenizer):
     def _encode(self, text):
         return list(self._tok.encode(text, add_special_tokens=False))
 
+    def _encode_input(self, text):
+        # transformers applies the post-processor, which for Llama/Gemma-style classes it has
+        # rebuilt from tokenizer_config.json's add_bos_token / add_eos_token.
+        return list(self._tok.encode(text, add_special_tokens=True))
+
     def _decode(self, ids, skip_special_tokens):
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
 
@@ -498,14 +523,18 @@ def encode_prompt(tokenizer, prompt: str | list[dict], *, chat_template: bool = 
       prompt: a string (one user turn) or a list of {role, content} messages.
       chat_template: True renders the chat template with the assistant turn opened (the
         template writes BOS where the model wants one, so none is added); False encodes the
-        raw text (messages joined by blank lines) after BOS, when the tokenizer has one.
+        raw text (messages joined by blank lines) with the tokenizer's own special-token
+        rules (`Tokenizer.encode_input`, as transformers' `tokenizer(text)`).
     Returns:
       The token ids.
     """
     if not chat_template:
         if not isinstance(prompt, str):
             prompt = "\n\n".join(m["content"] for m in prompt)
-        return list(tokenizer.encode(prompt, add_bos=tokenizer.bos_id is not None))
+        encode_input = getattr(tokenizer, "encode_input", None)
+        if encode_input is None:  # a minimal tokenizer-like object: BOS is its only special
+            return list(tokenizer.encode(prompt, add_bos=tokenizer.bos_id is not None))
+        return list(encode_input(prompt))
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
     text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
     return list(tokenizer.encode(text, add_bos=False))
