@@ -69,10 +69,9 @@ def test_sentencepiece_model_and_its_hf_dir_both_add_bos(tmp_path):
     assert hf_tok.encode_input("The sky is") == sp_tok.encode_input("The sky is") == want
 
 
-@pytest.fixture(scope="module")
-def smollm2_style_model(family_dirs, tmp_path_factory):
-    """A tiny random model saved with the SmolLM2-style tokenizer as an HF dir."""
-    tok_dir = family_dirs["smollm2"]
+def _family_model(family_dirs, tmp_path_factory, family):
+    """A tiny random model saved with `family`'s tokenizer as an HF dir."""
+    tok_dir = family_dirs[family]
     tok = load_tokenizer(tok_dir)
     cfg = get_config("tiny", vocab_size=tok.vocab_size, max_position=128, init_std=0.3,
                      tie_embeddings=False, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id,
@@ -83,6 +82,11 @@ def smollm2_style_model(family_dirs, tmp_path_factory):
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(os.path.join(tok_dir, name), model_dir)
     return model_dir, tok, cfg, params
+
+
+@pytest.fixture(scope="module")
+def smollm2_style_model(family_dirs, tmp_path_factory):
+    return _family_model(family_dirs, tmp_path_factory, "smollm2")
 
 
 def _greedy(cfg, params, tok, ids, n):
@@ -111,8 +115,10 @@ def test_server_completions_and_tokenize_use_the_tokenizers_rules(smollm2_style_
         srv.stop()
 
 
-def test_generate_entry_raw_prompts_use_the_tokenizers_rules(smollm2_style_model, tmp_path):
-    model_dir, tok, cfg, params = smollm2_style_model
+@pytest.mark.parametrize("family", ["smollm2", "llama3"])
+def test_generate_entry_raw_prompts_use_the_tokenizers_rules(family_dirs, tmp_path_factory,
+                                                             tmp_path, family):
+    model_dir, tok, cfg, params = _family_model(family_dirs, tmp_path_factory, family)
     hf = AutoTokenizer.from_pretrained(model_dir)
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
