@@ -21,7 +21,9 @@ from align_jax import sharding
 from align_jax.models import lora as lora_lib
 from align_jax.models import transformer
 from align_jax.models.config import ModelConfig
-from align_jax.models.hf import load_hf
+from align_jax.models.hf import load_hf, save_hf
+from align_jax.models.named import resolve_model_path
+from align_jax.tokenizer import copy_tokenizer_files
 from align_jax.train import compile as compile_lib
 from align_jax.train import step as step_lib
 from align_jax.train.state import TrainState, abstract_arrays, abstract_state, train_state_shardings
@@ -133,3 +135,37 @@ def rebuild_base(config: ModelConfig, spec: lora_lib.LoraConfig, base: dict[str,
     # The same key and dtype as the loop's random init (values do not depend on sharding).
     key = jax.random.split(jax.random.key(int(base["seed"])))[1]
     return transformer.init_params(frozen, key)
+
+
+def write_peft_export(config: ModelConfig, adapters: lora_lib.Adapters, tmp: str, *,
+                      final_dir: str, init_from: str | None, base_params=None,
+                      tokenizer_dir: str | None = None) -> str:
+    """A peft adapter dir that `peft.AutoPeftModelForCausalLM.from_pretrained` loads offline.
+
+    `adapter_config.json` names the base as an absolute local folder: `init_from` resolved (a
+    named model's converted dir included), or, for a base with no folder (random init), the
+    base itself written into `<final_dir>/base`. The tokenizer files are copied in too.
+
+    Args:
+      config: the model.
+      adapters: the trained adapters (host arrays).
+      tmp: the folder being written (renamed to final_dir by the caller once complete).
+      final_dir: where the export will live.
+      init_from: the run's base dir or model name, or None.
+      base_params: a callable returning the base params (host), used when init_from is None.
+      tokenizer_dir: tokenizer files to copy (a dir or .model file).
+    Returns:
+      the base_model_name_or_path written.
+    """
+    if init_from:
+        base = os.path.abspath(resolve_model_path(init_from))
+    else:
+        base = os.path.join(os.path.abspath(final_dir), "base")
+        base_cfg = base_config(config, adapters.spec)
+        save_hf(base_cfg, base_params(), os.path.join(tmp, "base"))
+        if tokenizer_dir is not None:
+            copy_tokenizer_files(tokenizer_dir, os.path.join(tmp, "base"))
+    lora_lib.save_peft(config, adapters, tmp, base_model_name_or_path=base)
+    if tokenizer_dir is not None:
+        copy_tokenizer_files(tokenizer_dir, tmp)
+    return base
