@@ -164,7 +164,8 @@ def train(*, config: ModelConfig | str | None = None, params_init: Any = None,
           operative_config: str | None = None,
           lora: "lora_lib.LoraConfig | Mapping[str, Any] | None" = None,
           export_peft_dir: str | os.PathLike | None = None,
-          export_tokenizer_dir: str | os.PathLike | None = None) -> TrainState:
+          export_tokenizer_dir: str | os.PathLike | None = None,
+          lora_init: Any = None) -> TrainState:
     """Trains `config`'s model on `loss_fn` for `num_steps` updates, resuming if it can.
 
     Args:
@@ -201,6 +202,8 @@ def train(*, config: ModelConfig | str | None = None, params_init: Any = None,
         `train.adapters`).
       export_peft_dir: with LoRA, where the final adapters are saved in peft's format.
       export_tokenizer_dir: tokenizer files copied into the export before it is renamed.
+      lora_init: with LoRA, the adapter weights a fresh run starts from (e.g. those of
+        `lora.load_peft`) instead of a new init; a resumed run takes its checkpoint's.
     Returns:
       the final TrainState; `state.step < num_steps` when SIGTERM cut the run short.
     """
@@ -266,7 +269,8 @@ def train(*, config: ModelConfig | str | None = None, params_init: Any = None,
         elif spec is not None:
             init_adapters = jax.jit(functools.partial(lora_lib.init_lora_weights, config, spec),
                                     out_shardings=shardings.params)
-            weights = init_adapters(jax.random.fold_in(jax.random.key(seed), 0x10A))
+            weights = (init_adapters(jax.random.fold_in(jax.random.key(seed), 0x10A))
+                       if lora_init is None else jax.device_put(lora_init, shardings.params))
             state = compile_lib.init_train_state(weights, tx=tx, seed=seed,
                                                  state_shardings=shardings, ref_params=initial())
         else:
