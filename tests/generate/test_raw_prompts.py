@@ -129,3 +129,30 @@ def test_generate_entry_raw_prompts_use_the_tokenizers_rules(family_dirs, tmp_pa
     for row in rows:
         want = hf(row["prompt"])["input_ids"]
         assert row["completion"] == _greedy(cfg, params, tok, want, 8)
+
+
+@pytest.mark.slow
+def test_smollm2_raw_prompt_greedy_continuation_equals_transformers(smollm2_dir):
+    """The tester's report: SmolLM2 continues "The sky is" as transformers does only when the
+    raw prompt gets no BOS. Both sides run the same converted float32 checkpoint; greedy
+    argmax over float32 logits can only split on a near-tie, which these prompts do not hit
+    in 8 tokens (a mismatch names the prompt)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from align_jax.models import load_hf
+
+    hf_tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
+    tok = load_tokenizer("smollm2-135m-instruct")
+    config, params = load_hf("smollm2-135m-instruct")
+    for text in ["The sky is", "Once upon a time", "The capital of France is"]:
+        want_ids = hf_tok(text)["input_ids"]
+        ids = encode_prompt(tok, text, chat_template=False)
+        assert ids == want_ids and ids[0] != tok.bos_id
+        with torch.no_grad():
+            out = model.generate(torch.tensor([want_ids]), max_new_tokens=8, do_sample=False)
+        want = out[0, len(want_ids):].tolist()
+        got = generate(config, params, [ids], max_new_tokens=8, tokenizer=tok).tokens[0]
+        assert got == want[:len(got)] and len(got) >= 1, (text, tok.decode(got),
+                                                          tok.decode(want))
