@@ -35,6 +35,8 @@ _LENGTH = struct.Struct("<Q")
 
 
 def _encode_text(tokenizer, text: str, *, add_special_tokens: bool) -> list[int]:
+    if not isinstance(text, str):
+        raise TypeError(f"encode expects a str, got {type(text).__name__}")
     if add_special_tokens:
         return encode_prompt(tokenizer, text, chat_template=False)
     return tokenizer.encode(text)
