@@ -131,6 +131,8 @@ def train_main(*, output_dir: str, data: str, objective: str = "sft",
     """
     args = dict(locals())
     settings = {k: v for k, v in args.items() if k not in _NOT_SETTINGS}
+    if lora_from is None:  # unset: run folders recorded before lora_from existed still resume
+        del settings["lora_from"]
     _check_arguments(batch_size=batch_size, seq_len=seq_len, num_steps=num_steps,
                      num_epochs=num_epochs, grad_accum=grad_accum, save_every=save_every,
                      keep=keep, log_every=log_every)
