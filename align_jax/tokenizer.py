@@ -88,6 +88,26 @@ class Tokenizer:
             ids = ids + [self.eos_id]
         return ids
 
+    def encode_input(self, text: str) -> list[int]:
+        """Tokenises a raw model input with the tokenizer's own special-token rules.
+
+        What transformers' `tokenizer(text)` gives (add_special_tokens=True): whatever the
+        tokenizer's post-processor adds, e.g. BOS for Llama-3 and Gemma, nothing for SmolLM2 and
+        Qwen2 (which have no post-processor template). A sentencepiece model prepends BOS when
+        it has one, as Llama's sentencepiece tokenizer does.
+
+        Args:
+          text: the string.
+        Returns:
+          The token ids.
+        """
+        if not isinstance(text, str):
+            raise TypeError(f"encode expects a str, got {type(text).__name__}")
+        return self._encode_input(text)
+
+    def _encode_input(self, text: str) -> list[int]:
+        return self.encode(text, add_bos=True)
+
     def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
         """Turns ids back into text.
 
@@ -129,6 +149,12 @@ class Tokenizer:
         """
         raise ValueError(f"tokenizer {self.path} has no encoder (CLS/SEP) template; "
                          f"encode_pair needs a Hugging Face BERT-family tokenizer")
+
+    def save(self, path: str | os.PathLike) -> list[str]:
+        """Writes this tokenizer's files into the dir `path` (created), so that it loads with
+        `load_tokenizer(path)` and transformers' `AutoTokenizer.from_pretrained(path)` alike,
+        giving the same ids. Returns the names written."""
+        raise NotImplementedError
 
     def id_to_piece(self, token_id: int) -> str:
         """Returns the vocabulary string of one id."""
@@ -292,6 +318,32 @@ class _SentencePieceTokenizer(Tokenizer):
     def _id_to_piece(self, token_id):
         return self._sp.id_to_piece(token_id)
 
+    def _dummy_prefix(self) -> bool:
+        from sentencepiece import sentencepiece_model_pb2  # local: only .model tokenizers
+        proto = sentencepiece_model_pb2.ModelProto()
+        proto.ParseFromString(self._sp.serialized_model_proto())
+        return bool(proto.normalizer_spec.add_dummy_prefix)
+
+    def save(self, path):
+        path = os.fspath(path)
+        os.makedirs(path, exist_ok=True)
+        folder = os.path.dirname(self.path)
+        if (os.path.basename(self.path) == "tokenizer.model"
+                and os.path.isfile(os.path.join(folder, "tokenizer.json"))):
+            return copy_tokenizer_files(folder, path)  # train_tokenizer's dir: HF files too
+        names = copy_tokenizer_files(self.path, path)
+        sp = self._sp
+        piece = lambda i: sp.id_to_piece(i) if i is not None and i >= 0 else None  # noqa: E731
+        config = {"tokenizer_class": "LlamaTokenizer", "add_bos_token": self.bos_id is not None,
+                  "add_eos_token": False, "bos_token": piece(self.bos_id),
+                  "eos_token": piece(self.eos_id), "unk_token": piece(sp.unk_id()),
+                  "pad_token": piece(sp.pad_id()), "chat_template": self.chat_template,
+                  "legacy": False, "add_prefix_space": self._dummy_prefix(),
+                  "clean_up_tokenization_spaces": False}
+        with open(os.path.join(path, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+            json.dump(config, f, indent=1, ensure_ascii=False)
+        return sorted({*names, "tokenizer_config.json"})
+
     def piece_to_id(self, piece):
         token_id = self._sp.piece_to_id(piece)
         if self._sp.id_to_piece(token_id) != piece:
@@ -349,6 +401,11 @@ class _HFTokenizer(Tokenizer):
     def _encode(self, text):
         return list(self._tok.encode(text, add_special_tokens=False))
 
+    def _encode_input(self, text):
+        # transformers applies the post-processor, which for Llama/Gemma-style classes it has
+        # rebuilt from tokenizer_config.json's add_bos_token / add_eos_token.
+        return list(self._tok.encode(text, add_special_tokens=True))
+
     def _decode(self, ids, skip_special_tokens):
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
 
@@ -361,6 +418,20 @@ class _HFTokenizer(Tokenizer):
         ids = list(out["input_ids"])
         types = list(out.get("token_type_ids") or [0] * len(ids))
         return ids, types
+
+    def save(self, path):
+        path = os.fspath(path)
+        before = set(os.listdir(path)) if os.path.isdir(path) else set()
+        # save_pretrained names the class in tokenizer_config.json: without it AutoTokenizer
+        # would pick the class of config.json's model_type, whose special-token rules can
+        # differ from the ones this tokenizer was loaded with.
+        self._tok.chat_template = self.chat_template
+        self._tok.save_pretrained(path)
+        for name in ("generation_config.json",):
+            src = os.path.join(self.path, name)
+            if os.path.isfile(src) and not os.path.exists(os.path.join(path, name)):
+                shutil.copy(src, path)
+        return sorted(set(os.listdir(path)) - before)
 
     def _render(self, messages, add_generation_prompt):
         if not self.chat_template:
@@ -457,15 +528,18 @@ def copy_tokenizer_files(src: str | os.PathLike, dst: str | os.PathLike) -> list
 
 
 def load_tokenizer(path: str | os.PathLike, *, chat_template: str | None = None) -> Tokenizer:
-    """Loads a tokenizer from a Hugging Face tokenizer dir or a sentencepiece `.model` file.
+    """Loads a tokenizer from a Hugging Face tokenizer dir, a sentencepiece `.model` file, a
+    named model (align_jax/models/named.py) or a .gguf file.
 
     A directory with tokenizer.json or tokenizer_config.json loads through transformers (offline);
     a directory with only a `.model` file (tokenizer.model preferred), or a `.model` file itself,
     loads through sentencepiece (chat template: a sibling tokenizer_config.json's, else
     DEFAULT_CHAT_TEMPLATE).
 
+    A named model or a .gguf file resolves to the same cached Hugging Face dir as `load_hf`.
+
     Args:
-      path: the directory or file.
+      path: the directory, file or model name.
       chat_template: a jinja chat template to use instead of the one stored with the tokenizer.
     Returns:
       A Tokenizer.
@@ -473,10 +547,16 @@ def load_tokenizer(path: str | os.PathLike, *, chat_template: str | None = None)
       FileNotFoundError when nothing loadable is there; ValueError when a file is unreadable.
     """
     path = os.fspath(path)
+    if path.endswith(".gguf") or not os.path.exists(path):
+        # A named default or a .gguf file: its cached Hugging Face conversion, as load_hf
+        # reads it (the model layer owns the conversion; this layer sits above it).
+        from align_jax.models.named import NAMED_MODELS, resolve_model_path
+        if path in NAMED_MODELS or (path.endswith(".gguf") and os.path.isfile(path)):
+            path = resolve_model_path(path)
     if not os.path.exists(path):
-        # Names and .gguf files are resolved by the model layer, above this one.
-        raise FileNotFoundError(f"tokenizer path {path} does not exist (for a named model or a "
-                                f".gguf file use align_jax.models.named.resolve_model_path)")
+        from align_jax.models.named import NAMED_MODELS
+        raise FileNotFoundError(f"tokenizer path {path} does not exist and is not a named model "
+                                f"({', '.join(sorted(NAMED_MODELS))})")
     if os.path.isfile(path):
         name = os.path.basename(path)
         if name.endswith(".model"):
@@ -506,14 +586,18 @@ def encode_prompt(tokenizer, prompt: str | list[dict], *, chat_template: bool = 
       prompt: a string (one user turn) or a list of {role, content} messages.
       chat_template: True renders the chat template with the assistant turn opened (the
         template writes BOS where the model wants one, so none is added); False encodes the
-        raw text (messages joined by blank lines) after BOS, when the tokenizer has one.
+        raw text (messages joined by blank lines) with the tokenizer's own special-token
+        rules (`Tokenizer.encode_input`, as transformers' `tokenizer(text)`).
     Returns:
       The token ids.
     """
     if not chat_template:
         if not isinstance(prompt, str):
             prompt = "\n\n".join(m["content"] for m in prompt)
-        return list(tokenizer.encode(prompt, add_bos=tokenizer.bos_id is not None))
+        encode_input = getattr(tokenizer, "encode_input", None)
+        if encode_input is None:  # a minimal tokenizer-like object: BOS is its only special
+            return list(tokenizer.encode(prompt, add_bos=tokenizer.bos_id is not None))
+        return list(encode_input(prompt))
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
     text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
     return list(tokenizer.encode(text, add_bos=False))

@@ -14,9 +14,10 @@ LAYERS = (
     ("align_jax", "align_jax.axes"),
     ("align_jax.sharding",),
     ("align_jax.runinfo",),
+    # A named model's (or a .gguf file's) tokenizer is the model layer's conversion of it.
+    ("align_jax.models",),
     ("align_jax.tokenizer",),
     ("align_jax.tokenizer_training",),
-    ("align_jax.models",),
     ("align_jax.data",),
     ("align_jax.losses",),
     ("align_jax.train",),

@@ -34,13 +34,19 @@ PROCESS_ENCODE_BYTES = 2**18
 _LENGTH = struct.Struct("<Q")
 
 
-def _encode_text(tokenizer, text: str, *, add_bos: bool) -> list[int]:
-    return tokenizer.encode(text, add_bos=add_bos)
+def _encode_text(tokenizer, text: str, *, add_special_tokens: bool) -> list[int]:
+    if not isinstance(text, str):
+        raise TypeError(f"encode expects a str, got {type(text).__name__}")
+    if add_special_tokens:
+        return encode_prompt(tokenizer, text, chat_template=False)
+    return tokenizer.encode(text)
 
 
-def text_encoder(*, add_bos: bool) -> Callable:
-    """`tokenizer.encode(text, add_bos=...)` as a picklable function of (tokenizer, text)."""
-    return functools.partial(_encode_text, add_bos=add_bos)
+def text_encoder(*, add_special_tokens: bool) -> Callable:
+    """Raw text -> ids as a picklable function of (tokenizer, text): with the tokenizer's own
+    special-token rules (`encode_prompt(..., chat_template=False)`, transformers'
+    `tokenizer(text)`), or with none at all."""
+    return functools.partial(_encode_text, add_special_tokens=add_special_tokens)
 
 
 def prompt_encoder(*, chat_template: bool) -> Callable:

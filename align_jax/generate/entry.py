@@ -13,7 +13,7 @@ from align_jax.jsonl import decode_line, numbered_lines, write_jsonl
 from align_jax.models.hf import load_hf
 from align_jax.models.named import resolve_model_path
 from align_jax.runinfo import run_folder
-from align_jax.tokenizer import load_tokenizer, validate_messages
+from align_jax.tokenizer import encode_prompt, load_tokenizer, validate_messages
 
 
 def _read_prompts(path: str) -> list[dict]:
@@ -58,12 +58,10 @@ def generate_main(*, output_dir: str, model_dir: str, prompts: str, chat: bool =
     with run_folder(output_dir):
         config, params = load_hf(model_dir)
         tok = load_tokenizer(resolve_model_path(model_dir))
-        ids = []
-        for row in rows:
-            messages = row.get("messages") or [{"role": "user", "content": row["prompt"]}]
-            text = (tok.apply_chat_template(messages, add_generation_prompt=True)
-                    if chat or "messages" in row else row["prompt"])
-            ids.append(tok.encode(text))
+        # The one prompt encoder, as the server and SDG use it: a raw prompt gets the
+        # tokenizer's own special tokens (transformers' `tokenizer(text)`).
+        ids = [encode_prompt(tok, row["messages"] if "messages" in row else row["prompt"],
+                             chat_template=chat or "messages" in row) for row in rows]
         out = generate(config, params, ids, max_new_tokens=max_new_tokens,
                        temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
                        stop_strings=tuple(stop_strings), tokenizer=tok, batch_size=batch_size)

@@ -236,7 +236,7 @@ def tokenize_json(state: ServerState, raw: bytes) -> str:
     if (req.prompt is None) == (req.messages is None):
         raise APIError(400, "give exactly one of prompt or messages", param="prompt")
     if req.prompt is not None:
-        ids = _encode(state, text_encoder(add_bos=req.add_special_tokens), [req.prompt],
+        ids = _encode(state, text_encoder(add_special_tokens=req.add_special_tokens), [req.prompt],
                       raw=raw, param="prompt")[0]
     else:
         ids = _encode(state, prompt_encoder(chat_template=True), [message_dicts(req.messages)],

@@ -44,7 +44,7 @@ def tensors(config: ModelConfig) -> list[Tensor]:
 
 
 def save_hf(config: ModelConfig, params: Params, path: str, *,
-            max_shard_bytes: int = 5 * 2**30) -> None:
+            max_shard_bytes: int = 5 * 2**30, tokenizer=None) -> None:
     """Writes a checkpoint directory that transformers' AutoModelForCausalLM loads.
 
     Writes config.json, generation_config.json and model.safetensors, or numbered shards plus
@@ -56,6 +56,8 @@ def save_hf(config: ModelConfig, params: Params, path: str, *,
       params: its parameter tree (plain or boxed), any dtype; tensors keep that dtype.
       path: output directory (created if needed).
       max_shard_bytes: the largest shard; a tensor larger than this gets a shard of its own.
+      tokenizer: an `align_jax.tokenizer.Tokenizer` whose files are written too, so that
+        transformers' AutoTokenizer loads `path` as well.
     """
     path = os.fspath(path)
     hf_config = config_to_hf(config)
@@ -106,6 +108,8 @@ def save_hf(config: ModelConfig, params: Params, path: str, *,
     _write_json(os.path.join(path, _CONFIG), hf_config)
     generation = {k: hf_config[k] for k in _TOKEN_ID_KEYS if hf_config[k] is not None}
     _write_json(os.path.join(path, _GENERATION_CONFIG), generation)
+    if tokenizer is not None:
+        tokenizer.save(path)
 
 
 def _write_json(file: str, obj: Any) -> None:

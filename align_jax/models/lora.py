@@ -52,6 +52,13 @@ _EXPERT_TARGETS = {
     "up": ("mlp", "up", "EDF", "D"),
     "down": ("mlp", "down", "EFD", "F"),
 }
+# peft's names for the same projections (`LoraConfig.target_modules`), accepted as targets;
+# "all-linear" is every projection of the blocks (peft leaves the output head out, as we do).
+PEFT_ALIASES: dict[str, tuple[str, ...]] = {
+    "q_proj": ("q",), "k_proj": ("k",), "v_proj": ("v",), "o_proj": ("o",),
+    "gate_proj": ("gate",), "up_proj": ("up",), "down_proj": ("down",),
+    "all-linear": tuple(TARGETS),
+}
 _LOGICAL = {"L": axes.LAYERS, "D": axes.EMBED, "N": axes.HEADS, "K": axes.KV_HEADS,
             "H": axes.HEAD_DIM, "F": axes.MLP, "R": axes.LORA_RANK, "E": axes.EXPERTS}
 
@@ -67,7 +74,8 @@ class LoraConfig:
     """What to adapt and how.
 
     rank, alpha: the low rank R and the scale numerator (scale = alpha / R).
-    targets: projections to adapt, among q, k, v, o, gate, up, down.
+    targets: projections to adapt, among q, k, v, o, gate, up, down; peft's module names
+      (q_proj, ..., down_proj, "all-linear") are accepted and stored as ours.
     dropout: dropout on the adapter's input while training (0: none).
     rslora: scale = alpha / sqrt(R) (rank-stabilised LoRA).
     base_dtype: the dtype the frozen base is held in while training (e.g. "bfloat16"); None
@@ -82,9 +90,13 @@ class LoraConfig:
     base_dtype: str | None = None
 
     def __post_init__(self):
-        bad = [t for t in self.targets if t not in TARGETS]
-        if bad or not self.targets:
-            raise ValueError(f"LoraConfig.targets={self.targets!r}: choose among {tuple(TARGETS)}")
+        given = (self.targets,) if isinstance(self.targets, str) else tuple(self.targets)
+        bad = [t for t in given if t not in TARGETS and t not in PEFT_ALIASES]
+        if bad or not given:
+            raise ValueError(f"LoraConfig.targets={self.targets!r}: choose among "
+                             f"{tuple(TARGETS)} or peft's names {tuple(PEFT_ALIASES)}")
+        ours = [o for t in given for o in PEFT_ALIASES.get(t, (t,))]
+        object.__setattr__(self, "targets", tuple(dict.fromkeys(ours)))
         if self.rank < 1:
             raise ValueError(f"LoraConfig.rank={self.rank}: must be >= 1")
         if not 0.0 <= self.dropout < 1.0:
@@ -106,7 +118,7 @@ def lora_config(value: "LoraConfig | Mapping[str, Any] | None") -> "LoraConfig |
     if unknown:
         raise ValueError(f"lora: unknown field(s) {unknown}; known: {sorted(fields)}")
     kw = dict(value)
-    if "targets" in kw:
+    if "targets" in kw and not isinstance(kw["targets"], str):
         kw["targets"] = tuple(kw["targets"])
     return LoraConfig(**kw)
 
@@ -211,8 +223,8 @@ def init_lora(config: ModelConfig, params: Any, *, rank: int, alpha: float,
     Returns:
       the Adapters (float32, on the default device; place them with `lora_axes`).
     """
-    spec = LoraConfig(rank=rank, alpha=alpha, targets=tuple(targets), dropout=dropout,
-                      rslora=rslora)
+    spec = LoraConfig(rank=rank, alpha=alpha, dropout=dropout, rslora=rslora,
+                      targets=targets if isinstance(targets, str) else tuple(targets))
     for t in spec.targets:
         module, name, _, _ = _target(config, t)
         if name not in params.get("layers", {}).get(module, {}):
@@ -369,3 +381,103 @@ def save_peft(config: ModelConfig, adapters: Adapters, path: str | os.PathLike, 
         cfg["alpha_pattern"] = {name: scale_for(r) for name, r in extra.items()}
     with open(os.path.join(path, "adapter_config.json"), "w") as f:
         json.dump(cfg, f, indent=1)
+
+
+# --------------------------------------------------------------------------- peft import
+
+
+def load_peft(config: ModelConfig, path: str | os.PathLike) -> Adapters:
+    """Reads a peft LoRA adapter dir (`save_peft`'s, or peft's own) as Adapters of `config`.
+
+    The inverse of `save_peft` for modules adapted one to one (every family's separate
+    projections); fused modules (GPT-2's c_attn, GPT-NeoX's query_key_value) and experts are
+    refused, as are adapters with per-module ranks or alphas, biases or modules_to_save.
+
+    Args:
+      config: the base model the adapters were trained on.
+      path: the dir with adapter_config.json and adapter_model.safetensors.
+    Returns:
+      Adapters (float32 host arrays), their LoraConfig read from adapter_config.json.
+    Raises:
+      ValueError naming the file and field when the adapter cannot be read as ours.
+    """
+    from safetensors.numpy import load_file  # local: only imports read adapter files
+
+    path = os.fspath(path)
+    cfg_path = os.path.join(path, "adapter_config.json")
+    weights_path = os.path.join(path, "adapter_model.safetensors")
+    for p in (cfg_path, weights_path):
+        if not os.path.isfile(p):
+            raise FileNotFoundError(f"{p}: missing; lora_from needs a peft adapter dir "
+                                    f"(adapter_config.json + adapter_model.safetensors)")
+    try:
+        with open(cfg_path, encoding="utf-8") as f:
+            cfg = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{cfg_path}: not valid JSON ({e})") from None
+    if not isinstance(cfg, dict) or cfg.get("peft_type") != "LORA":
+        raise ValueError(f"{cfg_path}: field 'peft_type' must be 'LORA'")
+    for field, ok in (("bias", cfg.get("bias", "none") == "none"),
+                      ("modules_to_save", not cfg.get("modules_to_save")),
+                      ("target_parameters", not cfg.get("target_parameters")),
+                      ("use_dora", not cfg.get("use_dora"))):
+        if not ok:
+            raise ValueError(f"{cfg_path}: field {field!r}={cfg.get(field)!r} is not supported "
+                             f"(plain LoRA on the projections only)")
+    rank, alpha = cfg.get("r"), cfg.get("lora_alpha")
+    if not isinstance(rank, int) or isinstance(rank, bool) or not isinstance(alpha, (int, float)):
+        raise ValueError(f"{cfg_path}: fields 'r' and 'lora_alpha' must be numbers, got "
+                         f"{rank!r} and {alpha!r}")
+    for field in ("rank_pattern", "alpha_pattern"):
+        if cfg.get(field):
+            raise ValueError(f"{cfg_path}: field {field!r}={cfg[field]!r}: per-module ranks or "
+                             f"alphas are not supported (one rank and alpha for every target)")
+    family = get_family(config.family, source=f"load_peft: ModelConfig.family={config.family!r}")
+    tensors = load_file(weights_path)
+    targets, used = [], set()
+    for t, m in family.lora.items():
+        key = f"base_model.model.{family.layer_prefix.format(i=0)}{m.module}.lora_A.weight"
+        if key not in tensors:
+            continue
+        if m.rows is not None or m.parameter is not None or (config.num_experts and
+                                                              t in _EXPERT_TARGETS):
+            raise ValueError(f"{weights_path}: {m.name} is a fused or expert module; lora_from "
+                             f"reads adapters on separate projections only")
+        targets.append(t)
+    if not targets:
+        raise ValueError(f"{weights_path}: no LoRA weights on the {config.family} projections "
+                         f"({', '.join(sorted({m.module for m in family.lora.values()}))})")
+    spec = LoraConfig(rank=rank, alpha=float(alpha), targets=tuple(targets),
+                      dropout=float(cfg.get("lora_dropout") or 0.0),
+                      rslora=bool(cfg.get("use_rslora", False)))
+    dims = {**_dims(config), "R": rank}
+    flat = {}
+    for t in targets:
+        module, _, w, contracted = _target(config, t)
+        a_letters, b_letters = _letters(config, t)
+        m = family.lora[t]
+        a_layers, b_layers = [], []
+        for i in range(config.num_layers):
+            pre = f"base_model.model.{family.layer_prefix.format(i=i)}{m.module}"
+            a_key, b_key = f"{pre}.lora_A.weight", f"{pre}.lora_B.weight"
+            if a_key not in tensors or b_key not in tensors:
+                raise ValueError(f"{weights_path}: {a_key} or {b_key} is missing")
+            a, b = tensors[a_key], tensors[b_key]
+            used.update((a_key, b_key))
+            a_shape = tuple(dims[c] for c in a_letters)
+            b_shape = tuple(dims[c] for c in b_letters)
+            if a.shape != (rank, math.prod(a_shape) // rank) or \
+                    b.shape != (math.prod(b_shape) // rank, rank):
+                raise ValueError(f"{weights_path}: {pre} has A {a.shape} and B {b.shape}; "
+                                 f"a rank-{rank} adapter of this model has "
+                                 f"A {(rank, math.prod(a_shape) // rank)} and "
+                                 f"B {(math.prod(b_shape) // rank, rank)}")
+            a_layers.append(np.asarray(a, np.float32).T.reshape(a_shape))
+            b_layers.append(np.asarray(b, np.float32).T.reshape(b_shape))
+        flat[f"{module}/{t}_a"] = np.stack(a_layers)
+        flat[f"{module}/{t}_b"] = np.stack(b_layers)
+    extra = sorted(k for k in tensors if k not in used)
+    if extra:
+        raise ValueError(f"{weights_path}: {len(extra)} tensors are not on the {config.family} "
+                         f"projections this model adapts, e.g. {extra[0]}")
+    return Adapters(weights=_nest(flat), spec=spec)

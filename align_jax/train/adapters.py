@@ -21,7 +21,9 @@ from align_jax import sharding
 from align_jax.models import lora as lora_lib
 from align_jax.models import transformer
 from align_jax.models.config import ModelConfig
-from align_jax.models.hf import load_hf
+from align_jax.models.hf import config_from_hf, load_hf, save_hf
+from align_jax.models.named import resolve_model_path
+from align_jax.tokenizer import copy_tokenizer_files
 from align_jax.train import compile as compile_lib
 from align_jax.train import step as step_lib
 from align_jax.train.state import TrainState, abstract_arrays, abstract_state, train_state_shardings
@@ -133,3 +135,85 @@ def rebuild_base(config: ModelConfig, spec: lora_lib.LoraConfig, base: dict[str,
     # The same key and dtype as the loop's random init (values do not depend on sharding).
     key = jax.random.split(jax.random.key(int(base["seed"])))[1]
     return transformer.init_params(frozen, key)
+
+
+def write_peft_export(config: ModelConfig, adapters: lora_lib.Adapters, tmp: str, *,
+                      final_dir: str, init_from: str | None, base_params=None,
+                      tokenizer_dir: str | None = None) -> str:
+    """A peft adapter dir that `peft.AutoPeftModelForCausalLM.from_pretrained` loads offline.
+
+    `adapter_config.json` names the base as an absolute local folder: `init_from` resolved (a
+    named model's converted dir included), or, for a base with no folder (random init), the
+    base itself written into `<final_dir>/base`. The tokenizer files are copied in too.
+
+    Args:
+      config: the model.
+      adapters: the trained adapters (host arrays).
+      tmp: the folder being written (renamed to final_dir by the caller once complete).
+      final_dir: where the export will live.
+      init_from: the run's base dir or model name, or None.
+      base_params: a callable returning the base params (host), used when init_from is None.
+      tokenizer_dir: tokenizer files to copy (a dir or .model file).
+    Returns:
+      the base_model_name_or_path written.
+    """
+    if init_from:
+        base = os.path.abspath(resolve_model_path(init_from))
+    else:
+        base = os.path.join(os.path.abspath(final_dir), "base")
+        base_cfg = base_config(config, adapters.spec)
+        save_hf(base_cfg, base_params(), os.path.join(tmp, "base"))
+        if tokenizer_dir is not None:
+            copy_tokenizer_files(tokenizer_dir, os.path.join(tmp, "base"))
+    lora_lib.save_peft(config, adapters, tmp, base_model_name_or_path=base)
+    if tokenizer_dir is not None:
+        copy_tokenizer_files(tokenizer_dir, tmp)
+    return base
+
+
+def peft_base_path(path: str) -> str | None:
+    """The `base_model_name_or_path` of a peft adapter dir (None when it names none)."""
+    cfg_path = os.path.join(path, "adapter_config.json")
+    if not os.path.isfile(cfg_path):
+        raise FileNotFoundError(f"train_main.lora_from: {cfg_path} is missing; give a peft "
+                                f"adapter dir (adapter_config.json + adapter_model.safetensors)")
+    try:
+        with open(cfg_path, encoding="utf-8") as f:
+            base = json.load(f).get("base_model_name_or_path")
+    except (ValueError, UnicodeDecodeError, AttributeError) as e:
+        raise ValueError(f"{cfg_path}: not a peft adapter config ({e})") from None
+    return base if isinstance(base, str) and base else None
+
+
+def continue_from_peft(config: ModelConfig | None, path: str, given: Any, *,
+                       init_from: str | None = None
+                       ) -> tuple[lora_lib.LoraConfig, dict[str, Any]]:
+    """(spec, adapter weights) to continue training the peft adapter at `path`.
+
+    Rank, alpha, targets and rslora are the adapter's; `given` (train_main.lora, may be None)
+    may set dropout and base_dtype, and where it sets the others they must agree. `config`
+    None reads the base's from `init_from`'s config.json.
+    """
+    if config is None:
+        if init_from is None:
+            raise ValueError(f"train_main.lora_from: {path} names no base "
+                             f"(base_model_name_or_path); set init_from or model")
+        cfg_path = os.path.join(init_from, "config.json")
+        try:
+            with open(cfg_path, encoding="utf-8") as f:
+                config = config_from_hf(json.load(f), source=cfg_path)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{cfg_path}: cannot read the base's config ({e})") from None
+    adapters = lora_lib.load_peft(config, path)
+    spec = adapters.spec
+    given = dict(given or {})
+    for field in ("rank", "alpha", "targets", "rslora"):
+        if field in given:
+            want = getattr(lora_lib.lora_config({field: given[field]}), field)
+            if want != getattr(spec, field):
+                raise ValueError(f"train_main.lora[{field!r}]={given[field]!r} disagrees with "
+                                 f"the adapter in {path} ({getattr(spec, field)!r}); leave it "
+                                 f"out to continue the adapter as it is")
+    spec = dataclasses.replace(spec, dropout=float(given.get("dropout", spec.dropout)),
+                               base_dtype=given.get("base_dtype"))
+    return spec, adapters.weights

@@ -22,7 +22,7 @@ from align_jax.models import lora
 from align_jax.models.gguf import gguf_to_hf
 from align_jax.models.hf import config_from_hf, save_hf
 from align_jax.tokenizer import copy_tokenizer_files
-from align_jax.train.adapters import read_lora_file, rebuild_base
+from align_jax.train.adapters import read_lora_file, rebuild_base, write_peft_export
 from align_jax.train.checkpoint import load_params
 
 
@@ -73,8 +73,10 @@ def convert_main(*, output_dir: str, run_dir: str | None = None, step: int | Non
         adapters = lora.Adapters(weights=params, spec=spec)
         if export == "peft":
             with atomic_dir(output_dir) as tmp:
-                lora.save_peft(config, adapters, os.fspath(tmp),
-                               base_model_name_or_path=base["init_from"])
+                write_peft_export(
+                    config, adapters, os.fspath(tmp), final_dir=output_dir,
+                    init_from=base["init_from"], tokenizer_dir=model_dir,
+                    base_params=lambda: jax.device_get(rebuild_base(config, spec, base)))
             print(f"wrote the peft adapter {output_dir} from {run_dir}/checkpoints "
                   f"(step {step or 'latest'})")
             return 0

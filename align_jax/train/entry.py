@@ -29,7 +29,7 @@ from align_jax.runinfo import run_folder
 from align_jax.tokenizer import copy_tokenizer_files, load_tokenizer
 from align_jax.tokenizer_training import train_tokenizer
 from align_jax.train import status as status_lib
-from align_jax.train.adapters import write_lora_file
+from align_jax.train.adapters import continue_from_peft, peft_base_path, write_lora_file
 from align_jax.train.loop import train
 from align_jax.train.optim import OptimizerConfig
 from align_jax.train.plan import check_train_memory, load_model_config
@@ -85,7 +85,7 @@ def train_main(*, output_dir: str, data: str, objective: str = "sft",
                vocab_chunk_size: int = 0, save_every: int = 1000, keep: int = 3,
                log_every: int = 10, seed: int = 0, export_hf: bool = True,
                progress: bool = True, lora: Mapping[str, Any] | None = None,
-               overwrite: bool = False) -> dict[str, Any]:
+               lora_from: str | None = None, overwrite: bool = False) -> dict[str, Any]:
     """Trains one objective and exports the result as a Hugging Face checkpoint.
 
     Args:
@@ -122,6 +122,9 @@ def train_main(*, output_dir: str, data: str, objective: str = "sft",
         {'rank': 8, 'alpha': 16, 'targets': ('q', 'v'), 'base_dtype': 'bfloat16'} (fields of
         `align_jax.models.lora.LoraConfig`). Only the adapters are updated and checkpointed;
         the export is the merged model (<output_dir>/hf) and the adapter (<output_dir>/peft).
+      lora_from: a peft adapter dir (an earlier run's <output_dir>/peft, or peft's own) whose
+        adapters training continues from; rank, alpha and targets are the adapter's (`lora`
+        may set dropout and base_dtype), init_from defaults to its base_model_name_or_path.
       overwrite: clear what an earlier run wrote into output_dir and start over (otherwise a
         rerun with the same settings resumes and one with other settings is refused).
     Returns:
@@ -130,6 +133,8 @@ def train_main(*, output_dir: str, data: str, objective: str = "sft",
     """
     args = dict(locals())
     settings = {k: v for k, v in args.items() if k not in _NOT_SETTINGS}
+    if lora_from is None:  # unset: run folders recorded before lora_from existed still resume
+        del settings["lora_from"]
     _check_arguments(batch_size=batch_size, seq_len=seq_len, num_steps=num_steps,
                      num_epochs=num_epochs, grad_accum=grad_accum, save_every=save_every,
                      keep=keep, log_every=log_every)
@@ -240,12 +245,14 @@ def _train_main(settings, *, output_dir, data, objective, model, model_overrides
                 tokenizer, seq_len, batch_size, pack, truncation, on_error, num_epochs,
                 num_steps, optimizer, grad_accum, mesh, rules, loss_kwargs, reference,
                 vocab_chunk_size, save_every, keep, log_every, seed, export_hf, progress,
-                lora=None, overwrite=False):
+                lora=None, lora_from=None, overwrite=False):
     # Local: the loaders import grain (seconds), needed only once a run starts.
     from align_jax.data import make_loader
 
     obj, loss_kwargs = _objective_and_options(objective, loss_kwargs, vocab_chunk_size)
-    lora_spec = lora_config(lora)
+    if lora_from is not None:  # the adapter's own settings replace this spec once read
+        init_from = init_from or (None if model else peft_base_path(lora_from))
+    lora_spec = lora_config(lora if lora_from is None else lora or {})
     if reference == "adapters_off" and lora_spec is None:
         raise ValueError("train_main.reference='adapters_off' needs train_main.lora=...")
     ref_mode = obj.reference_mode("params" if reference == "adapters_off" else reference,
@@ -269,6 +276,9 @@ def _train_main(settings, *, output_dir, data, objective, model, model_overrides
         tok_path = built
     tok = load_tokenizer(tok_path)
     config = _model(model, model_overrides or {}, init_from, tok)
+    lora_init = None
+    if lora_from is not None:
+        lora_spec, lora_init = continue_from_peft(config, lora_from, lora, init_from=init_from)
     # Before any weight is loaded: a batch that cannot fit is refused with the numbers.
     check_train_memory(config or load_model_config(init_from), objective=obj.name,
                        frozen_reference=ref_mode == "params", batch_size=batch_size,
@@ -323,7 +333,7 @@ def _train_main(settings, *, output_dir, data, objective, model, model_overrides
                           reference=ref_mode,
                           export_hf_dir=hf_dir if export_hf else None,
                           export_tokenizer_dir=tok_path, progress=progress, lora=lora_spec,
-                          export_peft_dir=peft_dir)
+                          export_peft_dir=peft_dir, lora_init=lora_init)
             loader.close()
         except KeyboardInterrupt as e:
             last = _last_checkpoint(output_dir)

@@ -164,7 +164,8 @@ def train(*, config: ModelConfig | str | None = None, params_init: Any = None,
           operative_config: str | None = None,
           lora: "lora_lib.LoraConfig | Mapping[str, Any] | None" = None,
           export_peft_dir: str | os.PathLike | None = None,
-          export_tokenizer_dir: str | os.PathLike | None = None) -> TrainState:
+          export_tokenizer_dir: str | os.PathLike | None = None,
+          lora_init: Any = None) -> TrainState:
     """Trains `config`'s model on `loss_fn` for `num_steps` updates, resuming if it can.
 
     Args:
@@ -201,6 +202,8 @@ def train(*, config: ModelConfig | str | None = None, params_init: Any = None,
         `train.adapters`).
       export_peft_dir: with LoRA, where the final adapters are saved in peft's format.
       export_tokenizer_dir: tokenizer files copied into the export before it is renamed.
+      lora_init: with LoRA, the adapter weights a fresh run starts from (e.g. those of
+        `lora.load_peft`) instead of a new init; a resumed run takes its checkpoint's.
     Returns:
       the final TrainState; `state.step < num_steps` when SIGTERM cut the run short.
     """
@@ -266,7 +269,8 @@ def train(*, config: ModelConfig | str | None = None, params_init: Any = None,
         elif spec is not None:
             init_adapters = jax.jit(functools.partial(lora_lib.init_lora_weights, config, spec),
                                     out_shardings=shardings.params)
-            weights = init_adapters(jax.random.fold_in(jax.random.key(seed), 0x10A))
+            weights = (init_adapters(jax.random.fold_in(jax.random.key(seed), 0x10A))
+                       if lora_init is None else jax.device_put(lora_init, shardings.params))
             state = compile_lib.init_train_state(weights, tx=tx, seed=seed,
                                                  state_shardings=shardings, ref_params=initial())
         else:
@@ -357,7 +361,10 @@ def train(*, config: ModelConfig | str | None = None, params_init: Any = None,
     if spec is not None:
         adapters = lora_lib.Adapters(weights=state.params, spec=spec)
         if export_peft_dir is not None:
-            export_peft(config, adapters, export_peft_dir)
+            export_peft(config, adapters, export_peft_dir,
+                        init_from=params_init if isinstance(params_init, (str, os.PathLike))
+                        else None, base_params=state.ref_params,
+                        tokenizer_dir=export_tokenizer_dir)
         if export_hf_dir is not None:
             dtype = jax.numpy.dtype(config.param_dtype)
             merged = jax.jit(lambda base, a: jax.tree.map(
@@ -369,17 +376,25 @@ def train(*, config: ModelConfig | str | None = None, params_init: Any = None,
     return state
 
 
-def export_peft(config: ModelConfig, adapters: "lora_lib.Adapters",
-                path: str | os.PathLike) -> None:
+def export_peft(config: ModelConfig, adapters: "lora_lib.Adapters", path: str | os.PathLike,
+                *, init_from: str | os.PathLike | None = None, base_params: Any = None,
+                tokenizer_dir: str | os.PathLike | None = None) -> None:
     """Saves LoRA adapters in peft's format at `path` (main process only; written to a
-    temporary folder and renamed into place when complete)."""
+    temporary folder and renamed into place when complete), naming the base so that
+    `peft.AutoPeftModelForCausalLM` loads it offline: `init_from`'s local dir, or with none
+    the frozen `base_params` written into `<path>/base` (`adapters.write_peft_export`)."""
     weights = adapters.weights
-    if jax.process_count() > 1:
-        weights = multihost_utils.process_allgather(weights, tiled=True)
+    gather = (lambda x: multihost_utils.process_allgather(x, tiled=True)
+              if jax.process_count() > 1 else x)
+    weights = gather(weights)
+    base = None if init_from or base_params is None else gather(base_params)
     if jax.process_index() == 0:
         with atomic_dir(path) as tmp:
-            lora_lib.save_peft(config, adapters.replace(weights=jax.device_get(weights)),
-                               os.fspath(tmp))
+            adapters_lib.write_peft_export(
+                config, adapters.replace(weights=jax.device_get(weights)), os.fspath(tmp),
+                final_dir=os.fspath(path), init_from=os.fspath(init_from) if init_from else None,
+                base_params=lambda: jax.device_get(base),
+                tokenizer_dir=os.fspath(tokenizer_dir) if tokenizer_dir else None)
 
 
 def export_hf(config: ModelConfig, params: Any, path: str | os.PathLike, *,

@@ -202,7 +202,7 @@ def _wait_for(condition, timeout=60.0):
 def _encode_all(pool, body_bytes):
     chat = [[{"role": "system", "content": "Be brief."}, {"role": "user", "content": t}]
             for t in TEXT[:2]]
-    return ([pool.encode(text_encoder(add_bos=b), TEXT, body_bytes=body_bytes) for b in
+    return ([pool.encode(text_encoder(add_special_tokens=b), TEXT, body_bytes=body_bytes) for b in
              (True, False)] + [pool.encode(prompt_encoder(chat_template=c), chat + TEXT[2:],
                                            body_bytes=body_bytes) for c in (True, False)])
 
@@ -221,9 +221,9 @@ def test_the_child_process_encodes_like_the_tokenizer(model_files):
         assert all(ids.dtype == "int32" for batch in in_child for ids in batch)
         # An error in the child is raised here, with its type; the child keeps serving.
         with pytest.raises(TypeError, match="expects a str"):
-            pool.encode(text_encoder(add_bos=True), [42], body_bytes=1)
-        assert pool.encode(text_encoder(add_bos=False), ["honesty"], body_bytes=1)[0].tolist() \
-            == tok.encode("honesty")
+            pool.encode(text_encoder(add_special_tokens=True), [42], body_bytes=1)
+        plain = text_encoder(add_special_tokens=False)
+        assert pool.encode(plain, ["honesty"], body_bytes=1)[0].tolist() == tok.encode("honesty")
     finally:
         pool.close()
     assert child.wait(timeout=10) is not None and pool._child is None
@@ -234,10 +234,11 @@ def test_a_killed_child_is_replaced(model_files):
     tok = model_files[0]
     pool = EncodePool(tok, process_bytes=0)
     try:
-        first = pool.encode(text_encoder(add_bos=True), [TEXT[0]], body_bytes=1)[0].tolist()
+        encode = text_encoder(add_special_tokens=True)
+        first = pool.encode(encode, [TEXT[0]], body_bytes=1)[0].tolist()
         pool._child.kill()
         pool._child.wait()
-        again = pool.encode(text_encoder(add_bos=True), [TEXT[0]], body_bytes=1)[0].tolist()
+        again = pool.encode(encode, [TEXT[0]], body_bytes=1)[0].tolist()
     finally:
         pool.close()
     assert first == again == tok.encode(TEXT[0], add_bos=True)

@@ -176,3 +176,62 @@ def test_plain_mlp_has_no_gate_target(tmp_path):
     with pytest.raises(ValueError, match="no layers/mlp/gate for target 'gate'"):
         lora.init_lora(config, params, rank=2, alpha=4, targets=("gate",),
                        rng=jax.random.key(0))
+
+
+def test_peft_module_names_are_aliases_of_ours():
+    assert lora.LoraConfig(targets=("q_proj", "v_proj")).targets == ("q", "v")
+    assert lora.LoraConfig(targets="all-linear").targets == ALL
+    assert lora.lora_config({"targets": ["all-linear", "q"]}).targets == ALL
+    assert lora.lora_config({"targets": "down_proj"}).targets == ("down",)
+    with pytest.raises(ValueError, match="peft's names"):
+        lora.LoraConfig(targets=("qkv_proj",))
+
+
+@pytest.mark.parametrize("targets", [ALL, ("q", "v")])
+def test_load_peft_inverts_save_peft(checkpoints, tmp_path, targets):
+    config, params = hf.load_hf(checkpoints["llama"])
+    adapters = _randomise_b(lora.init_lora(config, params, rank=4, alpha=8, targets=targets,
+                                           rng=jax.random.key(7), rslora=True), seed=8)
+    lora.save_peft(config, adapters, tmp_path / "a")
+    back = lora.load_peft(config, tmp_path / "a")
+    assert back.spec == adapters.spec
+    for x, y in zip(jax.tree.leaves(back.weights), jax.tree.leaves(adapters.weights)):
+        np.testing.assert_array_equal(x, np.asarray(y))
+
+
+def test_load_peft_reads_an_adapter_peft_made(checkpoints, tmp_path):
+    path = checkpoints["llama"]
+    base_model = transformers.AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch.float32, attn_implementation="eager").eval()
+    torch.manual_seed(0)
+    model = peft.get_peft_model(base_model, peft.LoraConfig(
+        r=4, lora_alpha=12, target_modules=["q_proj", "o_proj", "up_proj"], lora_dropout=0.0))
+    with torch.no_grad():  # as after training: B no longer zero
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.05)
+    model.save_pretrained(str(tmp_path / "peft"))
+    tokens = _tokens(9, (2, 10))
+    with torch.no_grad():
+        ref = model.eval()(torch.tensor(tokens, dtype=torch.long)).logits.float().numpy()
+    config, params = hf.load_hf(path)
+    adapters = lora.load_peft(config, tmp_path / "peft")
+    assert adapters.spec.targets == ("q", "o", "up") and adapters.spec.scale == 3.0
+    ours = np.asarray(transformer.forward(config, params, tokens, lora=adapters))
+    base = np.asarray(transformer.forward(config, params, tokens))
+    assert np.abs(ours - base).max() > 1e-2
+    np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=0)  # as the peft parity test above
+
+
+def test_load_peft_errors_name_the_file(checkpoints, tmp_path):
+    config, params = hf.load_hf(checkpoints["llama"])
+    adapters = lora.init_lora(config, params, rank=4, alpha=8, targets=("q",),
+                              rng=jax.random.key(0))
+    lora.save_peft(config, adapters, tmp_path / "a")
+    cfg_path = tmp_path / "a" / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg_path.write_text(json.dumps({**cfg, "rank_pattern": {"q_proj": 8}}))
+    with pytest.raises(ValueError, match="adapter_config.json: field 'rank_pattern'"):
+        lora.load_peft(config, tmp_path / "a")
+    with pytest.raises(FileNotFoundError, match="adapter_config.json"):
+        lora.load_peft(config, tmp_path / "missing")
