@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from align_jax import axes, sharding
-from align_jax.generate import batch_inputs, prompt_batches, results, sampling, stop
+from align_jax.generate import batch_inputs, prompt_batches, results, sampling, shape_cache, stop
 from align_jax.generate import constraints as constraints_lib
 from align_jax.generate import continuations as continuations_lib
 from align_jax.generate import prefix as prefix_lib
@@ -208,9 +208,11 @@ def _decode(params, state: SamplingState, sampler, stop_ids_E, end_step, tables=
     return jax.lax.while_loop(cond, body, state)
 
 
-jit_prefill = jax.jit(
+# jax.jit with a bounded number of kept programs (shape_cache.set_max_programs; the server
+# bounds it, since every new prompt length or budget compiles programs of its own).
+jit_prefill = shape_cache.ShapeCache(
     _prefill, static_argnames=("config", "flags", "max_new_tokens", "cache_len", "mesh", "rules"))
-jit_decode = jax.jit(
+jit_decode = shape_cache.ShapeCache(
     _decode, static_argnames=("config", "flags", "mesh", "rules"), donate_argnames=("state",))
 
 

@@ -62,7 +62,8 @@ class SamplingFields(_Body):
     min_p: float = pydantic.Field(0.0, ge=0.0, le=1.0, allow_inf_nan=False)
     repetition_penalty: float = pydantic.Field(1.0, gt=0.0, le=1e4, allow_inf_nan=False)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    # jax.random takes int64 seeds; a seed beyond that is a client bug, not a seed.
+    seed: int | None = pydantic.Field(None, ge=-2**63, le=2**63 - 1)
     n: int = 1
     stream: bool = False
     stream_options: _StreamOptions | None = None

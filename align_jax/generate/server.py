@@ -41,7 +41,9 @@ import fastapi
 import uvicorn
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
+from align_jax.generate import shape_cache
 from align_jax.generate.encode_pool import EncodePool
 from align_jax.generate.http_io import (
     BODY_BYTES_PER_TOKEN,
@@ -66,7 +68,9 @@ def make_app(config, params, tokenizer, *, model_name: str, api_key: str | None 
              max_batch_size: int = 16, batch_window_s: float = 0.01,
              max_len: int | None = None, max_prompt_tokens: int | None = None,
              max_new_tokens_limit: int | None = None, mesh=None,
-             rules="fsdp", max_body_bytes: int | None = None) -> fastapi.FastAPI:
+             rules="fsdp", max_body_bytes: int | None = None,
+             max_prompts_per_request: int = 64, max_request_tokens: int | None = None,
+             max_compiled_shapes: int | None = 64) -> fastapi.FastAPI:
     """Builds the FastAPI app (run it with uvicorn, or `ServerThread` in tests/notebooks).
 
     Args:
@@ -81,11 +85,25 @@ def make_app(config, params, tokenizer, *, model_name: str, api_key: str | None 
       mesh, rules: passed to `generate`.
       max_body_bytes: largest accepted request body (413 beyond); default
         max(1 MiB, 16 bytes x max_prompt_tokens).
+      max_prompts_per_request: most prompts one /v1/completions request may carry (400 beyond).
+      max_request_tokens: most tokens one request may ask for, its prompt tokens plus
+        max_tokens per prompt (400 beyond), so that one huge request cannot make the others
+        wait behind it; default max(65536, max_len).
+      max_compiled_shapes: compiled programs kept (least recently used dropped first): each
+        new prompt-length bucket, budget or shared-prefix length compiles a prefill and a
+        decode program, and memory grows with them; None keeps all. Process-wide
+        (`shape_cache.set_max_programs`).
     Returns:
       The app; `app.state.batcher` is its `Batcher`, `app.state.server` its `ServerState`.
     """
     max_len = int(max_len or config.max_position)
     max_prompt = int(max_prompt_tokens or max_len - 1)
+    for name, value in (("max_prompts_per_request", max_prompts_per_request),
+                        ("max_request_tokens", max_request_tokens)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                  or value < 1):
+            raise ValueError(f"serve: {name} must be a positive int, got {value!r}")
+    shape_cache.set_max_programs(max_compiled_shapes)
     state = ServerState(
         config=config, tokenizer=tokenizer, model_name=model_name, api_key=api_key,
         batcher=Batcher(config, params, tokenizer, max_len=max_len,
@@ -95,11 +113,14 @@ def make_app(config, params, tokenizer, *, model_name: str, api_key: str | None 
         max_new=int(max_new_tokens_limit or min(4096, max_len - 1)),
         max_body_bytes=int(max_body_bytes or max(MIN_BODY_BYTES,
                                                  BODY_BYTES_PER_TOKEN * max_prompt)),
+        max_prompts=max_prompts_per_request,
+        max_request_tokens=max_request_tokens or max(65536, max_len),
         started=int(time.time()))
     app = fastapi.FastAPI(title="align-jax", lifespan=_lifespan)
     app.state.server, app.state.batcher = state, state.batcher
     app.add_exception_handler(APIError, _api_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(ClientDisconnect, _client_left)
     app.add_api_route("/health", health, methods=["GET"])
     app.add_api_route("/v1/models", list_models, methods=["GET"])
     app.add_api_route("/v1/models/{name:path}", get_model, methods=["GET"])
@@ -127,6 +148,14 @@ async def _api_error(_, e: APIError):
 async def _http_error(request: fastapi.Request, e: StarletteHTTPException):
     return APIError(e.status_code, f"{request.method} {request.url.path}: {e.detail}",
                     code=str(e.status_code)).response()
+
+
+async def _client_left(request: fastapi.Request, _):
+    # The client hung up while sending its body: nobody reads an answer; one line, not an
+    # "Exception in ASGI application" traceback per dropped client.
+    log.info("%s %s: the client disconnected before sending its whole request",
+             request.method, request.url.path)
+    return fastapi.Response(status_code=499)
 
 
 def _state(request: fastapi.Request) -> ServerState:
@@ -410,7 +439,9 @@ def serve_main(*, model_dir: str, host: str = "127.0.0.1", port: int = 8000,
                max_len: int | None = None, max_prompt_tokens: int | None = None,
                max_new_tokens_limit: int | None = None, dtype: str = "float32",
                mesh_spec=None, rules: str = "fsdp", output_dir: str | None = None,
-               log_level: str = "info", max_body_bytes: int | None = None) -> int:
+               log_level: str = "info", max_body_bytes: int | None = None,
+               max_prompts_per_request: int = 64, max_request_tokens: int | None = None,
+               max_compiled_shapes: int | None = 64) -> int:
     """Entry of `align-jax serve`: serves an HF checkpoint dir until stopped (Ctrl-C).
 
     Args:
@@ -425,21 +456,50 @@ def serve_main(*, model_dir: str, host: str = "127.0.0.1", port: int = 8000,
         (`sharding.MeshSpec`); None keeps it on one device.
       output_dir: run folder for the config and run info.
       max_body_bytes: largest accepted request body (413 beyond); see `make_app`.
+      max_prompts_per_request, max_request_tokens, max_compiled_shapes: see `make_app`.
     Returns:
       0 after a clean shutdown.
+    Raises:
+      ValueError: the port is not in 0..65535 or cannot be bound (checked first, before the
+        model loads).
     """
     from align_jax import runinfo, sharding
 
+    sock = bind_socket(host, port)  # fail at once, before minutes of model loading
     api_key = api_key or os.environ.get("ALIGN_JAX_API_KEY") or None
     if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
         log.warning("serving on %s without an API key: anyone who can reach it can use it", host)
-    with runinfo.run_folder(output_dir):
+    with contextlib.closing(sock), runinfo.run_folder(output_dir):
         mesh = sharding.make_mesh(mesh_spec) if mesh_spec is not None else None
         app = app_from_checkpoint(
             model_dir, model_name=model_name, dtype=dtype, mesh=mesh, rules=rules,
             api_key=api_key, max_batch_size=max_batch_size,
             batch_window_s=batch_window_ms / 1000.0, max_len=max_len,
             max_prompt_tokens=max_prompt_tokens, max_new_tokens_limit=max_new_tokens_limit,
-            max_body_bytes=max_body_bytes)
-        _Server(uvicorn.Config(app, host=host, port=port, log_level=log_level)).run()
+            max_body_bytes=max_body_bytes, max_prompts_per_request=max_prompts_per_request,
+            max_request_tokens=max_request_tokens, max_compiled_shapes=max_compiled_shapes)
+        bound = sock.getsockname()[1]
+        _Server(uvicorn.Config(app, host=host, port=bound, log_level=log_level)).run(
+            sockets=[sock])
     return 0
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to host:port (port 0: a free one), for uvicorn to listen on.
+
+    Raises:
+      ValueError: one line naming the port: outside 0..65535, or it cannot be bound (in use,
+        no permission, unknown host).
+    """
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        raise ValueError(f"serve: port={port!r} is not a TCP port (0..65535)")
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET,
+                         socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise ValueError(f"serve: cannot listen on {host}:{port}: "
+                         f"{e.strerror or e}") from None
+    return sock

@@ -42,6 +42,9 @@ class ServerState:
       model_name: the id clients pass as `model`.  api_key: the bearer token, or None.
       max_len: context length.  max_prompt: longest accepted prompt, in tokens.
       max_new: largest accepted max_tokens.  max_body_bytes: largest accepted body (413).
+      max_prompts: most prompts one request may carry.  max_request_tokens: most tokens one
+        request may ask for (its prompt tokens + max_tokens per prompt), so that one request
+        cannot hold the queue for long.
       started: creation time (unix seconds), reported by /v1/models.
     """
 
@@ -55,6 +58,8 @@ class ServerState:
     max_prompt: int
     max_new: int
     max_body_bytes: int
+    max_prompts: int
+    max_request_tokens: int
     started: int
 
 
@@ -166,6 +171,12 @@ def _make_job(state: ServerState, req: SamplingFields, prompts: list[list[int]],
         raise APIError(400, f"the prompt ({longest} tokens) + max_tokens ({max_tokens}) "
                        f"exceeds the context length {state.max_len}; shorten the prompt or "
                        f"lower max_tokens", param=prompt_param, code="context_length_exceeded")
+    total = sum(len(p) for p in prompts) + len(prompts) * max_tokens
+    if total > state.max_request_tokens:
+        raise APIError(400, f"this request asks for {total} tokens ({len(prompts)} prompt(s): "
+                       f"their tokens + max_tokens={max_tokens} each); this server accepts at "
+                       f"most {state.max_request_tokens} per request; split it or lower "
+                       f"max_tokens", param=prompt_param, code="request_too_large")
     seed = req.seed if req.seed is not None else secrets.randbits(32)
     sampling = dict(temperature=req.temperature, top_k=max(req.top_k, 0), top_p=req.top_p,
                     min_p=req.min_p, repetition_penalty=req.repetition_penalty)
@@ -202,7 +213,15 @@ def prepare_completion(state: ServerState, raw: bytes):
         p = [p]
     elif p and all(isinstance(x, int) for x in p):
         p = [p]
+    if len(p) > state.max_prompts:
+        raise APIError(400, f"this request has {len(p)} prompts; this server accepts at most "
+                       f"{state.max_prompts} per request", param="prompt",
+                       code="request_too_large")
     texts = [x for x in p if isinstance(x, str)]
+    for i, x in enumerate(p):
+        if x == "":  # it would encode to BOS alone: a completion of nothing
+            raise APIError(400, "prompt is empty" if len(p) == 1 else
+                           f"prompt {i} is an empty string", param="prompt")
     encoded = iter(_encode(state, prompt_encoder(chat_template=False), texts, raw=raw,
                            param="prompt"))
     prompts = _check_prompts(state, [next(encoded) if isinstance(x, str) else x for x in p],

@@ -1,0 +1,202 @@
+"""The server fails fast and stays bounded: quiet client disconnects, bad ports refused before
+anything loads, empty prompts and out-of-range seeds refused, per-request caps on prompts and
+tokens, and a bounded cache of compiled programs."""
+
+import gc
+import json
+import logging
+import socket
+import time
+import weakref
+
+import httpx
+import pytest
+from test_server import API_KEY, tiny_model
+
+from align_jax import cli
+from align_jax.generate import generate, server, shape_cache
+
+HEADERS = {"Authorization": f"Bearer {API_KEY}"}
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return tiny_model(tmp_path_factory.mktemp("tok"))
+
+
+@pytest.fixture(scope="module")
+def served(model):
+    tok, cfg, params = model
+    app = server.make_app(cfg, params, tok, model_name="tiny", api_key=API_KEY,
+                          max_new_tokens_limit=64, batch_window_s=0.005,
+                          max_prompts_per_request=4, max_request_tokens=100)
+    srv = server.ServerThread(app)
+    yield app, srv
+    srv.stop()
+
+
+def _post(srv, body):
+    return httpx.post(srv.url + "/v1/completions", json=body, headers=HEADERS, timeout=120)
+
+
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.records = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+
+def test_a_client_that_leaves_mid_body_logs_one_line_at_most(served):
+    """Before: each such client logged uvicorn's ~60-line "Exception in ASGI application"."""
+    _, srv = served
+    records = _Records()
+    loggers = [logging.getLogger(n) for n in ("uvicorn.error", "align_jax")]
+    for lg in loggers:
+        lg.addHandler(records)
+    try:
+        body = json.dumps({"prompt": "x" * 1000, "max_tokens": 4}).encode()
+        for _ in range(3):
+            with socket.create_connection((srv.host, srv.port), timeout=30) as sock:
+                sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: "
+                             b"Bearer " + API_KEY.encode() + b"\r\nContent-Type: application/"
+                             b"json\r\nContent-Length: %d\r\n\r\n" % len(body) + body[:100])
+                time.sleep(0.2)  # the handler is reading the body; then hang up
+        time.sleep(1.0)
+        r = _post(srv, {"prompt": "x", "max_tokens": 2})  # the server is fine
+        assert r.status_code == 200, r.text
+    finally:
+        for lg in loggers:
+            lg.removeHandler(records)
+    assert all(rec.exc_info is None for rec in records.records), [
+        rec.getMessage() for rec in records.records]
+    assert all("\n" not in rec.getMessage().strip() for rec in records.records)
+    assert len(records.records) <= 3
+
+
+@pytest.mark.parametrize("prompt", ["", ["a fox", ""]])
+def test_empty_prompts_are_400(served, prompt):
+    _, srv = served
+    r = _post(srv, {"prompt": prompt, "max_tokens": 2})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == "prompt" and "empty" in error["message"]
+
+
+@pytest.mark.parametrize("seed", [2**70, 2**63, -2**63 - 1])
+def test_out_of_range_seeds_are_400(served, seed):
+    _, srv = served
+    r = _post(srv, {"prompt": "a fox", "max_tokens": 2, "seed": seed, "temperature": 1.0})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == "seed"
+
+
+@pytest.mark.parametrize("seed", [2**63 - 1, -2**63, 0])
+def test_int64_seeds_are_accepted(served, seed):
+    _, srv = served
+    r = _post(srv, {"prompt": "a fox", "max_tokens": 2, "seed": seed, "temperature": 1.0})
+    assert r.status_code == 200, r.text
+
+
+def test_more_prompts_than_the_cap_is_400(served):
+    _, srv = served
+    assert _post(srv, {"prompt": ["a fox"] * 4, "max_tokens": 2}).status_code == 200
+    r = _post(srv, {"prompt": ["a fox"] * 5, "max_tokens": 2})
+    assert r.status_code == 400, r.text
+    assert "5 prompts" in r.json()["error"]["message"] and "at most 4" in r.json()[
+        "error"]["message"]
+
+
+def test_more_tokens_than_the_cap_is_400(served):
+    _, srv = served
+    ids = [300, 301, 302]
+    fits = (100 - 2 * len(ids)) // 2  # two prompts of 3 tokens + `fits` new tokens each: 100
+    r = _post(srv, {"prompt": [ids] * 2, "max_tokens": fits})
+    assert r.status_code == 200, r.text
+    r = _post(srv, {"prompt": [ids] * 2, "max_tokens": fits + 1})
+    assert r.status_code == 400, r.text
+    assert "at most 100" in r.json()["error"]["message"]
+
+
+def test_bad_caps_are_refused(model):
+    tok, cfg, params = model
+    with pytest.raises(ValueError, match="max_prompts_per_request"):
+        server.make_app(cfg, params, tok, model_name="t", max_prompts_per_request=0)
+
+
+# ----------------------------------------------------------------------------- ports
+
+
+@pytest.mark.parametrize("port", [99999, -1, 65536])
+def test_invalid_ports_fail_at_once(port):
+    with pytest.raises(ValueError, match=f"port={port}") as e:
+        server.bind_socket("127.0.0.1", port)
+    assert "\n" not in str(e.value)
+
+
+def test_a_port_in_use_fails_at_once():
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(ValueError, match=f"cannot listen on 127.0.0.1:{port}"):
+            server.bind_socket("127.0.0.1", port)
+
+
+def test_serve_with_a_bad_port_exits_before_loading_the_model(tmp_path, capsys):
+    """The model dir does not exist: the port is refused before it would be read."""
+    t = time.perf_counter()
+    code = cli.main(["serve", f"--gin_param=server.serve_main.model_dir='{tmp_path}/none'",
+                     "--gin_param=server.serve_main.port=99999",
+                     f"--output_dir={tmp_path}/run"])
+    assert code == 1 and time.perf_counter() - t < 30
+    err = capsys.readouterr().err
+    assert "port=99999" in err and "Exception" not in err, err
+    assert not (tmp_path / "run").exists()
+
+
+# ----------------------------------------------------------------------------- compiled shapes
+
+
+@pytest.fixture()
+def program_limit():
+    before = shape_cache.max_programs()
+    yield shape_cache.set_max_programs
+    shape_cache.set_max_programs(before)
+
+
+def test_compiled_programs_stay_under_the_cap_and_evicted_ones_are_freed(model,
+                                                                          program_limit):
+    """Many distinct shapes (budgets 1..6 and two prompt lengths): never more than the cap
+    of programs is kept; each kept wrapper holds one program (jax's own cache size); dropped
+    ones are garbage (weakrefs die); a shape compiled again gives the same tokens."""
+    tok, cfg, params = model
+    program_limit(3)
+    prompts = [tok.encode("a fox jumps"), tok.encode("honesty care fairness and respect")]
+    first = generate(cfg, params, prompts[:1], max_new_tokens=1, tokenizer=tok).tokens
+    refs, seen = [], 0
+    for budget in range(1, 7):
+        for p in prompts:
+            generate(cfg, params, [p], max_new_tokens=budget, tokenizer=tok)
+            kept = shape_cache.cached_functions()
+            assert shape_cache.stats()["programs"] == len(kept) <= 3
+            assert all(f._cache_size() <= 1 for f in kept)
+            refs.extend(weakref.ref(f) for f in kept)
+            seen += 1
+    assert shape_cache.stats()["evictions"] >= seen  # prefill + decode per shape, cap 3
+    kept = {id(f) for f in shape_cache.cached_functions()}
+    gc.collect()
+    dead = [r for r in refs if r() is None]
+    alive = {id(r()) for r in refs if r() is not None}
+    assert dead and alive <= kept
+    again = generate(cfg, params, prompts[:1], max_new_tokens=1, tokenizer=tok).tokens
+    assert again == first
+
+
+def test_the_server_sets_the_cap(model, program_limit):
+    tok, cfg, params = model
+    server.make_app(cfg, params, tok, model_name="t", max_compiled_shapes=5)
+    assert shape_cache.max_programs() == 5
+    with pytest.raises(ValueError, match="max_compiled_shapes"):
+        server.make_app(cfg, params, tok, model_name="t", max_compiled_shapes=0)
