@@ -70,7 +70,8 @@ def make_app(config, params, tokenizer, *, model_name: str, api_key: str | None 
              max_new_tokens_limit: int | None = None, mesh=None,
              rules="fsdp", max_body_bytes: int | None = None,
              max_prompts_per_request: int = 64, max_request_tokens: int | None = None,
-             max_compiled_shapes: int | None = 64) -> fastapi.FastAPI:
+             max_compiled_shapes: int | None = 64, strict: bool = False
+             ) -> fastapi.FastAPI:
     """Builds the FastAPI app (run it with uvicorn, or `ServerThread` in tests/notebooks).
 
     Args:
@@ -93,6 +94,9 @@ def make_app(config, params, tokenizer, *, model_name: str, api_key: str | None 
         new prompt-length bucket, budget or shared-prefix length compiles a prefill and a
         decode program, and memory grows with them; None keeps all. Process-wide
         (`shape_cache.set_max_programs`).
+      strict: unknown fields in a body are 400s (OpenAI's own behaviour); by default they
+        are ignored with a warning in the log, since newer clients send fields this server
+        does not know.
     Returns:
       The app; `app.state.batcher` is its `Batcher`, `app.state.server` its `ServerState`.
     """
@@ -115,7 +119,7 @@ def make_app(config, params, tokenizer, *, model_name: str, api_key: str | None 
                                                  BODY_BYTES_PER_TOKEN * max_prompt)),
         max_prompts=max_prompts_per_request,
         max_request_tokens=max_request_tokens or max(65536, max_len),
-        started=int(time.time()))
+        started=int(time.time()), strict=bool(strict))
     app = fastapi.FastAPI(title="align-jax", lifespan=_lifespan)
     app.state.server, app.state.batcher = state, state.batcher
     app.add_exception_handler(APIError, _api_error)
@@ -441,7 +445,7 @@ def serve_main(*, model_dir: str, host: str = "127.0.0.1", port: int = 8000,
                mesh_spec=None, rules: str = "fsdp", output_dir: str | None = None,
                log_level: str = "info", max_body_bytes: int | None = None,
                max_prompts_per_request: int = 64, max_request_tokens: int | None = None,
-               max_compiled_shapes: int | None = 64) -> int:
+               max_compiled_shapes: int | None = 64, strict: bool = False) -> int:
     """Entry of `align-jax serve`: serves an HF checkpoint dir until stopped (Ctrl-C).
 
     Args:
@@ -456,7 +460,8 @@ def serve_main(*, model_dir: str, host: str = "127.0.0.1", port: int = 8000,
         (`sharding.MeshSpec`); None keeps it on one device.
       output_dir: run folder for the config and run info.
       max_body_bytes: largest accepted request body (413 beyond); see `make_app`.
-      max_prompts_per_request, max_request_tokens, max_compiled_shapes: see `make_app`.
+      max_prompts_per_request, max_request_tokens, max_compiled_shapes, strict: see
+        `make_app`.
     Returns:
       0 after a clean shutdown.
     Raises:
@@ -477,7 +482,8 @@ def serve_main(*, model_dir: str, host: str = "127.0.0.1", port: int = 8000,
             batch_window_s=batch_window_ms / 1000.0, max_len=max_len,
             max_prompt_tokens=max_prompt_tokens, max_new_tokens_limit=max_new_tokens_limit,
             max_body_bytes=max_body_bytes, max_prompts_per_request=max_prompts_per_request,
-            max_request_tokens=max_request_tokens, max_compiled_shapes=max_compiled_shapes)
+            max_request_tokens=max_request_tokens, max_compiled_shapes=max_compiled_shapes,
+            strict=strict)
         bound = sock.getsockname()[1]
         _Server(uvicorn.Config(app, host=host, port=bound, log_level=log_level)).run(
             sockets=[sock])

@@ -46,6 +46,7 @@ class ServerState:
         request may ask for (its prompt tokens + max_tokens per prompt), so that one request
         cannot hold the queue for long.
       started: creation time (unix seconds), reported by /v1/models.
+      strict: unknown body fields are 400s; otherwise they are dropped with a warning.
     """
 
     config: object
@@ -61,6 +62,7 @@ class ServerState:
     max_prompts: int
     max_request_tokens: int
     started: int
+    strict: bool = False
 
 
 def authorize(state: ServerState, headers: Mapping[str, str]) -> None:
@@ -71,6 +73,17 @@ def authorize(state: ServerState, headers: Mapping[str, str]) -> None:
     if not hmac.compare_digest(got.encode(), f"Bearer {state.api_key}".encode()):
         raise APIError(401, "missing or incorrect API key (send 'Authorization: Bearer "
                        "<key>')", code="invalid_api_key")
+
+
+def _parse(state: ServerState, model, raw: bytes):
+    """`parse_body` under the server's strictness; dropped unknown fields are logged (once
+    per field name at warning level)."""
+    req, unknown = parse_body(model, raw, strict=state.strict)
+    for name in unknown:
+        state.batcher.once.warn(f"unknown-field:{name}", "ignored the unknown field %r of a "
+                                "request (serve with strict=True to reject such requests)",
+                                name)
+    return req
 
 
 def _check_common(state: ServerState, req: SamplingFields) -> None:
@@ -202,7 +215,7 @@ def _encode(state: ServerState, encode, prompts: list, *, raw: bytes, param: str
 
 def prepare_completion(state: ServerState, raw: bytes):
     """Parses, validates and tokenizes a /v1/completions body -> (request, prompts, job)."""
-    req = parse_body(CompletionRequest, raw)
+    req = _parse(state, CompletionRequest, raw)
     _check_common(state, req)
     for name, ok in (("echo", not req.echo), ("logprobs", req.logprobs is None),
                      ("best_of", req.best_of in (None, 1)), ("suffix", req.suffix is None)):
@@ -233,7 +246,7 @@ def prepare_completion(state: ServerState, raw: bytes):
 def prepare_chat(state: ServerState, raw: bytes):
     """Parses, validates and renders + tokenizes a /v1/chat/completions body
     -> (request, prompt ids, job)."""
-    req = parse_body(ChatRequest, raw)
+    req = _parse(state, ChatRequest, raw)
     _check_common(state, req)
     if req.logprobs or req.top_logprobs:
         raise APIError(400, "logprobs are not supported", param="logprobs")
@@ -251,7 +264,7 @@ def prepare_chat(state: ServerState, raw: bytes):
 
 def tokenize_json(state: ServerState, raw: bytes) -> str:
     """Parses and tokenizes a /tokenize body -> the JSON answer {tokens, count, max_model_len}."""
-    req = parse_body(TokenizeRequest, raw)
+    req = _parse(state, TokenizeRequest, raw)
     if (req.prompt is None) == (req.messages is None):
         raise APIError(400, "give exactly one of prompt or messages", param="prompt")
     if req.prompt is not None:

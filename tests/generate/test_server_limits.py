@@ -200,3 +200,42 @@ def test_the_server_sets_the_cap(model, program_limit):
     assert shape_cache.max_programs() == 5
     with pytest.raises(ValueError, match="max_compiled_shapes"):
         server.make_app(cfg, params, tok, model_name="t", max_compiled_shapes=0)
+
+
+# ----------------------------------------------------------------------------- unknown fields
+
+
+def test_unknown_fields_are_ignored_with_one_warning(served, caplog):
+    _, srv = served
+    body = {"prompt": "a fox", "max_tokens": 2, "temperature": 0, "bogus_field": 1}
+    with caplog.at_level(logging.WARNING, logger="align_jax"):
+        first = _post(srv, body)
+        second = _post(srv, body)
+    assert first.status_code == second.status_code == 200, first.text
+    plain = _post(srv, {k: v for k, v in body.items() if k != "bogus_field"})
+    assert first.json()["choices"][0]["text"] == plain.json()["choices"][0]["text"]
+    warned = [r for r in caplog.records if "bogus_field" in r.getMessage()
+              and r.levelno == logging.WARNING]
+    assert len(warned) == 1, [r.getMessage() for r in caplog.records]
+
+
+def test_unknown_nested_fields_are_dropped_and_other_errors_still_count(served):
+    _, srv = served
+    chat = {"messages": [{"role": "user", "content": "hi", "extra": 1}], "max_tokens": 2}
+    r = httpx.post(srv.url + "/v1/chat/completions", json=chat, headers=HEADERS, timeout=120)
+    assert r.status_code == 200, r.text
+    r = _post(srv, {"prompt": "a fox", "max_tokens": "2", "bogus_field": 1})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens", r.text
+
+
+def test_strict_keeps_unknown_fields_400(model):
+    tok, cfg, params = model
+    app = server.make_app(cfg, params, tok, model_name="tiny", api_key=API_KEY, strict=True,
+                          max_new_tokens_limit=8)
+    srv = server.ServerThread(app)
+    try:
+        r = _post(srv, {"prompt": "a fox", "max_tokens": 2, "bogus_field": 1})
+    finally:
+        srv.stop()
+    assert r.status_code == 400 and "unknown field 'bogus_field'" in r.json()["error"][
+        "message"], r.text
