@@ -119,6 +119,13 @@ class TokenizeRequest(_Body):
     add_special_tokens: bool = True
 
 
+class DetokenizeRequest(_Body):
+    """Body of POST /detokenize (vLLM's shape): token ids -> {"prompt": text}."""
+
+    model: str | None = None
+    tokens: list[int]
+
+
 class APIError(Exception):
     """An error answered to the client in OpenAI's error shape."""
 

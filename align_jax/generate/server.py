@@ -2,7 +2,9 @@
 
 Endpoints, in OpenAI's JSON schema: GET /v1/models, POST /v1/completions and
 POST /v1/chat/completions (`stream: true` answers with server-sent events), plus
-POST /tokenize (vLLM's shape, so teachers can count tokens remotely) and GET /health.
+POST /tokenize and /v1/tokenize (vLLM's shape, so teachers can count tokens remotely),
+POST /detokenize and /v1/detokenize, GET /version, GET /metrics (Prometheus text: requests by
+path and status, prompt and generated tokens, queue, latency histogram) and GET /health.
 Extensions accepted in the body: top_k (0 or -1 = off), min_p, repetition_penalty.
 Structured generation (both endpoints, streaming too): OpenAI's `response_format`
 ({"type": "json_object"} or {"type": "json_schema", "json_schema": {"schema": ...}}), and
@@ -51,11 +53,13 @@ from align_jax.generate.http_io import (
     cancel_on_disconnect,
     read_body,
 )
+from align_jax.generate.metrics import CountRequests
 from align_jax.generate.openai_api import APIError, sse
 from align_jax.generate.serving import Batcher, Cancelled, Job, Row
 from align_jax.generate.validation import (
     ServerState,
     authorize,
+    detokenize_json,
     prepare_chat,
     prepare_completion,
     tokenize_json,
@@ -131,6 +135,12 @@ def make_app(config, params, tokenizer, *, model_name: str, api_key: str | None 
     app.add_api_route("/v1/completions", completions, methods=["POST"])
     app.add_api_route("/v1/chat/completions", chat_completions, methods=["POST"])
     app.add_api_route("/tokenize", tokenize, methods=["POST"])
+    app.add_api_route("/v1/tokenize", tokenize, methods=["POST"])
+    app.add_api_route("/detokenize", detokenize, methods=["POST"])
+    app.add_api_route("/v1/detokenize", detokenize, methods=["POST"])
+    app.add_api_route("/version", version, methods=["GET"])
+    app.add_api_route("/metrics", metrics, methods=["GET"])
+    app.add_middleware(CountRequests, metrics=state.metrics)
     return app
 
 
@@ -230,6 +240,29 @@ async def tokenize(request: fastapi.Request):
                             media_type="application/json")
 
 
+async def detokenize(request: fastapi.Request):
+    """POST /detokenize (vLLM's shape): {tokens} -> {prompt}."""
+    state = _state(request)
+    authorize(state, request.headers)
+    raw = await read_body(request, state.max_body_bytes)
+    return await asyncio.to_thread(detokenize_json, state, raw)
+
+
+async def version():
+    """GET /version: the align_jax version serving."""
+    import align_jax
+
+    return {"version": align_jax.__version__}
+
+
+async def metrics(request: fastapi.Request):
+    """GET /metrics: Prometheus text (requests by path and status, tokens, queue, latency)."""
+    state = _state(request)
+    authorize(state, request.headers)
+    return fastapi.Response(state.metrics.render(queued=state.batcher.queued()),
+                            media_type="text/plain; version=0.0.4")
+
+
 # ----------------------------------------------------------------------------- answers
 
 
@@ -257,8 +290,10 @@ async def _run(state: ServerState, job: Job, request: fastapi.Request | None = N
             watch.cancel()
 
 
-def _usage(prompts, rows) -> dict:
+def _usage(prompts, rows, metrics=None) -> dict:
     p, c = sum(len(x) for x in prompts), sum(len(r.tokens) for r in rows)
+    if metrics is not None:
+        metrics.tokens(p, c)
     return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
 
@@ -278,7 +313,8 @@ def _answer(state: ServerState, prompts, rows: list[Row], *, chat: bool) -> JSON
                     "logprobs": None} for i, r in enumerate(rows)]
     return JSONResponse({**_head(state, chat=chat),
                          "object": "chat.completion" if chat else "text_completion",
-                         "choices": choices, "usage": _usage(prompts, rows)})
+                         "choices": choices,
+                         "usage": _usage(prompts, rows, state.metrics)})
 
 
 def _stream_answer(state: ServerState, req, prompts, job: Job, *, chat: bool
@@ -357,8 +393,9 @@ async def _events(state: ServerState, req, prompts, task: asyncio.Future,
             state.batcher.once.warn("stream-diverged",
                                     "streamed text of row %d diverged from its final text", i)
         yield sse({**head, "choices": [_choice(i, None, r.finish_reason, chat=chat)]})
+    usage = _usage(prompts, rows, state.metrics)
     if req.stream_options is not None and req.stream_options.include_usage:
-        yield sse({**head, "choices": [], "usage": _usage(prompts, rows)})
+        yield sse({**head, "choices": [], "usage": usage})
     yield "data: [DONE]\n\n"
 
 

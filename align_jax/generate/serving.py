@@ -150,6 +150,10 @@ class Batcher:
         if self._thread is not None:
             self._thread.join(timeout=30)
 
+    def queued(self) -> int:
+        """Jobs waiting for the worker (for monitoring)."""
+        return self._queue.qsize()
+
     def submit(self, job: Job) -> None:
         self.start()
         self._queue.put(job)

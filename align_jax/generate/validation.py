@@ -18,10 +18,12 @@ import numpy as np
 from align_jax.generate import constraints
 from align_jax.generate.encode_pool import EncodePool, prompt_encoder, text_encoder
 from align_jax.generate.http_io import json_ints
+from align_jax.generate.metrics import Metrics
 from align_jax.generate.openai_api import (
     APIError,
     ChatRequest,
     CompletionRequest,
+    DetokenizeRequest,
     SamplingFields,
     TokenizeRequest,
     message_dicts,
@@ -47,6 +49,7 @@ class ServerState:
         cannot hold the queue for long.
       started: creation time (unix seconds), reported by /v1/models.
       strict: unknown body fields are 400s; otherwise they are dropped with a warning.
+      metrics: the counters served at /metrics.
     """
 
     config: object
@@ -63,6 +66,7 @@ class ServerState:
     max_request_tokens: int
     started: int
     strict: bool = False
+    metrics: Metrics = dataclasses.field(default_factory=Metrics)
 
 
 def authorize(state: ServerState, headers: Mapping[str, str]) -> None:
@@ -103,12 +107,13 @@ def _check_common(state: ServerState, req: SamplingFields) -> None:
         raise APIError(400, "stop must be up to 16 non-empty strings", param="stop")
 
 
-def _check_prompts(state: ServerState, prompts: Sequence, *, param: str) -> list[list[int]]:
+def _check_prompts(state: ServerState, prompts: Sequence, *, param: str,
+                   allow_empty: bool = False) -> list[list[int]]:
     """Length and id-range checks (vectorized: a prompt may be millions of ids) -> lists."""
-    if not prompts or any(len(x) == 0 for x in prompts):
+    if not allow_empty and (not prompts or any(len(x) == 0 for x in prompts)):
         raise APIError(400, "prompt is empty", param=param)
     longest = max(len(p) for p in prompts)
-    if longest > state.max_prompt:
+    if longest > state.max_prompt and not allow_empty:
         raise APIError(400, f"the prompt has {longest} tokens; this server accepts at most "
                        f"{state.max_prompt}", param=param, code="context_length_exceeded")
     out = []
@@ -277,3 +282,13 @@ def tokenize_json(state: ServerState, raw: bytes) -> str:
     # hold the GIL (and so the event loop) for seconds.
     return (f'{{"tokens": {json_ints(ids)}, "count": {len(ids)}, '
             f'"max_model_len": {state.max_len}}}')
+
+
+def detokenize_json(state: ServerState, raw: bytes) -> dict:
+    """Parses a /detokenize body -> the answer {"prompt": text}; ids must be in the vocabulary."""
+    req = _parse(state, DetokenizeRequest, raw)
+    if req.model is not None and req.model != state.model_name:
+        raise APIError(404, f"model {req.model!r} does not exist", param="model",
+                       code="model_not_found")
+    ids = _check_prompts(state, [req.tokens], param="tokens", allow_empty=True)[0]
+    return {"prompt": state.tokenizer.decode(ids)}

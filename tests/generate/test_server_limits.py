@@ -239,3 +239,63 @@ def test_strict_keeps_unknown_fields_400(model):
         srv.stop()
     assert r.status_code == 400 and "unknown field 'bogus_field'" in r.json()["error"][
         "message"], r.text
+
+
+# ----------------------------------------------------------------------------- endpoints
+
+
+def test_tokenize_and_detokenize_round_trip(served, model):
+    tok = model[0]
+    _, srv = served
+    text = "Honesty, care, fairness and respect"
+    r = httpx.post(srv.url + "/v1/tokenize", json={"prompt": text, "add_special_tokens": False},
+                   headers=HEADERS, timeout=60)
+    assert r.status_code == 200, r.text
+    assert r.json()["tokens"] == tok.encode(text, add_bos=False)
+    r = httpx.post(srv.url + "/detokenize", json={"tokens": r.json()["tokens"]},
+                   headers=HEADERS, timeout=60)
+    assert r.status_code == 200 and r.json() == {"prompt": text}, r.text
+    r = httpx.post(srv.url + "/v1/detokenize", json={"tokens": [1, 99999]}, headers=HEADERS,
+                   timeout=60)
+    assert r.status_code == 400 and "99999" in r.json()["error"]["message"], r.text
+
+
+def test_version(served):
+    import align_jax
+
+    _, srv = served
+    r = httpx.get(srv.url + "/version", timeout=60)
+    assert r.json() == {"version": align_jax.__version__}
+
+
+def _metric(text, name):
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    raise AssertionError(f"{name} not in /metrics")
+
+
+def test_metrics_count_requests_tokens_and_latency(served):
+    _, srv = served
+    before = httpx.get(srv.url + "/metrics", headers=HEADERS, timeout=60).text
+    ok = _post(srv, {"prompt": [[300, 301]], "max_tokens": 3, "temperature": 0})
+    bad = _post(srv, {"prompt": "", "max_tokens": 3})
+    assert ok.status_code == 200 and bad.status_code == 400
+    r = httpx.get(srv.url + "/metrics", headers=HEADERS, timeout=60)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    after = r.text
+    ok_line = 'align_jax_requests_total{path="/v1/completions",status="200"}'
+    bad_line = 'align_jax_requests_total{path="/v1/completions",status="400"}'
+    for line, grew in ((ok_line, 1), (bad_line, 1)):
+        was = _metric(before, line) if line in before else 0
+        assert _metric(after, line) == was + grew
+    used = ok.json()["usage"]
+    assert (_metric(after, "align_jax_prompt_tokens_total")
+            - _metric(before, "align_jax_prompt_tokens_total")) == used["prompt_tokens"]
+    assert (_metric(after, "align_jax_generation_tokens_total")
+            - _metric(before, "align_jax_generation_tokens_total")) == used["completion_tokens"]
+    count = "align_jax_request_latency_seconds_count"
+    assert _metric(after, count) == _metric(before, count) + 2
+    assert _metric(after, "align_jax_queue_requests") == 0
+    assert _metric(after, 'align_jax_request_latency_seconds_bucket{le="+Inf"}') == _metric(
+        after, count)
