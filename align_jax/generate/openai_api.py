@@ -65,7 +65,7 @@ class SamplingFields(_Body):
     stop: str | list[str] | None = None
     # jax.random takes int64 seeds; a seed beyond that is a client bug, not a seed.
     seed: int | None = pydantic.Field(None, ge=-2**63, le=2**63 - 1)
-    n: int = 1
+    n: int = pydantic.Field(1, ge=1, le=128)  # choices per prompt
     stream: bool = False
     stream_options: _StreamOptions | None = None
     user: str | None = None

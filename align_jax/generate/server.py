@@ -330,7 +330,8 @@ def _stream_answer(state: ServerState, req, prompts, job: Job, *, chat: bool
 
     async def events():
         try:
-            async for event in _events(state, req, prompts, task, updates, head, chat=chat):
+            async for event in _events(state, req, prompts, task, updates, head, chat=chat,
+                                       task_rows=job.prompts):
                 yield event
         finally:
             # Normal end, or the client went away (the generator is closed): stop the
@@ -351,9 +352,10 @@ def _choice(i: int, piece: str | None, reason: str | None, *, chat: bool) -> dic
 
 
 async def _events(state: ServerState, req, prompts, task: asyncio.Future,
-                  updates: asyncio.Queue, head: dict, *, chat: bool):
-    """The events of one streamed answer: partial texts while `task` runs, then the rest."""
-    sent = [""] * len(prompts)
+                  updates: asyncio.Queue, head: dict, *, chat: bool, task_rows: list):
+    """The events of one streamed answer: partial texts while `task` runs, then the rest
+    (`task_rows`: the job's prompt rows, n per prompt)."""
+    sent = [""] * len(task_rows)
 
     def delta(i, text):
         # Partial texts only grow; anything else waits for the final text.
@@ -363,7 +365,7 @@ async def _events(state: ServerState, req, prompts, task: asyncio.Future,
         return None
 
     if chat:
-        for i in range(len(prompts)):
+        for i in range(len(task_rows)):
             yield sse({**head, "choices": [{
                 "index": i, "delta": {"role": "assistant", "content": ""},
                 "finish_reason": None, "logprobs": None}]})

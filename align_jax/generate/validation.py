@@ -94,8 +94,6 @@ def _check_common(state: ServerState, req: SamplingFields) -> None:
     if req.model is not None and req.model != state.model_name:
         raise APIError(404, f"model {req.model!r} does not exist; this server serves "
                        f"{state.model_name!r}", param="model", code="model_not_found")
-    if req.n != 1:
-        raise APIError(400, f"n={req.n} is not supported; only n=1", param="n")
     for name in ("presence_penalty", "frequency_penalty"):
         if getattr(req, name):
             raise APIError(400, f"{name} is not supported (use repetition_penalty)",
@@ -179,6 +177,13 @@ def _constraint(state: ServerState, req: SamplingFields) -> constraints.Constrai
 
 def _make_job(state: ServerState, req: SamplingFields, prompts: list[list[int]],
               max_tokens: int | None, *, default_max: int, prompt_param: str) -> Job:
+    if len(prompts) * req.n > state.max_prompts:
+        raise APIError(400, f"this request asks for {len(prompts)} prompt(s) x n={req.n} "
+                       f"choices; this server accepts at most {state.max_prompts} per request",
+                       param="n", code="request_too_large")
+    # n choices per prompt: its rows repeat, each with a seed of its own (row_seed below);
+    # choice i*n + j is prompt i's j-th, as in OpenAI's answers.
+    prompts = [p for p in prompts for _ in range(req.n)]
     longest = max(len(p) for p in prompts)
     if max_tokens is None:
         max_tokens = max(1, min(default_max, state.max_len - longest))

@@ -233,7 +233,7 @@ BAD = {
     "huge max_tokens": ({"prompt": "x", "max_tokens": 10**6}, None, "max_tokens"),
     "too long prompt": ({"prompt": "fox " * 150, "max_tokens": 3}, None, "prompt has"),
     "prompt + budget": ({"prompt": "fox " * 25, "max_tokens": 60}, None, "context length"),
-    "n > 1": ({"prompt": "x", "max_tokens": 3, "n": 2}, None, "n=2"),
+    "n = 0": ({"prompt": "x", "max_tokens": 3, "n": 0}, None, "'n'"),
     "unknown model": ({"model": "gpt-9", "prompt": "x", "max_tokens": 3}, None, "gpt-9"),
     "bad top_p": ({"prompt": "x", "max_tokens": 3, "top_p": 0}, None, "top_p"),
     "bad token id": ({"prompt": [1, 99999], "max_tokens": 3}, None, "99999"),

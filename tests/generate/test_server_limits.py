@@ -299,3 +299,50 @@ def test_metrics_count_requests_tokens_and_latency(served):
     assert _metric(after, "align_jax_queue_requests") == 0
     assert _metric(after, 'align_jax_request_latency_seconds_bucket{le="+Inf"}') == _metric(
         after, count)
+
+
+# ----------------------------------------------------------------------------- n > 1
+
+
+def _openai(srv):
+    import openai
+
+    return openai.OpenAI(base_url=srv.url + "/v1", api_key=API_KEY, timeout=120, max_retries=0)
+
+
+def test_n_choices_are_the_rows_of_their_own_seeds(served):
+    """Choice i*n + j samples prompt i with row_seed(seed, i*n + j): the same text a single
+    request with that seed gives (row 0 of a request keeps its seed)."""
+    from align_jax.generate.sampling import row_seed
+
+    _, srv = served
+    prompts, seed = [[300, 301], [302, 303, 304]], 11
+    body = {"prompt": prompts, "max_tokens": 6, "temperature": 1.0, "seed": seed}
+    r = _post(srv, {**body, "n": 2})
+    assert r.status_code == 200, r.text
+    choices = r.json()["choices"]
+    assert [c["index"] for c in choices] == [0, 1, 2, 3]
+    for k, c in enumerate(choices):
+        one = _post(srv, {**body, "prompt": prompts[k // 2], "seed": row_seed(seed, k)})
+        assert c["text"] == one.json()["choices"][0]["text"]
+    assert r.json()["usage"]["prompt_tokens"] == 5  # each prompt counted once
+
+
+def test_n_choices_stream_like_they_answer(served):
+    _, srv = served
+    client = _openai(srv)
+    kw = dict(model="tiny", messages=[{"role": "user", "content": "a fox"}], max_tokens=8,
+              temperature=1.0, seed=5, n=3)
+    whole = client.chat.completions.create(**kw)
+    texts = [""] * 3
+    for chunk in client.chat.completions.create(**kw, stream=True):
+        for c in chunk.choices:
+            texts[c.index] += c.delta.content or ""
+    assert texts == [c.message.content for c in sorted(whole.choices, key=lambda c: c.index)]
+    assert len(whole.choices) == 3
+
+
+def test_n_counts_against_the_prompt_cap(served):
+    _, srv = served
+    r = _post(srv, {"prompt": ["a fox"] * 2, "max_tokens": 2, "n": 3})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "n", r.text
