@@ -85,7 +85,7 @@ class CompletionRequest(SamplingFields):
 
     prompt: str | list[str] | list[int] | list[list[int]]
     echo: bool = False
-    logprobs: int | None = None
+    logprobs: int | None = pydantic.Field(None, ge=0, le=20)  # top alternatives per token
     best_of: int | None = None
     suffix: str | None = None
 
@@ -107,7 +107,7 @@ class ChatRequest(SamplingFields):
     messages: list[_Message]
     max_completion_tokens: int | None = None
     logprobs: bool | None = None
-    top_logprobs: int | None = None
+    top_logprobs: int | None = pydantic.Field(None, ge=0, le=20)
 
 
 class TokenizeRequest(_Body):

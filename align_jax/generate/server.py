@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import socket
@@ -228,7 +229,7 @@ async def _complete(request: fastapi.Request, *, chat: bool):
         req, prompts, job = await asyncio.to_thread(prepare_completion, state, raw)
     if req.stream:
         return _stream_answer(state, req, prompts, job, chat=chat)
-    return _answer(state, prompts, await _run(state, job, request), chat=chat)
+    return _answer(state, req, prompts, job, await _run(state, job, request), chat=chat)
 
 
 async def tokenize(request: fastapi.Request):
@@ -302,19 +303,83 @@ def _head(state: ServerState, *, chat: bool) -> dict:
             "created": int(time.time()), "model": state.model_name}
 
 
-def _answer(state: ServerState, prompts, rows: list[Row], *, chat: bool) -> JSONResponse:
+def _answer(state: ServerState, req, prompts, job: Job, rows: list[Row], *, chat: bool
+            ) -> JSONResponse:
     """The whole answer as one JSON response."""
+    piece = _token_text(state.tokenizer)
     if chat:
         choices = [{"index": i, "message": {"role": "assistant", "content": r.text},
-                    "finish_reason": r.finish_reason, "logprobs": None}
+                    "finish_reason": r.finish_reason,
+                    "logprobs": None if r.scores is None else _chat_logprobs(
+                        piece, job.prompts[i], r, job.logprobs)}
                    for i, r in enumerate(rows)]
     else:
-        choices = [{"index": i, "text": r.text, "finish_reason": r.finish_reason,
-                    "logprobs": None} for i, r in enumerate(rows)]
+        echo = _echo_texts(state, req) if req.echo else None
+        choices = [{"index": i, "text": (echo[i] if echo else "") + r.text,
+                    "finish_reason": r.finish_reason,
+                    "logprobs": None if r.scores is None else _completion_logprobs(
+                        piece, job.prompts[i], r, job.logprobs, echo=req.echo)}
+                   for i, r in enumerate(rows)]
     return JSONResponse({**_head(state, chat=chat),
                          "object": "chat.completion" if chat else "text_completion",
                          "choices": choices,
                          "usage": _usage(prompts, rows, state.metrics)})
+
+
+def _echo_texts(state: ServerState, req) -> list[str]:
+    """The prompt of each choice as echoed: the string given, or the ids decoded."""
+    p = req.prompt
+    if isinstance(p, str) or (p and all(isinstance(x, int) for x in p)):
+        p = [p]
+    texts = [x if isinstance(x, str) else state.tokenizer.decode(x) for x in p]
+    return [t for t in texts for _ in range(req.n)]
+
+
+def _token_text(tokenizer):
+    """id -> its text (cached per answer: top alternatives repeat)."""
+    return functools.lru_cache(maxsize=None)(lambda i: tokenizer.decode([i]))
+
+
+def _positions(prompt: list[int], row: Row, *, echo: bool):
+    """(token id, log-prob or None, [(alternative id, log-prob)]) of each answered token:
+    the completion's, after the prompt's with `echo` (its first token has no log-prob)."""
+    s, n = row.scores, len(prompt)
+    out = [(prompt[0], None, [])] if echo else []
+    start = 0 if echo else n - 1
+    seq = prompt + row.tokens
+    for t in range(start, len(s.logps)):
+        out.append((seq[t + 1], s.logps[t], list(zip(s.top_ids[t], s.top_logps[t]))))
+    return out
+
+
+def _completion_logprobs(piece, prompt, row: Row, top: int, *, echo: bool) -> dict:
+    """OpenAI's legacy completions logprobs: tokens, token_logprobs, top_logprobs (the top
+    `top` alternatives, plus the chosen token), text_offset (within the returned text)."""
+    tokens, logps, tops, offsets, at = [], [], [], [], 0
+    for i, lp, alts in _positions(prompt, row, echo=echo):
+        text = piece(i)
+        tokens.append(text)
+        logps.append(lp)
+        offsets.append(at)
+        at += len(text)
+        if lp is None:
+            tops.append(None)
+        else:
+            alt = {piece(a): v for a, v in alts[:top]}
+            alt.setdefault(text, lp)
+            tops.append(alt)
+    return {"tokens": tokens, "token_logprobs": logps, "top_logprobs": tops,
+            "text_offset": offsets}
+
+
+def _chat_logprobs(piece, prompt, row: Row, top: int) -> dict:
+    """OpenAI's chat logprobs: {"content": [{token, logprob, bytes, top_logprobs}]}."""
+    def entry(i, lp):
+        text = piece(i)
+        return {"token": text, "logprob": lp, "bytes": list(text.encode())}
+    return {"content": [{**entry(i, lp), "top_logprobs": [entry(a, v) for a, v in alts[:top]]}
+                        for i, lp, alts in _positions(prompt, row, echo=False)],
+            "refusal": None}
 
 
 def _stream_answer(state: ServerState, req, prompts, job: Job, *, chat: bool

@@ -27,6 +27,7 @@ from collections.abc import Callable
 from align_jax.generate.constraints import compile_constraint
 from align_jax.generate.loop import Completion, GenerationOutput, generate_stream
 from align_jax.generate.prompt_batches import next_pow2
+from align_jax.generate.token_scores import TokenScores, token_scores
 
 log = logging.getLogger(__name__)
 
@@ -38,11 +39,13 @@ STREAM_CHUNK = 8
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Row:
-    """One generated answer: tokens (incl. a final stop token), text, "stop" or "length"."""
+    """One generated answer: tokens (incl. a final stop token), text, "stop" or "length";
+    with a job's `logprobs`, `scores` of its prompt + tokens (positions 1..)."""
 
     tokens: list[int]
     text: str
     finish_reason: str
+    scores: TokenScores | None = None
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -56,6 +59,8 @@ class Job:
     stop: tuple[str, ...]
     # Structured generation: every prompt of the job follows it (None: free text).
     constraint: object = None
+    # Log-probs of each row's prompt + tokens with this many top alternatives (None: none).
+    logprobs: int | None = None
     # Called on the worker thread with the rows, or with the exception that generation raised.
     deliver: Callable[[list[Row] | BaseException], None] | None = None
     # Streaming requests: called on the worker thread with (row, stable text so far) at each
@@ -254,7 +259,13 @@ class Batcher:
                     decode = (self.tokenizer.decode if job.constraint is None else
                               compile_constraint(job.constraint, self.tokenizer).decode)
                     text, reason = decode(tokens), "length"
-                rows.append(Row(tokens=list(tokens), text=text, finish_reason=reason))
+                scores = None
+                if job.logprobs is not None:  # one extra forward pass over prompt + tokens
+                    scores = token_scores(self.config, self.params, prompts[k] + list(tokens),
+                                          top=job.logprobs, max_len=self.max_len,
+                                          mesh=self.mesh, rules=self.rules)
+                rows.append(Row(tokens=list(tokens), text=text, finish_reason=reason,
+                                scores=scores))
                 k += 1
             results.append(rows)
         return results

@@ -176,7 +176,8 @@ def _constraint(state: ServerState, req: SamplingFields) -> constraints.Constrai
 
 
 def _make_job(state: ServerState, req: SamplingFields, prompts: list[list[int]],
-              max_tokens: int | None, *, default_max: int, prompt_param: str) -> Job:
+              max_tokens: int | None, *, default_max: int, prompt_param: str,
+              logprobs: int | None = None) -> Job:
     if len(prompts) * req.n > state.max_prompts:
         raise APIError(400, f"this request asks for {len(prompts)} prompt(s) x n={req.n} "
                        f"choices; this server accepts at most {state.max_prompts} per request",
@@ -210,7 +211,7 @@ def _make_job(state: ServerState, req: SamplingFields, prompts: list[list[int]],
     return Job(prompts=prompts, max_tokens=max_tokens,
                seeds=[row_seed(seed, i) for i in range(len(prompts))], sampling=sampling,
                stop=tuple([req.stop] if isinstance(req.stop, str) else req.stop or ()),
-               constraint=_constraint(state, req))
+               constraint=_constraint(state, req), logprobs=logprobs)
 
 
 def _encode(state: ServerState, encode, prompts: list, *, raw: bytes, param: str) -> list:
@@ -227,10 +228,12 @@ def prepare_completion(state: ServerState, raw: bytes):
     """Parses, validates and tokenizes a /v1/completions body -> (request, prompts, job)."""
     req = _parse(state, CompletionRequest, raw)
     _check_common(state, req)
-    for name, ok in (("echo", not req.echo), ("logprobs", req.logprobs is None),
-                     ("best_of", req.best_of in (None, 1)), ("suffix", req.suffix is None)):
+    for name, ok in (("best_of", req.best_of in (None, 1)), ("suffix", req.suffix is None)):
         if not ok:
             raise APIError(400, f"{name} is not supported", param=name)
+    for name, on in (("echo", req.echo), ("logprobs", req.logprobs is not None)):
+        if on and req.stream:
+            raise APIError(400, f"{name} is not supported with stream: true", param=name)
     p = req.prompt
     if isinstance(p, str):
         p = [p]
@@ -250,7 +253,7 @@ def prepare_completion(state: ServerState, raw: bytes):
     prompts = _check_prompts(state, [next(encoded) if isinstance(x, str) else x for x in p],
                              param="prompt")
     return req, prompts, _make_job(state, req, prompts, req.max_tokens, default_max=16,
-                                   prompt_param="prompt")
+                                   prompt_param="prompt", logprobs=req.logprobs)
 
 
 def prepare_chat(state: ServerState, raw: bytes):
@@ -258,8 +261,10 @@ def prepare_chat(state: ServerState, raw: bytes):
     -> (request, prompt ids, job)."""
     req = _parse(state, ChatRequest, raw)
     _check_common(state, req)
-    if req.logprobs or req.top_logprobs:
-        raise APIError(400, "logprobs are not supported", param="logprobs")
+    if req.top_logprobs is not None and not req.logprobs:
+        raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+    if req.logprobs and req.stream:
+        raise APIError(400, "logprobs is not supported with stream: true", param="logprobs")
     if req.max_tokens is not None and req.max_completion_tokens is not None:
         raise APIError(400, "give max_tokens or max_completion_tokens, not both",
                        param="max_tokens")
@@ -268,7 +273,8 @@ def prepare_chat(state: ServerState, raw: bytes):
     ids = _check_prompts(state, encoded, param="messages")[0]
     job = _make_job(state, req, [ids], req.max_tokens if req.max_tokens is not None
                     else req.max_completion_tokens, default_max=state.max_new,
-                    prompt_param="messages")
+                    prompt_param="messages",
+                    logprobs=(req.top_logprobs or 0) if req.logprobs else None)
     return req, ids, job
 
 

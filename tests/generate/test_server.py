@@ -259,7 +259,7 @@ def test_bad_chat_requests(served):
     cases = [({"messages": [{"role": "wizard", "content": "x"}]}, "role"),
              ({"messages": [{"role": "user"}]}, "content"),
              ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 3,
-               "logprobs": True}, "logprobs")]
+               "logprobs": True, "stream": True}, "logprobs")]
     for body, needle in cases:
         r = _post(srv, "/v1/chat/completions", body)
         assert r.status_code == 400 and needle in r.json()["error"]["message"], r.text

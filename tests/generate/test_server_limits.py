@@ -346,3 +346,88 @@ def test_n_counts_against_the_prompt_cap(served):
     _, srv = served
     r = _post(srv, {"prompt": ["a fox"] * 2, "max_tokens": 2, "n": 3})
     assert r.status_code == 400 and r.json()["error"]["param"] == "n", r.text
+
+
+# ----------------------------------------------------------------------------- logprobs, echo
+
+# Log-probs here come from a full forward pass, the references from the KV-cached prefill and
+# decode: the same float32 math in another reduction order, so they agree to ~1e-6 per token;
+# 1e-4 per token leaves room for that and nothing more.
+LOGP_TOL = 1e-4
+
+
+def test_echo_prompt_logprobs_equal_score_continuations(served, model):
+    from align_jax.generate import score_continuations
+
+    tok, cfg, params = model
+    _, srv = served
+    ids = tok.encode("The quick brown fox jumps over the lazy dog", add_bos=True)
+    r = _post(srv, {"prompt": [ids], "max_tokens": 3, "temperature": 0, "echo": True,
+                    "logprobs": 2})
+    assert r.status_code == 200, r.text
+    lp = r.json()["choices"][0]["logprobs"]
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    prompt_logps = lp["token_logprobs"][1:len(ids)]
+    want = score_continuations(cfg, params, [ids[:1]], [[ids[1:]]])[0][0]
+    assert sum(prompt_logps) == pytest.approx(want, abs=LOGP_TOL * len(ids))
+    text = r.json()["choices"][0]["text"]
+    assert text.startswith(tok.decode(ids)) and len(lp["tokens"]) == len(ids) + r.json()[
+        "usage"]["completion_tokens"]
+
+
+def test_completion_logprobs_are_the_generated_tokens_logprobs(served, model):
+    tok, cfg, params = model
+    _, srv = served
+    ids = tok.encode("a fox jumps", add_bos=True)
+    r = _post(srv, {"prompt": [ids], "max_tokens": 6, "temperature": 0, "logprobs": 3})
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    lp = choice["logprobs"]
+    out = generate(cfg, params, [ids], max_new_tokens=6, tokenizer=tok)
+    assert lp["tokens"] == [tok.decode([t]) for t in out.tokens[0]]
+    np_ref = [float(x) for x in out.logprobs[0]]
+    assert lp["token_logprobs"] == pytest.approx(np_ref, abs=LOGP_TOL)
+    for chosen, logp, alts in zip(lp["tokens"], lp["token_logprobs"], lp["top_logprobs"]):
+        assert 3 <= len(alts) <= 4 and alts[chosen] == logp
+        # Greedy: the chosen token is the most likely one.
+        assert max(alts.values()) == pytest.approx(logp, abs=LOGP_TOL)
+    assert lp["text_offset"][0] == 0
+
+
+def test_chat_logprobs_through_the_openai_client(served):
+    _, srv = served
+    client = _openai(srv)
+    r = client.chat.completions.create(model="tiny", messages=[{"role": "user",
+                                                                 "content": "a fox"}],
+                                       max_tokens=5, temperature=0, logprobs=True,
+                                       top_logprobs=2)
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens
+    for item in content:
+        assert len(item.top_logprobs) == 2
+        assert item.top_logprobs[0].logprob >= item.top_logprobs[1].logprob
+        assert item.top_logprobs[0].logprob == pytest.approx(item.logprob, abs=LOGP_TOL)
+        assert bytes(item.bytes).decode() == item.token
+    plain = client.chat.completions.create(model="tiny", messages=[{"role": "user",
+                                                                     "content": "a fox"}],
+                                           max_tokens=5, temperature=0)
+    assert plain.choices[0].logprobs is None
+    assert plain.choices[0].message.content == r.choices[0].message.content
+
+
+@pytest.mark.parametrize("body,param", [
+    ({"prompt": "a fox", "max_tokens": 2, "logprobs": 2, "stream": True}, "logprobs"),
+    ({"prompt": "a fox", "max_tokens": 2, "echo": True, "stream": True}, "echo"),
+    ({"prompt": "a fox", "max_tokens": 2, "logprobs": 21}, "logprobs")])
+def test_unsupported_logprob_combinations_are_400(served, body, param):
+    _, srv = served
+    r = _post(srv, body)
+    assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
+
+def test_chat_top_logprobs_needs_logprobs(served):
+    _, srv = served
+    r = httpx.post(srv.url + "/v1/chat/completions", headers=HEADERS, timeout=60,
+                   json={"messages": [{"role": "user", "content": "x"}], "max_tokens": 2,
+                         "top_logprobs": 2})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "top_logprobs", r.text
