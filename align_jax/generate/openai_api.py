@@ -69,8 +69,9 @@ class SamplingFields(_Body):
     stream: bool = False
     stream_options: _StreamOptions | None = None
     user: str | None = None
-    presence_penalty: float = pydantic.Field(0.0, allow_inf_nan=False)
-    frequency_penalty: float = pydantic.Field(0.0, allow_inf_nan=False)
+    presence_penalty: float = pydantic.Field(0.0, ge=-2.0, le=2.0, allow_inf_nan=False)
+    frequency_penalty: float = pydantic.Field(0.0, ge=-2.0, le=2.0, allow_inf_nan=False)
+    # {token id (a string, as JSON keys are): bias in -100..100}, checked in validation.py.
     logit_bias: dict[str, float] | None = None
     # Structured generation: OpenAI's response_format, vLLM's guided_* and structured_outputs.
     response_format: ResponseFormat | None = None

@@ -24,6 +24,8 @@ import threading
 import time
 from collections.abc import Callable
 
+import numpy as np
+
 from align_jax.generate.constraints import compile_constraint
 from align_jax.generate.loop import Completion, GenerationOutput, generate_stream
 from align_jax.generate.prompt_batches import next_pow2
@@ -54,13 +56,16 @@ class Job:
 
     prompts: list[list[int]]
     max_tokens: int
-    sampling: dict[str, float]  # temperature, top_k, top_p, min_p, repetition_penalty
+    # temperature, top_k, top_p, min_p, repetition_penalty, presence_penalty, frequency_penalty
+    sampling: dict[str, float]
     seeds: list[int]
     stop: tuple[str, ...]
     # Structured generation: every prompt of the job follows it (None: free text).
     constraint: object = None
     # Log-probs of each row's prompt + tokens with this many top alternatives (None: none).
     logprobs: int | None = None
+    # {token id: bias} added to the logits of every row of the job (None: none).
+    logit_bias: dict[int, float] | None = None
     # Called on the worker thread with the rows, or with the exception that generation raised.
     deliver: Callable[[list[Row] | BaseException], None] | None = None
     # Streaming requests: called on the worker thread with (row, stable text so far) at each
@@ -244,10 +249,20 @@ class Batcher:
                    for k in group[0].sampling}
         self.calls += 1
         row_constraints = [j.constraint for j in group for _ in j.prompts]
+        bias = None
+        if any(j.logit_bias for j in group):
+            bias = np.zeros((len(prompts), self.config.vocab_size), np.float32)
+            k = 0
+            for j in group:
+                for _ in j.prompts:
+                    for i, b in (j.logit_bias or {}).items():
+                        bias[k, i] = b
+                    k += 1
         kwargs = dict(max_new_tokens=budget, **per_row, stop_strings=group[0].stop,
                       tokenizer=self.tokenizer, seeds=[s for j in group for s in j.seeds],
                       mesh=self.mesh, rules=self.rules, max_len=self.max_len,
-                      constraint=row_constraints if any(row_constraints) else None)
+                      constraint=row_constraints if any(row_constraints) else None,
+                      logit_bias=bias)
         out = self._stream(group, prompts, kwargs)
         results, k = [], 0
         for job in group:

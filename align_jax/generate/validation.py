@@ -94,12 +94,6 @@ def _check_common(state: ServerState, req: SamplingFields) -> None:
     if req.model is not None and req.model != state.model_name:
         raise APIError(404, f"model {req.model!r} does not exist; this server serves "
                        f"{state.model_name!r}", param="model", code="model_not_found")
-    for name in ("presence_penalty", "frequency_penalty"):
-        if getattr(req, name):
-            raise APIError(400, f"{name} is not supported (use repetition_penalty)",
-                           param=name)
-    if req.logit_bias:
-        raise APIError(400, "logit_bias is not supported", param="logit_bias")
     stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     if any(not s for s in stops) or len(stops) > 16:
         raise APIError(400, "stop must be up to 16 non-empty strings", param="stop")
@@ -203,7 +197,9 @@ def _make_job(state: ServerState, req: SamplingFields, prompts: list[list[int]],
                        f"max_tokens", param=prompt_param, code="request_too_large")
     seed = req.seed if req.seed is not None else secrets.randbits(32)
     sampling = dict(temperature=req.temperature, top_k=max(req.top_k, 0), top_p=req.top_p,
-                    min_p=req.min_p, repetition_penalty=req.repetition_penalty)
+                    min_p=req.min_p, repetition_penalty=req.repetition_penalty,
+                    presence_penalty=req.presence_penalty,
+                    frequency_penalty=req.frequency_penalty)
     try:  # the checks generate makes, here: a bad value is a 400, not a worker error
         settings_arrays(1, **sampling)
     except (ValueError, OverflowError) as e:
@@ -211,7 +207,32 @@ def _make_job(state: ServerState, req: SamplingFields, prompts: list[list[int]],
     return Job(prompts=prompts, max_tokens=max_tokens,
                seeds=[row_seed(seed, i) for i in range(len(prompts))], sampling=sampling,
                stop=tuple([req.stop] if isinstance(req.stop, str) else req.stop or ()),
-               constraint=_constraint(state, req), logprobs=logprobs)
+               constraint=_constraint(state, req), logprobs=logprobs,
+               logit_bias=_logit_bias(state, req.logit_bias))
+
+
+def _logit_bias(state: ServerState, given: dict[str, float] | None) -> dict[int, float] | None:
+    """OpenAI's logit_bias ({"token id": bias in -100..100}) -> {id: bias}, or None."""
+    if not given:
+        return None
+    if len(given) > 1024:
+        raise APIError(400, f"logit_bias has {len(given)} entries; at most 1024",
+                       param="logit_bias")
+    out = {}
+    for key, bias in given.items():
+        try:
+            i = int(key)
+        except ValueError:
+            raise APIError(400, f"logit_bias key {key!r} is not a token id",
+                           param="logit_bias") from None
+        if not 0 <= i < state.config.vocab_size:
+            raise APIError(400, f"logit_bias token id {i} is outside "
+                           f"[0, {state.config.vocab_size})", param="logit_bias")
+        if not -100.0 <= bias <= 100.0:
+            raise APIError(400, f"logit_bias[{key!r}]={bias} is outside -100..100",
+                           param="logit_bias")
+        out[i] = float(bias)
+    return out
 
 
 def _encode(state: ServerState, encode, prompts: list, *, raw: bytes, param: str) -> list:

@@ -431,3 +431,71 @@ def test_chat_top_logprobs_needs_logprobs(served):
                    json={"messages": [{"role": "user", "content": "x"}], "max_tokens": 2,
                          "top_logprobs": 2})
     assert r.status_code == 400 and r.json()["error"]["param"] == "top_logprobs", r.text
+
+
+# ----------------------------------------------------------------------------- penalties, bias
+
+
+def _reference_greedy(model, ids, steps, *, presence=0.0, frequency=0.0, bias=None):
+    """Greedy decoding written out here: a full forward pass per step, OpenAI's penalties over
+    the generated tokens and the bias added in numpy, argmax; stops at EOS."""
+    import numpy as np
+
+    from align_jax.models.transformer import forward
+
+    tok, cfg, params = model
+    seq, out = list(ids), []
+    for _ in range(steps):
+        logits = np.asarray(forward(cfg, params, np.asarray([seq], np.int32)))[0, -1]
+        count = np.bincount(np.asarray(out, np.int64), minlength=cfg.vocab_size)
+        logits = logits - frequency * count - presence * (count > 0)
+        for i, b in (bias or {}).items():
+            logits[i] += b
+        t = int(np.argmax(logits))
+        out.append(t)
+        seq.append(t)
+        if t == tok.eos_id:
+            break
+    return out
+
+
+def test_presence_and_frequency_penalties_follow_openai(served, model):
+    tok, cfg, params = model
+    _, srv = served
+    ids = tok.encode("a fox jumps", add_bos=True)
+    body = {"prompt": [ids], "max_tokens": 12, "temperature": 0}
+    plain = _post(srv, body).json()
+    r = _post(srv, {**body, "presence_penalty": 0.7, "frequency_penalty": 1.5})
+    assert r.status_code == 200, r.text
+    got = tok.encode(r.json()["choices"][0]["text"], add_bos=False)
+    want = _reference_greedy(model, ids, 12, presence=0.7, frequency=1.5)
+    assert tok.decode(want) == r.json()["choices"][0]["text"], (got, want)
+    assert r.json()["choices"][0]["text"] != plain["choices"][0]["text"]  # they acted
+
+
+def test_logit_bias_through_the_openai_client(served, model):
+    tok = model[0]
+    _, srv = served
+    client = _openai(srv)
+    forced = client.completions.create(model="tiny", prompt=[300, 301], max_tokens=5,
+                                       temperature=0, logit_bias={"302": 100})
+    assert forced.choices[0].text == tok.decode([302] * 5)
+    assert forced.choices[0].finish_reason == "length"
+    first = client.completions.create(model="tiny", prompt=[300, 301], max_tokens=1,
+                                      temperature=0)
+    banned = tok.encode(first.choices[0].text, add_bos=False)[0]
+    other = client.completions.create(model="tiny", prompt=[300, 301], max_tokens=1,
+                                      temperature=0, logit_bias={str(banned): -100})
+    want = _reference_greedy(model, [300, 301], 1, bias={banned: -100.0})
+    assert other.choices[0].text == tok.decode(want) != first.choices[0].text
+
+
+@pytest.mark.parametrize("field,value", [("logit_bias", {"99999": 1}),
+                                         ("logit_bias", {"fox": 1}),
+                                         ("logit_bias", {"5": 101}),
+                                         ("presence_penalty", 2.5),
+                                         ("frequency_penalty", -3)])
+def test_bad_penalties_and_biases_are_400(served, field, value):
+    _, srv = served
+    r = _post(srv, {"prompt": "a fox", "max_tokens": 2, field: value})
+    assert r.status_code == 400 and r.json()["error"]["param"] == field, r.text
