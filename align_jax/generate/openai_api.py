@@ -147,12 +147,18 @@ def _is_type_tag(part) -> bool:
     return isinstance(part, str) and (part in ("str", "int", "float", "bool") or "[" in part)
 
 
+# An unknown field inside these changes what is generated (e.g. structured_outputs.grammar):
+# it is a 400 even when unknown fields are otherwise ignored.
+_NEVER_IGNORED = frozenset(("response_format", "structured_outputs"))
+
+
 def parse_body(model: type[pydantic.BaseModel], raw: bytes, *, strict: bool = True):
     """Validates a JSON body strictly -> (request, names of the unknown fields dropped).
 
     Args:
       model: the body's pydantic model.  raw: the body.
-      strict: reject unknown fields (400) instead of dropping them.
+      strict: reject unknown fields (400) instead of dropping them (those inside
+        response_format or structured_outputs are always rejected).
     Raises:
       APIError(400) naming the first bad field.
     """
@@ -163,7 +169,7 @@ def parse_body(model: type[pydantic.BaseModel], raw: bytes, *, strict: bool = Tr
     except pydantic.ValidationError as e:
         errors = e.errors(include_url=False)
         unknown = [err["loc"] for err in errors if err["type"] == "extra_forbidden"]
-        if strict or not unknown:
+        if strict or not unknown or any(loc[0] in _NEVER_IGNORED for loc in unknown):
             raise _body_error(errors) from None
     # The rare path: drop the unknown fields and validate again (other errors still count).
     data = json.loads(raw)

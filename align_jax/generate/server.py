@@ -5,7 +5,15 @@ POST /v1/chat/completions (`stream: true` answers with server-sent events), plus
 POST /tokenize and /v1/tokenize (vLLM's shape, so teachers can count tokens remotely),
 POST /detokenize and /v1/detokenize, GET /version, GET /metrics (Prometheus text: requests by
 path and status, prompt and generated tokens, queue, latency histogram) and GET /health.
-Extensions accepted in the body: top_k (0 or -1 = off), min_p, repetition_penalty.
+OpenAI fields: n (choices per prompt), presence_penalty, frequency_penalty, logit_bias,
+logprobs (completions: top alternatives per token; chat: with top_logprobs) and echo
+(completions; with logprobs, the prompt's log-probs too) - logprobs and echo not with stream.
+Extensions accepted in the body: top_k (0 or -1 = off), min_p, repetition_penalty. Unknown
+fields are ignored with one warning per field name (`strict=True`: 400).
+Limits, each a 400 naming the field: empty prompts, seeds outside int64, more than
+`max_prompts_per_request` rows (prompts x n), more than `max_request_tokens` tokens (prompt
+tokens + max_tokens per row). Compiled programs are kept in a bounded LRU
+(`max_compiled_shapes`, shape_cache.py): memory stays flat under mixed prompt lengths.
 Structured generation (both endpoints, streaming too): OpenAI's `response_format`
 ({"type": "json_object"} or {"type": "json_schema", "json_schema": {"schema": ...}}), and
 vLLM's `guided_choice`, `guided_regex`, `guided_json` and `structured_outputs` ({"choice"},

@@ -226,6 +226,11 @@ def test_unknown_nested_fields_are_dropped_and_other_errors_still_count(served):
     assert r.status_code == 200, r.text
     r = _post(srv, {"prompt": "a fox", "max_tokens": "2", "bogus_field": 1})
     assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens", r.text
+    # An unknown kind of constraint would change what is generated: never dropped.
+    r = _post(srv, {"prompt": "a fox", "max_tokens": 2,
+                    "structured_outputs": {"grammar": "root ::= x"}})
+    assert r.status_code == 400 and "structured_outputs.grammar" in r.json()["error"][
+        "message"], r.text
 
 
 def test_strict_keeps_unknown_fields_400(model):
