@@ -98,7 +98,8 @@ def prepare(config: ModelConfig, batch: prompt_batches.PromptBatch, *, sampler_k
     n_rows = len(batch.active_B)
     pad = n_rows - len(batch.indices)
     rows = list(batch.indices)
-    settings = {k: np.concatenate([v[rows], np.full((pad,), sampling.NEUTRAL[k], v.dtype)])
+    settings = {k: np.concatenate([v[rows], np.full((pad, *v.shape[1:]), sampling.NEUTRAL[k],
+                                                    v.dtype)])
                 for k, v in sampler_kw.items()}
     sampler, flags = sampling.make_sampling(
         n_rows, seeds=list(seeds) + [0] * pad, salts=list(salts) + [0] * pad, **settings)

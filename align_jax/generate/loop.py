@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from align_jax import axes, sharding
-from align_jax.generate import batch_inputs, prompt_batches, results, sampling, stop
+from align_jax.generate import batch_inputs, prompt_batches, results, sampling, shape_cache, stop
 from align_jax.generate import constraints as constraints_lib
 from align_jax.generate import continuations as continuations_lib
 from align_jax.generate import prefix as prefix_lib
@@ -134,7 +134,8 @@ def _constrained_sample(logits_BV, state: SamplingState, sampler, flags, stop_id
         allowed_BV = sharding.constrain(allowed_BV, (axes.BATCH, axes.VOCAB))
         dead_B = ~jnp.any(allowed_BV, axis=1)
     tokens_B, logprobs_B = sampling.sample(logits_BV, sampler, flags, step=state.step,
-                                           seen_BV=state.seen_BV, allowed_BV=allowed_BV)
+                                           seen_BV=state.seen_BV, allowed_BV=allowed_BV,
+                                           generated_BM=state.tokens_BM)
     return _record(state, tokens_B, logprobs_B, stop_ids_E,
                    tables if flags.constrained else None, dead_B)
 
@@ -208,9 +209,11 @@ def _decode(params, state: SamplingState, sampler, stop_ids_E, end_step, tables=
     return jax.lax.while_loop(cond, body, state)
 
 
-jit_prefill = jax.jit(
+# jax.jit with a bounded number of kept programs (shape_cache.set_max_programs; the server
+# bounds it, since every new prompt length or budget compiles programs of its own).
+jit_prefill = shape_cache.ShapeCache(
     _prefill, static_argnames=("config", "flags", "max_new_tokens", "cache_len", "mesh", "rules"))
-jit_decode = jax.jit(
+jit_decode = shape_cache.ShapeCache(
     _decode, static_argnames=("config", "flags", "mesh", "rules"), donate_argnames=("state",))
 
 
@@ -265,7 +268,8 @@ def _run_batch(config, params, batch: prompt_batches.PromptBatch, *, max_new_tok
 
 def generate_stream(config: ModelConfig, params, prompts: Sequence[Sequence[int]], *,
                     max_new_tokens: int, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0,
-                    repetition_penalty=1.0, stop_token_ids: Sequence[int] = (),
+                    repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0,
+                    logit_bias=None, stop_token_ids: Sequence[int] = (),
                     stop_strings: Sequence[str] = (), tokenizer=None, seed: int = 0,
                     seeds: Sequence[int] | None = None, mesh=None, rules="fsdp",
                     batch_size: int | None = None, max_len: int | None = None,
@@ -297,7 +301,9 @@ def generate_stream(config: ModelConfig, params, prompts: Sequence[Sequence[int]
         raise ValueError(f"seeds has {len(seeds)} entries for {len(prompts)} prompts")
     sampler_kw = sampling.settings_arrays(
         len(prompts), temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-        repetition_penalty=repetition_penalty)
+        repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
+        frequency_penalty=frequency_penalty, logit_bias=logit_bias,
+        vocab_size=config.vocab_size)
     batch_size = batch_inputs.rows_per_batch(len(prompts), batch_size, mesh, rules)
     if chunk_size is None:
         chunk_size = DEFAULT_STOP_CHUNK if stop_strings or partial else max_new_tokens
@@ -429,7 +435,8 @@ def _stream(config, params, batches, *, seed, seeds, run) -> Iterator[Completion
 
 def generate(config: ModelConfig, params, prompts: Sequence[Sequence[int]], *,
              max_new_tokens: int, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0,
-             repetition_penalty=1.0, stop_token_ids: Sequence[int] = (),
+             repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0,
+             logit_bias=None, stop_token_ids: Sequence[int] = (),
              stop_strings: Sequence[str] = (), tokenizer=None, seed: int = 0,
              seeds: Sequence[int] | None = None, mesh=None, rules="fsdp",
              batch_size: int | None = None, max_len: int | None = None,
@@ -445,6 +452,9 @@ def generate(config: ModelConfig, params, prompts: Sequence[Sequence[int]], *,
       max_new_tokens: the budget per prompt.
       temperature: 0 = greedy; top_k (0 = off), top_p (1 = off), min_p (0 = off),
         repetition_penalty (1 = off, HF semantics): scalars or one value per prompt.
+      presence_penalty, frequency_penalty: OpenAI's (0 = off), over the generated tokens:
+        scalars or one value per prompt.  logit_bias: None, or logits added before sampling,
+        [vocab_size] or [prompts, vocab_size].
       stop_token_ids: extra ids that end a row (config and tokenizer EOS ids always do,
         unless ignore_eos).
       stop_strings: strings that end a row, found in the decoded text (needs tokenizer).
@@ -482,6 +492,8 @@ def generate(config: ModelConfig, params, prompts: Sequence[Sequence[int]], *,
     for c in generate_stream(
             config, params, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
             top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty,
+            presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
+            logit_bias=logit_bias,
             stop_token_ids=stop_token_ids, stop_strings=stop_strings, tokenizer=tokenizer,
             seed=seed, seeds=seeds, mesh=mesh, rules=rules, batch_size=batch_size,
             max_len=max_len, chunk_size=chunk_size, ignore_eos=ignore_eos,

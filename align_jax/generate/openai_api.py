@@ -1,7 +1,8 @@
 """OpenAI's wire format for the HTTP server: request bodies, errors, streamed deltas.
 
-Bodies are validated strictly (no type coercion) and unknown fields are rejected, with one
-clear message naming the field. Errors have OpenAI's shape
+Bodies are validated strictly (no type coercion), with one clear message naming the bad field.
+Unknown fields (what newer clients send) are dropped and reported to the caller, which warns;
+with `strict` they are rejected (400). Errors have OpenAI's shape
 {"error": {"message", "type", "param", "code"}}.
 """
 
@@ -19,7 +20,7 @@ _INT32_MAX = 2**31 - 1  # sampling settings are int32/float32 arrays on the devi
 
 
 class _Body(pydantic.BaseModel):
-    # Unknown fields are rejected rather than silently ignored.
+    # Unknown fields fail validation; parse_body drops them (reporting them) unless strict.
     model_config = pydantic.ConfigDict(extra="forbid")
 
 
@@ -62,13 +63,15 @@ class SamplingFields(_Body):
     min_p: float = pydantic.Field(0.0, ge=0.0, le=1.0, allow_inf_nan=False)
     repetition_penalty: float = pydantic.Field(1.0, gt=0.0, le=1e4, allow_inf_nan=False)
     stop: str | list[str] | None = None
-    seed: int | None = None
-    n: int = 1
+    # jax.random takes int64 seeds; a seed beyond that is a client bug, not a seed.
+    seed: int | None = pydantic.Field(None, ge=-2**63, le=2**63 - 1)
+    n: int = pydantic.Field(1, ge=1, le=128)  # choices per prompt
     stream: bool = False
     stream_options: _StreamOptions | None = None
     user: str | None = None
-    presence_penalty: float = pydantic.Field(0.0, allow_inf_nan=False)
-    frequency_penalty: float = pydantic.Field(0.0, allow_inf_nan=False)
+    presence_penalty: float = pydantic.Field(0.0, ge=-2.0, le=2.0, allow_inf_nan=False)
+    frequency_penalty: float = pydantic.Field(0.0, ge=-2.0, le=2.0, allow_inf_nan=False)
+    # {token id (a string, as JSON keys are): bias in -100..100}, checked in validation.py.
     logit_bias: dict[str, float] | None = None
     # Structured generation: OpenAI's response_format, vLLM's guided_* and structured_outputs.
     response_format: ResponseFormat | None = None
@@ -83,7 +86,7 @@ class CompletionRequest(SamplingFields):
 
     prompt: str | list[str] | list[int] | list[list[int]]
     echo: bool = False
-    logprobs: int | None = None
+    logprobs: int | None = pydantic.Field(None, ge=0, le=20)  # top alternatives per token
     best_of: int | None = None
     suffix: str | None = None
 
@@ -105,7 +108,7 @@ class ChatRequest(SamplingFields):
     messages: list[_Message]
     max_completion_tokens: int | None = None
     logprobs: bool | None = None
-    top_logprobs: int | None = None
+    top_logprobs: int | None = pydantic.Field(None, ge=0, le=20)
 
 
 class TokenizeRequest(_Body):
@@ -115,6 +118,13 @@ class TokenizeRequest(_Body):
     prompt: str | None = None
     messages: list[_Message] | None = None
     add_special_tokens: bool = True
+
+
+class DetokenizeRequest(_Body):
+    """Body of POST /detokenize (vLLM's shape): token ids -> {"prompt": text}."""
+
+    model: str | None = None
+    tokens: list[int]
 
 
 class APIError(Exception):
@@ -137,33 +147,67 @@ def _is_type_tag(part) -> bool:
     return isinstance(part, str) and (part in ("str", "int", "float", "bool") or "[" in part)
 
 
-def parse_body(model: type[pydantic.BaseModel], raw: bytes):
-    """Validates a JSON body strictly; raises APIError(400) naming the first bad field."""
+# An unknown field inside these changes what is generated (e.g. structured_outputs.grammar):
+# it is a 400 even when unknown fields are otherwise ignored.
+_NEVER_IGNORED = frozenset(("response_format", "structured_outputs"))
+
+
+def parse_body(model: type[pydantic.BaseModel], raw: bytes, *, strict: bool = True):
+    """Validates a JSON body strictly -> (request, names of the unknown fields dropped).
+
+    Args:
+      model: the body's pydantic model.  raw: the body.
+      strict: reject unknown fields (400) instead of dropping them (those inside
+        response_format or structured_outputs are always rejected).
+    Raises:
+      APIError(400) naming the first bad field.
+    """
     if not raw.strip():
         raise APIError(400, "request body is empty; expected a JSON object", code="invalid_json")
     try:
-        return model.model_validate_json(raw, strict=True)
+        return model.model_validate_json(raw, strict=True), []
     except pydantic.ValidationError as e:
         errors = e.errors(include_url=False)
-        err = errors[0]
-        if err["type"] == "json_invalid":
-            raise APIError(400, f"request body is not valid JSON: {err['msg']}",
-                           code="invalid_json") from None
-        parts = [x for x in err["loc"] if not _is_type_tag(x)]
-        loc = ".".join(str(x) for x in parts)
-        what = {"extra_forbidden": "unknown field", "missing": "missing required field"}.get(
-            err["type"])
-        tags = [x for x in err["loc"] if _is_type_tag(x)]
-        if not loc:
-            msg = f"request body: {err['msg']}"
-        elif what:
-            msg = f"{what} {loc!r}"
-        elif tags:  # a union: every member failed
-            kinds = sorted({str(t) for x in errors for t in x["loc"] if _is_type_tag(t)})
-            msg = f"field {loc!r} has the wrong type; expected one of {', '.join(kinds)}"
-        else:
-            msg = f"field {loc!r}: {err['msg']}"
-        raise APIError(400, msg, param=loc or None, code=err["type"]) from None
+        unknown = [err["loc"] for err in errors if err["type"] == "extra_forbidden"]
+        if strict or not unknown or any(loc[0] in _NEVER_IGNORED for loc in unknown):
+            raise _body_error(errors) from None
+    # The rare path: drop the unknown fields and validate again (other errors still count).
+    data = json.loads(raw)
+    names = []
+    for loc in unknown:
+        path = [x for x in loc if not _is_type_tag(x)]
+        names.append(".".join(str(x) for x in path))
+        parent = data
+        for part in path[:-1]:
+            parent = parent[part]
+        parent.pop(path[-1], None)
+    try:
+        return model.model_validate_json(json.dumps(data), strict=True), sorted(set(names))
+    except pydantic.ValidationError as e:
+        raise _body_error(e.errors(include_url=False)) from None
+
+
+def _body_error(errors: list) -> APIError:
+    """APIError(400) for pydantic's errors, naming the first bad field."""
+    err = errors[0]
+    if err["type"] == "json_invalid":
+        return APIError(400, f"request body is not valid JSON: {err['msg']}",
+                        code="invalid_json")
+    parts = [x for x in err["loc"] if not _is_type_tag(x)]
+    loc = ".".join(str(x) for x in parts)
+    what = {"extra_forbidden": "unknown field", "missing": "missing required field"}.get(
+        err["type"])
+    tags = [x for x in err["loc"] if _is_type_tag(x)]
+    if not loc:
+        msg = f"request body: {err['msg']}"
+    elif what:
+        msg = f"{what} {loc!r}"
+    elif tags:  # a union: every member failed
+        kinds = sorted({str(t) for x in errors for t in x["loc"] if _is_type_tag(t)})
+        msg = f"field {loc!r} has the wrong type; expected one of {', '.join(kinds)}"
+    else:
+        msg = f"field {loc!r}: {err['msg']}"
+    return APIError(400, msg, param=loc or None, code=err["type"])
 
 
 def sse(obj) -> str:

@@ -4,7 +4,8 @@ Each row carries its own settings (arrays [B]), so one compiled sampler serves a
 mixes greedy and sampled requests. Which filters exist at all is static (`SamplingFlags`), so
 a greedy batch compiles to an argmax with no sort.
 
-Processing order follows Hugging Face's `generate`: repetition penalty, then temperature,
+Processing order follows Hugging Face's `generate`: repetition penalty, then OpenAI's presence
+and frequency penalties (over the tokens generated so far) and logit bias, then temperature,
 top-k, top-p, min-p; greedy rows (temperature 0) take the argmax of the penalised logits.
 The filters become one threshold per row (tokens tied with the last kept one stay, as in HF's
 top-k), and the draw is a Gumbel-max over the vocabulary in id order, so a row's samples do
@@ -39,6 +40,8 @@ class SamplingFlags:
     top_p: bool = False
     min_p: bool = False
     repetition_penalty: bool = False
+    penalties: bool = False
+    logit_bias: bool = False
     constrained: bool = False
 
 
@@ -49,6 +52,9 @@ class SamplingParams:
     temperature_B: 0 = greedy.  top_k_B: 0 = off.  top_p_B: 1 = off.  min_p_B: 0 = off.
     repetition_penalty_B: 1 = off.  key_B: a PRNG key per row; step t draws with fold_in(key, t),
     so a row's samples do not depend on which other rows share its batch.
+    presence_penalty_B, frequency_penalty_B: 0 = off (OpenAI's: subtracted from the logit of
+    each token generated so far, once / once per occurrence).  logit_bias_BV: added to the
+    logits, or None when no row has one.
     """
 
     temperature_B: jax.Array
@@ -57,32 +63,48 @@ class SamplingParams:
     min_p_B: jax.Array
     repetition_penalty_B: jax.Array
     key_B: jax.Array
+    presence_penalty_B: jax.Array
+    frequency_penalty_B: jax.Array
+    logit_bias_BV: jax.Array | None = None
 
 
 # Settings of a row that samples nothing special: used for filler rows.
-NEUTRAL = dict(temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0)
+NEUTRAL = dict(temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0,
+               presence_penalty=0.0, frequency_penalty=0.0, logit_bias=0.0)
 
 
 def settings_arrays(n: int, *, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0,
-                    repetition_penalty=1.0) -> dict[str, np.ndarray]:
+                    repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0,
+                    logit_bias=None, vocab_size: int | None = None) -> dict[str, np.ndarray]:
     """Checks sampling settings and broadcasts each to a numpy array [n].
 
     Args:
       n: number of prompts (rows).
-      temperature, top_k, top_p, min_p, repetition_penalty: a scalar or n values.
+      temperature, top_k, top_p, min_p, repetition_penalty, presence_penalty,
+        frequency_penalty: a scalar or n values.
+      logit_bias: None, or added logits: [vocab_size] or [n, vocab_size] (needs vocab_size).
     Returns:
-      {name: array [n]}; raises ValueError naming the setting and the first bad prompt.
+      {name: array [n]} (logit_bias: [n, V], only when given); raises ValueError naming the
+      setting and the first bad prompt.
     """
     dtypes = dict(temperature=np.float32, top_k=np.int32, top_p=np.float32, min_p=np.float32,
-                  repetition_penalty=np.float32)
+                  repetition_penalty=np.float32, presence_penalty=np.float32,
+                  frequency_penalty=np.float32, logit_bias=np.float32)
     given = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                 repetition_penalty=repetition_penalty)
+                 repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
+                 frequency_penalty=frequency_penalty)
+    shapes = {}
+    if logit_bias is not None:
+        if vocab_size is None:
+            raise ValueError("sampling setting logit_bias needs vocab_size")
+        given["logit_bias"], shapes["logit_bias"] = logit_bias, (n, int(vocab_size))
     out = {}
     for name, x in given.items():
         try:
-            a = np.broadcast_to(np.asarray(x, dtypes[name]), (n,)).copy()
+            a = np.broadcast_to(np.asarray(x, dtypes[name]), shapes.get(name, (n,))).copy()
         except ValueError as e:
-            raise ValueError(f"sampling setting {name}: expected a scalar or {n} values") from e
+            raise ValueError(f"sampling setting {name}: expected a scalar or {n} values "
+                             f"(logit_bias: [vocab_size] or [{n}, vocab_size])") from e
         if not np.all(np.isfinite(a)):
             raise ValueError(f"sampling setting {name} must be finite, got {x!r}")
         out[name] = a
@@ -112,6 +134,8 @@ def make_sampling(batch: int, *, seeds: Sequence[int] | None = None,
     Returns:
       (params with arrays [B], static flags).
     """
+    if settings.get("logit_bias") is not None and "vocab_size" not in settings:
+        settings["vocab_size"] = np.shape(settings["logit_bias"])[-1]
     a = settings_arrays(batch, **settings)
     temp, k = a["temperature"], a["top_k"]
     # Any Python int is a valid seed: reduced to uint32, as jax.random.key would.
@@ -122,7 +146,10 @@ def make_sampling(batch: int, *, seeds: Sequence[int] | None = None,
     key_B = jax.vmap(lambda s, t: jax.random.fold_in(jax.random.key(s), t))(
         jnp.asarray(seeds_B), jnp.asarray(salts_B))
     sampled = temp > 0
+    bias = a.get("logit_bias")
     flags = SamplingFlags(
+        penalties=bool((a["presence_penalty"] != 0).any() or (a["frequency_penalty"] != 0).any()),
+        logit_bias=bias is not None and bool((bias != 0).any()),
         sample=bool(sampled.any()),
         top_k=bool((sampled & (k > 0)).any()),
         top_k_max=int(k[sampled].max()) if (sampled.any() and (k[sampled] > 0).all()) else 0,
@@ -132,7 +159,10 @@ def make_sampling(batch: int, *, seeds: Sequence[int] | None = None,
     params = SamplingParams(
         temperature_B=jnp.asarray(temp), top_k_B=jnp.asarray(k),
         top_p_B=jnp.asarray(a["top_p"]), min_p_B=jnp.asarray(a["min_p"]),
-        repetition_penalty_B=jnp.asarray(a["repetition_penalty"]), key_B=key_B)
+        repetition_penalty_B=jnp.asarray(a["repetition_penalty"]), key_B=key_B,
+        presence_penalty_B=jnp.asarray(a["presence_penalty"]),
+        frequency_penalty_B=jnp.asarray(a["frequency_penalty"]),
+        logit_bias_BV=jnp.asarray(bias) if flags.logit_bias else None)
     return params, flags
 
 
@@ -149,6 +179,25 @@ def apply_repetition_penalty(logits_BV: jax.Array, seen_BV: jax.Array,
     pen_B1 = penalty_B[:, None].astype(logits_BV.dtype)
     penalised_BV = jnp.where(logits_BV > 0, logits_BV / pen_B1, logits_BV * pen_B1)
     return jnp.where(seen_BV, penalised_BV, logits_BV)
+
+
+def apply_openai_penalties(logits_BV: jax.Array, generated_BM: jax.Array, step: jax.Array,
+                           presence_B: jax.Array, frequency_B: jax.Array) -> jax.Array:
+    """OpenAI's semantics: logit[j] -= frequency * count[j] + presence * (count[j] > 0), where
+    count[j] counts token j among the tokens generated so far (the prompt does not count).
+
+    Args:
+      logits_BV: float logits.  generated_BM: int32 generated tokens; the first `step` are
+        real.  step: int32 scalar.  presence_B, frequency_B: per-row penalties.
+    Returns:
+      penalised logits [B, V].
+    """
+    b, m = generated_BM.shape
+    real_BM = (jnp.arange(m, dtype=jnp.int32)[None, :] < step).astype(jnp.float32)
+    count_BV = jnp.zeros(logits_BV.shape, jnp.float32).at[
+        jnp.arange(b)[:, None], generated_BM].add(real_BM)
+    return logits_BV - (frequency_B[:, None] * count_BV
+                        + presence_B[:, None] * (count_BV > 0).astype(jnp.float32))
 
 
 def mark_seen(seen_BV: jax.Array, tokens_B: jax.Array) -> jax.Array:
@@ -191,7 +240,8 @@ def keep_threshold(sorted_BK: jax.Array, params: SamplingParams,
 
 def sample(logits_BV: jax.Array, params: SamplingParams, flags: SamplingFlags, *,
            step: jax.Array, seen_BV: jax.Array | None = None,
-           allowed_BV: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+           allowed_BV: jax.Array | None = None,
+           generated_BM: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """Draws one token per row.
 
     Args:
@@ -201,6 +251,8 @@ def sample(logits_BV: jax.Array, params: SamplingParams, flags: SamplingFlags, *
       seen_BV: bool presence mask for the repetition penalty (required when it is on).
       allowed_BV: optional bool mask (a constraint): other tokens get -inf before the
         penalty, greedy choice, temperature and filters, so every mode respects it.
+      generated_BM: the tokens generated so far (the first `step`), for the presence and
+        frequency penalties (required when they are on).
     Returns:
       (tokens_B int32, logprobs_B float32). The log-prob is that of the token under the
       model's raw distribution: log_softmax of the unmodified logits (temperature 1, no
@@ -213,6 +265,12 @@ def sample(logits_BV: jax.Array, params: SamplingParams, flags: SamplingFlags, *
         scores_BV = jnp.where(allowed_BV, scores_BV, _NEG_INF)
     if flags.repetition_penalty:
         scores_BV = apply_repetition_penalty(scores_BV, seen_BV, params.repetition_penalty_B)
+    if flags.penalties:
+        scores_BV = apply_openai_penalties(scores_BV, generated_BM, step,
+                                           params.presence_penalty_B,
+                                           params.frequency_penalty_B)
+    if flags.logit_bias:
+        scores_BV = scores_BV + params.logit_bias_BV
     tokens_B = jnp.argmax(scores_BV, axis=-1).astype(jnp.int32)
     if flags.sample:
         temp_B = params.temperature_B

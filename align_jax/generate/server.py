@@ -2,8 +2,18 @@
 
 Endpoints, in OpenAI's JSON schema: GET /v1/models, POST /v1/completions and
 POST /v1/chat/completions (`stream: true` answers with server-sent events), plus
-POST /tokenize (vLLM's shape, so teachers can count tokens remotely) and GET /health.
-Extensions accepted in the body: top_k (0 or -1 = off), min_p, repetition_penalty.
+POST /tokenize and /v1/tokenize (vLLM's shape, so teachers can count tokens remotely),
+POST /detokenize and /v1/detokenize, GET /version, GET /metrics (Prometheus text: requests by
+path and status, prompt and generated tokens, queue, latency histogram) and GET /health.
+OpenAI fields: n (choices per prompt), presence_penalty, frequency_penalty, logit_bias,
+logprobs (completions: top alternatives per token; chat: with top_logprobs) and echo
+(completions; with logprobs, the prompt's log-probs too) - logprobs and echo not with stream.
+Extensions accepted in the body: top_k (0 or -1 = off), min_p, repetition_penalty. Unknown
+fields are ignored with one warning per field name (`strict=True`: 400).
+Limits, each a 400 naming the field: empty prompts, seeds outside int64, more than
+`max_prompts_per_request` rows (prompts x n), more than `max_request_tokens` tokens (prompt
+tokens + max_tokens per row). Compiled programs are kept in a bounded LRU
+(`max_compiled_shapes`, shape_cache.py): memory stays flat under mixed prompt lengths.
 Structured generation (both endpoints, streaming too): OpenAI's `response_format`
 ({"type": "json_object"} or {"type": "json_schema", "json_schema": {"schema": ...}}), and
 vLLM's `guided_choice`, `guided_regex`, `guided_json` and `structured_outputs` ({"choice"},
@@ -30,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import socket
@@ -41,7 +52,9 @@ import fastapi
 import uvicorn
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
+from align_jax.generate import shape_cache
 from align_jax.generate.encode_pool import EncodePool
 from align_jax.generate.http_io import (
     BODY_BYTES_PER_TOKEN,
@@ -49,11 +62,13 @@ from align_jax.generate.http_io import (
     cancel_on_disconnect,
     read_body,
 )
+from align_jax.generate.metrics import CountRequests
 from align_jax.generate.openai_api import APIError, sse
 from align_jax.generate.serving import Batcher, Cancelled, Job, Row
 from align_jax.generate.validation import (
     ServerState,
     authorize,
+    detokenize_json,
     prepare_chat,
     prepare_completion,
     tokenize_json,
@@ -66,7 +81,10 @@ def make_app(config, params, tokenizer, *, model_name: str, api_key: str | None 
              max_batch_size: int = 16, batch_window_s: float = 0.01,
              max_len: int | None = None, max_prompt_tokens: int | None = None,
              max_new_tokens_limit: int | None = None, mesh=None,
-             rules="fsdp", max_body_bytes: int | None = None) -> fastapi.FastAPI:
+             rules="fsdp", max_body_bytes: int | None = None,
+             max_prompts_per_request: int = 64, max_request_tokens: int | None = None,
+             max_compiled_shapes: int | None = 64, strict: bool = False
+             ) -> fastapi.FastAPI:
     """Builds the FastAPI app (run it with uvicorn, or `ServerThread` in tests/notebooks).
 
     Args:
@@ -81,11 +99,28 @@ def make_app(config, params, tokenizer, *, model_name: str, api_key: str | None 
       mesh, rules: passed to `generate`.
       max_body_bytes: largest accepted request body (413 beyond); default
         max(1 MiB, 16 bytes x max_prompt_tokens).
+      max_prompts_per_request: most prompts one /v1/completions request may carry (400 beyond).
+      max_request_tokens: most tokens one request may ask for, its prompt tokens plus
+        max_tokens per prompt (400 beyond), so that one huge request cannot make the others
+        wait behind it; default max(65536, max_len).
+      max_compiled_shapes: compiled programs kept (least recently used dropped first): each
+        new prompt-length bucket, budget or shared-prefix length compiles a prefill and a
+        decode program, and memory grows with them; None keeps all. Process-wide
+        (`shape_cache.set_max_programs`).
+      strict: unknown fields in a body are 400s (OpenAI's own behaviour); by default they
+        are ignored with a warning in the log, since newer clients send fields this server
+        does not know.
     Returns:
       The app; `app.state.batcher` is its `Batcher`, `app.state.server` its `ServerState`.
     """
     max_len = int(max_len or config.max_position)
     max_prompt = int(max_prompt_tokens or max_len - 1)
+    for name, value in (("max_prompts_per_request", max_prompts_per_request),
+                        ("max_request_tokens", max_request_tokens)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                  or value < 1):
+            raise ValueError(f"serve: {name} must be a positive int, got {value!r}")
+    shape_cache.set_max_programs(max_compiled_shapes)
     state = ServerState(
         config=config, tokenizer=tokenizer, model_name=model_name, api_key=api_key,
         batcher=Batcher(config, params, tokenizer, max_len=max_len,
@@ -95,17 +130,26 @@ def make_app(config, params, tokenizer, *, model_name: str, api_key: str | None 
         max_new=int(max_new_tokens_limit or min(4096, max_len - 1)),
         max_body_bytes=int(max_body_bytes or max(MIN_BODY_BYTES,
                                                  BODY_BYTES_PER_TOKEN * max_prompt)),
-        started=int(time.time()))
+        max_prompts=max_prompts_per_request,
+        max_request_tokens=max_request_tokens or max(65536, max_len),
+        started=int(time.time()), strict=bool(strict))
     app = fastapi.FastAPI(title="align-jax", lifespan=_lifespan)
     app.state.server, app.state.batcher = state, state.batcher
     app.add_exception_handler(APIError, _api_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(ClientDisconnect, _client_left)
     app.add_api_route("/health", health, methods=["GET"])
     app.add_api_route("/v1/models", list_models, methods=["GET"])
     app.add_api_route("/v1/models/{name:path}", get_model, methods=["GET"])
     app.add_api_route("/v1/completions", completions, methods=["POST"])
     app.add_api_route("/v1/chat/completions", chat_completions, methods=["POST"])
     app.add_api_route("/tokenize", tokenize, methods=["POST"])
+    app.add_api_route("/v1/tokenize", tokenize, methods=["POST"])
+    app.add_api_route("/detokenize", detokenize, methods=["POST"])
+    app.add_api_route("/v1/detokenize", detokenize, methods=["POST"])
+    app.add_api_route("/version", version, methods=["GET"])
+    app.add_api_route("/metrics", metrics, methods=["GET"])
+    app.add_middleware(CountRequests, metrics=state.metrics)
     return app
 
 
@@ -127,6 +171,14 @@ async def _api_error(_, e: APIError):
 async def _http_error(request: fastapi.Request, e: StarletteHTTPException):
     return APIError(e.status_code, f"{request.method} {request.url.path}: {e.detail}",
                     code=str(e.status_code)).response()
+
+
+async def _client_left(request: fastapi.Request, _):
+    # The client hung up while sending its body: nobody reads an answer; one line, not an
+    # "Exception in ASGI application" traceback per dropped client.
+    log.info("%s %s: the client disconnected before sending its whole request",
+             request.method, request.url.path)
+    return fastapi.Response(status_code=499)
 
 
 def _state(request: fastapi.Request) -> ServerState:
@@ -185,7 +237,7 @@ async def _complete(request: fastapi.Request, *, chat: bool):
         req, prompts, job = await asyncio.to_thread(prepare_completion, state, raw)
     if req.stream:
         return _stream_answer(state, req, prompts, job, chat=chat)
-    return _answer(state, prompts, await _run(state, job, request), chat=chat)
+    return _answer(state, req, prompts, job, await _run(state, job, request), chat=chat)
 
 
 async def tokenize(request: fastapi.Request):
@@ -195,6 +247,29 @@ async def tokenize(request: fastapi.Request):
     raw = await read_body(request, state.max_body_bytes)
     return fastapi.Response(await asyncio.to_thread(tokenize_json, state, raw),
                             media_type="application/json")
+
+
+async def detokenize(request: fastapi.Request):
+    """POST /detokenize (vLLM's shape): {tokens} -> {prompt}."""
+    state = _state(request)
+    authorize(state, request.headers)
+    raw = await read_body(request, state.max_body_bytes)
+    return await asyncio.to_thread(detokenize_json, state, raw)
+
+
+async def version():
+    """GET /version: the align_jax version serving."""
+    import align_jax
+
+    return {"version": align_jax.__version__}
+
+
+async def metrics(request: fastapi.Request):
+    """GET /metrics: Prometheus text (requests by path and status, tokens, queue, latency)."""
+    state = _state(request)
+    authorize(state, request.headers)
+    return fastapi.Response(state.metrics.render(queued=state.batcher.queued()),
+                            media_type="text/plain; version=0.0.4")
 
 
 # ----------------------------------------------------------------------------- answers
@@ -224,8 +299,10 @@ async def _run(state: ServerState, job: Job, request: fastapi.Request | None = N
             watch.cancel()
 
 
-def _usage(prompts, rows) -> dict:
+def _usage(prompts, rows, metrics=None) -> dict:
     p, c = sum(len(x) for x in prompts), sum(len(r.tokens) for r in rows)
+    if metrics is not None:
+        metrics.tokens(p, c)
     return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
 
@@ -234,18 +311,83 @@ def _head(state: ServerState, *, chat: bool) -> dict:
             "created": int(time.time()), "model": state.model_name}
 
 
-def _answer(state: ServerState, prompts, rows: list[Row], *, chat: bool) -> JSONResponse:
+def _answer(state: ServerState, req, prompts, job: Job, rows: list[Row], *, chat: bool
+            ) -> JSONResponse:
     """The whole answer as one JSON response."""
+    piece = _token_text(state.tokenizer)
     if chat:
         choices = [{"index": i, "message": {"role": "assistant", "content": r.text},
-                    "finish_reason": r.finish_reason, "logprobs": None}
+                    "finish_reason": r.finish_reason,
+                    "logprobs": None if r.scores is None else _chat_logprobs(
+                        piece, job.prompts[i], r, job.logprobs)}
                    for i, r in enumerate(rows)]
     else:
-        choices = [{"index": i, "text": r.text, "finish_reason": r.finish_reason,
-                    "logprobs": None} for i, r in enumerate(rows)]
+        echo = _echo_texts(state, req) if req.echo else None
+        choices = [{"index": i, "text": (echo[i] if echo else "") + r.text,
+                    "finish_reason": r.finish_reason,
+                    "logprobs": None if r.scores is None else _completion_logprobs(
+                        piece, job.prompts[i], r, job.logprobs, echo=req.echo)}
+                   for i, r in enumerate(rows)]
     return JSONResponse({**_head(state, chat=chat),
                          "object": "chat.completion" if chat else "text_completion",
-                         "choices": choices, "usage": _usage(prompts, rows)})
+                         "choices": choices,
+                         "usage": _usage(prompts, rows, state.metrics)})
+
+
+def _echo_texts(state: ServerState, req) -> list[str]:
+    """The prompt of each choice as echoed: the string given, or the ids decoded."""
+    p = req.prompt
+    if isinstance(p, str) or (p and all(isinstance(x, int) for x in p)):
+        p = [p]
+    texts = [x if isinstance(x, str) else state.tokenizer.decode(x) for x in p]
+    return [t for t in texts for _ in range(req.n)]
+
+
+def _token_text(tokenizer):
+    """id -> its text (cached per answer: top alternatives repeat)."""
+    return functools.lru_cache(maxsize=None)(lambda i: tokenizer.decode([i]))
+
+
+def _positions(prompt: list[int], row: Row, *, echo: bool):
+    """(token id, log-prob or None, [(alternative id, log-prob)]) of each answered token:
+    the completion's, after the prompt's with `echo` (its first token has no log-prob)."""
+    s, n = row.scores, len(prompt)
+    out = [(prompt[0], None, [])] if echo else []
+    start = 0 if echo else n - 1
+    seq = prompt + row.tokens
+    for t in range(start, len(s.logps)):
+        out.append((seq[t + 1], s.logps[t], list(zip(s.top_ids[t], s.top_logps[t]))))
+    return out
+
+
+def _completion_logprobs(piece, prompt, row: Row, top: int, *, echo: bool) -> dict:
+    """OpenAI's legacy completions logprobs: tokens, token_logprobs, top_logprobs (the top
+    `top` alternatives, plus the chosen token), text_offset (within the returned text)."""
+    tokens, logps, tops, offsets, at = [], [], [], [], 0
+    for i, lp, alts in _positions(prompt, row, echo=echo):
+        text = piece(i)
+        tokens.append(text)
+        logps.append(lp)
+        offsets.append(at)
+        at += len(text)
+        if lp is None:
+            tops.append(None)
+        else:
+            alt = {piece(a): v for a, v in alts[:top]}
+            alt.setdefault(text, lp)
+            tops.append(alt)
+    return {"tokens": tokens, "token_logprobs": logps, "top_logprobs": tops,
+            "text_offset": offsets}
+
+
+def _chat_logprobs(piece, prompt, row: Row, top: int) -> dict:
+    """OpenAI's chat logprobs: {"content": [{token, logprob, bytes, top_logprobs}]}."""
+    def entry(i, lp):
+        text = piece(i)
+        return {"token": text, "logprob": lp, "bytes": list(text.encode())}
+    return {"content": [{**entry(i, lp), "top_logprobs": [entry(a, v) for a, v in alts[:top]]}
+                        for i, lp, alts in _positions(prompt, row, echo=False)],
+            "refusal": None}
 
 
 def _stream_answer(state: ServerState, req, prompts, job: Job, *, chat: bool
@@ -261,7 +403,8 @@ def _stream_answer(state: ServerState, req, prompts, job: Job, *, chat: bool
 
     async def events():
         try:
-            async for event in _events(state, req, prompts, task, updates, head, chat=chat):
+            async for event in _events(state, req, prompts, task, updates, head, chat=chat,
+                                       task_rows=job.prompts):
                 yield event
         finally:
             # Normal end, or the client went away (the generator is closed): stop the
@@ -282,9 +425,10 @@ def _choice(i: int, piece: str | None, reason: str | None, *, chat: bool) -> dic
 
 
 async def _events(state: ServerState, req, prompts, task: asyncio.Future,
-                  updates: asyncio.Queue, head: dict, *, chat: bool):
-    """The events of one streamed answer: partial texts while `task` runs, then the rest."""
-    sent = [""] * len(prompts)
+                  updates: asyncio.Queue, head: dict, *, chat: bool, task_rows: list):
+    """The events of one streamed answer: partial texts while `task` runs, then the rest
+    (`task_rows`: the job's prompt rows, n per prompt)."""
+    sent = [""] * len(task_rows)
 
     def delta(i, text):
         # Partial texts only grow; anything else waits for the final text.
@@ -294,7 +438,7 @@ async def _events(state: ServerState, req, prompts, task: asyncio.Future,
         return None
 
     if chat:
-        for i in range(len(prompts)):
+        for i in range(len(task_rows)):
             yield sse({**head, "choices": [{
                 "index": i, "delta": {"role": "assistant", "content": ""},
                 "finish_reason": None, "logprobs": None}]})
@@ -324,8 +468,9 @@ async def _events(state: ServerState, req, prompts, task: asyncio.Future,
             state.batcher.once.warn("stream-diverged",
                                     "streamed text of row %d diverged from its final text", i)
         yield sse({**head, "choices": [_choice(i, None, r.finish_reason, chat=chat)]})
+    usage = _usage(prompts, rows, state.metrics)
     if req.stream_options is not None and req.stream_options.include_usage:
-        yield sse({**head, "choices": [], "usage": _usage(prompts, rows)})
+        yield sse({**head, "choices": [], "usage": usage})
     yield "data: [DONE]\n\n"
 
 
@@ -410,7 +555,9 @@ def serve_main(*, model_dir: str, host: str = "127.0.0.1", port: int = 8000,
                max_len: int | None = None, max_prompt_tokens: int | None = None,
                max_new_tokens_limit: int | None = None, dtype: str = "float32",
                mesh_spec=None, rules: str = "fsdp", output_dir: str | None = None,
-               log_level: str = "info", max_body_bytes: int | None = None) -> int:
+               log_level: str = "info", max_body_bytes: int | None = None,
+               max_prompts_per_request: int = 64, max_request_tokens: int | None = None,
+               max_compiled_shapes: int | None = 64, strict: bool = False) -> int:
     """Entry of `align-jax serve`: serves an HF checkpoint dir until stopped (Ctrl-C).
 
     Args:
@@ -431,21 +578,57 @@ def serve_main(*, model_dir: str, host: str = "127.0.0.1", port: int = 8000,
       log_level: the server's log level ("debug", "info", "warning", ...).
       max_body_bytes: largest accepted request body (413 beyond); default
         max(1 MiB, 16 bytes x max_prompt_tokens).
+      max_prompts_per_request: most prompt rows (prompts x n) one request may carry (400
+        beyond).
+      max_request_tokens: most tokens one request may ask for, prompt tokens plus max_tokens
+        per row (400 beyond); default max(65536, max_len).
+      max_compiled_shapes: compiled programs kept, least recently used dropped first (memory
+        grows with each new prompt-length bucket or budget); None keeps all.
+      strict: unknown body fields are 400s; by default they are ignored with one warning.
     Returns:
       0 after a clean shutdown.
+    Raises:
+      ValueError: the port is not in 0..65535 or cannot be bound (checked first, before the
+        model loads).
     """
     from align_jax import runinfo, sharding
 
+    sock = bind_socket(host, port)  # fail at once, before minutes of model loading
     api_key = api_key or os.environ.get("ALIGN_JAX_API_KEY") or None
     if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
         log.warning("serving on %s without an API key: anyone who can reach it can use it", host)
-    with runinfo.run_folder(output_dir):
+    with contextlib.closing(sock), runinfo.run_folder(output_dir):
         mesh = sharding.make_mesh(mesh_spec) if mesh_spec is not None else None
         app = app_from_checkpoint(
             model_dir, model_name=model_name, dtype=dtype, mesh=mesh, rules=rules,
             api_key=api_key, max_batch_size=max_batch_size,
             batch_window_s=batch_window_ms / 1000.0, max_len=max_len,
             max_prompt_tokens=max_prompt_tokens, max_new_tokens_limit=max_new_tokens_limit,
-            max_body_bytes=max_body_bytes)
-        _Server(uvicorn.Config(app, host=host, port=port, log_level=log_level)).run()
+            max_body_bytes=max_body_bytes, max_prompts_per_request=max_prompts_per_request,
+            max_request_tokens=max_request_tokens, max_compiled_shapes=max_compiled_shapes,
+            strict=strict)
+        bound = sock.getsockname()[1]
+        _Server(uvicorn.Config(app, host=host, port=bound, log_level=log_level)).run(
+            sockets=[sock])
     return 0
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to host:port (port 0: a free one), for uvicorn to listen on.
+
+    Raises:
+      ValueError: one line naming the port: outside 0..65535, or it cannot be bound (in use,
+        no permission, unknown host).
+    """
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        raise ValueError(f"serve: port={port!r} is not a TCP port (0..65535)")
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET,
+                         socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise ValueError(f"serve: cannot listen on {host}:{port}: "
+                         f"{e.strerror or e}") from None
+    return sock

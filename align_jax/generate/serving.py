@@ -24,9 +24,12 @@ import threading
 import time
 from collections.abc import Callable
 
+import numpy as np
+
 from align_jax.generate.constraints import compile_constraint
 from align_jax.generate.loop import Completion, GenerationOutput, generate_stream
 from align_jax.generate.prompt_batches import next_pow2
+from align_jax.generate.token_scores import TokenScores, token_scores
 
 log = logging.getLogger(__name__)
 
@@ -38,11 +41,13 @@ STREAM_CHUNK = 8
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Row:
-    """One generated answer: tokens (incl. a final stop token), text, "stop" or "length"."""
+    """One generated answer: tokens (incl. a final stop token), text, "stop" or "length";
+    with a job's `logprobs`, `scores` of its prompt + tokens (positions 1..)."""
 
     tokens: list[int]
     text: str
     finish_reason: str
+    scores: TokenScores | None = None
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -51,11 +56,16 @@ class Job:
 
     prompts: list[list[int]]
     max_tokens: int
-    sampling: dict[str, float]  # temperature, top_k, top_p, min_p, repetition_penalty
+    # temperature, top_k, top_p, min_p, repetition_penalty, presence_penalty, frequency_penalty
+    sampling: dict[str, float]
     seeds: list[int]
     stop: tuple[str, ...]
     # Structured generation: every prompt of the job follows it (None: free text).
     constraint: object = None
+    # Log-probs of each row's prompt + tokens with this many top alternatives (None: none).
+    logprobs: int | None = None
+    # {token id: bias} added to the logits of every row of the job (None: none).
+    logit_bias: dict[int, float] | None = None
     # Called on the worker thread with the rows, or with the exception that generation raised.
     deliver: Callable[[list[Row] | BaseException], None] | None = None
     # Streaming requests: called on the worker thread with (row, stable text so far) at each
@@ -150,6 +160,10 @@ class Batcher:
         if self._thread is not None:
             self._thread.join(timeout=30)
 
+    def queued(self) -> int:
+        """Jobs waiting for the worker (for monitoring)."""
+        return self._queue.qsize()
+
     def submit(self, job: Job) -> None:
         self.start()
         self._queue.put(job)
@@ -235,10 +249,20 @@ class Batcher:
                    for k in group[0].sampling}
         self.calls += 1
         row_constraints = [j.constraint for j in group for _ in j.prompts]
+        bias = None
+        if any(j.logit_bias for j in group):
+            bias = np.zeros((len(prompts), self.config.vocab_size), np.float32)
+            k = 0
+            for j in group:
+                for _ in j.prompts:
+                    for i, b in (j.logit_bias or {}).items():
+                        bias[k, i] = b
+                    k += 1
         kwargs = dict(max_new_tokens=budget, **per_row, stop_strings=group[0].stop,
                       tokenizer=self.tokenizer, seeds=[s for j in group for s in j.seeds],
                       mesh=self.mesh, rules=self.rules, max_len=self.max_len,
-                      constraint=row_constraints if any(row_constraints) else None)
+                      constraint=row_constraints if any(row_constraints) else None,
+                      logit_bias=bias)
         out = self._stream(group, prompts, kwargs)
         results, k = [], 0
         for job in group:
@@ -250,7 +274,13 @@ class Batcher:
                     decode = (self.tokenizer.decode if job.constraint is None else
                               compile_constraint(job.constraint, self.tokenizer).decode)
                     text, reason = decode(tokens), "length"
-                rows.append(Row(tokens=list(tokens), text=text, finish_reason=reason))
+                scores = None
+                if job.logprobs is not None:  # one extra forward pass over prompt + tokens
+                    scores = token_scores(self.config, self.params, prompts[k] + list(tokens),
+                                          top=job.logprobs, max_len=self.max_len,
+                                          mesh=self.mesh, rules=self.rules)
+                rows.append(Row(tokens=list(tokens), text=text, finish_reason=reason,
+                                scores=scores))
                 k += 1
             results.append(rows)
         return results
