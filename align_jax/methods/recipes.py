@@ -10,24 +10,46 @@ evaluation) it stops the same way. Rerunning the same command skips the complete
 (`train_main` finds them completed with the same settings) and resumes the interrupted one.
 """
 
+import os
 from collections.abc import Callable
 from typing import Any
 
+from align_jax import distributed, interrupts
 from align_jax.train import status as status_lib
+
+
+def _status(output_dir: str, status: str, message: str | None = None) -> None:
+    if distributed.is_main():
+        os.makedirs(output_dir, exist_ok=True)
+        status_lib.write_status(output_dir, status, step=None, num_steps=None, message=message)
 
 
 def run(*, recipe: Callable[..., Any], output_dir: str) -> Any:
     """Calls the recipe bound in gin (e.g. value_alignment.value_alignment) with output_dir.
 
+    `<output_dir>/status.json` says "running", then "completed", "interrupted" or "failed".
+
     Raises:
       RunInterrupted (exit code 75) when SIGTERM or SIGINT stopped it; rerun to resume.
     """
+    _status(output_dir, "running")
     try:
-        with status_lib.sigterm_as_keyboard_interrupt():
-            return recipe(output_dir=output_dir)
+        with interrupts.honoured():
+            result = recipe(output_dir=output_dir)
+            # One that an exception handler on the way swallowed: no "completed" after it.
+            interrupts.check()
+    except status_lib.RunInterrupted as e:
+        _status(output_dir, "interrupted", str(e).split("\n")[0])
+        raise
     except KeyboardInterrupt as e:
         # A stage's own interruption arrives as RunInterrupted (its checkpoint saved); this is
         # a signal between stages, where finished stages are all there is to keep.
-        raise status_lib.RunInterrupted(
-            f"{output_dir}: interrupted ({str(e) or 'SIGINT'}) outside a training stage; completed "
-            "stages are kept; rerun the same command to resume") from None
+        message = (f"{output_dir}: interrupted ({str(e) or 'SIGINT'}) outside a training "
+                   "stage; completed stages are kept; rerun the same command to resume")
+        _status(output_dir, "interrupted", message)
+        raise status_lib.RunInterrupted(message) from None
+    except BaseException as e:
+        _status(output_dir, "failed", f"{type(e).__name__}: {str(e)[:500]}")
+        raise
+    _status(output_dir, "completed")
+    return result

@@ -19,6 +19,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import tqdm
 
+from align_jax import interrupts
 from align_jax.data import documents as documents_lib
 from align_jax.jsonl import write_jsonl
 from align_jax.sdg import aligner_data, instruct, preference, yes_no
@@ -86,8 +87,9 @@ def _run_batches(store: RunStore, items: Sequence, unit_of: Callable, run_batch:
             batch, batch_units = items[b:b + batch_size], units[b:b + batch_size]
             if all(store.is_done(u) for u in batch_units):
                 continue
-            results: list[UnitResult] = run_batch(
-                batch, derive_seed(seed, "|".join(batch_units)))
+            with interrupts.phase("sdg"):  # a safe point between batches
+                results: list[UnitResult] = run_batch(
+                    batch, derive_seed(seed, "|".join(batch_units)))
             for u, res in zip(batch_units, results):
                 if res.unit != u:
                     raise RuntimeError(f"stage returned unit {res.unit!r} for {u!r}")

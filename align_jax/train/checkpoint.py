@@ -15,6 +15,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from align_jax import interrupts
 from align_jax.train.state import TrainState
 
 log = logging.getLogger(__name__)
@@ -61,7 +62,13 @@ class Checkpointer:
         return list(self._manager.all_steps())
 
     def save(self, step: int, state: TrainState, *, data_state: Any = None) -> None:
-        """Starts saving `state` (without ref_params) and the data state at `step`."""
+        """Starts saving `state` (without ref_params) and the data state at `step`.
+
+        A signal during the save is recorded and acted on after it (`interrupts.deferred`)."""
+        with interrupts.deferred(act=False), interrupts.phase("checkpoint_save"):
+            self._save(step, state, data_state=data_state)
+
+    def _save(self, step: int, state: TrainState, *, data_state: Any) -> None:
         self._manager.save(
             step,
             args=ocp.args.Composite(
@@ -129,12 +136,14 @@ class Checkpointer:
 
     def wait(self) -> None:
         """Blocks until the pending async save is on disk."""
-        self._manager.wait_until_finished()
+        with interrupts.deferred(act=False):
+            self._manager.wait_until_finished()
 
     def close(self) -> None:
         """Waits for pending saves and releases the manager."""
-        self._manager.wait_until_finished()
-        self._manager.close()
+        with interrupts.deferred(act=False):
+            self._manager.wait_until_finished()
+            self._manager.close()
 
 
 def load_params(directory: str | os.PathLike, *, step: int | None = None) -> dict[str, Any]:

@@ -13,7 +13,6 @@ import functools
 import logging
 import math
 import os
-import signal
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -22,7 +21,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from align_jax import distributed, sharding
+from align_jax import distributed, interrupts, sharding
 from align_jax.atomic import atomic_dir
 from align_jax.losses import objectives
 from align_jax.models import lora as lora_lib
@@ -50,34 +49,25 @@ class NonFiniteLossError(FloatingPointError):
 
 
 class _Preemption:
-    """SIGTERM (how a TPU VM or SLURM preempts) and SIGINT (Ctrl-C) set a flag that the loop
-    polls between steps, which then saves a checkpoint and returns. A second Ctrl-C stops at
-    once (KeyboardInterrupt) without waiting for the save. Installed on the main thread only."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-    def __init__(self):
-        self.event = threading.Event()
-        self.name: str | None = None
-        self._previous: dict = {}
-
-    def _handle(self, signum, frame):
-        if signum == signal.SIGINT and self.event.is_set():
-            raise KeyboardInterrupt
-        self.name = signal.Signals(signum).name
-        self.event.set()
+    """SIGTERM (how a TPU VM or SLURM preempts) and SIGINT (Ctrl-C) during the step loop are
+    recorded (`align_jax.interrupts`), and the loop polls the record between steps, then saves
+    a checkpoint and returns. A second Ctrl-C stops at once without waiting for the save.
+    Installed on the main thread only."""
 
     def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for sig in self.SIGNALS:
-                self._previous[sig] = signal.signal(sig, self._handle)
-        else:
+        if threading.current_thread() is not threading.main_thread():
             log.warning("train() is not on the main thread: SIGTERM will not save a checkpoint")
+        self._stack = contextlib.ExitStack()
+        self._stack.enter_context(interrupts.honoured())
+        self._stack.enter_context(interrupts.deferred(act=False))
         return self
 
+    @property
+    def name(self) -> str | None:
+        return interrupts.requested()
+
     def __exit__(self, *exc):
-        for sig, previous in self._previous.items():
-            signal.signal(sig, previous)
+        return self._stack.__exit__(*exc)
 
 
 def _shape_tree(tree: Any) -> Any:
@@ -303,7 +293,7 @@ def train(*, config: ModelConfig | str | None = None, params_init: Any = None,
         data_state = data_iterator.get_state()
         pending: tuple[int, Any, int] | None = None
         seq_len_seen = None
-        while step < num_steps and not preemption.event.is_set():
+        while step < num_steps and preemption.name is None:
             try:
                 host_batch = next(data_iterator)
             except StopIteration:
@@ -353,6 +343,9 @@ def train(*, config: ModelConfig | str | None = None, params_init: Any = None,
                               f"{checkpointer.directory}; stopping.")
             return state
         checkpointer.wait()
+        if preemption.name is not None:
+            # It arrived during the final save, which is complete: stop before the export.
+            raise interrupts.Interrupted(preemption.name, "the final checkpoint save")
 
     if spec is not None:
         adapters = lora_lib.Adapters(weights=state.params, spec=spec)
