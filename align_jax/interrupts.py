@@ -36,7 +36,7 @@ class Interrupted(KeyboardInterrupt):
         self.where = where
 
     def __str__(self) -> str:
-        return self.signal_name + (f" during {self.where}" if self.where else "")
+        return self.signal_name + (f" {self.where}" if self.where else "")
 
 
 class _State:
@@ -70,7 +70,7 @@ def _handle(signum, frame):
         return  # acted on when the deferred block ends (or polled by the train loop)
     if _in_finalizer(frame):
         return  # recorded; the next check() raises it
-    raise Interrupted(name, current_phase())
+    raise Interrupted(name, _during())
 
 
 @contextlib.contextmanager
@@ -105,14 +105,14 @@ def requested() -> str | None:
     return _state.name
 
 
-def current_phase() -> str | None:
-    return _state.phases[-1] if _state.phases else None
+def _during() -> str | None:
+    return f"during {_state.phases[-1]}" if _state.phases else None
 
 
-def check() -> None:
-    """Raises Interrupted when a signal was received (a safe point)."""
+def check(where: str | None = None) -> None:
+    """Raises Interrupted when a signal was received (a safe point; `where` names it)."""
     if _state.name is not None and not _state.deferred:
-        raise Interrupted(_state.name, current_phase())
+        raise Interrupted(_state.name, where or _during())
 
 
 @contextlib.contextmanager
@@ -146,11 +146,11 @@ def _hook(name: str) -> None:
 @contextlib.contextmanager
 def phase(name: str):
     """A named long phase: a safe point before and after it, and the test hook's target."""
-    check()
+    check(f"before {name}")
     _state.phases.append(name)
     try:
         _hook(name)
         yield
     finally:
         _state.phases.pop()
-    check()
+    check(f"after {name}")
