@@ -128,15 +128,27 @@ def _batch_tokens(batch: Mapping[str, Any]) -> tuple[int, int]:
     return int(np.prod(shape)) * jax.process_count(), int(shape[-1])
 
 
-def _check_finite(step: int, metrics: Mapping[str, float], checkpointer: Checkpointer) -> None:
+def _check_finite(step: int, metrics: Mapping[str, float], checkpointer: Checkpointer, *,
+                  resumed_from: int | None) -> None:
     bad = {k: metrics[k] for k in _FINITE_KEYS if k in metrics and not math.isfinite(metrics[k])}
     if not bad:
         return
     checkpointer.wait()
+    shown = ", ".join(f"{k}={v}" for k, v in metrics.items() if k in _FINITE_KEYS)
+    if resumed_from is not None and step == resumed_from + 1:
+        # The first step from a restored state: its arrays (finite, so they restored without
+        # complaint; orbax keeps no checksums) are what went wrong, and every rerun would
+        # stop here again. Set the step aside so that the rerun resumes from the previous one.
+        aside = checkpointer.set_aside(resumed_from)
+        previous = checkpointer.latest_step()
+        raise NonFiniteLossError(
+            f"non-finite {', '.join(bad)} at step {step}, the first step from checkpoint "
+            f"{resumed_from} ({shown}): that checkpoint is corrupt; moved it to {aside}; "
+            + (f"rerun the same command to resume from step {previous}" if previous is not None
+               else "no earlier checkpoint is left: rerun with --overwrite to start over"))
     last = checkpointer.latest_step()
     where = (f"the last good checkpoint is step {last} in {checkpointer.directory}"
              if last is not None else "no checkpoint was saved yet")
-    shown = ", ".join(f"{k}={v}" for k, v in metrics.items() if k in _FINITE_KEYS)
     raise NonFiniteLossError(
         f"non-finite {', '.join(bad)} at step {step} ({shown}); the run stopped and did not save "
         f"this state; {where}. Lower the learning rate, raise clipping, or check this step's "
@@ -285,7 +297,7 @@ def train(*, config: ModelConfig | str | None = None, params_init: Any = None,
         def report(item):
             n, metrics, tokens = item
             host = {k: float(v) for k, v in jax.device_get(metrics).items()}
-            _check_finite(n, host, checkpointer)
+            _check_finite(n, host, checkpointer, resumed_from=start)
             logger.record(n, host, tokens=tokens)
 
         step = start or 0

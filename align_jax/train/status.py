@@ -28,9 +28,9 @@ EXIT_INTERRUPTED = 75
 SETTINGS = "settings.json"
 STATUS = "status.json"
 # What a run folder's training wrote; `overwrite=True` removes exactly these.
-RUN_ARTIFACTS = ("checkpoints", "metrics.jsonl", "tensorboard", "hf", "peft", "train_summary.json",
-                 SETTINGS, STATUS, "cache", "model", "tokenizer", "config.gin",
-                 "operative_config.gin", "run_info.json")
+RUN_ARTIFACTS = ("checkpoints", "checkpoints-corrupt", "metrics.jsonl", "tensorboard", "hf",
+                 "peft", "train_summary.json", SETTINGS, STATUS, "cache", "model", "tokenizer",
+                 "config.gin", "operative_config.gin", "run_info.json")
 
 
 class RunInterrupted(Exception):
