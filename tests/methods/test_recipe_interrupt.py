@@ -171,11 +171,13 @@ VA_PARAMS = [f"value_alignment.value_alignment.{s}" for s in (
     "cft_steps=2", "sft_steps=2", "dpo_steps=2", "num_samples=1",
     "max_new_tokens=2", "num_questions=1", "progress=False", "bertscore_model=None",
     "retrieval='tfidf'", "yes_no_test=None", "preference_test=None")]
-# (phase, slow): the phases of value_alignment_tiny in order; checkpoint_save@1 is the end of
-# the c-fine-tune stage (save_every = its steps), where a SIGTERM was lost.
+# (phase, slow): each case runs the recipe to the phase, most then to its end (minutes on 2
+# CPU cores), so all but one per recipe run with the slow tests. The phases of
+# value_alignment_tiny in order; checkpoint_save (its first) ends the c-fine-tune stage
+# (save_every = its steps), where a SIGTERM used to be lost.
 VA_PHASES = [("tokenizer", True), ("data", True), ("train:cft", True),
              ("checkpoint_save", False), ("train:sft", True), ("checkpoint_save@3", True),
-             ("evaluation", False)]
+             ("evaluation", True)]
 
 
 @pytest.mark.parametrize("phase", [pytest.param(p, marks=[pytest.mark.slow] if slow else [])
@@ -203,7 +205,7 @@ def test_value_alignment_tiny_stops_at_each_phase_and_resumes(phase, tmp_path, m
 
 SAMI_TINY = "configs/runs/sami_recipe_tiny.gin"
 SAMI_PHASES = [("sampling", False), ("mi", True), ("train", True), ("checkpoint_save", True),
-               ("sampling@2", True), ("mi@2", True), ("judge", True), ("report", False)]
+               ("sampling@2", True), ("mi@2", True), ("judge", True), ("report", True)]
 
 
 @pytest.mark.parametrize("phase", [pytest.param(p, marks=[pytest.mark.slow] if slow else [])
@@ -227,7 +229,7 @@ def test_sami_tiny_stops_at_each_phase(phase, tmp_path, monkeypatch, capfd):
 
 
 ALIGNERS_TINY = "configs/runs/aligners_tiny.gin"
-ALIGNERS_PHASES = [("inspector", True), ("train", False), ("checkpoint_save", True),
+ALIGNERS_PHASES = [("inspector", True), ("train", True), ("checkpoint_save", True),
                    ("squad", True), ("ablation", True), ("report", True)]
 
 
