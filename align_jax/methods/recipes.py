@@ -5,9 +5,11 @@
 
 A recipe is a sequence of stages, each an `align-jax train` run in its own folder. SIGTERM or
 SIGINT during a stage saves that stage's checkpoint and stops the whole recipe (later stages
-are not started) with RunInterrupted, exit code 75; during the recipe's other work (data,
-evaluation) it stops the same way. Rerunning the same command skips the completed stages
-(`train_main` finds them completed with the same settings) and resumes the interrupted one.
+are not started) with RunInterrupted, exit code 75; during the recipe's other work (tokenizer,
+SDG, sampling, evaluation, a checkpoint save: `align_jax.interrupts`) it stops the same way,
+before any report is written; `<output_dir>/status.json` says how the recipe ended. Rerunning
+the same command skips the completed stages (`train_main` finds them completed with the same
+settings) and resumes the interrupted one.
 """
 
 import os

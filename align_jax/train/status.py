@@ -7,8 +7,9 @@
                        "num_steps", "message"}, rewritten atomically at each change.
 
 Exit codes of `align-jax` (for schedulers that requeue on them): 0 completed, 1 failed,
-2 bad command line or gin configuration, 75 (EX_TEMPFAIL) interrupted by SIGTERM or SIGINT after
-saving a checkpoint: rerun the same command to resume.
+2 bad command line or gin configuration, 75 (EX_TEMPFAIL) interrupted by SIGTERM or SIGINT (in
+any command and phase, see `align_jax.interrupts`; training saves a checkpoint first): rerun the
+same command to resume.
 """
 
 import dataclasses
