@@ -119,7 +119,11 @@ def check(where: str | None = None) -> None:
 def deferred(*, act: bool = True):
     """A signal inside the block is recorded, not raised; with `act` the outermost block
     raises it on a normal exit (a checkpoint save completes first). The train loop defers
-    without `act`: it polls `requested()`, saves and returns."""
+    without `act`: it polls `requested()`, saves and returns. Signals reach the main thread
+    only: elsewhere the block changes nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
     _state.deferred += 1
     try:
         yield
