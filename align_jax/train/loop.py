@@ -357,7 +357,7 @@ def train(*, config: ModelConfig | str | None = None, params_init: Any = None,
         checkpointer.wait()
         if preemption.name is not None:
             # It arrived during the final save, which is complete: stop before the export.
-            raise interrupts.Interrupted(preemption.name, "the final checkpoint save")
+            raise interrupts.Interrupted(preemption.name, "during the final checkpoint save")
 
     if spec is not None:
         adapters = lora_lib.Adapters(weights=state.params, spec=spec)
