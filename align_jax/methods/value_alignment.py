@@ -225,7 +225,7 @@ def value_alignment(*, output_dir: str, document: str, model: str | None = "tiny
         restart = _base_changed(os.path.join(out, name), init)
         if restart:
             _say(f"stage {name}: its base {init} changed since the stage ran: training it again")
-        with interrupts.phase(f"train:{name}"):
+        with interrupts.phase(f"train_{name}"):
             train_main(output_dir=os.path.join(out, name), data=data, objective=objective,
                        overwrite=restart,
                        model=None if init else model, init_from=init,

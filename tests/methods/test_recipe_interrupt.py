@@ -175,8 +175,8 @@ VA_PARAMS = [f"value_alignment.value_alignment.{s}" for s in (
 # CPU cores), so all but one per recipe run with the slow tests. The phases of
 # value_alignment_tiny in order; checkpoint_save (its first) ends the c-fine-tune stage
 # (save_every = its steps), where a SIGTERM used to be lost.
-VA_PHASES = [("tokenizer", True), ("data", True), ("train:cft", True),
-             ("checkpoint_save", False), ("train:sft", True), ("checkpoint_save@3", True),
+VA_PHASES = [("tokenizer", True), ("data", True), ("train_cft", True),
+             ("checkpoint_save", False), ("train_sft", True), ("checkpoint_save@3", True),
              ("evaluation", True)]
 
 
