@@ -206,21 +206,27 @@ def main(argv: list[str] | None = None, *, check_only: bool = False) -> int:
             return 1
     configured = gin.get_configurable(entry)
     # Local: run_lock imports logging and socket, the train package jax.
+    from align_jax import interrupts
     from align_jax.run_lock import RunFolderBusyError
     from align_jax.sdg.teacher import TeacherError
     from align_jax.train.status import EXIT_INTERRUPTED, RunInterrupted
     try:
-        result = configured()
+        # SIGTERM/SIGINT anywhere in the command: exit 75, what was saved is kept.
+        with interrupts.honoured():
+            result = configured()
+            interrupts.check()  # one that an exception handler on the way swallowed
     except RunInterrupted as e:
         message = str(e).split("\n  In call to configurable")[0]
         print(f"align-jax {args.command}: {message} (exit code {EXIT_INTERRUPTED})",
               file=sys.stderr)
         return EXIT_INTERRUPTED
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         if args.traceback:
             raise
-        print(f"align-jax {args.command}: interrupted", file=sys.stderr)
-        return 130
+        print(f"align-jax {args.command}: interrupted ({str(e) or 'SIGINT'}); what was saved is "
+              f"kept; rerun the same command to resume (exit code {EXIT_INTERRUPTED})",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
     except (ValueError, OSError, FloatingPointError, KeyError, TypeError,
             RunFolderBusyError, TeacherError) as e:
         if args.traceback:

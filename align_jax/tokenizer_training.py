@@ -13,6 +13,7 @@ from collections.abc import Iterable
 
 import sentencepiece as spm
 
+from align_jax import interrupts
 from align_jax.tokenizer import (
     _BOS,
     _EOS,
@@ -114,6 +115,18 @@ def _to_hf_tokenizer(sp: spm.SentencePieceProcessor, model_type: str):
     return tok
 
 
+def _train_sentencepiece(lines: list[str], proto: io.BytesIO, *, model_type: str,
+                         vocab_size: int, character_coverage: float, split_digits: bool) -> None:
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_writer=proto, model_type=model_type,
+        vocab_size=vocab_size, byte_fallback=True, character_coverage=character_coverage,
+        pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
+        pad_piece=_PAD, unk_piece=_UNK, bos_piece=_BOS, eos_piece=_EOS,
+        user_defined_symbols=list(ROLE_TOKENS), normalization_rule_name="identity",
+        remove_extra_whitespaces=False, add_dummy_prefix=False, split_digits=split_digits,
+        hard_vocab_limit=False, max_sentence_length=1 << 16, num_threads=1, minloglevel=2)
+
+
 def train_tokenizer(texts: Iterable[str], out_dir: str | os.PathLike, *, vocab_size: int = 512,
                     model_type: str = "bpe", chat_template: str = DEFAULT_CHAT_TEMPLATE,
                     split_digits: bool = True,
@@ -156,15 +169,12 @@ def train_tokenizer(texts: Iterable[str], out_dir: str | os.PathLike, *, vocab_s
         character_coverage = _auto_coverage(lines, (vocab_size - _FIXED_IDS) * 2 // 3)
     proto = io.BytesIO()
     try:
-        spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(lines), model_writer=proto, model_type=model_type,
-            vocab_size=vocab_size, byte_fallback=True, character_coverage=character_coverage,
-            pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
-            pad_piece=_PAD, unk_piece=_UNK, bos_piece=_BOS, eos_piece=_EOS,
-            user_defined_symbols=list(ROLE_TOKENS), normalization_rule_name="identity",
-            remove_extra_whitespaces=False, add_dummy_prefix=False, split_digits=split_digits,
-            hard_vocab_limit=False, max_sentence_length=1 << 16, num_threads=1, minloglevel=2)
+        with interrupts.phase("tokenizer"):
+            _train_sentencepiece(lines, proto, model_type=model_type, vocab_size=vocab_size,
+                                 character_coverage=character_coverage,
+                                 split_digits=split_digits)
     except RuntimeError as e:
+        interrupts.check()  # a signal inside sentencepiece's C++ arrives as its RuntimeError
         raise ValueError(f"sentencepiece training failed for vocab_size={vocab_size} "
                          f"({model_type}): {e}. Byte fallback needs 263 ids plus one per kept "
                          f"character; raise vocab_size or lower character_coverage.") from e

@@ -29,7 +29,7 @@ from typing import Any
 
 import jax
 
-from align_jax import sharding
+from align_jax import interrupts, sharding
 from align_jax.atomic import atomic_write
 from align_jax.data.sources import load_records
 from align_jax.eval.letter_judge import LetterJudge
@@ -73,7 +73,9 @@ def _data(out: str, *, aligner_data, inspector_data, teacher, sdg_kwargs,
                                  "a teacher to generate it")
             sdg_dir = os.path.join(out, "sdg")
             _say(f"stage sdg: aligner triples from {teacher} -> {sdg_dir}")
-            run_aligner_sdg(sdg_dir, teacher=make_teacher(teacher), **dict(sdg_kwargs or {}))
+            with interrupts.phase("sdg"):
+                run_aligner_sdg(sdg_dir, teacher=make_teacher(teacher),
+                                **dict(sdg_kwargs or {}))
             aligner_data = os.path.join(sdg_dir, "aligner", "train.jsonl")
             inspector_data = inspector_data or os.path.join(sdg_dir, "inspector", "train.jsonl")
         triples = _read_jsonl(aligner_data, "aligner")
@@ -237,12 +239,13 @@ def aligners(*, output_dir: str, criteria: Sequence[str] = CRITERIA,
         if not os.path.exists(os.path.join(d, "metrics.json")):
             _say(f"stage inspector {c}: fine-tuning {encoder} on "
                  f"{sum(r['criterion'] == c for r in records)} records")
-            insp.train_inspector(records, encoder_dir=enc_dir, output_dir=d, criterion=c,
-                                 num_epochs=inspector_epochs,
-                                 learning_rate=inspector_learning_rate,
-                                 batch_size=inspector_batch_size,
-                                 max_length=inspector_max_length, seed=seed, mesh=mesh,
-                                 rules=rules)
+            with interrupts.phase("inspector"):
+                insp.train_inspector(records, encoder_dir=enc_dir, output_dir=d, criterion=c,
+                                     num_epochs=inspector_epochs,
+                                     learning_rate=inspector_learning_rate,
+                                     batch_size=inspector_batch_size,
+                                     max_length=inspector_max_length, seed=seed, mesh=mesh,
+                                     rules=rules)
         inspector_dirs[c] = d
         with open(os.path.join(d, "metrics.json")) as f:
             inspector_metrics[c] = json.load(f)
@@ -255,13 +258,14 @@ def aligners(*, output_dir: str, criteria: Sequence[str] = CRITERIA,
             data = write_jsonl(os.path.join(out, "data", f"aligner_{c}.jsonl"),
                                 [t for t in triples if t["criterion"] == c])
             _say(f"stage aligner {c}: {aligner_steps} steps on {by_crit[c]} triples from {base}")
-            train_main(output_dir=d, data=data, objective="aligner", init_from=base,
-                       seq_len=seq_len, batch_size=aligner_batch_size, pack=False,
-                       num_steps=aligner_steps, mesh=mesh, rules=rules, seed=seed,
-                       optimizer=OptimizerConfig(learning_rate=aligner_learning_rate,
-                                                 warmup_steps=max(1, aligner_steps // 10),
-                                                 schedule="cosine"),
-                       save_every=max(aligner_steps, 1), progress=progress)
+            with interrupts.phase("train"):
+                train_main(output_dir=d, data=data, objective="aligner", init_from=base,
+                           seq_len=seq_len, batch_size=aligner_batch_size, pack=False,
+                           num_steps=aligner_steps, mesh=mesh, rules=rules, seed=seed,
+                           optimizer=OptimizerConfig(learning_rate=aligner_learning_rate,
+                                                     warmup_steps=max(1, aligner_steps // 10),
+                                                     schedule="cosine"),
+                           save_every=max(aligner_steps, 1), progress=progress)
         aligner_dirs[c] = os.path.join(d, "hf")
 
     mesh_ = sharding.make_mesh(mesh) if mesh is not None else None
@@ -288,8 +292,9 @@ def aligners(*, output_dir: str, criteria: Sequence[str] = CRITERIA,
     if not os.path.exists(squad_file):
         inspect_fns, align_fns = loaded()
         _say(f"stage squad: {len(rows)} rows, threshold {threshold}")
-        result = squad(inputs, originals, inspectors=inspect_fns, aligners=align_fns,
-                       threshold=threshold)
+        with interrupts.phase("squad"):
+            result = squad(inputs, originals, inspectors=inspect_fns, aligners=align_fns,
+                           threshold=threshold)
         write_jsonl(squad_file, [
             {"input": r["input"], "response": r["response"], "aligned": y, "applied": list(a),
              "trace": result.trace(i), "order": list(result.order)}
@@ -299,8 +304,9 @@ def aligners(*, output_dir: str, criteria: Sequence[str] = CRITERIA,
     if ablation and not os.path.exists(ablation_file):
         inspect_fns, align_fns = loaded()
         _say(f"stage ablation: each of {len(active)} aligners on all {len(rows)} rows")
-        abl = aligners_eval.ablation(inputs, originals, aligners=align_fns,
-                                     inspectors=inspect_fns)
+        with interrupts.phase("ablation"):
+            abl = aligners_eval.ablation(inputs, originals, aligners=align_fns,
+                                         inspectors=inspect_fns)
         write_jsonl(ablation_file, [
             {"input": x, "response": y, "aligned": {c: abl[c]["responses"][i] for c in abl},
              "scores": {c: {k: float(v[i]) for k, v in abl[c]["scores"].items()} for c in abl}}
@@ -324,13 +330,15 @@ def aligners(*, output_dir: str, criteria: Sequence[str] = CRITERIA,
                  f"by {judge}")
             teacher_ = (LetterJudge(judge.partition(":")[2], mesh=mesh_)
                         if judge.startswith("letters:") else make_teacher(judge))
-            judged = {**asked, "win_rates": aligners_eval.judge_settings(
-                inputs, originals, settings, judge=teacher_, template=judge_template,
-                rubric=judge_rubric, seed=seed, max_tokens=judge_max_tokens)}
+            with interrupts.phase("judge"):
+                judged = {**asked, "win_rates": aligners_eval.judge_settings(
+                    inputs, originals, settings, judge=teacher_, template=judge_template,
+                    rubric=judge_rubric, seed=seed, max_tokens=judge_max_tokens)}
             atomic_write(judge_file, json.dumps(judged, indent=1))
-    report = _report(out, squad_rows, active, threshold=threshold,
-                     inspector_metrics=inspector_metrics, num_samples=num_samples,
-                     ablation_rows=ablation_rows, judged=judged)
+    with interrupts.phase("report"):
+        report = _report(out, squad_rows, active, threshold=threshold,
+                         inspector_metrics=inspector_metrics, num_samples=num_samples,
+                         ablation_rows=ablation_rows, judged=judged)
     _say(f"report: {os.path.join(out, 'report.md')}")
     return report
 

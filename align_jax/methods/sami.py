@@ -41,7 +41,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from align_jax import distributed, sharding
+from align_jax import distributed, interrupts, sharding
 from align_jax.atomic import atomic_write_json
 from align_jax.data.formatting import render_prompt
 from align_jax.data.sources import load_records
@@ -365,14 +365,14 @@ def sami(*, output_dir: str, init_from: str, constitutions: str,
         # constitution) and iteration k+1's training data in one generation call (one
         # compiled decode, batches filled across them).
         nxt = train_rows(k + 1) if k < num_iterations else []
-        with _timed(row, "sample"):
+        with _timed(row, "sample"), interrupts.phase("sampling"):
             recs = sample_responses(model_dir, held_rows + eval_rows + nxt, seed=seed + k,
                                     **sample_kw, **placed)
         h, e = len(held_rows), len(eval_rows)
         held_recs, eval_recs, train_recs = recs[:h], recs[h:h + e], recs[h + e:]
         _write(os.path.join(out, "eval", f"iter_{k}.jsonl"), held_recs)
         _write(os.path.join(out, "eval", f"iter_{k}_{names[eval_idx]}.jsonl"), eval_recs)
-        with _timed(row, "mi"):
+        with _timed(row, "mi"), interrupts.phase("mi"):
             row.update(mi_bound(model_dir, held_recs, seq_len=seq_len, batch_size=mi_batch_size,
                                 **placed))
         row["response_tokens_by_constitution"] = lengths_by_constitution(held_recs, names)
@@ -385,7 +385,7 @@ def sami(*, output_dir: str, init_from: str, constitutions: str,
              f"{row['mi_reference']:.3f}; per-token bound {row['mi_bound_token_mean']:.4f}) on "
              f"{row['queries']} held-out queries; mean response tokens: {lengths}")
         if teacher is not None:
-            with _timed(row, "judge"):
+            with _timed(row, "judge"), interrupts.phase("judge"):
                 against = {}
                 if k > 0:
                     against["win_rate_vs_base"] = _texts(base_eval)
@@ -440,7 +440,7 @@ def sami(*, output_dir: str, init_from: str, constitutions: str,
         _say(f"iteration {k}: sampled {len(train_recs)} x {c} responses with {sampler}, kept "
              f"{len(kept)} (dropped {dropped}); training {start} for {steps} steps")
         run_dir = os.path.join(out, f"iter_{k}", "train")
-        with _timed(row, "train"):
+        with _timed(row, "train"), interrupts.phase("train"):
             train_main(output_dir=run_dir, data=data, objective="sami", init_from=start,
                        seq_len=seq_len, batch_size=batch_size, num_steps=steps,
                        truncation="truncate_prompt_left", on_error="skip",
@@ -459,7 +459,8 @@ def sami(*, output_dir: str, init_from: str, constitutions: str,
         _, train_recs = sample_and_evaluate(row, sampler, k, base_eval)
         row["seconds"] = round(time.time() - t0, 1)
         report["iterations"].append(row)
-    if distributed.is_main():
-        atomic_write_json(os.path.join(out, "report.json"), report)
-        print(sami_report.write_report(out, report))
+    with interrupts.phase("report"):
+        if distributed.is_main():
+            atomic_write_json(os.path.join(out, "report.json"), report)
+            print(sami_report.write_report(out, report))
     return report

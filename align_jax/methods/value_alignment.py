@@ -23,7 +23,7 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from align_jax import distributed, sharding
+from align_jax import distributed, interrupts, sharding
 from align_jax.atomic import atomic_write, atomic_write_json
 from align_jax.data.documents import chunk_document, load_document
 from align_jax.eval.oracle_rag import grounding_oracle, sdg_chunks
@@ -219,12 +219,13 @@ def value_alignment(*, output_dir: str, document: str, model: str | None = "tiny
     _say(f"{document}: {len(doc.text.split())} words -> {len(chunks)} chunks of <= "
          f"{chunk_tokens} tokens")
 
-    data = value_data.gather(
-        out, document=document, teacher=teacher, tokenizer=tok, sdg_kwargs=sdg_kwargs or {},
-        teacher_kwargs=teacher_kwargs, sft_data=sft_data, preference_data=preference_data,
-        train_on=train_on, sft_test=sft_test, preference_test=preference_test,
-        heldout_fraction=heldout_fraction,
-        heldout_questions=[q["question"] for q in yes_no or ()])
+    with interrupts.phase("data"):  # SDG with a teacher
+        data = value_data.gather(
+            out, document=document, teacher=teacher, tokenizer=tok,
+            sdg_kwargs=sdg_kwargs or {}, teacher_kwargs=teacher_kwargs, sft_data=sft_data,
+            preference_data=preference_data, train_on=train_on, sft_test=sft_test,
+            preference_test=preference_test, heldout_fraction=heldout_fraction,
+            heldout_questions=[q["question"] for q in yes_no or ()])
     sft_train, sft_test_rows = data.sft_train, data.sft_test
     pref_train, pref_test = data.pref_train, data.pref_test
     files = {name: _write_jsonl(os.path.join(out, "data", f"{name}.jsonl"), rows)
@@ -241,15 +242,18 @@ def value_alignment(*, output_dir: str, document: str, model: str | None = "tiny
         restart = _base_changed(os.path.join(out, name), init)
         if restart:
             _say(f"stage {name}: its base {init} changed since the stage ran: training it again")
-        train_main(output_dir=os.path.join(out, name), data=data, objective=objective,
-                   overwrite=restart,
-                   model=None if init else model, init_from=init,
-                   tokenizer=None if init else tok_path, seq_len=seq_len,
-                   batch_size=batch_size, num_steps=steps, mesh=mesh, rules=rules, seed=seed,
-                   optimizer=OptimizerConfig(learning_rate=lr, warmup_steps=max(1, steps // 10),
-                                             schedule="cosine"),
-                   save_every=max(steps, 1), progress=progress,
-                   log_every=max(1, min(10, steps // 10)), **kw)
+        with interrupts.phase(f"train_{name}"):
+            train_main(output_dir=os.path.join(out, name), data=data, objective=objective,
+                       overwrite=restart,
+                       model=None if init else model, init_from=init,
+                       tokenizer=None if init else tok_path, seq_len=seq_len,
+                       batch_size=batch_size, num_steps=steps, mesh=mesh, rules=rules,
+                       seed=seed,
+                       optimizer=OptimizerConfig(learning_rate=lr,
+                                                 warmup_steps=max(1, steps // 10),
+                                                 schedule="cosine"),
+                       save_every=max(steps, 1), progress=progress,
+                       log_every=max(1, min(10, steps // 10)), **kw)
         return os.path.join(out, name, "hf")
 
     cft = stage("cft", "lm", chunk_file, cft_steps, init=init_from, lr=learning_rate)
@@ -268,20 +272,21 @@ def value_alignment(*, output_dir: str, document: str, model: str | None = "tiny
     models = {"base": base, "c-fine-tuned": cft, "sft": sft, "sft+dpo": dpo}
     if init_from is None:
         models.pop("base")  # the same model as c-fine-tuned
-    report = evaluate_models(
-        out, models=models, tokenizer=tok, sft_test=sft_test_rows, pref_test=pref_test,
-        retriever=make_retriever([c.text for c in chunks], kind=retrieval),
-        rag_models=tuple(m for m in models if rag_systems is None or m in rag_systems),
-        reference=("sft+dpo", "sft"), seq_len=seq_len,
-        num_samples=num_samples, max_new_tokens=max_new_tokens,
-        stages={"cft": "c-fine-tuned", "sft": "sft", "dpo": "sft+dpo"},
-        num_questions=num_questions, bertscore_model=bertscore_model,
-        bertscore_layer=bertscore_layer, bertscore_baseline=bertscore_baseline, judge=judge,
-        judge_template=judge_template, judge_kwargs=judge_kwargs, judge_systems=judge_systems,
-        mesh=sharding.make_mesh(mesh or sharding.MeshSpec()), rules=rules,
-        teacher_forced=teacher_forced,
-        yes_no_test=yes_no, yes_no_instruction=yes_no_instruction,
-        yes_no_max_new_tokens=yes_no_max_new_tokens, oracle=oracle)
+    with interrupts.phase("evaluation"):
+        report = evaluate_models(
+            out, models=models, tokenizer=tok, sft_test=sft_test_rows, pref_test=pref_test,
+            retriever=make_retriever([c.text for c in chunks], kind=retrieval),
+            rag_models=tuple(m for m in models if rag_systems is None or m in rag_systems),
+            reference=("sft+dpo", "sft"), seq_len=seq_len,
+            num_samples=num_samples, max_new_tokens=max_new_tokens,
+            stages={"cft": "c-fine-tuned", "sft": "sft", "dpo": "sft+dpo"},
+            num_questions=num_questions, bertscore_model=bertscore_model,
+            bertscore_layer=bertscore_layer, bertscore_baseline=bertscore_baseline, judge=judge,
+            judge_template=judge_template, judge_kwargs=judge_kwargs, judge_systems=judge_systems,
+            mesh=sharding.make_mesh(mesh or sharding.MeshSpec()), rules=rules,
+            teacher_forced=teacher_forced,
+            yes_no_test=yes_no, yes_no_instruction=yes_no_instruction,
+            yes_no_max_new_tokens=yes_no_max_new_tokens, oracle=oracle)
     report["data_origin"] = data.origin
     report["provenance"] = data.provenance
     report["leaks_dropped"] = data.leaks_dropped
@@ -293,6 +298,7 @@ def value_alignment(*, output_dir: str, document: str, model: str | None = "tiny
     if "base" in report["samples"] and "sft+dpo" in report["samples"]:
         extra += ["", side_by_side(sft_test_rows[:num_samples], report["samples"]["base"],
                                    report["samples"]["sft+dpo"])]
+    interrupts.check()  # evaluate_models wrote report.md: not the final one yet
     if distributed.is_main():
         md_path = os.path.join(out, "report.md")
         with open(md_path, encoding="utf-8") as f:

@@ -17,6 +17,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
+from align_jax import interrupts
 from align_jax.atomic import atomic_dir
 from align_jax.models.config import ModelConfig
 from align_jax.models.hf_config import config_from_hf
@@ -236,8 +237,9 @@ def gguf_to_hf(path: str | os.PathLike, out_dir: str | os.PathLike, *,
       out_dir.
     """
     path, out_dir = os.fspath(path), os.fspath(out_dir)
-    config, params = load_gguf(path, dtype=dtype)
-    with atomic_dir(out_dir) as tmp:
-        save_hf(config, params, os.fspath(tmp))
-        _save_gguf_tokenizer(path, os.fspath(tmp))
+    with interrupts.phase("gguf_convert"):
+        config, params = load_gguf(path, dtype=dtype)
+        with atomic_dir(out_dir) as tmp:
+            save_hf(config, params, os.fspath(tmp))
+            _save_gguf_tokenizer(path, os.fspath(tmp))
     return out_dir

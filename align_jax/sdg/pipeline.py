@@ -30,6 +30,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import tqdm
 
+from align_jax import interrupts
 from align_jax.data import documents as documents_lib
 from align_jax.jsonl import write_jsonl
 from align_jax.sdg import aligner_data, instruct, preference, yes_no
@@ -166,8 +167,9 @@ def _run_batches(store: RunStore, items: Sequence, unit_of: Callable, run_batch:
             batch, batch_units = items[b:b + batch_size], units[b:b + batch_size]
             if all(store.is_done(u) for u in batch_units):
                 continue
-            results: list[UnitResult] = run_batch(
-                batch, derive_seed(seed, "|".join(batch_units)))
+            with interrupts.phase("sdg"):  # a safe point between batches
+                results: list[UnitResult] = run_batch(
+                    batch, derive_seed(seed, "|".join(batch_units)))
             first = next((k for k, res in enumerate(results) if res.error is not None),
                          len(results))
             if (first < len(results) and not failures.answered

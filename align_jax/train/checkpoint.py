@@ -6,15 +6,19 @@ A checkpoint step directory holds two items:
   data   {"iterator": <the data loader's get_state() dict or null>} as JSON
 """
 
+import contextlib
 import logging
 import os
+import re
 import shutil
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from align_jax import interrupts
 from align_jax.train.state import TrainState
 
 log = logging.getLogger(__name__)
@@ -22,6 +26,42 @@ log = logging.getLogger(__name__)
 
 class CorruptCheckpointError(ValueError):
     """No checkpoint of the run folder could be read."""
+
+
+class CheckpointSaveError(OSError):
+    """A checkpoint could not be written (a full disk, a quota, a lost mount)."""
+
+
+_OS_ERROR = re.compile(r"([^:\"]+?) \[os_error_code='(\d+)'\]")
+
+
+def _save_reason(e: BaseException) -> str:
+    """The OS's words for a failed write (TensorStore buries them at the end of a long line)."""
+    m = _OS_ERROR.search(str(e))
+    return f"{m.group(1).strip()}, errno {m.group(2)}" if m else _reason(e)
+
+
+def _not_orbax_error(record: logging.LogRecord) -> bool:
+    """Drops orbax's own ERROR records (a failed save logs its stack from each of its
+    threads, hundreds of lines); the Checkpointer raises the failure in one line instead."""
+    return not (record.levelno >= logging.ERROR and "orbax" in record.pathname)
+
+
+def _first_nonfinite(state: TrainState) -> str | None:
+    """The path of the first floating-point array of `state` holding a NaN or an infinity.
+
+    Orbax (0.12) keeps no checksums: a bit flip in an exponent restores silently as such a
+    value (one in a mantissa is indistinguishable from training)."""
+    for path, x in jax.tree_util.tree_leaves_with_path(state):
+        if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.inexact) and \
+                not bool(jax.device_get(_all_finite(x))):
+            return jax.tree_util.keystr(path)
+    return None
+
+
+@jax.jit
+def _all_finite(x):
+    return jnp.all(jnp.isfinite(x))
 
 
 def _reason(e: BaseException) -> str:
@@ -52,6 +92,7 @@ class Checkpointer:
         self._options = options
         self._manager = ocp.CheckpointManager(self.directory, options=options,
                                               item_names=("state", "data"))
+        logging.getLogger("absl").addFilter(_not_orbax_error)
 
     def latest_step(self) -> int | None:
         """The newest finished checkpoint step, or None."""
@@ -61,7 +102,14 @@ class Checkpointer:
         return list(self._manager.all_steps())
 
     def save(self, step: int, state: TrainState, *, data_state: Any = None) -> None:
-        """Starts saving `state` (without ref_params) and the data state at `step`."""
+        """Starts saving `state` (without ref_params) and the data state at `step`.
+
+        A signal during the save is recorded and acted on after it (`interrupts.deferred`)."""
+        with interrupts.deferred(act=False), interrupts.phase("checkpoint_save"), \
+                self._writing():
+            self._save(step, state, data_state=data_state)
+
+    def _save(self, step: int, state: TrainState, *, data_state: Any) -> None:
         self._manager.save(
             step,
             args=ocp.args.Composite(
@@ -89,29 +137,43 @@ class Checkpointer:
     def restore_latest(self, target: TrainState, *, say=print) -> tuple[int | None, Any, Any]:
         """Restores the newest readable checkpoint: (step, state, data_state), or Nones.
 
-        An unreadable step (truncated or bit-flipped array files, corrupt metadata) is moved
-        to `<directory>-corrupt/<step>` and the previous one is tried, saying so; when every
-        step is unreadable a one-line CorruptCheckpointError names the folder.
+        An unreadable step (truncated or bit-flipped array files, corrupt metadata, arrays
+        holding NaN or infinity) is moved to `<directory>-corrupt/<step>` and the previous one
+        is tried, saying so; when every step is unreadable (or only set-aside ones are left) a
+        one-line CorruptCheckpointError names the folder.
         """
         tried = []
         while (step := self.latest_step()) is not None:
             try:
                 state, data_state = self.restore(step, target)
-                if tried:
-                    say(f"resuming from step {step}, the newest readable checkpoint")
-                return step, state, data_state
+                bad = _first_nonfinite(state)
             except Exception as e:  # orbax/TensorStore raise many types; each means unreadable
-                path = os.path.join(self.directory, str(step))
-                aside = os.path.join(self.directory + "-corrupt", str(step))
-                say(f"checkpoint {path} is unreadable ({_reason(e)}); moved it to {aside} and "
-                    "trying the previous step")
-                tried.append(step)
-                self._set_aside(step, aside)
-        if tried:
+                reason = _reason(e)
+            else:
+                if bad is None:
+                    if tried:
+                        say(f"resuming from step {step}, the newest readable checkpoint")
+                    return step, state, data_state
+                reason = f"non-finite values in {bad}"
+            tried.append(step)
+            path = os.path.join(self.directory, str(step))
+            say(f"checkpoint {path} is unreadable ({reason}); moved it to "
+                f"{self.set_aside(step)} and trying the previous step")
+        aside = self.directory + "-corrupt"
+        if tried or (os.path.isdir(aside) and os.listdir(aside)):
+            # Starting from scratch over set-aside checkpoints would hide them.
+            steps = sorted(tried) or sorted(os.listdir(aside))
             raise CorruptCheckpointError(
-                f"{self.directory}: no readable checkpoint (steps {sorted(tried)} were moved to "
-                f"{self.directory}-corrupt); rerun with --overwrite to start over")
+                f"{self.directory}: no readable checkpoint (steps {steps} were moved to "
+                f"{aside}); rerun with --overwrite to start over")
         return None, None, None
+
+    def set_aside(self, step: int) -> str:
+        """Moves the unreadable or corrupt `step` to `<directory>-corrupt/<step>` (the
+        previous step becomes the latest); returns where it went."""
+        aside = os.path.join(self.directory + "-corrupt", str(step))
+        self._set_aside(step, aside)
+        return aside
 
     def _set_aside(self, step: int, aside: str) -> None:
         self._manager.close()
@@ -129,12 +191,31 @@ class Checkpointer:
 
     def wait(self) -> None:
         """Blocks until the pending async save is on disk."""
-        self._manager.wait_until_finished()
+        with interrupts.deferred(act=False), self._writing():
+            self._manager.wait_until_finished()
 
     def close(self) -> None:
         """Waits for pending saves and releases the manager."""
-        self._manager.wait_until_finished()
-        self._manager.close()
+        try:
+            with interrupts.deferred(act=False), self._writing():
+                self._manager.wait_until_finished()
+        finally:
+            self._manager.close()
+            logging.getLogger("absl").removeFilter(_not_orbax_error)
+
+    @contextlib.contextmanager
+    def _writing(self):
+        """An async save's failure surfaces in a later save or wait: one line naming the
+        folder, the OS's reason and the last complete checkpoint."""
+        try:
+            yield
+        except Exception as e:  # orbax/TensorStore raise many types
+            steps = [int(n) for n in os.listdir(self.directory) if n.isdigit()] \
+                if os.path.isdir(self.directory) else []
+            last = f"step {max(steps)}" if steps else "none"
+            raise CheckpointSaveError(
+                f"{self.directory}: saving a checkpoint failed ({_save_reason(e)}); is the disk "
+                f"full? the last complete checkpoint: {last}") from None
 
 
 def load_params(directory: str | os.PathLike, *, step: int | None = None) -> dict[str, Any]:

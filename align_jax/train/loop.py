@@ -13,7 +13,6 @@ import functools
 import logging
 import math
 import os
-import signal
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -22,7 +21,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from align_jax import distributed, sharding
+from align_jax import distributed, interrupts, sharding
 from align_jax.atomic import atomic_dir
 from align_jax.losses import objectives
 from align_jax.models import lora as lora_lib
@@ -50,34 +49,25 @@ class NonFiniteLossError(FloatingPointError):
 
 
 class _Preemption:
-    """SIGTERM (how a TPU VM or SLURM preempts) and SIGINT (Ctrl-C) set a flag that the loop
-    polls between steps, which then saves a checkpoint and returns. A second Ctrl-C stops at
-    once (KeyboardInterrupt) without waiting for the save. Installed on the main thread only."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-    def __init__(self):
-        self.event = threading.Event()
-        self.name: str | None = None
-        self._previous: dict = {}
-
-    def _handle(self, signum, frame):
-        if signum == signal.SIGINT and self.event.is_set():
-            raise KeyboardInterrupt
-        self.name = signal.Signals(signum).name
-        self.event.set()
+    """SIGTERM (how a TPU VM or SLURM preempts) and SIGINT (Ctrl-C) during the step loop are
+    recorded (`align_jax.interrupts`), and the loop polls the record between steps, then saves
+    a checkpoint and returns. A second Ctrl-C stops at once without waiting for the save.
+    Installed on the main thread only."""
 
     def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for sig in self.SIGNALS:
-                self._previous[sig] = signal.signal(sig, self._handle)
-        else:
+        if threading.current_thread() is not threading.main_thread():
             log.warning("train() is not on the main thread: SIGTERM will not save a checkpoint")
+        self._stack = contextlib.ExitStack()
+        self._stack.enter_context(interrupts.honoured())
+        self._stack.enter_context(interrupts.deferred(act=False))
         return self
 
+    @property
+    def name(self) -> str | None:
+        return interrupts.requested()
+
     def __exit__(self, *exc):
-        for sig, previous in self._previous.items():
-            signal.signal(sig, previous)
+        return self._stack.__exit__(*exc)
 
 
 def _shape_tree(tree: Any) -> Any:
@@ -138,15 +128,27 @@ def _batch_tokens(batch: Mapping[str, Any]) -> tuple[int, int]:
     return int(np.prod(shape)) * jax.process_count(), int(shape[-1])
 
 
-def _check_finite(step: int, metrics: Mapping[str, float], checkpointer: Checkpointer) -> None:
+def _check_finite(step: int, metrics: Mapping[str, float], checkpointer: Checkpointer, *,
+                  resumed_from: int | None) -> None:
     bad = {k: metrics[k] for k in _FINITE_KEYS if k in metrics and not math.isfinite(metrics[k])}
     if not bad:
         return
     checkpointer.wait()
+    shown = ", ".join(f"{k}={v}" for k, v in metrics.items() if k in _FINITE_KEYS)
+    if resumed_from is not None and step == resumed_from + 1:
+        # The first step from a restored state: its arrays (finite, so they restored without
+        # complaint; orbax keeps no checksums) are what went wrong, and every rerun would
+        # stop here again. Set the step aside so that the rerun resumes from the previous one.
+        aside = checkpointer.set_aside(resumed_from)
+        previous = checkpointer.latest_step()
+        raise NonFiniteLossError(
+            f"non-finite {', '.join(bad)} at step {step}, the first step from checkpoint "
+            f"{resumed_from} ({shown}): that checkpoint is corrupt; moved it to {aside}; "
+            + (f"rerun the same command to resume from step {previous}" if previous is not None
+               else "no earlier checkpoint is left: rerun with --overwrite to start over"))
     last = checkpointer.latest_step()
     where = (f"the last good checkpoint is step {last} in {checkpointer.directory}"
              if last is not None else "no checkpoint was saved yet")
-    shown = ", ".join(f"{k}={v}" for k, v in metrics.items() if k in _FINITE_KEYS)
     raise NonFiniteLossError(
         f"non-finite {', '.join(bad)} at step {step} ({shown}); the run stopped and did not save "
         f"this state; {where}. Lower the learning rate, raise clipping, or check this step's "
@@ -299,7 +301,7 @@ def train(*, config: ModelConfig | str | None = None, params_init: Any = None,
         def report(item):
             n, metrics, tokens = item
             host = {k: float(v) for k, v in jax.device_get(metrics).items()}
-            _check_finite(n, host, checkpointer)
+            _check_finite(n, host, checkpointer, resumed_from=start)
             logger.record(n, host, tokens=tokens)
 
         step = start or 0
@@ -307,7 +309,7 @@ def train(*, config: ModelConfig | str | None = None, params_init: Any = None,
         data_state = data_iterator.get_state()
         pending: tuple[int, Any, int] | None = None
         seq_len_seen = None
-        while step < num_steps and not preemption.event.is_set():
+        while step < num_steps and preemption.name is None:
             try:
                 host_batch = next(data_iterator)
             except StopIteration:
@@ -357,6 +359,9 @@ def train(*, config: ModelConfig | str | None = None, params_init: Any = None,
                               f"{checkpointer.directory}; stopping.")
             return state
         checkpointer.wait()
+        if preemption.name is not None:
+            # It arrived during the final save, which is complete: stop before the export.
+            raise interrupts.Interrupted(preemption.name, "during the final checkpoint save")
 
     if spec is not None:
         adapters = lora_lib.Adapters(weights=state.params, spec=spec)

@@ -7,21 +7,20 @@
                        "num_steps", "message"}, rewritten atomically at each change.
 
 Exit codes of `align-jax` (for schedulers that requeue on them): 0 completed, 1 failed,
-2 bad command line or gin configuration, 75 (EX_TEMPFAIL) interrupted by SIGTERM or SIGINT after
-saving a checkpoint: rerun the same command to resume.
+2 bad command line or gin configuration, 75 (EX_TEMPFAIL) interrupted by SIGTERM or SIGINT (in
+any command and phase, see `align_jax.interrupts`; training saves a checkpoint first): rerun the
+same command to resume.
 """
 
-import contextlib
 import dataclasses
 import hashlib
 import json
 import os
 import shutil
-import signal
-import threading
 from collections.abc import Mapping
 from typing import Any
 
+from align_jax import interrupts
 from align_jax.atomic import atomic_write_json
 
 EXIT_FAILED = 1
@@ -39,9 +38,9 @@ PATH_SETTINGS = ("data", "init_from", "tokenizer")
 # An export of an earlier end of the run, set aside when a continuation starts (hf_step_400).
 STALE_EXPORT_PREFIXES = ("hf_step_", "peft_step_")
 # What a run folder's training wrote; `overwrite=True` removes exactly these.
-RUN_ARTIFACTS = ("checkpoints", "metrics.jsonl", "tensorboard", "hf", "peft", "train_summary.json",
-                 SETTINGS, STATUS, "cache", "model", "tokenizer", "config.gin",
-                 "operative_config.gin", "run_info.json")
+RUN_ARTIFACTS = ("checkpoints", "checkpoints-corrupt", "metrics.jsonl", "tensorboard", "hf",
+                 "peft", "train_summary.json", SETTINGS, STATUS, "cache", "model", "tokenizer",
+                 "config.gin", "operative_config.gin", "run_info.json")
 
 
 class RunInterrupted(Exception):
@@ -50,27 +49,11 @@ class RunInterrupted(Exception):
     exit_code = EXIT_INTERRUPTED
 
 
-@contextlib.contextmanager
 def sigterm_as_keyboard_interrupt():
-    """SIGTERM inside the block raises KeyboardInterrupt("SIGTERM"), as Ctrl-C does.
-
-    Outside the train step loop (loading, compiling, exporting, a recipe's other work) a
-    preemption then unwinds like Ctrl-C: atomic writes leave no half-written file, and the
-    caller turns the KeyboardInterrupt into RunInterrupted. The loop installs its own handler
-    (save, then stop) and restores this one after. Only the main thread can set handlers.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def stop(signum, frame):
-        raise KeyboardInterrupt(signal.Signals(signum).name)
-
-    previous = signal.signal(signal.SIGTERM, stop)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    """SIGTERM or SIGINT inside the block raises `interrupts.Interrupted` (a
+    KeyboardInterrupt), except inside the train loop and checkpoint saves, which act on it
+    after the save; see `align_jax.interrupts`. The caller turns it into RunInterrupted."""
+    return interrupts.honoured()
 
 
 class SettingsChangedError(ValueError):

@@ -10,8 +10,12 @@ import subprocess
 import sys
 import time
 
+import gin
 import pytest
+from scripted_judge import serve
+from tiny_checkpoints import tiny_document_model
 
+from align_jax import cli, interrupts
 from align_jax.methods import recipes
 from align_jax.methods.value_alignment import value_alignment
 from align_jax.train.status import EXIT_INTERRUPTED, RunInterrupted
@@ -136,3 +140,110 @@ def test_sigterm_in_cft_stops_the_recipe_and_a_rerun_resumes_it(tmp_path):
         assert (out / stage / "hf" / "model.safetensors").exists(), stage
     assert json.loads((out / "report.json").read_text())["models"].keys() == {
         "c-fine-tuned", "sft", "sft+dpo"}
+
+
+# --- a signal at each phase of each tiny recipe, through the real CLI in this process --------
+# The process signals itself as the named phase starts (ALIGN_JAX_SIGNAL_AT, see
+# align_jax.interrupts): deterministic on a loaded machine, the real handler path.
+
+def _recipe(out, gin_file, params, *, signal_at=None, monkeypatch):
+    if signal_at:
+        monkeypatch.setenv(interrupts.HOOK_ENV, signal_at)
+    else:
+        monkeypatch.delenv(interrupts.HOOK_ENV, raising=False)
+    gin.clear_config()
+    try:
+        return cli.main(["run", f"--gin_file={gin_file}", f"--output_dir={out}",
+                         *(f"--gin_param={p}" for p in params)])
+    finally:
+        gin.clear_config()
+
+
+def _interrupted(out, code, err, phase):
+    assert code == EXIT_INTERRUPTED, err[-2000:]
+    assert "Traceback" not in err and "exit code 75" in err, err[-2000:]
+    assert json.loads((out / "status.json").read_text())["status"] == "interrupted"
+    assert not (out / "report.json").exists(), f"a report after SIGTERM at {phase}"
+
+
+VA_TINY = "configs/runs/value_alignment_tiny.gin"
+VA_PARAMS = [f"value_alignment.value_alignment.{s}" for s in (
+    "cft_steps=2", "sft_steps=2", "dpo_steps=2", "num_samples=1",
+    "max_new_tokens=2", "num_questions=1", "progress=False", "bertscore_model=None",
+    "retrieval='tfidf'", "yes_no_test=None", "preference_test=None")]
+# (phase, slow): each case runs the recipe to the phase, most then to its end (minutes on 2
+# CPU cores), so all but one per recipe run with the slow tests. The phases of
+# value_alignment_tiny in order; checkpoint_save (its first) ends the c-fine-tune stage
+# (save_every = its steps), where a SIGTERM used to be lost.
+VA_PHASES = [("tokenizer", True), ("data", True), ("train_cft", True),
+             ("checkpoint_save", False), ("train_sft", True), ("checkpoint_save@3", True),
+             ("evaluation", True)]
+
+
+@pytest.mark.parametrize("phase", [pytest.param(p, marks=[pytest.mark.slow] if slow else [])
+                                   for p, slow in VA_PHASES])
+def test_value_alignment_tiny_stops_at_each_phase_and_resumes(phase, tmp_path, monkeypatch,
+                                                              capfd):
+    monkeypatch.chdir(ROOT)
+    out = tmp_path / "va"
+    code = _recipe(out, VA_TINY, VA_PARAMS, signal_at=phase, monkeypatch=monkeypatch)
+    _interrupted(out, code, capfd.readouterr().err, phase)
+    if phase == "checkpoint_save":
+        # The stage's final checkpoint is complete, nothing after it ran.
+        status = json.loads((out / "cft" / "status.json").read_text())
+        assert status["status"] == "interrupted" and status["step"] == 2
+        assert (out / "cft" / "checkpoints" / "2").is_dir()
+        assert not (out / "cft" / "hf").exists() and not (out / "sft").exists()
+    assert _recipe(out, VA_TINY, VA_PARAMS, monkeypatch=monkeypatch) == 0
+    assert json.loads((out / "status.json").read_text())["status"] == "completed"
+    assert json.loads((out / "report.json").read_text())["models"].keys() == {
+        "c-fine-tuned", "sft", "sft+dpo"}
+    if phase == "checkpoint_save":
+        info = json.loads((out / "cft" / "run_info.json").read_text())
+        assert info["resumed_from_step"] == 2  # resumed, not trained again
+
+
+SAMI_TINY = "configs/runs/sami_recipe_tiny.gin"
+SAMI_PHASES = [("sampling", False), ("mi", True), ("train", True), ("checkpoint_save", True),
+               ("sampling@2", True), ("mi@2", True), ("judge", True), ("report", True)]
+
+
+@pytest.mark.parametrize("phase", [pytest.param(p, marks=[pytest.mark.slow] if slow else [])
+                                   for p, slow in SAMI_PHASES])
+def test_sami_tiny_stops_at_each_phase(phase, tmp_path, monkeypatch, capfd):
+    monkeypatch.chdir(ROOT)
+    base = tiny_document_model(tmp_path / "base")
+    with serve(lambda prompt: "Comparison: same.\nFinal Response: A") as (_, url):
+        params = [f"HF_CHECKPOINT='{base}'", "sami.sami.num_iterations=1",
+                  "sami.sami.max_new_tokens=4", "sami.sami.progress=False",
+                  "sami.sami.eval_queries=2",
+                  f"sami.sami.judge='openai:{url}'"]
+        out = tmp_path / "sami"
+        code = _recipe(out, SAMI_TINY, params, signal_at=phase, monkeypatch=monkeypatch)
+        _interrupted(out, code, capfd.readouterr().err, phase)
+        if phase == "report":
+            assert _recipe(out, SAMI_TINY, params, monkeypatch=monkeypatch) == 0
+            assert json.loads((out / "status.json").read_text())["status"] == "completed"
+            assert [r["iteration"] for r in json.loads(
+                (out / "report.json").read_text())["iterations"]] == [0, 1]
+
+
+ALIGNERS_TINY = "configs/runs/aligners_tiny.gin"
+ALIGNERS_PHASES = [("inspector", True), ("train", True), ("checkpoint_save", True),
+                   ("squad", True), ("ablation", True), ("report", True)]
+
+
+@pytest.mark.parametrize("phase", [pytest.param(p, marks=[pytest.mark.slow] if slow else [])
+                                   for p, slow in ALIGNERS_PHASES])
+def test_aligners_tiny_stops_at_each_phase_and_resumes(phase, tmp_path, monkeypatch, capfd):
+    monkeypatch.chdir(ROOT)
+    params = [f"aligners_recipe.aligners.{p}" for p in (
+        "criteria=('ethical',)", "inspector_epochs=1", "inspector_max_length=64",
+        "aligner_steps=2", "max_new_tokens=4", "progress=False")]
+    out = tmp_path / "aligners"
+    code = _recipe(out, ALIGNERS_TINY, params, signal_at=phase, monkeypatch=monkeypatch)
+    _interrupted(out, code, capfd.readouterr().err, phase)
+    assert not (out / "report.md").exists()
+    assert _recipe(out, ALIGNERS_TINY, params, monkeypatch=monkeypatch) == 0
+    assert (out / "report.md").exists() and (out / "report.json").exists()
+    assert json.loads((out / "status.json").read_text())["status"] == "completed"
