@@ -64,7 +64,9 @@ def test_an_interrupted_stage_stops_the_recipe_and_a_changed_base_retrains_later
     assert (out / "report.md").exists() and (out / "report.json").exists()
 
     calls.clear()
-    os.utime(out / "sft" / "hf" / "config.json", ns=(1, 1))  # SFT exported anew
+    # SFT exported anew: the base is recorded by content, so new content (not a new mtime,
+    # which a moved or copied folder also gets) is what makes DPO start over.
+    (out / "sft" / "hf" / "config.json").write_text("trained again")
     recipes.run(recipe=recipe, output_dir=str(out))
     assert calls == [("cft", False), ("sft", False), ("dpo", True)]
 

@@ -78,7 +78,7 @@ def _check_loads_with_auto_classes(run, base_dir):
 def test_lora_run_from_a_checkpoint_exports_load_offline(tmp_path):
     base = tiny_document_model(tmp_path / "base")
     run = tmp_path / "run"
-    _train(run, "MODEL=None", "TOKENIZER=None", f"INIT_FROM='{base}'", LORA)
+    _train(run, "MODEL=None", "TOKENIZER=None", f"HF_CHECKPOINT='{base}'", LORA)
     _check_loads_with_auto_classes(run, base)
 
     # `align-jax convert export='peft'` of the same checkpoint: the same base and tokenizer.
@@ -161,7 +161,7 @@ def test_lora_from_continues_a_peft_adapter(tmp_path):
     base = tiny_document_model(tmp_path / "base")
     first = tmp_path / "first"
     # peft's module names as targets.
-    _train(first, "MODEL=None", "TOKENIZER=None", f"INIT_FROM='{base}'",
+    _train(first, "MODEL=None", "TOKENIZER=None", f"HF_CHECKPOINT='{base}'",
            "entry.train_main.lora={'rank': 4, 'alpha': 8, "
            "'targets': ('q_proj', 'v_proj', 'down_proj')}", "entry.train_main.log_every=1")
     config, _ = hf.load_hf(str(base))
