@@ -4,7 +4,6 @@ reported in one line, never a silent non-finite run nor pages of stack."""
 
 import json
 import os
-import re
 import pathlib
 import subprocess
 import sys
