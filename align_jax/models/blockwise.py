@@ -77,6 +77,19 @@ def _group(q_BTNH, kh):
     return q_BTNH.reshape(b, t, kh, n // kh, h)
 
 
+def _online_softmax_step(carry, s_BKGTb, v_BbKH):
+    """One key block of the online softmax: (running max, denominator, weighted values)
+    updated with the block's scores and values, all in float32."""
+    m_BKGT, l_BKGT, acc_BKGTH = carry
+    m_new = jnp.maximum(m_BKGT, jnp.max(s_BKGTb, axis=-1))
+    corr_BKGT = jnp.exp(m_BKGT - m_new)
+    p_BKGTb = jnp.exp(s_BKGTb - m_new[..., None])
+    l_BKGT = l_BKGT * corr_BKGT + jnp.sum(p_BKGTb, axis=-1)
+    acc_BKGTH = acc_BKGTH * corr_BKGT[..., None] + jnp.einsum(
+        "BKGTb,BbKH->BKGTH", p_BKGTb, v_BbKH.astype(jnp.float32))
+    return m_new, l_BKGT, acc_BKGTH
+
+
 def _forward(q_BTNH, k_BSKH, v_BSKH, mask_BTS, scale, block, s_real):
     b, t, n, h = q_BTNH.shape
     kh = k_BSKH.shape[2]
@@ -85,16 +98,9 @@ def _forward(q_BTNH, k_BSKH, v_BSKH, mask_BTS, scale, block, s_real):
     starts = jnp.arange(k_n.shape[0], dtype=jnp.int32) * block
 
     def body(carry, xs):
-        m_BKGT, l_BKGT, acc_BKGTH = carry
         k_BbKH, v_BbKH, mask_BTb, start = xs
         s_BKGTb = _scores(q_BTKGH, k_BbKH, mask_BTb, start, block, s_real, scale)
-        m_new = jnp.maximum(m_BKGT, jnp.max(s_BKGTb, axis=-1))
-        corr_BKGT = jnp.exp(m_BKGT - m_new)
-        p_BKGTb = jnp.exp(s_BKGTb - m_new[..., None])
-        l_BKGT = l_BKGT * corr_BKGT + jnp.sum(p_BKGTb, axis=-1)
-        acc_BKGTH = acc_BKGTH * corr_BKGT[..., None] + jnp.einsum(
-            "BKGTb,BbKH->BKGTH", p_BKGTb, v_BbKH.astype(jnp.float32))
-        return (m_new, l_BKGT, acc_BKGTH), None
+        return _online_softmax_step(carry, s_BKGTb, v_BbKH), None
 
     g = n // kh
     init = (jnp.full((b, kh, g, t), -jnp.inf, jnp.float32), jnp.zeros((b, kh, g, t), jnp.float32),
@@ -207,7 +213,6 @@ def attend_filled(q_BTNH: jax.Array, k_LBSKH: jax.Array, v_LBSKH: jax.Array,
     zero = jnp.zeros((), jnp.int32)
 
     def body(i, carry):
-        m_BKGT, l_BKGT, acc_BKGTH = carry
         lo = i * block
         # The last block may be shifted back to end at S; its slots before `lo` were visited.
         start = jnp.minimum(lo, s - block)
@@ -224,13 +229,7 @@ def attend_filled(q_BTNH: jax.Array, k_LBSKH: jax.Array, v_LBSKH: jax.Array,
                              preferred_element_type=jnp.float32) * scale
         s_BKGTb = jnp.where(mask_BTb[:, None, None], s_BKGTb, MASK_VALUE)
         s_BKGTb = jnp.where(fresh_b, s_BKGTb, -jnp.inf)
-        m_new = jnp.maximum(m_BKGT, jnp.max(s_BKGTb, axis=-1))
-        corr_BKGT = jnp.exp(m_BKGT - m_new)
-        p_BKGTb = jnp.exp(s_BKGTb - m_new[..., None])
-        l_BKGT = l_BKGT * corr_BKGT + jnp.sum(p_BKGTb, axis=-1)
-        acc_BKGTH = acc_BKGTH * corr_BKGT[..., None] + jnp.einsum(
-            "BKGTb,BbKH->BKGTH", p_BKGTb, v_BbKH.astype(jnp.float32))
-        return m_new, l_BKGT, acc_BKGTH
+        return _online_softmax_step(carry, s_BKGTb, v_BbKH)
 
     init = (jnp.full((b, kh, g, t), -jnp.inf, jnp.float32), jnp.zeros((b, kh, g, t), jnp.float32),
             jnp.zeros((b, kh, g, t, h), jnp.float32))
