@@ -87,6 +87,10 @@ def test_every_assistant_turn_is_scored_with_smollm2_template(smol_tok):
 
 
 def test_single_turn_tokens_are_unchanged(smol_tok):
+    _check_single_turn(smol_tok)
+
+
+def _check_single_turn(smol_tok):
     # The prompt + completion formula of before: template with the generation prompt, then
     # the answer and EOS, every answer token scored.
     for chat in (CHAT[:3], CHAT[1:3]):
@@ -102,6 +106,24 @@ def test_single_turn_tokens_are_unchanged(smol_tok):
     assert same.prompt.tolist() == ex.prompt.tolist()
     assert same.completions[0].tolist() == ex.completions[0].tolist()
     assert ex.prompt.tolist() == render_prompt(smol_tok, CHAT[1:2]).tolist()
+
+
+# Rebuilding the tokenizer from the GGUF (transformers' converter) takes ~25 s of CPU.
+@pytest.mark.slow
+def test_real_smollm2_tokenizer(tmp_path):
+    from align_jax.models import gguf, named
+
+    try:
+        path = named._package_file("smollm2-135m-instruct",
+                                   named.NAMED_MODELS["smollm2-135m-instruct"])
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    gguf._save_gguf_tokenizer(path, str(tmp_path))
+    tok = load_tokenizer(str(tmp_path))
+    assert tok.chat_template == SMOLLM2_TEMPLATE  # the fast tests' template is the real one
+    _check_multi_turn(tok, CHAT)
+    _check_multi_turn(tok, CHAT[1:])
+    _check_single_turn(tok)
 
 
 def test_char_template_between_turns_and_truncation():
