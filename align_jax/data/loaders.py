@@ -330,6 +330,10 @@ def make_loader(records_or_spec: Any, *, kind: str | DataFormat, tokenizer, seq_
             ds = ds.shuffle(seed=seed)
         ds = ds.repeat(num_epochs)
     else:
+        total = sum(w for _, w in parts)
+        _LOG.info("data mixture: %s", "; ".join(
+            f"{spec} ({len(x)} examples, weight {w:g} = {100 * w / total:.1f}% of draws)"
+            for (spec, w), x in zip(parts, per_source)))
         ds = _mixture(per_source, [w for _, w in parts], seed=seed, shuffle=shuffle,
                       num_epochs=num_epochs)
     # In-memory examples: no read threads, so the order never depends on scheduling.
