@@ -206,7 +206,8 @@ def _tokenize(record: Record, *, kind: str, tokenizer, chat_template: bool):
         responses = tuple(_ids(r) if not isinstance(r, str) else _completion(tokenizer, r)
                           for r in data["responses"])
         return SamiExample(prompts=prompts, responses=responses, where=where)
-    if "messages" in data and "prompt" not in data:
+    # UltraChat-style rows carry the first user turn as `prompt` beside their `messages`.
+    if "messages" in data and "completion" not in data and kind == "sft":
         messages = data["messages"]
         if messages[-1]["role"] != "assistant" or len(messages) < 2:
             raise DataError(f"{where}: field 'messages' must end with an assistant turn after at "

@@ -137,6 +137,10 @@ def test_char_template_between_turns_and_truncation():
     assert ex.scored.tolist() == [1, 1, 0, 0, 0, 0, 0, 1, 1]
     cut = truncate(ex, seq_len=len(ex.prompt) + 4, policy="truncate_completion")
     assert cut.scored.tolist() == [1, 1, 0, 0] and len(cut.completions[0]) == 4
+    # UltraChat rows: the first user turn also as `prompt`, the chat in `messages`.
+    ultra = _one(tok, {"prompt": "a", "prompt_id": "p1", "messages": msgs})
+    assert ultra.completions[0].tolist() == ex.completions[0].tolist()
+    assert ultra.scored.tolist() == ex.scored.tolist()
 
 
 def test_template_that_rewrites_turns_is_refused():
