@@ -128,6 +128,27 @@ def _grouping(fmt: DataFormat, *, pack, batch_size, seq_len, pad_id, max_pairs, 
     return _packed(fmt.pack_length, lambda xs: fmt.build_packed(xs, **kw), batch_size, seq_len)
 
 
+def _load_sources(parts, *, fmt, tokenizer, seq_len, truncation, pack, chat_template, on_error,
+                  split, data_dir):
+    """Each part's examples, read and checked by itself (its own file and line in any error),
+    and the merged load and truncation reports."""
+    load_report, trunc_report = LoadReport(), TruncationReport(policy=truncation, seq_len=seq_len)
+    per_source = []
+    for spec, _ in parts:
+        records, loaded = load_records(spec, schema=fmt.schema, on_error=on_error, split=split,
+                                       data_dir=data_dir)
+        examples, cut, skipped = format_records(
+            records, kind=fmt.kind, tokenizer=tokenizer, seq_len=seq_len, truncation=truncation,
+            packed=pack, chat_template=chat_template, on_error=on_error)
+        _merge_reports(load_report, trunc_report, loaded, cut, skipped)
+        if not examples:
+            where = "" if len(parts) == 1 else f" in {spec!r}"
+            raise ValueError(f"no examples left to train on{where}:\n"
+                             f"{load_report.summary()}\n{trunc_report.summary()}")
+        per_source.append(examples)
+    return per_source, load_report, trunc_report
+
+
 def _merge_reports(load_report, trunc_report, loaded, cut, skipped):
     load_report.num_read += loaded.num_read
     load_report.skipped += loaded.skipped + [Skipped(where=w, reason=r) for w, r in skipped]
@@ -163,19 +184,23 @@ class _EpochShuffle(grain.MapDataset):
         return self._parent[epoch * self._window + offset]
 
 
-def _mixture(per_source, weights, *, seed, shuffle, num_epochs):
+def _mixture(per_source, parts, *, seed, shuffle, num_epochs):
     """Sources drawn by weight: each source shuffled and repeated on its own, interleaved in
     proportion by grain's `MapDataset.mix` (weights scaled to integers, the smallest to 100),
     and the interleaving shuffled within each epoch (as many draws as the sources hold), so
     the sources arrive in random order at the weights' rates. A small source with a large
     weight repeats within an epoch; a large one with a small weight is partly seen."""
-    parts = []
+    weights = [w for _, w in parts]
+    _LOG.info("data mixture: %s", "; ".join(
+        f"{spec} ({len(x)} examples, weight {w:g} = {100 * w / sum(weights):.1f}% of draws)"
+        for (spec, w), x in zip(parts, per_source)))
+    sources = []
     for i, examples in enumerate(per_source):
         ds = grain.MapDataset.source(examples)
         if shuffle:
             ds = ds.shuffle(seed=(seed + 1_000_003 * (i + 1)) % 2**32)
-        parts.append(ds.repeat(None))
-    mixed = grain.MapDataset.mix(parts, weights)
+        sources.append(ds.repeat(None))
+    mixed = grain.MapDataset.mix(sources, weights)
     return _EpochShuffle(mixed, window=sum(len(x) for x in per_source), seed=seed,
                          num_epochs=num_epochs, shuffle=shuffle)
 
@@ -293,21 +318,9 @@ def make_loader(records_or_spec: Any, *, kind: str | DataFormat, tokenizer, seq_
 
     parts = mixture_parts(records_or_spec)
     parts = [(records_or_spec, 1.0)] if parts is None else parts
-    load_report, trunc_report = LoadReport(), TruncationReport(policy=truncation, seq_len=seq_len)
-    per_source = []
-    for spec, _ in parts:
-        # Each source is read and checked by itself (its own file and line in any error).
-        records, loaded = load_records(spec, schema=fmt.schema, on_error=on_error, split=split,
-                                       data_dir=data_dir)
-        examples, cut, skipped = format_records(
-            records, kind=fmt.kind, tokenizer=tokenizer, seq_len=seq_len, truncation=truncation,
-            packed=pack, chat_template=chat_template, on_error=on_error)
-        _merge_reports(load_report, trunc_report, loaded, cut, skipped)
-        if not examples:
-            where = "" if len(parts) == 1 else f" in {spec!r}"
-            raise ValueError(f"no examples left to train on{where}:\n"
-                             f"{load_report.summary()}\n{trunc_report.summary()}")
-        per_source.append(examples)
+    per_source, load_report, trunc_report = _load_sources(
+        parts, fmt=fmt, tokenizer=tokenizer, seq_len=seq_len, truncation=truncation, pack=pack,
+        chat_template=chat_template, on_error=on_error, split=split, data_dir=data_dir)
     examples = [x for source in per_source for x in source]
     if annotate is not None:
         # E.g. reference log-probs computed once over the dataset, before any batching.
@@ -330,12 +343,7 @@ def make_loader(records_or_spec: Any, *, kind: str | DataFormat, tokenizer, seq_
             ds = ds.shuffle(seed=seed)
         ds = ds.repeat(num_epochs)
     else:
-        total = sum(w for _, w in parts)
-        _LOG.info("data mixture: %s", "; ".join(
-            f"{spec} ({len(x)} examples, weight {w:g} = {100 * w / total:.1f}% of draws)"
-            for (spec, w), x in zip(parts, per_source)))
-        ds = _mixture(per_source, [w for _, w in parts], seed=seed, shuffle=shuffle,
-                      num_epochs=num_epochs)
+        ds = _mixture(per_source, parts, seed=seed, shuffle=shuffle, num_epochs=num_epochs)
     # In-memory examples: no read threads, so the order never depends on scheduling.
     it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
     grouping = _grouping(fmt, pack=pack, batch_size=batch_size, seq_len=seq_len,
