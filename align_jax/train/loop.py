@@ -33,7 +33,7 @@ from align_jax.tokenizer import copy_tokenizer_files
 from align_jax.train import adapters as adapters_lib
 from align_jax.train import compile as compile_lib
 from align_jax.train.checkpoint import Checkpointer
-from align_jax.train.metrics import MetricsLogger
+from align_jax.train.metrics import ExternalLogging, MetricsLogger
 from align_jax.train.optim import OptimizerConfig, make_optimizer
 from align_jax.train.state import TrainState, abstract_arrays, train_state_shardings
 
@@ -167,7 +167,8 @@ def train(*, config: ModelConfig | str | None = None, params_init: Any = None,
           lora: "lora_lib.LoraConfig | Mapping[str, Any] | None" = None,
           export_peft_dir: str | os.PathLike | None = None,
           export_tokenizer_dir: str | os.PathLike | None = None,
-          lora_init: Any = None) -> TrainState:
+          lora_init: Any = None,
+          external_logging: ExternalLogging | None = None) -> TrainState:
     """Trains `config`'s model on `loss_fn` for `num_steps` updates, resuming if it can.
 
     Args:
@@ -206,6 +207,7 @@ def train(*, config: ModelConfig | str | None = None, params_init: Any = None,
       export_tokenizer_dir: tokenizer files copied into the export before it is renamed.
       lora_init: with LoRA, the adapter weights a fresh run starts from (e.g. those of
         `lora.load_peft`) instead of a new init; a resumed run takes its checkpoint's.
+      external_logging: W&B / MLflow writers that also get the metric records.
     Returns:
       the final TrainState; `state.step < num_steps` when SIGTERM cut the run short.
     """
@@ -295,7 +297,7 @@ def train(*, config: ModelConfig | str | None = None, params_init: Any = None,
         logger = MetricsLogger(workdir, num_steps=num_steps, start_step=start or 0,
                                log_every=log_every, num_devices=len(devices),
                                device_kind=devices[0].device_kind, enabled=is_main,
-                               progress=progress)
+                               progress=progress, external=external_logging)
         stack.callback(logger.close)
 
         def report(item):
