@@ -17,7 +17,10 @@ the same load drift, and reports medians and the median of the per-round ratios.
     16; align_jax `generate` vs transformers `generate` (left padding, attention mask).
     Seconds of the whole call (prefill included); agreement of the greedy tokens.
 
-Each case first runs once on each side unmeasured (compilation, allocator warm-up).
+Before the rounds of a case each side warms up unmeasured: generation runs the same call once
+(compilation); training builds its state and compiles the step ahead of time (align_jax) or
+runs one 1 x 16 step (torch: AdamW's moments allocated), so no full-size step is spent on
+warm-up (at 8 x 512 on one loaded thread a step takes minutes).
 
     PYTHONPATH=. python -m benchmarks.bench_smollm2 [--train-rounds 3 2] [--gen-rounds 3]
 """
@@ -101,13 +104,16 @@ class _JaxSide:
         self.vocab = self.config.vocab_size
         self.train = {}
 
-    def setup_train(self, batch, seq):
+    def prepare_train(self, batch, seq):
+        """Builds the state and compiles the step ahead of time (no step runs)."""
         from align_jax import sharding
         from align_jax.losses import objectives
         from align_jax.train import compile as compile_lib
         from align_jax.train import optim
         from align_jax.train import state as state_lib
         jax = self.jax
+        self.train.clear()
+        t = time.perf_counter()
         mesh = sharding.make_mesh(sharding.MeshSpec(data=1), devices=jax.devices()[:1])
         tx, schedule = optim.make_optimizer(
             optim.OptimizerConfig(learning_rate=LR, schedule="constant"), num_steps=1000)
@@ -121,13 +127,18 @@ class _JaxSide:
                                           mesh=mesh, rules="dp", state_shardings=shardings)
         b = jax.device_put(sft_batch(self.vocab, batch, seq),
                            compile_lib.batch_shardings(mesh, "dp"))
-        return [state, step, b]
+        with sharding.use_mesh(mesh, "dp"):
+            compiled = step.jitted.lower(state, b).compile()
+        self.train.update(state=state, compiled=compiled, batch=b, mesh=mesh)
+        return time.perf_counter() - t, {}
 
     def train_step(self, batch, seq):
-        case = self.train.setdefault((batch, seq), None) or self.setup_train(batch, seq)
-        self.train[batch, seq] = case
+        from align_jax import sharding
+        case = self.train
+        assert case["batch"]["tokens"].shape == (batch, seq), "prepare_train first"
         t = time.perf_counter()
-        case[0], metrics = case[1](case[0], case[2])
+        with sharding.use_mesh(case["mesh"], "dp"):
+            case["state"], metrics = case["compiled"](case["state"], case["batch"])
         loss = float(metrics["loss"])  # blocks until the step is done
         return time.perf_counter() - t, {"loss": loss}
 
@@ -159,26 +170,36 @@ class _TorchSide:
         self.prompts = prompts
         self.vocab = self.model.config.vocab_size
         self.pad = self.model.config.pad_token_id or 0
-        self.train = {}
+        self.batch = self.opt = None
 
-    def train_step(self, batch, seq):
+    def _step(self, b):
         torch = self.torch
-        if (batch, seq) not in self.train:
-            b = {k: torch.from_numpy(v) for k, v in sft_batch(self.vocab, batch, seq).items()
-                 if k in ("tokens", "targets", "loss_mask")}
-            opt = torch.optim.AdamW(self.model.parameters(), lr=LR, weight_decay=0.0)
-            self.train[batch, seq] = (b, opt)
-        b, opt = self.train[batch, seq]
-        self.model.train()
-        t = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
+        self.opt.zero_grad(set_to_none=True)
         logits = self.model(input_ids=b["tokens"], use_cache=False).logits.float()
         logp = torch.log_softmax(logits, dim=-1).gather(-1, b["targets"][..., None])[..., 0]
         loss = -(logp * b["loss_mask"]).sum() / b["loss_mask"].sum()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
-        opt.step()
-        return time.perf_counter() - t, {"loss": float(loss)}
+        self.opt.step()
+        return float(loss)
+
+    def prepare_train(self, batch, seq):
+        """Builds the batch and AdamW, then one step on a 1 x 16 slice (AdamW's moments
+        allocated, autograd warm) so the timed steps do not pay for first use."""
+        torch = self.torch
+        t = time.perf_counter()
+        self.batch = {k: torch.from_numpy(v) for k, v in sft_batch(self.vocab, batch, seq).items()
+                      if k in ("tokens", "targets", "loss_mask")}
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=LR, weight_decay=0.0)
+        self.model.train()
+        self._step({k: v[:1, :16] for k, v in self.batch.items()})
+        return time.perf_counter() - t, {}
+
+    def train_step(self, batch, seq):
+        assert tuple(self.batch["tokens"].shape) == (batch, seq), "prepare_train first"
+        t = time.perf_counter()
+        loss = self._step(self.batch)
+        return time.perf_counter() - t, {"loss": loss}
 
     def generate(self, batch, new):
         torch = self.torch
@@ -196,7 +217,7 @@ class _TorchSide:
         return dt, {"tokens": out[:, width:].tolist()}
 
     def drop(self):
-        self.train.clear()  # AdamW moments; the weights keep their few updates
+        self.batch = self.opt = None  # the weights keep their few updates
 
 
 def _worker(side: str) -> int:
@@ -248,11 +269,12 @@ class _Worker:
         self.proc.wait(timeout=60)
 
 
-def _rounds(workers, rounds, **req):
-    """Per side: the replies of one warm-up and `rounds` measured calls, alternating."""
+def _rounds(workers, rounds, *, warmup, **req):
+    """Per side: the replies of `rounds` measured calls, alternating, after `warmup` (a
+    request that prepares the case) or the same call once, unmeasured."""
     replies = {w.side: [] for w in workers}
     for w in workers:
-        w.ask(**req)
+        w.ask(**{**req, **warmup})
     for r in range(rounds):
         for w in (workers if r % 2 == 0 else workers[::-1]):
             replies[w.side].append(w.ask(**req))
@@ -272,10 +294,11 @@ def _summary(replies):
                 r["cpu_seconds"] / r["seconds"] for r in replies["torch"])}
 
 
-def train_rows(workers, rounds_by_shape):
+def train_rows(workers, shapes, rounds_by_shape):
     rows = []
-    for (batch, seq), rounds in zip(TRAIN_SHAPES, rounds_by_shape):
-        replies = _rounds(workers, rounds, op="train_step", batch=batch, seq=seq)
+    for (batch, seq), rounds in zip(shapes, rounds_by_shape):
+        replies = _rounds(workers, rounds, op="train_step", batch=batch, seq=seq,
+                          warmup={"op": "prepare_train"})
         for w in workers:
             w.ask(op="drop")
         row = {"what": f"train SFT+AdamW {batch}x{seq}", "kind": "train", "batch": batch,
@@ -290,7 +313,7 @@ def train_rows(workers, rounds_by_shape):
 def generate_rows(workers, rounds, new):
     rows = []
     for batch in BATCHES:
-        replies = _rounds(workers, rounds, op="generate", batch=batch, new=new)
+        replies = _rounds(workers, rounds, op="generate", batch=batch, new=new, warmup={})
         jax_tokens, torch_tokens = replies["jax"][-1]["tokens"], replies["torch"][-1]["tokens"]
         row = {"what": f"generate greedy B={batch} new={new}", "kind": "generate",
                "batch": batch, "new": new, **_summary(replies), "rounds": rounds}
@@ -306,15 +329,28 @@ def generate_rows(workers, rounds, new):
     return rows
 
 
+def _shape(text: str) -> tuple[int, int]:
+    try:
+        b, t = (int(x) for x in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--train-shapes: {text!r} is not BxT (e.g. 4x128)") from None
+    return b, t
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--worker", choices=("jax", "torch"), help=argparse.SUPPRESS)
-    ap.add_argument("--train-rounds", type=int, nargs=2, default=[3, 2],
-                    help="measured rounds at 4x128 and at 8x512")
+    ap.add_argument("--train-shapes", nargs="+", type=_shape, default=list(TRAIN_SHAPES),
+                    help="B x T of each train case, e.g. 4x128 8x512")
+    ap.add_argument("--train-rounds", type=int, nargs="+", default=[3, 1],
+                    help="measured rounds of each train shape")
     ap.add_argument("--gen-rounds", type=int, default=3)
     ap.add_argument("--new", type=int, default=64, help="new tokens per prompt")
     ap.add_argument("--skip", choices=("train", "generate"), default=None)
     args = ap.parse_args(argv)
+    if len(args.train_rounds) != len(args.train_shapes):
+        ap.error("--train-rounds: give one count per --train-shapes entry")
     if args.worker:
         return _worker(args.worker)
     from benchmarks import common
@@ -327,7 +363,7 @@ def main(argv=None):
     try:
         rows = [] if args.skip == "generate" else generate_rows(workers, args.gen_rounds, args.new)
         if args.skip != "train":
-            rows += train_rows(workers, args.train_rounds)
+            rows += train_rows(workers, args.train_shapes, args.train_rounds)
     finally:
         for w in workers:
             w.close()
