@@ -34,9 +34,9 @@ def load_section(name: str, dirs: list[pathlib.Path]) -> dict | None:
     return None
 
 
-def _title(ax, text: str, payload: dict) -> None:
+def _title(fig, text: str, payload: dict) -> None:
     tag = "archived" if payload["origin"] == "archive" else "measured"
-    ax.set_title(f"{text}\n{tag} {payload.get('date', '?')}, {payload.get('hardware', '?')}",
+    fig.suptitle(f"{text}\n{tag} {payload.get('date', '?')}, {payload.get('hardware', '?')}",
                  fontsize=7)
 
 
@@ -47,8 +47,9 @@ def _batch(row: dict) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def plot_decode(payload: dict, ax) -> bool:
+def plot_decode(payload: dict, fig) -> bool:
     """Seconds of a whole greedy call vs the cache slots it was compiled for, per attention."""
+    ax = fig.add_subplot()
     rows = [r for r in payload["rows"] if "cache slots" in r]
     for attention in dict.fromkeys(r["attention"] for r in rows):
         pts = sorted((r["cache slots"], r["seconds"]) for r in rows if r["attention"] == attention)
@@ -59,8 +60,9 @@ def plot_decode(payload: dict, ax) -> bool:
     return bool(rows)
 
 
-def plot_tokens(payload: dict, ax) -> bool:
+def plot_tokens(payload: dict, fig) -> bool:
     """New tokens/s vs batch, align_jax and transformers (whole call, prefill included)."""
+    ax = fig.add_subplot()
     rows = sorted((r for r in payload["rows"] if "align_jax tok/s" in r and _batch(r)),
                   key=_batch)
     peer = "torch tok/s" if rows and "torch tok/s" in rows[0] else "transformers tok/s"
@@ -74,36 +76,36 @@ def plot_tokens(payload: dict, ax) -> bool:
     return bool(rows)
 
 
-def plot_lora(payload: dict, ax) -> bool:
-    """Compiled step memory, full fine-tuning vs LoRA."""
-    labels, full, lora = [], [], []
-    for r in payload["rows"]:
-        if "full step MB" in r:
-            labels.append(r["what"].split(" (")[0].split()[0] + " 4.2M (MB)")
-            full.append(r["full step MB"])
-            lora.append(r["LoRA step MB"])
-    full_ft = [r for r in payload["rows"] if r.get("vs full FT") == 1]
-    for r in payload["rows"]:  # each LoRA config beside the full fine-tune of its table
-        if full_ft and r.get("vs full FT", 1) != 1 and "llama3_1b" in r["what"]:
-            labels.append(_lora_label(r["what"]) + " (GB)")
-            full.append(full_ft[0]["compiled step GB / device"])
-            lora.append(r["compiled step GB / device"])
-    xs = range(len(labels))
-    ax.bar([x - 0.2 for x in xs], full, width=0.4, label="full fine-tuning")
-    ax.bar([x + 0.2 for x in xs], lora, width=0.4, label="LoRA")
-    ax.set_xticks(list(xs), labels, rotation=20, ha="right", fontsize=6)
-    ax.set_ylabel("compiled step memory / device")
-    return bool(labels)
+def plot_lora(payload: dict, fig) -> bool:
+    """Step memory, full fine-tuning vs LoRA: measured small-model steps (MB) on the left,
+    compiled 1B-class DPO steps from shapes (GB per device) on the right."""
+    small = [(r["what"].split(" (")[0], r["full step MB"], r["LoRA step MB"])
+             for r in payload["rows"] if "full step MB" in r]
+    full_ft = [r["compiled step GB / device"] for r in payload["rows"]
+               if r.get("vs full FT") == 1]
+    big = [(_lora_label(r["what"]), full_ft[0], r["compiled step GB / device"])
+           for r in payload["rows"] if full_ft and r.get("vs full FT", 1) != 1
+           and "llama3_1b" in r["what"]]
+    panels = [(bars, unit) for bars, unit in ((small, "MB"), (big, "GB / device")) if bars]
+    for i, (bars, unit) in enumerate(panels):
+        ax = fig.add_subplot(1, len(panels), i + 1)
+        xs = range(len(bars))
+        ax.bar([x - 0.2 for x in xs], [b[1] for b in bars], width=0.4, label="full fine-tuning")
+        ax.bar([x + 0.2 for x in xs], [b[2] for b in bars], width=0.4, label="LoRA")
+        ax.set_xticks(list(xs), [b[0] for b in bars], rotation=15, ha="right", fontsize=6)
+        ax.set_ylabel(f"step memory, {unit}", fontsize=7)
+    return bool(panels)
 
 
 def _lora_label(what: str) -> str:
     model = what.split()[1]
     m = re.search(r"(bf16 base, \w+ compute|f32 base)", what)
-    return f"{model} DPO, {m.group(1) if m else 'LoRA'}"
+    return f"{model} LoRA, {m.group(1) if m else ''}"
 
 
-def plot_eval(payload: dict, ax) -> bool:
+def plot_eval(payload: dict, fig) -> bool:
     """CPU ms per question of each component of the (last) steady `evaluate_models` run."""
+    ax = fig.add_subplot()
     keys = [k for r in payload["rows"] for k in r if k.startswith("component (")]
     if not keys:
         return False
@@ -142,12 +144,13 @@ def make_plots(results: pathlib.Path, archive: pathlib.Path, out: pathlib.Path) 
         if payload is None:
             print(f"skipped {filename}: no {section}.json in {results} or {archive}")
             continue
-        fig, ax = plt.subplots(figsize=(6, 3.4), dpi=80)
-        if fn(payload, ax):
-            _title(ax, title, payload)
-            if ax.get_legend_handles_labels()[0]:
-                ax.legend(fontsize=7)
-            ax.grid(alpha=0.3)
+        fig = plt.figure(figsize=(6, 3.4), dpi=80)
+        if fn(payload, fig):
+            _title(fig, title, payload)
+            for ax in fig.axes:
+                ax.grid(alpha=0.3)
+            if fig.axes[0].get_legend_handles_labels()[0]:
+                fig.axes[0].legend(fontsize=7)
             fig.tight_layout()
             fig.savefig(out / filename)
             written.append(str(out / filename))
