@@ -282,16 +282,21 @@ def _rounds(workers, rounds, *, warmup, **req):
 
 
 def _summary(replies):
-    jax_s = [r["seconds"] for r in replies["jax"]]
-    torch_s = [r["seconds"] for r in replies["torch"]]
-    ratios = [t / j for j, t in zip(jax_s, torch_s)]
-    return {"align_jax s": statistics.median(jax_s), "torch s": statistics.median(torch_s),
-            "torch/align_jax": statistics.median(ratios),
-            "per-round torch/align_jax": [round(x, 3) for x in ratios],
-            "align_jax CPU/wall": statistics.median(
-                r["cpu_seconds"] / r["seconds"] for r in replies["jax"]),
-            "torch CPU/wall": statistics.median(
-                r["cpu_seconds"] / r["seconds"] for r in replies["torch"])}
+    """Medians of wall and CPU seconds per side and of the per-round peer / align_jax ratios.
+
+    With one thread a side, a process's CPU seconds count its own work only; on a loaded
+    machine they scatter far less than wall seconds, so both ratios are reported.
+    """
+    out = {}
+    for unit, key in (("s", "seconds"), ("CPU s", "cpu_seconds")):
+        j = [r[key] for r in replies["jax"]]
+        t = [r[key] for r in replies["torch"]]
+        ratios = [b / a for a, b in zip(j, t)]
+        out.update({f"align_jax {unit}": statistics.median(j),
+                    f"torch {unit}": statistics.median(t),
+                    f"torch/align_jax{'' if unit == 's' else ' (CPU)'}": statistics.median(ratios),
+                    f"per-round ratios ({unit})": [round(x, 3) for x in ratios]})
+    return out
 
 
 def train_rows(workers, shapes, rounds_by_shape):
@@ -376,7 +381,7 @@ def main(argv=None):
     print(note)
     for kind in ("generate", "train"):
         if any(r["kind"] == kind for r in rows):
-            print(common.table([{k: v for k, v in r.items() if k != "per-round torch/align_jax"}
+            print(common.table([{k: v for k, v in r.items() if not k.startswith("per-round")}
                                 for r in rows if r["kind"] == kind]))
     machine = f"{_cpu_name()}, {os.cpu_count()} cores; {versions}"
     common.save("smollm2", rows, note=note, machine=machine)
