@@ -299,8 +299,7 @@ def _summary(replies):
     return out
 
 
-def train_rows(workers, shapes, rounds_by_shape):
-    rows = []
+def train_rows(workers, shapes, rounds_by_shape, record):
     for (batch, seq), rounds in zip(shapes, rounds_by_shape):
         replies = _rounds(workers, rounds, op="train_step", batch=batch, seq=seq,
                           warmup={"op": "prepare_train"})
@@ -310,13 +309,10 @@ def train_rows(workers, shapes, rounds_by_shape):
                "seq": seq, **_summary(replies), "rounds": rounds,
                "goal": "align_jax step <= torch step"}
         row["goal met"] = row["torch/align_jax"] >= 1.0
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-    return rows
+        record(row)
 
 
-def generate_rows(workers, rounds, new):
-    rows = []
+def generate_rows(workers, rounds, new, record):
     for batch in BATCHES:
         replies = _rounds(workers, rounds, op="generate", batch=batch, new=new, warmup={})
         jax_tokens, torch_tokens = replies["jax"][-1]["tokens"], replies["torch"][-1]["tokens"]
@@ -329,9 +325,7 @@ def generate_rows(workers, rounds, new):
         goal = batch == max(BATCHES)
         row["goal"] = "align_jax >= 2x transformers" if goal else ""
         row["goal met"] = row["torch/align_jax"] >= 2.0 if goal else ""
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-    return rows
+        record(row)
 
 
 def _shape(text: str) -> tuple[int, int]:
@@ -353,6 +347,7 @@ def main(argv=None):
     ap.add_argument("--gen-rounds", type=int, default=3)
     ap.add_argument("--new", type=int, default=64, help="new tokens per prompt")
     ap.add_argument("--skip", choices=("train", "generate"), default=None)
+    ap.add_argument("--name", default="smollm2", help="writes results/<name>.json")
     args = ap.parse_args(argv)
     if len(args.train_rounds) != len(args.train_shapes):
         ap.error("--train-rounds: give one count per --train-shapes entry")
@@ -365,26 +360,31 @@ def main(argv=None):
     torch_w = _Worker("torch")
     versions = init["versions"] + ", " + torch_w.ask(op="init", prompts=init["prompts"])["versions"]
     workers = [jax_w, torch_w]
+    machine = f"{_cpu_name()}, {os.cpu_count()} cores; {versions}"
+    rows = []
+
+    def record(row):  # saved after every case: a long run stopped early keeps what it measured
+        load = os.getloadavg()
+        row["load"] = f"{load0[0]:.1f} -> {load[0]:.1f}"
+        rows.append(row)
+        note = (f"SmolLM2-135M-Instruct f32, 1 thread per side, load average at the start "
+                f"{load0[0]:.1f}/{load0[1]:.1f}/{load0[2]:.1f}, after the last case "
+                f"{load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f} on {os.cpu_count()} CPUs")
+        common.save(args.name, rows, note=note, machine=machine)
+        print(json.dumps(row), flush=True)
+
     try:
-        rows = [] if args.skip == "generate" else generate_rows(workers, args.gen_rounds, args.new)
+        if args.skip != "generate":
+            generate_rows(workers, args.gen_rounds, args.new, record)
         if args.skip != "train":
-            rows += train_rows(workers, args.train_shapes, args.train_rounds)
+            train_rows(workers, args.train_shapes, args.train_rounds, record)
     finally:
         for w in workers:
             w.close()
-    load1 = os.getloadavg()
-    note = (f"SmolLM2-135M-Instruct f32, 1 thread per side, load average before "
-            f"{load0[0]:.1f}/{load0[1]:.1f}/{load0[2]:.1f}, after "
-            f"{load1[0]:.1f}/{load1[1]:.1f}/{load1[2]:.1f} on {os.cpu_count()} CPUs")
-    for r in rows:
-        r["load"] = f"{load0[0]:.1f} -> {load1[0]:.1f}"
-    print(note)
     for kind in ("generate", "train"):
         if any(r["kind"] == kind for r in rows):
             print(common.table([{k: v for k, v in r.items() if not k.startswith("per-round")}
                                 for r in rows if r["kind"] == kind]))
-    machine = f"{_cpu_name()}, {os.cpu_count()} cores; {versions}"
-    common.save("smollm2", rows, note=note, machine=machine)
     return 0
 
 
