@@ -181,7 +181,7 @@ class _TorchSide:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
         self.opt.step()
-        return float(loss)
+        return float(loss.detach())
 
     def prepare_train(self, batch, seq):
         """Builds the batch and AdamW, then one step on a 1 x 16 slice (AdamW's moments
