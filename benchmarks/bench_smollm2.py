@@ -22,7 +22,11 @@ Before the rounds of a case each side warms up unmeasured: generation runs the s
 runs one 1 x 16 step (torch: AdamW's moments allocated), so no full-size step is spent on
 warm-up (at 8 x 512 on one loaded thread a step takes minutes).
 
-    PYTHONPATH=. python -m benchmarks.bench_smollm2 [--train-rounds 3 2] [--gen-rounds 3]
+Memory: both workers stay resident; at 8 x 512 the torch worker alone peaks above 10 GB (the
+4,096 x 49,152 float32 logits, their log-softmax and gradients), so give it ~16 GB free.
+
+    PYTHONPATH=. python -m benchmarks.bench_smollm2 [--train-shapes 4x128 8x512]
+        [--train-rounds 3 1] [--gen-rounds 3] [--new 64] [--skip train|generate]
 """
 
 import argparse
