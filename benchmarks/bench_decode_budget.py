@@ -9,7 +9,8 @@ that attends over every allocated slot (the behaviour before), run alongside for
 Both budgets (and both attentions) run in one process, alternating, one round each; after a
 warm-up call of each (compilation excluded). Reported: the median seconds of each, and the
 median over rounds of the per-round ratio t(2048) / t(256), with the load average before and
-after (on a shared machine only the ratio is meaningful).
+after (on a shared machine only the ratio is meaningful). Writes results/decode_budget.json
+(the cache slots of each budget: longest prompt + budget - 1), which benchmarks/plots.py draws.
 
     PYTHONPATH=. python benchmarks/bench_decode_budget.py [--rounds 5] [--new 48]
 """
@@ -40,6 +41,7 @@ def main(argv=None):
     from align_jax.models.hf import load_hf
     from align_jax.models.named import resolve_model_path
     from align_jax.tokenizer import encode_prompt, load_tokenizer
+    from benchmarks import common
 
     path = resolve_model_path("smollm2-135m-instruct")
     config, params = load_hf(path)
@@ -83,6 +85,12 @@ def main(argv=None):
         print(f"| {name} | {statistics.median(lo):.2f} | {statistics.median(hi):.2f} | "
               f"{statistics.median(ratios):.2f} | "
               + ", ".join(f"{r:.2f}" for r in ratios) + " |")
+    slots = max(len(p) for p in prompts) - 1
+    common.save("decode_budget", [
+        {"attention": name, "budget": budget, "cache slots": slots + budget,
+         "seconds": statistics.median(times[name, budget]), "rounds": args.rounds,
+         "same tokens": same} for name in modes for budget in BUDGETS],
+        note=f"load average {load0[0]:.1f} -> {load1[0]:.1f} on {os.cpu_count()} CPUs")
     return 0
 
 

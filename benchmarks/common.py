@@ -30,10 +30,14 @@ def hardware() -> str:
     return f"{cpu}, {os.cpu_count()} cores, jax {jax.__version__} on {kind}"
 
 
-def save(section: str, rows: list[dict]) -> None:
+def save(section: str, rows: list[dict], *, note: str = "", machine: str | None = None) -> None:
+    """Writes results/<section>.json; `machine` defaults to this process's jax device (a
+    parent that imports no framework passes its own)."""
     RESULTS_DIR.mkdir(exist_ok=True)
-    payload = {"section": section, "date": time.strftime("%Y-%m-%d"), "hardware": hardware(),
-               "rows": rows}
+    payload = {"section": section, "date": time.strftime("%Y-%m-%d"),
+               "hardware": machine or hardware(), "rows": rows}
+    if note:
+        payload["note"] = note
     (RESULTS_DIR / f"{section}.json").write_text(json.dumps(payload, indent=1) + "\n")
 
 

@@ -1,6 +1,9 @@
 """`make bench`: every benchmark section, side by side, results in benchmarks/results/*.json.
 
-Copy the printed tables into benchmarks/RESULTS.md with the hardware line and the date.
+Then benchmarks/plots.py draws benchmarks/plots/*.png from those files (and, for sections not
+run, from benchmarks/archive/). Copy the printed tables into benchmarks/LOG.md under a dated
+heading with the machine and its load, and the headline numbers into the summary table at
+the top of benchmarks/RESULTS.md.
 """
 
 import importlib
@@ -10,7 +13,8 @@ import sys
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 SECTIONS = ["bench_model", "bench_train", "bench_generate", "bench_sdg", "bench_lora", "bench_eval",
-            "bench_constraints", "bench_moe", "bench_prefix", "bench_decode_budget"]
+            "bench_constraints", "bench_moe", "bench_prefix", "bench_decode_budget",
+            "bench_smollm2"]
 
 
 def main():
@@ -20,6 +24,8 @@ def main():
             continue
         print(f"\n## {name}")
         importlib.import_module(f"benchmarks.{name}").main([])
+    from benchmarks import plots
+    plots.main([])
 
 
 if __name__ == "__main__":
