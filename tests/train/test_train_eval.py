@@ -144,29 +144,32 @@ def test_dpo_eval_at_step_0_with_the_reference_equal_to_the_policy(tmp_path):
     assert end["eval/margin"] != 0.0 and end["eval/num_pairs"] == held.num_examples
 
 
+class _SameBatch(CountingIterator):
+    """make_batch(0) at every step; its state counts the batches taken."""
+
+    def __init__(self, crash_at=None):
+        super().__init__()
+        self.crash_at = crash_at
+
+    def __next__(self):
+        if self.index == self.crash_at:
+            raise RuntimeError("crash")
+        self.index += 1
+        return make_batch(0)
+
+
 def _ascent_run(workdir, *, num_steps=10, data=None, **kwargs):
-    """Gradient ascent (a negative constant rate): the eval loss rises from the first update
-    on, so the first evaluation stays the best and early stopping must fire."""
+    """Gradient ascent (a negative constant rate) on the eval batch itself: the eval loss
+    rises with every update, so the first evaluation stays the best and early stopping must
+    fire."""
     ev = Evaluator(EvalConfig(data="unit", every=2, keep_best=True, early_stopping_patience=3,
-                              on_start=False), _eval_batches(2))
-    state = train(config=tiny_config(), loss_fn=token_nll,
-                  data_iterator=data or CountingIterator(),
+                              on_start=False), [make_batch(0)])
+    state = train(config=tiny_config(), loss_fn=token_nll, data_iterator=data or _SameBatch(),
                   optimizer=OptimizerConfig(learning_rate=-3e-3, schedule="constant",
                                             allow_nonpositive_learning_rate=True),
                   num_steps=num_steps, workdir=workdir, save_every=3, keep=1, seed=4,
                   export_hf_dir=os.path.join(workdir, "hf"), evaluation=ev, **_RUN, **kwargs)
     return state, ev
-
-
-class _CrashAfter(CountingIterator):
-    def __init__(self, n):
-        super().__init__()
-        self.n = n
-
-    def __next__(self):
-        if self.index == self.n:
-            raise RuntimeError("crash")
-        return super().__next__()
 
 
 @pytest.mark.slow  # three short runs: about 40 s on 2 CPU cores
@@ -192,7 +195,7 @@ def test_keep_best_early_stopping_and_resume_equals_uninterrupted(tmp_path):
     # the rerun resumes at 3 knowing the best is step 2, so it stops at 8 too.
     split = str(tmp_path / "split")
     with pytest.raises(RuntimeError, match="crash"):
-        _ascent_run(split, data=_CrashAfter(5))
+        _ascent_run(split, data=_SameBatch(crash_at=5))
     state2, ev2 = _ascent_run(split)
     assert int(state2.step) == 8 and ev2.tracker == ev.tracker
     assert ev2.stop_reason == ev.stop_reason
