@@ -91,7 +91,10 @@ def test_combine_weighs_batches_by_their_scored_units():
 
 # --- the loop -----------------------------------------------------------------------------
 
-def test_eval_at_step_0_equals_the_loss_computed_directly(tmp_path):
+@pytest.mark.parametrize("lora", [None, {"rank": 4, "alpha": 8.0, "dropout": 0.5}],
+                         ids=["full", "lora"])
+def test_eval_at_step_0_equals_the_loss_computed_directly(tmp_path, lora):
+    # LoRA's adapters start at zero (B = 0): its step-0 model is the base, dropout or not.
     config = tiny_config()
     params = transformer.init_params(config, jax.random.key(3))
     batches = _eval_batches()
@@ -100,7 +103,7 @@ def test_eval_at_step_0_equals_the_loss_computed_directly(tmp_path):
     train(config=config, params_init=jax.device_get(params), loss_fn=token_nll,
           data_iterator=CountingIterator(),
           optimizer=OptimizerConfig(learning_rate=1e-3), num_steps=1, workdir=tmp_path / "run",
-          evaluation=ev, **_RUN)
+          evaluation=ev, lora=lora, **_RUN)
     evals = _evals(tmp_path / "run")
     assert sorted(evals) == [0, 1]
     # All eval batches as one batch: the token-weighted mean over the whole eval set.
