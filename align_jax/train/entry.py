@@ -163,7 +163,7 @@ def train_main(*, output_dir: str, data: str, objective: str = "sft",
         settings[status_lib.RELATIVE_PATHS] = status_lib.relative_paths(output_dir, settings)
         done = _completed(output_dir, export_hf, num_steps) if resuming else None
         if done is not None:
-            print(f"{output_dir}: already completed at step {done['num_steps']} with these "
+            print(f"{output_dir}: already completed at step {done['step']} with these "
                   "settings; nothing to do (--overwrite to train again)", flush=True)
             return done
         with status_lib.sigterm_as_keyboard_interrupt():
