@@ -172,16 +172,25 @@ class Evaluator:
 def combine(per_batch: Iterable[Mapping[str, float]]) -> dict[str, float]:
     """One set of metrics from per-batch ones: counts (`WEIGHT_METRICS`) summed, the rest
     averaged weighted by the first count present (as `step.accumulate_gradients` weighs
-    microbatches), or equally without one."""
+    microbatches), or equally without one; a perplexity is exp of its logs' weighted mean."""
     per_batch = list(per_batch)
     weights = np.asarray([_weight(m) for m in per_batch], np.float64)
     total = max(float(weights.sum()), 1e-12)
     out = {}
     for key in per_batch[0]:
         values = np.asarray([m[key] for m in per_batch], np.float64)
-        out[key] = float(values.sum() if key in WEIGHT_METRICS
-                         else (values * weights).sum() / total)
+        if key in WEIGHT_METRICS:
+            out[key] = float(values.sum())
+        elif key in _EXP_OF_MEAN:
+            # exp(mean NLL) per batch: the set's is exp of the weighted mean of the logs.
+            out[key] = float(np.exp((np.log(values) * weights).sum() / total))
+        else:
+            out[key] = float((values * weights).sum() / total)
     return out
+
+
+# Metrics that are exp(a mean over the scored units) (sft/lm's perplexity).
+_EXP_OF_MEAN = ("perplexity",)
 
 
 def _weight(metrics: Mapping[str, float]) -> float:

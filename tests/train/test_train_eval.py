@@ -87,6 +87,10 @@ def test_combine_weighs_batches_by_their_scored_units():
     got = combine([{"accuracy": 1.0, "num_pairs": 1.0}, {"accuracy": 0.0, "num_pairs": 3.0}])
     assert got == {"accuracy": 0.25, "num_pairs": 4.0}
     assert combine([{"x": 1.0}, {"x": 2.0}]) == {"x": 1.5}  # no count: batches weigh equally
+    # Perplexities e^1 over 1 token and e^3 over 3: the set's mean NLL is 2.5.
+    got = combine([{"perplexity": math.e, "num_tokens": 1.0},
+                   {"perplexity": math.e ** 3, "num_tokens": 3.0}])
+    assert got["perplexity"] == pytest.approx(math.exp(2.5), rel=1e-12)  # float64 log/exp
 
 
 # --- the loop -----------------------------------------------------------------------------
