@@ -45,6 +45,9 @@ def test_sft_with_eval_set_keep_best_and_closing_line(tmp_path, capsys):
     evals = {r["step"]: r for r in records if "eval/loss" in r}
     assert sorted(evals) == [0, 2, 4, 6]
     assert all(evals[s]["eval/num_tokens"] == evals[0]["eval/num_tokens"] > 0 for s in evals)
+    # The set's perplexity is exp of its loss (float32 per-batch losses: a few ulps).
+    for r in evals.values():
+        assert r["eval/perplexity"] == pytest.approx(math.exp(r["eval/loss"]), rel=1e-5)
     summary = json.loads((out / "train_summary.json").read_text())
     ev = summary["evaluation"]
     best = min((2, 4, 6), key=lambda s: (evals[s]["eval/loss"], s))
