@@ -12,9 +12,13 @@ Legend:
   V  vocab                      L  layers
   P  pair (chosen, rejected)    C  constitutions
   G  query heads per key/value head (N = K * G)
-  R  LoRA rank
+  R  LoRA rank                  A  tokens of a scored continuation
   E  experts                    k  experts per token
-  C  slots per expert (capacity)
+  Q  slots per expert (capacity)
+  b  key/value slots of one attention block (blockwise attention)
+  c  vocabulary entries of one chunk (chunked log-probs)
+
+Every letter of every einsum string in align_jax/ is in this legend (tests/test_axes_legend.py).
 """
 
 BATCH = "batch"

@@ -10,8 +10,11 @@ import pathlib
 ROOT = pathlib.Path(__file__).resolve().parents[1] / "align_jax"
 
 # The layer order, bottom first: a module may import its own layer and the layers below it.
+# Every top-level module and package is named (test_every_top_level_module_has_a_layer).
 LAYERS = (
-    ("align_jax", "align_jax.axes"),
+    # The package itself (it checks versions on import) and the leaf utilities every layer uses.
+    ("align_jax", "align_jax.versions", "align_jax.axes", "align_jax.atomic", "align_jax.jsonl",
+     "align_jax.interrupts", "align_jax.run_lock", "align_jax.distributed"),
     ("align_jax.sharding",),
     ("align_jax.runinfo",),
     # A named model's (or a .gguf file's) tokenizer is the model layer's conversion of it.
@@ -26,7 +29,7 @@ LAYERS = (
     ("align_jax.sdg",),
     ("align_jax.eval",),
     ("align_jax.methods",),
-    ("align_jax.cli",),
+    ("align_jax.cli", "align_jax.cli_help", "align_jax.ginconf"),
 )
 
 
@@ -52,6 +55,16 @@ def _imports(path: pathlib.Path, modules) -> list[tuple[str, int]]:
             if len(found) < len(subs):
                 out.append((node.module, node.lineno))
     return [(m, line) for m, line in out if m in modules]
+
+
+def _relative_imports() -> list[str]:
+    """`from . import x` / `from ..y import z` sites: the layering reads absolute names only."""
+    out = []
+    for name, path in _modules().items():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.level > 0:
+                out.append(f"{path.relative_to(ROOT.parent)}:{node.lineno}: {name}")
+    return out
 
 
 def _layer(module: str) -> int:
@@ -96,3 +109,16 @@ def test_no_import_cycles():
         if m not in state:
             visit(m, [])
     assert not cycles, "import cycles:\n" + "\n".join(cycles)
+
+
+def test_no_relative_imports():
+    found = _relative_imports()
+    assert not found, "relative imports (write align_jax.<module>):\n" + "\n".join(found)
+
+
+def test_every_top_level_module_has_a_layer():
+    # A new top-level module must be placed on purpose, not fall into the package's layer.
+    named = {name for names in LAYERS for name in names}
+    top = {".".join(m.split(".")[:2]) for m in _modules()}
+    missing = sorted(top - named)
+    assert not missing, f"add these to LAYERS: {missing}"

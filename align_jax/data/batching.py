@@ -16,17 +16,21 @@ import numpy as np
 from align_jax.data.formatting import Example, SamiExample
 
 
-def sequence(prompt: np.ndarray, completion: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def sequence(prompt: np.ndarray, completion: np.ndarray, *,
+             completion_scored: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Concatenates a prompt (unscored) and a completion (scored).
 
     Args:
       prompt, completion: int token arrays.
+      completion_scored: 1/0 per completion token (`Example.scored`); None scores them all.
     Returns:
       (tokens int32 [L], scored float32 [L]) where scored[k] = 1 if token k is a scored target.
     """
     tokens = np.concatenate([np.asarray(prompt, np.int32), np.asarray(completion, np.int32)])
-    scored = np.concatenate([np.zeros(len(prompt), np.float32),
-                             np.ones(len(completion), np.float32)])
+    scored = np.concatenate([
+        np.zeros(len(prompt), np.float32),
+        np.ones(len(completion), np.float32) if completion_scored is None
+        else np.asarray(completion_scored, np.float32)])
     return tokens, scored
 
 

@@ -68,7 +68,8 @@ def _sequence_length(example) -> int:
 
 
 def _sequences(examples):
-    return [batching.sequence(x.prompt, x.completions[0]) for x in examples]
+    return [batching.sequence(x.prompt, x.completions[0], completion_scored=x.scored)
+            for x in examples]
 
 
 def _pad_sequences(examples, **kw):

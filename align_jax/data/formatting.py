@@ -3,8 +3,11 @@
 A formatted example is a prompt (tokens whose targets are not scored) and one or more completions
 (scored tokens): one for LM/SFT/KTO, two (chosen, rejected) for preference. Prompt and completion
 are tokenised separately and concatenated, so the loss mask is exact whatever the tokenizer merges
-at the boundary. Whatever the policy does to an example is counted in a TruncationReport that names
-the example's file and line.
+at the boundary. A `messages` conversation scores every assistant turn (as TRL's
+assistant_only_loss): its completion runs from the first assistant turn to the end of the last,
+and `Example.scored` masks the system/user turns and template tokens between them. Whatever
+the policy does to an example is counted in a TruncationReport that names the example's file
+and line.
 """
 
 from __future__ import annotations
@@ -50,12 +53,16 @@ class Example:
       where: provenance of the record (`file:line`).
       ref_logps: reference-model log-probs of each completion, precomputed once over the
         dataset (DPO's cheap reference mode); pair batches carry them as `ref_logps`.
+      scored: float32 1/0 over completions[0], 0 where a token is not scored (the user and
+        system turns between the assistant turns of a multi-turn conversation); None: every
+        completion token is scored.
     """
     prompt: np.ndarray
     completions: tuple[np.ndarray, ...]
     label: float | None = None
     where: str = ""
     ref_logps: tuple[float, ...] | None = None
+    scored: np.ndarray | None = None
 
     def lengths(self) -> tuple[int, ...]:
         return tuple(len(self.prompt) + len(c) for c in self.completions)
@@ -128,6 +135,44 @@ def _completion(tokenizer, text) -> np.ndarray:
     return _ids(ids)
 
 
+def _conversation(messages: list[dict], *, tokenizer, where: str) -> Example:
+    """A chat with every assistant turn scored (each turn's content and its EOS), the turns
+    between them and their template tokens masked; leading assistant turns (before any other
+    turn) are context. One assistant turn gives exactly the prompt + completion path's tokens.
+
+    The text between two scored turns is cut out of the rendered conversation, so the template
+    must render each shorter conversation as a prefix of the longer one (a DataError otherwise).
+    """
+    first = next((k for k, m in enumerate(messages) if m["role"] != "assistant"), 0)
+    turns = [k for k, m in enumerate(messages) if m["role"] == "assistant" and k > first]
+    turns = turns or [len(messages) - 1]
+    prompt = render_prompt(tokenizer, messages[:turns[0]])
+    done = tokenizer.apply_chat_template(messages[:turns[0]], add_generation_prompt=True)
+    pieces, scored = [], []
+    for n, k in enumerate(turns):
+        text = messages[k]["content"]
+        pieces.append(_completion(tokenizer, text))
+        scored.append(np.ones(len(pieces[-1]), np.float32))
+        if n + 1 == len(turns):
+            break
+        closed = tokenizer.apply_chat_template(messages[:k + 1])
+        upto_next = tokenizer.apply_chat_template(messages[:turns[n + 1]],
+                                                  add_generation_prompt=True)
+        if not (closed.startswith(done + text) and upto_next.startswith(closed)):
+            raise DataError(f"{where}: field 'messages': the chat template does not render the "
+                            f"conversation up to turn {k} as a prefix of the longer one, so its "
+                            "assistant turns cannot be masked exactly")
+        between = list(tokenizer.encode(closed[len(done) + len(text):] + upto_next[len(closed):],
+                                        add_bos=False))
+        if between[:1] == [tokenizer.eos_id]:  # the turn's end marker: the EOS scored above
+            between = between[1:]
+        pieces.append(_ids(between))
+        scored.append(np.zeros(len(between), np.float32))
+        done = upto_next
+    return Example(prompt=prompt, completions=(np.concatenate(pieces),), where=where,
+                   scored=np.concatenate(scored) if len(turns) > 1 else None)
+
+
 def constitution_text(record: Mapping[str, Any]) -> str:
     """Renders a constitution record (DESIGN.md schema) as a numbered list of its principles."""
     return "\n".join(f"{i + 1}. {p}" for i, p in enumerate(record["principles"]))
@@ -161,11 +206,15 @@ def _tokenize(record: Record, *, kind: str, tokenizer, chat_template: bool):
         responses = tuple(_ids(r) if not isinstance(r, str) else _completion(tokenizer, r)
                           for r in data["responses"])
         return SamiExample(prompts=prompts, responses=responses, where=where)
-    if "messages" in data and "prompt" not in data:
+    # UltraChat-style rows carry the first user turn as `prompt` beside their `messages`.
+    if "messages" in data and "completion" not in data and kind == "sft":
         messages = data["messages"]
         if messages[-1]["role"] != "assistant" or len(messages) < 2:
             raise DataError(f"{where}: field 'messages' must end with an assistant turn after at "
                             "least one other turn")
+        if chat_template:
+            return _conversation(messages, tokenizer=tokenizer, where=where)
+        # Plain text has no turn markers to mask by: the last assistant turn is the completion.
         prompt, fields = messages[:-1], {"completion": messages[-1]["content"]}
     else:
         prompt = data["prompt"]
@@ -252,7 +301,8 @@ def truncate(example, *, seq_len: int, policy: str, together: bool = False,
         return dataclasses.replace(example, prompts=prompts,
                                    responses=tuple(r[:cap] for r in example.responses))
     return dataclasses.replace(example, prompt=example.prompt[len(example.prompt) - keep:],
-                               completions=tuple(c[:cap] for c in example.completions))
+                               completions=tuple(c[:cap] for c in example.completions),
+                               scored=None if example.scored is None else example.scored[:cap])
 
 
 def format_records(records: Iterable[Record | Mapping[str, Any]], *, kind: str, tokenizer,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import sys
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -27,7 +28,7 @@ import numpy as np
 from align_jax.data import batching
 from align_jax.data.formats import DataFormat, get_format
 from align_jax.data.formatting import TruncationReport, format_records
-from align_jax.data.sources import LoadReport, Skipped, load_records
+from align_jax.data.sources import LoadReport, Skipped, load_records, mixture_parts
 
 _LOG = logging.getLogger(__name__)
 
@@ -127,6 +128,83 @@ def _grouping(fmt: DataFormat, *, pack, batch_size, seq_len, pad_id, max_pairs, 
     return _packed(fmt.pack_length, lambda xs: fmt.build_packed(xs, **kw), batch_size, seq_len)
 
 
+def _load_sources(parts, *, fmt, tokenizer, seq_len, truncation, pack, chat_template, on_error,
+                  split, data_dir):
+    """Each part's examples, read and checked by itself (its own file and line in any error),
+    and the merged load and truncation reports."""
+    load_report, trunc_report = LoadReport(), TruncationReport(policy=truncation, seq_len=seq_len)
+    per_source = []
+    for spec, _ in parts:
+        records, loaded = load_records(spec, schema=fmt.schema, on_error=on_error, split=split,
+                                       data_dir=data_dir)
+        examples, cut, skipped = format_records(
+            records, kind=fmt.kind, tokenizer=tokenizer, seq_len=seq_len, truncation=truncation,
+            packed=pack, chat_template=chat_template, on_error=on_error)
+        _merge_reports(load_report, trunc_report, loaded, cut, skipped)
+        if not examples:
+            where = "" if len(parts) == 1 else f" in {spec!r}"
+            raise ValueError(f"no examples left to train on{where}:\n"
+                             f"{load_report.summary()}\n{trunc_report.summary()}")
+        per_source.append(examples)
+    return per_source, load_report, trunc_report
+
+
+def _merge_reports(load_report, trunc_report, loaded, cut, skipped):
+    load_report.num_read += loaded.num_read
+    load_report.skipped += loaded.skipped + [Skipped(where=w, reason=r) for w, r in skipped]
+    trunc_report.num_examples += cut.num_examples
+    trunc_report.cut += cut.cut
+    trunc_report.dropped += cut.dropped
+
+
+class _EpochShuffle(grain.MapDataset):
+    """Shuffles each window of `window` consecutive elements of an endless parent (one epoch
+    of a mixture), with a permutation drawn from (seed, epoch); `num_epochs` windows, or
+    endless when None. Index -> element stays a pure function, so grain's resume is exact."""
+
+    def __init__(self, parent, *, window: int, seed: int, num_epochs: int | None,
+                 shuffle: bool):
+        super().__init__(parent)
+        self._window, self._seed, self._shuffle = window, seed, shuffle
+        self._length = sys.maxsize if num_epochs is None else window * num_epochs
+        self._perm: tuple[int, np.ndarray | None] = (-1, None)
+
+    def __len__(self):
+        return self._length
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        epoch, offset = divmod(index, self._window)
+        if self._shuffle:
+            if self._perm[0] != epoch:
+                rng = np.random.default_rng([self._seed, epoch])
+                self._perm = (epoch, rng.permutation(self._window))
+            offset = int(self._perm[1][offset])
+        return self._parent[epoch * self._window + offset]
+
+
+def _mixture(per_source, parts, *, seed, shuffle, num_epochs):
+    """Sources drawn by weight: each source shuffled and repeated on its own, interleaved in
+    proportion by grain's `MapDataset.mix` (weights scaled to integers, the smallest to 100),
+    and the interleaving shuffled within each epoch (as many draws as the sources hold), so
+    the sources arrive in random order at the weights' rates. A small source with a large
+    weight repeats within an epoch; a large one with a small weight is partly seen."""
+    weights = [w for _, w in parts]
+    _LOG.info("data mixture: %s", "; ".join(
+        f"{spec} ({len(x)} examples, weight {w:g} = {100 * w / sum(weights):.1f}% of draws)"
+        for (spec, w), x in zip(parts, per_source)))
+    sources = []
+    for i, examples in enumerate(per_source):
+        ds = grain.MapDataset.source(examples)
+        if shuffle:
+            ds = ds.shuffle(seed=(seed + 1_000_003 * (i + 1)) % 2**32)
+        sources.append(ds.repeat(None))
+    mixed = grain.MapDataset.mix(sources, weights)
+    return _EpochShuffle(mixed, window=sum(len(x) for x in per_source), seed=seed,
+                         num_epochs=num_epochs, shuffle=shuffle)
+
+
 def _shard_info(shard):
     if shard is not None:
         return shard
@@ -200,7 +278,9 @@ def make_loader(records_or_spec: Any, *, kind: str | DataFormat, tokenizer, seq_
 
     Args:
       records_or_spec: anything `sources.load_records` takes (path, "hf:...", "tfds:...", a
-        datasets.Dataset, a list of dicts or Records).
+        datasets.Dataset, a list of dicts or Records), or a mixture of specs
+        (`sources.mixture_parts`: `[(spec, weight), ...]` or `"spec@weight,spec@weight"`),
+        drawn by weight, an epoch being as many examples as the sources hold together.
       kind: the data format: a name in `formats.FORMATS` ("lm" (raw `text`), "sft",
         "preference", "kto", "sami") or a DataFormat record (an objective's own layout).
       tokenizer: a Tokenizer (align_jax.tokenizer contract).
@@ -236,18 +316,17 @@ def make_loader(records_or_spec: Any, *, kind: str | DataFormat, tokenizer, seq_
         raise ValueError(f"batch_size {batch_size} is not divisible by {count} processes")
     rows = slice(index * (batch_size // count), (index + 1) * (batch_size // count))
 
-    records, load_report = load_records(records_or_spec, schema=fmt.schema,
-                                        on_error=on_error, split=split, data_dir=data_dir)
-    examples, trunc_report, skipped = format_records(
-        records, kind=fmt.kind, tokenizer=tokenizer, seq_len=seq_len, truncation=truncation,
-        packed=pack, chat_template=chat_template, on_error=on_error)
-    load_report.skipped += [Skipped(where=w, reason=r) for w, r in skipped]
-    if not examples:
-        raise ValueError(f"no examples left to train on:\n{load_report.summary()}\n"
-                         f"{trunc_report.summary()}")
+    parts = mixture_parts(records_or_spec)
+    parts = [(records_or_spec, 1.0)] if parts is None else parts
+    per_source, load_report, trunc_report = _load_sources(
+        parts, fmt=fmt, tokenizer=tokenizer, seq_len=seq_len, truncation=truncation, pack=pack,
+        chat_template=chat_template, on_error=on_error, split=split, data_dir=data_dir)
+    examples = [x for source in per_source for x in source]
     if annotate is not None:
         # E.g. reference log-probs computed once over the dataset, before any batching.
         examples = list(annotate(examples))
+        starts = np.cumsum([0] + [len(source) for source in per_source])
+        per_source = [examples[a:b] for a, b in zip(starts[:-1], starts[1:])]
     packs_items = pack and fmt.max_items_per_row
     if packs_items and max_pairs is None:
         max_pairs = max(1, seq_len // min(fmt.pack_length(ex) for ex in examples))
@@ -258,10 +337,13 @@ def make_loader(records_or_spec: Any, *, kind: str | DataFormat, tokenizer, seq_
     elif trunc_report.cut:
         _LOG.info("data: %s\n%s", load_report.summary(), trunc_report.summary())
 
-    ds = grain.MapDataset.source(examples)
-    if shuffle:
-        ds = ds.shuffle(seed=seed)
-    ds = ds.repeat(num_epochs)
+    if len(parts) == 1:
+        ds = grain.MapDataset.source(examples)
+        if shuffle:
+            ds = ds.shuffle(seed=seed)
+        ds = ds.repeat(num_epochs)
+    else:
+        ds = _mixture(per_source, parts, seed=seed, shuffle=shuffle, num_epochs=num_epochs)
     # In-memory examples: no read threads, so the order never depends on scheduling.
     it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
     grouping = _grouping(fmt, pack=pack, batch_size=batch_size, seq_len=seq_len,

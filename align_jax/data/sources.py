@@ -280,18 +280,52 @@ def read_rows(rows: Iterable[Any], *, name: str, schema: str, on_error: str = "r
         _handle(DataError(f"{name}: empty dataset (no records)"), on_error=on_error, report=report)
 
 
-def _hf_dataset(spec: str, split: str | None):
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class HfSpec:
+    """A parsed `hf:name[:config[:split]]` spec (an empty part is the default)."""
+    name: str
+    config: str | None = None
+    split: str | None = None
+
+
+def parse_hf_spec(spec: str) -> HfSpec:
+    """`hf:<name>[:<config>[:<split>]]` -> HfSpec; a local path that exists as written (colons
+    and all) is the name alone.
+
+    Args:
+      spec: the data spec, with its "hf:" prefix.
+    Returns:
+      The HfSpec.
+    Raises:
+      DataError naming the spec when it has more than three parts or no name.
+    """
+    rest = spec.removeprefix("hf:")
+    if os.path.exists(rest):
+        return HfSpec(name=rest)
+    parts = rest.split(":")
+    if len(parts) > 3 or not parts[0]:
+        raise DataError(f"data={spec!r}: expected hf:<name>[:<config>[:<split>]] (a dataset "
+                        "name, data file or folder, then optionally its config and split)")
+    parts += [""] * (3 - len(parts))
+    return HfSpec(name=parts[0], config=parts[1] or None, split=parts[2] or None)
+
+
+def _hf_dataset(spec: str, split: str | None, config: str | None = None):
     import datasets  # heavy, optional: only Hugging Face dataset sources
 
     data_files_ext = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
     ext = os.path.splitext(spec)[1].lower()
+    saved = os.path.isdir(spec) and (os.path.exists(os.path.join(spec, "dataset_info.json"))
+                                     or os.path.exists(os.path.join(spec, "dataset_dict.json")))
+    if config is not None and (saved or os.path.isfile(spec)):
+        raise DataError(f"{spec}: a data file or saved dataset has no config (got {config!r}); "
+                        "configs belong to hub datasets and dataset folders")
     if os.path.isfile(spec) and ext in data_files_ext:
         return datasets.load_dataset(data_files_ext[ext], data_files=spec, split=split or "train")
-    if os.path.isdir(spec) and (os.path.exists(os.path.join(spec, "dataset_info.json"))
-                                or os.path.exists(os.path.join(spec, "dataset_dict.json"))):
+    if saved:
         loaded = datasets.load_from_disk(spec)
     else:
-        loaded = datasets.load_dataset(spec, split=split)
+        loaded = datasets.load_dataset(spec, config, split=split)
     if isinstance(loaded, datasets.DatasetDict):
         split = split or "train"
         if split not in loaded:
@@ -300,17 +334,58 @@ def _hf_dataset(spec: str, split: str | None):
     return loaded
 
 
+def mixture_parts(data: Any) -> list[tuple[Any, float]] | None:
+    """The (spec, weight) parts of a data mixture, or None when `data` is one spec.
+
+    Args:
+      data: `[(spec, weight), ...]` (gin: `data = [("a.jsonl", 0.7), ("hf:org/x", 0.3)]`), or
+        on the command line the string `"a.jsonl@0.7,hf:org/x@0.3"`; anything else (a path
+        that exists, a spec without "@", a list of records) is one spec.
+    Returns:
+      The parts with float weights, or None.
+    Raises:
+      DataError naming the part whose weight is not a positive number.
+    """
+    if isinstance(data, str):
+        if os.path.exists(data) or "@" not in data:
+            return None
+        parts = []
+        for item in data.split(","):
+            spec, _, weight = item.strip().rpartition("@")
+            if not spec:
+                raise DataError(f"data={data!r}: mixture part {item.strip()!r} is not "
+                                "<spec>@<weight>")
+            parts.append((spec, weight))
+    elif (isinstance(data, (list, tuple)) and data
+          and all(isinstance(p, (list, tuple)) and len(p) == 2
+                  and isinstance(p[0], (str, os.PathLike)) for p in data)):
+        parts = [tuple(p) for p in data]
+    else:
+        return None
+    out = []
+    for spec, weight in parts:
+        try:
+            value = float(weight)
+        except (TypeError, ValueError):
+            value = float("nan")
+        if isinstance(weight, bool) or not 0 < value < float("inf"):
+            raise DataError(f"data: the weight of {os.fspath(spec)!r} must be a positive "
+                            f"number, got {weight!r}")
+        out.append((os.fspath(spec), value))
+    return out
+
+
 def load_records(spec: Any, *, schema: str, on_error: str = "raise", split: str | None = None,
                  data_dir: str | None = None) -> tuple[list[Record], LoadReport]:
     """The one front door for records.
 
     Args:
       spec: a `.jsonl` path; a directory (every `*.jsonl` in it, sorted, or a `save_to_disk`
-        dataset); `"hf:<name, data file or saved dir>"`; `"tfds:<name>"`; a loaded
-        `datasets.Dataset`; or a list of dicts / Records.
+        dataset); `"hf:<name, data file or dir>[:<config>[:<split>]]"` (`parse_hf_spec`);
+        `"tfds:<name>"`; a loaded `datasets.Dataset`; or a list of dicts / Records.
       schema: a key of SCHEMAS.
       on_error: "raise" or "skip" (see read_jsonl).
-      split: dataset split for hf/tfds (default "train").
+      split: dataset split for hf/tfds (default "train"; an hf spec may name it instead).
       data_dir: tfds data directory.
     Returns:
       (records, report).
@@ -320,8 +395,12 @@ def load_records(spec: Any, *, schema: str, on_error: str = "raise", split: str 
     if isinstance(spec, (str, os.PathLike)):
         spec = os.fspath(spec)
         if spec.startswith("hf:"):
-            name = spec[3:]
-            rows = _hf_dataset(name, split)
+            hf = parse_hf_spec(spec)
+            if hf.split is not None and split is not None and hf.split != split:
+                raise DataError(f"data={spec!r} names split {hf.split!r} but split={split!r}")
+            split = hf.split or split
+            rows = _hf_dataset(hf.name, split, hf.config)
+            name = hf.name if hf.config is None else f"{hf.name}:{hf.config}"
             records = list(read_rows(rows, name=f"{name}[{split or 'train'}]", schema=schema,
                                      on_error=on_error, report=report))
         elif spec.startswith("tfds:"):

@@ -50,7 +50,7 @@ def _greedy(hyp_BTD, hyp_w_BT, hyp_m_BT, ref_BSD, ref_w_BS, ref_m_BS):
     r = ref_BSD.astype(jnp.float32)
     h = h / jnp.maximum(jnp.linalg.norm(h, axis=-1, keepdims=True), 1e-12)
     r = r / jnp.maximum(jnp.linalg.norm(r, axis=-1, keepdims=True), 1e-12)
-    sim_BTS = jnp.einsum("btd,bsd->bts", h, r)
+    sim_BTS = jnp.einsum("BTD,BSD->BTS", h, r)
     pair_BTS = hyp_m_BT[:, :, None] & ref_m_BS[:, None, :]
     sim_BTS = jnp.where(pair_BTS, sim_BTS, -jnp.inf)
     best_BT = jnp.where(hyp_m_BT, sim_BTS.max(axis=2), 0.0)

@@ -32,8 +32,15 @@ def _sums(config: ModelConfig, params, batch):
 
 
 def _sft_batch(examples, **kw):
-    return batching.pad_batch([batching.sequence(e.prompt, e.completions[0]) for e in examples],
-                              **kw)
+    return batching.pad_batch([batching.sequence(e.prompt, e.completions[0],
+                                                 completion_scored=e.scored)
+                               for e in examples], **kw)
+
+
+def _answer_tokens(example) -> int:
+    """Scored tokens (a multi-turn chat's assistant turns only)."""
+    scored = example.scored
+    return len(example.completions[0]) if scored is None else int(scored.sum())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,7 +82,7 @@ class ScoreSet:
         if self.kind == "preference":
             m = np.asarray([s[0] - s[1] for s in sums], np.float64)
             return m, self.skipped
-        tokens = sum(len(e.completions[0]) for e in self.examples)
+        tokens = sum(_answer_tokens(e) for e in self.examples)
         return _nll_summary(float(sum(s[0] for s in sums)), tokens, len(self.examples),
                             self.skipped)
 
@@ -85,7 +92,7 @@ class ScoreSet:
         if self.kind != "sft" or len(sums) != len(self.examples):
             raise ValueError(f"per_example needs the {len(self.examples)} scores of an sft set")
         return (np.array([-s[0] for s in sums], np.float64),
-                np.array([len(e.completions[0]) for e in self.examples], np.float64))
+                np.array([_answer_tokens(e) for e in self.examples], np.float64))
 
 
 def _nll_summary(logp: float, tokens: float, examples: int, skipped: int) -> dict:

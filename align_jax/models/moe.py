@@ -6,19 +6,19 @@ sum_j w_j expert_{e_j}(x).
 
 Dispatch: capacity-based, per row, by gathers. Each row of the batch is its own group, so
 its routing does not depend on the other rows or on the mesh (sharded equals single device).
-In a row of T tokens every expert has C = min(T, ceil(capacity_factor * T * k / E)) slots.
+In a row of T tokens every expert has Q = min(T, ceil(capacity_factor * T * k / E)) slots.
 The row's assignments are ranked first choices first (every token's first choice in token
 order, then every second choice, ...), and the i-th assignment to an expert takes its slot i;
-one past the C-th is dropped (it adds nothing) and counted. Padding (segment 0) takes no slot.
-Tokens are gathered into a [B, E, C, D] buffer, the experts run as batched matmuls
-([B, E, C, D] x [E, D, F]), and each (token, choice) gathers its expert's output back.
+one past the Q-th is dropped (it adds nothing) and counted. Padding (segment 0) takes no slot.
+Tokens are gathered into a [B, E, Q, D] buffer, the experts run as batched matmuls
+([B, E, Q, D] x [E, D, F]), and each (token, choice) gathers its expert's output back.
 
-Memory: the expert buffers hold B * E * C rows of D (and of F inside the expert), at most
+Memory: the expert buffers hold B * E * Q rows of D (and of F inside the expert), at most
 capacity_factor * k * T per row, plus the combine's [B, k, T, D]; a dense dispatch (every
 token through every expert, then masked) holds E * T rows per row. For Mixtral (E = 8, k = 2)
 at the default capacity_factor 2 that is half the dense rows and a quarter of its expert
-FLOPs (benchmarks/bench_moe.py measures it). Decoding (T = 1) gets C = 1 and, since a token
-never picks an expert twice, can drop nothing; C never exceeds T, so capacity_factor >= E / k
+FLOPs (benchmarks/bench_moe.py measures it). Decoding (T = 1) gets Q = 1 and, since a token
+never picks an expert twice, can drop nothing; Q never exceeds T, so capacity_factor >= E / k
 drops nothing anywhere (at the dense size).
 
 Why not `jax.lax.ragged_dot` (sorted tokens, no capacity): TPU and GPU lower it natively,
@@ -92,7 +92,7 @@ class MoE(nn.Module):
         slot_BkT = jnp.take_along_axis(rank_BMe, expert_BkT.reshape(b, k * t, 1),
                                        axis=2).reshape(b, k, t)
         keep_BkT = real_BT[:, None, :] & (slot_BkT < c)
-        # Flat slot e * C + i; E * C (one past the end) for a dropped or padding assignment.
+        # Flat slot e * Q + i; E * Q (one past the end) for a dropped or padding assignment.
         flat_BkT = jnp.where(keep_BkT, expert_BkT * c + slot_BkT, e * c)
 
         # Which token fills each slot (T: an empty slot, reading a zero row).
@@ -101,22 +101,22 @@ class MoE(nn.Module):
         token_BS = jnp.full((b, e * c), t, jnp.int32).at[rows_BkT, flat_BkT].set(
             token_BkT, mode="drop")
         x_pad_BTD = jnp.concatenate([x_BTD, jnp.zeros((b, 1, d), x_BTD.dtype)], axis=1)
-        x_BECD = _gather_rows(x_pad_BTD, token_BS).reshape(b, e, c, d)
+        x_BEQD = _gather_rows(x_pad_BTD, token_BS).reshape(b, e, c, d)
         expert_major = (axes.BATCH, axes.EXPERTS, None, None)
-        x_BECD = sharding.constrain(x_BECD, expert_major, first=(axes.EXPERTS,))
+        x_BEQD = sharding.constrain(x_BEQD, expert_major, first=(axes.EXPERTS,))
 
-        gate_BECF = self._experts("gate", x_BECD, (e, d, f), (axes.EXPERTS, axes.EMBED, axes.MLP),
+        gate_BEQF = self._experts("gate", x_BEQD, (e, d, f), (axes.EXPERTS, axes.EMBED, axes.MLP),
                                   "BECD,EDF->BECF")
-        up_BECF = self._experts("up", x_BECD, (e, d, f), (axes.EXPERTS, axes.EMBED, axes.MLP),
+        up_BEQF = self._experts("up", x_BEQD, (e, d, f), (axes.EXPERTS, axes.EMBED, axes.MLP),
                                 "BECD,EDF->BECF")
-        h_BECF = layers.ACTIVATIONS[cfg.activation](gate_BECF) * up_BECF
-        y_BECD = self._experts("down", h_BECF, (e, f, d), (axes.EXPERTS, axes.MLP, axes.EMBED),
+        h_BEQF = layers.ACTIVATIONS[cfg.activation](gate_BEQF) * up_BEQF
+        y_BEQD = self._experts("down", h_BEQF, (e, f, d), (axes.EXPERTS, axes.MLP, axes.EMBED),
                                "BECF,EFD->BECD")
-        y_BECD = sharding.constrain(y_BECD, expert_major, first=(axes.EXPERTS,))
-        y_BECD = sharding.constrain(y_BECD, (axes.BATCH, None, None, None))
+        y_BEQD = sharding.constrain(y_BEQD, expert_major, first=(axes.EXPERTS,))
+        y_BEQD = sharding.constrain(y_BEQD, (axes.BATCH, None, None, None))
 
-        y_pad_BSD = jnp.concatenate([y_BECD.reshape(b, e * c, d),
-                                     jnp.zeros((b, 1, d), y_BECD.dtype)], axis=1)
+        y_pad_BSD = jnp.concatenate([y_BEQD.reshape(b, e * c, d),
+                                     jnp.zeros((b, 1, d), y_BEQD.dtype)], axis=1)
         y_BkTD = _gather_rows(y_pad_BSD, flat_BkT.reshape(b, k * t)).reshape(b, k, t, d)
         weight_BkT = jnp.swapaxes(weight_BTk, 1, 2)
         # Mixed in float32 (transformers scales each expert's output by its float32 weight).

@@ -12,7 +12,7 @@ import logging
 import math
 import os
 import shutil
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -32,6 +32,7 @@ from align_jax.train import status as status_lib
 from align_jax.train.adapters import continue_from_peft, peft_base_path, write_lora_file
 from align_jax.train.evaluation import EvalConfig, Evaluator
 from align_jax.train.loop import train
+from align_jax.train.metrics import ExternalLogging
 from align_jax.train.optim import OptimizerConfig
 from align_jax.train.plan import check_train_memory, load_model_config
 from align_jax.train.reference import attach_reference_logps
@@ -74,7 +75,7 @@ def _steps_per_epoch(make) -> int:
         loader.close()
 
 
-def train_main(*, output_dir: str, data: str, objective: str = "sft",
+def train_main(*, output_dir: str, data: str | Sequence[tuple[str, float]], objective: str = "sft",
                model: str | ModelConfig | None = None,
                model_overrides: Mapping[str, Any] | None = None, init_from: str | None = None,
                tokenizer: str | None = None, seq_len: int = 512, batch_size: int = 8,
@@ -87,12 +88,15 @@ def train_main(*, output_dir: str, data: str, objective: str = "sft",
                log_every: int = 10, seed: int = 0, export_hf: bool = True,
                progress: bool = True, lora: Mapping[str, Any] | None = None,
                lora_from: str | None = None, overwrite: bool = False,
-               evaluation: EvalConfig | None = None) -> dict[str, Any]:
+               evaluation: EvalConfig | None = None,
+               loggers: Sequence[str] = ()) -> dict[str, Any]:
     """Trains one objective and exports the result as a Hugging Face checkpoint.
 
     Args:
       output_dir: run folder (checkpoints/, metrics.jsonl, tensorboard/, hf/ export).
-      data: records in the objective's schema (a .jsonl path or dir, "hf:...", "tfds:...").
+      data: records in the objective's schema (a .jsonl path or dir,
+        "hf:<name>[:<config>[:<split>]]", "tfds:..."), or a mixture drawn by weight:
+        [(spec, weight), ...] or "spec@weight,spec@weight" (`align_jax.data.make_loader`).
       objective: a registered objective (`align_jax.losses.objectives`): "sft", "lm" (raw
         text, the c-fine-tuned baseline), "dpo", "kto", "sami", "aligner" (aligner triples;
         init_from must carry the markers, see losses.aligner.add_marker_tokens), or one a
@@ -133,6 +137,8 @@ def train_main(*, output_dir: str, data: str, objective: str = "sft",
         `EvalConfig`: data, every, keep_best, early_stopping_patience, metric, batch_size);
         None or data None: no evaluation. Metrics go to metrics.jsonl and TensorBoard as
         eval/<name>.
+      loggers: also send the metric records to these, each when installed (one warning line
+        otherwise): "wandb" (wandb.init with the run's settings as config) and/or "mlflow".
     Returns:
       A summary dict (also written to <output_dir>/train_summary.json) whose "status" is
       "completed" (also after early stopping, which its "evaluation" entry and status.json's
@@ -150,8 +156,11 @@ def train_main(*, output_dir: str, data: str, objective: str = "sft",
     _check_arguments(batch_size=batch_size, seq_len=seq_len, num_steps=num_steps,
                      num_epochs=num_epochs, grad_accum=grad_accum, save_every=save_every,
                      keep=keep, log_every=log_every)
-    # The objective and its loss keywords are checked before the run folder is touched.
+    # The objective, its loss keywords and the loggers are checked before the run folder is
+    # touched.
     _objective_and_options(objective, loss_kwargs, vocab_chunk_size)
+    args["loggers"] = ExternalLogging(names=tuple(loggers), config=status_lib.jsonable(settings),
+                                      run_name=os.path.basename(os.path.abspath(output_dir)))
 
     with run_lock(output_dir if jax.process_index() == 0 else None):
         data_files = status_lib.data_identity(data)
@@ -186,7 +195,7 @@ def _objective_and_options(objective, loss_kwargs, vocab_chunk_size):
 # Arguments a rerun may change and still resume: they do not change what a run computes, or
 # (num_steps, num_epochs) they say how far to go, so a longer rerun continues the same run.
 _NOT_SETTINGS = ("output_dir", "progress", "log_every", "save_every", "keep", "overwrite",
-                 "num_steps", "num_epochs")
+                 "num_steps", "num_epochs", "loggers")
 
 
 def _check_arguments(**values: int | None) -> None:
@@ -257,7 +266,8 @@ def _train_main(settings, *, output_dir, data, objective, model, model_overrides
                 tokenizer, seq_len, batch_size, pack, truncation, on_error, num_epochs,
                 num_steps, optimizer, grad_accum, mesh, rules, loss_kwargs, reference,
                 vocab_chunk_size, save_every, keep, log_every, seed, export_hf, progress,
-                lora=None, lora_from=None, overwrite=False, evaluation=None):
+                lora=None, lora_from=None, overwrite=False, evaluation=None,
+                loggers=None):
     # Local: the loaders import grain (seconds), needed only once a run starts.
     from align_jax.data import make_loader
 
@@ -353,7 +363,7 @@ def _train_main(settings, *, output_dir, data, objective, model, model_overrides
                           export_hf_dir=hf_dir if export_hf else None,
                           export_tokenizer_dir=tok_path, progress=progress, lora=lora_spec,
                           export_peft_dir=peft_dir, lora_init=lora_init,
-                          evaluation=evaluator)
+                          evaluation=evaluator, external_logging=loggers)
             loader.close()
         except KeyboardInterrupt as e:
             last = _last_checkpoint(output_dir)

@@ -34,7 +34,7 @@ from align_jax.train import adapters as adapters_lib
 from align_jax.train import compile as compile_lib
 from align_jax.train import evaluation as evaluation_lib
 from align_jax.train.checkpoint import Checkpointer
-from align_jax.train.metrics import MetricsLogger
+from align_jax.train.metrics import ExternalLogging, MetricsLogger
 from align_jax.train.optim import OptimizerConfig, make_optimizer
 from align_jax.train.state import TrainState, abstract_arrays, train_state_shardings
 
@@ -169,7 +169,8 @@ def train(*, config: ModelConfig | str | None = None, params_init: Any = None,
           export_peft_dir: str | os.PathLike | None = None,
           export_tokenizer_dir: str | os.PathLike | None = None,
           lora_init: Any = None,
-          evaluation: "evaluation_lib.Evaluator | None" = None) -> TrainState:
+          evaluation: "evaluation_lib.Evaluator | None" = None,
+          external_logging: ExternalLogging | None = None) -> TrainState:
     """Trains `config`'s model on `loss_fn` for `num_steps` updates, resuming if it can.
 
     Args:
@@ -213,6 +214,7 @@ def train(*, config: ModelConfig | str | None = None, params_init: Any = None,
         last; its best-so-far record is checkpointed with every save; with keep_best the
         best evaluation's checkpoint is kept and exported instead of the last step's; with
         early_stopping_patience the run stops early, setting `evaluation.stop_reason`.
+      external_logging: W&B / MLflow writers that also get the metric records.
     Returns:
       the final TrainState; `state.step < num_steps` when SIGTERM (or early stopping, see
       `evaluation.stop_reason`) cut the run short.
@@ -319,7 +321,7 @@ def train(*, config: ModelConfig | str | None = None, params_init: Any = None,
         logger = MetricsLogger(workdir, num_steps=num_steps, start_step=start or 0,
                                log_every=log_every, num_devices=len(devices),
                                device_kind=devices[0].device_kind, enabled=is_main,
-                               progress=progress)
+                               progress=progress, external=external_logging)
         stack.callback(logger.close)
 
         def report(item):

@@ -1,10 +1,15 @@
 """Train metrics: a JSONL file, TensorBoard event files, a progress bar, throughput and MFU.
 
-TensorBoard events are written with tensorboardX (no TensorFlow needed). Model FLOPs utilisation
+TensorBoard events are written with tensorboardX (no TensorFlow needed). Weights & Biases and
+MLflow get the same records when asked for (`ExternalLogging`) and installed; neither is a
+dependency. Model FLOPs utilisation
 is `tokens/s x config.flops_per_token(seq_len) / (devices x peak FLOP/s)`, reported only for
 devices whose dense bf16 peak is known.
 """
 
+import dataclasses
+import importlib
+import logging
 import math
 import os
 import time
@@ -44,6 +49,82 @@ def mfu(tokens_per_s: float, *, flops_per_token: float, num_devices: int,
     if peak is None or num_devices <= 0:
         return None
     return tokens_per_s * flops_per_token / (num_devices * peak)
+
+
+log = logging.getLogger(__name__)
+
+# Optional metric writers besides metrics.jsonl and TensorBoard, by the module they need.
+EXTERNAL_LOGGERS = ("wandb", "mlflow")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ExternalLogging:
+    """Where the metric records also go (each only when its package is installed).
+
+    Attributes:
+      names: any of EXTERNAL_LOGGERS.
+      run_name: the run's name there (train_main: the output_dir's base name).
+      config: the run's settings, recorded once at the start (W&B config, MLflow params).
+    """
+    names: tuple[str, ...] = ()
+    run_name: str | None = None
+    config: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        unknown = [n for n in self.names if n not in EXTERNAL_LOGGERS]
+        if unknown:
+            raise ValueError(f"loggers: unknown logger {unknown[0]!r}; choose from "
+                             f"{EXTERNAL_LOGGERS}")
+
+
+class _Wandb:
+    def __init__(self, module, spec: ExternalLogging, workdir: str):
+        self._run = module.init(name=spec.run_name, config=dict(spec.config), dir=workdir)
+
+    def log(self, step: int, values: Mapping[str, float]) -> None:
+        self._run.log(dict(values), step=step)
+
+    def close(self) -> None:
+        self._run.finish()
+
+
+def _flat_params(tree: Any, prefix: str = "") -> dict[str, str]:
+    if isinstance(tree, Mapping) and tree:
+        out = {}
+        for k, v in tree.items():
+            out.update(_flat_params(v, f"{prefix}{k}."))
+        return out
+    # MLflow keeps parameter values as strings of at most 500 characters (older servers).
+    return {prefix.rstrip("."): str(tree)[:500]}
+
+
+class _Mlflow:
+    def __init__(self, module, spec: ExternalLogging, workdir: str):
+        del workdir  # MLflow writes where its tracking URI says (MLFLOW_TRACKING_URI)
+        self._mlflow = module
+        module.start_run(run_name=spec.run_name)
+        if spec.config:
+            module.log_params(_flat_params(spec.config))
+
+    def log(self, step: int, values: Mapping[str, float]) -> None:
+        self._mlflow.log_metrics(dict(values), step=step)
+
+    def close(self) -> None:
+        self._mlflow.end_run()
+
+
+def open_external(spec: ExternalLogging | None, workdir: str) -> list:
+    """The writers of `spec` whose package imports; one warning line for each that does not."""
+    writers = []
+    for name in () if spec is None else spec.names:
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            log.warning("loggers: %r was asked for but is not installed (pip install %s); "
+                        "metrics go to metrics.jsonl and TensorBoard only", name, name)
+            continue
+        writers.append({"wandb": _Wandb, "mlflow": _Mlflow}[name](module, spec, workdir))
+    return writers
 
 
 def _scalar(x: Any) -> float:
@@ -88,12 +169,13 @@ class MetricsLogger:
       enabled: False on all but the main process.
       progress: show a tqdm bar.
       tensorboard: write TensorBoard event files.
+      external: W&B / MLflow writers to send the same records to (`ExternalLogging`).
     """
 
     def __init__(self, workdir: str | os.PathLike, *, num_steps: int, start_step: int = 0,
                  log_every: int = 10, flops_per_token: float | None = None, num_devices: int = 1,
                  device_kind: str = "cpu", enabled: bool = True, progress: bool = True,
-                 tensorboard: bool = True):
+                 tensorboard: bool = True, external: ExternalLogging | None = None):
         self.log_every = max(int(log_every), 1)
         self.num_steps = num_steps
         self.flops_per_token = flops_per_token
@@ -103,6 +185,7 @@ class MetricsLogger:
         self._jsonl = None
         self._tb = None
         self._bar = None
+        self._external: list = []
         self._window_tokens = 0
         self._window_start: float | None = None
         self._eval_loss: float | None = None
@@ -119,6 +202,7 @@ class MetricsLogger:
         if progress:
             from tqdm.auto import tqdm  # local: `import align_jax.train` stays free of tqdm
             self._bar = tqdm(total=num_steps, initial=start_step, unit="step", dynamic_ncols=True)
+        self._external = open_external(external, os.fspath(workdir))
 
     def record(self, step: int, metrics: Mapping[str, Any], *, tokens: int) -> dict | None:
         """Accounts one finished step; on logging steps writes and returns its record.
@@ -166,6 +250,9 @@ class MetricsLogger:
                 if k not in ("step", "time") and math.isfinite(v):
                     self._tb.add_scalar(f"train/{k}", v, step)
             self._tb.flush()
+        values = {k: v for k, v in record.items() if k not in ("step", "time")}
+        for writer in self._external:
+            writer.log(step, values)
         if self._bar is not None:
             post = {"loss": f"{record['loss']:.4g}"}
             if "tokens_per_s" in record:
@@ -179,7 +266,8 @@ class MetricsLogger:
     def record_eval(self, step: int, metrics: Mapping[str, Any], *,
                     note: str = "") -> dict | None:
         """Writes one evaluation's metrics as `eval/<name>` (metrics.jsonl, TensorBoard's
-        eval/ section) and a progress line; returns the record (None when disabled).
+        eval/ section, the external writers) and a progress line; returns the record (None
+        when disabled).
 
         Args:
           step: the updates done when the evaluation ran (0: before the first).
@@ -197,6 +285,9 @@ class MetricsLogger:
                 if k not in ("step", "time") and math.isfinite(v):
                     self._tb.add_scalar(k, v, step)
             self._tb.flush()
+        values = {k: v for k, v in record.items() if k not in ("step", "time")}
+        for writer in self._external:  # W&B / MLflow: under the same eval/ names
+            writer.log(step, values)
         shown = ", ".join(f"{k}={_scalar(v):.4g}" for k, v in metrics.items())
         self.write_line(f"eval step {step}: {shown}{f' ({note})' if note else ''}")
         if "loss" in metrics:
@@ -219,4 +310,7 @@ class MetricsLogger:
             self._tb.close()
         if self._jsonl is not None:
             self._jsonl.close()
+        for writer in self._external:
+            writer.close()
         self._bar = self._tb = self._jsonl = None
+        self._external = []

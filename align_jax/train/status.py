@@ -22,6 +22,7 @@ from typing import Any
 
 from align_jax import interrupts
 from align_jax.atomic import atomic_write_json
+from align_jax.data.sources import DataError, mixture_parts, parse_hf_spec
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -180,13 +181,28 @@ def _local_data_root(spec: Any) -> str | None:
     if not isinstance(spec, (str, os.PathLike)):
         return None
     spec = os.fspath(spec)
-    spec = spec.removeprefix("hf:")
+    if spec.startswith("hf:"):
+        try:
+            spec = parse_hf_spec(spec).name
+        except DataError:
+            return None
     return spec if os.path.exists(spec) else None
 
 
 def data_identity(spec: Any) -> dict[str, Any] | None:
     """Content identity of the local files a data spec reads ({name: {size, sha256}}, names
-    relative to the spec's file or folder), or None when it reads none (a hub dataset)."""
+    relative to the spec's file or folder; absolute for a mixture's parts), or None when it
+    reads none (a hub dataset)."""
+    parts = mixture_parts(spec)
+    if parts is not None:
+        files = {}
+        for part, _ in parts:
+            one = data_identity(part)
+            if one is not None:
+                root = one["path"]
+                files.update({root if name == os.path.basename(root) else
+                              os.path.join(root, name): v for name, v in one["files"].items()})
+        return {"path": "", "files": files} if files else None
     root = _local_data_root(spec)
     if root is None:
         return None

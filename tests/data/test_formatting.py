@@ -24,13 +24,19 @@ def test_sft_prompt_is_user_turn_plus_generation_prompt():
     assert ex.where == "f.jsonl:1" and report.num_examples == 1 and not report.cut
 
 
-def test_sft_messages_score_the_last_assistant_turn():
+def test_sft_messages_score_every_assistant_turn():
     msgs = [{"role": "system", "content": "s"}, {"role": "user", "content": "a"},
             {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"},
             {"role": "assistant", "content": "d"}]
     (ex,), _, _ = _fmt([{"messages": msgs}], "sft")
-    expect = TOK.encode(TOK.apply_chat_template(msgs[:-1], add_generation_prompt=True))
-    assert ex.prompt.tolist() == expect and ex.completions[0].tolist() == chars("d") + [EOS]
+    expect = TOK.encode(TOK.apply_chat_template(msgs[:2], add_generation_prompt=True))
+    assert ex.prompt.tolist() == expect
+    assert ex.completions[0].tolist() == [*chars("b"), EOS, END, USER, *chars("c"), END,
+                                          ASSISTANT, *chars("d"), EOS]
+    assert ex.scored.tolist() == [1, 1, 0, 0, 0, 0, 0, 1, 1]
+    # One assistant turn: the prompt + completion tokens, all scored.
+    (one,), _, _ = _fmt([{"messages": msgs[:3]}], "sft")
+    assert one.completions[0].tolist() == chars("b") + [EOS] and one.scored is None
     with pytest.raises(DataError, match="f.jsonl:1: field 'messages' must end with an assistant"):
         _fmt([{"messages": msgs[:-1]}], "sft")
     examples, _, skipped = _fmt([{"messages": msgs[:-1]}], "sft", on_error="skip")

@@ -93,6 +93,25 @@ def test_combine_weighs_batches_by_their_scored_units():
     assert got["perplexity"] == pytest.approx(math.exp(2.5), rel=1e-12)  # float64 log/exp
 
 
+def test_eval_records_reach_the_jsonl_and_an_external_writer(tmp_path, monkeypatch, capsys):
+    import sys
+    import types
+
+    from align_jax.train.metrics import ExternalLogging, MetricsLogger
+    calls = []
+    run = types.SimpleNamespace(log=lambda values, *, step: calls.append((step, dict(values))),
+                                finish=lambda: None)
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=lambda **kw: run))
+    logger = MetricsLogger(tmp_path, num_steps=4, progress=False, tensorboard=False,
+                           external=ExternalLogging(names=("wandb",)))
+    logger.record_eval(2, {"loss": 1.5, "num_tokens": 10.0}, note="best so far")
+    logger.close()
+    assert calls == [(2, {"eval/loss": 1.5, "eval/num_tokens": 10.0})]
+    (record,) = _records(tmp_path)
+    assert record["step"] == 2 and record["eval/loss"] == 1.5
+    assert "eval step 2: loss=1.5, num_tokens=10 (best so far)" in capsys.readouterr().out
+
+
 # --- the loop -----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("lora", [None, {"rank": 4, "alpha": 8.0, "dropout": 0.5}],
