@@ -33,6 +33,16 @@ def test_train_help_names_the_optimizer_bindings(capsys):
     assert "  warmup_ratio (default 0.0)" in section
 
 
+def test_train_help_names_the_eval_bindings(capsys):
+    assert cli.main(["train", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "--gin_param='evaluation.EvalConfig.NAME=VALUE'" in out
+    section = out.split("fields of align_jax.train.evaluation.EvalConfig")[1]
+    for name in ("data (default None)", "every (default 0)", "keep_best (default False)",
+                 "early_stopping_patience (default 0)", "metric (default 'loss')"):
+        assert f"\n  {name}\n      " in section, name
+
+
 def test_run_help_lists_the_recipe_parameters(capsys):
     assert cli.main(["run", "--gin_file=configs/runs/value_alignment_tiny.gin", "--help"]) == 0
     out = capsys.readouterr().out

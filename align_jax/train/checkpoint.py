@@ -3,7 +3,11 @@
 A checkpoint step directory holds two items:
   state  the TrainState without ref_params (StandardSave: sharded arrays, restored into the
          shardings of an abstract target)
-  data   {"iterator": <the data loader's get_state() dict or null>} as JSON
+  data   {"iterator": <the data loader's get_state() dict or null>, "evaluation": <the
+         evaluator's best-so-far record or null>} as JSON
+
+With `keep_best`, the step named by `protect(step)` (the best evaluation's) is kept besides the
+latest `keep`.
 """
 
 import contextlib
@@ -70,6 +74,17 @@ def _reason(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[0][:300] if text else ''}"
 
 
+class _Protected(ocp.checkpoint_managers.PreservationPolicy):
+    """Preserves the steps in a set the Checkpointer updates (the best evaluation's)."""
+
+    def __init__(self):
+        self.steps: set[int] = set()
+
+    def should_preserve(self, checkpoints, *, context):
+        del context
+        return [info.step in self.steps for info in checkpoints]
+
+
 class Checkpointer:
     """A thin layer over `ocp.CheckpointManager` for TrainStates.
 
@@ -78,14 +93,20 @@ class Checkpointer:
       keep: how many of the latest checkpoints to keep.
       async_save: write in a background thread; the device-to-host copy happens before `save`
         returns, so the caller may donate the state to the next step right away.
+      keep_best: also keep the step last passed to `protect` (the best evaluation's).
     """
 
-    def __init__(self, directory: str | os.PathLike, *, keep: int = 3, async_save: bool = True):
+    def __init__(self, directory: str | os.PathLike, *, keep: int = 3, async_save: bool = True,
+                 keep_best: bool = False):
         if keep < 1:
             raise ValueError(f"keep={keep}: at least one checkpoint must be kept")
         self.directory = os.path.abspath(os.fspath(directory))
+        policy = ocp.checkpoint_managers.LatestN(n=keep)
+        self._protected = _Protected() if keep_best else None
+        if self._protected is not None:
+            policy = ocp.checkpoint_managers.AnyPreservationPolicy([policy, self._protected])
         options = ocp.CheckpointManagerOptions(
-            preservation_policy=ocp.checkpoint_managers.LatestN(n=keep),
+            preservation_policy=policy,
             enable_async_checkpointing=async_save,
             create=True,
         )
@@ -101,20 +122,30 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return list(self._manager.all_steps())
 
-    def save(self, step: int, state: TrainState, *, data_state: Any = None) -> None:
-        """Starts saving `state` (without ref_params) and the data state at `step`.
+    def protect(self, step: int | None) -> None:
+        """With keep_best: keep `step` (and no longer an earlier protected one) whatever
+        `keep` says; an unprotected old step goes at the next save."""
+        if self._protected is None:
+            raise ValueError("Checkpointer.protect needs Checkpointer(keep_best=True)")
+        self._protected.steps = set() if step is None else {int(step)}
+
+    def save(self, step: int, state: TrainState, *, data_state: Any = None,
+             evaluation: Any = None) -> None:
+        """Starts saving `state` (without ref_params), the data state and the evaluator's
+        record (JSON-able) at `step`.
 
         A signal during the save is recorded and acted on after it (`interrupts.deferred`)."""
         with interrupts.deferred(act=False), interrupts.phase("checkpoint_save"), \
                 self._writing():
-            self._save(step, state, data_state=data_state)
+            self._save(step, state, data_state=data_state, evaluation=evaluation)
 
-    def _save(self, step: int, state: TrainState, *, data_state: Any) -> None:
+    def _save(self, step: int, state: TrainState, *, data_state: Any,
+              evaluation: Any = None) -> None:
         self._manager.save(
             step,
             args=ocp.args.Composite(
                 state=ocp.args.StandardSave(state.replace(ref_params=None)),
-                data=ocp.args.JsonSave({"iterator": data_state})),
+                data=ocp.args.JsonSave({"iterator": data_state, "evaluation": evaluation})),
             force=True)
 
     def restore(self, step: int, target: TrainState) -> tuple[TrainState, Any]:
@@ -188,6 +219,11 @@ class Checkpointer:
         """The data loader state saved with `step` (reads only the JSON item)."""
         out = self._manager.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore()))
         return out["data"]["iterator"]
+
+    def evaluation_state(self, step: int) -> Any:
+        """The evaluator's record saved with `step` (None when the run had no evaluation)."""
+        out = self._manager.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore()))
+        return out["data"].get("evaluation")
 
     def wait(self) -> None:
         """Blocks until the pending async save is on disk."""

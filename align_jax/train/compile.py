@@ -1,4 +1,5 @@
-"""Where the train step and the state init are jitted (the only jax.jit of either).
+"""Where the train step, the eval step and the state init are jitted (the only jax.jit of
+each).
 
 `jit_train_step` compiles `step.train_step` once, with the state's shardings in and out, the
 batch split over the batch mesh axes, and the state donated. The returned callable enters
@@ -60,6 +61,31 @@ def jit_train_step(*, loss: step_lib.LossFn, tx: optax.GradientTransformation,
             return jitted(state, batch)
 
     run.jitted = jitted  # exposed for tests (trace counting) and cost analysis
+    return run
+
+
+def jit_eval_step(*, loss: step_lib.LossFn, mesh: Mesh, rules: str | sharding.Rules,
+                  state_shardings: TrainState) -> Callable:
+    """Compiles `eval_step`: the step's loss without gradients, same shardings in, metrics
+    replicated out, nothing donated (the state goes on training).
+
+    Args:
+      loss: the loss to evaluate (`Objective.bind`).
+      mesh: the device mesh.
+      rules: the sharding preset or rule table.
+      state_shardings: from `state.train_state_shardings`.
+    Returns:
+      `eval_step(state, batch) -> metrics`; `batch` placed as `batch_shardings(mesh, rules)`.
+    """
+    fn = functools.partial(step_lib.eval_step, loss=loss)
+    jitted = jax.jit(fn, in_shardings=(state_shardings, batch_shardings(mesh, rules)),
+                     out_shardings=sharding.replicated(mesh))
+
+    def run(state: TrainState, batch: Mapping[str, jax.Array]):
+        with sharding.use_mesh(mesh, rules):
+            return jitted(state, batch)
+
+    run.jitted = jitted
     return run
 
 

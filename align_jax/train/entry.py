@@ -30,6 +30,7 @@ from align_jax.tokenizer import copy_tokenizer_files, load_tokenizer
 from align_jax.tokenizer_training import train_tokenizer
 from align_jax.train import status as status_lib
 from align_jax.train.adapters import continue_from_peft, peft_base_path, write_lora_file
+from align_jax.train.evaluation import EvalConfig, Evaluator
 from align_jax.train.loop import train
 from align_jax.train.metrics import ExternalLogging
 from align_jax.train.optim import OptimizerConfig
@@ -87,6 +88,7 @@ def train_main(*, output_dir: str, data: str | Sequence[tuple[str, float]], obje
                log_every: int = 10, seed: int = 0, export_hf: bool = True,
                progress: bool = True, lora: Mapping[str, Any] | None = None,
                lora_from: str | None = None, overwrite: bool = False,
+               evaluation: EvalConfig | None = None,
                loggers: Sequence[str] = ()) -> dict[str, Any]:
     """Trains one objective and exports the result as a Hugging Face checkpoint.
 
@@ -131,16 +133,26 @@ def train_main(*, output_dir: str, data: str | Sequence[tuple[str, float]], obje
         may set dropout and base_dtype), init_from defaults to its base_model_name_or_path.
       overwrite: clear what an earlier run wrote into output_dir and start over (otherwise a
         rerun with the same settings resumes and one with other settings is refused).
+      evaluation: an eval set scored during training and what to do with its scores (an
+        `EvalConfig`: data, every, keep_best, early_stopping_patience, metric, batch_size);
+        None or data None: no evaluation. Metrics go to metrics.jsonl and TensorBoard as
+        eval/<name>.
       loggers: also send the metric records to these, each when installed (one warning line
         otherwise): "wandb" (wandb.init with the run's settings as config) and/or "mlflow".
     Returns:
       A summary dict (also written to <output_dir>/train_summary.json) whose "status" is
-      "completed"; SIGTERM/SIGINT save a checkpoint and raise RunInterrupted (exit code 75).
+      "completed" (also after early stopping, which its "evaluation" entry and status.json's
+      message name); SIGTERM/SIGINT save a checkpoint and raise RunInterrupted (exit code 75).
     """
     args = dict(locals())
     settings = {k: v for k, v in args.items() if k not in _NOT_SETTINGS}
     if lora_from is None:  # unset: run folders recorded before lora_from existed still resume
         del settings["lora_from"]
+    if evaluation is not None and not isinstance(evaluation, EvalConfig):
+        raise TypeError(f"train_main.evaluation={evaluation!r}: expected an EvalConfig "
+                        "(bind @evaluation.EvalConfig())")
+    if evaluation is None or not evaluation.enabled:  # as for lora_from
+        del settings["evaluation"]
     _check_arguments(batch_size=batch_size, seq_len=seq_len, num_steps=num_steps,
                      num_epochs=num_epochs, grad_accum=grad_accum, save_every=save_every,
                      keep=keep, log_every=log_every)
@@ -160,7 +172,7 @@ def train_main(*, output_dir: str, data: str | Sequence[tuple[str, float]], obje
         settings[status_lib.RELATIVE_PATHS] = status_lib.relative_paths(output_dir, settings)
         done = _completed(output_dir, export_hf, num_steps) if resuming else None
         if done is not None:
-            print(f"{output_dir}: already completed at step {done['num_steps']} with these "
+            print(f"{output_dir}: already completed at step {done['step']} with these "
                   "settings; nothing to do (--overwrite to train again)", flush=True)
             return done
         with status_lib.sigterm_as_keyboard_interrupt():
@@ -254,7 +266,8 @@ def _train_main(settings, *, output_dir, data, objective, model, model_overrides
                 tokenizer, seq_len, batch_size, pack, truncation, on_error, num_epochs,
                 num_steps, optimizer, grad_accum, mesh, rules, loss_kwargs, reference,
                 vocab_chunk_size, save_every, keep, log_every, seed, export_hf, progress,
-                lora=None, lora_from=None, overwrite=False, loggers=None):
+                lora=None, lora_from=None, overwrite=False, evaluation=None,
+                loggers=None):
     # Local: the loaders import grain (seconds), needed only once a run starts.
     from align_jax.data import make_loader
 
@@ -331,6 +344,13 @@ def _train_main(settings, *, output_dir, data, objective, model, model_overrides
                 _check_not_below_checkpoints(output_dir, num_steps)
             if main:
                 _set_aside_old_exports(output_dir, num_steps)
+            evaluator = None
+            if evaluation is not None and evaluation.enabled:
+                evaluator = _evaluator(evaluation, functools.partial(
+                    make_loader, evaluation.data, kind=fmt, tokenizer=tok, seq_len=seq_len,
+                    batch_size=evaluation.batch_size or batch_size, truncation=truncation,
+                    seed=seed, on_error=on_error, annotate=annotate,
+                    pack=pack and fmt.build_packed is not None))
             loader = make(num_epochs=None)
             hf_dir = os.path.join(output_dir, "hf")
             state = train(config=config, params_init=params_init, loss_fn=obj,
@@ -343,7 +363,7 @@ def _train_main(settings, *, output_dir, data, objective, model, model_overrides
                           export_hf_dir=hf_dir if export_hf else None,
                           export_tokenizer_dir=tok_path, progress=progress, lora=lora_spec,
                           export_peft_dir=peft_dir, lora_init=lora_init,
-                          external_logging=loggers)
+                          evaluation=evaluator, external_logging=loggers)
             loader.close()
         except KeyboardInterrupt as e:
             last = _last_checkpoint(output_dir)
@@ -360,23 +380,77 @@ def _train_main(settings, *, output_dir, data, objective, model, model_overrides
                                         message=f"{type(e).__name__}: {str(e)[:500]}")
             raise
         step = int(state.step)
-        completed = step >= num_steps
+        stop_reason = evaluator.stop_reason if evaluator is not None else None
+        completed = step >= num_steps or stop_reason is not None
         summary = {"status": "completed" if completed else "interrupted",
                    "objective": obj.name, "num_steps": num_steps, "step": step,
                    "data": {"load": loader.load_report.summary(),
                             "truncation": loader.truncation_report.summary(),
                             "examples": loader.num_examples},
                    "hf_export": hf_dir if export_hf and completed else None,
-                   "peft_export": peft_dir if completed else None}
+                   "peft_export": peft_dir if completed else None,
+                   "evaluation": _eval_summary(evaluator, step)}
         if main:
             atomic_write_json(os.path.join(output_dir, "train_summary.json"), summary)
             status_lib.write_status(output_dir, summary["status"], step=step,
-                                    num_steps=num_steps)
+                                    num_steps=num_steps, message=stop_reason)
+            if completed:
+                print(closing_line(output_dir, summary), flush=True)
         if not completed:
             raise status_lib.RunInterrupted(
                 f"{output_dir}: interrupted at step {step} of {num_steps}; a checkpoint was "
                 "saved; rerun the same command to resume")
     return summary
+
+
+def _evaluator(evaluation: EvalConfig, make) -> Evaluator:
+    """The eval batches, built once (one ordered pass, every example; a padded format
+    without a row mask drops a last partial batch, said in the log)."""
+    fmt = make.keywords["kind"]
+    keep_all = make.keywords["pack"] or fmt.row_mask
+    loader = make(num_epochs=1, shuffle=False, drop_remainder=not keep_all)
+    try:
+        batches = list(loader)
+    finally:
+        loader.close()
+    size = make.keywords["batch_size"]
+    if not keep_all and loader.num_examples % size:
+        log.warning("EvalConfig.data=%s: %d of %d examples left out (the last partial batch "
+                    "of %d; set EvalConfig.batch_size to a divisor)", evaluation.data,
+                    loader.num_examples % size, loader.num_examples, size)
+    return Evaluator(evaluation, batches)
+
+
+def _eval_summary(evaluator: Evaluator | None, step: int) -> dict[str, Any] | None:
+    if evaluator is None:
+        return None
+    t, config = evaluator.tracker, evaluator.config
+    exported = t.best_step if config.keep_best and t.best_step is not None else step
+    return {"metric": config.metric, "best_step": t.best_step, "best_value": t.best_value,
+            "keep_best": config.keep_best, "exported_step": exported,
+            "stop_reason": evaluator.stop_reason}
+
+
+def closing_line(output_dir: str, summary: Mapping[str, Any]) -> str:
+    """What a finished run says last: how far it went and where its exports are."""
+    ev = summary.get("evaluation") or {}
+    parts = [f"align-jax train: {output_dir}: done at step {summary['step']} of "
+             f"{summary['num_steps']}"
+             + (f" ({ev['stop_reason']})" if ev.get("stop_reason") else "")]
+    what = ""
+    if ev.get("keep_best") and ev.get("best_step") is not None:
+        what = (f" (the best evaluation, step {ev['best_step']}: eval {ev['metric']}="
+                f"{ev['best_value']:.6g}; its checkpoint: "
+                f"{os.path.join(output_dir, 'checkpoints', str(ev['best_step']))})")
+    elif ev.get("best_step") is not None:
+        what = f" (the last step; best eval {ev['metric']} was at step {ev['best_step']})"
+    for key, name in (("hf_export", "hf/"), ("peft_export", "peft/")):
+        if summary.get(key):
+            parts.append(f"{name} -> {summary[key]}{what}")
+    if not summary.get("hf_export"):
+        parts.append(f"no export (export_hf=False); checkpoints in "
+                     f"{os.path.join(output_dir, 'checkpoints')}")
+    return "; ".join(parts)
 
 
 def _last_checkpoint(output_dir: str) -> int | None:

@@ -32,6 +32,7 @@ from align_jax.runinfo import write_run_info
 from align_jax.tokenizer import copy_tokenizer_files
 from align_jax.train import adapters as adapters_lib
 from align_jax.train import compile as compile_lib
+from align_jax.train import evaluation as evaluation_lib
 from align_jax.train.checkpoint import Checkpointer
 from align_jax.train.metrics import ExternalLogging, MetricsLogger
 from align_jax.train.optim import OptimizerConfig, make_optimizer
@@ -168,6 +169,7 @@ def train(*, config: ModelConfig | str | None = None, params_init: Any = None,
           export_peft_dir: str | os.PathLike | None = None,
           export_tokenizer_dir: str | os.PathLike | None = None,
           lora_init: Any = None,
+          evaluation: "evaluation_lib.Evaluator | None" = None,
           external_logging: ExternalLogging | None = None) -> TrainState:
     """Trains `config`'s model on `loss_fn` for `num_steps` updates, resuming if it can.
 
@@ -207,9 +209,15 @@ def train(*, config: ModelConfig | str | None = None, params_init: Any = None,
       export_tokenizer_dir: tokenizer files copied into the export before it is renamed.
       lora_init: with LoRA, the adapter weights a fresh run starts from (e.g. those of
         `lora.load_peft`) instead of a new init; a resumed run takes its checkpoint's.
+      evaluation: an eval set scored during training (`train.evaluation.Evaluator`): at step
+        0 of a fresh run when its config says on_start, every `every` steps and after the
+        last; its best-so-far record is checkpointed with every save; with keep_best the
+        best evaluation's checkpoint is kept and exported instead of the last step's; with
+        early_stopping_patience the run stops early, setting `evaluation.stop_reason`.
       external_logging: W&B / MLflow writers that also get the metric records.
     Returns:
-      the final TrainState; `state.step < num_steps` when SIGTERM cut the run short.
+      the final TrainState; `state.step < num_steps` when SIGTERM (or early stopping, see
+      `evaluation.stop_reason`) cut the run short.
     """
     if reference not in REFERENCES:
         raise ValueError(f"train(reference={reference!r}): choose one of {REFERENCES}")
@@ -251,7 +259,9 @@ def train(*, config: ModelConfig | str | None = None, params_init: Any = None,
                                rules=rules, param_shardings=shardings.ref_params)
 
     with contextlib.ExitStack() as stack:
-        checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=keep)
+        keep_best = evaluation is not None and evaluation.config.keep_best
+        checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=keep,
+                                    keep_best=keep_best)
         # Closing waits for the pending async save, so the last good checkpoint is complete
         # whatever stops the run.
         stack.callback(checkpointer.close)
@@ -267,6 +277,10 @@ def train(*, config: ModelConfig | str | None = None, params_init: Any = None,
         if start is not None:
             if data_state is not None:
                 data_iterator.set_state(data_state)
+            if evaluation is not None:
+                evaluation.set_state(checkpointer.evaluation_state(start))
+                if keep_best:
+                    checkpointer.protect(evaluation.tracker.best_step)
             if with_ref:
                 state = state.replace(ref_params=initial())
             log.info("resumed from %s at step %d", checkpointer.directory, start)
@@ -292,6 +306,16 @@ def train(*, config: ModelConfig | str | None = None, params_init: Any = None,
         batch_sharding = compile_lib.batch_shardings(mesh, rules)
         num_batch_shards = math.prod(
             mesh.shape[a] for a in jax.tree.leaves(batch_sharding.spec[0]) if a is not None)
+        put = functools.partial(_put_batch, batch_sharding=batch_sharding,
+                                num_shards=num_batch_shards)
+        if evaluation is not None:
+            eval_loss = objective.bind(config=config, options=loss_kwargs)
+            if spec is not None:  # no adapter dropout when scoring
+                eval_loss = adapters_lib.bind_lora_loss(
+                    eval_loss, dataclasses.replace(spec, dropout=0.0),
+                    reference=frozen_reference)
+            eval_fn = compile_lib.jit_eval_step(loss=eval_loss, mesh=mesh, rules=rules,
+                                                state_shardings=shardings)
         devices = mesh.devices.flatten()
         preemption = stack.enter_context(_Preemption())
         logger = MetricsLogger(workdir, num_steps=num_steps, start_step=start or 0,
@@ -308,10 +332,13 @@ def train(*, config: ModelConfig | str | None = None, params_init: Any = None,
 
         step = start or 0
         last_saved = start
+        if evaluation is not None and start is None and evaluation.config.on_start:
+            _evaluate(evaluation, eval_fn, state, 0, put=put, logger=logger)
         data_state = data_iterator.get_state()
         pending: tuple[int, Any, int] | None = None
         seq_len_seen = None
-        while step < num_steps and preemption.name is None:
+        while step < num_steps and preemption.name is None and \
+                (evaluation is None or evaluation.stop_reason is None):
             try:
                 host_batch = next(data_iterator)
             except StopIteration:
@@ -345,17 +372,34 @@ def train(*, config: ModelConfig | str | None = None, params_init: Any = None,
                 # overlaps the host sync with the device's work.
                 report(pending)
             pending = (step, metrics, tokens)
-            if step % save_every == 0 or step == num_steps:
-                # Check this step's loss and norms before its state may become a checkpoint.
-                report(pending)
+            improved = stopping = False
+            if evaluation is not None and evaluation.due(step, num_steps):
+                report(pending)  # a non-finite step is not evaluated
                 pending = None
-                checkpointer.save(step, state, data_state=data_state)
+                improved = _evaluate(evaluation, eval_fn, state, step, put=put, logger=logger)
+                stopping = evaluation.stop_reason is not None
+            if step % save_every == 0 or step == num_steps or stopping or \
+                    (improved and keep_best):
+                # Check this step's loss and norms before its state may become a checkpoint.
+                if pending is not None:
+                    report(pending)
+                    pending = None
+                checkpointer.save(step, state, data_state=data_state,
+                                  evaluation=_eval_state(evaluation))
+                if improved and keep_best:
+                    # After the save: the previous best goes only once this step is on disk.
+                    checkpointer.protect(step)
                 last_saved = step
         if pending is not None:
             report(pending)
-        if step < num_steps:  # SIGTERM or SIGINT
+        if evaluation is not None and evaluation.stop_reason is not None:
+            checkpointer.wait()
+            logger.write_line(f"{evaluation.stop_reason}; stopped at step {step} of "
+                              f"{num_steps}.")
+        elif step < num_steps:  # SIGTERM or SIGINT
             if last_saved != step:
-                checkpointer.save(step, state, data_state=data_state)
+                checkpointer.save(step, state, data_state=data_state,
+                                  evaluation=_eval_state(evaluation))
             checkpointer.wait()
             logger.write_line(f"{preemption.name}: saved a checkpoint at step {step} in "
                               f"{checkpointer.directory}; stopping.")
@@ -364,9 +408,16 @@ def train(*, config: ModelConfig | str | None = None, params_init: Any = None,
         if preemption.name is not None:
             # It arrived during the final save, which is complete: stop before the export.
             raise interrupts.Interrupted(preemption.name, "during the final checkpoint save")
+        exported = state
+        if keep_best and evaluation.tracker.best_step not in (None, step):
+            exported = _restore_best(checkpointer, evaluation.tracker.best_step, state,
+                                     abstract_arrays(abstract, shardings))
+            logger.write_line(f"exporting the best evaluation's checkpoint, step "
+                              f"{evaluation.tracker.best_step} (eval "
+                              f"{evaluation.config.metric}={evaluation.tracker.best_value:.6g})")
 
     if spec is not None:
-        adapters = lora_lib.Adapters(weights=state.params, spec=spec)
+        adapters = lora_lib.Adapters(weights=exported.params, spec=spec)
         if export_peft_dir is not None:
             export_peft(config, adapters, export_peft_dir,
                         init_from=params_init if isinstance(params_init, (str, os.PathLike))
@@ -379,8 +430,38 @@ def train(*, config: ModelConfig | str | None = None, params_init: Any = None,
                 state.ref_params, adapters)
             export_hf(config, merged, export_hf_dir, tokenizer_dir=export_tokenizer_dir)
     elif export_hf_dir is not None:
-        export_hf(config, state.params, export_hf_dir, tokenizer_dir=export_tokenizer_dir)
+        export_hf(config, exported.params, export_hf_dir, tokenizer_dir=export_tokenizer_dir)
     return state
+
+
+def _eval_state(evaluation: "evaluation_lib.Evaluator | None") -> Any:
+    return None if evaluation is None else evaluation.get_state()
+
+
+def _evaluate(evaluation: "evaluation_lib.Evaluator", eval_fn, state: TrainState, step: int, *,
+              put, logger: MetricsLogger) -> bool:
+    """Scores the eval set at `step` and logs it; returns whether it is the best so far (the
+    step-0 baseline is logged only: no checkpoint holds it)."""
+    metrics = evaluation_lib.evaluate(eval_fn, state, evaluation.batches, put=put)
+    if step == 0:
+        logger.record_eval(0, metrics, note="before training")
+        return False
+    improved = evaluation.record(step, metrics)
+    t = evaluation.tracker
+    logger.record_eval(step, metrics, note="best so far" if improved else
+                       f"best: step {t.best_step}, {evaluation.config.metric}="
+                       f"{t.best_value:.4g}" if t.best_step is not None else "")
+    return improved
+
+
+def _restore_best(checkpointer: Checkpointer, step: int, state: TrainState,
+                  target: TrainState) -> TrainState:
+    """The checkpoint of the best evaluation, with the run's frozen params (not saved)."""
+    if step not in checkpointer.all_steps():
+        raise FileNotFoundError(f"{checkpointer.directory}: the best evaluation's checkpoint, "
+                                f"step {step}, is missing (steps: {checkpointer.all_steps()})")
+    best, _ = checkpointer.restore(step, target)
+    return best.replace(ref_params=state.ref_params)
 
 
 def export_peft(config: ModelConfig, adapters: "lora_lib.Adapters", path: str | os.PathLike,

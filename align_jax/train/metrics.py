@@ -188,6 +188,7 @@ class MetricsLogger:
         self._external: list = []
         self._window_tokens = 0
         self._window_start: float | None = None
+        self._eval_loss: float | None = None
         if not enabled:
             return
         os.makedirs(workdir, exist_ok=True)
@@ -258,7 +259,40 @@ class MetricsLogger:
                 post["tok/s"] = f"{record['tokens_per_s']:.4g}"
             if "mfu" in record:
                 post["mfu"] = f"{100 * record['mfu']:.1f}%"
+            if self._eval_loss is not None:
+                post["eval_loss"] = f"{self._eval_loss:.4g}"
             self._bar.set_postfix(post, refresh=False)
+
+    def record_eval(self, step: int, metrics: Mapping[str, Any], *,
+                    note: str = "") -> dict | None:
+        """Writes one evaluation's metrics as `eval/<name>` (metrics.jsonl, TensorBoard's
+        eval/ section, the external writers) and a progress line; returns the record (None
+        when disabled).
+
+        Args:
+          step: the updates done when the evaluation ran (0: before the first).
+          metrics: host scalars, unprefixed.
+          note: appended to the progress line (e.g. "best so far").
+        """
+        if not self.enabled:
+            return None
+        record = {"step": step, **{f"eval/{k}": _scalar(v) for k, v in metrics.items()},
+                  "time": time.time()}
+        self._jsonl.write(encode_line(record))
+        self._jsonl.flush()
+        if self._tb is not None:
+            for k, v in record.items():
+                if k not in ("step", "time") and math.isfinite(v):
+                    self._tb.add_scalar(k, v, step)
+            self._tb.flush()
+        values = {k: v for k, v in record.items() if k not in ("step", "time")}
+        for writer in self._external:  # W&B / MLflow: under the same eval/ names
+            writer.log(step, values)
+        shown = ", ".join(f"{k}={_scalar(v):.4g}" for k, v in metrics.items())
+        self.write_line(f"eval step {step}: {shown}{f' ({note})' if note else ''}")
+        if "loss" in metrics:
+            self._eval_loss = _scalar(metrics["loss"])  # shown on the bar from now on
+        return record
 
     def write_line(self, message: str) -> None:
         """Prints a message without breaking the progress bar."""

@@ -142,3 +142,26 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, loss: LossF
         out["learning_rate"] = jnp.asarray(schedule(state.step), jnp.float32)
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
     return new_state, out
+
+
+def eval_step(state: TrainState, batch: Mapping[str, jax.Array], *, loss: LossFn
+              ) -> dict[str, jax.Array]:
+    """The step's loss and metrics on `batch` at `state.params`, without gradients.
+
+    The same loss as `train_step` (auxiliary losses included), the same key (the state's
+    step folded in, microbatch 0) and the same reference; nothing is updated.
+
+    Args:
+      state: the state to score.
+      batch: a global batch.
+      loss: the loss to evaluate (`Objective.bind`; with LoRA, bound without dropout).
+    Returns:
+      the objective's metrics and `loss`, float32 scalars.
+    """
+    rng = jax.random.fold_in(jax.random.fold_in(state.key(), state.step), 0)
+    with auxiliary.collect(state.params) as collected:
+        value, metrics = loss(state.params, batch, rng=rng, ref_params=state.ref_params)
+    value, metrics = collected.apply(value, metrics)
+    out = {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
+    out["loss"] = jnp.asarray(value, jnp.float32)
+    return out
