@@ -98,6 +98,14 @@ class Engine:
         self.queue: collections.deque[RowRequest] = collections.deque()
         self.inserts = self.chunks = self.cancelled = 0
 
+    def reset(self) -> None:
+        """Forgets every row and queued request (after a failed step: the donated state is
+        gone); the compiled programs stay."""
+        self.state = rows.init_state(self.config, rows=self.spec.rows,
+                                     cache_len=self.spec.max_len)
+        self.slots = [None] * self.spec.rows
+        self.queue.clear()
+
     # -- shapes ---------------------------------------------------------------------------
 
     def bucket(self, n: int) -> int:
