@@ -18,7 +18,7 @@ import dataclasses
 import queue
 import threading
 
-from align_jax.generate import continuous
+from align_jax.generate import continuous as continuous_lib
 from align_jax.generate.serving import Batcher, Cancelled, Job, Overloaded, Row, _deliver, _Once
 
 
@@ -36,7 +36,7 @@ class Queueing:
 
     continuous: bool = True
     max_queue: int | None = 256
-    chunk: int = continuous.DEFAULT_CHUNK
+    chunk: int = continuous_lib.DEFAULT_CHUNK
     retry_after_s: int = 1
 
 
@@ -51,9 +51,10 @@ class RowBatcher:
 
     def __init__(self, config, params, tokenizer, *, max_len: int, max_batch_size: int = 16,
                  max_queue: int | None = None, warm_prompt: int | None = None,
-                 chunk: int = continuous.DEFAULT_CHUNK, fallback: Batcher | None = None):
-        self.engine = continuous.Engine(config, params, tokenizer, engine=continuous.EngineConfig(
-            rows=max(1, int(max_batch_size)), max_len=int(max_len), chunk=int(chunk)))
+                 chunk: int = continuous_lib.DEFAULT_CHUNK, fallback: Batcher | None = None):
+        spec = continuous_lib.EngineConfig(rows=max(1, int(max_batch_size)), max_len=int(max_len),
+                                           chunk=int(chunk))
+        self.engine = continuous_lib.Engine(config, params, tokenizer, engine=spec)
         self.fallback = fallback or Batcher(config, params, tokenizer, max_len=max_len,
                                             max_batch_size=max_batch_size)
         self.max_queue = max_queue
@@ -141,7 +142,7 @@ class RowBatcher:
             return
         tracker = _JobRows(job)
         try:
-            reqs = [self.engine.validate(continuous.RowRequest(
+            reqs = [self.engine.validate(continuous_lib.RowRequest(
                 prompt=p, max_tokens=job.max_tokens, settings=dict(job.sampling),
                 seed=job.seeds[i], logit_bias=job.logit_bias, stop=tuple(job.stop), index=i,
                 on_done=tracker.done, cancelled=job.cancelled.is_set,
