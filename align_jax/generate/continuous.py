@@ -286,7 +286,11 @@ def generate_rows(engine: Engine, prompts: Sequence[Sequence[int]], *, max_new_t
             seed=int(seeds[i]) if seeds is not None else int(seed),
             salt=0 if seeds is not None else i, stop=tuple(stop_strings), index=i,
             on_done=lambda c, i=i: out.__setitem__(i, c)))
-    engine.run()
+    try:
+        engine.run()
+    except BaseException:
+        engine.reset()  # the donated state of a failed step is gone
+        raise
     errors = [c for c in out.values() if isinstance(c, BaseException)]
     if errors:
         raise errors[0]
