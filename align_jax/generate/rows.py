@@ -55,14 +55,17 @@ class RowsState:
     seen_BV: jax.Array
 
 
-# The decode programs: rows needing no filter or penalty run the cheap ones; any row with one
-# makes its chunk run FULL. A row's draw is the same under each (sampling.py draws by a
+# The decode programs, cheapest first: a chunk runs the first one that serves every live
+# row (ADJUST: penalties and logit bias, no sort; FULL: the top-k/top-p/min-p filters too, a
+# sort of the vocabulary). A row's draw is the same under each (sampling.py draws by a
 # Gumbel-max in id order and neutral settings change no logit), so the choice is free.
 GREEDY = sampling.SamplingFlags()
 SAMPLE = sampling.SamplingFlags(sample=True)
+ADJUST = sampling.SamplingFlags(sample=True, repetition_penalty=True, penalties=True,
+                                logit_bias=True)
 FULL = sampling.SamplingFlags(sample=True, top_k=True, top_p=True, min_p=True,
                               repetition_penalty=True, penalties=True, logit_bias=True)
-VARIANTS = (GREEDY, SAMPLE, FULL)
+VARIANTS = (GREEDY, SAMPLE, ADJUST, FULL)
 
 
 def init_state(config: ModelConfig, *, rows: int, cache_len: int) -> RowsState:
@@ -181,18 +184,17 @@ jit_release = jax.jit(_release, donate_argnames=("state",))
 
 def variant(needs: list[sampling.SamplingFlags]) -> sampling.SamplingFlags:
     """The cheapest decode program that serves rows with these needs (`row_needs`)."""
-    if any(f == FULL for f in needs):
-        return FULL
-    return SAMPLE if any(f == SAMPLE for f in needs) else GREEDY
+    return VARIANTS[max((VARIANTS.index(f) for f in needs), default=0)]
 
 
 def row_needs(settings: dict, logit_bias) -> sampling.SamplingFlags:
-    """Which decode program one request's settings need (GREEDY, SAMPLE or FULL)."""
-    filters = (settings.get("top_k", 0) > 0 or settings.get("top_p", 1.0) < 1.0
-               or settings.get("min_p", 0.0) > 0 or settings.get("repetition_penalty", 1.0) != 1
-               or settings.get("presence_penalty", 0.0) != 0
-               or settings.get("frequency_penalty", 0.0) != 0 or bool(logit_bias))
-    if filters:
+    """Which decode program one request's settings need (one of VARIANTS)."""
+    if (settings.get("top_k", 0) > 0 or settings.get("top_p", 1.0) < 1.0
+            or settings.get("min_p", 0.0) > 0):
         return FULL
+    if (settings.get("repetition_penalty", 1.0) != 1 or bool(logit_bias)
+            or settings.get("presence_penalty", 0.0) != 0
+            or settings.get("frequency_penalty", 0.0) != 0):
+        return ADJUST
     return SAMPLE if settings.get("temperature", 0.0) > 0 else GREEDY
 
