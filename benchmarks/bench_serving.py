@@ -101,10 +101,10 @@ def main(argv=None):
     prompts = {"long": ids(64), "short": ids(16)}
     workload = [(ids(int(rng.integers(16, args.max_prompt + 1))),
                  int(rng.integers(8, args.max_new + 1))) for _ in range(args.requests)]
-    max_len = args.max_prompt + args.max_new
+    max_len = max(args.max_prompt, 64) + max(args.max_new, 256)  # (a) runs 64 + 256
     window = serving.Batcher(config, params, tok, max_len=max_len, max_batch_size=args.rows)
     rows = RowBatcher(config, params, tok, max_len=max_len, max_batch_size=args.rows,
-                      warm_prompt=args.max_prompt)
+                      warm_prompt=max(args.max_prompt, 64))
     t = time.perf_counter()
     rows.start()
     rows.ready.wait()
