@@ -584,7 +584,7 @@ def serve_main(*, model_dir: str, host: str = "127.0.0.1", port: int = 8000,
                log_level: str = "info", max_body_bytes: int | None = None,
                max_prompts_per_request: int = 64, max_request_tokens: int | None = None,
                max_compiled_shapes: int | None = 64, strict: bool = False,
-               queueing: Queueing = Queueing()) -> int:
+               queueing: Queueing = Queueing(continuous=False)) -> int:
     """Entry of `align-jax serve`: serves an HF checkpoint dir until stopped (Ctrl-C).
 
     Args:
@@ -612,9 +612,11 @@ def serve_main(*, model_dir: str, host: str = "127.0.0.1", port: int = 8000,
       max_compiled_shapes: compiled programs kept, least recently used dropped first (memory
         grows with each new prompt-length bucket or budget); None keeps all.
       strict: unknown body fields are 400s; by default they are ignored with one warning.
-      queueing: `row_batcher.Queueing` (gin: `@Queueing()`): by default continuous batching
-        over max_batch_size rows (compiled at start for every prompt bucket up to
-        max_prompt_tokens) and 503 beyond 256 waiting requests.
+      queueing: `row_batcher.Queueing` (gin: `server.serve_main.queueing =
+        @row_batcher.Queueing()`): by default the batch window and 503 beyond 256 waiting
+        requests; `Queueing()` turns on continuous batching over max_batch_size rows of
+        max_len slots each (compiled at start for every prompt bucket up to
+        max_prompt_tokens: set max_len to what clients need, the cache holds rows x max_len).
     Returns:
       0 after a clean shutdown.
     Raises:
