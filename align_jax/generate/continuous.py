@@ -252,15 +252,15 @@ class Engine:
 
     def _insert(self, row: int, req: RowRequest) -> None:
         n = len(req.prompt)
-        tokens_1P = np.full((1, self.bucket(n)), self.pad_id, np.int32)
-        tokens_1P[0, :n] = req.prompt
+        tokens_1T = np.full((1, self.bucket(n)), self.pad_id, np.int32)
+        tokens_1T[0, :n] = req.prompt
         sampler_1, _ = sampling.make_sampling(1, seeds=[req.seed], salts=[req.salt],
                                               **req.settings)
         bias_1V = np.zeros((1, self.config.vocab_size), np.float32)
         for t, b in (req.logit_bias or {}).items():
             bias_1V[0, int(t)] = float(b)
         sampler_1 = sampler_1.replace(logit_bias_BV=jnp.asarray(bias_1V))
-        self.state = rows.jit_insert(self.params, self.state, jnp.asarray(tokens_1P),
+        self.state = rows.jit_insert(self.params, self.state, jnp.asarray(tokens_1T),
                                      jnp.int32(n), jnp.int32(row), sampler_1,
                                      jnp.int32(req.max_tokens), self.stop_ids,
                                      config=self.config)

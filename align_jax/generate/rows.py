@@ -90,23 +90,23 @@ def _set_row(x, row, value):
     return jax.lax.dynamic_update_index_in_dim(x, value.astype(x.dtype), row, axis=0)
 
 
-def _insert(params, state: RowsState, tokens_1P, length, row, sampler_1, budget, stop_ids_E, *,
+def _insert(params, state: RowsState, tokens_1T, length, row, sampler_1, budget, stop_ids_E, *,
             config: ModelConfig) -> RowsState:
     """Prefills one right-padded prompt (its first `length` of P slots real) into row `row`
     with its settings `sampler_1` (arrays [1]) and budget, and draws its first token."""
     loop._TRACES["rows_insert"] += 1
-    p = tokens_1P.shape[1]
-    slot_1P = jnp.arange(p, dtype=jnp.int32)[None]
-    seg_1P = (slot_1P < length).astype(jnp.int32)
+    p = tokens_1T.shape[1]
+    slot_1T = jnp.arange(p, dtype=jnp.int32)[None]
+    seg_1T = (slot_1T < length).astype(jnp.int32)
     decoder = transformer.Decoder(config)
     small = transformer.init_cache(config, 1, p)
-    h_1PD, small = decoder.apply({"params": params}, tokens_1P, jnp.minimum(slot_1P, length - 1),
-                                 seg_1P, small, method=transformer.Decoder.hidden)
+    h_1TD, small = decoder.apply({"params": params}, tokens_1T, jnp.minimum(slot_1T, length - 1),
+                                 seg_1T, small, method=transformer.Decoder.hidden)
     w_DV = decoder.apply({"params": params},
                          method=transformer.Decoder.unembed_matrix).astype(config.dtype)
-    h_1D = jax.lax.dynamic_index_in_dim(h_1PD, length - 1, axis=1, keepdims=False)
+    h_1D = jax.lax.dynamic_index_in_dim(h_1TD, length - 1, axis=1, keepdims=False)
     logits_1V = jnp.einsum("BD,DV->BV", h_1D, w_DV, preferred_element_type=jnp.float32)
-    seen_1V = jnp.zeros((1, config.vocab_size), bool).at[0, tokens_1P[0]].max(seg_1P[0] > 0)
+    seen_1V = jnp.zeros((1, config.vocab_size), bool).at[0, tokens_1T[0]].max(seg_1T[0] > 0)
     m = state.tokens_BM.shape[1]
     tok_1, lp_1 = sampling.sample(logits_1V, sampler_1, FULL, step=jnp.int32(0), seen_BV=seen_1V,
                                   generated_BM=jnp.zeros((1, m), jnp.int32))
@@ -118,7 +118,7 @@ def _insert(params, state: RowsState, tokens_1P, length, row, sampler_1, budget,
             cache[name], small[name].astype(cache[name].dtype), (zero, row, zero, zero, zero))
     seg_S = jnp.zeros((cache["segment_ids"].shape[1],), jnp.int32)
     cache["segment_ids"] = _set_row(cache["segment_ids"], row,
-                                    jax.lax.dynamic_update_slice_in_dim(seg_S, seg_1P[0], 0, 0))
+                                    jax.lax.dynamic_update_slice_in_dim(seg_S, seg_1T[0], 0, 0))
     cache["index"] = _set_row(cache["index"], row, length)
     sampler = jax.tree.map(lambda a, x: _set_row(a, row, x[0]), state.sampler, sampler_1)
     first_M = jnp.zeros((m,), jnp.int32).at[0].set(tok_1[0])
