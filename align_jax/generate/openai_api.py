@@ -131,15 +131,17 @@ class APIError(Exception):
     """An error answered to the client in OpenAI's error shape."""
 
     def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None):
+                 param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = (
             status, message, type, param, code)
+        self.headers = headers
 
     def response(self) -> JSONResponse:
         return JSONResponse({"error": {"message": self.message, "type": self.type,
                                        "param": self.param, "code": self.code}},
-                            status_code=self.status)
+                            status_code=self.status, headers=self.headers)
 
 
 def _is_type_tag(part) -> bool:

@@ -188,12 +188,14 @@ def apply_openai_penalties(logits_BV: jax.Array, generated_BM: jax.Array, step: 
 
     Args:
       logits_BV: float logits.  generated_BM: int32 generated tokens; the first `step` are
-        real.  step: int32 scalar.  presence_B, frequency_B: per-row penalties.
+        real.  step: int32 scalar, or [B] (per row).  presence_B, frequency_B: per-row
+        penalties.
     Returns:
       penalised logits [B, V].
     """
     b, m = generated_BM.shape
-    real_BM = (jnp.arange(m, dtype=jnp.int32)[None, :] < step).astype(jnp.float32)
+    step_B1 = jnp.reshape(step, (-1, 1))  # one step for all rows, or one per row
+    real_BM = (jnp.arange(m, dtype=jnp.int32)[None, :] < step_B1).astype(jnp.float32)
     count_BV = jnp.zeros(logits_BV.shape, jnp.float32).at[
         jnp.arange(b)[:, None], generated_BM].add(real_BM)
     return logits_BV - (frequency_B[:, None] * count_BV
@@ -228,7 +230,10 @@ def keep_threshold(sorted_BK: jax.Array, params: SamplingParams,
         # A candidate stays if the mass strictly above it is below top_p (HF's rule read
         # from the top of the ranking); rank 0 always stays.
         above_BK = jnp.cumsum(probs_BK, axis=-1) - probs_BK
-        keep_BK &= (above_BK < params.top_p_B[:, None]) | (rank_K[None] == 0)
+        # top_p = 1 keeps everything: float32 rounding of the cumsum must not drop the tail
+        # (a row's draw would then depend on whether its batch compiled in top-p).
+        top_p_B1 = params.top_p_B[:, None]
+        keep_BK &= (above_BK < top_p_B1) | (rank_K[None] == 0) | (top_p_B1 >= 1.0)
     if flags.min_p:
         # p_i >= min_p * p_max  <=>  s_i - s_max >= log(min_p); independent of normalisation.
         log_min_p_B1 = jnp.log(jnp.maximum(params.min_p_B, 1e-30))[:, None]
@@ -247,7 +252,8 @@ def sample(logits_BV: jax.Array, params: SamplingParams, flags: SamplingFlags, *
     Args:
       logits_BV: the model's float32 logits.
       params: per-row settings.  flags: static switches.
-      step: int32 scalar, the index of the token being drawn (folded into each row's key).
+      step: int32 scalar, the index of the token being drawn (folded into each row's key);
+        or int32 [B], each row's own index (continuous batching).
       seen_BV: bool presence mask for the repetition penalty (required when it is on).
       allowed_BV: optional bool mask (a constraint): other tokens get -inf before the
         penalty, greedy choice, temperature and filters, so every mode respects it.
@@ -282,7 +288,9 @@ def sample(logits_BV: jax.Array, params: SamplingParams, flags: SamplingFlags, *
             # Filtered in vocabulary order, not sorted order: a row's draw (Gumbel noise per
             # token id) is then the same whichever filters its batch-mates compiled in.
             scaled_BV = jnp.where(scaled_BV >= threshold_B[:, None], scaled_BV, _NEG_INF)
-        keys_B = jax.vmap(jax.random.fold_in, in_axes=(0, None))(params.key_B, step)
+        step = jnp.asarray(step)
+        keys_B = jax.vmap(jax.random.fold_in, in_axes=(0, 0 if step.ndim else None))(
+            params.key_B, step)
         pick_B = jax.vmap(jax.random.categorical)(keys_B, scaled_BV).astype(jnp.int32)
         tokens_B = jnp.where(temp_B > 0, pick_B, tokens_B)
     logprobs_B = jnp.take_along_axis(logp_BV, tokens_B[:, None], axis=1)[:, 0]

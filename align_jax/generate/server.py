@@ -64,7 +64,8 @@ from align_jax.generate.http_io import (
 )
 from align_jax.generate.metrics import CountRequests
 from align_jax.generate.openai_api import APIError, sse
-from align_jax.generate.serving import Batcher, Cancelled, Job, Row
+from align_jax.generate.row_batcher import Queueing, RowBatcher
+from align_jax.generate.serving import Batcher, Cancelled, Job, Overloaded, Row
 from align_jax.generate.validation import (
     ServerState,
     authorize,
@@ -83,8 +84,8 @@ def make_app(config, params, tokenizer, *, model_name: str, api_key: str | None 
              max_new_tokens_limit: int | None = None, mesh=None,
              rules="fsdp", max_body_bytes: int | None = None,
              max_prompts_per_request: int = 64, max_request_tokens: int | None = None,
-             max_compiled_shapes: int | None = 64, strict: bool = False
-             ) -> fastapi.FastAPI:
+             max_compiled_shapes: int | None = 64, strict: bool = False,
+             queueing: Queueing | None = None) -> fastapi.FastAPI:
     """Builds the FastAPI app (run it with uvicorn, or `ServerThread` in tests/notebooks).
 
     Args:
@@ -110,8 +111,12 @@ def make_app(config, params, tokenizer, *, model_name: str, api_key: str | None 
       strict: unknown fields in a body are 400s (OpenAI's own behaviour); by default they
         are ignored with a warning in the log, since newer clients send fields this server
         does not know.
+      queueing: a `row_batcher.Queueing` record: continuous batching over max_batch_size
+        fixed rows and the queue limit (503 beyond); None (default here): the batch window
+        with an unbounded queue. With a mesh, batching is always by window.
     Returns:
-      The app; `app.state.batcher` is its `Batcher`, `app.state.server` its `ServerState`.
+      The app; `app.state.batcher` is its `Batcher` (a `RowBatcher` with continuous
+      queueing), `app.state.server` its `ServerState`.
     """
     max_len = int(max_len or config.max_position)
     max_prompt = int(max_prompt_tokens or max_len - 1)
@@ -121,18 +126,27 @@ def make_app(config, params, tokenizer, *, model_name: str, api_key: str | None 
                                   or value < 1):
             raise ValueError(f"serve: {name} must be a positive int, got {value!r}")
     shape_cache.set_max_programs(max_compiled_shapes)
+    queueing = queueing or Queueing(continuous=False, max_queue=None)
+    batcher = Batcher(config, params, tokenizer, max_len=max_len,
+                      max_batch_size=max_batch_size, batch_window_s=batch_window_s,
+                      mesh=mesh, rules=rules, max_queue=queueing.max_queue)
+    if queueing.continuous and mesh is None:
+        batcher = RowBatcher(config, params, tokenizer, max_len=max_len,
+                             max_batch_size=max_batch_size, max_queue=queueing.max_queue,
+                             warm_prompt=max_prompt, chunk=queueing.chunk, fallback=batcher)
+    elif queueing.continuous:
+        log.info("serve: continuous batching runs on one device; with a mesh requests are "
+                 "batched by window")
     state = ServerState(
         config=config, tokenizer=tokenizer, model_name=model_name, api_key=api_key,
-        batcher=Batcher(config, params, tokenizer, max_len=max_len,
-                        max_batch_size=max_batch_size, batch_window_s=batch_window_s,
-                        mesh=mesh, rules=rules),
+        batcher=batcher,
         encoder=EncodePool(tokenizer), max_len=max_len, max_prompt=max_prompt,
         max_new=int(max_new_tokens_limit or min(4096, max_len - 1)),
         max_body_bytes=int(max_body_bytes or max(MIN_BODY_BYTES,
                                                  BODY_BYTES_PER_TOKEN * max_prompt)),
         max_prompts=max_prompts_per_request,
         max_request_tokens=max_request_tokens or max(65536, max_len),
-        started=int(time.time()), strict=bool(strict))
+        started=int(time.time()), strict=bool(strict), retry_after_s=queueing.retry_after_s)
     app = fastapi.FastAPI(title="align-jax", lifespan=_lifespan)
     app.state.server, app.state.batcher = state, state.batcher
     app.add_exception_handler(APIError, _api_error)
@@ -236,6 +250,11 @@ async def _complete(request: fastapi.Request, *, chat: bool):
     else:
         req, prompts, job = await asyncio.to_thread(prepare_completion, state, raw)
     if req.stream:
+        # A stream's status goes out before its job is queued: a full queue is refused here.
+        limit = getattr(state.batcher, "max_queue", None)
+        if limit is not None and state.batcher.queued() >= limit:
+            raise _overloaded(state, f"{state.batcher.queued()} requests are waiting "
+                                     f"(max_queue={limit}); retry later")
         return _stream_answer(state, req, prompts, job, chat=chat)
     return _answer(state, req, prompts, job, await _run(state, job, request), chat=chat)
 
@@ -275,6 +294,11 @@ async def metrics(request: fastapi.Request):
 # ----------------------------------------------------------------------------- answers
 
 
+def _overloaded(state: ServerState, message: str) -> APIError:
+    return APIError(503, message, type="server_overloaded", code="overloaded",
+                    headers={"Retry-After": str(state.retry_after_s)})
+
+
 async def _run(state: ServerState, job: Job, request: fastapi.Request | None = None
                ) -> list[Row]:
     """The job's rows; with `request`, the job is cancelled when its client disconnects."""
@@ -289,6 +313,8 @@ async def _run(state: ServerState, job: Job, request: fastapi.Request | None = N
         raise APIError(499, "the client closed the request", code="client_closed") from None
     except Cancelled:
         raise APIError(499, "the client closed the request", code="client_closed") from None
+    except Overloaded as e:
+        raise _overloaded(state, str(e)) from None
     except ValueError as e:
         raise APIError(400, str(e)) from None
     except Exception as e:  # noqa: BLE001
@@ -557,7 +583,8 @@ def serve_main(*, model_dir: str, host: str = "127.0.0.1", port: int = 8000,
                mesh_spec=None, rules: str = "fsdp", output_dir: str | None = None,
                log_level: str = "info", max_body_bytes: int | None = None,
                max_prompts_per_request: int = 64, max_request_tokens: int | None = None,
-               max_compiled_shapes: int | None = 64, strict: bool = False) -> int:
+               max_compiled_shapes: int | None = 64, strict: bool = False,
+               queueing: Queueing = Queueing(continuous=False)) -> int:
     """Entry of `align-jax serve`: serves an HF checkpoint dir until stopped (Ctrl-C).
 
     Args:
@@ -585,6 +612,11 @@ def serve_main(*, model_dir: str, host: str = "127.0.0.1", port: int = 8000,
       max_compiled_shapes: compiled programs kept, least recently used dropped first (memory
         grows with each new prompt-length bucket or budget); None keeps all.
       strict: unknown body fields are 400s; by default they are ignored with one warning.
+      queueing: `row_batcher.Queueing` (gin: `server.serve_main.queueing =
+        @row_batcher.Queueing()`): by default the batch window and 503 beyond 256 waiting
+        requests; `Queueing()` turns on continuous batching over max_batch_size rows of
+        max_len slots each (compiled at start for every prompt bucket up to
+        max_prompt_tokens: set max_len to what clients need, the cache holds rows x max_len).
     Returns:
       0 after a clean shutdown.
     Raises:
@@ -606,7 +638,7 @@ def serve_main(*, model_dir: str, host: str = "127.0.0.1", port: int = 8000,
             max_prompt_tokens=max_prompt_tokens, max_new_tokens_limit=max_new_tokens_limit,
             max_body_bytes=max_body_bytes, max_prompts_per_request=max_prompts_per_request,
             max_request_tokens=max_request_tokens, max_compiled_shapes=max_compiled_shapes,
-            strict=strict)
+            strict=strict, queueing=queueing)
         bound = sock.getsockname()[1]
         _Server(uvicorn.Config(app, host=host, port=bound, log_level=log_level)).run(
             sockets=[sock])

@@ -80,6 +80,10 @@ class Cancelled(Exception):
     """Every client of a generation went away; it stopped early."""
 
 
+class Overloaded(Exception):
+    """More requests wait than the batcher's `max_queue`: the server answers 503."""
+
+
 # Decode steps between the checks of a non-streaming generation for clients that left.
 CANCEL_CHUNK = 32
 
@@ -130,14 +134,19 @@ def _deliver(job: Job, result) -> None:
 class Batcher:
     """Collects jobs for a short window and runs them through shared `generate` calls.
 
+    `max_queue`: the most jobs that may wait (None: unbounded); `submit` raises `Overloaded`
+    beyond it.
+
     Attributes:
       calls: number of `generate` calls made; batches: worker rounds; cancelled: generations
         stopped early because their clients left (for monitoring).
     """
 
     def __init__(self, config, params, tokenizer, *, max_len: int, max_batch_size: int = 16,
-                 batch_window_s: float = 0.01, mesh=None, rules="fsdp"):
+                 batch_window_s: float = 0.01, mesh=None, rules="fsdp",
+                 max_queue: int | None = None):
         self.config, self.params, self.tokenizer = config, params, tokenizer
+        self.max_queue = max_queue
         self.max_len, self.max_batch_size = max_len, max(1, int(max_batch_size))
         self.window_s, self.mesh, self.rules = float(batch_window_s), mesh, rules
         self.calls = self.batches = self.cancelled = 0
@@ -165,6 +174,10 @@ class Batcher:
         return self._queue.qsize()
 
     def submit(self, job: Job) -> None:
+        """Queues a job; raises `Overloaded` when `max_queue` jobs are already waiting."""
+        if self.max_queue is not None and self.queued() >= self.max_queue:
+            raise Overloaded(f"{self.queued()} requests are waiting (max_queue="
+                             f"{self.max_queue}); retry later")
         self.start()
         self._queue.put(job)
 

@@ -67,6 +67,8 @@ class ServerState:
     started: int
     strict: bool = False
     metrics: Metrics = dataclasses.field(default_factory=Metrics)
+    # The Retry-After (seconds) of a 503 when the batcher's queue is full.
+    retry_after_s: int = 1
 
 
 def authorize(state: ServerState, headers: Mapping[str, str]) -> None:

@@ -189,7 +189,8 @@ def attend_filled(q_BTNH: jax.Array, k_LBSKH: jax.Array, v_LBSKH: jax.Array,
       k_LBSKH, v_LBSKH: the whole stacked cache, this call's keys and values already written.
       mask_BTS: bool, which keys each query sees (all S slots).
       layer: int32 scalar, the layer's index in the stack.
-      q_start: int32 scalar, the slot of the first query.
+      q_start: int32 scalar, the slot of the first query; or int32 [B], per row (each row
+        attends over its own first q_start + T slots).
       scale: the query scale.
       window: the sliding window (a query sees keys less than `window` slots back), or None.
       block: keys per block (at most S; a last block that would run past S is shifted back
@@ -204,11 +205,13 @@ def attend_filled(q_BTNH: jax.Array, k_LBSKH: jax.Array, v_LBSKH: jax.Array,
     dtype = q_BTNH.dtype
     q_BTKGH = _group(q_BTNH, kh)
     q_start = jnp.asarray(q_start, jnp.int32)
-    kv_len = q_start + t
+    # A per-row q_start [B] (continuous batching): each row's filled length is its own, the
+    # loop runs to the longest; blocks past a row's length get -inf scores for that row.
+    kv_len_B1 = jnp.reshape(q_start + t, (-1, 1))
     first = jnp.int32(0)
     if window is not None:
-        first = jnp.maximum(q_start - (window - 1), 0) // block
-    last = (kv_len + block - 1) // block
+        first = jnp.maximum(jnp.min(q_start) - (window - 1), 0) // block
+    last = (jnp.max(kv_len_B1) + block - 1) // block
     layer = jnp.asarray(layer, jnp.int32)
     zero = jnp.zeros((), jnp.int32)
 
@@ -221,20 +224,21 @@ def attend_filled(q_BTNH: jax.Array, k_LBSKH: jax.Array, v_LBSKH: jax.Array,
             .astype(dtype) for c in (k_LBSKH, v_LBSKH))
         mask_BTb = jax.lax.dynamic_slice_in_dim(mask_BTS, start, block, axis=2)
         slot_b = start + jnp.arange(block, dtype=jnp.int32)
-        fresh_b = (slot_b >= lo) & (slot_b < kv_len)
+        fresh_Bb = (slot_b >= lo) & (slot_b < kv_len_B1)  # [1 or B, block]
         # Slots past the filled length may hold anything (stale rows, NaN): zero weight is not
         # enough (0 * NaN), so their values are zeroed and their scores are -inf.
-        v_BbKH = jnp.where(fresh_b[None, :, None, None], v_BbKH, 0)
+        v_BbKH = jnp.where(fresh_Bb[:, :, None, None], v_BbKH, 0)
         s_BKGTb = jnp.einsum("BTKGH,BbKH->BKGTb", q_BTKGH, k_BbKH,
                              preferred_element_type=jnp.float32) * scale
         s_BKGTb = jnp.where(mask_BTb[:, None, None], s_BKGTb, MASK_VALUE)
-        s_BKGTb = jnp.where(fresh_b, s_BKGTb, -jnp.inf)
+        s_BKGTb = jnp.where(fresh_Bb[:, None, None, None, :], s_BKGTb, -jnp.inf)
         return _online_softmax_step(carry, s_BKGTb, v_BbKH)
 
     init = (jnp.full((b, kh, g, t), -jnp.inf, jnp.float32), jnp.zeros((b, kh, g, t), jnp.float32),
             jnp.zeros((b, kh, g, t, h), jnp.float32))
-    # Every visited block holds a slot in [lo, kv_len), so the running max is finite from the
-    # first block on: no exp(-inf - -inf).
+    # The first visited block holds a slot in [lo, kv_len) of every row (a row's window starts
+    # at or after it), so each running max is finite from the first block on: no
+    # exp(-inf - -inf); later blocks wholly past a row's length leave its sums unchanged.
     _, l_BKGT, acc_BKGTH = jax.lax.fori_loop(first, last, body, init)
     out_BKGTH = acc_BKGTH / l_BKGT[..., None]
     return out_BKGTH.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h).astype(dtype)

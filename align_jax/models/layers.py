@@ -101,7 +101,15 @@ def attention_mask(q_slot_T: jax.Array, k_slot_S: jax.Array, q_seg_BT: jax.Array
 
     Slots are indices in the (cached) sequence. A query sees a key at or before its own slot,
     of the same segment, that is not padding (segment 0), and within the sliding window.
+    `q_slot_T` may also be [B, T]: each row's queries at their own slots (per-row cache index).
     """
+    if q_slot_T.ndim == 2:
+        q_BT1 = q_slot_T[:, :, None]
+        causal_BTS = k_slot_S[None, None, :] <= q_BT1
+        if window is not None:
+            causal_BTS &= q_BT1 - k_slot_S[None, None, :] < window
+        same_BTS = (q_seg_BT[:, :, None] == k_seg_BS[:, None, :]) & (k_seg_BS[:, None, :] != 0)
+        return causal_BTS & same_BTS
     causal_TS = k_slot_S[None, :] <= q_slot_T[:, None]
     if window is not None:
         causal_TS &= q_slot_T[:, None] - k_slot_S[None, :] < window
@@ -229,6 +237,22 @@ def _kernel_init(std: float):
     return nn.initializers.normal(stddev=std)
 
 
+def _write_kv(c_LBSKH, new_BTKH, layer, cache_index):
+    """The stacked cache with this layer's new keys (or values) written at `cache_index`: one
+    slot shared by all rows (prompts are left-padded), or per row (an int32 [B], each row at
+    its own slot; slots past S are dropped)."""
+    new_BTKH = new_BTKH.astype(c_LBSKH.dtype)
+    layer = jnp.asarray(layer, jnp.int32)
+    cache_index = jnp.asarray(cache_index, jnp.int32)
+    if cache_index.ndim == 1:
+        b, t = new_BTKH.shape[:2]
+        slots_BT = cache_index[:, None] + jnp.arange(t, dtype=jnp.int32)
+        return c_LBSKH.at[layer, jnp.arange(b)[:, None], slots_BT].set(new_BTKH, mode="drop")
+    zero = jnp.zeros((), jnp.int32)
+    return jax.lax.dynamic_update_slice(c_LBSKH, new_BTKH[None],
+                                        (layer, zero, cache_index, zero, zero))
+
+
 class Attention(nn.Module):
     config: ModelConfig
     lora_dropout: float = 0.0
@@ -272,14 +296,8 @@ class Attention(nn.Module):
         if kv_cache is None:
             k_BSKH, v_BSKH, new_cache = k_BTKH, v_BTKH, None
         else:
-            # Write this call's keys/values at the shared slot index (prompts are left-padded).
-            zero = jnp.zeros((), jnp.int32)
-            start = (jnp.asarray(layer, jnp.int32), zero, jnp.asarray(cache_index, jnp.int32),
-                     zero, zero)
-            new_cache = {
-                name: jax.lax.dynamic_update_slice(
-                    kv_cache[name], new_BTKH.astype(kv_cache[name].dtype)[None], start)
-                for name, new_BTKH in (("k", k_BTKH), ("v", v_BTKH))}
+            new_cache = {name: _write_kv(kv_cache[name], new_BTKH, layer, cache_index)
+                         for name, new_BTKH in (("k", k_BTKH), ("v", v_BTKH))}
         if kv_cache is not None and resolve_attention(
                 cfg, cached=True, query_len=q_BTNH.shape[1]) == "filled":
             out_BTNH = blockwise.attend_filled(

@@ -83,6 +83,19 @@ class Block(nn.Module):
         return (x_BTD, kv_cache), stats
 
 
+def _write_segments(seg_BS, segment_ids_BT, index):
+    """(the cache's segment ids with this call's written at `index`, the query slots): a
+    scalar index writes every row at one slot (q slots [T]); a per-row index [B] writes each
+    row at its own slot (q slots [B, T]: continuous batching, `align_jax.generate.rows`)."""
+    t = segment_ids_BT.shape[1]
+    seg_BT = segment_ids_BT.astype(jnp.int32)
+    if jnp.ndim(index) == 0:
+        return (jax.lax.dynamic_update_slice_in_dim(seg_BS, seg_BT, index, axis=1),
+                index + jnp.arange(t, dtype=jnp.int32))
+    write = jax.vmap(lambda s_S, x_T, i: jax.lax.dynamic_update_slice_in_dim(s_S, x_T, i, 0))
+    return write(seg_BS, seg_BT, index), index[:, None] + jnp.arange(t, dtype=jnp.int32)
+
+
 def positions_from_segments(segment_ids_BT: jax.Array) -> jax.Array:
     """Positions that restart at 0 at the start of each segment (packed rows)."""
     t = segment_ids_BT.shape[1]
@@ -151,9 +164,7 @@ class Decoder(nn.Module):
             index, kv = jnp.int32(0), None
         else:
             index = cache["index"]
-            k_seg_BS = jax.lax.dynamic_update_slice_in_dim(
-                cache["segment_ids"], segment_ids_BT.astype(jnp.int32), index, axis=1)
-            q_slot_T = index + jnp.arange(t, dtype=jnp.int32)
+            k_seg_BS, q_slot_T = _write_segments(cache["segment_ids"], segment_ids_BT, index)
             k_slot_S = jnp.arange(k_seg_BS.shape[1], dtype=jnp.int32)
             mask_BTS = layers.attention_mask(q_slot_T, k_slot_S, segment_ids_BT, k_seg_BS,
                                              window=cfg.sliding_window)
@@ -284,7 +295,9 @@ def init_cache(config: ModelConfig, batch: int, max_len: int, *,
 
     k, v:          [L, B, S, K, H]
     segment_ids:   [B, S], 0 for empty or padding slots
-    index:         int32 scalar, the next slot to write (shared by all rows)
+    index:         int32 scalar, the next slot to write (shared by all rows); a caller may
+                   replace it by an int32 [B], each row's own next slot (`forward_with_cache`
+                   then writes and masks per row: `align_jax.generate.rows`)
     """
     shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.head_dim)
     dtype = jnp.dtype(dtype or config.dtype)

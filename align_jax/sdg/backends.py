@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import openai
 
 from align_jax.generate import constraints as constraints_lib
+from align_jax.generate import continuous
 from align_jax.generate.loop import generate
 from align_jax.generate.prompt_batches import next_pow2
 from align_jax.generate.sampling import row_seed
@@ -61,7 +62,8 @@ class LocalTeacher:
 
     def __init__(self, model: str | os.PathLike | tuple, *, max_len: int | None = None,
                  batch_size: int | None = None, dtype: str = "float32", mesh=None,
-                 rules: str = "fsdp", tokenizer=None, shape_budget: int | None = None):
+                 rules: str = "fsdp", tokenizer=None, shape_budget: int | None = None,
+                 rows: int | None = None):
         """Args:
           model: a Hugging Face checkpoint dir with tokenizer files, or (config, params,
             tokenizer).
@@ -75,6 +77,10 @@ class LocalTeacher:
           shape_budget: the token budget every call is compiled for (each call still stops
             at its own max_tokens), so stages with different budgets share one compiled
             prefill and decode; default: max_tokens rounded up to a power of two (>= 64).
+          rows: continuous batching (`align_jax.generate.continuous`): calls without a
+            constraint stream their prompts through this many fixed decode rows of max_len
+            slots each, a finished row taking the next prompt at once (one device; the
+            cache holds rows x max_len tokens). None: every call is one `generate`.
         """
         if isinstance(model, (str, os.PathLike)):
             self.name = os.fspath(model)
@@ -91,6 +97,14 @@ class LocalTeacher:
         self.batch_size, self.mesh, self.rules = batch_size, mesh, rules
         self.shape_budget = shape_budget
         self.last_incomplete: list[bool] | None = None
+        self.engine = None
+        if rows is not None:
+            if mesh is not None:
+                raise ValueError("local teacher: rows= (continuous batching) runs on one "
+                                 "device; leave out mesh or rows")
+            self.engine = continuous.Engine(
+                self.config, self.params, self.tokenizer,
+                engine=continuous.EngineConfig(rows=int(rows), max_len=self.context_length))
 
     @property
     def identity(self) -> dict:
@@ -128,6 +142,16 @@ class LocalTeacher:
         if not ids:
             return []
         base = seed if seed is not None else secrets.randbits(32)
+        if self.engine is not None and constraint is None:
+            try:
+                out = continuous.generate_rows(
+                    self.engine, ids, max_new_tokens=max_tokens,
+                    settings=dict(temperature=temperature, top_p=top_p,
+                                  repetition_penalty=repetition_penalty),
+                    seeds=[row_seed(base, i) for i in range(len(ids))])
+            except ValueError as e:
+                raise ValueError(f"local teacher {self.name}: {e}") from e
+            return [c.text for c in out]
         budget = self.shape_budget
         if budget is None or budget < max_tokens:
             budget = max(64, next_pow2(max_tokens))
