@@ -51,3 +51,70 @@ def test_a_moved_recipe_folder_reruns_without_training_again(tmp_path, monkeypat
     for stage, base in (("sft", "../cft/hf"), ("dpo", "../sft/hf")):
         assert json.loads((moved / stage / "recipe_base.json").read_text())["init"] == base
     assert _trained(moved) == trained
+
+
+def _recipe(gin_file, out, params):
+    gin.clear_config()
+    try:
+        return cli.main(["run", f"--gin_file={gin_file}", f"--output_dir={out}"] +
+                        [f"--gin_param={p}" for p in params])
+    finally:
+        gin.clear_config()
+
+
+def _files(out, *subdirs):
+    return {p.relative_to(out).as_posix(): p.read_bytes() for d in subdirs
+            for p in sorted((out / d).rglob("*")) if p.is_file()}
+
+
+def _untimed(report):
+    """report.json without the wall and CPU times of its phases (they differ every run)."""
+    for row in report["iterations"]:
+        for key in ("seconds", "phase_seconds", "phase_cpu_seconds"):
+            row.pop(key, None)
+    return report
+
+
+@pytest.mark.slow
+def test_a_moved_sami_folder_reruns_without_training_again(tmp_path, monkeypatch, capsys):
+    # report.json recorded each iteration's model by its absolute path inside the folder.
+    from tiny_checkpoints import tiny_document_model
+    monkeypatch.chdir(ROOT)
+    base = tiny_document_model(tmp_path / "base")
+    params = [f"HF_CHECKPOINT='{base}'", "sami.sami.num_iterations=1",
+              "sami.sami.max_new_tokens=4", "sami.sami.progress=False",
+              "sami.sami.eval_queries=2"]
+    first = tmp_path / "first"
+    assert _recipe("configs/runs/sami_recipe_tiny.gin", first, params) == 0
+    trained = _files(first, "iter_1")
+    report = _untimed(json.loads((first / "report.json").read_text()))
+    assert [r["model"] for r in report["iterations"]] == [str(base), "iter_1/train/hf"]
+    shutil.move(first, tmp_path / "moved")
+    moved = tmp_path / "moved"
+    capsys.readouterr()
+    assert _recipe("configs/runs/sami_recipe_tiny.gin", moved, params) == 0
+    assert f"{moved / 'iter_1' / 'train'}: already completed at step 2" in \
+        capsys.readouterr().out
+    assert _files(moved, "iter_1") == trained
+    assert _untimed(json.loads((moved / "report.json").read_text())) == report
+
+
+@pytest.mark.slow
+def test_a_moved_aligners_folder_reruns_without_training_again(tmp_path, monkeypatch,
+                                                                capsys):
+    monkeypatch.chdir(ROOT)
+    params = [f"aligners_recipe.aligners.{p}" for p in (
+        "criteria=('ethical',)", "inspector_epochs=1", "inspector_max_length=64",
+        "aligner_steps=2", "max_new_tokens=4", "progress=False")]
+    first = tmp_path / "first"
+    assert _recipe("configs/runs/aligners_tiny.gin", first, params) == 0
+    kept = _files(first, "inspectors", "aligner_base", "aligners", "data")
+    outputs = {f: (first / f).read_bytes() for f in ("squad.jsonl", "report.json", "report.md")}
+    shutil.move(first, tmp_path / "moved")
+    moved = tmp_path / "moved"
+    capsys.readouterr()
+    assert _recipe("configs/runs/aligners_tiny.gin", moved, params) == 0
+    said = capsys.readouterr().out
+    assert "[aligners] stage" not in said, said  # every stage found done
+    assert _files(moved, "inspectors", "aligner_base", "aligners", "data") == kept
+    assert {f: (moved / f).read_bytes() for f in outputs} == outputs
