@@ -83,6 +83,29 @@ def _judge_label(judge) -> str:
     return judge if isinstance(judge, str) else type(judge).__name__
 
 
+def check_judge(judge, *, template="relative", judge_kwargs: Mapping | None = None,
+                mesh=None, rules: str = "fsdp", consequence: str = "nothing was generated"):
+    """Makes the judge from its spec and asks it one request (`probe_judge`).
+
+    Args:
+      judge: a judge spec ("openai:<URL>", "local:<dir>", "letters:<dir>") or a judge object.
+      template, judge_kwargs: as `evaluate_models`.
+      mesh, rules: where a local judge is placed.
+      consequence: what the error adds (what the failure spared).
+    Returns:
+      The judge object (made from a spec, or `judge` itself).
+    Raises:
+      JudgeError: one line naming the judge and why it did not answer.
+    """
+    judge_obj = _make_judge(judge, mesh=mesh, rules=rules)
+    try:
+        probe_judge(judge_obj, template=template, **(judge_kwargs or {}))
+    except JudgeError as e:
+        raise JudgeError(f"judge {_judge_label(judge)}: {e}; {consequence}") from e.__cause__
+    _say(f"judge {_judge_label(judge)} answered a one-request probe")
+    return judge_obj
+
+
 def evaluate_models(out_dir: str, *, models: Mapping[str, str], tokenizer, sft_test: Sequence,
                     pref_test: Sequence, retriever=None, rag_models: Sequence[str] = (),
                     reference: tuple[str, str] | None = None, seq_len: int = 256,
@@ -197,13 +220,8 @@ def evaluate_models(out_dir: str, *, models: Mapping[str, str], tokenizer, sft_t
         systems_all if judge_systems is None else set(judge_systems)) > 1)
     judge_obj = None
     if judging:
-        judge_obj = _make_judge(judge, mesh=mesh, rules=rules)
-        try:
-            probe_judge(judge_obj, template=judge_template, **(judge_kwargs or {}))
-        except JudgeError as e:
-            raise JudgeError(f"judge {_judge_label(judge)}: {e}; nothing was generated") \
-                from e.__cause__
-        _say(f"judge {_judge_label(judge)} answered a one-request probe")
+        judge_obj = check_judge(judge, template=judge_template, judge_kwargs=judge_kwargs,
+                                mesh=mesh, rules=rules)
     loaded, score_sets = {}, {}
     for name, path in models.items():
         # Laid out on the mesh once, by the preset: scoring and generation both use it.

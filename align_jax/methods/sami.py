@@ -217,6 +217,13 @@ def _texts(records: Sequence[dict]) -> list[str]:
     return [r["texts"][0] for r in records]
 
 
+def _recorded(path: str, out: str) -> str:
+    """A model path as the report records it: relative to the run folder when inside it (a
+    moved or copied folder reruns to the same report), else as given."""
+    rel = os.path.relpath(os.path.abspath(path), out)
+    return path if rel == os.pardir or rel.startswith(os.pardir + os.sep) else rel
+
+
 def sami(*, output_dir: str, init_from: str, constitutions: str,
          queries: str | Sequence[Mapping[str, Any]],
          heldout_queries: str | Sequence[Mapping[str, Any]] | None = None,
@@ -409,7 +416,7 @@ def sami(*, output_dir: str, init_from: str, constitutions: str,
               "max_new_tokens": max_new_tokens, "optimizer": optimizer,
               "judge": judge, "judge_template": judge_template if judge else None,
               "compare_to": compare_to, "mi_bound_note": MI_NOTE, "iterations": []}
-    row = {"iteration": 0, "model": init_from,
+    row = {"iteration": 0, "model": _recorded(init_from, out),
            "params_checksum": params_checksum(init_from, **placed)}
     if compare_to is not None:
         compare_rows = make_prompts(held, cons, [[eval_idx]] * len(held),
@@ -452,7 +459,7 @@ def sami(*, output_dir: str, init_from: str, constitutions: str,
         if not keep_checkpoints:
             _drop_checkpoints(run_dir)
         sampler = os.path.join(run_dir, "hf")
-        row.update(model=sampler, init_from=start,
+        row.update(model=_recorded(sampler, out), init_from=_recorded(start, out),
                    init_checksum=params_checksum(start, **placed),
                    params_checksum=params_checksum(sampler, **placed), kept_queries=len(kept),
                    dropped=dropped)

@@ -27,7 +27,7 @@ from align_jax import distributed, interrupts, sharding
 from align_jax.atomic import atomic_write, atomic_write_json
 from align_jax.data.documents import chunk_document, load_document
 from align_jax.eval.oracle_rag import grounding_oracle, sdg_chunks
-from align_jax.eval.report import YES_NO_INSTRUCTION, evaluate_models
+from align_jax.eval.report import YES_NO_INSTRUCTION, check_judge, evaluate_models
 from align_jax.eval.retrieval import make_retriever
 from align_jax.jsonl import write_jsonl
 from align_jax.methods import value_data
@@ -68,6 +68,16 @@ def side_by_side(records: Sequence[Mapping], base: Sequence[str],
         lines.append(f"| {_cell(r['prompt'])} | {_cell(r.get('completion', ''))} | "
                      f"{_cell(b)} | {_cell(a)} |")
     return "\n".join(lines)
+
+
+def _probe_judge(judge: str, *, template, judge_kwargs, mesh, rules) -> None:
+    """One request to the judge before anything is generated or trained (its failure after
+    hours of training would lose the report); a judge made here is released again."""
+    made = check_judge(judge, template=template, judge_kwargs=judge_kwargs,
+                       mesh=sharding.make_mesh(mesh or sharding.MeshSpec()), rules=rules,
+                       consequence="nothing was trained")
+    if isinstance(judge, str) and hasattr(made, "close"):
+        made.close()
 
 
 def _base_changed(stage_dir: str, init: str | None) -> bool:
@@ -163,7 +173,8 @@ def value_alignment(*, output_dir: str, document: str, model: str | None = "tiny
       bertscore_baseline: a bert-score baseline file to rescale the scores with (None: raw).
       judge: "local:<dir or name>" / "openai:<URL>" (written verdicts) or
         "letters:<dir or name>" (a small local judge read from P("A") vs P("B"), see
-        `align_jax.eval.letter_judge`) for pairwise win rates; None skips them.
+        `align_jax.eval.letter_judge`) for pairwise win rates; None skips them. It is asked
+        one request before anything is trained (and again before judging).
       judge_template: the judge's prompt template: a name under configs/judge_templates
         ("relative", "pairwise", "prometheus_relative", ...) or a template file.
       judge_kwargs: extra arguments of `align_jax.eval.judge.win_rate_matrix` (rubric,
@@ -188,6 +199,9 @@ def value_alignment(*, output_dir: str, document: str, model: str | None = "tiny
     if unknown:
         raise ValueError(f"value_alignment.rag_systems: {unknown} are not among the models "
                          f"{systems}")
+    if judge is not None and (judge_systems is None or len(set(judge_systems)) > 1):
+        _probe_judge(judge, template=judge_template, judge_kwargs=judge_kwargs, mesh=mesh,
+                     rules=rules)
     out = os.path.abspath(output_dir)
     os.makedirs(out, exist_ok=True)
     if init_from is not None:  # a named default ('smollm2-135m-instruct') or a .gguf file

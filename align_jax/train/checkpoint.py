@@ -15,6 +15,7 @@ import logging
 import os
 import re
 import shutil
+import sys
 from typing import Any
 
 import jax
@@ -49,6 +50,33 @@ def _not_orbax_error(record: logging.LogRecord) -> bool:
     """Drops orbax's own ERROR records (a failed save logs its stack from each of its
     threads, hundreds of lines); the Checkpointer raises the failure in one line instead."""
     return not (record.levelno >= logging.ERROR and "orbax" in record.pathname)
+
+
+def _is_closed_loop_callback(unraisable) -> bool:
+    """TensorStore's completion callback for a write that finished after a failed save had
+    ended orbax's event loop (orbax gathers the writes, the first failure closes the loop and
+    the others complete into it): harmless, the save has already failed and says so."""
+    exc, tb = unraisable.exc_value, unraisable.exc_traceback
+    return (isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
+            and tb is not None and tb.tb_frame.f_code.co_name == "call_soon_threadsafe")
+
+
+def _quiet_closed_loop_callbacks() -> None:
+    """Drops `_is_closed_loop_callback` errors, passing every other one to the previous hook.
+
+    TensorStore reports them from its own threads as unraisable (5 lines of stack each, 0 to
+    ~200 lines a failed save depending on thread timing), possibly after the save error has
+    been raised, so the hook stays for the life of the process; installed once."""
+    if getattr(sys.unraisablehook, "_quiet_closed_loop", False):
+        return
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        if not _is_closed_loop_callback(unraisable):
+            previous(unraisable)
+
+    hook._quiet_closed_loop = True
+    sys.unraisablehook = hook
 
 
 def _first_nonfinite(state: TrainState) -> str | None:
@@ -114,6 +142,7 @@ class Checkpointer:
         self._manager = ocp.CheckpointManager(self.directory, options=options,
                                               item_names=("state", "data"))
         logging.getLogger("absl").addFilter(_not_orbax_error)
+        _quiet_closed_loop_callbacks()
 
     def latest_step(self) -> int | None:
         """The newest finished checkpoint step, or None."""

@@ -233,3 +233,29 @@ def test_a_completed_run_refuses_another_heldout_split(tmp_path, monkeypatch, ca
     sft_test.write_text("".join(json.dumps(r) + "\n" for r in SFT_TEST))
     assert run(f"sft_test='{sft_test}'") == 1
     assert "value_alignment.heldout_fraction was 0.2" in capsys.readouterr().err
+
+
+def test_an_unreachable_judge_fails_the_recipe_before_any_training(tmp_path, monkeypatch,
+                                                                   capsys):
+    """The judge used to be asked first at evaluation, after every stage had trained."""
+    import socket
+    monkeypatch.chdir(ROOT)
+    with socket.socket() as s:  # a port nothing listens on once closed
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "run"
+    gin.clear_config()
+    try:
+        code = cli.main(["run", "--gin_file=configs/runs/value_alignment_tiny.gin",
+                         f"--output_dir={out}",
+                         f"--gin_param=value_alignment.value_alignment.judge="
+                         f"'openai:http://127.0.0.1:{port}/v1'"])
+    finally:
+        gin.clear_config()
+    got = capsys.readouterr()
+    err = got.err.splitlines()
+    assert code == 1 and len(err) == 2, got.err
+    assert err[0].startswith(f"align-jax run: JudgeError: judge openai:http://127.0.0.1:{port}"
+                             f"/v1: the judge does not answer a one-request probe: "), err[0]
+    assert "cannot connect" in err[0] and err[0].endswith("; nothing was trained"), err[0]
+    assert not any((out / stage).exists() for stage in ("data", "cft", "sft", "dpo"))
