@@ -47,6 +47,10 @@ class _State:
         self.phases: list[str] = []
         self.entries: dict[str, int] = {}
         self.previous: dict = {}
+        # (deferred depth, phases) open when the outermost honoured() began: a recipe called
+        # from Python (a notebook) opens phases with no handlers installed, and the train loop
+        # inside them installs its own; its end must give those back, not clear them.
+        self.outer: tuple[int, int] = (0, 0)
 
 
 _state = _State()
@@ -77,7 +81,8 @@ def _handle(signum, frame):
 def honoured():
     """Installs the handlers for the block (main thread only; nested blocks share them).
 
-    The record of a signal is cleared when the outermost block ends.
+    The record of a signal is cleared when the outermost block ends; phases and deferred
+    blocks opened before it stay open.
     """
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -86,6 +91,7 @@ def honoured():
         _state.name = None
         _state.entries = {}
         _state.previous = {sig: signal.signal(sig, _handle) for sig in SIGNALS}
+        _state.outer = (_state.deferred, len(_state.phases))
     _state.installed += 1
     try:
         yield
@@ -96,8 +102,8 @@ def honoured():
                 signal.signal(sig, previous)
             _state.previous = {}
             _state.name = None
-            _state.deferred = 0
-            _state.phases = []
+            _state.deferred, depth = _state.outer
+            del _state.phases[depth:]
 
 
 def requested() -> str | None:

@@ -95,6 +95,18 @@ def test_the_test_hook_signals_on_the_nth_entry_of_a_phase(monkeypatch):
     assert entered == [0]
 
 
+def test_handlers_installed_inside_a_phase_leave_the_phase_open():
+    """A recipe called from Python (the notebooks) opens a phase with no handlers installed and
+    the train loop inside installs its own: their end once emptied the phase stack, so the
+    phase's exit popped an empty list (IndexError in sami() and aligners())."""
+    with interrupts.phase("train"), interrupts.deferred(act=False):
+        with interrupts.honoured(), interrupts.phase("checkpoint_save"):
+            assert interrupts._during() == "during checkpoint_save"
+        assert interrupts._during() == "during train"
+        assert interrupts._state.deferred == 1
+    assert interrupts._state.phases == [] and interrupts._state.deferred == 0
+
+
 @pytest.fixture(scope="module")
 def tiny_hf(tmp_path_factory):
     path = tmp_path_factory.mktemp("teacher")

@@ -16,18 +16,23 @@ from align_jax.atomic import atomic_write
 from align_jax.jsonl import read_jsonl
 
 
-def _pyplot():
-    import matplotlib  # heavy: only report plots need it
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
+def subplots(*args, figsize=None, **kwargs):
+    """`plt.subplots` on a bare Figure, outside pyplot: a report's picture neither switches
+    the caller's backend (`matplotlib.use("Agg")` once silenced a notebook's inline plots)
+    nor opens a window, and needs no close.
+
+    Returns:
+      (figure, axes) as plt.subplots returns them.
+    """
+    from matplotlib.figure import Figure  # heavy: only report plots need it
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(*args, **kwargs)
 
 
 def _save(fig, path: str) -> str:
-    """Writes the figure as PNG atomically (a reader never sees half a picture); closes it."""
+    """Writes the figure as PNG atomically (a reader never sees half a picture)."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
-    _pyplot().close(fig)
     atomic_write(path, buf.getvalue())
     return path
 
@@ -54,11 +59,10 @@ def plot_overview(out_dir: str, report: Mapping, stages: Mapping[str, str]) -> s
     """report.png: training loss per stage, held-out answer NLL and preference accuracy
     (the loss alone when the models were not scored teacher-forced), and yes/no accuracy
     when the report has a yes/no section; 95% bootstrap intervals as error bars."""
-    plt = _pyplot()
     names = [n for n, row in report["models"].items() if row]  # scored teacher-forced
     yes_no = report.get("yes_no")
     panels = 1 + 2 * bool(names) + bool(yes_no)
-    fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 4), squeeze=False)
+    fig, axes = subplots(1, panels, figsize=(5 * panels, 4), squeeze=False)
     axes = axes[0]
     for folder, label in stages.items():
         rows = [r for r in _metrics(os.path.join(out_dir, folder, "metrics.jsonl")) if "loss" in r]
@@ -133,13 +137,12 @@ def plot_metrics(path: str, metrics: Mapping[str, Mapping[str, float]], *,
                  intervals: Mapping | None = None, yes_no: Mapping | None = None) -> str:
     """Reference metrics of every system's generated answers, one panel per metric, with
     95% bootstrap intervals as error bars when given, and a yes/no accuracy panel."""
-    plt = _pyplot()
     panels = [("bleu", "SacreBLEU", "BLEU (0-100)"), ("rougeL", "ROUGE-L F1", "F-measure (0-1)"),
               ("bertscore_f1", "BERTScore F1", "F1 (cosine, 0-1)")]
     panels = [p for p in panels if any(p[0] in m for m in metrics.values())]
     systems = list(metrics)
     n_panels = len(panels) + bool(yes_no)
-    fig, axes = plt.subplots(1, max(n_panels, 1), figsize=(5 * max(n_panels, 1), 4),
+    fig, axes = subplots(1, max(n_panels, 1), figsize=(5 * max(n_panels, 1), 4),
                              squeeze=False)
     colors = ["tab:orange" if s.endswith("+ RAG") else "tab:blue" for s in systems]
     for ax, (key, title, unit) in zip(axes[0], panels):
@@ -153,7 +156,8 @@ def plot_metrics(path: str, metrics: Mapping[str, Mapping[str, float]], *,
         _yes_no_panel(axes[0][len(panels)], yes_no,
                       [s for s in (intervals or yes_no["rows"]) if s in yes_no["rows"]
                        and yes_no["rows"][s]["kind"] == "system"])
-    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in ("tab:blue", "tab:orange")]
+    from matplotlib.patches import Rectangle
+    handles = [Rectangle((0, 0), 1, 1, color=c) for c in ("tab:blue", "tab:orange")]
     if panels:
         axes[0][0].legend(handles, ["question only", "+ retrieved chunk (RAG)"],
                           title="bars: 95% interval" if intervals else None)
@@ -163,12 +167,11 @@ def plot_metrics(path: str, metrics: Mapping[str, Mapping[str, float]], *,
 
 def plot_win_rates(path: str, matrix: Mapping, *, judge: str = "") -> str:
     """Heatmap of judged win rates (row over column) with 95% intervals in each cell."""
-    plt = _pyplot()
     names: Sequence[str] = matrix["names"]
     w = np.asarray(matrix["win_rate"], float)
     lo, hi = np.asarray(matrix["ci_low"], float), np.asarray(matrix["ci_high"], float)
     s = len(names)
-    fig, ax = plt.subplots(figsize=(1.6 * s + 3, 1.3 * s + 2))
+    fig, ax = subplots(figsize=(1.6 * s + 3, 1.3 * s + 2))
     im = ax.imshow(w, vmin=0, vmax=1, cmap="RdBu")
     for i in range(s):
         for j in range(s):

@@ -68,10 +68,8 @@ def calibration(labels: Sequence[int], scores: Sequence[float], *, num_bins: int
 
 
 def _reliability_plot(bins, path: str, title: str) -> None:
-    import matplotlib  # heavy: only the reliability plot needs it
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(4, 4))
+    from align_jax.eval.plots import subplots  # matplotlib: only plots need it
+    fig, ax = subplots(figsize=(4, 4))
     ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect")
     ax.plot([b["mean_score"] for b in bins], [b["fraction_aligned"] for b in bins], "o-",
             label="inspector")
@@ -81,7 +79,6 @@ def _reliability_plot(bins, path: str, title: str) -> None:
     ax.legend()
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
 
 
 def _pad(x, rows: int, length: int, fill: int = 0) -> np.ndarray:

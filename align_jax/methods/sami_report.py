@@ -141,12 +141,10 @@ def plot(report: dict, path: str) -> None:
     """report.png: MI bound and reference estimate (+- se), response length per constitution
     (+- se), and the win rates under the desired constitution against the base and the
     compared model (raw +- se and both length controls), by iteration."""
-    import matplotlib  # heavy: only the report's figure needs it
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from align_jax.eval.plots import subplots  # matplotlib: only plots need it
     rows, names = report["iterations"], _names(report)
     panels = [key for key, _ in MATCHUPS if any(key in r for r in rows)]
-    fig, ax = plt.subplots(1, 2 + len(panels), figsize=(5 * (2 + len(panels)), 3.8))
+    fig, ax = subplots(1, 2 + len(panels), figsize=(5 * (2 + len(panels)), 3.8))
     it = [r["iteration"] for r in rows]
     ax[0].errorbar(it, [r["mi_bound"] for r in rows],
                    yerr=[r["mi_bound_stderr"] for r in rows], marker="o", capsize=4,
@@ -178,7 +176,6 @@ def plot(report: dict, path: str) -> None:
         a.set_xticks(it)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def write_report(out: str, report: dict) -> str:

@@ -280,9 +280,10 @@ def value_alignment(*, output_dir: str, document: str, model: str | None = "tiny
 
     oracle = None
     if oracle_rag:  # SDG's own chunks too: its records name them by chunk_id
+        with_sdg = teacher is not None and "sdg" in (train_on or ("sdg",))  # None: all given
         oracle = grounding_oracle(chunks, sdg_chunks([document], tokenizer=tok,
                                                      sdg_kwargs=sdg_kwargs)
-                                  if teacher is not None and "sdg" in train_on else [])
+                                  if with_sdg else [])
     models = {"base": base, "c-fine-tuned": cft, "sft": sft, "sft+dpo": dpo}
     if init_from is None:
         models.pop("base")  # the same model as c-fine-tuned

@@ -145,10 +145,8 @@ def _write(out: str, points: list[dict], constant: float) -> None:
         w = csv.writer(f)
         w.writerow(keys)
         w.writerows([[p[k] for k in keys] for p in points])
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6.5, 4))
+    from align_jax.eval.plots import subplots  # matplotlib: only plots need it
+    fig, ax = subplots(figsize=(6.5, 4))
     for records in sorted({p["records"] for p in points if p["steps"]}):
         pts = [p for p in points if p["records"] == records and p["steps"]]
         ax.errorbar([p["steps"] for p in pts], [p["accuracy"] for p in pts],
@@ -163,4 +161,3 @@ def _write(out: str, points: list[dict], constant: float) -> None:
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(os.path.join(out, "curve.png"), dpi=120)
-    plt.close(fig)
