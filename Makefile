@@ -24,10 +24,10 @@ $(VENV)/stamp: setup.py
 test: setup
 	$(TEST_ENV) $(BIN)/python -m pytest -q -m "not slow" -n 2 tests
 
-# The same suite on the newest releases that setup.py admits (jax 0.12 needs Python >= 3.12),
-# in its own venv. The Python: NEWEST_PY if given, else python3.12 (Colab's), 3.13 or 3.14 on PATH, else
-# pyenv's oldest 3.12+. torch's Python 3.12 wheel is the CUDA build: its nvidia libraries
-# (about 4 GB) are installed too, and torch runs on the CPU.
+# The same suite on the newest releases that setup.py admits, in its own venv (jax 0.12 needs
+# Python >= 3.12). The Python: NEWEST_PY if given, else python3.12 (Colab's), 3.13 or 3.14 on
+# PATH, else pyenv's oldest 3.12+. torch's Python 3.12 wheel is the CUDA build: pip installs its
+# nvidia libraries too (about 4 GB), and torch runs on the CPU.
 NEWEST := .venv-newest
 NEWEST_PY ?= $(shell for p in python3.12 python3.13 python3.14; do \
   $$p -c 'import sys; sys.exit(sys.version_info < (3, 12))' 2>/dev/null && { echo $$p; exit; }; done; \
