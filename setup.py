@@ -15,7 +15,7 @@ setuptools.setup(
     python_requires=">=3.11",
     # Tested ranges (align_jax/versions.py, README "Versions"); upper bounds where untested.
     install_requires=[
-        "jax>=0.10.2,<0.12",
+        "jax>=0.10.2,<0.13",
         "flax>=0.12.8,<0.13",
         "optax>=0.2.8,<0.3",
         "orbax-checkpoint>=0.12.4,<0.13",

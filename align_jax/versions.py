@@ -12,7 +12,7 @@ import warnings
 
 # package: (lowest tested, first untested), as in setup.py.
 TESTED_RANGES: dict[str, tuple[str, str]] = {
-    "jax": ("0.10.2", "0.12"),
+    "jax": ("0.10.2", "0.13"),
     "flax": ("0.12.8", "0.13"),
     "optax": ("0.2.8", "0.3"),
     "orbax-checkpoint": ("0.12.4", "0.13"),
@@ -21,8 +21,10 @@ TESTED_RANGES: dict[str, tuple[str, str]] = {
 }
 # Where each combination ran (README's table says the same).
 TESTED_ON = (
-    "CPU (the test suite): jax 0.10.2, flax 0.12.8, optax 0.2.8, orbax-checkpoint 0.12.8, "
-    "grain 0.2.18, transformers 5.24",
+    "CPU (the test suite, Python 3.11): jax 0.10.2, flax 0.12.8, optax 0.2.8, "
+    "orbax-checkpoint 0.12.8, grain 0.2.18, transformers 5.25",
+    "CPU (make test-newest, Python 3.12): jax 0.12.1, flax 0.12.12, optax 0.2.8, "
+    "orbax-checkpoint 0.12.8, grain 0.2.18, transformers 5.25",
     "NVIDIA H200: jax 0.11.2, flax 0.12.10, orbax-checkpoint 0.12.4, transformers 5.17",
 )
 ALLOW_UNTESTED = "ALIGN_JAX_ALLOW_UNTESTED_JAX"
@@ -42,7 +44,7 @@ def _parse(version: str) -> tuple[int, ...]:
 
 
 def requirement(package: str) -> str:
-    """The pip requirement of `package`'s tested range, e.g. "jax>=0.10.2,<0.12"."""
+    """The pip requirement of `package`'s tested range, e.g. "jax>=0.10.2,<0.13"."""
     low, high = TESTED_RANGES[package]
     return f"{package}>={low},<{high}"
 
