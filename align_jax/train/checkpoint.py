@@ -37,13 +37,18 @@ class CheckpointSaveError(OSError):
     """A checkpoint could not be written (a full disk, a quota, a lost mount)."""
 
 
-_OS_ERROR = re.compile(r"([^:\"]+?) \[os_error_code='(\d+)'\]")
+_OS_ERROR = re.compile(r"\[os_error_code='(\d+)'\]")
 
 
 def _save_reason(e: BaseException) -> str:
-    """The OS's words for a failed write (TensorStore buries them at the end of a long line)."""
+    """The OS's words for a failed write. TensorStore buries the errno at the end of a long
+    line whose text before it varies (the words, or a JSON spec), so the words come from the
+    errno itself."""
     m = _OS_ERROR.search(str(e))
-    return f"{m.group(1).strip()}, errno {m.group(2)}" if m else _reason(e)
+    if m is None:
+        return _reason(e)
+    code = int(m.group(1))
+    return f"{os.strerror(code)}, errno {code}"
 
 
 def _not_orbax_error(record: logging.LogRecord) -> bool:
@@ -77,6 +82,21 @@ def _quiet_closed_loop_callbacks() -> None:
 
     hook._quiet_closed_loop = True
     sys.unraisablehook = hook
+    logging.getLogger("asyncio").addFilter(_not_a_failed_orbax_write)
+
+
+def _not_a_failed_orbax_write(record: logging.LogRecord) -> bool:
+    """Drops asyncio's "Task exception was never retrieved" for orbax's other writes of a save
+    that already failed on an OS error (each write fails alike and is garbage collected after
+    the first failure was raised, by thread timing; the save error says it once)."""
+    exc = record.exc_info[1] if record.exc_info else None
+    tb = exc.__traceback__ if exc is not None else None
+    from_orbax = False
+    while tb is not None:
+        from_orbax = from_orbax or "orbax" in tb.tb_frame.f_code.co_filename
+        tb = tb.tb_next
+    return not (from_orbax and "os_error_code" in str(exc)
+                and str(record.msg).startswith("Task exception was never retrieved"))
 
 
 def _first_nonfinite(state: TrainState) -> str | None:

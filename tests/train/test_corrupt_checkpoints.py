@@ -173,3 +173,30 @@ def test_only_the_closed_loop_callbacks_of_a_failed_save_are_dropped(monkeypatch
     other = ValueError("unrelated")
     report(other, None)
     assert seen == [elsewhere, other]
+
+
+def test_only_asyncio_reports_of_failed_orbax_writes_are_dropped():
+    import logging
+
+    from align_jax.train import checkpoint as ckpt
+
+    def raised(code: str, filename: str) -> BaseException:
+        try:
+            exec(compile(f"raise ValueError({code!r})", filename, "exec"))
+        except ValueError as e:
+            return e
+
+    def record(msg, exc):
+        return logging.LogRecord("asyncio", logging.ERROR, "base_events.py", 1, msg, None,
+                                 (type(exc), exc, exc.__traceback__))
+
+    write = raised("Failed writing: File too large [os_error_code='27']",
+                   "site-packages/orbax/checkpoint/_src/serialization/serialization.py")
+    never = "Task exception was never retrieved\nfuture: <Task finished>"
+    assert not ckpt._not_a_failed_orbax_write(record(never, write))
+    # Anything else asyncio reports is kept: another message, another origin, another error.
+    assert ckpt._not_a_failed_orbax_write(record("Exception in callback", write))
+    assert ckpt._not_a_failed_orbax_write(
+        record(never, raised("File too large [os_error_code='27']", "mine.py")))
+    assert ckpt._not_a_failed_orbax_write(
+        record(never, raised("shape mismatch", "site-packages/orbax/checkpoint/x.py")))
