@@ -177,6 +177,10 @@ def minilm_dir(tmp_path_factory):
     return str(out)
 
 
+# Slow (in `make test-all`): in the full `make test -n 2` run of 2026-12-07 the xdist worker
+# crashed inside XLA's CPU compile of this encoder (abort, then segfault, in two runs of the
+# same commit), while the file passes alone; the cause is not found yet (issue 30's note).
+@pytest.mark.slow
 def test_minilm_hidden_states_and_sentence_embeddings(minilm_dir):
     from align_jax.tokenizer import load_tokenizer
     config, params = encoder.load_encoder(minilm_dir)
